@@ -1,0 +1,1 @@
+"""MesaNet in JAX."""

@@ -1,0 +1,220 @@
+"""Chunkwise-parallel Mesa: CG over all T systems at once, differentiated implicitly (one adjoint CG solve).
+
+Split T into N chunks of C tokens. Within chunk n, with start state S_n (the decayed sum before the chunk), local
+cumulative log-decay G_t (sum of g over the chunk up to t) and W_ts = e^{G_t − G_s} [s ≤ t], every row t of a block X
+is multiplied by its own system matrix A_t = H_kk[t] + Λ as
+
+    A X = (X ⊙ e^G) S_n + ((X Kᵀ) ⊙ W ⊙ β_s) K + X ⊙ λ                 ("causal read", `_read`)
+
+so one CG step over all T systems costs two matmuls with the states and two C×C products per chunk. The chunk start
+states come from one `lax.scan` over chunks. The backward pass solves the adjoint systems A_t y_t = H_kv[t] do_t with the
+same operator, scans the state gradients backwards over chunks, and turns them into input gradients with the
+time-reversed counterpart of the read (`_write`). No CG iterate is stored: the residuals are the inputs and x.
+DESIGN.md §1 derives the formulas; docs in each helper give the shapes.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mesanet_jax.ops.cg import conjugate_gradient
+from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype, initial_guess, zero_state
+
+IMPLS = ("xla",)
+
+
+def _rowdot(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.sum(a * b, axis=-1)
+
+
+def _swap(states: jax.Array) -> jax.Array:
+  return jnp.swapaxes(states, -1, -2)
+
+
+def _decay_mask(log_decay: jax.Array) -> jax.Array:
+  """W_ts = e^{G_t − G_s} for s ≤ t, else 0.  [B, H, N, C] -> [B, H, N, C, C]; every entry is in [0, 1]."""
+  causal = jnp.tril(jnp.ones((log_decay.shape[-1],) * 2, bool))
+  diff = log_decay[..., :, None] - log_decay[..., None, :]
+  return jnp.where(causal, jnp.exp(jnp.where(causal, diff, 0)), 0)
+
+
+def _scan_chunks(increments: jax.Array, chunk_decay: jax.Array, initial: jax.Array, *, reverse: bool):
+  """Runs carry ← chunk_decay·carry + increment over the chunk axis (backwards in time if `reverse`).
+
+  increments: [B, H, N, D, E]; chunk_decay: [B, H, N]; initial: [B, H, D, E].
+  Returns the carry as it stands before each chunk is added, [B, H, N, D, E], and the last carry, [B, H, D, E].
+  """
+  def step(carry, chunk):
+    increment, decay = chunk
+    return decay[..., None, None] * carry + increment, carry
+
+  xs = (jnp.moveaxis(increments, 2, 0), jnp.moveaxis(chunk_decay, 2, 0))
+  last, before = lax.scan(step, initial, xs, reverse=reverse)
+  return jnp.moveaxis(before, 0, 2), last
+
+
+def _chunk_states(keys, values, log_decay, beta, initial):
+  """Start state of every chunk of Σ decay·β k valueᵀ, and the final state.
+
+  keys: [B, H, N, C, D]; values: [B, H, N, C, E]; log_decay, beta: [B, H, N, C]; initial: [B, H, D, E].
+  """
+  to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
+  increments = jnp.einsum("bhncd,bhnce->bhnde", keys * to_end[..., None], values)
+  return _scan_chunks(increments, jnp.exp(log_decay[..., -1]), initial, reverse=False)
+
+
+def _read(x, keys, values, states, log_decay, mask):
+  """Row t: e^{G_t} x_t S + Σ_{s≤t} mask_ts (x_t·keys_s) values_s, i.e. x_t times the state at t.
+
+  x, keys: [B, H, N, C, D]; values: [B, H, N, C, E]; states: [B, H, N, D, E]; mask: [B, H, N, C, C].
+  Returns [B, H, N, C, E].
+  """
+  inter = jnp.einsum("bhncd,bhnde->bhnce", x * jnp.exp(log_decay)[..., None], states)
+  scores = jnp.einsum("bhntd,bhnsd->bhnts", x, keys) * mask
+  return inter + jnp.einsum("bhnts,bhnse->bhnte", scores, values)
+
+
+def _write(z, keys, values, next_states, log_decay, decay_mask):
+  """Row s: Σ_{t≥s} W_ts (keys_t·z_s) values_t + e^{G_last − G_s} z_s S_next: gradients flowing back to token s.
+
+  z, keys: [B, H, N, C, D]; values: [B, H, N, C, E]; next_states: [B, H, N, D, E] (gradient w.r.t. the state after
+  the chunk); decay_mask: W, [B, H, N, C, C]. Returns [B, H, N, C, E].
+  """
+  to_end = jnp.exp(log_decay[..., -1:] - log_decay)[..., None]
+  inter = jnp.einsum("bhnsd,bhnde->bhnse", z * to_end, next_states)
+  scores = jnp.einsum("bhntd,bhnsd->bhnts", keys, z) * decay_mask
+  return inter + jnp.einsum("bhnts,bhnte->bhnse", scores, values)
+
+
+class _Operator:
+  """A_t = H_kk[t] + Λ for every token of the chunked sequence, with the chunk states it needs."""
+
+  def __init__(self, k, v, log_decay, beta, lam, state: MesaState):
+    self.k, self.v, self.log_decay, self.lam = k, v, log_decay, lam[:, None, None, :]
+    self.decay_mask = _decay_mask(log_decay)
+    self.mask = self.decay_mask * beta[..., None, :]
+    self.states_kk, final_kk = _chunk_states(k, k, log_decay, beta, state.h_kk)
+    self.states_kv, final_kv = _chunk_states(k, v, log_decay, beta, state.h_kv)
+    self.final = MesaState(final_kk, final_kv)
+
+  def read_kk(self, x):
+    """H_kk[t] x_t for every row.  [B, H, N, C, Dk] -> same.
+
+    A row-form read computes x_tᵀ H; reading the transposed states gives H x_t exactly, also for a non-symmetric
+    initial state passed by the caller, so the backward's D_t = −y_t x_tᵀ is the gradient of what was computed.
+    """
+    return _read(x, self.k, self.k, _swap(self.states_kk), self.log_decay, self.mask)
+
+  def matvec(self, x):
+    return self.read_kk(x) + self.lam * x
+
+  def solve(self, rhs, cg_steps: int, cg_init: str):
+    """x_t = A_t⁻¹ rhs_t for all rows by CG, starting from the Jacobi guess or zero."""
+    diag_states = jnp.diagonal(self.states_kk, axis1=-2, axis2=-1)[..., None, :]
+    diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + self.mask @ (self.k * self.k) + self.lam
+    x, _ = conjugate_gradient(self.matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps)
+    return x
+
+
+def _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init):
+  op = _Operator(k, v, log_decay, beta, lam, state)
+  x = op.solve(q, cg_steps, cg_init)
+  o = _read(x, k, v, op.states_kv, log_decay, op.mask)
+  return (o, op.final), (k, v, log_decay, beta, lam, state, x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _chunked_core(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init):
+  """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv]; log_decay, beta [B, H, N, C]; lam [H, Dk]."""
+  return _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init)[0]
+
+
+def _core_backward(cg_steps, cg_init, residuals, cotangents):
+  k, v, log_decay, beta, lam, state, x = residuals
+  do, d_final = cotangents
+  op = _Operator(k, v, log_decay, beta, lam, state)
+  u = _read(do, v, k, _swap(op.states_kv), log_decay, op.mask)  # H_kv[t] do_t
+  y = op.solve(u, cg_steps, cg_init)  # adjoint solve
+
+  # Gradients w.r.t. the state after each chunk (D_t = −y_t x_tᵀ on H_kk[t], x_t do_tᵀ on H_kv[t]), scanned backwards.
+  weighted = jnp.exp(log_decay)[..., None]
+  chunk_decay = jnp.exp(log_decay[..., -1])
+  d_next_kk, d_initial_kk = _scan_chunks(
+      -jnp.einsum("bhncd,bhnce->bhnde", y * weighted, x), chunk_decay, d_final.h_kk, reverse=True)
+  d_next_kv, d_initial_kv = _scan_chunks(
+      jnp.einsum("bhncd,bhnce->bhnde", x * weighted, do), chunk_decay, d_final.h_kv, reverse=True)
+
+  # Row s of each: the total state gradient at token s applied to k_s or v_s.
+  hkk_k = _write(k, x, -y, _swap(d_next_kk), log_decay, op.decay_mask)
+  hkk_t_k = _write(k, -y, x, d_next_kk, log_decay, op.decay_mask)
+  hkv_v = _write(v, do, x, _swap(d_next_kv), log_decay, op.decay_mask)
+  hkv_t_k = _write(k, x, do, d_next_kv, log_decay, op.decay_mask)
+
+  dk = beta[..., None] * (hkk_k + hkk_t_k + hkv_v)
+  dv = beta[..., None] * hkv_t_k
+  dbeta = _rowdot(k, hkk_k) + _rowdot(k, hkv_v)
+  # ∂L/∂G_t: scaling of everything decayed up to t, minus what token t itself added (β_t dβ_t) ...
+  d_log_decay = -_rowdot(y, op.read_kk(x)) + _rowdot(x, u) - beta * dbeta
+  # ... and at the chunk's last row, the scaling of the state handed to the next chunk.
+  next_kk = jnp.concatenate([op.states_kk[:, :, 1:], op.final.h_kk[:, :, None]], axis=2)
+  next_kv = jnp.concatenate([op.states_kv[:, :, 1:], op.final.h_kv[:, :, None]], axis=2)
+  handed_on = jnp.sum(d_next_kk * next_kk, axis=(-2, -1)) + jnp.sum(d_next_kv * next_kv, axis=(-2, -1))
+  d_log_decay = d_log_decay.at[..., -1].add(handed_on)
+  dlam = -jnp.sum(y * x, axis=(0, 2, 3))
+  return y, dk, dv, d_log_decay, dbeta, dlam, MesaState(d_initial_kk, d_initial_kv)
+
+
+_chunked_core.defvjp(_core_forward, _core_backward)
+
+
+def mesa_chunked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    lam: jax.Array,
+    state: MesaState | None = None,
+    *,
+    chunk_size: int = 64,
+    cg_steps: int = 30,
+    impl: str = "xla",
+    cg_init: str = "jacobi",
+) -> tuple[jax.Array, MesaState]:
+  """Mesa layer over a whole sequence by chunkwise-parallel CG, with an implicit (adjoint CG) custom VJP.
+
+  Args:
+    q, k: [B, T, H, Dk] (L2-normalised by the layer); v: [B, T, H, Dv]; g (log forget gate ≤ 0), beta: [B, T, H];
+    lam: [H, Dk] regulariser > 0; state: optional MesaState (h_kk [B, H, Dk, Dk], h_kv [B, H, Dk, Dv]) before token 0.
+    chunk_size: C; T need not be a multiple (the sequence is padded with tokens that change nothing).
+    cg_steps: fixed CG steps, forward and adjoint. impl: "xla" (Pallas kernels plug in here).
+    cg_init: "jacobi" (x0 = q / diag(A_t), the paper's choice) or "zero" (flash-linear-attention's training kernels).
+
+  Returns:
+    o: [B, T, H, Dv] in q's dtype; the final MesaState in the compute dtype (f32 for f32/bf16 inputs).
+    Gradients flow to q, k, v, g, beta, lam and the initial state; memory is O(B·H·(T·D + T/C·D²)).
+  """
+  batch, length, heads, key_dim, value_dim = check_inputs(q, k, v, g, beta, lam, state, per_token=True)
+  check_cg_options(cg_steps, cg_init)
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  dtype = compute_dtype(q, k, v, g, beta, lam, *(state or ()))
+  state = zero_state(batch, heads, key_dim, value_dim, dtype) if state is None else MesaState(
+      state.h_kk.astype(dtype), state.h_kv.astype(dtype))
+  pad = -length % chunk_size
+  num_chunks = (length + pad) // chunk_size
+
+  def to_chunks(x: jax.Array) -> jax.Array:
+    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padded (padded tokens have k = 0, β = 0, g = 0)."""
+    x = jnp.pad(x.astype(dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = jnp.moveaxis(x, 2, 1)
+    return x.reshape(batch, heads, num_chunks, chunk_size, *x.shape[3:])
+
+  log_decay = jnp.cumsum(to_chunks(g), axis=-1)
+  o, final = _chunked_core(
+      to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_steps, cg_init)
+  o = o.reshape(batch, heads, num_chunks * chunk_size, value_dim)[:, :, :length]
+  return jnp.moveaxis(o, 1, 2).astype(q.dtype), final

@@ -1,0 +1,83 @@
+"""The Mesa state pytree, argument checks shared by every Mesa op, and the compute-dtype rule."""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+CG_INITS = ("jacobi", "zero")
+_DIAGONAL_FLOOR = 1e-6
+
+
+class MesaState(NamedTuple):
+  """Decayed sums of one Mesa layer; always held in the compute dtype (f32, or f64 under x64)."""
+  h_kk: jax.Array  # [B, H, Dk, Dk]  Σ decay·β k kᵀ
+  h_kv: jax.Array  # [B, H, Dk, Dv]  Σ decay·β k vᵀ
+
+
+def compute_dtype(*arrays) -> jnp.dtype:
+  """f32, or a wider float if an input is wider (f64 under x64 is used by the tests for tight checks)."""
+  dtype = jnp.dtype(jnp.float32)
+  for array in arrays:
+    if array is not None:
+      dtype = jnp.promote_types(dtype, array.dtype)
+  return dtype
+
+
+def zero_state(batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32) -> MesaState:
+  return MesaState(jnp.zeros((batch, heads, key_dim, key_dim), dtype), jnp.zeros((batch, heads, key_dim, value_dim), dtype))
+
+
+def _expect(name: str, array, shape: tuple[int, ...], layout: str) -> None:
+  if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+    raise ValueError(f"{name} must be an array of shape {layout} = {shape}, got {type(array).__name__}")
+  if tuple(array.shape) != shape:
+    raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(array.shape)}")
+  if not jnp.issubdtype(array.dtype, jnp.floating):
+    raise ValueError(f"{name} must have a floating dtype, got {array.dtype}")
+
+
+def check_inputs(q, k, v, g, beta, lam, state, *, per_token: bool) -> tuple[int, ...]:
+  """Raises ValueError naming the first argument whose shape or dtype is wrong.
+
+  per_token=True checks the sequence layout (q: [B, T, H, Dk]); False checks one decode token (q: [B, H, Dk]).
+  Returns (B, T, H, Dk, Dv) or (B, H, Dk, Dv).
+  """
+  q_layout = "[B, T, H, Dk]" if per_token else "[B, H, Dk]"
+  if not hasattr(q, "ndim") or q.ndim != len(q_layout.split(",")):
+    raise ValueError(f"q must have shape {q_layout}, got {getattr(q, 'shape', type(q).__name__)}")
+  if not hasattr(v, "ndim") or v.ndim != q.ndim:
+    raise ValueError(f"v must have shape {q_layout.replace('Dk', 'Dv')}, got {getattr(v, 'shape', type(v).__name__)}")
+  *lead, key_dim = q.shape
+  value_dim = v.shape[-1]
+  batch, heads = lead[0], lead[-1]
+  _expect("q", q, (*lead, key_dim), q_layout)
+  _expect("k", k, (*lead, key_dim), q_layout)
+  _expect("v", v, (*lead, value_dim), q_layout.replace("Dk", "Dv"))
+  _expect("g", g, tuple(lead), q_layout.replace(", Dk", ""))
+  _expect("beta", beta, tuple(lead), q_layout.replace(", Dk", ""))
+  _expect("lam", lam, (heads, key_dim), "[H, Dk]")
+  if state is not None:
+    if not isinstance(state, MesaState):
+      raise ValueError(f"state must be a MesaState(h_kk, h_kv), got {type(state).__name__}")
+    _expect("state.h_kk", state.h_kk, (batch, heads, key_dim, key_dim), "[B, H, Dk, Dk]")
+    _expect("state.h_kv", state.h_kv, (batch, heads, key_dim, value_dim), "[B, H, Dk, Dv]")
+  if per_token and lead[1] < 1:
+    raise ValueError(f"q must hold at least one token (T >= 1), got shape {tuple(q.shape)}")
+  return (*lead, key_dim, value_dim)
+
+
+def check_cg_options(cg_steps: int, cg_init: str, tol: float | None = None) -> None:
+  if not isinstance(cg_steps, int) or cg_steps < 0:
+    raise ValueError(f"cg_steps must be a non-negative int, got {cg_steps!r}")
+  if cg_init not in CG_INITS:
+    raise ValueError(f"cg_init must be one of {CG_INITS}, got {cg_init!r}")
+  if tol is not None and not tol > 0:
+    raise ValueError(f"tol must be a positive float or None, got {tol!r}")
+
+
+def initial_guess(rhs: jax.Array, diagonal: jax.Array, cg_init: str) -> jax.Array:
+  """CG starting point: the Jacobi guess rhs / diag(A) (the paper's choice) or zero (the PyTorch reference's)."""
+  if cg_init == "zero":
+    return jnp.zeros_like(rhs)
+  # diag(A) ≥ λ > 0 for valid input; the floor only keeps invalid input (λ = 0 with an empty state) finite.
+  return rhs / jnp.maximum(diagonal, _DIAGONAL_FLOOR)

@@ -1,0 +1,28 @@
+"""MesaNet in JAX/Flax with Pallas kernels."""
+from setuptools import find_packages, setup
+
+# Pinned to what the GPU machines carry, so CPU and GPU runs agree.
+JAX_VERSION = "0.11.2"
+
+setup(
+    name="mesanet-jax",
+    version="0.1.0",
+    description="MesaNet (locally optimal test-time training) in JAX/Flax with Pallas kernels",
+    python_requires=">=3.12",
+    packages=find_packages(include=["mesanet_jax", "mesanet_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        f"jax=={JAX_VERSION}",
+        "flax==0.12.10",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.4",
+        "absl-py",
+        "ml-collections",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "data": ["grain==0.2.18", "tensorflow-datasets==4.9.10"],
+        "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    },
+)

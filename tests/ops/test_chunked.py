@@ -1,0 +1,188 @@
+"""mesa_chunked against the exact dense solve: outputs, final state and the gradients of every input."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from mesanet_jax.ops import MesaState, mesa_chunked, mesa_exact
+from tests.ops.mesa_inputs import as_f64, loss_weights, max_abs, random_inputs, scale, weighted_sum_loss
+
+# (B, T, H, Dk, Dv, C): T = 1, T < C, T not a multiple of C with Dk ≠ Dv, T a multiple of C, C = 1, Dv > Dk.
+SHAPES = [
+    (1, 1, 1, 4, 4, 4),
+    (2, 5, 2, 8, 8, 16),
+    (2, 37, 3, 8, 5, 8),
+    (1, 48, 2, 16, 16, 16),
+    (2, 6, 1, 4, 3, 1),
+    (1, 20, 2, 4, 12, 8),
+]
+ARGNAMES = ("q", "k", "v", "g", "beta", "lam", "state")
+
+
+def _chunked(chunk_size, cg_steps, **kwargs):
+  return functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, **kwargs)
+
+
+def _gradients(op, args):
+  weights = loss_weights(*mesa_exact(*args))
+  return jax.grad(weighted_sum_loss(op, weights), argnums=range(7))(*args)
+
+
+# In f64, 3·Dk CG steps converge the systems here (condition numbers ≲ 1e2) to rounding, so the chunked path must
+# equal the dense solve to ~1e-12 of scale; 1e-9 leaves room for the longer sums of the chunked form.
+F64_TOL = 1e-9
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_forward_matches_exact(x64, shape, with_state):
+  batch, length, heads, key_dim, value_dim, chunk = shape
+  args = as_f64(random_inputs(batch, length, heads, key_dim, value_dim, with_state=with_state))
+  o, state = _chunked(chunk, 3 * key_dim)(*args)
+  o_exact, state_exact = mesa_exact(*args)
+  assert o.shape == (batch, length, heads, value_dim)
+  assert max_abs(o, o_exact) < F64_TOL * scale(o_exact)
+  assert max_abs(state, state_exact) < F64_TOL * scale(state_exact)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gradients_of_every_input_match_exact(x64, shape):
+  batch, length, heads, key_dim, value_dim, chunk = shape
+  args = as_f64(random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=1))
+  grads = _gradients(_chunked(chunk, 3 * key_dim), args)
+  grads_exact = _gradients(mesa_exact, args)
+  for name, grad, grad_exact in zip(ARGNAMES, grads, grads_exact):
+    assert max_abs(grad, grad_exact) < F64_TOL * scale(grad_exact), name
+
+
+def test_gradients_match_finite_differences(x64):
+  """Checks the implicit backward against numerical derivatives, independently of autodiff of the reference."""
+  args = as_f64(random_inputs(1, 11, 2, 4, 3, with_state=True, seed=2))
+  loss = lambda *a: jnp.sum(jnp.sin(_chunked(4, 12)(*a)[0])) + jnp.sum(jnp.cos(_chunked(4, 12)(*a)[1].h_kk))
+  check_grads(loss, args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_f32_accuracy_at_training_settings():
+  """f32 inputs, 30 CG steps (the paper's training setting), Dk = 32, errors vs the f64 exact solve."""
+  args = random_inputs(2, 200, 2, 32, 32, with_state=True, seed=4)
+  op = _chunked(16, 30)
+  o, state = op(*args)
+  with jax.enable_x64(True):
+    args64 = as_f64(args)
+    o_exact, state_exact = mesa_exact(*args64)
+    grads_exact = _gradients(mesa_exact, args64)
+  grads = _gradients(op, args)
+  # CG stops at relative residual ~1e-6 after 30 steps on these well-conditioned systems; f32 rounding of the
+  # chunk sums adds ~1e-6 of scale. Measured: output 3e-6, gradients ≤ 3e-5 of scale.
+  assert max_abs(o, o_exact) < 1e-4 * scale(o_exact)
+  assert max_abs(state, state_exact) < 1e-5 * scale(state_exact)
+  for name, grad, grad_exact in zip(ARGNAMES, grads, grads_exact):
+    assert max_abs(grad, grad_exact) < 5e-4 * scale(grad_exact), name
+
+
+def test_bf16_inputs_compute_in_f32():
+  args = random_inputs(2, 40, 2, 16, 16, with_state=True, seed=5)
+  args_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), args)
+  op = _chunked(16, 30)
+  o, state = op(*args_bf16)
+  assert o.dtype == jnp.bfloat16 and state.h_kk.dtype == jnp.float32 and state.h_kv.dtype == jnp.float32
+  o_f32, state_f32 = op(*jax.tree.map(lambda x: x.astype(jnp.float32), args_bf16))
+  # The same (bf16-rounded) inputs computed in f32: only the final rounding of o to bf16 differs (≤ 2⁻⁹ relative).
+  assert max_abs(o, o_f32) <= 2.0**-8 * scale(o_f32)
+  assert max_abs(state, state_f32) == 0.0
+  grads = _gradients(op, args_bf16)
+  for name, grad, arg in zip(ARGNAMES, grads, args_bf16):
+    for leaf_grad, leaf in zip(jax.tree.leaves(grad), jax.tree.leaves(arg)):
+      assert leaf_grad.dtype == leaf.dtype and bool(jnp.all(jnp.isfinite(leaf_grad))), name
+
+
+def test_jit_and_chunk_size_do_not_change_the_result(x64):
+  args = as_f64(random_inputs(2, 30, 2, 8, 8, with_state=True, seed=6))
+  results = [jax.jit(_chunked(chunk, 24))(*args) for chunk in (1, 7, 8, 64)]
+  for result in results[1:]:
+    assert max_abs(result, results[0]) < 1e-11
+
+
+def test_final_state_continues_the_sequence(x64):
+  args = as_f64(random_inputs(2, 40, 2, 8, 6, seed=7))
+  op = _chunked(8, 24)
+  o_full, state_full = op(*args)
+  first = [x[:, :17] for x in args[:5]]
+  second = [x[:, 17:] for x in args[:5]]
+  o_first, state_first = op(*first, args[5])
+  o_second, state_second = op(*second, args[5], state_first)
+  assert max_abs(jnp.concatenate([o_first, o_second], axis=1), o_full) < 1e-11
+  assert max_abs(state_second, state_full) < 1e-12
+
+
+def test_cg_error_decreases_with_steps(x64):
+  args = as_f64(random_inputs(2, 64, 2, 16, 16, seed=8))
+  o_exact, _ = mesa_exact(*args)
+  errors = {init: [max_abs(_chunked(16, steps, cg_init=init)(*args)[0], o_exact) for steps in (1, 2, 4, 8, 16, 32)]
+            for init in ("jacobi", "zero")}
+  for init, err in errors.items():
+    assert all(later < earlier for earlier, later in zip(err, err[1:])), (init, err)
+    assert err[-1] < 1e-10, (init, err)
+
+
+# Stress inputs, in f32 (the training precision) against the f64 exact solve. Each is near a boundary of the input
+# ranges; the bounds are loose multiples of what was measured, chosen to catch blow-ups, not rounding.
+def _stress_case(name):
+  batch, heads, key_dim = 1, 2, 16
+  length = 3000 if name in ("gamma_near_one", "repeated_keys") else 256
+  q, k, v, g, beta, lam, _ = random_inputs(batch, length, heads, key_dim, key_dim, seed=9)
+  if name == "gamma_near_one":  # γ = 1 − 1e-5 over 3000 tokens: H_kk grows to ~T/Dk, cond(A) ~ 1e3
+    g = jnp.full_like(g, jnp.log1p(-1e-5))
+  elif name == "beta_near_zero":
+    beta = jnp.full_like(beta, 1e-6)
+  elif name == "beta_near_one":
+    beta = jnp.full_like(beta, 1 - 1e-6)
+  elif name == "lambda_at_lower_bound":
+    lam = jnp.full_like(lam, 0.25)
+  elif name == "repeated_keys":  # one key for every token, γ = β = 1: A = T k kᵀ + 0.25 I, cond(A) = 1.2e4
+    k = jnp.broadcast_to(k[:, :1], k.shape)
+    g, beta, lam = jnp.zeros_like(g), jnp.ones_like(beta), jnp.full_like(lam, 0.25)
+  return q, k, v, g, beta, lam, None
+
+
+@pytest.mark.parametrize("name", ["gamma_near_one", "beta_near_zero", "beta_near_one", "lambda_at_lower_bound",
+                                  "repeated_keys"])
+def test_stress_inputs_stay_finite_and_accurate(name):
+  args = _stress_case(name)
+  op = _chunked(64, 2 * args[0].shape[-1] + 8)
+  o, state = op(*args)
+  with jax.enable_x64(True):
+    args64 = as_f64(args)
+    o_exact, _ = mesa_exact(*args64)
+    grads_exact = _gradients(mesa_exact, args64)
+  grads = _gradients(op, args)
+  assert bool(jnp.all(jnp.isfinite(o))) and all(bool(jnp.all(jnp.isfinite(x))) for x in state)
+  assert max_abs(o, o_exact) < 1e-3 * scale(o_exact)
+  for argname, grad, grad_exact in zip(ARGNAMES[:6], grads[:6], grads_exact[:6]):
+    assert bool(jnp.all(jnp.isfinite(grad))), argname
+    assert max_abs(grad, grad_exact) < 1e-2 * scale(grad_exact), argname
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"k": np.zeros((2, 9, 3, 7))}, r"k must have shape \[B, T, H, Dk\] = \(2, 9, 3, 8\)"),
+    ({"v": np.zeros((2, 8, 3, 5))}, r"v must have shape \[B, T, H, Dv\] = \(2, 9, 3, 5\)"),
+    ({"g": np.zeros((2, 9, 3, 1))}, r"g must have shape \[B, T, H\] = \(2, 9, 3\)"),
+    ({"beta": np.zeros((2, 9), np.float32)}, r"beta must have shape \[B, T, H\]"),
+    ({"lam": np.ones((8,))}, r"lam must have shape \[H, Dk\] = \(3, 8\)"),
+    ({"q": np.zeros((2, 9, 8))}, r"q must have shape \[B, T, H, Dk\]"),
+    ({"q": np.zeros((2, 9, 3, 8), np.int32)}, r"q must have a floating dtype"),
+    ({"state": MesaState(np.zeros((2, 3, 8, 8)), np.zeros((2, 3, 8, 4)))}, r"state.h_kv must have shape"),
+    ({"state": (np.zeros((2, 3, 8, 8)), np.zeros((2, 3, 8, 5)))}, r"state must be a MesaState"),
+    ({"chunk_size": 0}, r"chunk_size must be a positive int"),
+    ({"cg_steps": -1}, r"cg_steps must be a non-negative int"),
+    ({"cg_init": "ones"}, r"cg_init must be one of"),
+    ({"impl": "cuda"}, r"impl must be one of"),
+])
+def test_bad_arguments_raise_clear_errors(bad, message):
+  q, k, v, g, beta, lam, _ = random_inputs(2, 9, 3, 8, 5)
+  kwargs = dict(q=q, k=k, v=v, g=g, beta=beta, lam=lam, state=None) | bad
+  with pytest.raises(ValueError, match=message):
+    mesa_chunked(**kwargs)

@@ -22,6 +22,7 @@ from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype, initial_guess, zero_state
 
 IMPLS = ("xla",)
+PRECISIONS = ("highest", "high", "default")
 
 
 def _rowdot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -54,48 +55,48 @@ def _scan_chunks(increments: jax.Array, chunk_decay: jax.Array, initial: jax.Arr
   return jnp.moveaxis(before, 0, 2), last
 
 
-def _chunk_states(keys, values, log_decay, beta, initial):
+def _chunk_states(keys, values, log_decay, beta, initial, precision):
   """Start state of every chunk of Σ decay·β k valueᵀ, and the final state.
 
   keys: [B, H, N, C, D]; values: [B, H, N, C, E]; log_decay, beta: [B, H, N, C]; initial: [B, H, D, E].
   """
   to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
-  increments = jnp.einsum("bhncd,bhnce->bhnde", keys * to_end[..., None], values)
+  increments = jnp.einsum("bhncd,bhnce->bhnde", keys * to_end[..., None], values, precision=precision)
   return _scan_chunks(increments, jnp.exp(log_decay[..., -1]), initial, reverse=False)
 
 
-def _read(x, keys, values, states, log_decay, mask):
+def _read(x, keys, values, states, log_decay, mask, precision):
   """Row t: e^{G_t} x_t S + Σ_{s≤t} mask_ts (x_t·keys_s) values_s, i.e. x_t times the state at t.
 
   x, keys: [B, H, N, C, D]; values: [B, H, N, C, E]; states: [B, H, N, D, E]; mask: [B, H, N, C, C].
   Returns [B, H, N, C, E].
   """
-  inter = jnp.einsum("bhncd,bhnde->bhnce", x * jnp.exp(log_decay)[..., None], states)
-  scores = jnp.einsum("bhntd,bhnsd->bhnts", x, keys) * mask
-  return inter + jnp.einsum("bhnts,bhnse->bhnte", scores, values)
+  inter = jnp.einsum("bhncd,bhnde->bhnce", x * jnp.exp(log_decay)[..., None], states, precision=precision)
+  scores = jnp.einsum("bhntd,bhnsd->bhnts", x, keys, precision=precision) * mask
+  return inter + jnp.einsum("bhnts,bhnse->bhnte", scores, values, precision=precision)
 
 
-def _write(z, keys, values, next_states, log_decay, decay_mask):
+def _write(z, keys, values, next_states, log_decay, decay_mask, precision):
   """Row s: Σ_{t≥s} W_ts (keys_t·z_s) values_t + e^{G_last − G_s} z_s S_next: gradients flowing back to token s.
 
   z, keys: [B, H, N, C, D]; values: [B, H, N, C, E]; next_states: [B, H, N, D, E] (gradient w.r.t. the state after
   the chunk); decay_mask: W, [B, H, N, C, C]. Returns [B, H, N, C, E].
   """
   to_end = jnp.exp(log_decay[..., -1:] - log_decay)[..., None]
-  inter = jnp.einsum("bhnsd,bhnde->bhnse", z * to_end, next_states)
-  scores = jnp.einsum("bhntd,bhnsd->bhnts", keys, z) * decay_mask
-  return inter + jnp.einsum("bhnts,bhnte->bhnse", scores, values)
+  inter = jnp.einsum("bhnsd,bhnde->bhnse", z * to_end, next_states, precision=precision)
+  scores = jnp.einsum("bhntd,bhnsd->bhnts", keys, z, precision=precision) * decay_mask
+  return inter + jnp.einsum("bhnts,bhnte->bhnse", scores, values, precision=precision)
 
 
 class _Operator:
   """A_t = H_kk[t] + Λ for every token of the chunked sequence, with the chunk states it needs."""
 
-  def __init__(self, k, v, log_decay, beta, lam, state: MesaState):
-    self.k, self.v, self.log_decay, self.lam = k, v, log_decay, lam[:, None, None, :]
+  def __init__(self, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision):
+    self.k, self.v, self.log_decay, self.lam, self.precision = k, v, log_decay, lam[:, None, None, :], precision
     self.decay_mask = _decay_mask(log_decay)
     self.mask = self.decay_mask * beta[..., None, :]
-    self.states_kk, final_kk = _chunk_states(k, k, log_decay, beta, state.h_kk)
-    self.states_kv, final_kv = _chunk_states(k, v, log_decay, beta, state.h_kv)
+    self.states_kk, final_kk = _chunk_states(k, k, log_decay, beta, state.h_kk, precision)
+    self.states_kv, final_kv = _chunk_states(k, v, log_decay, beta, state.h_kv, precision)
     self.final = MesaState(final_kk, final_kv)
 
   def read_kk(self, x):
@@ -104,7 +105,15 @@ class _Operator:
     A row-form read computes x_tᵀ H; reading the transposed states gives H x_t exactly, also for a non-symmetric
     initial state passed by the caller, so the backward's D_t = −y_t x_tᵀ is the gradient of what was computed.
     """
-    return _read(x, self.k, self.k, _swap(self.states_kk), self.log_decay, self.mask)
+    return self.read(x, self.k, self.k, _swap(self.states_kk))
+
+  def read(self, x, keys, values, states):
+    """Causal read with this operator's decays and mask (see `_read`)."""
+    return _read(x, keys, values, states, self.log_decay, self.mask, self.precision)
+
+  def write(self, z, keys, values, next_states):
+    """Time-reversed read with this operator's decays (see `_write`)."""
+    return _write(z, keys, values, next_states, self.log_decay, self.decay_mask, self.precision)
 
   def matvec(self, x):
     return self.read_kk(x) + self.lam * x
@@ -112,44 +121,44 @@ class _Operator:
   def solve(self, rhs, cg_steps: int, cg_init: str):
     """x_t = A_t⁻¹ rhs_t for all rows by CG, starting from the Jacobi guess or zero."""
     diag_states = jnp.diagonal(self.states_kk, axis1=-2, axis2=-1)[..., None, :]
-    diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + self.mask @ (self.k * self.k) + self.lam
+    in_chunk = jnp.einsum("bhnts,bhnsd->bhntd", self.mask, self.k * self.k, precision=self.precision)
+    diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + in_chunk + self.lam
     x, _ = conjugate_gradient(self.matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps)
     return x
 
 
-def _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init):
-  op = _Operator(k, v, log_decay, beta, lam, state)
+def _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision):
+  op = _Operator(k, v, log_decay, beta, lam, state, precision)
   x = op.solve(q, cg_steps, cg_init)
-  o = _read(x, k, v, op.states_kv, log_decay, op.mask)
+  o = op.read(x, k, v, op.states_kv)
   return (o, op.final), (k, v, log_decay, beta, lam, state, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _chunked_core(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _chunked_core(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision):
   """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv]; log_decay, beta [B, H, N, C]; lam [H, Dk]."""
-  return _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init)[0]
+  return _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision)[0]
 
 
-def _core_backward(cg_steps, cg_init, residuals, cotangents):
+def _core_backward(cg_steps, cg_init, precision, residuals, cotangents):
   k, v, log_decay, beta, lam, state, x = residuals
   do, d_final = cotangents
-  op = _Operator(k, v, log_decay, beta, lam, state)
-  u = _read(do, v, k, _swap(op.states_kv), log_decay, op.mask)  # H_kv[t] do_t
+  op = _Operator(k, v, log_decay, beta, lam, state, precision)
+  u = op.read(do, v, k, _swap(op.states_kv))  # H_kv[t] do_t
   y = op.solve(u, cg_steps, cg_init)  # adjoint solve
 
   # Gradients w.r.t. the state after each chunk (D_t = −y_t x_tᵀ on H_kk[t], x_t do_tᵀ on H_kv[t]), scanned backwards.
   weighted = jnp.exp(log_decay)[..., None]
   chunk_decay = jnp.exp(log_decay[..., -1])
-  d_next_kk, d_initial_kk = _scan_chunks(
-      -jnp.einsum("bhncd,bhnce->bhnde", y * weighted, x), chunk_decay, d_final.h_kk, reverse=True)
-  d_next_kv, d_initial_kv = _scan_chunks(
-      jnp.einsum("bhncd,bhnce->bhnde", x * weighted, do), chunk_decay, d_final.h_kv, reverse=True)
+  outer = functools.partial(jnp.einsum, "bhncd,bhnce->bhnde", precision=precision)
+  d_next_kk, d_initial_kk = _scan_chunks(-outer(y * weighted, x), chunk_decay, d_final.h_kk, reverse=True)
+  d_next_kv, d_initial_kv = _scan_chunks(outer(x * weighted, do), chunk_decay, d_final.h_kv, reverse=True)
 
   # Row s of each: the total state gradient at token s applied to k_s or v_s.
-  hkk_k = _write(k, x, -y, _swap(d_next_kk), log_decay, op.decay_mask)
-  hkk_t_k = _write(k, -y, x, d_next_kk, log_decay, op.decay_mask)
-  hkv_v = _write(v, do, x, _swap(d_next_kv), log_decay, op.decay_mask)
-  hkv_t_k = _write(k, x, do, d_next_kv, log_decay, op.decay_mask)
+  hkk_k = op.write(k, x, -y, _swap(d_next_kk))
+  hkk_t_k = op.write(k, -y, x, d_next_kk)
+  hkv_v = op.write(v, do, x, _swap(d_next_kv))
+  hkv_t_k = op.write(k, x, do, d_next_kv)
 
   dk = beta[..., None] * (hkk_k + hkk_t_k + hkv_v)
   dv = beta[..., None] * hkv_t_k
@@ -181,6 +190,7 @@ def mesa_chunked(
     cg_steps: int = 30,
     impl: str = "xla",
     cg_init: str = "jacobi",
+    matmul_precision: str = "highest",
 ) -> tuple[jax.Array, MesaState]:
   """Mesa layer over a whole sequence by chunkwise-parallel CG, with an implicit (adjoint CG) custom VJP.
 
@@ -190,6 +200,8 @@ def mesa_chunked(
     chunk_size: C; T need not be a multiple (the sequence is padded with tokens that change nothing).
     cg_steps: fixed CG steps, forward and adjoint. impl: "xla" (Pallas kernels plug in here).
     cg_init: "jacobi" (x0 = q / diag(A_t), the paper's choice) or "zero" (flash-linear-attention's training kernels).
+    matmul_precision: `lax.Precision` name of every matmul: "highest" keeps them f32 as the paper does; "default"
+      lets XLA use TF32 on GPU and bf16 passes on TPU (faster, ~1e-3 relative error).
 
   Returns:
     o: [B, T, H, Dv] in q's dtype; the final MesaState in the compute dtype (f32 for f32/bf16 inputs).
@@ -201,6 +213,8 @@ def mesa_chunked(
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if matmul_precision not in PRECISIONS:
+    raise ValueError(f"matmul_precision must be one of {PRECISIONS}, got {matmul_precision!r}")
   dtype = compute_dtype(q, k, v, g, beta, lam, *(state or ()))
   state = zero_state(batch, heads, key_dim, value_dim, dtype) if state is None else MesaState(
       state.h_kk.astype(dtype), state.h_kv.astype(dtype))
@@ -215,6 +229,7 @@ def mesa_chunked(
 
   log_decay = jnp.cumsum(to_chunks(g), axis=-1)
   o, final = _chunked_core(
-      to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_steps, cg_init)
+      to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_steps, cg_init,
+      lax.Precision(matmul_precision))
   o = o.reshape(batch, heads, num_chunks * chunk_size, value_dim)[:, :, :length]
   return jnp.moveaxis(o, 1, 2).astype(q.dtype), final

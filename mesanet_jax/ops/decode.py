@@ -31,6 +31,8 @@ def mesa_decode_step(
     tol: optional relative-residual tolerance; each head stops once ‖r‖ ≤ tol·‖r_0‖.
     cg_init: "jacobi" (x0 = q / diag(H_kk + Λ), the paper's choice) or "zero".
 
+  All products run at full f32 precision (no TF32 on GPU); decoding is a few matvecs per token, bound by memory.
+
   Returns:
     o: [B, H, Dv] in q's dtype; the new MesaState (compute dtype); iters: [B, H] int32 CG steps used.
   """
@@ -44,9 +46,9 @@ def mesa_decode_step(
   h_kv = decay * state.h_kv.astype(dtype) + weighted_k[..., :, None] * v[..., None, :]
 
   def matvec(x: jax.Array) -> jax.Array:
-    return jnp.einsum("bhij,bhj->bhi", h_kk, x) + lam * x
+    return jnp.einsum("bhij,bhj->bhi", h_kk, x, precision="highest") + lam * x
 
   diagonal = jnp.diagonal(h_kk, axis1=-2, axis2=-1) + lam
   x, iters = conjugate_gradient(matvec, q, initial_guess(q, diagonal, cg_init), steps=cg_steps, tol=tol)
-  o = jnp.einsum("bhkv,bhk->bhv", h_kv, x)
+  o = jnp.einsum("bhkv,bhk->bhv", h_kv, x, precision="highest")
   return o.astype(out_dtype), MesaState(h_kk, h_kv), iters

@@ -46,7 +46,7 @@ def mesa_exact(
     h_kk = decay * carry.h_kk + weighted_k[..., :, None] * k_t[..., None, :]
     h_kv = decay * carry.h_kv + weighted_k[..., :, None] * v_t[..., None, :]
     x_t = jnp.linalg.solve(h_kk + regulariser, q_t[..., None])[..., 0]
-    return MesaState(h_kk, h_kv), jnp.einsum("bhkv,bhk->bhv", h_kv, x_t)
+    return MesaState(h_kk, h_kv), jnp.einsum("bhkv,bhk->bhv", h_kv, x_t, precision="highest")
 
   initial = MesaState(state.h_kk.astype(dtype), state.h_kv.astype(dtype))
   final, o = lax.scan(step, initial, _time_major(q, k, v, g, beta))

@@ -180,6 +180,7 @@ def test_stress_inputs_stay_finite_and_accurate(name):
     ({"cg_steps": -1}, r"cg_steps must be a non-negative int"),
     ({"cg_init": "ones"}, r"cg_init must be one of"),
     ({"impl": "cuda"}, r"impl must be one of"),
+    ({"matmul_precision": "tf32"}, r"matmul_precision must be one of"),
 ])
 def test_bad_arguments_raise_clear_errors(bad, message):
   q, k, v, g, beta, lam, _ = random_inputs(2, 9, 3, 8, 5)

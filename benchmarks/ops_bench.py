@@ -1,0 +1,108 @@
+"""Times the Mesa operator forward and forward+backward on whatever device JAX sees, and checks it against the exact
+dense solve.
+
+With no flags this is a CPU-sized demo. The reference shape for the device:
+  python benchmarks/ops_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --cg_steps=30 --dtype=bfloat16
+"""
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from mesanet_jax.ops import mesa_chunked, mesa_exact
+from mesanet_jax.ops.flops import mesa_chunked_flops
+
+_BATCH = flags.DEFINE_integer("batch", 2, "B")
+_LENGTH = flags.DEFINE_integer("length", 512, "T")
+_HEADS = flags.DEFINE_integer("heads", 4, "H")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Dk (= Dv)")
+_CHUNK = flags.DEFINE_integer("chunk_size", 64, "C")
+_CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps, forward and adjoint")
+_CG_INIT = flags.DEFINE_enum("cg_init", "jacobi", ["jacobi", "zero"], "CG initial guess")
+_PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"],
+                                "precision of the chunked op's matmuls (default = TF32 on GPU)")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of q, k, v")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "timed runs; the median is reported")
+_COMPARE_EXACT = flags.DEFINE_bool("compare_exact", True, "also time mesa_exact and report errors against it")
+
+
+def make_inputs(batch, length, heads, head_dim, dtype, seed=0):
+  """Unit-norm q, k; normal v; γ = σ(N(3, 1)); β = σ(N(0, 1)); λ = 0.25 + softplus(N(0, 1)); no initial state."""
+  keys = jax.random.split(jax.random.key(seed), 6)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  shape = (batch, length, heads, head_dim)
+  q = unit(jax.random.normal(keys[0], shape)).astype(dtype)
+  k = unit(jax.random.normal(keys[1], shape)).astype(dtype)
+  v = jax.random.normal(keys[2], shape).astype(dtype)
+  g = jax.nn.log_sigmoid(jax.random.normal(keys[3], shape[:3]) + 3.0)
+  beta = jax.nn.sigmoid(jax.random.normal(keys[4], shape[:3]))
+  lam = 0.25 + jax.nn.softplus(jax.random.normal(keys[5], (heads, head_dim)))
+  return q, k, v, g, beta, lam
+
+
+def time_ms(fn, *args) -> float:
+  """Median wall time of fn(*args) in ms, after one compiling call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+def forward_and_backward(op):
+  """jit of (o, grads of Σ o·w w.r.t. q, k, v, g, beta, lam)."""
+  def loss(w, *args):
+    o = op(*args)[0]
+    return jnp.sum(o.astype(jnp.float32) * w), o
+  return jax.jit(jax.grad(loss, argnums=range(1, 7), has_aux=True))
+
+
+def rel_error(a, b) -> float:
+  a, b = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (a, b))
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def report(name, ms, tokens, flops=None):
+  line = f"{name:<28} {ms:9.3f} ms  {tokens / ms * 1e3 / 1e6:8.3f} M tok/s"
+  if flops:
+    line += f"  {flops / ms / 1e9:7.2f} TFLOP/s"
+  print(line, flush=True)
+
+
+def main(argv):
+  del argv
+  batch, length, heads, dim = _BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value
+  args = make_inputs(batch, length, heads, dim, jnp.dtype(_DTYPE.value))
+  w = jax.random.normal(jax.random.key(1), (batch, length, heads, dim))
+  tokens = batch * length
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  print(f"shape: B={batch} T={length} H={heads} Dk=Dv={dim} C={_CHUNK.value} cg_steps={_CG_STEPS.value} "
+        f"cg_init={_CG_INIT.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
+  chunked = functools.partial(mesa_chunked, chunk_size=_CHUNK.value, cg_steps=_CG_STEPS.value, cg_init=_CG_INIT.value,
+                              matmul_precision=_PRECISION.value)
+  flops = functools.partial(mesa_chunked_flops, batch, length, heads, dim, dim, chunk_size=_CHUNK.value,
+                            cg_steps=_CG_STEPS.value)
+  chunked_fwd, chunked_fwd_bwd = jax.jit(chunked), forward_and_backward(chunked)
+  report("chunked (xla) forward", time_ms(chunked_fwd, *args), tokens, flops())
+  report("chunked (xla) fwd+bwd", time_ms(chunked_fwd_bwd, w, *args), tokens, flops(backward=True))
+  if not _COMPARE_EXACT.value:
+    return
+  exact_fwd, exact_fwd_bwd = jax.jit(mesa_exact), forward_and_backward(mesa_exact)
+  with jax.default_matmul_precision("highest"):  # the ground truth must not use TF32 on GPU
+    report("exact (dense solve) forward", time_ms(exact_fwd, *args), tokens)
+    report("exact (dense solve) fwd+bwd", time_ms(exact_fwd_bwd, w, *args), tokens)
+    grads_exact, o_exact = exact_fwd_bwd(w, *args)
+  grads, o = chunked_fwd_bwd(w, *args)
+  print(f"chunked vs exact, max |error| / max |exact|: output {rel_error(o, o_exact):.2e}")
+  for name, grad, grad_exact in zip(("q", "k", "v", "g", "beta", "lam"), grads, grads_exact):
+    print(f"  d{name:<5} {rel_error(grad, grad_exact):.2e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -21,7 +21,7 @@ from jax import lax
 from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype, initial_guess, zero_state
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas")
 PRECISIONS = ("highest", "high", "default")
 
 
@@ -91,8 +91,9 @@ def _write(z, keys, values, next_states, log_decay, decay_mask, precision):
 class _Operator:
   """A_t = H_kk[t] + Λ for every token of the chunked sequence, with the chunk states it needs."""
 
-  def __init__(self, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision):
-    self.k, self.v, self.log_decay, self.lam, self.precision = k, v, log_decay, lam[:, None, None, :], precision
+  def __init__(self, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision, impl: str):
+    self.k, self.v, self.log_decay, self.beta, self.precision, self.impl = k, v, log_decay, beta, precision, impl
+    self.lam_heads, self.lam = lam, lam[:, None, None, :]
     self.decay_mask = _decay_mask(log_decay)
     self.mask = self.decay_mask * beta[..., None, :]
     self.states_kk, final_kk = _chunk_states(k, k, log_decay, beta, state.h_kk, precision)
@@ -120,6 +121,10 @@ class _Operator:
 
   def solve(self, rhs, cg_steps: int, cg_init: str):
     """x_t = A_t⁻¹ rhs_t for all rows by CG, starting from the Jacobi guess or zero."""
+    if self.impl == "pallas":
+      from pallas_kernels.mesa_cg import chunked_cg_solve  # imported here: the kernels import this package
+      return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam_heads, self.states_kk,
+                              cg_steps=cg_steps, cg_init=cg_init, precision=self.precision)
     diag_states = jnp.diagonal(self.states_kk, axis1=-2, axis2=-1)[..., None, :]
     in_chunk = jnp.einsum("bhnts,bhnsd->bhntd", self.mask, self.k * self.k, precision=self.precision)
     diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + in_chunk + self.lam
@@ -127,23 +132,23 @@ class _Operator:
     return x
 
 
-def _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision):
-  op = _Operator(k, v, log_decay, beta, lam, state, precision)
+def _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision, impl):
+  op = _Operator(k, v, log_decay, beta, lam, state, precision, impl)
   x = op.solve(q, cg_steps, cg_init)
   o = op.read(x, k, v, op.states_kv)
   return (o, op.final), (k, v, log_decay, beta, lam, state, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _chunked_core(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _chunked_core(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision, impl):
   """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv]; log_decay, beta [B, H, N, C]; lam [H, Dk]."""
-  return _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision)[0]
+  return _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision, impl)[0]
 
 
-def _core_backward(cg_steps, cg_init, precision, residuals, cotangents):
+def _core_backward(cg_steps, cg_init, precision, impl, residuals, cotangents):
   k, v, log_decay, beta, lam, state, x = residuals
   do, d_final = cotangents
-  op = _Operator(k, v, log_decay, beta, lam, state, precision)
+  op = _Operator(k, v, log_decay, beta, lam, state, precision, impl)
   u = op.read(do, v, k, _swap(op.states_kv))  # H_kv[t] do_t
   y = op.solve(u, cg_steps, cg_init)  # adjoint solve
 
@@ -198,7 +203,9 @@ def mesa_chunked(
     q, k: [B, T, H, Dk] (L2-normalised by the layer); v: [B, T, H, Dv]; g (log forget gate ≤ 0), beta: [B, T, H];
     lam: [H, Dk] regulariser > 0; state: optional MesaState (h_kk [B, H, Dk, Dk], h_kv [B, H, Dk, Dv]) before token 0.
     chunk_size: C; T need not be a multiple (the sequence is padded with tokens that change nothing).
-    cg_steps: fixed CG steps, forward and adjoint. impl: "xla" (Pallas kernels plug in here).
+    cg_steps: fixed CG steps, forward and adjoint.
+    impl: "xla", or "pallas": the forward and adjoint CG solves run as fused Pallas kernels (Triton on GPU, Mosaic
+      on TPU, interpret mode on CPU); needs C, Dk, Dv powers of two >= 16.
     cg_init: "jacobi" (x0 = q / diag(A_t), the paper's choice) or "zero" (flash-linear-attention's training kernels).
     matmul_precision: `lax.Precision` name of every matmul: "highest" keeps them f32 as the paper does; "default"
       lets XLA use TF32 on GPU and bf16 passes on TPU (faster, ~1e-3 relative error).
@@ -213,6 +220,10 @@ def mesa_chunked(
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "pallas":
+    from pallas_kernels.mesa_cg import unsupported_reason  # imported here: the kernels import this package
+    if reason := unsupported_reason(chunk_size, key_dim, value_dim):
+      raise ValueError(f"impl='pallas' cannot run this input: {reason}; use impl='xla'")
   if matmul_precision not in PRECISIONS:
     raise ValueError(f"matmul_precision must be one of {PRECISIONS}, got {matmul_precision!r}")
   dtype = compute_dtype(q, k, v, g, beta, lam, *(state or ()))
@@ -230,6 +241,6 @@ def mesa_chunked(
   log_decay = jnp.cumsum(to_chunks(g), axis=-1)
   o, final = _chunked_core(
       to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_steps, cg_init,
-      lax.Precision(matmul_precision))
+      lax.Precision(matmul_precision), impl)
   o = o.reshape(batch, heads, num_chunks * chunk_size, value_dim)[:, :, :length]
   return jnp.moveaxis(o, 1, 2).astype(q.dtype), final

@@ -1,0 +1,55 @@
+"""Per-backend choices for the Mesa CG kernels: interpret mode on CPU, Triton on GPU, Mosaic on TPU."""
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+
+def use_interpret() -> bool:
+  """Pallas has no CPU lowering: on a CPU-only host the kernels run in interpret mode."""
+  return jax.default_backend() == "cpu"
+
+
+def compiler_params(chunk_size: int, num_warps: int | None = None, num_stages: int = 1):
+  """Explicit compiler params for the default backend (the GPU lowering is chosen by their type: Triton).
+
+  num_warps defaults to the fastest measured on an H200 at Dk=128: 4 for C ≤ 32, 8 for C = 64.
+  """
+  backend = jax.default_backend()
+  if backend == "gpu":
+    num_warps = num_warps or (4 if chunk_size <= 32 else 8)
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  if backend == "tpu":
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+  return None
+
+
+def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | None:
+  """Why the kernels cannot take these sizes, or None. Triton tiles must be powers of two and dots at least 16."""
+  for name, size in (("chunk_size", chunk_size), ("key_dim", key_dim), ("value_dim", value_dim)):
+    if size < 16 or size & (size - 1):
+      return f"{name}={size}: the Pallas kernels need powers of two >= 16 (Triton tile and dot sizes)"
+  return None
+
+
+# On GPU, Triton runs a true f32 dot on CUDA cores, 50-100x slower than tensor cores here, and its three-pass TF32
+# dot needs more shared memory than an H200 has at C=64, Dk=128. Three bf16 passes (operands split into high and
+# low bf16 parts) run on tensor cores and fit; measured on an H200 (benchmarks/RESULTS.md) they solve to 1.5e-6 of the
+# f32 solution, as f32-accurate as the XLA path's CG. Interpret mode (CPU) and Mosaic TPU take lax.Precision as is.
+_GPU_DOT_ALGORITHMS = {
+    lax.Precision.HIGHEST: lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    lax.Precision.HIGH: lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    lax.Precision.DEFAULT: lax.DotAlgorithmPreset.TF32_TF32_F32,
+}
+
+
+def dot_precision(precision: lax.Precision | lax.DotAlgorithmPreset, dtype):
+  """The in-kernel dot precision for `mesa_chunked`'s matmul_precision, for f32 (or f64) operands.
+
+  A DotAlgorithmPreset passes through unchanged (benchmarks use it to compare algorithms); f64 keeps its precision.
+  """
+  gpu = jax.default_backend() == "gpu" and not use_interpret()
+  if isinstance(precision, lax.Precision) and gpu and dtype == jnp.float32:
+    return _GPU_DOT_ALGORITHMS[precision]
+  return precision

@@ -4,10 +4,11 @@ Per batch element and head, with state S [Dk, Dv], log forget gate g_t ≤ 0 and
 
     S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ          o_t = S_tᵀ q_t / √Dk
 
-Chunkwise, with local cumulative log decay G and start state S_0, the corrections u_s = β_s (v_s − e^{G_s} S_{s−1}'ᵀ k_s)
+Chunkwise, with local cumulative log decay G and start state S_0, the corrections u_s = β_s (v_s − (e^{g_s} S_{s−1})ᵀ k_s)
 solve a unit lower-triangular system (I + L) U = βV − (β e^G K) S_0 with L_sr = β_s e^{G_s−G_r} k_s·k_r (r < s), so
 
-    U = T βV − T (β e^G K) S_0,  T = (I + L)⁻¹      O = (Q e^G) S_0 + (Q Kᵀ ⊙ D) U      S_C = e^{G_C} S_0 + (K e^{G_C−G})ᵀ U
+    U = T βV − T (β e^G K) S_0,  T = (I + L)⁻¹      O = (Q e^G) S_0 + (Q Kᵀ ⊙ D) U
+    S_C = e^{G_C} S_0 + (K ⊙ e^{G_C−G})ᵀ U
 
 with D_ts = e^{G_t−G_s} [s ≤ t]. Everything but the S-dependent products runs for all chunks in parallel; a `lax.scan`
 carries S. All math is f32 (f64 under x64 for f64 inputs); outputs are returned in q's dtype. Plain XLA,

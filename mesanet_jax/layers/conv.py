@@ -1,0 +1,34 @@
+"""Causal depthwise short convolution (kernel 4 in MesaNet) with a carried state for prefill and decoding."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mesanet_jax.layers.params import fan_in_normal, param
+
+
+class ShortConv(nnx.Module):
+  """y_t = Σ_{i<K} w_i ⊙ x_{t−K+1+i} per channel (no bias, no activation: the caller applies SiLU).
+
+  The state is the last K−1 inputs, [B, K−1, C]; zeros before the first token. Feeding a sequence in pieces with the
+  returned state gives the same output as feeding it whole, so decoding is the T = 1 case of the same call.
+  """
+
+  def __init__(self, channels: int, kernel_size: int, *, rngs: nnx.Rngs, axis_name: str | None = "heads",
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    if kernel_size < 1:
+      raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    self.kernel_size, self.dtype = kernel_size, dtype
+    self.kernel = param(rngs, fan_in_normal(), (kernel_size, channels), param_dtype, ("conv", axis_name))
+
+  def zero_state(self, batch: int) -> jax.Array:
+    return jnp.zeros((batch, self.kernel_size - 1, self.kernel.shape[1]), self.dtype)
+
+  def __call__(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """x: [B, T, C]; state: [B, K−1, C] or None (zeros). Returns y [B, T, C] in `dtype` and the new state."""
+    x = x.astype(self.dtype)
+    state = self.zero_state(x.shape[0]) if state is None else state.astype(self.dtype)
+    padded = jnp.concatenate([state, x], axis=1)
+    kernel = self.kernel[...].astype(self.dtype)
+    length = x.shape[1]
+    y = sum(kernel[i] * padded[:, i:i + length] for i in range(self.kernel_size))
+    return y, padded[:, length:]

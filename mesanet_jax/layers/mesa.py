@@ -1,0 +1,74 @@
+"""The MesaNet sequence-mixing layer (paper §2, App. E, G.2, G.5; flash-linear-attention's `MesaNet` layer).
+
+Input pipeline and gates: see `recurrent.py`. The Mesa part: λ = softplus(λ_param) + λ_min per head and key dim,
+initialised to `lambda_init`, stored as a `NoDecayParam` so the optimiser can exclude it from weight decay; training
+and prefill run `mesa_chunked` with `cg_steps_train` fixed CG steps; decoding runs `mesa_decode_step` with
+`cg_steps_decode` steps, stopping early per head when `decode_tol` is set.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mesanet_jax.layers.params import NoDecayParam, param
+from mesanet_jax.layers.recurrent import RecurrentMixer
+from mesanet_jax.ops import MesaState, mesa_chunked, mesa_decode_step
+
+
+@dataclasses.dataclass(frozen=True)
+class MesaConfig:
+  """Mesa layer options. gamma_cap=0.9975 is the paper's forget-gate cap; None gives flash-linear-attention's
+  g = log σ(a). cg_init: "jacobi" (paper) or "zero". impl: the `mesa_chunked` implementation ("xla"; "pallas" later)."""
+  num_heads: int = 6
+  head_dim: int = 128
+  conv_size: int = 4
+  lambda_lower_bound: float = 0.25
+  lambda_init: float = 1.0
+  gamma_cap: float | None = 0.9975
+  cg_steps_train: int = 30
+  cg_steps_decode: int = 30
+  decode_tol: float | None = None
+  chunk_size: int = 64
+  impl: str = "xla"
+  cg_init: str = "jacobi"
+  use_output_gate: bool = False
+  norm_eps: float = 1e-6
+
+
+class MesaLayer(RecurrentMixer):
+  """Mesa mixer: o_t = H_kv[t]ᵀ (H_kk[t] + Λ)⁻¹ q_t per head, then per-head RMSNorm (optionally gated) and W_o."""
+
+  def __init__(self, d_model: int, config: MesaConfig, *, rngs: nnx.Rngs, out_scale: float = 1.0,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    if not config.lambda_init > config.lambda_lower_bound:
+      raise ValueError(f"lambda_init must exceed lambda_lower_bound, got {config.lambda_init} <= "
+                       f"{config.lambda_lower_bound}")
+    super().__init__(d_model, config.num_heads, config.head_dim, conv_size=config.conv_size,
+                     gamma_cap=config.gamma_cap, use_output_gate=config.use_output_gate, norm_eps=config.norm_eps,
+                     out_scale=out_scale, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.config = config
+    start = math.log(math.expm1(config.lambda_init - config.lambda_lower_bound))  # softplus⁻¹(λ_init − λ_min)
+    self.lam_param = param(rngs, nnx.initializers.constant(start), (config.num_heads, config.head_dim), param_dtype,
+                           ("heads", "kv"), kind=NoDecayParam)
+
+  def lam(self) -> jax.Array:
+    """λ = softplus(λ_param) + λ_min, [H, Dk] in f32."""
+    return jax.nn.softplus(self.lam_param[...].astype(jnp.float32)) + self.config.lambda_lower_bound
+
+  def mix(self, q, k, v, g, beta, state):
+    # Hook for the Pallas kernel: `pallas_call` is not partitioned by XLA, so impl="pallas" will be wrapped here in
+    # `jax.shard_map` over (batch, heads) with specs from `mesanet_jax.sharding.RULES`. The XLA op partitions itself.
+    c = self.config
+    return mesa_chunked(q, k, v, g, beta, self.lam(), state, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train,
+                        impl=c.impl, cg_init=c.cg_init)
+
+  def mix_token(self, q, k, v, g, beta, state):
+    c = self.config
+    return mesa_decode_step(q, k, v, g, beta, self.lam(), state, cg_steps=c.cg_steps_decode, tol=c.decode_tol,
+                            cg_init=c.cg_init)
+
+  def zero_state(self, batch: int) -> MesaState:
+    shape = (batch, self.num_heads, self.head_dim, self.head_dim)
+    return MesaState(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))

@@ -1,0 +1,104 @@
+"""The input and output pipeline shared by the recurrent mixers (Mesa, Gated DeltaNet), paper App. E / G.2.
+
+    q, k = L2norm(silu(conv4(W_q x))), L2norm(silu(conv4(W_k x)))      v = W_v x   (no conv, no activation on v)
+    β = σ(W_β x + b_β)      g = log γ = log σ(W_γ x + b_γ) [+ log(1 − (1 − b_γ) β²) with the paper's γ cap]
+    y = W_o RMSNorm_head(o) [⊙ silu(W_g x) with the output gate]
+
+A subclass supplies the sequence mixing (`mix`, `mix_token`, `zero_state`); this class owns parameters, gates, the
+short-convolution states and the cache.
+"""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mesanet_jax.layers.conv import ShortConv
+from mesanet_jax.layers.norm import RMSNorm
+from mesanet_jax.layers.params import Linear
+
+
+class RecurrentCache(NamedTuple):
+  """Decoding state of one recurrent mixer: the two conv states [B, K−1, H·Dk] and the mixer's own state."""
+  conv_q: jax.Array
+  conv_k: jax.Array
+  state: Any
+
+
+def _l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RecurrentMixer(nnx.Module):
+  """Projections, causal conv, gates and output norm of a gated recurrent mixer with H heads of size D (Dk = Dv)."""
+
+  def __init__(self, d_model: int, num_heads: int, head_dim: int, *, conv_size: int, gamma_cap: float | None,
+               use_output_gate: bool, norm_eps: float, out_scale: float, rngs: nnx.Rngs, dtype, param_dtype):
+    if gamma_cap is not None and not 0 < gamma_cap <= 1:
+      raise ValueError(f"gamma_cap must be in (0, 1] or None, got {gamma_cap}")
+    self.num_heads, self.head_dim, self.gamma_cap, self.dtype = num_heads, head_dim, gamma_cap, dtype
+    width = num_heads * head_dim
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.k_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.v_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.q_conv = ShortConv(width, conv_size, **kw)
+    self.k_conv = ShortConv(width, conv_size, **kw)
+    # Gate projections compute in f32: g = log γ feeds exp() over whole chunks.
+    gate_kw = dict(rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype, use_bias=True)
+    self.a_proj = Linear(d_model, num_heads, axes=("embed", "heads"), **gate_kw)
+    self.b_proj = Linear(d_model, num_heads, axes=("embed", "heads"), **gate_kw)
+    self.g_proj = Linear(d_model, width, axes=("embed", "heads"), **kw) if use_output_gate else None
+    self.norm = RMSNorm(head_dim, eps=norm_eps, axis_name="kv", **kw)
+    self.o_proj = Linear(width, d_model, axes=("heads", "embed"), init_scale=out_scale, **kw)
+
+  def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [B, T, d] -> g (log forget gate ≤ 0), β: [B, T, H] in f32, computed in log space."""
+    beta = jax.nn.sigmoid(self.b_proj(x))
+    g = jax.nn.log_sigmoid(self.a_proj(x))
+    if self.gamma_cap is not None:
+      g = g + jnp.log1p(-(1.0 - self.gamma_cap) * beta * beta)
+    return g, beta
+
+  def _inputs(self, x: jax.Array, cache: RecurrentCache | None):
+    batch, length, _ = x.shape
+    heads = (batch, length, self.num_heads, self.head_dim)
+    q, conv_q = self.q_conv(self.q_proj(x), None if cache is None else cache.conv_q)
+    k, conv_k = self.k_conv(self.k_proj(x), None if cache is None else cache.conv_k)
+    q = _l2_normalise(jax.nn.silu(q).reshape(heads))
+    k = _l2_normalise(jax.nn.silu(k).reshape(heads))
+    v = self.v_proj(x).reshape(heads)
+    return (q, k, v, *self.gates(x)), (conv_q, conv_k)
+
+  def _output(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    """o: [B, T, H, D], x: [B, T, d] -> [B, T, d]."""
+    gate = None if self.g_proj is None else self.g_proj(x).reshape(o.shape)
+    o = self.norm(o, gate)
+    return self.o_proj(o.reshape(*o.shape[:2], -1))
+
+  def init_cache(self, batch: int) -> RecurrentCache:
+    return RecurrentCache(self.q_conv.zero_state(batch), self.k_conv.zero_state(batch), self.zero_state(batch))
+
+  def __call__(self, x: jax.Array, cache: RecurrentCache | None = None) -> tuple[jax.Array, RecurrentCache]:
+    """x: [B, T, d]; cache: state before the first token (None: empty). Returns y [B, T, d] and the cache after."""
+    (q, k, v, g, beta), convs = self._inputs(x, cache)
+    o, state = self.mix(q, k, v, g, beta, None if cache is None else cache.state)
+    return self._output(o, x), RecurrentCache(*convs, state)
+
+  def decode(self, x: jax.Array, cache: RecurrentCache) -> tuple[jax.Array, RecurrentCache, jax.Array | None]:
+    """One token x: [B, d]. Returns y [B, d], the new cache and the CG steps per head [B, H] (None if no solver)."""
+    (q, k, v, g, beta), convs = self._inputs(x[:, None], cache)
+    o, state, iters = self.mix_token(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
+    return self._output(o[:, None], x[:, None])[:, 0], RecurrentCache(*convs, state), iters
+
+  def mix(self, q, k, v, g, beta, state):
+    """Sequence mixing: q, k, v [B, T, H, D]; g, beta [B, T, H]. Returns (o [B, T, H, D], final state)."""
+    raise NotImplementedError
+
+  def mix_token(self, q, k, v, g, beta, state):
+    """One-token mixing: q, k, v [B, H, D]; g, beta [B, H]. Returns (o [B, H, D], state, iters [B, H] or None)."""
+    raise NotImplementedError
+
+  def zero_state(self, batch: int):
+    raise NotImplementedError

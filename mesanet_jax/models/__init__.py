@@ -1,0 +1,1 @@
+"""Language models: config and presets, the LM with prefill/decode, and generation."""

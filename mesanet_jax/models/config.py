@@ -1,0 +1,77 @@
+"""LM configuration and the paper's presets (App. G.4) for MesaNet and each baseline, plus a tiny CPU size.
+
+Mixer names per layer: "mesa", "gdn" (Gated DeltaNet), "attention" (full causal, RoPE) and "swa" (sliding-window
+attention with `attention.window`). Architectures: "mesanet", "gdn", "transformer", "swa" (all one mixer) and
+"hybrid" (Mesa with every `hybrid_every`-th layer sliding-window attention; the hybrid is ours, not in the paper's v2).
+"""
+import dataclasses
+
+import jax.numpy as jnp
+
+from mesanet_jax.layers.attention import AttentionConfig
+from mesanet_jax.layers.gated_deltanet import GatedDeltaNetConfig
+from mesanet_jax.layers.mesa import MesaConfig
+
+MIXERS = ("mesa", "gdn", "attention", "swa")
+ARCHITECTURES = ("mesanet", "gdn", "transformer", "swa", "hybrid")
+# name: (blocks, d_model, heads, head_dim, vocab)
+SIZES = {
+    "tiny": (4, 64, 2, 32, 256),
+    "small": (14, 768, 6, 128, 50_257),
+    "medium": (28, 1024, 8, 128, 50_257),
+    "large": (28, 1536, 12, 128, 50_257),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Decoder-only LM: pre-RMSNorm blocks `x += mixer(norm(x)); x += mlp(norm(x))`, SwiGLU MLP of width
+  mlp_ratio·d_model, tied embedding scaled by √d_model on input, logits soft-capped at `logit_cap`.
+
+  dtype is the activation (compute) dtype, param_dtype the storage dtype; Mesa/GDN states and CG stay f32 always.
+  """
+  vocab_size: int = 50_257
+  d_model: int = 768
+  mixers: tuple[str, ...] = ("mesa",) * 14
+  mlp_ratio: int = 3
+  tie_embeddings: bool = True
+  logit_cap: float | None = 30.0
+  norm_eps: float = 1e-6
+  dtype: type = jnp.float32
+  param_dtype: type = jnp.float32
+  mesa: MesaConfig = MesaConfig()
+  gdn: GatedDeltaNetConfig = GatedDeltaNetConfig()
+  attention: AttentionConfig = AttentionConfig()
+
+  def __post_init__(self):
+    bad = [m for m in self.mixers if m not in MIXERS]
+    if not self.mixers or bad:
+      raise ValueError(f"mixers must be a non-empty tuple of {MIXERS}, got {self.mixers}")
+
+  @property
+  def n_layers(self) -> int:
+    return len(self.mixers)
+
+
+def mixer_pattern(architecture: str, n_layers: int, hybrid_every: int = 4) -> tuple[str, ...]:
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+  if architecture == "hybrid":
+    return tuple("swa" if (i + 1) % hybrid_every == 0 else "mesa" for i in range(n_layers))
+  single = {"mesanet": "mesa", "gdn": "gdn", "transformer": "attention", "swa": "swa"}[architecture]
+  return (single,) * n_layers
+
+
+def preset(size: str, architecture: str = "mesanet", *, hybrid_every: int = 4, **overrides) -> LMConfig:
+  """The paper's size (`SIZES`) for one architecture; every head has key size head_dim. `overrides` replace
+  LMConfig fields (e.g. dtype=jnp.bfloat16). The tiny size also shrinks chunks (16) and windows (8) for CPU tests."""
+  if size not in SIZES:
+    raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+  n_layers, d_model, heads, head_dim, vocab = SIZES[size]
+  chunk, window = (16, 8) if size == "tiny" else (64, 1024)
+  config = LMConfig(
+      vocab_size=vocab, d_model=d_model, mixers=mixer_pattern(architecture, n_layers, hybrid_every),
+      mesa=MesaConfig(num_heads=heads, head_dim=head_dim, chunk_size=chunk),
+      gdn=GatedDeltaNetConfig(num_heads=heads, head_dim=head_dim, chunk_size=chunk),
+      attention=AttentionConfig(num_heads=heads, head_dim=head_dim, window=window))
+  return dataclasses.replace(config, **overrides)

@@ -1,0 +1,32 @@
+"""Short causal convolution (pieces with carried state ≡ whole sequence; matches a direct sum) and RMSNorm."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mesanet_jax.layers.conv import ShortConv
+from mesanet_jax.layers.norm import RMSNorm
+
+
+def test_conv_matches_direct_sum_and_streams():
+  conv = ShortConv(5, 4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 11, 5))
+  y, _ = conv(x)
+  w, xn = np.asarray(conv.kernel[...]), np.asarray(x)
+  padded = np.concatenate([np.zeros((2, 3, 5)), xn], axis=1)
+  direct = np.stack([sum(w[i] * padded[:, t + i] for i in range(4)) for t in range(11)], axis=1)
+  np.testing.assert_allclose(y, direct, rtol=1e-6, atol=1e-6)
+  y1, state = conv(x[:, :6])
+  y2, state = conv(x[:, 6:7], state)  # one decode token
+  y3, _ = conv(x[:, 7:], state)
+  np.testing.assert_allclose(jnp.concatenate([y1, y2, y3], axis=1), y, rtol=1e-6, atol=1e-6)
+
+
+def test_rmsnorm_gated_and_dtype():
+  norm = RMSNorm(8, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (3, 8)) * 5
+  gate = jax.random.normal(jax.random.key(1), (3, 8))
+  y = norm(x, gate)
+  expected = x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + 1e-6) * jax.nn.silu(gate)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=1e-2, atol=1e-2)  # bf16 output: 8-bit mantissa

@@ -1,0 +1,43 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 fake CPU devices (XLA_FLAGS must precede jax's import).
+
+Builds a tiny LM with one layer of every mixer, born sharded on a (data 1, fsdp 4, tensor 2) mesh, runs a jitted
+forward and compares it with the same model on one device. Exits non-zero (AssertionError) on any mismatch.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from mesanet_jax import sharding
+from mesanet_jax.models.config import preset
+from mesanet_jax.models.lm import LanguageModel
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  config = dataclasses.replace(preset("tiny"), mixers=("mesa", "gdn", "attention", "swa"))
+  make = lambda: LanguageModel(config, rngs=nnx.Rngs(0))
+  mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+  model = sharding.create_sharded(make, mesh)
+  specs = {
+      "embed [vocab, embed]": (model.embed, P("tensor", "fsdp")),
+      "mesa q_proj [embed, heads]": (model.blocks[0].mixer.q_proj.kernel, P("fsdp", "tensor")),
+      "mesa λ [heads, kv]": (model.blocks[0].mixer.lam_param, P("tensor", None)),
+      "mlp down [mlp, embed]": (model.blocks[1].mlp.down.kernel, P("tensor", "fsdp")),
+  }
+  for name, (variable, spec) in specs.items():
+    assert variable[...].sharding.spec == spec, (name, variable[...].sharding)
+  tokens = jax.random.randint(jax.random.key(1), (8, 20), 0, config.vocab_size)
+  graphdef, state = nnx.split(model)
+  logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  reference = make()(tokens)  # unsharded: eager, on the default device
+  error = float(jnp.max(jnp.abs(logits - reference)))
+  # Partitioned matmuls sum in another order: f32 rounding (measured ~1e-5 on logits of scale ~5).
+  assert error < 1e-4, error
+  print(f"sharded forward OK, max |Δlogit| = {error:.2e}")
+
+
+if __name__ == "__main__":
+  main()

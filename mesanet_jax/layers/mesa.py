@@ -20,7 +20,7 @@ from mesanet_jax.ops import MesaState, mesa_chunked, mesa_decode_step
 @dataclasses.dataclass(frozen=True)
 class MesaConfig:
   """Mesa layer options. gamma_cap=0.9975 is the paper's forget-gate cap; None gives flash-linear-attention's
-  g = log σ(a). cg_init: "jacobi" (paper) or "zero". impl: the `mesa_chunked` implementation ("xla"; "pallas" later)."""
+  g = log σ(a). cg_init: "jacobi" (paper) or "zero". impl: the `mesa_chunked` implementation ("xla" or "pallas")."""
   num_heads: int = 6
   head_dim: int = 128
   conv_size: int = 4
@@ -58,8 +58,9 @@ class MesaLayer(RecurrentMixer):
     return jax.nn.softplus(self.lam_param[...].astype(jnp.float32)) + self.config.lambda_lower_bound
 
   def mix(self, q, k, v, g, beta, state):
-    # Hook for the Pallas kernel: `pallas_call` is not partitioned by XLA, so impl="pallas" will be wrapped here in
-    # `jax.shard_map` over (batch, heads) with specs from `mesanet_jax.sharding.RULES`. The XLA op partitions itself.
+    # Sharding hook: `pallas_call` is not partitioned by XLA, so under a sharded jit impl="pallas" should be wrapped
+    # here in `jax.shard_map` over (batch, heads) with specs from `mesanet_jax.sharding.RULES` (not done yet; the
+    # XLA op partitions itself).
     c = self.config
     return mesa_chunked(q, k, v, g, beta, self.lam(), state, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train,
                         impl=c.impl, cg_init=c.cg_init)

@@ -79,9 +79,18 @@ def test_prefill_in_pieces_and_decode_match_whole_sequence():
 
 
 def test_unknown_impl_is_rejected():
-  layer = _layer(dataclasses.replace(CONFIG, impl="pallas"))
+  layer = _layer(dataclasses.replace(CONFIG, impl="cuda"))
   with pytest.raises(ValueError, match="impl must be one of"):
     layer(_x(4))
+
+
+def test_pallas_impl_matches_xla():
+  config = MesaConfig(num_heads=2, head_dim=16, chunk_size=16, cg_steps_train=20)
+  x = _x(20)
+  y_xla, _ = _layer(config)(x)
+  y_pallas, _ = _layer(dataclasses.replace(config, impl="pallas"))(x)
+  # Same CG, products summed in another order (tests/pallas/test_mesa_cg.py): f32 rounding, ~3e-7 of scale.
+  assert max_abs(y_pallas, y_xla) < 1e-5 * scale(y_xla)
 
 
 def test_lambda_param_value():

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.ops_bench import forward_and_backward, make_inputs, report, time_ms
+from benchmarks.ops_bench import forward_and_backward, report, setup_from_flags, time_ms
 from mesanet_jax.ops import mesa_chunked
-from mesanet_jax.ops.flops import mesa_chunked_flops
 from pallas_kernels.mesa_cg import chunked_cg_solve
 
 flags.DEFINE_bool("fla", True, "also time flash-linear-attention's chunk_mesa_net if it imports")
@@ -113,15 +112,7 @@ def time_fla(args, w):
 
 def main(argv):
   del argv
-  batch, length, heads, dim = FLAGS.batch, FLAGS.length, FLAGS.heads, FLAGS.head_dim
-  args = make_inputs(batch, length, heads, dim, jnp.dtype(FLAGS.dtype))
-  w = jax.random.normal(jax.random.key(1), (batch, length, heads, dim))
-  tokens = batch * length
-  flops = functools.partial(mesa_chunked_flops, batch, length, heads, dim, dim, chunk_size=FLAGS.chunk_size,
-                            cg_steps=FLAGS.cg_steps)
-  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} H={heads} "
-        f"Dk=Dv={dim} C={FLAGS.chunk_size} cg_steps={FLAGS.cg_steps} cg_init={FLAGS.cg_init} "
-        f"matmul_precision={FLAGS.matmul_precision} dtype={FLAGS.dtype}")
+  args, w, tokens, flops = setup_from_flags()
   results = {}
   for impl in ("xla", "pallas"):
     op = functools.partial(mesa_chunked, chunk_size=FLAGS.chunk_size, cg_steps=FLAGS.cg_steps, impl=impl,

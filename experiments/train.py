@@ -49,7 +49,8 @@ def _parse_flags(argv):
   except flags.Error as e:
     message = str(e)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
-    message = f"unknown config key {str(e).strip(chr(34) + chr(39))!r} (not in the --config file; see mesanet_jax/train/config.py)"
+    key = str(e).strip("\"'")
+    message = f"unknown config key {key!r} (not in the --config file; the schema is mesanet_jax/train/config.py)"
   except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
     message = f"bad --config override: {e}"
   print(f"mesanet-train: error: {message}", file=sys.stderr)

@@ -23,7 +23,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every_steps, max_to_keep=keep, enable_async_checkpointing=use_async,
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="min",
-        keep_checkpoints_without_metrics=False if best_metric else True)
+        keep_checkpoints_without_metrics=not best_metric)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:

@@ -3,6 +3,7 @@ default corpus is English; grain pipelines are deterministic, resume from a save
 examples across processes."""
 import numpy as np
 import pytest
+from absl import flags
 from ml_collections import ConfigDict
 
 from mesanet_jax.data import pipeline, synthetic, text
@@ -125,3 +126,14 @@ def test_processes_read_disjoint_interleaved_shards(monkeypatch):
   np.testing.assert_array_equal(parts[1], whole[1::2])
   with pytest.raises(ValueError, match="not divisible by the 2 processes"):
     pipeline.train_dataset(train, data, 7)
+
+
+def test_worker_processes_give_the_same_batches():
+  flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; the trainer parses them, pytest does not
+  data = _data(source="synthetic", task="selective_copy", seq_len=32, vocab_size=32)
+  train, _, _ = pipeline.make_sources(data)
+  inline = iter(pipeline.train_dataset(train, data, 4))
+  data.num_workers = 2
+  workers = iter(pipeline.train_dataset(train, data, 4))
+  for _ in range(3):
+    np.testing.assert_array_equal(next(workers)["inputs"], next(inline)["inputs"])

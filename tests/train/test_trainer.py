@@ -113,6 +113,16 @@ def test_two_processes_with_jax_distributed(tmp_path):
   assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
 
 
+def test_best_by_eval_keeps_the_lowest_eval_loss(tmp_path):
+  _train(tmp_path, "--config.train.num_steps=8", "--config.train.eval_every=2", "--config.checkpoint.every_steps=2",
+         "--config.checkpoint.keep=1", "--config.checkpoint.best_metric=eval_loss")
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+  assert sorted(evals) == [2, 4, 6, 8]
+  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == [min(evals, key=evals.get)], (kept, evals)
+
+
 def _error_line(result) -> str:
   assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
   assert "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -1,6 +1,7 @@
 """The train loop, top to bottom: config → mesh → data → sharded state (fresh or the latest checkpoint) → jitted
 steps → loop (log, eval, checkpoint, SIGTERM) → final save, PNG."""
 import math
+import os
 import time
 
 import jax
@@ -45,6 +46,7 @@ def _summarise_eval(sums: dict, kind: str) -> dict:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last logged metrics."""
+  workdir = os.path.abspath(workdir)  # orbax needs absolute paths
   with config_errors():  # everything up to the loop: config, mesh, data, checkpoint problems → one line
     validate(config)
     lead = jax.process_index() == 0

@@ -14,7 +14,6 @@ import numpy as np
 import portpicker
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = "--config=tests/train/tiny.py"
 
 
 def _env(devices: int = 1) -> dict:
@@ -23,11 +22,11 @@ def _env(devices: int = 1) -> dict:
   return env
 
 
-def _command(workdir, *flags, config=f"{TINY}:text"):
+def _command(workdir, *flags, config=f"--config={ROOT}/tests/train/tiny.py:text"):
   return [sys.executable, "-m", "experiments.train", config, f"--workdir={workdir}", *flags]
 
 
-def _train(workdir, *flags, devices: int = 1, config=f"{TINY}:text", check=True):
+def _train(workdir, *flags, devices: int = 1, config=f"--config={ROOT}/tests/train/tiny.py:text", check=True):
   result = subprocess.run(_command(workdir, *flags, config=config), cwd=ROOT, env=_env(devices),
                           capture_output=True, text=True, timeout=240)
   if check:
@@ -42,7 +41,11 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def test_default_outputs_and_metrics_schema(tmp_path):
-  _train(tmp_path, "--config.train.eval_every=3")
+  # A relative --workdir, as in the README (orbax itself needs absolute paths).
+  result = subprocess.run(_command("run", "--config.train.eval_every=3"), cwd=tmp_path,
+                          env=dict(_env(), PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  tmp_path = tmp_path / "run"
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   for key in ("loss", "ppl", "accuracy", "grad_norm", "lr", "skipped", "tokens_per_s", "mfu"):

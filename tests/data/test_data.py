@@ -137,3 +137,21 @@ def test_worker_processes_give_the_same_batches():
   workers = iter(pipeline.train_dataset(train, data, 4))
   for _ in range(3):
     np.testing.assert_array_equal(next(workers)["inputs"], next(inline)["inputs"])
+
+
+def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
+  from tests.data import tfds_fixture
+  name = tfds_fixture.prepare(str(tmp_path))
+  data = _data(source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path), seq_len=40)
+  train, evals, tokenizer = pipeline.make_sources(data)
+  assert (len(train), len(evals)) == (40, 8)
+  texts = {f"{i}: {tfds_fixture.SENTENCES[i % 4]}" for i in range(40)}  # tfds stores the split shuffled
+  for index in range(len(train)):
+    ex = train[index]
+    n = int(ex["mask"].sum())  # BOS + text, cut at seq_len + 1 tokens or padded (pad masked)
+    text = tokenizer.decode(ex["targets"][:n])
+    assert ex["inputs"][0] == tokenizer.bos_id and ex["mask"][:n].all()
+    assert any(t[:40] == text for t in texts), text
+    assert n == min(len(next(t for t in texts if t.startswith(text))), 40)
+  batch = next(iter(pipeline.train_dataset(train, data, 4)))
+  assert batch["inputs"].shape == (4, 40)

@@ -59,6 +59,14 @@ def test_default_outputs_and_metrics_schema(tmp_path):
   assert (tmp_path / "checkpoints" / "6").is_dir()
 
 
+def test_trains_on_a_prepared_tfds_dataset(tmp_path):
+  from tests.data import tfds_fixture
+  name = tfds_fixture.prepare(str(tmp_path / "tfds"))
+  _train(tmp_path / "run", "--config.data.source=tfds", f"--config.data.tfds_name={name}",
+         f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.train.num_steps=3")
+  assert sorted(_losses(tmp_path / "run")) == [1, 2, 3]
+
+
 def test_sigterm_then_resume_gives_identical_losses(tmp_path):
   steps = ["--config.train.num_steps=40"]
   _train(tmp_path / "straight", *steps)

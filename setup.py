@@ -28,7 +28,7 @@ setup(
         "gensim==4.4.0",
     ],
     extras_require={
-        "test": ["pytest", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources"],
+        "test": ["pytest", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources", "sentencepiece>=0.2"],
         "data": ["tensorflow-datasets==4.9.10", "sentencepiece>=0.2"],
         "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],

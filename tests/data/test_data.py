@@ -155,3 +155,19 @@ def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
     assert n == min(len(next(t for t in texts if t.startswith(text))), 40)
   batch = next(iter(pipeline.train_dataset(train, data, 4)))
   assert batch["inputs"].shape == (4, 40)
+
+
+def test_sentencepiece_tokenizer_from_a_model_file(tmp_path):
+  spm = pytest.importorskip("sentencepiece")  # the "data" extra; skipped where it is not installed
+  docs = text.read_documents(text.DEFAULT_CORPUS)
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(docs[:100]), model_prefix=str(tmp_path / "sp"),
+                                 vocab_size=400, model_type="unigram", bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+  tokenizer = text.make_tokenizer(str(tmp_path / "sp.model"))
+  assert tokenizer.vocab_size == 400 and tokenizer.bos_id == 1
+  assert tokenizer.decode(tokenizer.encode(docs[0][:200])) == docs[0][:200]
+  train, _ = text.text_sources(text.DEFAULT_CORPUS, tokenizer, 64, eval_fraction=0.05)
+  stream = text.pack_documents(docs[:5], tokenizer)
+  assert len(stream) < sum(len(d) for d in docs[:5]) / 2  # subwords: far fewer tokens than bytes
+  assert train[0]["inputs"][0] == 1
+  with pytest.raises(ValueError, match="cannot read SentencePiece model"):
+    text.make_tokenizer(str(tmp_path / "missing.model"))

@@ -105,7 +105,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- loop -------------------------------------------------------------------------------------------------
   writer = metrics_lib.MetricWriter(workdir, enabled=lead)
-  sigterm = checkpoint.SigtermFlag()
+  # One process: our SIGTERM flag. Several: orbax's preemption sync point, so that all stop at the same step.
+  sigterm = checkpoint.SigtermFlag() if jax.process_count() == 1 else None
   bar = None
   if lead and config.train.progress_bar:
     from tqdm import tqdm
@@ -151,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         pending = (step, step_metrics, extra)
       if bar is not None:
         bar.update(1)
-      stop = sigterm.raised or (jax.process_count() > 1 and ckpt.reached_preemption(step))
+      stop = sigterm.raised if sigterm is not None else ckpt.reached_preemption(step)
       if step == config.train.num_steps or stop:
         if ckpt.latest_step() != step:
           ckpt.save(step, state, train_iter, metrics=extra, force=True)
@@ -164,12 +165,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.wait()
   finally:
     ckpt.close()
-    sigterm.restore()
+    if sigterm is not None:
+      sigterm.restore()
     if bar is not None:
       bar.close()
     writer.close()
   if lead:
     metrics_lib.plot_losses(workdir)
-  if sigterm.raised:
+  if sigterm is not None and sigterm.raised:
     say(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
   return last

@@ -9,7 +9,8 @@ setup(
     version="0.1.0",
     description="MesaNet (locally optimal test-time training) in JAX/Flax with Pallas kernels",
     python_requires=">=3.12",
-    packages=find_packages(include=["mesanet_jax", "mesanet_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    packages=find_packages(include=["mesanet_jax", "mesanet_jax.*", "pallas_kernels", "pallas_kernels.*",
+                                    "experiments", "experiments.*"]),
     install_requires=[
         f"jax=={JAX_VERSION}",
         "flax==0.12.10",
@@ -18,11 +19,19 @@ setup(
         "absl-py",
         "ml-collections",
         "numpy",
+        # the trainer: input pipelines, metrics, progress bar
+        "grain==0.2.18",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.60",
+        # ships the default English corpus (the Lee news corpus in its test data); gensim itself is never imported
+        "gensim==4.4.0",
     ],
     extras_require={
-        "test": ["pytest"],
-        "data": ["grain==0.2.18", "tensorflow-datasets==4.9.10"],
+        "test": ["pytest", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources", "sentencepiece>=0.2"],
+        "data": ["tensorflow-datasets==4.9.10", "sentencepiece>=0.2"],
         "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },
+    entry_points={"console_scripts": ["mesanet-train = experiments.train:run"]},
 )

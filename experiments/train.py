@@ -1,0 +1,66 @@
+"""Trains a model: `mesanet-train` or `python -m experiments.train`.
+
+    mesanet-train                                            # the embedded default (tiny MesaNet, English bytes)
+    mesanet-train --config=experiments/configs/mqar.py --config.optim.lr=1e-3 --workdir=runs/mqar
+    mesanet-train --config=experiments/configs/lm.py:mesanet,small,15b --config.data.path=corpus/
+
+Multi-process: pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID); each process reads only its shard of the data.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file (path[:arg])")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "checkpoints, metrics.jsonl, TensorBoard events, loss.png")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+                                   "host:port of process 0 for jax.distributed (multi-process runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                                      "number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "this process")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
+  import jax  # after flag parsing, so XLA_FLAGS / JAX_PLATFORMS from the environment apply
+  if _NUM_PROCESSES.value > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; GPUs/TPUs ignore it
+    jax.distributed.initialize(_COORDINATOR.value or None, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from mesanet_jax.train.config import ConfigError
+  from mesanet_jax.train.trainer import train_and_evaluate
+  logging.info("config:\n%s", _CONFIG.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:
+    print(f"mesanet-train: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's parser, but a bad flag or --config override is one line on stderr and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
+    key = str(e).strip("\"'")
+    message = f"unknown config key {key!r} (not in the --config file; the schema is mesanet_jax/train/config.py)"
+  except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
+    message = f"bad --config override: {e}"
+  print(f"mesanet-train: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,1 @@
+"""grain input pipelines: synthetic tasks, text files, tfds."""

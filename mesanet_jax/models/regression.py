@@ -1,0 +1,28 @@
+"""A sequence model over continuous tokens for in-context regression: linear read-in, the LM's pre-norm blocks, a
+scalar linear read-out. inputs [B, T, D_in] -> predictions [B, T] f32."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mesanet_jax.layers.norm import RMSNorm
+from mesanet_jax.layers.params import Linear
+from mesanet_jax.models.config import LMConfig
+from mesanet_jax.models.lm import Block
+
+
+class RegressionModel(nnx.Module):
+  """The LM backbone (`LMConfig`; vocab_size unused) with `Linear(in_features, d_model)` in place of the embedding."""
+
+  def __init__(self, config: LMConfig, in_features: int, *, rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+    self.config = config
+    self.read_in = Linear(in_features, config.d_model, axes=(None, "embed"), use_bias=True, **kw)
+    self.blocks = nnx.List([Block(config, name, rngs=rngs) for name in config.mixers])
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.read_out = Linear(config.d_model, 1, axes=("embed", None), use_bias=True, **kw)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    x = self.read_in(inputs)
+    for block in self.blocks:
+      x, _ = block(x)
+    return self.read_out(self.final_norm(x))[..., 0].astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Training: optimiser, sharded train state and steps, checkpoints, metrics, the train loop."""

@@ -1,0 +1,81 @@
+"""The trainer's config schema (an ml_collections ConfigDict every experiment config starts from) and its checks.
+
+Stable keys other tools rely on: train.num_steps, train.log_every, train.eval_every, checkpoint.every_steps,
+data.seed. A model field of 0 or "" means "the preset's value".
+"""
+import contextlib
+
+import ml_collections
+
+from mesanet_jax.models.config import ARCHITECTURES, SIZES
+
+
+class ConfigError(ValueError):
+  """A problem with the config, the data paths, the mesh or the workdir: reported as one line, exit code 2."""
+
+
+@contextlib.contextmanager
+def config_errors():
+  """Turns the ValueErrors raised while setting a run up into ConfigErrors."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # parameter init
+
+  c.model = ml_collections.ConfigDict(dict(
+      size="tiny", architecture="mesanet", dtype="float32",  # dtype: activations; params stay f32
+      vocab_size=0,  # 0: the tokenizer's / task's vocabulary
+      num_layers=0, cg_steps=0, chunk_size=0, impl=""))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="text",  # "text", "synthetic" or "tfds"
+      seed=0, seq_len=128,
+      # text
+      path="", tokenizer="bytes", eval_fraction=0.05,
+      # tfds (a dataset already prepared in tfds_data_dir; never downloaded)
+      tfds_name="", tfds_split="train", tfds_eval_split="validation", tfds_data_dir="", tfds_feature="text",
+      # synthetic (mesanet_jax.data.synthetic.TaskConfig)
+      task="mqar", vocab_size=64, num_pairs=8, key_len=2, noise_frac=0.2, num_tokens=8, dim=8, noise_std=0.0,
+      # grain
+      num_threads=1, num_workers=0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1000, batch_size=16, grad_accum=1, log_every=10, eval_every=100, eval_batches=4,
+      progress_bar=True))
+
+  # Paper G.3: AdamW β = (0.9, 0.98), ε = 1e-8, wd 0.1, warmup 2000 steps from 1e-6, cosine to 10 %, clip 1.0.
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-3, init_lr=1e-6, warmup_steps=2000, final_lr_frac=0.1, b1=0.9, b2=0.98, eps=1e-8,
+      weight_decay=0.1, clip_norm=1.0, z_loss=0.0))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # one size may be -1 (the rest)
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, use_async=True, best_metric=""))
+  return c
+
+
+def validate(c) -> None:
+  """Raises ValueError naming the first inconsistent key."""
+  if c.model.size not in SIZES:
+    raise ValueError(f"model.size must be one of {tuple(SIZES)}, got {c.model.size!r}")
+  if c.model.architecture not in ARCHITECTURES:
+    raise ValueError(f"model.architecture must be one of {ARCHITECTURES}, got {c.model.architecture!r}")
+  if c.model.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+  for key in ("num_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
+    if c.train[key] < 1:
+      raise ValueError(f"train.{key} must be >= 1, got {c.train[key]}")
+  if c.train.batch_size % c.train.grad_accum:
+    raise ValueError(f"train.batch_size {c.train.batch_size} is not divisible by train.grad_accum "
+                     f"{c.train.grad_accum}")
+  if c.checkpoint.every_steps < 1 or c.checkpoint.keep < 1:
+    raise ValueError("checkpoint.every_steps and checkpoint.keep must be >= 1")
+  if c.data.seq_len < 2:
+    raise ValueError(f"data.seq_len must be >= 2, got {c.data.seq_len}")

@@ -1,0 +1,177 @@
+"""The train loop, top to bottom: config → mesh → data → sharded state (fresh or the latest checkpoint) → jitted
+steps → loop (log, eval, checkpoint, SIGTERM) → final save, PNG."""
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mesanet_jax import sharding
+from mesanet_jax.data import pipeline
+from mesanet_jax.train import checkpoint, metrics as metrics_lib, steps
+from mesanet_jax.train.config import config_errors, validate
+
+
+def _mesh(config):
+  m = config.mesh
+  try:
+    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+  except ValueError as e:
+    raise ValueError(f"mesh: {e} (set mesh.data, mesh.fsdp, mesh.tensor)") from None
+
+
+def _resolve_vocab(config, tokenizer):
+  """model.vocab_size 0 → the tokenizer's / synthetic task's vocabulary; a smaller explicit one is an error."""
+  if steps.task_type(config) == "regression":
+    return
+  needed = tokenizer.vocab_size if tokenizer is not None else config.data.vocab_size
+  with config.unlocked():
+    if not config.model.vocab_size:
+      config.model.vocab_size = needed
+  if config.model.vocab_size < needed:
+    raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the data's vocabulary {needed}")
+
+
+def _summarise_eval(sums: dict, kind: str) -> dict:
+  count = max(float(sums["count"]), 1.0)
+  out = {"eval_loss": float(sums["loss"]) / count}
+  if kind == "lm":
+    out["eval_accuracy"] = float(sums["correct"]) / count
+    out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+  return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last logged metrics."""
+  workdir = os.path.abspath(workdir)  # orbax needs absolute paths
+  with config_errors():  # everything up to the loop: config, mesh, data, checkpoint problems → one line
+    validate(config)
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *_: None)
+
+    # ---- mesh -------------------------------------------------------------------------------------------------
+    mesh = _mesh(config)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = config.train.batch_size // config.train.grad_accum
+    if micro % shards:
+      raise ValueError(f"train.batch_size / train.grad_accum = {micro} is not divisible by the {shards} data "
+                       f"shards (mesh.data × mesh.fsdp)")
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    train_source, eval_source, tokenizer = pipeline.make_sources(config.data)
+    _resolve_vocab(config, tokenizer)
+    train_iter = iter(pipeline.train_dataset(train_source, config.data, config.train.batch_size))
+    eval_data = pipeline.eval_batches(eval_source, config.train.batch_size, config.train.eval_batches)
+    batch_sh = {k: NamedSharding(mesh, sharding.logical_spec(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh))
+                for k, v in eval_data[0].items()}
+
+    # ---- model, optimiser, state ------------------------------------------------------------------------------
+    graphdef, tx, abstract, state_sh = steps.setup(config, mesh)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
+                                   config.checkpoint.use_async, config.checkpoint.best_metric)
+    latest = ckpt.latest_step()
+    if latest is None:
+      state = steps.init_state(config, tx, state_sh)
+    else:
+      state = ckpt.restore(latest, abstract, state_sh, train_iter)
+      say(f"resumed from {ckpt.directory} at step {latest}")
+    say(f"model: {config.model.size} {config.model.architecture}, {num_params:,} parameters; "
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
+
+  # ---- jitted steps -----------------------------------------------------------------------------------------
+  replicated = NamedSharding(mesh, P())
+  train_step = jax.jit(steps.make_train_step(config, graphdef, tx), in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, replicated), donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(config, graphdef), in_shardings=(state_sh.params, batch_sh),
+                      out_shardings=replicated)
+  kind = steps.task_type(config)
+
+  def evaluate(params) -> dict:
+    sums = None
+    for batch in eval_data:
+      out = eval_step(params, pipeline.to_global(batch, batch_sh))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    return _summarise_eval(jax.device_get(sums), kind)
+
+  # ---- throughput -------------------------------------------------------------------------------------------
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  flops_per_step = metrics_lib.train_flops(steps.lm_config(config), num_params, config.train.batch_size,
+                                           config.data.seq_len)
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+
+  # ---- loop -------------------------------------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(workdir, enabled=lead)
+  # One process: our SIGTERM flag. Several: orbax's preemption sync point, so that all stop at the same step.
+  sigterm = checkpoint.SigtermFlag() if jax.process_count() == 1 else None
+  bar = None
+  if lead and config.train.progress_bar:
+    from tqdm import tqdm
+    bar = tqdm(total=config.train.num_steps, initial=int(state.step), desc="train", dynamic_ncols=True)
+  step = int(jax.device_get(state.step))
+  if step >= config.train.num_steps:
+    say(f"{workdir} is already at step {step} (train.num_steps = {config.train.num_steps}); nothing to train")
+  pending, last_logged, last_time, last = None, step, time.perf_counter(), {}
+
+  def flush(pending):
+    """Writes the metrics of an earlier step (fetched only now, after the next step was dispatched)."""
+    nonlocal last_logged, last_time
+    at, device_metrics, extra = pending
+    row = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
+    seconds = (now - last_time) / max(at - last_logged, 1)
+    last_logged, last_time = at, now
+    row["step_time_s"] = seconds
+    row["tokens_per_s"] = tokens_per_step / seconds
+    row["tflops_per_s_per_device"] = flops_per_step / seconds / jax.device_count() / 1e12
+    row["mfu"] = flops_per_step / seconds / jax.device_count() / peak if peak else "n/a"
+    memory = jax.local_devices()[0].memory_stats()  # None on CPU
+    if memory and "peak_bytes_in_use" in memory:
+      row["peak_memory_gib"] = memory["peak_bytes_in_use"] / 2**30
+    if kind == "lm":
+      row["ppl"] = math.exp(min(row["loss"], 50.0))
+    row.update(extra)
+    writer.write(at, row)
+    if bar is not None:
+      bar.set_postfix(loss=f"{row['loss']:.4f}", **({"eval": f"{extra['eval_loss']:.4f}"} if extra else {}))
+    return row
+
+  try:
+    while step < config.train.num_steps:
+      batch = pipeline.to_global(next(train_iter), batch_sh)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      if pending is not None:
+        last = flush(pending)
+        pending = None
+      extra = evaluate(state.params) if step % config.train.eval_every == 0 else {}
+      if step % config.train.log_every == 0 or extra or step == config.train.num_steps:
+        pending = (step, step_metrics, extra)
+      if bar is not None:
+        bar.update(1)
+      stop = sigterm.raised if sigterm is not None else ckpt.reached_preemption(step)
+      if step == config.train.num_steps or stop:
+        if ckpt.latest_step() != step:
+          ckpt.save(step, state, train_iter, metrics=extra, force=True)
+        break
+      if step % config.checkpoint.every_steps == 0:
+        ckpt.save(step, state, train_iter, metrics=extra, force=True)
+
+    if pending is not None:
+      last = flush(pending)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    if sigterm is not None:
+      sigterm.restore()
+    if bar is not None:
+      bar.close()
+    writer.close()
+  if lead:
+    metrics_lib.plot_losses(workdir)
+  if sigterm is not None and sigterm.raised:
+    say(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting")
+  return last

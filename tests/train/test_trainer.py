@@ -1,0 +1,157 @@
+"""End-to-end trainer runs, each in a subprocess (`python -m experiments.train`) on the tiny test config:
+exact resume after SIGTERM, 8 fake devices ≡ 1 device (and restore onto another mesh), 2 processes through
+jax.distributed on 127.0.0.1, and the one-line config errors."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import portpicker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(devices: int = 1) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  return env
+
+
+def _command(workdir, *flags, config=f"--config={ROOT}/tests/train/tiny.py:text"):
+  return [sys.executable, "-m", "experiments.train", config, f"--workdir={workdir}", *flags]
+
+
+def _train(workdir, *flags, devices: int = 1, config=f"--config={ROOT}/tests/train/tiny.py:text", check=True):
+  result = subprocess.run(_command(workdir, *flags, config=config), cwd=ROOT, env=_env(devices),
+                          capture_output=True, text=True, timeout=240)
+  if check:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result
+
+
+def _losses(workdir) -> dict[int, float]:
+  """step -> loss from metrics.jsonl; a step logged twice (after a resume) keeps its last value."""
+  rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows}
+
+
+def test_default_outputs_and_metrics_schema(tmp_path):
+  # A relative --workdir, as in the README (orbax itself needs absolute paths).
+  result = subprocess.run(_command("run", "--config.train.eval_every=3"), cwd=tmp_path,
+                          env=dict(_env(), PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  tmp_path = tmp_path / "run"
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  for key in ("loss", "ppl", "accuracy", "grad_norm", "lr", "skipped", "tokens_per_s", "mfu"):
+    assert key in rows[-1], key
+  assert rows[-1]["mfu"] == "n/a"  # CPU: no peak in the table
+  assert rows[0]["lr"] == 1e-6 or abs(rows[0]["lr"] - 1e-6) < 1e-9  # warmup starts at init_lr
+  assert "eval_loss" in rows[2] and "eval_loss" in rows[5]
+  assert rows[-1]["loss"] < rows[0]["loss"]
+  assert (tmp_path / "loss.png").stat().st_size > 1000
+  assert any((tmp_path / "tensorboard").iterdir())
+  assert (tmp_path / "checkpoints" / "6").is_dir()
+
+
+def test_trains_on_a_prepared_tfds_dataset(tmp_path):
+  from tests.data import tfds_fixture
+  name = tfds_fixture.prepare(str(tmp_path / "tfds"))
+  _train(tmp_path / "run", "--config.data.source=tfds", f"--config.data.tfds_name={name}",
+         f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.train.num_steps=3")
+  assert sorted(_losses(tmp_path / "run")) == [1, 2, 3]
+
+
+def test_sigterm_then_resume_gives_identical_losses(tmp_path):
+  steps = ["--config.train.num_steps=40"]
+  _train(tmp_path / "straight", *steps)
+  interrupted = tmp_path / "interrupted"
+  process = subprocess.Popen(_command(interrupted, *steps), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  metrics = interrupted / "metrics.jsonl"
+  deadline = time.time() + 180
+  while time.time() < deadline and process.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      process.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.005)
+  output, _ = process.communicate(timeout=180)
+  assert process.returncode == 0, output[-3000:]
+  stopped = max(_losses(interrupted))
+  assert 3 <= stopped < 40, f"SIGTERM did not interrupt the run (stopped at {stopped})"
+  assert "SIGTERM: saved step" in output
+  assert (interrupted / "checkpoints" / str(stopped)).is_dir()
+  _train(interrupted, *steps)
+  expected, resumed = _losses(tmp_path / "straight"), _losses(interrupted)
+  assert sorted(resumed) == list(range(1, 41))
+  # Bit-identical: the same programs on the same device from the same restored state and data position.
+  assert resumed == expected, {s: (resumed[s], expected[s]) for s in expected if resumed[s] != expected[s]}
+
+
+def test_sharded_8_devices_matches_1_device_and_restores_onto_another_mesh(tmp_path):
+  reference = _losses(_train(tmp_path / "one", "--config.train.num_steps=6") and tmp_path / "one")
+  sharded = tmp_path / "eight"
+  _train(sharded, "--config.mesh.fsdp=8", "--config.checkpoint.every_steps=3", devices=8)
+  first = _losses(sharded)
+  shutil.rmtree(sharded / "checkpoints" / "6")  # resume from step 3 ...
+  _train(sharded, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", devices=8)
+  second = _losses(sharded)  # ... on a (2, 2, 2) mesh: steps 4-6 again
+  ref = np.array([reference[s] for s in range(1, 7)])
+  # f32 sums in another order across shards: ~1e-6 relative per step, amplified a little by the updates.
+  np.testing.assert_allclose([first[s] for s in range(1, 7)], ref, rtol=2e-5)
+  np.testing.assert_allclose([second[s] for s in range(1, 7)], ref, rtol=2e-5)
+
+
+def test_two_processes_with_jax_distributed(tmp_path):
+  port = portpicker.pick_unused_port()
+  flags = ["--num_processes=2", f"--coordinator_address=127.0.0.1:{port}", "--config.train.num_steps=3"]
+  processes = [subprocess.Popen(_command(tmp_path / "two", *flags, f"--process_id={i}"), cwd=ROOT, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "2 process(es)" in outputs[0]
+  two = _losses(tmp_path / "two")
+  assert sorted(two) == [1, 2, 3]
+  # Process i reads examples i, i+2, …: together the same global batch as one process, in another row order.
+  one = _losses(_train(tmp_path / "one", "--config.train.num_steps=3") and tmp_path / "one")
+  np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=2e-5)
+  assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
+
+
+def test_best_by_eval_keeps_the_lowest_eval_loss(tmp_path):
+  _train(tmp_path, "--config.train.num_steps=8", "--config.train.eval_every=2", "--config.checkpoint.every_steps=2",
+         "--config.checkpoint.keep=1", "--config.checkpoint.best_metric=eval_loss")
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+  assert sorted(evals) == [2, 4, 6, 8]
+  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == [min(evals, key=evals.get)], (kept, evals)
+
+
+def _error_line(result) -> str:
+  assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  return lines[-1]
+
+
+def test_config_errors_are_one_line(tmp_path):
+  cases = [
+      (["--config.train.nonsense=1"], 1, "unknown config key 'nonsense'"),
+      (["--config.mesh.data=3"], 1, "do not multiply to 1 devices"),
+      (["--config.mesh.fsdp=4", "--config.train.batch_size=6"], 4, "not divisible by the 4 data shards"),
+      (["--config.data.path=/nonexistent/corpus.txt"], 1, "cannot read '/nonexistent/corpus.txt'"),
+  ]
+  for flags, devices, expected in cases:
+    line = _error_line(_train(tmp_path / "e", *flags, devices=devices, check=False))
+    assert expected in line, (flags, line)
+  # A workdir holding a checkpoint of another model.
+  _train(tmp_path / "other", "--config.train.num_steps=1")
+  result = _train(tmp_path / "other", "--config.model.num_layers=2", check=False)
+  assert "does not match this config" in _error_line(result)

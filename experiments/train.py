@@ -5,7 +5,8 @@
     mesanet-train --config=experiments/configs/lm.py:mesanet,small,15b --config.data.path=corpus/
 
 Multi-process: pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or set JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID); each process reads only its shard of the data.
+JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed_auto where JAX detects the cluster itself (Cloud TPU pod slices:
+launch/tpu_pod.sh); each process reads only its shard of the data.
 """
 import os
 import sys
@@ -21,6 +22,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_CO
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
                                       "number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "this process")
+_DISTRIBUTED_AUTO = flags.DEFINE_bool("distributed_auto", False,
+                                      "call jax.distributed.initialize() without arguments: JAX detects the "
+                                      "coordinator, process count and id (Cloud TPU pod slices)")
 
 
 def main(argv):
@@ -29,7 +33,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
   import jax  # after flag parsing, so XLA_FLAGS / JAX_PLATFORMS from the environment apply
-  if _NUM_PROCESSES.value > 1:
+  if _DISTRIBUTED_AUTO.value:
+    jax.distributed.initialize()
+  elif _NUM_PROCESSES.value > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; GPUs/TPUs ignore it
     jax.distributed.initialize(_COORDINATOR.value or None, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from mesanet_jax.train.config import ConfigError

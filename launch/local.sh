@@ -3,7 +3,7 @@
 # one machine; CPU processes use gloo collectives). Waits for all; if one fails, stops the others and exits non-zero.
 # Usage: bash launch/local.sh [--dry-run] N [TRAIN FLAGS...]
 #   e.g. bash launch/local.sh 2 --config=tests/train/tiny.py:text --workdir=runs/two
-# Logs: <workdir>/logs/process_<i>.log. Env: PYTHON (default .venv/bin/python, else python3), PORT (default: a free one).
+# Logs: <workdir>/logs/process_<i>.log. Env: PYTHON (default .venv/bin/python, else python3), PORT (default: free).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +20,10 @@ if [ -z "$python" ]; then
 fi
 workdir=runs/default  # the trainer's default
 for flag in "$@"; do
-  case "$flag" in --workdir=*) workdir="${flag#--workdir=}" ;; --workdir) echo "launch/local.sh: write --workdir=DIR" >&2; exit 2 ;; esac
+  case "$flag" in
+    --workdir=*) workdir="${flag#--workdir=}" ;;
+    --workdir) echo "launch/local.sh: write --workdir=DIR (one argument)" >&2; exit 2 ;;
+  esac
 done
 logdir="$workdir/logs"
 port="${PORT:-}"

@@ -17,7 +17,8 @@ coordinator="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 env_vars=()
 if [ "${SLURM_NTASKS_PER_NODE:-1}" != 1 ]; then env_vars+=(CUDA_VISIBLE_DEVICES="$SLURM_LOCALID"); fi
 python="${PYTHON:-.venv/bin/python}"
-command=(env "${env_vars[@]}" "$python" -m experiments.train "$@" --coordinator_address="$coordinator:${MESANET_PORT:-29500}"
+command=(env "${env_vars[@]}" "$python" -m experiments.train "$@"
+         --coordinator_address="$coordinator:${MESANET_PORT:-29500}"
          --num_processes="$SLURM_NTASKS" --process_id="$SLURM_PROCID")
 if [ "$dry_run" = 1 ]; then
   printf '%q ' "${command[@]}"; echo

@@ -55,7 +55,8 @@ def _load_config(config: str):
   spec = importlib.util.spec_from_file_location("sweep_config", ROOT / path)
   if spec is None or not (ROOT / path).is_file():
     raise SweepError(f"CONFIG file {path!r} not found (paths are relative to {ROOT})")
-  sys.path.insert(0, str(ROOT))
+  if str(ROOT) not in sys.path:  # configs import mesanet_jax
+    sys.path.insert(0, str(ROOT))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()

@@ -83,11 +83,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
 
   # ---- jitted steps -----------------------------------------------------------------------------------------
+  def under_mesh(step_fn):
+    """Calls (and so traces) step_fn with the mesh in context, so Pallas kernels run per shard (sharding.per_shard)."""
+    def call(*args):
+      with jax.set_mesh(mesh):
+        return step_fn(*args)
+    return call
+
   replicated = NamedSharding(mesh, P())
-  train_step = jax.jit(steps.make_train_step(config, graphdef, tx), in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, replicated), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(config, graphdef), in_shardings=(state_sh.params, batch_sh),
-                      out_shardings=replicated)
+  train_step = under_mesh(jax.jit(steps.make_train_step(config, graphdef, tx), in_shardings=(state_sh, batch_sh),
+                                  out_shardings=(state_sh, replicated), donate_argnums=0))
+  eval_step = under_mesh(jax.jit(steps.make_eval_step(config, graphdef), in_shardings=(state_sh.params, batch_sh),
+                                 out_shardings=replicated))
   kind = steps.task_type(config)
 
   def evaluate(params) -> dict:

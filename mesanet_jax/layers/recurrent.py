@@ -31,7 +31,14 @@ def _l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 class RecurrentMixer(nnx.Module):
-  """Projections, causal conv, gates and output norm of a gated recurrent mixer with H heads of size D (Dk = Dv)."""
+  """Projections, causal conv, gates and output norm of a gated recurrent mixer with H heads of size D (Dk = Dv).
+
+  A subclass defines the mixing itself:
+    mix(q, k, v, g, beta, state): q, k, v [B, T, H, D]; g, beta [B, T, H] -> (o [B, T, H, D], final state);
+    mix_token(q, k, v, g, beta, state): one token, q, k, v [B, H, D]; g, beta [B, H] -> (o, state, iters [B, H] or
+      None when the mixer has no solver);
+    zero_state(batch): the empty state.
+  """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, conv_size: int, gamma_cap: float | None,
                use_output_gate: bool, norm_eps: float, out_scale: float, rngs: nnx.Rngs, dtype, param_dtype):
@@ -91,14 +98,3 @@ class RecurrentMixer(nnx.Module):
     (q, k, v, g, beta), convs = self._inputs(x[:, None], cache)
     o, state, iters = self.mix_token(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
     return self._output(o[:, None], x[:, None])[:, 0], RecurrentCache(*convs, state), iters
-
-  def mix(self, q, k, v, g, beta, state):
-    """Sequence mixing: q, k, v [B, T, H, D]; g, beta [B, T, H]. Returns (o [B, T, H, D], final state)."""
-    raise NotImplementedError
-
-  def mix_token(self, q, k, v, g, beta, state):
-    """One-token mixing: q, k, v [B, H, D]; g, beta [B, H]. Returns (o [B, H, D], state, iters [B, H] or None)."""
-    raise NotImplementedError
-
-  def zero_state(self, batch: int):
-    raise NotImplementedError

@@ -17,6 +17,7 @@ from mesanet_jax import sharding
 from mesanet_jax.layers.params import NoDecayParam, param
 from mesanet_jax.layers.recurrent import RecurrentMixer
 from mesanet_jax.ops import MesaState, mesa_chunked, mesa_decode_step
+from mesanet_jax.ops.inputs import zero_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,5 +79,4 @@ class MesaLayer(RecurrentMixer):
                             cg_init=c.cg_init)
 
   def zero_state(self, batch: int) -> MesaState:
-    shape = (batch, self.num_heads, self.head_dim, self.head_dim)
-    return MesaState(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+    return zero_state(batch, self.num_heads, self.head_dim, self.head_dim)

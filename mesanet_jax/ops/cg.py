@@ -20,7 +20,8 @@ class _CGState(NamedTuple):
   iters: jax.Array  # [...] int32, steps taken by each system
 
 
-def _rowdot(a: jax.Array, b: jax.Array) -> jax.Array:
+def rowdot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Row-wise dot product over the last axis: [..., D], [..., D] -> [...]."""
   return jnp.sum(a * b, axis=-1)
 
 
@@ -52,7 +53,7 @@ def conjugate_gradient(
     x: [..., D] the solution estimate; iters: [...] int32, the steps each system took.
   """
   r = rhs - matvec(x0)
-  delta = _rowdot(r, r)
+  delta = rowdot(r, r)
   # Squared form of the stopping rule: ‖r‖² ≤ tol²‖r_0‖².
   stop_below = None if tol is None else (tol * tol) * delta
   init = _CGState(x=x0, r=r, p=r, delta=delta, iters=jnp.zeros(delta.shape, jnp.int32))
@@ -65,10 +66,10 @@ def conjugate_gradient(
   def step(state: _CGState) -> _CGState:
     running = active(state)
     ap = matvec(state.p)
-    alpha = jnp.where(running, _safe_divide(state.delta, _rowdot(state.p, ap)), 0)
+    alpha = jnp.where(running, _safe_divide(state.delta, rowdot(state.p, ap)), 0)
     x = state.x + alpha[..., None] * state.p
     r = state.r - alpha[..., None] * ap
-    delta_new = _rowdot(r, r)
+    delta_new = rowdot(r, r)
     beta = _safe_divide(delta_new, state.delta)
     p = jnp.where(running[..., None], r + beta[..., None] * state.p, state.p)
     delta = jnp.where(running, delta_new, state.delta)

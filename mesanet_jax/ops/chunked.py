@@ -18,15 +18,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mesanet_jax.ops.cg import conjugate_gradient
+from mesanet_jax.ops.cg import conjugate_gradient, rowdot
 from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype, initial_guess, zero_state
 
 IMPLS = ("xla", "pallas")
 PRECISIONS = ("highest", "high", "default")
-
-
-def _rowdot(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.sum(a * b, axis=-1)
 
 
 def _swap(states: jax.Array) -> jax.Array:
@@ -167,9 +163,9 @@ def _core_backward(cg_steps, cg_init, precision, impl, residuals, cotangents):
 
   dk = beta[..., None] * (hkk_k + hkk_t_k + hkv_v)
   dv = beta[..., None] * hkv_t_k
-  dbeta = _rowdot(k, hkk_k) + _rowdot(k, hkv_v)
+  dbeta = rowdot(k, hkk_k) + rowdot(k, hkv_v)
   # ∂L/∂G_t: scaling of everything decayed up to t, minus what token t itself added (β_t dβ_t) ...
-  d_log_decay = -_rowdot(y, op.read_kk(x)) + _rowdot(x, u) - beta * dbeta
+  d_log_decay = -rowdot(y, op.read_kk(x)) + rowdot(x, u) - beta * dbeta
   # ... and at the chunk's last row, the scaling of the state handed to the next chunk.
   next_kk = jnp.concatenate([op.states_kk[:, :, 1:], op.final.h_kk[:, :, None]], axis=2)
   next_kv = jnp.concatenate([op.states_kv[:, :, 1:], op.final.h_kv[:, :, None]], axis=2)

@@ -4,6 +4,7 @@ Parameters name their axes logically when created (`layers/params.py`): "vocab",
 projection width, or H), "kv" (head dim), "mlp", "conv". Models never mention mesh axes; this file does. Mesh axes:
 "data" (pure data parallel), "fsdp" (data parallel with parameters sharded over "embed"), "tensor" (heads / mlp /
 vocab). A mesh axis that does not divide a dimension is dropped for that parameter (e.g. vocab 50,257 stays whole).
+Activations between blocks are pinned to ("batch", None, None) by `constrain`.
 
 Kernels: the XLA Mesa op is partitioned by the compiler; a Pallas `pallas_call` is not, so `MesaLayer.mix` runs
 impl="pallas" through `per_shard`, a `jax.shard_map` over the mesh set with `jax.set_mesh` whose specs come from this
@@ -76,6 +77,18 @@ def create_sharded(make_model, mesh: jax.sharding.Mesh):
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Inputs [B, ...]: batch over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), (0,) * ndim, mesh))
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Pins an activation's sharding by its logical axis `names` (by `RULES`) on the mesh set by `jax.set_mesh`.
+
+  Without it the partitioner may carry a parameter's sharding into activations (e.g. [B, T, D] split over "embed"
+  after the embedding lookup) and reshard them back at every use. Without a mesh, x is returned unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh))
 
 
 def per_shard(fn, in_names, out_names):

@@ -52,6 +52,8 @@ def check_pallas_runs_per_shard(mesh):
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
     assert "shard_map" in str(jax.make_jaxpr(forward)(state, tokens))
     logits = forward(state, tokens)
+  # Activations pinned by sharding.constrain: logits [B, T, V] split over batch shards and vocab over tensor.
+  assert logits.sharding.spec == P("fsdp", None, "tensor"), logits.sharding
   reference = LanguageModel(base, rngs=nnx.Rngs(0))(tokens)  # impl="xla", one device
   error = float(jnp.max(jnp.abs(logits - reference)))
   assert error < 1e-4, error  # f32 rounding of the same math, as above

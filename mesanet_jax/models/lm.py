@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mesanet_jax import sharding
 from mesanet_jax.layers.attention import Attention
 from mesanet_jax.layers.gated_deltanet import GatedDeltaNet
 from mesanet_jax.layers.mesa import MesaLayer
@@ -26,6 +27,11 @@ def _make_mixer(config: LMConfig, name: str, rngs: nnx.Rngs):
     return GatedDeltaNet(config.d_model, config.gdn, **kw)
   window = config.attention.window if name == "swa" else None
   return Attention(config.d_model, config.attention, window=window, **kw)
+
+
+def _on_batch(x: jax.Array) -> jax.Array:
+  """Residual stream [B, T, D] (or [B, D] when decoding): split over the batch shards, features whole."""
+  return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 class Block(nnx.Module):
@@ -70,7 +76,7 @@ class LanguageModel(nnx.Module):
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     table = self.embed[...].astype(self.config.dtype)
-    return jnp.take(table, tokens, axis=0) * np.sqrt(self.config.d_model).astype(self.config.dtype)
+    return _on_batch(jnp.take(table, tokens, axis=0) * np.sqrt(self.config.d_model).astype(self.config.dtype))
 
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
@@ -79,6 +85,7 @@ class LanguageModel(nnx.Module):
                           preferred_element_type=jnp.float32)
     else:
       logits = self.unembed(x).astype(jnp.float32)
+    logits = sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
     cap = self.config.logit_cap
     return logits if cap is None else jnp.tanh(logits / cap) * cap
 
@@ -86,6 +93,7 @@ class LanguageModel(nnx.Module):
     x = self._embed(tokens)
     for block in self.blocks:
       x, _ = block(x)
+      x = _on_batch(x)
     return self._logits(x)
 
   def init_cache(self, batch: int, max_len: int) -> tuple:

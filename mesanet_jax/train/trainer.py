@@ -135,9 +135,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     row["tokens_per_s"] = tokens_per_step / seconds
     row["tflops_per_s_per_device"] = flops_per_step / seconds / jax.device_count() / 1e12
     row["mfu"] = flops_per_step / seconds / jax.device_count() / peak if peak else "n/a"
-    memory = jax.local_devices()[0].memory_stats()  # None on CPU
-    if memory and "peak_bytes_in_use" in memory:
-      row["peak_memory_gib"] = memory["peak_bytes_in_use"] / 2**30
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]  # None on CPU
+    if all(peaks):
+      row["peak_memory_gib"] = max(peaks) / 2**30  # the fullest local device
     if kind == "lm":
       row["ppl"] = math.exp(min(row["loss"], 50.0))
     row.update(extra)

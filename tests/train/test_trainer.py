@@ -1,6 +1,6 @@
 """End-to-end trainer runs, each in a subprocess (`python -m experiments.train`) on the tiny test config:
-exact resume after SIGTERM, 8 fake devices ≡ 1 device (and restore onto another mesh), 2 processes through
-jax.distributed on 127.0.0.1, and the one-line config errors."""
+exact resume after SIGTERM, 8 fake devices ≡ 1 device (and restore onto another mesh, with impl="pallas" run per
+shard), 2 processes through jax.distributed on 127.0.0.1, and the one-line config errors."""
 import json
 import os
 import shutil
@@ -99,8 +99,9 @@ def test_sharded_8_devices_matches_1_device_and_restores_onto_another_mesh(tmp_p
   _train(sharded, "--config.mesh.fsdp=8", "--config.checkpoint.every_steps=3", devices=8)
   first = _losses(sharded)
   shutil.rmtree(sharded / "checkpoints" / "6")  # resume from step 3 ...
-  _train(sharded, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", devices=8)
-  second = _losses(sharded)  # ... on a (2, 2, 2) mesh: steps 4-6 again
+  _train(sharded, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+         "--config.model.impl=pallas", devices=8)
+  second = _losses(sharded)  # ... on a (2, 2, 2) mesh, with the Pallas kernel run per shard: steps 4-6 again
   ref = np.array([reference[s] for s in range(1, 7)])
   # f32 sums in another order across shards: ~1e-6 relative per step, amplified a little by the updates.
   np.testing.assert_allclose([first[s] for s in range(1, 7)], ref, rtol=2e-5)

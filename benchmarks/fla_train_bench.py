@@ -41,9 +41,11 @@ def main(argv):
     optimizer.zero_grad(set_to_none=True)
     return loss
 
+  start = time.perf_counter()
   for _ in range(3):  # Triton autotuning and allocator warm-up
     step()
   torch.cuda.synchronize()
+  print(f"warm-up (autotuning) {time.perf_counter() - start:.0f} s", flush=True)
   torch.cuda.reset_peak_memory_stats()
   times = []
   for _ in range(_REPEATS.value):

@@ -5,7 +5,7 @@ tokens/s, MFU, peak memory per GPU and loss, with the scaling efficiency against
       --config=experiments/configs/lm.py:mesanet,medium,15b --per_device_batch=8 --num_steps=200 \
       --overrides=model.impl=pallas
 
-Each run gets the first data·fsdp·tensor GPUs (CUDA_VISIBLE_DEVICES; on CPU as many fake devices) and a global batch of per_device_batch ·
+Each run gets the first data·fsdp·tensor GPUs of --gpus (CUDA_VISIBLE_DEVICES; on CPU as many fake devices) and a global batch of per_device_batch ·
 data · fsdp (tensor parallelism splits heads, not the batch). Steady-state numbers are medians over the logged
 intervals after the first two (which include compilation). Writes <workdir>/scaling.json and scaling_losses.png.
 `--summarize_only` rebuilds the table from runs already in workdir.
@@ -26,6 +26,7 @@ _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 8, "sequences per d
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 200, "train steps per run")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "steps per logged interval")
 _OVERRIDES = flags.DEFINE_list("overrides", ["model.impl=pallas"], "extra key=value config overrides for every run")
+_GPUS = flags.DEFINE_list("gpus", [str(i) for i in range(8)], "GPU ids to take runs from (a run uses the first N)")
 _SUMMARIZE_ONLY = flags.DEFINE_bool("summarize_only", False, "only summarise runs already in workdir")
 
 
@@ -50,9 +51,9 @@ def train(name: str, mesh: tuple[int, int, int]) -> None:
                "train.progress_bar=False", f"checkpoint.every_steps={_NUM_STEPS.value}", *_OVERRIDES.value]
   command = [sys.executable, "-m", "experiments.train", f"--config={_CONFIG.value}",
              f"--workdir={os.path.join(_WORKDIR.value, name)}", *(f"--config.{o}" for o in overrides)]
-  # GPUs: the first `devices` of the host. CPU (a smoke test): as many fake host devices.
+  # GPUs: the first `devices` of --gpus. CPU (a smoke test): as many fake host devices.
   host_devices = f"--xla_force_host_platform_device_count={devices}"
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, range(devices))),
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(_GPUS.value[:devices]),
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {host_devices}".strip())
   print(f"== {name}: mesh data={data} fsdp={fsdp} tensor={tensor} on {devices} GPU(s)\n$ {' '.join(command)}",
         flush=True)

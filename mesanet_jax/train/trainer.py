@@ -75,7 +75,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                    config.checkpoint.use_async, config.checkpoint.best_metric)
     latest = ckpt.latest_step()
     if latest is None:
-      state = steps.init_state(config, tx, state_sh)
+      start = time.perf_counter()
+      state = jax.block_until_ready(steps.init_state(config, tx, state_sh))
+      say(f"initialised the train state in {time.perf_counter() - start:.1f} s")
     else:
       state = ckpt.restore(latest, abstract, state_sh, train_iter)
       say(f"resumed from {ckpt.directory} at step {latest}")

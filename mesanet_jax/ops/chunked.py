@@ -119,7 +119,7 @@ class _Operator:
     """x_t = A_t⁻¹ rhs_t for all rows by CG, starting from the Jacobi guess or zero."""
     if self.impl == "pallas":
       from pallas_kernels.mesa_cg import chunked_cg_solve  # imported here: the kernels import this package
-      return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam_heads, self.states_kk,
+      return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam_heads, _swap(self.states_kk),
                               cg_steps=cg_steps, cg_init=cg_init, precision=self.precision)
     diag_states = jnp.diagonal(self.states_kk, axis1=-2, axis2=-1)[..., None, :]
     in_chunk = jnp.einsum("bhnts,bhnsd->bhntd", self.mask, self.k * self.k, precision=self.precision)

@@ -76,7 +76,8 @@ def stage_times(args, impl):
   """ms of every stage (STAGES) of `impl`'s operator (`chunked.operator_class`), each jitted alone, chunk-major.
 
   The solutions x, y and u = H_kv·do are random rows of the right shape: the stages' cost does not depend on them.
-  A stage that fails (e.g. does not compile) is reported and left out.
+  XLA's "chunk states" also forms the C×C decay masks its other stages read. A stage that fails (e.g. does not
+  compile) is reported and left out.
   """
   q, k, v, log_decay, beta, lam = chunk_major(args, FLAGS.chunk_size)
   batch, heads, _, _, dim = q.shape

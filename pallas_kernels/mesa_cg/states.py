@@ -5,7 +5,7 @@
 One program per (batch·head, block of the value dim) walks the chunks in a loop with the carry on-chip (f32, or
 f64 for f64 inputs) and writes it at every boundary. The forward states (w = e^{G_last − G} β, a = k, b = k or v)
 and the backward's state gradients (w = ∓e^G, reversed) are this one scan, as `chunked._scan_chunks` is for XLA.
-The whole sequence of one batch·head is the kernel's block: on TPU it must fit in VMEM (~3·T·D·4 bytes).
+A program's blocks hold its whole sequence (a, b: T×D; the N+1 states: N·D×block), which bounds T on TPU by VMEM.
 """
 import functools
 

@@ -1,8 +1,10 @@
 """Side-by-side timing of the Mesa op: XLA chunked path, Pallas kernels, and flash-linear-attention's Triton kernel.
 
 One run, identical inputs (bf16 q/k/v, f32 gates and λ), forward and forward+backward, with achieved matmul TFLOP/s
-and the max |difference| of outputs and gradients against the XLA path (relative to the XLA path's max |entry|). flash-linear-attention (torch) is optional:
-carry `flash-linear-attention==0.6.0` and `fla-core==0.6.0` as wheels on the device.
+and the max |difference| of outputs and gradients against the XLA path (relative to the XLA path's max |entry|); then
+every stage of the operator jitted alone (chunk states, solve, reads, backward scans and accumulation), XLA next to
+the Pallas kernel that replaces it. flash-linear-attention (torch) is optional: carry `flash-linear-attention==0.6.0`
+and `fla-core==0.6.0` as wheels on the device.
 
   python benchmarks/kernel_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128   # and --batch=2 --length=8192
 """
@@ -18,9 +20,12 @@ from absl import app, flags
 
 from benchmarks.ops_bench import forward_and_backward, report, setup_from_flags, time_ms
 from mesanet_jax.ops import mesa_chunked
+from mesanet_jax.ops.chunked import operator_class
+from mesanet_jax.ops.inputs import zero_state
 from pallas_kernels.mesa_cg import chunked_cg_solve
 
 flags.DEFINE_bool("fla", True, "also time flash-linear-attention's chunk_mesa_net if it imports")
+flags.DEFINE_bool("stages", True, "also time every stage of the operator alone, XLA next to Pallas")
 flags.DEFINE_string("sweep_chunks", "", "chunk sizes for a sweep of the solve kernel alone (empty: no sweep)")
 flags.DEFINE_string("sweep_warps", "4,8", "Triton num_warps values of the sweep")
 flags.DEFINE_string("sweep_precisions", "tf32x3,tf32,ieee", "dot algorithms of the sweep: tf32x3, tf32, bf16x3, ieee")
@@ -41,17 +46,79 @@ SOLVE_PRECISIONS = {
 }
 
 
-def solve_kernel(args, chunk_size, num_warps, precision):
-  """The fused CG solve alone on chunk-major inputs, with identity chunk states: (jitted call, its operands)."""
-  q, k, _, g, beta, lam = args
-  batch, length, heads, dim = q.shape
+def chunk_major(args, chunk_size):
+  """q, k, v, log_decay, beta, lam as `mesa_chunked` hands them to its core: f32, [B, H, N, C, ...]."""
+  q, k, v, g, beta, lam = args
+  batch, length, heads, _ = q.shape
   chunks = lambda x: jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(
       batch, heads, length // chunk_size, chunk_size, *x.shape[3:])
-  log_decay = jnp.cumsum(chunks(g), axis=-1)
-  states = jnp.broadcast_to(jnp.eye(dim), (batch, heads, length // chunk_size, dim, dim))
+  return chunks(q), chunks(k), chunks(v), jnp.cumsum(chunks(g), axis=-1), chunks(beta), lam
+
+
+def solve_kernel(args, chunk_size, num_warps, precision):
+  """The fused CG solve alone on chunk-major inputs, with identity chunk states: (jitted call, its operands)."""
+  q, k, _, log_decay, beta, lam = chunk_major(args, chunk_size)
+  batch, heads, num_chunks, _, dim = q.shape
+  states = jnp.broadcast_to(jnp.eye(dim), (batch, heads, num_chunks, dim, dim))
   solve = jax.jit(functools.partial(chunked_cg_solve, cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
                                     precision=precision, num_warps=num_warps))
-  return solve, (chunks(q), chunks(k), log_decay, chunks(beta), lam, states)
+  return solve, (q, k, log_decay, beta, lam, states)
+
+
+STAGES = ("chunk states", "solve", "output read", "adjoint rhs read", "state-gradient scans", "token gradients")
+
+
+def failed(name, error):
+  print(f"{name}: failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
+
+
+def stage_times(args, impl):
+  """ms of every stage (STAGES) of `impl`'s operator (`chunked.operator_class`), each jitted alone, chunk-major.
+
+  The solutions x, y and u = H_kv·do are random rows of the right shape: the stages' cost does not depend on them.
+  XLA's "chunk states" also forms the C×C decay masks its other stages read. A stage that fails (e.g. does not
+  compile) is reported and left out.
+  """
+  q, k, v, log_decay, beta, lam = chunk_major(args, FLAGS.chunk_size)
+  batch, heads, _, _, dim = q.shape
+  x, y, u, do = (jax.random.normal(key, a.shape) for key, a in zip(jax.random.split(jax.random.key(2), 4),
+                                                                    (q, q, q, v)))
+  state = zero_state(batch, heads, dim, v.shape[-1])
+  precision = jax.lax.Precision(FLAGS.matmul_precision)
+  build = jax.jit(lambda *a: operator_class(impl).build(*a, precision))
+  state_gradients = jax.jit(lambda op, *a: op.state_gradients(*a))
+  try:
+    op = build(k, v, log_decay, beta, lam, state)
+    d_states = state_gradients(op, x, y, do, state)[0]
+  except Exception as error:  # any kernel that fails to compile or run: report it, go on with the rest
+    failed(f"{impl} stages", error)
+    return {}
+  stages = {
+      "chunk states": (build, k, v, log_decay, beta, lam, state),
+      "solve": (jax.jit(lambda op, rhs: op.solve(rhs, FLAGS.cg_steps, FLAGS.cg_init)), op, q),
+      "output read": (jax.jit(lambda op, x: op.output(x)), op, x),
+      "adjoint rhs read": (jax.jit(lambda op, do: op.adjoint_rhs(do)), op, do),
+      "state-gradient scans": (state_gradients, op, x, y, do, state),
+      "token gradients": (jax.jit(lambda op, *a: op.token_gradients(*a)), op, x, y, do, u, d_states),
+  }
+  times = {}
+  for name, (fn, *operands) in stages.items():
+    try:
+      times[name] = time_ms(fn, *operands)
+    except Exception as error:
+      failed(f"{impl} {name}", error)
+  return times
+
+
+def print_stages(args):
+  """One line per stage: XLA ms, Pallas ms, their ratio; then the sums that make up forward and backward."""
+  times = {impl: stage_times(args, impl) for impl in ("xla", "pallas")}
+  print(f"{'stage (jitted alone)':<24} {'xla ms':>9} {'pallas ms':>10} {'pallas/xla':>11}")
+  forward = ("chunk states", "solve", "output read")
+  backward = ("chunk states", "adjoint rhs read", "solve", "state-gradient scans", "token gradients")
+  for name, parts in [*((name, (name,)) for name in STAGES), ("sum: forward", forward), ("sum: backward", backward)]:
+    xla, pallas = (sum(times[impl].get(part, float("nan")) for part in parts) for impl in ("xla", "pallas"))
+    print(f"{name:<24} {xla:9.3f} {pallas:10.3f} {pallas / xla:11.2f}")
 
 
 def sweep_solve_kernel(args, tokens):
@@ -64,7 +131,7 @@ def sweep_solve_kernel(args, tokens):
         try:
           ms = time_ms(solve, *operands)
         except jax.errors.JaxRuntimeError as error:  # e.g. a tile that needs more shared memory than the GPU has
-          print(f"solve C={chunk_size} warps={num_warps} {name}: failed: {str(error).splitlines()[0][:160]}")
+          failed(f"solve C={chunk_size} warps={num_warps} {name}", error)
           continue
         x = np.asarray(solve(*operands))
         reference = x if reference is None else reference
@@ -120,13 +187,15 @@ def main(argv):
     fwd, fwd_bwd = jax.jit(op), forward_and_backward(op)
     try:
       fwd_ms, fwd_bwd_ms = time_ms(fwd, *args), time_ms(fwd_bwd, w, *args)
-    except jax.errors.JaxRuntimeError as error:
-      print(f"{impl}: failed: {str(error).splitlines()[0][:160]}")
+    except Exception as error:  # e.g. a kernel that does not compile here: report it, go on with the rest
+      failed(impl, error)
       continue
     report(f"{impl} forward", fwd_ms, tokens, flops())
     report(f"{impl} fwd+bwd", fwd_bwd_ms, tokens, flops(backward=True))
     grads, o = fwd_bwd(w, *args)
     results[impl] = (fwd_ms, fwd_bwd_ms, o, grads)
+  if FLAGS.stages:
+    print_stages(args)
   if FLAGS.sweep_chunks:
     sweep_solve_kernel(args, tokens)
   if FLAGS.fla:

@@ -12,6 +12,7 @@ same operator, scans the state gradients backwards over chunks, and turns them i
 time-reversed counterpart of the read (`_write`). No CG iterate is stored: the residuals are the inputs and x.
 DESIGN.md §1 derives the formulas; docs in each helper give the shapes.
 """
+import dataclasses
 import functools
 
 import jax
@@ -84,17 +85,33 @@ def _write(z, keys, values, next_states, log_decay, decay_mask, precision):
   return inter + jnp.einsum("bhnts,bhnte->bhnse", scores, values, precision=precision)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class _Operator:
-  """A_t = H_kk[t] + Λ for every token of the chunked sequence, with the chunk states it needs."""
+  """A_t = H_kk[t] + Λ for every token of the chunked sequence, with the chunk states it needs (XLA).
 
-  def __init__(self, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision, impl: str):
-    self.k, self.v, self.log_decay, self.beta, self.precision, self.impl = k, v, log_decay, beta, precision, impl
-    self.lam_heads, self.lam = lam, lam[:, None, None, :]
-    self.decay_mask = _decay_mask(log_decay)
-    self.mask = self.decay_mask * beta[..., None, :]
-    self.states_kk, final_kk = _chunk_states(k, k, log_decay, beta, state.h_kk, precision)
-    self.states_kv, final_kv = _chunk_states(k, v, log_decay, beta, state.h_kv, precision)
-    self.final = MesaState(final_kk, final_kv)
+  The stages of the forward and backward pass are its methods; `pallas_kernels.mesa_cg.PallasOperator` has the same
+  methods, each one Pallas kernel. A pytree, so a stage can be jitted alone (benchmarks/kernel_bench.py does).
+  """
+  k: jax.Array  # [B, H, N, C, Dk]
+  v: jax.Array  # [B, H, N, C, Dv]
+  log_decay: jax.Array  # [B, H, N, C]
+  beta: jax.Array  # [B, H, N, C]
+  lam: jax.Array  # [H, Dk]
+  decay_mask: jax.Array  # W, [B, H, N, C, C]
+  mask: jax.Array  # W ⊙ β_s, [B, H, N, C, C]
+  states_kk: jax.Array  # chunk start states, [B, H, N, Dk, Dk]
+  states_kv: jax.Array  # [B, H, N, Dk, Dv]
+  final: MesaState
+  precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
+
+  @classmethod
+  def build(cls, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision):
+    decay_mask = _decay_mask(log_decay)
+    states_kk, final_kk = _chunk_states(k, k, log_decay, beta, state.h_kk, precision)
+    states_kv, final_kv = _chunk_states(k, v, log_decay, beta, state.h_kv, precision)
+    return cls(k, v, log_decay, beta, lam, decay_mask, decay_mask * beta[..., None, :], states_kk, states_kv,
+               MesaState(final_kk, final_kv), precision)
 
   def read_kk(self, x):
     """H_kk[t] x_t for every row.  [B, H, N, C, Dk] -> same.
@@ -113,26 +130,68 @@ class _Operator:
     return _write(z, keys, values, next_states, self.log_decay, self.decay_mask, self.precision)
 
   def matvec(self, x):
-    return self.read_kk(x) + self.lam * x
+    return self.read_kk(x) + self.lam[:, None, None, :] * x
 
   def solve(self, rhs, cg_steps: int, cg_init: str):
     """x_t = A_t⁻¹ rhs_t for all rows by CG, starting from the Jacobi guess or zero."""
-    if self.impl == "pallas":
-      from pallas_kernels.mesa_cg import chunked_cg_solve  # imported here: the kernels import this package
-      return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam_heads, self.states_kk,
-                              cg_steps=cg_steps, cg_init=cg_init, precision=self.precision)
     diag_states = jnp.diagonal(self.states_kk, axis1=-2, axis2=-1)[..., None, :]
     in_chunk = jnp.einsum("bhnts,bhnsd->bhntd", self.mask, self.k * self.k, precision=self.precision)
-    diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + in_chunk + self.lam
+    diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + in_chunk + self.lam[:, None, None, :]
     x, _ = conjugate_gradient(self.matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps)
     return x
 
+  def output(self, x):
+    """o_t = H_kv[t]ᵀ x_t.  [B, H, N, C, Dk] -> [B, H, N, C, Dv]."""
+    return self.read(x, self.k, self.v, self.states_kv)
+
+  def adjoint_rhs(self, do):
+    """u_t = H_kv[t] do_t, the right-hand side of the adjoint solve.  [B, H, N, C, Dv] -> [B, H, N, C, Dk]."""
+    return self.read(do, self.v, self.k, _swap(self.states_kv))
+
+  def state_gradients(self, x, y, do, d_final: MesaState):
+    """Gradients w.r.t. the state after each chunk (D_t = −y_t x_tᵀ on H_kk[t], x_t do_tᵀ on H_kv[t]), scanned
+    backwards: ((d_next_kk [B, H, N, Dk, Dk], d_next_kv [B, H, N, Dk, Dv]), MesaState of the initial state's)."""
+    weighted = jnp.exp(self.log_decay)[..., None]
+    chunk_decay = jnp.exp(self.log_decay[..., -1])
+    outer = functools.partial(jnp.einsum, "bhncd,bhnce->bhnde", precision=self.precision)
+    d_next_kk, d_initial_kk = _scan_chunks(-outer(y * weighted, x), chunk_decay, d_final.h_kk, reverse=True)
+    d_next_kv, d_initial_kv = _scan_chunks(outer(x * weighted, do), chunk_decay, d_final.h_kv, reverse=True)
+    return (d_next_kk, d_next_kv), MesaState(d_initial_kk, d_initial_kv)
+
+  def token_gradients(self, x, y, do, u, d_states):
+    """dk, dv, d log_decay, dβ from the solutions x, y, do, u = H_kv do and `state_gradients`' per-chunk part."""
+    d_next_kk, d_next_kv = d_states
+    k, beta = self.k, self.beta
+    # Row s of each: the total state gradient at token s applied to k_s or v_s.
+    hkk_k = self.write(k, x, -y, _swap(d_next_kk))
+    hkk_t_k = self.write(k, -y, x, d_next_kk)
+    hkv_v = self.write(self.v, do, x, _swap(d_next_kv))
+    hkv_t_k = self.write(k, x, do, d_next_kv)
+
+    dk = beta[..., None] * (hkk_k + hkk_t_k + hkv_v)
+    dv = beta[..., None] * hkv_t_k
+    dbeta = rowdot(k, hkk_k) + rowdot(k, hkv_v)
+    # ∂L/∂G_t: scaling of everything decayed up to t, minus what token t itself added (β_t dβ_t) ...
+    d_log_decay = -rowdot(y, self.read_kk(x)) + rowdot(x, u) - beta * dbeta
+    # ... and at the chunk's last row, the scaling of the state handed to the next chunk.
+    next_kk = jnp.concatenate([self.states_kk[:, :, 1:], self.final.h_kk[:, :, None]], axis=2)
+    next_kv = jnp.concatenate([self.states_kv[:, :, 1:], self.final.h_kv[:, :, None]], axis=2)
+    handed_on = jnp.sum(d_next_kk * next_kk, axis=(-2, -1)) + jnp.sum(d_next_kv * next_kv, axis=(-2, -1))
+    return dk, dv, d_log_decay.at[..., -1].add(handed_on), dbeta
+
+
+def operator_class(impl: str):
+  """The operator of `impl`: `_Operator` (XLA) or the Pallas kernels' `PallasOperator`, with the same methods."""
+  if impl == "pallas":
+    from pallas_kernels.mesa_cg import PallasOperator  # imported here: the kernels import this package
+    return PallasOperator
+  return _Operator
+
 
 def _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision, impl):
-  op = _Operator(k, v, log_decay, beta, lam, state, precision, impl)
+  op = operator_class(impl).build(k, v, log_decay, beta, lam, state, precision)
   x = op.solve(q, cg_steps, cg_init)
-  o = op.read(x, k, v, op.states_kv)
-  return (o, op.final), (k, v, log_decay, beta, lam, state, x)
+  return (op.output(x), op.final), (k, v, log_decay, beta, lam, state, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -144,35 +203,13 @@ def _chunked_core(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, preci
 def _core_backward(cg_steps, cg_init, precision, impl, residuals, cotangents):
   k, v, log_decay, beta, lam, state, x = residuals
   do, d_final = cotangents
-  op = _Operator(k, v, log_decay, beta, lam, state, precision, impl)
-  u = op.read(do, v, k, _swap(op.states_kv))  # H_kv[t] do_t
+  op = operator_class(impl).build(k, v, log_decay, beta, lam, state, precision)
+  u = op.adjoint_rhs(do)
   y = op.solve(u, cg_steps, cg_init)  # adjoint solve
-
-  # Gradients w.r.t. the state after each chunk (D_t = −y_t x_tᵀ on H_kk[t], x_t do_tᵀ on H_kv[t]), scanned backwards.
-  weighted = jnp.exp(log_decay)[..., None]
-  chunk_decay = jnp.exp(log_decay[..., -1])
-  outer = functools.partial(jnp.einsum, "bhncd,bhnce->bhnde", precision=precision)
-  d_next_kk, d_initial_kk = _scan_chunks(-outer(y * weighted, x), chunk_decay, d_final.h_kk, reverse=True)
-  d_next_kv, d_initial_kv = _scan_chunks(outer(x * weighted, do), chunk_decay, d_final.h_kv, reverse=True)
-
-  # Row s of each: the total state gradient at token s applied to k_s or v_s.
-  hkk_k = op.write(k, x, -y, _swap(d_next_kk))
-  hkk_t_k = op.write(k, -y, x, d_next_kk)
-  hkv_v = op.write(v, do, x, _swap(d_next_kv))
-  hkv_t_k = op.write(k, x, do, d_next_kv)
-
-  dk = beta[..., None] * (hkk_k + hkk_t_k + hkv_v)
-  dv = beta[..., None] * hkv_t_k
-  dbeta = rowdot(k, hkk_k) + rowdot(k, hkv_v)
-  # ∂L/∂G_t: scaling of everything decayed up to t, minus what token t itself added (β_t dβ_t) ...
-  d_log_decay = -rowdot(y, op.read_kk(x)) + rowdot(x, u) - beta * dbeta
-  # ... and at the chunk's last row, the scaling of the state handed to the next chunk.
-  next_kk = jnp.concatenate([op.states_kk[:, :, 1:], op.final.h_kk[:, :, None]], axis=2)
-  next_kv = jnp.concatenate([op.states_kv[:, :, 1:], op.final.h_kv[:, :, None]], axis=2)
-  handed_on = jnp.sum(d_next_kk * next_kk, axis=(-2, -1)) + jnp.sum(d_next_kv * next_kv, axis=(-2, -1))
-  d_log_decay = d_log_decay.at[..., -1].add(handed_on)
+  d_states, d_initial = op.state_gradients(x, y, do, d_final)
+  dk, dv, d_log_decay, dbeta = op.token_gradients(x, y, do, u, d_states)
   dlam = -jnp.sum(y * x, axis=(0, 2, 3))
-  return y, dk, dv, d_log_decay, dbeta, dlam, MesaState(d_initial_kk, d_initial_kv)
+  return y, dk, dv, d_log_decay, dbeta, dlam, d_initial
 
 
 _chunked_core.defvjp(_core_forward, _core_backward)
@@ -200,8 +237,8 @@ def mesa_chunked(
     lam: [H, Dk] regulariser > 0; state: optional MesaState (h_kk [B, H, Dk, Dk], h_kv [B, H, Dk, Dv]) before token 0.
     chunk_size: C; T need not be a multiple (the sequence is padded with tokens that change nothing).
     cg_steps: fixed CG steps, forward and adjoint.
-    impl: "xla", or "pallas": the forward and adjoint CG solves run as fused Pallas kernels (Triton on GPU, Mosaic
-      on TPU, interpret mode on CPU); needs C, Dk, Dv powers of two >= 16.
+    impl: "xla", or "pallas": every stage (chunk states, CG solves, reads, gradient accumulation) runs as a Pallas
+      kernel (Triton on GPU, Mosaic on TPU, interpret mode on CPU); needs C, Dk, Dv powers of two >= 16.
     cg_init: "jacobi" (x0 = q / diag(A_t), the paper's choice) or "zero" (flash-linear-attention's training kernels).
     matmul_precision: `lax.Precision` name of every matmul: "highest" keeps them f32 as the paper does; "default"
       lets XLA use TF32 on GPU and bf16 passes on TPU (faster, ~1e-3 relative error).

@@ -1,28 +1,58 @@
 """Per-backend choices for the Mesa CG kernels: interpret mode on CPU, Triton on GPU, Mosaic on TPU."""
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+_TARGET = contextvars.ContextVar("mesa_cg_target", default=None)
+
+
+def target() -> str:
+  """The backend the kernels are built for: JAX's default backend, unless inside `lowering_for`."""
+  return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def lowering_for(backend: str):
+  """Builds the kernels traced inside for `backend` ("gpu" or "tpu") on any host, e.g. to `jax.export` them for
+  another platform from a CPU host. Trace inside the block: JAX may reuse a trace made outside it for the same
+  shapes."""
+  token = _TARGET.set(backend)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
 
 def use_interpret() -> bool:
   """Pallas has no CPU lowering: on a CPU-only host the kernels run in interpret mode."""
-  return jax.default_backend() == "cpu"
+  return target() == "cpu"
 
 
 def compiler_params(chunk_size: int, num_warps: int | None = None, num_stages: int = 1):
-  """Explicit compiler params for the default backend (the GPU lowering is chosen by their type: Triton).
+  """Explicit compiler params for the target backend (the GPU lowering is chosen by their type: Triton).
 
   num_warps defaults to the fastest measured on an H200 at Dk=128: 4 for C ≤ 32, 8 for C = 64.
   """
-  backend = jax.default_backend()
+  backend = target()
   if backend == "gpu":
     num_warps = num_warps or (4 if chunk_size <= 32 else 8)
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   if backend == "tpu":
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
   return None
+
+
+def value_block(width: int) -> int:
+  """Value-dim block of one chunk-state scan program (`states.chunk_states`); the scan over chunks is sequential,
+  so smaller blocks give more programs. TPU blocks are the full dim or multiples of 128; Triton's powers of two."""
+  if target() == "tpu":
+    return min(width, 128)
+  return min(width, 64)
 
 
 def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | None:
@@ -49,7 +79,6 @@ def dot_precision(precision: lax.Precision | lax.DotAlgorithmPreset, dtype):
 
   A DotAlgorithmPreset passes through unchanged (benchmarks use it to compare algorithms); f64 keeps its precision.
   """
-  gpu = jax.default_backend() == "gpu" and not use_interpret()
-  if isinstance(precision, lax.Precision) and gpu and dtype == jnp.float32:
+  if isinstance(precision, lax.Precision) and target() == "gpu" and dtype == jnp.float32:
     return _GPU_DOT_ALGORITHMS[precision]
   return precision

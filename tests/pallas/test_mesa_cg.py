@@ -1,4 +1,5 @@
-"""mesa_chunked(impl="pallas") against the XLA path and the exact solve; the kernels run in interpret mode on CPU."""
+"""mesa_chunked(impl="pallas") against the XLA path and the exact solve: outputs, final state and every gradient
+(q, k, v, g, β, λ, initial state); the kernels run in interpret mode on CPU."""
 import functools
 
 import jax
@@ -29,9 +30,9 @@ def test_pallas_matches_xla_in_f32(shape, cg_init):
   (o, state), grads = _value_and_grads(_op("pallas", chunk, 20, cg_init=cg_init), args, weights)
   (o_xla, state_xla), grads_xla = _value_and_grads(_op("xla", chunk, 20, cg_init=cg_init), args, weights)
   # The same CG in f32 with the products summed in another order: differences are f32 rounding, amplified by at
-  # most cond(A) ≲ 1e2 through the solve. Measured: ≤ 3e-7 of scale.
+  # most cond(A) ≲ 1e2 through the solve. Measured: ≤ 5e-7 of scale.
   assert max_abs(o, o_xla) < 1e-5 * scale(o_xla)
-  assert max_abs(state, state_xla) == 0.0  # the states come from the same XLA scan
+  assert max_abs(state, state_xla) < 1e-6 * scale(state_xla)  # a scan in both: no solve in between
   for grad, grad_xla in zip(grads, grads_xla):
     assert max_abs(grad, grad_xla) < 1e-5 * scale(grad_xla)
 

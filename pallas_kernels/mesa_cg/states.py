@@ -1,0 +1,63 @@
+"""Chunk-state scan: the decayed running sum of weighted outer products at every chunk boundary.
+
+    carry ← d_n · carry + Σ_{s in chunk n} w_s a_s b_sᵀ          (over n = 0..N−1, or N−1..0 if reversed)
+
+One program per (batch·head, block of the value dim) walks the chunks in a loop with the carry on-chip (f32, or
+f64 for f64 inputs) and writes it at every boundary. The forward states (w = e^{G_last − G} β, a = k, b = k or v)
+and the backward's state gradients (w = ∓e^G, reversed) are this one scan, as `chunked._scan_chunks` is for XLA.
+A program's blocks hold its whole sequence (a, b: T×D; the N+1 states: N·D×block), which bounds T on TPU by VMEM.
+"""
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.mesa_cg.chunk import dots, flat
+from pallas_kernels.mesa_cg.params import compiler_params, dot_precision, use_interpret, value_block
+
+
+def _states_kernel(a_ref, b_ref, weight_ref, decay_ref, initial_ref, bounds_ref, *, reverse: bool,
+                   precision: lax.Precision):
+  """One batch·head and value block: a [N, C, D]; b [N, C, E]; weight [N, C, 1]; decay [N, 1, 1]; initial [D, E].
+  Writes bounds [N+1, D, E]."""
+  num_chunks = a_ref.shape[0]
+  mm = dots(precision, bounds_ref.dtype)
+
+  def step(i, carry):
+    n = num_chunks - 1 - i if reverse else i
+    bounds_ref[n + int(reverse)] = carry
+    return decay_ref[n] * carry + mm.tn(a_ref[n] * weight_ref[n], b_ref[n])
+
+  last = lax.fori_loop(0, num_chunks, step, initial_ref[...])
+  bounds_ref[0 if reverse else num_chunks] = last
+
+
+def chunk_states(a, b, weights, chunk_decay, initial, *, reverse: bool = False,
+                 precision: lax.Precision | lax.DotAlgorithmPreset, block: int | None = None,
+                 num_warps: int | None = None, num_stages: int = 1):
+  """The carry of carry ← chunk_decay·carry + Σ_s weights_s a_s b_sᵀ at every chunk boundary.
+
+  Args: a: [B, H, N, C, D]; b: [B, H, N, C, E]; weights: [B, H, N, C]; chunk_decay: [B, H, N]; initial: [B, H, D, E];
+  reverse: scan from the last chunk to the first; block: value-dim block per program (default `value_block`).
+  Returns [B, H, N+1, D, E]: entry n is the carry at the boundary before chunk n, i.e. initial plus chunks < n
+  (entry 0 = initial, entry N = final), or, reversed, initial plus chunks ≥ n (entry N = initial, entry 0 = final).
+  """
+  batch, heads, num_chunks, size, dim = a.shape
+  width = b.shape[-1]
+  block = block or value_block(width)
+  per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, j: (i, *(0,) * len(shape)))
+  per_block = lambda *shape: pl.BlockSpec((None, *shape), lambda i, j: (i, *(0,) * (len(shape) - 1), j))
+  kernel = functools.partial(_states_kernel, reverse=reverse, precision=dot_precision(precision, initial.dtype))
+  bounds = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((batch * heads, num_chunks + 1, dim, width), initial.dtype),
+      grid=(batch * heads, width // block),
+      in_specs=[per_head(num_chunks, size, dim), per_block(num_chunks, size, block), per_head(num_chunks, size, 1),
+                per_head(num_chunks, 1, 1), per_block(dim, block)],
+      out_specs=per_block(num_chunks + 1, dim, block),
+      compiler_params=compiler_params(size, num_warps, num_stages),
+      interpret=use_interpret(),
+      name="mesa_chunk_states_reverse" if reverse else "mesa_chunk_states",
+  )(flat(a), flat(b), flat(weights[..., None]), flat(chunk_decay[..., None, None]), flat(initial))
+  return bounds.reshape(batch, heads, num_chunks + 1, dim, width)

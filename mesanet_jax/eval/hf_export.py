@@ -129,8 +129,8 @@ def hf_tensors(lm: LMConfig, params: nnx.State) -> dict[str, np.ndarray]:
     if path[0] != "blocks" or path[2:] not in BLOCK_RULES:
       raise ValueError(f"parameter {'.'.join(path)} has no flash-linear-attention name")
     name, transform = BLOCK_RULES[path[2:]]
-    tensors[f"model.layers.{path[1]}.{name}"] = np.ascontiguousarray(transform(value))
-  return tensors
+    tensors[f"model.layers.{path[1]}.{name}"] = transform(value)
+  return {name: np.ascontiguousarray(value) for name, value in tensors.items()}  # safetensors writes raw buffers
 
 
 def write_hf(directory: str, lm: LMConfig, params: nnx.State, **config_args) -> None:

@@ -17,8 +17,8 @@ fp16 (fla/ops/mesa_net/chunk.py, chunk_h_fwd.py, chunk_cg_solver_fwd.py), so eve
 is ~4e-3 (relative) from an f32 solve (benchmarks/RESULTS.md, kernel_bench). A layout error (a transposed weight,
 reversed conv taps, λ in the wrong order, a missed √d fold) moves logits by O(1).
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/flash_linear_attention-0.6.0-py3-none-any.whl \
-        .whl/fla_core-0.6.0-py3-none-any.whl
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+        .whl/flash_linear_attention-0.6.0-py3-none-any.whl .whl/fla_core-0.6.0-py3-none-any.whl
     export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2; python3 benchmarks/export_parity.py
 """
 import dataclasses
@@ -89,8 +89,8 @@ def _import_fla():
   try:
     import torch
     import transformers
-    import fla  # noqa: F401  (registers MesaNetForCausalLM with the Auto classes)
-    return torch, transformers
+    import fla  # registers MesaNetForCausalLM with the Auto classes
+    return torch, transformers, fla
   except Exception as e:  # ImportError, or a triton / CUDA error raised while fla imports
     print(f"export_parity: cannot import flash-linear-attention with torch: {type(e).__name__}: {e}\n"
           f"  python {sys.version.split()[0]}, PYTHONPATH={os.environ.get('PYTHONPATH', '')!r}\n"
@@ -101,8 +101,7 @@ def _import_fla():
 
 
 def main() -> int:
-  torch, transformers = _import_fla()
-  import fla
+  torch, transformers, fla = _import_fla()
   if not torch.cuda.is_available():
     print("export_parity: torch sees no CUDA device; fla's Triton kernels need one", file=sys.stderr)
     return 2

@@ -35,6 +35,14 @@ _MAD_ROOT = flags.DEFINE_string("mad_root", "", "directory holding MAD runs (sea
 _OUT = flags.DEFINE_string("out", "", "output directory (default: <workdir>/eval/step_<N> or <mad_root>/eval)")
 
 
+def _numbers(flag, kind) -> list:
+  try:
+    return [kind(v) for v in flag.value]
+  except ValueError:
+    raise ValueError(f"--{flag.name} must be a comma-separated list of {kind.__name__}s, got "
+                     f"{','.join(flag.value)!r}") from None
+
+
 def _finite(values) -> list:
   return [None if v is None or not math.isfinite(v) else float(v) for v in values]
 
@@ -96,13 +104,14 @@ def evaluate_run(run, mesh, out: str) -> dict:
     print(row)
 
   if "mesa" in run.lm.mixers and (_CG_STEPS.value or _CG_TOLS.value):
-    fixed = [int(s) for s in _CG_STEPS.value]
+    fixed = _numbers(_CG_STEPS, int)
     most = max(fixed + [run.lm.mesa.cg_steps_decode])
-    budgets = [cg_sweep.Budget(s) for s in fixed] + [cg_sweep.Budget(most, float(t)) for t in _CG_TOLS.value]
+    budgets = [cg_sweep.Budget(s) for s in fixed] + [cg_sweep.Budget(most, t) for t in _numbers(_CG_TOLS, float)]
     rows = cg_sweep.sweep(run.lm, run.params, batches[:max(_CG_BATCHES.value, 1)], budgets)
     report["cg_sweep"] = rows
     plots.plot_cg_sweep(os.path.join(out, "cg_sweep.png"), rows)
-    print("\ninference CG budget (teacher-forced decoding)\n| budget | NLL | ppl | CG steps / token |\n|---|---|---|---|")
+    print("\ninference CG budget (teacher-forced decoding)\n"
+          "| budget | NLL | ppl | CG steps / token |\n|---|---|---|---|")
     for r in rows:
       print(f"| {r['budget']} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['mean_cg_steps']:.2f} |")
   return report
@@ -140,7 +149,7 @@ def main(argv):
   try:
     if not (_WORKDIR.value or _MAD_ROOT.value):
       raise ValueError("give --workdir (a run) and/or --mad_root (a directory of MAD runs)")
-    mesh = sharding.make_mesh(*(int(s) for s in _MESH.value))
+    mesh = sharding.make_mesh(*_numbers(_MESH, int))
     report = {}
     if _WORKDIR.value:
       run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value, mesh)

@@ -96,7 +96,8 @@ def test_generate_streams_tokens_and_cg_steps(trained):
   assert len(steps.split()) == 7 and all(0 < float(s) <= 30 for s in steps.split())
 
 
-@pytest.mark.parametrize("module, flags", [("evaluate", []), ("export", ["--out=unused"]), ("generate", ["--prompt=x"])])
+@pytest.mark.parametrize("module, flags", [
+    ("evaluate", []), ("export", ["--out=unused"]), ("generate", ["--prompt=x"])])
 def test_bad_workdir_is_one_line_and_exit_2(module, flags, tmp_path):
   result = _cli(module, f"--workdir={tmp_path / 'missing'}", *flags)
   assert result.returncode == 2

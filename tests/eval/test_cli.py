@@ -12,15 +12,18 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from mesanet_jax.eval import hf_export, mad, runs
+from mesanet_jax import sharding
+from mesanet_jax.data import pipeline
+from mesanet_jax.eval import hf_export, losses, mad, runs
 from mesanet_jax.train.trainer import train_and_evaluate
 from tests.train import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(module: str, *flags) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS="")
+def _cli(module: str, *flags, devices: int = 1) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "")
   return subprocess.run([sys.executable, "-m", f"experiments.{module}", *flags], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=240)
 
@@ -41,11 +44,17 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_evaluate_writes_json_and_plots(trained):
+  # Trained on one device, evaluated on a 2 × 2 × 2 mesh of 8 (the params restored onto it).
   result = _cli("evaluate", f"--workdir={trained / 'mesa'}", f"--baseline_workdir={trained / 'transformer'}",
-                f"--mad_root={trained / 'mad'}", "--num_batches=1", "--cg_steps=1,4", "--cg_tols=1e-3")
+                f"--mad_root={trained / 'mad'}", "--num_batches=1", "--cg_steps=1,4", "--cg_tols=1e-3",
+                "--mesh=2,2,2", devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
   out = trained / "mesa" / "eval" / "step_6"
   report = json.loads((out / "eval.json").read_text())
+  run = runs.load_run(str(trained / "mesa"))
+  batches = pipeline.eval_batches(pipeline.make_sources(run.config.data)[1], run.config.train.batch_size, 1)
+  one_device = losses.summary(losses.token_losses(runs.model_from(run.lm, run.params), batches, sharding.make_mesh()))
+  assert report["loss"] == pytest.approx(one_device["loss"], abs=1e-5)
   assert 0 < report["loss"] < math.log(256) + 1 and report["ppl"] == pytest.approx(math.exp(report["loss"]))
   assert report["tokens"] > 0 and 0 <= report["accuracy"] <= 1
   assert len(report["loss_by_position"]) == 32 and report["position_buckets"][-1] == [32, 32]

@@ -74,19 +74,20 @@ def restore_params(workdir: str, step: int | None, abstract_params, shardings) -
   if not directory.is_dir():
     raise ValueError(f"no checkpoints in {directory}")
   manager = ocp.CheckpointManager(directory, item_names=("state", "data"))  # only restores: nothing is written
-  steps = manager.all_steps()
-  if not steps or (step is not None and step not in steps):
-    manager.close()
-    raise ValueError(f"{directory} has no checkpoint at step {step if step is not None else '(any)'}; "
-                     f"it has steps {sorted(steps)}")
-  step = max(steps) if step is None else step
-  target = {"params": _target(abstract_params, shardings)}
-  args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                partial_restore=True)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=args))
-  except Exception as e:  # orbax raises ValueError / KeyError / TypeError for a mismatched tree
-    raise ValueError(f"the checkpoint at {directory}/{step} does not match its config.json: {_first_line(e)}") from None
+    available = sorted(manager.all_steps())
+    if not available or (step is not None and step not in available):
+      raise ValueError(f"{directory} has no checkpoint at step {step if step is not None else '(any)'}; "
+                       f"it has steps {available}")
+    step = available[-1] if step is None else step
+    target = {"params": _target(abstract_params, shardings)}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    except Exception as e:  # orbax raises ValueError / KeyError / TypeError for a mismatched tree
+      raise ValueError(f"the checkpoint at {directory}/{step} does not match its config.json: "
+                       f"{_first_line(e)}") from None
   finally:
     manager.close()
   return restored["state"]["params"], step

@@ -26,6 +26,8 @@ setup(
         "tqdm>=4.60",
         # ships the default English corpus (the Lee news corpus in its test data); gensim itself is never imported
         "gensim==4.4.0",
+        # mesanet-export's Hugging Face format
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources", "sentencepiece>=0.2"],
@@ -33,5 +35,10 @@ setup(
         "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },
-    entry_points={"console_scripts": ["mesanet-train = experiments.train:run"]},
+    entry_points={"console_scripts": [
+        "mesanet-train = experiments.train:run",
+        "mesanet-eval = experiments.evaluate:run",
+        "mesanet-export = experiments.export:run",
+        "mesanet-generate = experiments.generate:run",
+    ]},
 )

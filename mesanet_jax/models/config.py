@@ -3,6 +3,9 @@
 Mixer names per layer: "mesa", "gdn" (Gated DeltaNet), "attention" (full causal, RoPE) and "swa" (sliding-window
 attention with `attention.window`). Architectures: "mesanet", "gdn", "transformer", "swa" (all one mixer) and
 "hybrid" (Mesa with every `hybrid_every`-th layer sliding-window attention; the hybrid is ours, not in the paper's v2).
+
+`fla_compatible` gives the variant that flash-linear-attention's `MesaNetForCausalLM` can express (the HF export's
+requirement); `to_dict` / `from_dict` write and read an LMConfig as JSON-ready data.
 """
 import dataclasses
 
@@ -75,3 +78,41 @@ def preset(size: str, architecture: str = "mesanet", *, hybrid_every: int = 4, *
       gdn=GatedDeltaNetConfig(num_heads=heads, head_dim=head_dim, chunk_size=chunk),
       attention=AttentionConfig(num_heads=heads, head_dim=head_dim, window=window))
   return dataclasses.replace(config, **overrides)
+
+
+def fla_compatible(config: LMConfig) -> LMConfig:
+  """The same model as flash-linear-attention builds it: no logit soft-cap, no γ cap (g = log σ(a)) and CG started
+  from zero as in fla's chunked kernels. The √d embedding scale needs no switch: the HF export folds it."""
+  mesa = dataclasses.replace(config.mesa, gamma_cap=None, cg_init="zero")
+  return dataclasses.replace(config, logit_cap=None, mesa=mesa)
+
+
+_SUBCONFIGS = {"mesa": MesaConfig, "gdn": GatedDeltaNetConfig, "attention": AttentionConfig}
+_DTYPES = ("dtype", "param_dtype")
+
+
+def to_dict(config: LMConfig) -> dict:
+  """LMConfig -> JSON-ready dict (dtypes by name, tuples as lists)."""
+  data = dataclasses.asdict(config)
+  data.update({key: jnp.dtype(data[key]).name for key in _DTYPES})
+  data["mixers"] = list(config.mixers)
+  return data
+
+
+def from_dict(data: dict) -> LMConfig:
+  """The inverse of `to_dict`; missing keys take their defaults, an unknown key is a ValueError naming it."""
+  def build(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"model config: unknown key {where}{unknown[0]!r}")
+    return cls(**values)
+  data = dict(data)
+  for key, cls in _SUBCONFIGS.items():
+    data[key] = build(cls, data.get(key, {}), f"{key}.")
+  for key in _DTYPES:
+    if key in data:
+      data[key] = jnp.dtype(data[key]).type
+  if "mixers" in data:
+    data["mixers"] = tuple(data["mixers"])
+  return build(LMConfig, data, "")

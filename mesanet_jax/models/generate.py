@@ -1,6 +1,7 @@
-"""Autoregressive generation under one `jax.jit`: prefill the prompt, then `lax.scan` over decode steps."""
+"""Autoregressive generation: `generate` under one `jax.jit` (prefill the prompt, then `lax.scan` over decode
+steps), and `stream`, the same one token at a time for printing as tokens are produced."""
 import functools
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,17 +43,50 @@ def _generate(graphdef, state, prompt, key, *, steps, temperature, top_k):
   return Generation(tokens, None if cg_steps is None else cg_steps.T)
 
 
-def generate(model: LanguageModel, prompt: jax.Array, steps: int, *, temperature: float = 0.0,
-             top_k: int | None = None, key: jax.Array | None = None) -> Generation:
-  """Continues prompt [B, T] by `steps` tokens. Mesa layers decode in constant memory with the model's
-  `mesa.cg_steps_decode` / `mesa.decode_tol`; with a tolerance, `cg_steps` shows how many CG steps each token used."""
+def _check_options(model: LanguageModel, steps: int, temperature: float, top_k: int | None) -> None:
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
     raise ValueError(f"top_k must be in [1, vocab_size] or None, got {top_k}")
+
+
+def generate(model: LanguageModel, prompt: jax.Array, steps: int, *, temperature: float = 0.0,
+             top_k: int | None = None, key: jax.Array | None = None) -> Generation:
+  """Continues prompt [B, T] by `steps` tokens. Mesa layers decode in constant memory with the model's
+  `mesa.cg_steps_decode` / `mesa.decode_tol`; with a tolerance, `cg_steps` shows how many CG steps each token used."""
+  _check_options(model, steps, temperature, top_k)
   graphdef, state = nnx.split(model)
   key = jax.random.key(0) if key is None else key
   return _generate(graphdef, state, jnp.asarray(prompt, jnp.int32), key, steps=steps, temperature=float(temperature),
                    top_k=top_k)
+
+
+def stream(model: LanguageModel, prompt: jax.Array, steps: int, *, temperature: float = 0.0,
+           top_k: int | None = None, key: jax.Array | None = None) -> Iterator[tuple[jax.Array, jax.Array | None]]:
+  """`generate` one token at a time: yields (tokens [B] int32, CG steps [B] of the decode step that produced them,
+  None for the first token, which comes from the prefill). The prefill and the decode step are each jitted once."""
+  _check_options(model, steps, temperature, top_k)
+  graphdef, state = nnx.split(model)
+  prompt = jnp.asarray(prompt, jnp.int32)
+  keys = jax.random.split(jax.random.key(0) if key is None else key, steps)
+  pick = functools.partial(sample, temperature=float(temperature), top_k=top_k)
+
+  @jax.jit
+  def prefill(state, prompt, key):
+    logits, cache = nnx.merge(graphdef, state).prefill(prompt, max_len=prompt.shape[1] + steps)
+    return pick(logits[:, -1], key), cache
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def decode(state, cache, token, key):
+    logits, cache, cg_steps = nnx.merge(graphdef, state).decode_step(token, cache)
+    return pick(logits, key), cache, cg_steps
+
+  def tokens():
+    token, cache = prefill(state, prompt, keys[0])
+    yield token, None
+    for key in keys[1:]:
+      token, cache, cg_steps = decode(state, cache, token, key)
+      yield token, cg_steps
+  return tokens()  # a generator inside, so bad options raise here, at the call

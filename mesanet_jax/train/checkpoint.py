@@ -1,6 +1,7 @@
 """Checkpoints in `<workdir>/checkpoints/`: one orbax CheckpointManager saving the TrainState and the grain
 iterator state together (async, every N steps, keep the last k), restoring the latest onto any mesh, and a SIGTERM
-flag for preemption.
+flag for preemption. For evaluation and export: the params alone restored from a trainer checkpoint (no optimiser
+state is read), and a params-only checkpoint directory (`save_params` / `load_params`).
 
 orbax's own preemption check only works under `jax.distributed`; a single-process run relies on the SIGTERM flag:
 the loop saves at the next step boundary, waits for the write and exits 0.
@@ -38,15 +39,13 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, shardings, data_iter):
     """The TrainState at `step`, placed by `shardings` (any mesh), and the iterator set to where it was."""
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target),
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(_target(abstract_state, shardings)),
                               data=grain.checkpoint.CheckpointRestore(data_iter))
     try:
       restored = self.manager.restore(step, args=args)
     except Exception as e:  # orbax raises ValueError / KeyError / TypeError for a mismatched tree
-      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ValueError(f"the checkpoint at {self.directory}/{step} does not match this config (a different model "
-                       f"or optimiser?); use another --workdir. orbax: {message[:300]}") from None
+                       f"or optimiser?); use another --workdir. orbax: {_first_line(e)}") from None
     return restored["state"]
 
   def wait(self):
@@ -57,6 +56,59 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _target(abstract_params, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings)
+
+
+def _first_line(e: Exception) -> str:
+  message = str(e).strip()
+  return message.splitlines()[0][:300] if message else type(e).__name__
+
+
+def restore_params(workdir: str, step: int | None, abstract_params, shardings) -> tuple[object, int]:
+  """(params of the TrainState at `step` (None: the latest), the step) from `<workdir>/checkpoints`, placed by
+  `shardings`; only the params are read."""
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise ValueError(f"no checkpoints in {directory}")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))  # only restores: nothing is written
+  try:
+    available = sorted(manager.all_steps())
+    if not available or (step is not None and step not in available):
+      raise ValueError(f"{directory} has no checkpoint at step {step if step is not None else '(any)'}; "
+                       f"it has steps {available}")
+    step = available[-1] if step is None else step
+    target = {"params": _target(abstract_params, shardings)}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    except Exception as e:  # orbax raises ValueError / KeyError / TypeError for a mismatched tree
+      raise ValueError(f"the checkpoint at {directory}/{step} does not match its config.json: "
+                       f"{_first_line(e)}") from None
+  finally:
+    manager.close()
+  return restored["state"]["params"], step
+
+
+def save_params(directory: str, params) -> None:
+  """A params-only orbax checkpoint in `directory` (which must not exist yet)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(epath.Path(directory).absolute(), params)
+
+
+def load_params(directory: str, abstract_params, shardings):
+  """The params written by `save_params`, placed by `shardings`."""
+  path = epath.Path(directory).absolute()
+  if not path.is_dir():
+    raise ValueError(f"no params checkpoint at {path}")
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      return checkpointer.restore(path, _target(abstract_params, shardings))
+    except Exception as e:  # a tree or shape mismatch
+      raise ValueError(f"the params at {path} do not match the model config: {_first_line(e)}") from None
 
 
 class SigtermFlag:

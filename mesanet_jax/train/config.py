@@ -1,13 +1,19 @@
 """The trainer's config schema (an ml_collections ConfigDict every experiment config starts from) and its checks.
 
 Stable keys other tools rely on: train.num_steps, train.log_every, train.eval_every, checkpoint.every_steps,
-data.seed. A model field of 0 or "" means "the preset's value".
+data.seed. A model field of 0 or "" means "the preset's value". The trainer writes the config it ran with to
+`<workdir>/config.json`; `load_run_config` reads it back over the schema (so keys added later take their defaults).
 """
 import contextlib
+import json
+import os
 
 import ml_collections
 
 from mesanet_jax.models.config import ARCHITECTURES, SIZES
+
+
+RUN_CONFIG = "config.json"
 
 
 class ConfigError(ValueError):
@@ -32,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       size="tiny", architecture="mesanet", dtype="float32",  # dtype: activations; params stay f32
       vocab_size=0,  # 0: the tokenizer's / task's vocabulary
-      num_layers=0, cg_steps=0, chunk_size=0, impl=""))
+      num_layers=0, cg_steps=0, chunk_size=0, impl="",
+      fla_compatible=False))  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
 
   c.data = ml_collections.ConfigDict(dict(
       source="text",  # "text", "synthetic" or "tfds"
@@ -59,6 +66,29 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, use_async=True, best_metric=""))
   return c
+
+
+def save_run_config(config, workdir: str) -> None:
+  """Writes `<workdir>/config.json`."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
+    f.write(config.to_json(indent=2) + "\n")
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with, from `<workdir>/config.json`, over `base_config()`."""
+  path = os.path.join(workdir, RUN_CONFIG)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except OSError as e:
+    raise ValueError(f"cannot read {path} ({e.strerror or e}): not a training workdir?") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from None
+  config = base_config()
+  with config.unlocked():
+    config.update(saved)
+  return config
 
 
 def validate(c) -> None:

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mesanet_jax import sharding
-from mesanet_jax.models.config import LMConfig, preset
+from mesanet_jax.models.config import LMConfig, fla_compatible, preset
 from mesanet_jax.models.lm import LanguageModel
 from mesanet_jax.models.regression import RegressionModel
 from mesanet_jax.train import optimizer
@@ -28,7 +28,8 @@ class TrainState:
 
 
 def lm_config(config) -> LMConfig:
-  """LMConfig from `config.model` (a preset plus the overrides that are set: 0 / "" means "the preset's")."""
+  """LMConfig from `config.model` (a preset plus the overrides that are set: 0 / "" means "the preset's"),
+  made flash-linear-attention compatible when `model.fla_compatible`."""
   m = config.model
   lm = preset(m.size, m.architecture)
   changes = {"dtype": jnp.dtype(m.dtype).type}
@@ -43,7 +44,8 @@ def lm_config(config) -> LMConfig:
     changes["mesa"] = mesa
     if m.chunk_size:
       changes["gdn"] = dataclasses.replace(lm.gdn, chunk_size=m.chunk_size)
-  return dataclasses.replace(lm, **changes)
+  lm = dataclasses.replace(lm, **changes)
+  return fla_compatible(lm) if m.fla_compatible else lm
 
 
 def model_factory(config):
@@ -54,7 +56,7 @@ def model_factory(config):
   return lambda: LanguageModel(lm, rngs=nnx.Rngs(config.seed))
 
 
-def _sharding_state(abstract_params: nnx.State, mesh):
+def param_shardings(abstract_params: nnx.State, mesh):
   """The params tree with every variable's value replaced by its NamedSharding (same structure as params)."""
   def named(v):
     names = v.get_metadata().get("out_sharding") or (None,) * v.ndim
@@ -72,7 +74,7 @@ def setup(config, mesh):
   abstract = jax.eval_shape(
       lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32)), abstract_params)
   replicated = NamedSharding(mesh, P())
-  param_sh = _sharding_state(abstract_params, mesh)
+  param_sh = param_shardings(abstract_params, mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, NamedSharding))

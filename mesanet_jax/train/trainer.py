@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.train import checkpoint, metrics as metrics_lib, steps
-from mesanet_jax.train.config import config_errors, validate
+from mesanet_jax.train.config import config_errors, save_run_config, validate
 
 
 def _mesh(config):
@@ -63,6 +63,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---- data ---------------------------------------------------------------------------------------------------
     train_source, eval_source, tokenizer = pipeline.make_sources(config.data)
     _resolve_vocab(config, tokenizer)
+    if lead:
+      save_run_config(config, workdir)  # what mesanet-eval / -export / -generate rebuild the model from
     train_iter = iter(pipeline.train_dataset(train_source, config.data, config.train.batch_size))
     eval_data = pipeline.eval_batches(eval_source, config.train.batch_size, config.train.eval_batches)
     batch_sh = {k: NamedSharding(mesh, sharding.logical_spec(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh))

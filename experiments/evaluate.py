@@ -1,0 +1,178 @@
+"""Evaluates trained runs: `mesanet-eval` or `python -m experiments.evaluate`.
+
+    mesanet-eval --workdir=runs/default                                  # latest checkpoint, held-out split
+    mesanet-eval --workdir=runs/mesa --baseline_workdir=runs/transformer  # + ΔNLL by position vs a Transformer
+    mesanet-eval --mad_root=runs/mad                                     # MAD runs beside the paper's Table 9
+
+For --workdir (a language-model run; the checkpoint at --step, restored onto the --mesh): perplexity and accuracy on
+a data split; loss by token position as a table and positions.png (with --baseline_workdir, evaluated on the same
+tokens: ΔNLL = NLL − NLL_baseline); for Mesa models a sweep of inference CG budgets (fixed steps and tolerances,
+teacher-forced decoding, CG steps actually used per token) as a table and cg_sweep.png. With --mad_root: every MAD
+run below it (`launch/sweep.py` grid points of experiments/configs/mad.py) in the paper's protocol
+(mesanet_jax/eval/mad.py). Everything is written to <out>/eval.json next to the plots (default out:
+<workdir>/eval/step_<N>, or <mad_root>/eval). One process.
+"""
+import json
+import math
+import os
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", "", "the run to evaluate (its config.json and checkpoints/)")
+_STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
+_MESH = flags.DEFINE_list("mesh", ["1", "-1", "1"], "data,fsdp,tensor mesh sizes (one may be -1: the rest)")
+_SPLIT = flags.DEFINE_enum("split", "eval", ["eval", "train"], "data split (the run's data config)")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "sequences per batch (0: the run's train.batch_size)")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 0, "batches to evaluate (0: the run's train.eval_batches)")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "evaluation length (0: the run's data.seq_len)")
+_BASELINE = flags.DEFINE_string("baseline_workdir", "", "a run (e.g. a Transformer) for ΔNLL by position")
+_CG_STEPS = flags.DEFINE_list("cg_steps", ["1", "2", "4", "8", "16", "30"], "fixed CG budgets of the sweep")
+_CG_TOLS = flags.DEFINE_list("cg_tols", ["1e-2", "1e-3", "1e-4"], "tolerances of the sweep (at most 30 steps, "
+                             "or the largest of --cg_steps)")
+_CG_BATCHES = flags.DEFINE_integer("cg_batches", 1, "batches for the CG sweep (it decodes token by token)")
+_MAD_ROOT = flags.DEFINE_string("mad_root", "", "directory holding MAD runs (searched recursively)")
+_OUT = flags.DEFINE_string("out", "", "output directory (default: <workdir>/eval/step_<N> or <mad_root>/eval)")
+
+
+def _numbers(flag, kind) -> list:
+  try:
+    return [kind(v) for v in flag.value]
+  except ValueError:
+    raise ValueError(f"--{flag.name} must be a comma-separated list of {kind.__name__}s, got "
+                     f"{','.join(flag.value)!r}") from None
+
+
+def _finite(values) -> list:
+  return [None if v is None or not math.isfinite(v) else float(v) for v in values]
+
+
+def _batches(config, split: str, batch_size: int, num_batches: int) -> list[dict]:
+  from mesanet_jax.data import pipeline
+  train, held_out, _ = pipeline.make_sources(config.data)
+  return pipeline.eval_batches(train if split == "train" else held_out, batch_size or config.train.batch_size,
+                               num_batches or config.train.eval_batches)
+
+
+def _run_config(run):
+  """The run's config with this evaluation's sequence length."""
+  config = run.config
+  if _SEQ_LEN.value:
+    with config.unlocked():
+      config.data.seq_len = _SEQ_LEN.value
+  return config
+
+
+def evaluate_run(run, mesh, out: str) -> dict:
+  """Perplexity, loss by position (± baseline) and the CG sweep of one run; plots into `out`."""
+  from mesanet_jax.eval import cg_sweep, losses, plots, runs
+  batches = _batches(_run_config(run), _SPLIT.value, _BATCH_SIZE.value, _NUM_BATCHES.value)
+  token = losses.token_losses(runs.model_from(run.lm, run.params), batches, mesh)
+  name = run.config.model.architecture
+  report = {"workdir": os.path.abspath(_WORKDIR.value), "step": run.step, "architecture": name,
+            "split": _SPLIT.value, "seq_len": int(batches[0]["inputs"].shape[1]), **losses.summary(token)}
+  print(f"{name} step {run.step}, {report['tokens']:,} {_SPLIT.value} tokens: loss {report['loss']:.4f}, "
+        f"ppl {report['ppl']:.3f}, accuracy {report['accuracy']:.4f}")
+
+  nll = losses.by_position(token.nll, token.mask)
+  buckets = losses.position_buckets(len(nll))
+  report.update(loss_by_position=_finite(nll), position_buckets=buckets,
+                loss_by_bucket=losses.bucketed(token.nll, token.mask))
+  baseline_nll = None
+  if _BASELINE.value:
+    base = runs.load_run(_BASELINE.value, None, mesh)
+    if base.lm.vocab_size < run.lm.vocab_size:
+      raise ValueError(f"--baseline_workdir {_BASELINE.value}: vocabulary {base.lm.vocab_size} is smaller than the "
+                       f"evaluated run's {run.lm.vocab_size}")
+    base_token = losses.token_losses(runs.model_from(base.lm, base.params), batches, mesh)
+    baseline_nll = losses.by_position(base_token.nll, base_token.mask)
+    delta = losses.bucketed(token.nll - base_token.nll, token.mask)
+    report["baseline"] = {"workdir": os.path.abspath(_BASELINE.value), "step": base.step,
+                          "architecture": base.config.model.architecture, **losses.summary(base_token),
+                          "loss_by_position": _finite(baseline_nll),
+                          "loss_by_bucket": losses.bucketed(base_token.nll, base_token.mask)}
+    report["delta_loss_by_bucket"] = delta
+  plots.plot_positions(os.path.join(out, "positions.png"), nll, name, baseline_nll,
+                       report["baseline"]["architecture"] if baseline_nll is not None else "baseline")
+  cell = lambda v: "—" if v is None else f"{v:.4f}"
+  columns = ["positions", "NLL"] + (["baseline NLL", "ΔNLL"] if baseline_nll is not None else [])
+  print("\nloss by token position\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+  for i, (first, last) in enumerate(buckets):
+    row = f"| {first}–{last} | {cell(report['loss_by_bucket'][i])} |"
+    if baseline_nll is not None:
+      row += f" {cell(report['baseline']['loss_by_bucket'][i])} | {cell(report['delta_loss_by_bucket'][i])} |"
+    print(row)
+
+  if "mesa" in run.lm.mixers and (_CG_STEPS.value or _CG_TOLS.value):
+    fixed = _numbers(_CG_STEPS, int)
+    most = max(fixed + [run.lm.mesa.cg_steps_decode])
+    budgets = [cg_sweep.Budget(s) for s in fixed] + [cg_sweep.Budget(most, t) for t in _numbers(_CG_TOLS, float)]
+    rows = cg_sweep.sweep(run.lm, run.params, batches[:max(_CG_BATCHES.value, 1)], budgets)
+    report["cg_sweep"] = rows
+    plots.plot_cg_sweep(os.path.join(out, "cg_sweep.png"), rows)
+    print("\ninference CG budget (teacher-forced decoding)\n"
+          "| budget | NLL | ppl | CG steps / token |\n|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['budget']} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['mean_cg_steps']:.2f} |")
+  return report
+
+
+def evaluate_mad(mesh) -> dict:
+  """Accuracy of every MAD run below --mad_root and the Table 9 layout of the best per task."""
+  from mesanet_jax.eval import losses, mad, runs
+  results = []
+  for directory, _, files in sorted(os.walk(_MAD_ROOT.value)):
+    if "config.json" not in files or "checkpoints" not in os.listdir(directory):
+      continue
+    run = runs.load_run(directory, None, mesh)
+    if run.config.data.source != "synthetic" or run.config.data.task not in mad.TASK_COLUMN:
+      continue
+    batches = _batches(run.config, "eval", _BATCH_SIZE.value, _NUM_BATCHES.value)
+    accuracy = losses.summary(losses.token_losses(runs.model_from(run.lm, run.params), batches, mesh))["accuracy"]
+    results.append({"workdir": directory, "step": run.step, "architecture": run.config.model.architecture,
+                    "task": run.config.data.task, "lr": run.config.optim.lr,
+                    "weight_decay": run.config.optim.weight_decay, "accuracy": accuracy})
+  if not results:
+    raise ValueError(f"--mad_root {_MAD_ROOT.value}: no trained MAD runs (config.json + checkpoints/) below it")
+  table = mad.table9(results)
+  print(f"\nMAD accuracy (%) over {len(results)} runs, paper protocol\n" + mad.markdown(table))
+  return {"runs": results, "table9": table}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from mesanet_jax import sharding
+  from mesanet_jax.eval import runs
+  try:
+    if not (_WORKDIR.value or _MAD_ROOT.value):
+      raise ValueError("give --workdir (a run) and/or --mad_root (a directory of MAD runs)")
+    mesh = sharding.make_mesh(*_numbers(_MESH, int))
+    report = {}
+    if _WORKDIR.value:
+      run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value, mesh)
+      out = _OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{run.step}")
+      os.makedirs(out, exist_ok=True)
+      report.update(evaluate_run(run, mesh, out))
+    else:
+      out = _OUT.value or os.path.join(_MAD_ROOT.value, "eval")
+      os.makedirs(out, exist_ok=True)
+    if _MAD_ROOT.value:
+      report["mad"] = evaluate_mad(mesh)
+  except ValueError as e:
+    print(f"mesanet-eval: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  with open(os.path.join(out, "eval.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  print(f"\nwrote {os.path.join(out, 'eval.json')} and the plots beside it")
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

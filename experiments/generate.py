@@ -1,0 +1,90 @@
+"""Generates from a trained run: `mesanet-generate` or `python -m experiments.generate`.
+
+    mesanet-generate --workdir=runs/default --prompt="The government said" --max_new_tokens=200
+    mesanet-generate --workdir=runs/default --prompt="The " --temperature=0.8 --top_k=40 --cg_tol=1e-4
+
+The prompt is prefilled (chunked CG), then tokens are decoded one at a time (constant memory, one CG solve per token,
+Mesa layer and head) and printed as they come. At the end: the CG steps each decoded token used (mean over Mesa
+layers and heads). Synthetic-task runs take and print token ids (--prompt="3 17 5").
+"""
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", "", "the run (its config.json and checkpoints/)")
+_STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
+_PROMPT = flags.DEFINE_string("prompt", "", "prompt text (token ids separated by spaces for synthetic tasks)")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 100, "tokens to generate")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: greedy)")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "CG steps per decoded token (0: the run's mesa.cg_steps_decode)")
+_CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each head's CG once ‖r‖ ≤ tol·‖r₀‖ (0: fixed steps)")
+
+
+def _encode(tokenizer, prompt: str):
+  if tokenizer is None:
+    try:
+      return [int(t) for t in prompt.split()]
+    except ValueError:
+      raise ValueError(f"--prompt {prompt!r}: a synthetic-task run takes token ids separated by spaces") from None
+  return [tokenizer.bos_id, *tokenizer.encode(prompt)]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  import jax
+  import numpy as np
+  from mesanet_jax.data import text
+  from mesanet_jax.eval import runs
+  from mesanet_jax.models.generate import stream
+  try:
+    if not _WORKDIR.value or not _PROMPT.value:
+      raise ValueError("--workdir and --prompt are required")
+    run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
+    data = run.config.data
+    tokenizer = None if data.source == "synthetic" else text.make_tokenizer(data.tokenizer)
+    prompt = _encode(tokenizer, _PROMPT.value)
+    if not prompt or max(prompt) >= run.lm.vocab_size or min(prompt) < 0:
+      raise ValueError(f"--prompt {_PROMPT.value!r}: token ids must lie in [0, {run.lm.vocab_size})")
+    mesa = dataclasses.replace(run.lm.mesa, cg_steps_decode=_CG_STEPS.value or run.lm.mesa.cg_steps_decode,
+                               decode_tol=_CG_TOL.value or None)
+    model = runs.model_from(dataclasses.replace(run.lm, mesa=mesa), run.params)
+    tokens = stream(model, np.asarray([prompt]), _MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                    top_k=_TOP_K.value or None, key=jax.random.key(_SEED.value))
+  except ValueError as e:
+    print(f"mesanet-generate: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+  print(_PROMPT.value, end="", flush=True)
+  generated, cg_steps, shown = [], [], ""
+  for token, steps in tokens:
+    generated.append(int(token[0]))
+    if steps is not None:
+      cg_steps.append(float(steps[0]))
+    if tokenizer is None:
+      print(f" {generated[-1]}", end="", flush=True)
+      continue
+    decoded = tokenizer.decode(generated)
+    if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      print(decoded[len(shown):], end="", flush=True)
+      shown = decoded
+  print()
+  if cg_steps:
+    budget = f"tol {_CG_TOL.value:g}, at most {mesa.cg_steps_decode}" if _CG_TOL.value else f"{mesa.cg_steps_decode}"
+    print(f"CG steps per decoded token (mean over Mesa layers and heads; budget {budget}): mean "
+          f"{np.mean(cg_steps):.2f}, min {min(cg_steps):.2f}, max {max(cg_steps):.2f}\n"
+          + " ".join(f"{s:.1f}" for s in cg_steps))
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,86 @@
+"""Per-token next-token losses of a language model over fixed batches, and what evaluation reports from them:
+perplexity and accuracy over the masked tokens, mean NLL at each token position (the paper's long-context view,
+§4.1: position k predicts token k + 1 from k tokens of context), and that view bucketed by powers of two.
+"""
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from mesanet_jax import sharding
+from mesanet_jax.data import pipeline
+from mesanet_jax.models.lm import LanguageModel
+
+
+class TokenLosses(NamedTuple):
+  nll: np.ndarray  # [N, T] f32, −log p(target)
+  correct: np.ndarray  # [N, T] bool, argmax == target
+  mask: np.ndarray  # [N, T] f32, 1 where the target counts
+
+
+def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Batch over (data, fsdp) where it divides, the rest replicated (the trainer's rule)."""
+  return {k: NamedSharding(mesh, sharding.logical_spec(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh))
+          for k, v in batch.items()}
+
+
+def token_losses(model: LanguageModel, batches: list[dict], mesh: jax.sharding.Mesh) -> TokenLosses:
+  """Runs the full forward (the training path) on each batch {"inputs", "targets", "mask"} [B, T]; one process."""
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def losses(params, inputs, targets):
+    logits = nnx.merge(graphdef, params)(inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets), jnp.argmax(logits, -1) == targets
+
+  out = []
+  with jax.set_mesh(mesh):  # Pallas layers run per shard under the mesh
+    for batch in batches:
+      placed = pipeline.to_global(batch, batch_shardings(batch, mesh))
+      out.append(jax.device_get(losses(params, placed["inputs"], placed["targets"])))
+  return TokenLosses(np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
+                     np.concatenate([b["mask"] for b in batches]).astype(np.float32))
+
+
+def masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
+  return float((values * mask).sum() / max(float(mask.sum()), 1.0))
+
+
+def perplexity(loss: float) -> float:
+  return math.exp(min(loss, 50.0))
+
+
+def summary(losses: TokenLosses) -> dict:
+  """Mean loss, perplexity and accuracy over the masked tokens, and their count."""
+  loss = masked_mean(losses.nll, losses.mask)
+  return {"loss": loss, "ppl": perplexity(loss), "accuracy": masked_mean(losses.correct, losses.mask),
+          "tokens": int(losses.mask.sum())}
+
+
+def by_position(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Masked mean over examples of values [N, T] at each position: [T], NaN where no target counts."""
+  counts = mask.sum(0)
+  return np.where(counts > 0, (values * mask).sum(0) / np.maximum(counts, 1), np.nan)
+
+
+def position_buckets(length: int) -> list[tuple[int, int]]:
+  """Positions 1..length (context sizes) in powers of two: [1, 1], [2, 3], [4, 7], … (inclusive bounds)."""
+  buckets, start = [], 1
+  while start <= length:
+    buckets.append((start, min(2 * start - 1, length)))
+    start *= 2
+  return buckets
+
+
+def bucketed(values: np.ndarray, mask: np.ndarray) -> list[float | None]:
+  """Masked mean of values [N, T] in each of `position_buckets(T)`; None for a bucket with no counted target."""
+  out = []
+  for first, last in position_buckets(values.shape[1]):
+    m = mask[:, first - 1:last]
+    out.append(float((values[:, first - 1:last] * m).sum() / m.sum()) if m.sum() else None)
+  return out

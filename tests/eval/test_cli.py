@@ -1,0 +1,113 @@
+"""mesanet-eval, mesanet-export and mesanet-generate end to end (subprocesses) on tiny runs trained once per module:
+an fla-compatible MesaNet, a Transformer baseline and one MAD run."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from mesanet_jax import sharding
+from mesanet_jax.data import pipeline
+from mesanet_jax.eval import hf_export, losses, mad, runs
+from mesanet_jax.train.trainer import train_and_evaluate
+from tests.train import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(module: str, *flags, devices: int = 1) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "")
+  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+  """<root>/mesa (fla-compatible), <root>/transformer, <root>/mad/selective_copy: 6 steps each."""
+  root = tmp_path_factory.mktemp("runs")
+  for name, source, changes in (("mesa", "text", {"fla_compatible": True}),
+                                ("transformer", "text", {"architecture": "transformer"}),
+                                ("mad/selective_copy", "mqar", {})):
+    config = tiny.get_config(source)
+    config.model.update(changes)
+    if name.startswith("mad"):
+      config.data.task = "selective_copy"
+    train_and_evaluate(config, str(root / name))
+  return root
+
+
+def test_evaluate_writes_json_and_plots(trained):
+  # Trained on one device, evaluated on a 2 × 2 × 2 mesh of 8 (the params restored onto it).
+  result = _cli("evaluate", f"--workdir={trained / 'mesa'}", f"--baseline_workdir={trained / 'transformer'}",
+                f"--mad_root={trained / 'mad'}", "--num_batches=1", "--cg_steps=1,4", "--cg_tols=1e-3",
+                "--mesh=2,2,2", devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = trained / "mesa" / "eval" / "step_6"
+  report = json.loads((out / "eval.json").read_text())
+  run = runs.load_run(str(trained / "mesa"))
+  batches = pipeline.eval_batches(pipeline.make_sources(run.config.data)[1], run.config.train.batch_size, 1)
+  one_device = losses.summary(losses.token_losses(runs.model_from(run.lm, run.params), batches, sharding.make_mesh()))
+  assert report["loss"] == pytest.approx(one_device["loss"], abs=1e-5)
+  assert 0 < report["loss"] < math.log(256) + 1 and report["ppl"] == pytest.approx(math.exp(report["loss"]))
+  assert report["tokens"] > 0 and 0 <= report["accuracy"] <= 1
+  assert len(report["loss_by_position"]) == 32 and report["position_buckets"][-1] == [32, 32]
+  assert report["baseline"]["architecture"] == "transformer"
+  assert len(report["delta_loss_by_bucket"]) == len(report["position_buckets"]) == 6
+  sweep = {row["budget"]: row for row in report["cg_sweep"]}
+  assert sweep["steps=1"]["mean_cg_steps"] == 1 and sweep["steps=4"]["mean_cg_steps"] == 4
+  assert 0 < sweep["tol=0.001"]["mean_cg_steps"] <= 30
+  # Trained with 4 CG steps from x₀ = 0: decoding with the same budget reproduces the full forward's loss on the
+  # same batch (the CG sweep's batch is the first evaluated one; here the only one).
+  assert sweep["steps=4"]["loss"] == pytest.approx(report["loss"], abs=1e-4)
+  for png in ("positions.png", "cg_sweep.png"):
+    assert (out / png).stat().st_size > 1000
+  table = report["mad"]["table9"]["mesanet"]
+  assert 0 <= table["columns"][mad.COLUMNS.index("Selective Copy")] <= 100 and table["avg"] is None
+  assert "MesaNet (paper)" in result.stdout and "| 1–1 |" in result.stdout
+
+
+def test_export_round_trip_and_hf_tensors(trained, tmp_path):
+  out = tmp_path / "export"
+  result = _cli("export", f"--workdir={trained / 'mesa'}", f"--out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  run = runs.load_run(str(trained / "mesa"))
+  lm, params = runs.load_params_export(str(out))
+  assert lm == run.lm
+  for (path, a), (_, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(run.params)):
+    np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+  tensors = load_file(str(out / "model.safetensors"))
+  expected = hf_export.hf_tensors(run.lm, run.params)
+  assert tensors.keys() == expected.keys() and all(np.array_equal(tensors[k], expected[k]) for k in expected)
+  assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32
+
+  again = _cli("export", f"--workdir={trained / 'mesa'}", f"--out={out}", "--format=params")
+  assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_export_refuses_what_fla_cannot_express(trained, tmp_path):
+  result = _cli("export", f"--workdir={trained / 'transformer'}", f"--out={tmp_path / 'x'}")
+  assert result.returncode == 2 and "mixers=" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "x").exists()
+
+
+def test_generate_streams_tokens_and_cg_steps(trained):
+  result = _cli("generate", f"--workdir={trained / 'mesa'}", "--prompt=The ", "--max_new_tokens=8", "--cg_tol=1e-3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  text, summary, steps = result.stdout.rstrip("\n").rsplit("\n", 2)
+  assert text.startswith("The ") and "CG steps per decoded token" in summary
+  assert len(steps.split()) == 7 and all(0 < float(s) <= 30 for s in steps.split())
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("evaluate", []), ("export", ["--out=unused"]), ("generate", ["--prompt=x"])])
+def test_bad_workdir_is_one_line_and_exit_2(module, flags, tmp_path):
+  result = _cli(module, f"--workdir={tmp_path / 'missing'}", *flags)
+  assert result.returncode == 2
+  assert str(tmp_path / "missing") in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from mesanet_jax.ops import mesa_chunked, mesa_exact
+from tests.pallas.precision import F32_PRODUCT_ERROR
 from tests.ops.mesa_inputs import as_f64, loss_weights, max_abs, random_inputs, scale, weighted_sum_loss
 
 # (B, T, H, Dk, Dv, C): T a multiple of C; T not a multiple of C with Dv > Dk.
@@ -29,12 +30,12 @@ def test_pallas_matches_xla_in_f32(shape, cg_init):
   weights = loss_weights(*mesa_chunked(*args, chunk_size=chunk))
   (o, state), grads = _value_and_grads(_op("pallas", chunk, 20, cg_init=cg_init), args, weights)
   (o_xla, state_xla), grads_xla = _value_and_grads(_op("xla", chunk, 20, cg_init=cg_init), args, weights)
-  # The same CG in f32 with the products summed in another order: differences are f32 rounding, amplified by at
-  # most cond(A) ≲ 1e2 through the solve. Measured: ≤ 5e-7 of scale.
-  assert max_abs(o, o_xla) < 1e-5 * scale(o_xla)
-  assert max_abs(state, state_xla) < 1e-6 * scale(state_xla)  # a scan in both: no solve in between
+  # The same CG with the products rounded differently (tests/pallas/precision.py), amplified by at most
+  # cond(A) ≲ 1e2 through the solve, far less in practice. Measured on CPU: ≤ 5e-7 of scale.
+  assert max_abs(o, o_xla) < 10 * F32_PRODUCT_ERROR * scale(o_xla)
+  assert max_abs(state, state_xla) < F32_PRODUCT_ERROR * scale(state_xla)  # a scan in both: no solve in between
   for grad, grad_xla in zip(grads, grads_xla):
-    assert max_abs(grad, grad_xla) < 1e-5 * scale(grad_xla)
+    assert max_abs(grad, grad_xla) < 10 * F32_PRODUCT_ERROR * scale(grad_xla)
 
 
 def test_pallas_is_exact_cg_in_f64(x64):

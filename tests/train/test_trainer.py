@@ -86,7 +86,11 @@ def test_sigterm_then_resume_gives_identical_losses(tmp_path):
   assert 3 <= stopped < 40, f"SIGTERM did not interrupt the run (stopped at {stopped})"
   assert "SIGTERM: saved step" in output
   assert (interrupted / "checkpoints" / str(stopped)).is_dir()
+  compiled = {p.name for p in (interrupted / "compilation_cache").glob("jit_train_step*")}
+  assert compiled, "no train step in the workdir's compilation cache"
   _train(interrupted, *steps)
+  # The resumed run found its train step compiled (same program: nothing new written to the cache).
+  assert {p.name for p in (interrupted / "compilation_cache").glob("jit_train_step*")} == compiled
   expected, resumed = _losses(tmp_path / "straight"), _losses(interrupted)
   assert sorted(resumed) == list(range(1, 41))
   # Bit-identical: the same programs on the same device from the same restored state and data position.

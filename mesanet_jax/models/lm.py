@@ -5,9 +5,9 @@ Init (paper G.2): fan-in normal everywhere; the mixer's output projection and th
 variance scaled by 2/N (N blocks); the embedding has std 1/√d and is multiplied by √d on input (unit variance).
 
 Block stack (`make_blocks`, `run_blocks`): an nnx.List of N Blocks run by a Python loop, or with `scan_layers` one
-Block whose params carry a leading "layers" axis, built by `nnx.vmap` and run by `nnx.scan` for training, prefill and
-decoding alike (caches and CG step counts stacked on the layer axis), so the traced program holds one block whatever
-N is. `remat` wraps each block's training call in `jax.checkpoint` with `REMAT_POLICY`, inside the scan body.
+Block whose params carry a leading "layers" axis, built by `nnx.vmap` and run by `jax.lax.scan` for training, prefill
+and decoding alike (caches and CG step counts stacked on the layer axis), so the traced program holds one block
+whatever N is. `remat` wraps each block's training call in `jax.checkpoint` with `REMAT_POLICY`, inside the scan body.
 """
 import jax
 import jax.numpy as jnp

@@ -6,7 +6,8 @@ Mapping (ours → fla; torch Linear weights are [out, in], our kernels [in, out]
   embed [V, d] · √d                  → model.embeddings.weight (fla does not scale embeddings; we fold the √d in)
   final_norm.scale                   → model.norm.weight (÷ √d when tied, which undoes the fold in the read-out)
   embed · √d (tied) / unembed.kernelᵀ → lm_head.weight
-  blocks.i.mixer_norm / mlp_norm     → model.layers.i.attn_norm / mlp_norm .weight
+  blocks.i.mixer_norm / mlp_norm     → model.layers.i.attn_norm / mlp_norm .weight (a `scan_layers` model's stacked
+                                       blocks.<name> [L, …] is first split into blocks.i.<name>: the same names)
   mixer.{q,k,v,o,g}_proj.kernelᵀ     → attn.{q,k,v,o,g}_proj.weight;   a_proj, b_proj (+ bias) likewise
   mixer.{q,k}_conv.kernel [K, C]     → attn.{q,k}_conv1d.weight [C, 1, K] (depthwise Conv1d; the same tap order:
                                        tap K−1 multiplies the current token)
@@ -111,10 +112,23 @@ def hf_config(lm: LMConfig, *, bos_token_id: int, eos_token_id: int, max_positio
   }
 
 
+def _unstacked(flat: dict, n_layers: int) -> dict:
+  """A `scan_layers` model's blocks.<name> [L, ...] -> blocks.<i>.<name> [...], the paths of the loop layout."""
+  out = {}
+  for path, value in flat.items():
+    if path[0] == "blocks":
+      out.update({("blocks", str(i), *path[1:]): value[i] for i in range(n_layers)})
+    else:
+      out[path] = value
+  return out
+
+
 def hf_tensors(lm: LMConfig, params: nnx.State) -> dict[str, np.ndarray]:
   """fla parameter name -> float32 array, for every parameter of MesaNetForCausalLM (lm_head included when tied)."""
   check_expressible(lm)
   flat = {tuple(str(p) for p in path): np.asarray(v[...], np.float32) for path, v in nnx.to_flat_state(params)}
+  if lm.scan_layers:
+    flat = _unstacked(flat, lm.n_layers)
   scale = math.sqrt(lm.d_model)
   embeddings = flat.pop(("embed",)) * np.float32(scale)
   norm = flat.pop(("final_norm", "scale"))

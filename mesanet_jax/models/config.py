@@ -32,6 +32,9 @@ class LMConfig:
   mlp_ratio·d_model, tied embedding scaled by √d_model on input, logits soft-capped at `logit_cap`.
 
   dtype is the activation (compute) dtype, param_dtype the storage dtype; Mesa/GDN states and CG stay f32 always.
+  remat: recompute each block's activations in the backward pass (only the residual stream between blocks is kept).
+  scan_layers: one Block whose params are stacked on a leading "layers" axis, run by `nnx.scan` (compile time flat in
+  depth); needs every block to use the same mixer. Both change the computation's schedule, not its result.
   """
   vocab_size: int = 50_257
   d_model: int = 768
@@ -45,11 +48,16 @@ class LMConfig:
   mesa: MesaConfig = MesaConfig()
   gdn: GatedDeltaNetConfig = GatedDeltaNetConfig()
   attention: AttentionConfig = AttentionConfig()
+  remat: bool = False
+  scan_layers: bool = False
 
   def __post_init__(self):
     bad = [m for m in self.mixers if m not in MIXERS]
     if not self.mixers or bad:
       raise ValueError(f"mixers must be a non-empty tuple of {MIXERS}, got {self.mixers}")
+    if self.scan_layers and len(set(self.mixers)) > 1:
+      raise ValueError(f"scan_layers=True needs every block to use one mixer, got mixers={self.mixers} (the hybrid "
+                       f"architecture): set scan_layers=False")
 
   @property
   def n_layers(self) -> int:

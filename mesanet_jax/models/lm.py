@@ -3,6 +3,11 @@ prefill (returns the decoding cache) and one-token decoding, plus the parameter 
 
 Init (paper G.2): fan-in normal everywhere; the mixer's output projection and the MLP's down-projection have their
 variance scaled by 2/N (N blocks); the embedding has std 1/√d and is multiplied by √d on input (unit variance).
+
+Block stack (`make_blocks`, `run_blocks`): an nnx.List of N Blocks run by a Python loop, or with `scan_layers` one
+Block whose params carry a leading "layers" axis, built by `nnx.vmap` and run by `jax.lax.scan` for training, prefill
+and decoding alike (caches and CG step counts stacked on the layer axis), so the traced program holds one block
+whatever N is. `remat` wraps each block's training call in `jax.checkpoint` with `REMAT_POLICY`, inside the scan body.
 """
 import jax
 import jax.numpy as jnp
@@ -27,6 +32,13 @@ def _make_mixer(config: LMConfig, name: str, rngs: nnx.Rngs):
     return GatedDeltaNet(config.d_model, config.gdn, **kw)
   window = config.attention.window if name == "swa" else None
   return Attention(config.d_model, config.attention, window=window, **kw)
+
+
+LAYERS = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name (sharding.RULES: never split)
+# Save nothing inside a block: the backward pass keeps only each block's input [B, T, D] and recomputes the rest
+# (one more forward, Mesa's CG solve included). Saving the matmuls instead (dots_with_no_batch_dims_saveable) would
+# keep the q/k/v/gate and MLP projections, several times the residual stream, per block.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
 def _on_batch(x: jax.Array) -> jax.Array:
@@ -60,16 +72,57 @@ class Block(nnx.Module):
     return self.mixer.init_cache(batch)
 
 
+def make_blocks(config: LMConfig, rngs: nnx.Rngs) -> nnx.Module:
+  """An nnx.List of Blocks, or with `config.scan_layers` one Block with every param stacked on a leading axis."""
+  if not config.scan_layers:
+    return nnx.List([Block(config, name, rngs=rngs) for name in config.mixers])
+
+  @nnx.vmap(transform_metadata=LAYERS)
+  def stacked(key):
+    return Block(config, config.mixers[0], rngs=nnx.Rngs(params=key))
+  return stacked(jax.random.split(rngs.params(), config.n_layers))
+
+
+def run_blocks(config: LMConfig, blocks: nnx.Module, step, x: jax.Array, per_layer=None, *, remat: bool = False):
+  """x through every block by `step(block, x, layer_in) -> (x, layer_out)`; returns (x, layer outputs).
+
+  per_layer / layer outputs: a tuple with one entry per block (None: Nones), or with `scan_layers` one pytree stacked
+  on the layer axis. The scan and the remat are plain `jax.lax.scan` / `jax.checkpoint` over the blocks' split state
+  (NNX's lifted transforms refuse a model merged outside an enclosing scan, as decoding loops do). Inside the scan a
+  param's `out_sharding` still names the "layers" axis its slice no longer has; nothing reads it there.
+  """
+  def apply(block, x, layer_in):
+    if not remat:
+      return step(block, x, layer_in)
+    graphdef, state = nnx.split(block)
+    body = lambda state, x, layer_in: step(nnx.merge(graphdef, state), x, layer_in)
+    return jax.checkpoint(body, policy=REMAT_POLICY)(state, x, layer_in)
+
+  if config.scan_layers:
+    graphdef, stacked = nnx.split(blocks)
+    return jax.lax.scan(lambda x, xs: apply(nnx.merge(graphdef, xs[0]), x, xs[1]), x, (stacked, per_layer))
+  outputs = []
+  for block, layer_in in zip(blocks, per_layer or (None,) * len(blocks)):
+    x, layer_out = apply(block, x, layer_in)
+    outputs.append(layer_out)
+  return x, tuple(outputs)
+
+
+def _train_step(block: Block, x: jax.Array, _):
+  return _on_batch(block(x)[0]), None
+
+
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] f32. The cache is a tuple with one entry per block: RecurrentCache
-  (conv states + MesaState or GDN state) for recurrent mixers, KVCache for attention."""
+  (conv states + MesaState or GDN state) for recurrent mixers, KVCache for attention; with `scan_layers` it is one
+  such entry with every array stacked on a leading layer axis."""
 
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
     self.config = config
     d = config.d_model
     self.embed = param(rngs, nnx.initializers.normal(d ** -0.5), (config.vocab_size, d), config.param_dtype,
                        ("vocab", "embed"))
-    self.blocks = nnx.List([Block(config, name, rngs=rngs) for name in config.mixers])
+    self.blocks = make_blocks(config, rngs)
     self.final_norm = RMSNorm(d, eps=config.norm_eps, rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     self.unembed = None if config.tie_embeddings else Linear(
         d, config.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
@@ -90,37 +143,34 @@ class LanguageModel(nnx.Module):
     return logits if cap is None else jnp.tanh(logits / cap) * cap
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self._embed(tokens)
-    for block in self.blocks:
-      x, _ = block(x)
-      x = _on_batch(x)
+    x, _ = run_blocks(self.config, self.blocks, _train_step, self._embed(tokens), remat=self.config.remat)
     return self._logits(x)
 
-  def init_cache(self, batch: int, max_len: int) -> tuple:
+  def init_cache(self, batch: int, max_len: int):
     """An empty cache; attention layers keep at most max_len (or window) positions, recurrent ones O(1) memory."""
+    if self.config.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+      return jax.vmap(lambda state: nnx.merge(graphdef, state).init_cache(batch, max_len))(stacked)
     return tuple(block.init_cache(batch, max_len) for block in self.blocks)
 
-  def prefill(self, tokens: jax.Array, max_len: int) -> tuple[jax.Array, tuple]:
+  def prefill(self, tokens: jax.Array, max_len: int):
     """Runs the prompt [B, T] through the training path; returns logits [B, T, V] and the cache after it."""
-    x = self._embed(tokens)
-    caches = []
-    for block, cache in zip(self.blocks, self.init_cache(tokens.shape[0], max_len)):
-      x, cache = block(x, cache)
-      caches.append(cache)
-    return self._logits(x), tuple(caches)
+    x, cache = run_blocks(self.config, self.blocks, lambda block, x, cache: block(x, cache), self._embed(tokens),
+                          self.init_cache(tokens.shape[0], max_len))
+    return self._logits(x), cache
 
-  def decode_step(self, token: jax.Array, cache: tuple) -> tuple[jax.Array, tuple, jax.Array | None]:
+  def decode_step(self, token: jax.Array, cache) -> tuple[jax.Array, tuple, jax.Array | None]:
     """token [B] int -> logits [B, V], the new cache, and the CG steps used per batch element (mean over Mesa layers
     and heads, [B] f32; None when the model has no Mesa layer)."""
-    x = self._embed(token)
-    caches, iters = [], []
-    for block, block_cache in zip(self.blocks, cache):
-      x, block_cache, block_iters = block.decode(x, block_cache)
-      caches.append(block_cache)
-      if block_iters is not None:
-        iters.append(block_iters.astype(jnp.float32))
-    cg_steps = jnp.mean(jnp.stack(iters, axis=1), axis=(1, 2)) if iters else None
-    return self._logits(x), tuple(caches), cg_steps
+    def step(block, x, cache):
+      x, cache, iters = block.decode(x, cache)
+      return x, (cache, iters)
+    x, outputs = run_blocks(self.config, self.blocks, step, self._embed(token), cache)
+    cache, iters = outputs if self.config.scan_layers else tuple(zip(*outputs))
+    # Per-layer [B, H] (loop) or [L, B, H] (scan) CG steps -> [layers, B, H].
+    iters = [i.astype(jnp.float32).reshape(-1, *i.shape[-2:]) for i in jax.tree.leaves(iters)]
+    cg_steps = jnp.mean(jnp.concatenate(iters), axis=(0, 2)) if iters else None
+    return self._logits(x), cache, cg_steps
 
 
 def count_params(config: LMConfig, *, verbose: bool = False) -> int:
@@ -128,7 +178,8 @@ def count_params(config: LMConfig, *, verbose: bool = False) -> int:
   abstract = nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0)))
   counts: dict[str, int] = {}
   for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-    group = ".".join(str(p) for p in path[:3] if not str(p).isdigit()) if path[0] == "blocks" else str(path[0])
+    names = [str(p) for p in path if not str(p).isdigit()]  # blocks.0.mixer… and stacked blocks.mixer… alike
+    group = ".".join(names[:2]) if path[0] == "blocks" else names[0]
     counts[group] = counts.get(group, 0) + int(np.prod(leaf.shape))
   total = sum(counts.values())
   if verbose:

@@ -7,7 +7,7 @@ from flax import nnx
 from mesanet_jax.layers.norm import RMSNorm
 from mesanet_jax.layers.params import Linear
 from mesanet_jax.models.config import LMConfig
-from mesanet_jax.models.lm import Block
+from mesanet_jax.models.lm import make_blocks, run_blocks
 
 
 class RegressionModel(nnx.Module):
@@ -17,12 +17,11 @@ class RegressionModel(nnx.Module):
     kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     self.config = config
     self.read_in = Linear(in_features, config.d_model, axes=(None, "embed"), use_bias=True, **kw)
-    self.blocks = nnx.List([Block(config, name, rngs=rngs) for name in config.mixers])
+    self.blocks = make_blocks(config, rngs)
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
     self.read_out = Linear(config.d_model, 1, axes=("embed", None), use_bias=True, **kw)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    x = self.read_in(inputs)
-    for block in self.blocks:
-      x, _ = block(x)
+    x, _ = run_blocks(self.config, self.blocks, lambda block, x, _: (block(x)[0], None), self.read_in(inputs),
+                      remat=self.config.remat)
     return self.read_out(self.final_norm(x))[..., 0].astype(jnp.float32)

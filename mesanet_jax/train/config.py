@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
       size="tiny", architecture="mesanet", dtype="float32",  # dtype: activations; params stay f32
       vocab_size=0,  # 0: the tokenizer's / task's vocabulary
       num_layers=0, cg_steps=0, chunk_size=0, impl="",
-      fla_compatible=False))  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
+      fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
+      remat=False,  # recompute each block's activations in the backward pass (less memory, ~1 more forward)
+      scan_layers=False))  # one scanned block with params stacked on a "layers" axis (compile time flat in depth)
 
   c.data = ml_collections.ConfigDict(dict(
       source="text",  # "text", "synthetic" or "tfds"

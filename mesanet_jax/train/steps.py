@@ -32,7 +32,7 @@ def lm_config(config) -> LMConfig:
   made flash-linear-attention compatible when `model.fla_compatible`."""
   m = config.model
   lm = preset(m.size, m.architecture)
-  changes = {"dtype": jnp.dtype(m.dtype).type}
+  changes = {"dtype": jnp.dtype(m.dtype).type, "remat": m.remat, "scan_layers": m.scan_layers}
   if m.vocab_size:
     changes["vocab_size"] = m.vocab_size
   if m.num_layers:

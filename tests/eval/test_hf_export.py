@@ -13,6 +13,7 @@ from benchmarks.export_parity import CASES, parity_config, perturbed_params
 from mesanet_jax.eval import hf_export
 from mesanet_jax.models.config import fla_compatible, preset
 from mesanet_jax.models.lm import LanguageModel
+from tests.models.stacking import same_weights
 
 # The arguments of MesaNetConfig.__init__ (fla/models/mesa_net/configuration_mesa_net.py, fla 0.6.0).
 MESANET_CONFIG_ARGS = {
@@ -138,3 +139,13 @@ def test_refuses_what_fla_cannot_express(change, message):
   hf_export.check_expressible(fla_compatible(preset("tiny")))  # the fla-compatible variant passes
   with pytest.raises(ValueError, match=message):
     hf_export.hf_config(change(fla_compatible(preset("tiny"))), bos_token_id=0, eos_token_id=0)
+
+
+def test_scanned_model_exports_the_same_tensors():
+  model = LanguageModel(fla_compatible(preset("tiny")), rngs=nnx.Rngs(0))
+  scanned = same_weights(model, scan_layers=True)
+  expected = hf_export.hf_tensors(model.config, nnx.state(model, nnx.Param))
+  exported = hf_export.hf_tensors(scanned.config, nnx.state(scanned, nnx.Param))
+  assert exported.keys() == expected.keys()
+  for name, value in expected.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)

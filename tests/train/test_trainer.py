@@ -112,6 +112,17 @@ def test_sharded_8_devices_matches_1_device_and_restores_onto_another_mesh(tmp_p
   np.testing.assert_allclose([second[s] for s in range(1, 7)], ref, rtol=2e-5)
 
 
+def test_scan_layers_with_remat_trains_and_resumes(tmp_path):
+  flags = ["--config.model.scan_layers=True", "--config.model.remat=True", "--config.model.num_layers=2",
+           "--config.train.num_steps=4", "--config.checkpoint.every_steps=2"]
+  _train(tmp_path / "run", *flags)
+  first = _losses(tmp_path / "run")
+  assert sorted(first) == [1, 2, 3, 4] and np.all(np.isfinite(list(first.values())))
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # resume the stacked-layout checkpoint of step 2
+  _train(tmp_path / "run", *flags)
+  assert _losses(tmp_path / "run") == first  # steps 3-4 again: the same programs from the same state
+
+
 def test_two_processes_with_jax_distributed(tmp_path):
   port = portpicker.pick_unused_port()
   flags = ["--num_processes=2", f"--coordinator_address=127.0.0.1:{port}", "--config.train.num_steps=3"]

@@ -15,9 +15,10 @@ run below it (`launch/sweep.py` grid points of experiments/configs/mad.py) in th
 import json
 import math
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "", "the run to evaluate (its config.json and checkpoints/)")
 _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
@@ -140,13 +141,10 @@ def evaluate_mad(mesh) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   from mesanet_jax import sharding
   from mesanet_jax.eval import runs
-  try:
+  with cli.one_line_errors("mesanet-eval"):
     if not (_WORKDIR.value or _MAD_ROOT.value):
       raise ValueError("give --workdir (a run) and/or --mad_root (a directory of MAD runs)")
     mesh = sharding.make_mesh(*_numbers(_MESH, int))
@@ -161,9 +159,6 @@ def main(argv):
       os.makedirs(out, exist_ok=True)
     if _MAD_ROOT.value:
       report["mad"] = evaluate_mad(mesh)
-  except ValueError as e:
-    print(f"mesanet-eval: error: {e}", file=sys.stderr)
-    sys.exit(2)
   with open(os.path.join(out, "eval.json"), "w") as f:
     json.dump(report, f, indent=1)
   print(f"\nwrote {os.path.join(out, 'eval.json')} and the plots beside it")

@@ -8,9 +8,10 @@ params: `<out>/params/` (an orbax checkpoint of the params alone, no optimiser s
 `<out>/model.safetensors` in flash-linear-attention's MesaNetForCausalLM layout (mesanet_jax/eval/hf_export.py);
 configs fla cannot express are refused, naming the key (train with --config.model.fla_compatible=True).
 """
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "", "the run to export (its config.json and checkpoints/)")
 _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
@@ -19,13 +20,10 @@ _FORMAT = flags.DEFINE_multi_enum("format", ["params", "hf"], ["params", "hf"], 
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   from mesanet_jax.data import text
   from mesanet_jax.eval import hf_export, runs
-  try:
+  with cli.one_line_errors("mesanet-export"):
     if not _WORKDIR.value or not _OUT.value:
       raise ValueError("--workdir and --out are required")
     run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
@@ -42,9 +40,6 @@ def main(argv):
                          max_position_embeddings=data.seq_len)
       print(f"wrote {_OUT.value}/{hf_export.CONFIG_FILE} and {hf_export.WEIGHTS_FILE} (step {run.step}; load with "
             f"`import fla; transformers.AutoModelForCausalLM.from_pretrained({_OUT.value!r})`)")
-  except ValueError as e:
-    print(f"mesanet-export: error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def run():

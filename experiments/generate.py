@@ -8,9 +8,10 @@ Mesa layer and head) and printed as they come. At the end: the CG steps each dec
 layers and heads). Synthetic-task runs take and print token ids (--prompt="3 17 5").
 """
 import dataclasses
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "", "the run (its config.json and checkpoints/)")
 _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")
@@ -33,16 +34,13 @@ def _encode(tokenizer, prompt: str):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   import jax
   import numpy as np
   from mesanet_jax.data import text
   from mesanet_jax.eval import runs
   from mesanet_jax.models.generate import stream
-  try:
+  with cli.one_line_errors("mesanet-generate"):
     if not _WORKDIR.value or not _PROMPT.value:
       raise ValueError("--workdir and --prompt are required")
     run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value)
@@ -56,9 +54,6 @@ def main(argv):
     model = runs.model_from(dataclasses.replace(run.lm, mesa=mesa), run.params)
     tokens = stream(model, np.asarray([prompt]), _MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                     top_k=_TOP_K.value or None, key=jax.random.key(_SEED.value))
-  except ValueError as e:
-    print(f"mesanet-generate: error: {e}", file=sys.stderr)
-    sys.exit(2)
 
   print(_PROMPT.value, end="", flush=True)
   generated, cg_steps, shown = [], [], ""

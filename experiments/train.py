@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file (path[:arg])")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "checkpoints, metrics.jsonl, TensorBoard events, loss.png")
@@ -32,10 +34,7 @@ _DISTRIBUTED_AUTO = flags.DEFINE_bool("distributed_auto", False,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
+  cli.start(argv)
   import jax  # after flag parsing, so XLA_FLAGS / JAX_PLATFORMS from the environment apply
   if "JAX_THREEFRY_GPU_KERNEL_LOWERING" not in os.environ:
     # GPU: XLA inlines every threefry call of the parameter init, and its compile time grows faster than linearly
@@ -53,11 +52,8 @@ def main(argv):
   from mesanet_jax.train.config import ConfigError
   from mesanet_jax.train.trainer import train_and_evaluate
   logging.info("config:\n%s", _CONFIG.value)
-  try:
+  with cli.one_line_errors("mesanet-train", ConfigError):
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    print(f"mesanet-train: error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _parse_flags(argv):

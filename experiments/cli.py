@@ -1,0 +1,23 @@
+"""What every command-line entry point shares: no stray arguments, quiet library logs, one-line errors (exit 2)."""
+import contextlib
+import sys
+
+from absl import app, flags, logging
+
+
+def start(argv) -> None:
+  """Rejects positional arguments; logs at WARNING unless --verbosity is given (orbax logs every save at INFO)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+@contextlib.contextmanager
+def one_line_errors(program: str, errors: type[Exception] | tuple[type[Exception], ...] = ValueError):
+  """Turns `errors` raised inside into `<program>: error: <message>` on stderr and exit code 2."""
+  try:
+    yield
+  except errors as e:
+    print(f"{program}: error: {e}", file=sys.stderr)
+    sys.exit(2)

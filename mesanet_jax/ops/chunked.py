@@ -26,10 +26,6 @@ IMPLS = ("xla", "pallas")
 PRECISIONS = ("highest", "high", "default")
 
 
-def _swap(states: jax.Array) -> jax.Array:
-  return jnp.swapaxes(states, -1, -2)
-
-
 def _decay_mask(log_decay: jax.Array) -> jax.Array:
   """W_ts = e^{G_t − G_s} for s ≤ t, else 0.  [B, H, N, C] -> [B, H, N, C, C]; every entry is in [0, 1]."""
   causal = jnp.tril(jnp.ones((log_decay.shape[-1],) * 2, bool))
@@ -119,7 +115,7 @@ class _Operator:
     A row-form read computes x_tᵀ H; reading the transposed states gives H x_t exactly, also for a non-symmetric
     initial state passed by the caller, so the backward's D_t = −y_t x_tᵀ is the gradient of what was computed.
     """
-    return self.read(x, self.k, self.k, _swap(self.states_kk))
+    return self.read(x, self.k, self.k, jnp.matrix_transpose(self.states_kk))
 
   def read(self, x, keys, values, states):
     """Causal read with this operator's decays and mask (see `_read`)."""
@@ -146,7 +142,7 @@ class _Operator:
 
   def adjoint_rhs(self, do):
     """u_t = H_kv[t] do_t, the right-hand side of the adjoint solve.  [B, H, N, C, Dv] -> [B, H, N, C, Dk]."""
-    return self.read(do, self.v, self.k, _swap(self.states_kv))
+    return self.read(do, self.v, self.k, jnp.matrix_transpose(self.states_kv))
 
   def state_gradients(self, x, y, do, d_final: MesaState):
     """Gradients w.r.t. the state after each chunk (D_t = −y_t x_tᵀ on H_kk[t], x_t do_tᵀ on H_kv[t]), scanned
@@ -163,9 +159,9 @@ class _Operator:
     d_next_kk, d_next_kv = d_states
     k, beta = self.k, self.beta
     # Row s of each: the total state gradient at token s applied to k_s or v_s.
-    hkk_k = self.write(k, x, -y, _swap(d_next_kk))
+    hkk_k = self.write(k, x, -y, jnp.matrix_transpose(d_next_kk))
     hkk_t_k = self.write(k, -y, x, d_next_kk)
-    hkv_v = self.write(self.v, do, x, _swap(d_next_kv))
+    hkv_v = self.write(self.v, do, x, jnp.matrix_transpose(d_next_kv))
     hkv_t_k = self.write(k, x, do, d_next_kv)
 
     dk = beta[..., None] * (hkk_k + hkk_t_k + hkv_v)

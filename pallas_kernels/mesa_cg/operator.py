@@ -18,10 +18,6 @@ from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.states import chunk_states
 
 
-def _swap(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PallasOperator:
@@ -39,13 +35,13 @@ class PallasOperator:
   def build(cls, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision):
     to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
     chunk_decay = jnp.exp(log_decay[..., -1])
-    bounds_kk_t = chunk_states(k, k, to_end, chunk_decay, _swap(state.h_kk), precision=precision)
+    bounds_kk_t = chunk_states(k, k, to_end, chunk_decay, jnp.matrix_transpose(state.h_kk), precision=precision)
     bounds_kv = chunk_states(k, v, to_end, chunk_decay, state.h_kv, precision=precision)
     return cls(k, v, log_decay, beta, lam, bounds_kk_t, bounds_kv, precision)
 
   @property
   def final(self) -> MesaState:
-    return MesaState(_swap(self.bounds_kk_t[:, :, -1]), self.bounds_kv[:, :, -1])
+    return MesaState(jnp.matrix_transpose(self.bounds_kk_t[:, :, -1]), self.bounds_kv[:, :, -1])
 
   def solve(self, rhs, cg_steps: int, cg_init: str):
     return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.bounds_kk_t, cg_steps=cg_steps,
@@ -62,10 +58,10 @@ class PallasOperator:
     """((the gradients w.r.t. H_kkᵀ and H_kv at every boundary), MesaState of the initial state's)."""
     weights = jnp.exp(self.log_decay)
     chunk_decay = jnp.exp(self.log_decay[..., -1])
-    d_bounds_kk_t = chunk_states(x, y, -weights, chunk_decay, _swap(d_final.h_kk), reverse=True,
+    d_bounds_kk_t = chunk_states(x, y, -weights, chunk_decay, jnp.matrix_transpose(d_final.h_kk), reverse=True,
                                  precision=self.precision)
     d_bounds_kv = chunk_states(x, do, weights, chunk_decay, d_final.h_kv, reverse=True, precision=self.precision)
-    return (d_bounds_kk_t, d_bounds_kv), MesaState(_swap(d_bounds_kk_t[:, :, 0]), d_bounds_kv[:, :, 0])
+    return (d_bounds_kk_t, d_bounds_kv), MesaState(jnp.matrix_transpose(d_bounds_kk_t[:, :, 0]), d_bounds_kv[:, :, 0])
 
   def token_gradients(self, x, y, do, u, d_states):
     return chunk_gradients(self.k, self.v, x, y, do, u, self.log_decay, self.beta, self.bounds_kk_t, self.bounds_kv,

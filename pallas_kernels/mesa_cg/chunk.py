@@ -21,10 +21,64 @@ class Dots(NamedTuple):
   tn: Callable  # aᵀ @ b
 
 
+class SplitDot(NamedTuple):
+  """An f32 product done as 16-bit products on the tensor cores, with f32 accumulation.
+
+  Each operand is scaled to max |·| = 1 (a per output row, b as a whole; fp16's exponent range is narrow) and split
+  into parts of `dtype`: x ≈ s·(hi + lo), lo = the rounding error of hi. Three passes (hi·hi + hi·lo + lo·hi) keep
+  about twice the part's mantissa (fp16: 22 bits, f32-accurate; bf16: 16); one pass (hi·hi) about the part's own
+  (fp16: 11 bits, as TF32, at twice TF32's tensor-core rate).
+  """
+  dtype: object  # jnp.float16 or jnp.bfloat16
+  passes: int  # 1 or 3
+
+
+# Scales never go below 2^-100, so 1/scale stays finite: a row whose largest entry is smaller (an f32 subnormal, say,
+# from a long run of strong decay) is scaled by 2^100 and underflows to zero in the parts instead of giving inf·0 =
+# NaN (seen on an H200 in a 146M-parameter model's loss before this floor).
+_SMALLEST_SCALE = 2.0 ** -100
+
+
+def _max_abs(x, *, whole: bool):
+  """max |x| per row [M, 1], or over the whole 2-D block as [1, 1], floored at _SMALLEST_SCALE."""
+  m = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+  if whole:
+    m = jnp.max(m, axis=0, keepdims=True)
+  return jnp.maximum(m, _SMALLEST_SCALE)
+
+
+def _parts(x, split: SplitDot):
+  """(hi, lo) of x, or (hi, None) for one pass."""
+  hi = x.astype(split.dtype)
+  lo = (x - hi.astype(x.dtype)).astype(split.dtype) if split.passes == 3 else None
+  return hi, lo
+
+
+def _split_general(a, b, *, dims, split: SplitDot):
+  """dot_general(a, b, dims) with `split` (a: [M, K] or [K, M] for tn; b: 2-D), f32 result."""
+  (a_contract,), _ = dims
+  scale_a = _max_abs(a, whole=a_contract == 0)  # [M, 1] scales rows of the result; a tn operand is scaled whole
+  scale_b = _max_abs(b, whole=True)
+  (a_hi, a_lo), (b_hi, b_lo) = _parts(a * (1.0 / scale_a), split), _parts(b * (1.0 / scale_b), split)
+  dot = functools.partial(lax.dot_general, dimension_numbers=(dims, ((), ())), preferred_element_type=jnp.float32)
+  out = dot(a_hi, b_hi)
+  if split.passes == 3:
+    out = dot(a_lo, b_hi) + dot(a_hi, b_lo) + out
+  return out * (scale_a * scale_b)
+
+
+_NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
+
+
 def dots(precision, dtype) -> Dots:
-  general = lambda dims: functools.partial(lax.dot_general, dimension_numbers=(dims, ((), ())),
-                                           precision=precision, preferred_element_type=dtype)
-  return Dots(general(((1,), (0,))), general(((1,), (1,))), general(((0,), (0,))))
+  """The three products at `precision`: a lax.Precision or DotAlgorithmPreset (passed to dot_general), or a
+  SplitDot (f32 operands only)."""
+  if isinstance(precision, SplitDot):
+    general = lambda dims: functools.partial(_split_general, dims=dims, split=precision)
+  else:
+    general = lambda dims: functools.partial(lax.dot_general, dimension_numbers=(dims, ((), ())),
+                                             precision=precision, preferred_element_type=dtype)
+  return Dots(general(_NN), general(_NT), general(_TN))
 
 
 def decay_mask(decay_col, decay_row, *, transpose: bool = False):

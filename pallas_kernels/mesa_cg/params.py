@@ -8,6 +8,8 @@ from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.mesa_cg.chunk import SplitDot
+
 _TARGET = contextvars.ContextVar("mesa_cg_target", default=None)
 
 
@@ -64,21 +66,24 @@ def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | N
 
 
 # On GPU, Triton runs a true f32 dot on CUDA cores, 50-100x slower than tensor cores here, and its three-pass TF32
-# dot needs more shared memory than an H200 has at C=64, Dk=128. Three bf16 passes (operands split into high and
-# low bf16 parts) run on tensor cores and fit; measured on an H200 (benchmarks/RESULTS.md) they solve to 1.5e-6 of the
-# f32 solution, as f32-accurate as the XLA path's CG. Interpret mode (CPU) and Mosaic TPU take lax.Precision as is.
-_GPU_DOT_ALGORITHMS = {
-    lax.Precision.HIGHEST: lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-    lax.Precision.HIGH: lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-    lax.Precision.DEFAULT: lax.DotAlgorithmPreset.TF32_TF32_F32,
+# dot needs more shared memory than an H200 has at C=64, Dk=128. The kernels instead split every f32 operand into fp16
+# parts after scaling it to max |·| = 1 (`chunk.SplitDot`; fp16 has 11 mantissa bits, bf16 8, at the same tensor-core
+# rate). Measured on an H200 (benchmarks/RESULTS.md, solve kernel, error vs the true-f32 CG): three fp16 passes 2.4e-7
+# (three bf16 passes: 1.7e-6) at the same speed; one fp16 pass 7.0e-5, as accurate as one TF32 pass (7.1e-5) and 2.2x
+# faster. Interpret mode (CPU) and Mosaic TPU take lax.Precision as is.
+_GPU_SPLITS = {
+    lax.Precision.HIGHEST: SplitDot(jnp.float16, 3),
+    lax.Precision.HIGH: SplitDot(jnp.float16, 3),
+    lax.Precision.DEFAULT: SplitDot(jnp.float16, 1),
 }
 
 
-def dot_precision(precision: lax.Precision | lax.DotAlgorithmPreset, dtype):
+def dot_precision(precision: lax.Precision | lax.DotAlgorithmPreset | SplitDot, dtype):
   """The in-kernel dot precision for `mesa_chunked`'s matmul_precision, for f32 (or f64) operands.
 
-  A DotAlgorithmPreset passes through unchanged (benchmarks use it to compare algorithms); f64 keeps its precision.
+  A DotAlgorithmPreset or SplitDot passes through unchanged (benchmarks use them to compare algorithms); f64 keeps
+  its precision.
   """
   if isinstance(precision, lax.Precision) and target() == "gpu" and dtype == jnp.float32:
-    return _GPU_DOT_ALGORITHMS[precision]
+    return _GPU_SPLITS[precision]
   return precision

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mesanet_jax.ops.cg import rowdot
 from mesanet_jax.ops.inputs import MesaState
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
 from pallas_kernels.mesa_cg.read import causal_read
@@ -64,5 +65,14 @@ class PallasOperator:
     return (d_bounds_kk_t, d_bounds_kv), MesaState(jnp.matrix_transpose(d_bounds_kk_t[:, :, 0]), d_bounds_kv[:, :, 0])
 
   def token_gradients(self, x, y, do, u, d_states):
-    return chunk_gradients(self.k, self.v, x, y, do, u, self.log_decay, self.beta, self.bounds_kk_t, self.bounds_kv,
-                           *d_states, precision=self.precision)
+    """dk, dv (kernel), dβ (kernel) and d log-decay: the scaling of everything decayed up to t (through the causal
+    read H_kk[t] x_t) minus what token t added itself, plus, at a chunk's last row, the scaling of the state handed
+    on, ⟨D_next, S_next⟩ (`chunked._Operator.token_gradients` derives the same)."""
+    d_bounds_kk_t, d_bounds_kv = d_states
+    dk, dv, dbeta = chunk_gradients(self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states,
+                                    precision=self.precision)
+    read_kk = causal_read(x, self.k, self.k, self.bounds_kk_t, self.log_decay, self.beta, precision=self.precision)
+    d_log_decay = -rowdot(y, read_kk) + rowdot(x, u) - self.beta * dbeta
+    handed_on = (jnp.sum(d_bounds_kk_t[:, :, 1:] * self.bounds_kk_t[:, :, 1:], axis=(-2, -1))
+                 + jnp.sum(d_bounds_kv[:, :, 1:] * self.bounds_kv[:, :, 1:], axis=(-2, -1)))
+    return dk, dv, d_log_decay.at[..., -1].add(handed_on), dbeta

@@ -30,7 +30,7 @@ def test_forward_and_backward_lower(platform):
     exported = export.export(jax.jit(jax.value_and_grad(loss, argnums=range(7))), platforms=[platform],
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
   module = exported.mlir_module()
-  # Forward: two state scans, solve, read; backward: the same again, two reverse scans, the gradients.
-  assert module.count(f"custom_call @{custom_call}(") == 11
+  # Forward: two state scans, solve, read; backward: the same again, two reverse scans, the gradients, H_kk·x read.
+  assert module.count(f"custom_call @{custom_call}(") == 12
   for kernel in KERNELS:
     assert kernel in module, kernel

@@ -23,7 +23,8 @@ from mesanet_jax.ops.inputs import zero_state
 @dataclasses.dataclass(frozen=True)
 class MesaConfig:
   """Mesa layer options. gamma_cap=0.9975 is the paper's forget-gate cap; None gives flash-linear-attention's
-  g = log σ(a). cg_init: "jacobi" (paper) or "zero". impl: the `mesa_chunked` implementation ("xla" or "pallas")."""
+  g = log σ(a). cg_init: "jacobi" (paper) or "zero". impl: the `mesa_chunked` implementation ("xla" or "pallas");
+  matmul_precision: its matmuls in training ("highest": f32-accurate; "default": TF32-class, ~1e-3, faster on GPU)."""
   num_heads: int = 6
   head_dim: int = 128
   conv_size: int = 4
@@ -35,6 +36,7 @@ class MesaConfig:
   decode_tol: float | None = None
   chunk_size: int = 64
   impl: str = "xla"
+  matmul_precision: str = "highest"
   cg_init: str = "jacobi"
   use_output_gate: bool = False
   norm_eps: float = 1e-6
@@ -63,7 +65,7 @@ class MesaLayer(RecurrentMixer):
   def mix(self, q, k, v, g, beta, state):
     c = self.config
     op = functools.partial(mesa_chunked, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train, impl=c.impl,
-                           cg_init=c.cg_init)
+                           cg_init=c.cg_init, matmul_precision=c.matmul_precision)
     if state is None:
       state = self.zero_state(q.shape[0])
     if c.impl == "pallas":  # XLA cannot partition a pallas_call: run it per (batch, heads) shard of the mesh

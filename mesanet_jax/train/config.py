@@ -11,6 +11,7 @@ import os
 import ml_collections
 
 from mesanet_jax.models.config import ARCHITECTURES, SIZES
+from mesanet_jax.ops.chunked import IMPLS, PRECISIONS
 
 
 RUN_CONFIG = "config.json"
@@ -39,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
       size="tiny", architecture="mesanet", dtype="float32",  # dtype: activations; params stay f32
       vocab_size=0,  # 0: the tokenizer's / task's vocabulary
       num_layers=0, cg_steps=0, chunk_size=0, impl="",
+      matmul_precision="",  # Mesa's chunked matmuls: "highest" (preset) or "default" (TF32-class, faster on GPU)
       fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
       remat=False,  # recompute each block's activations in the backward pass (less memory, ~1 more forward)
       scan_layers=False))  # one scanned block with params stacked on a "layers" axis (compile time flat in depth)
@@ -101,6 +103,9 @@ def validate(c) -> None:
     raise ValueError(f"model.architecture must be one of {ARCHITECTURES}, got {c.model.architecture!r}")
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+  for key, allowed in (("impl", ("", *IMPLS)), ("matmul_precision", ("", *PRECISIONS))):
+    if c.model[key] not in allowed:
+      raise ValueError(f"model.{key} must be one of {allowed} ('' keeps the preset's), got {c.model[key]!r}")
   for key in ("num_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
     if c.train[key] < 1:
       raise ValueError(f"train.{key} must be >= 1, got {c.train[key]}")

@@ -107,3 +107,12 @@ def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss():
   losses16, losses32 = np.array([m["loss"] for m in h16]), np.array([m["loss"] for m in h32])
   np.testing.assert_allclose(losses16, losses32, rtol=5e-3)
   assert np.any(losses16 != losses32)
+
+
+def test_model_overrides_reach_the_mesa_config():
+  config = get_config("mqar")
+  base = steps.lm_config(config).mesa
+  config.model.update(impl="pallas", chunk_size=32, matmul_precision="default", cg_steps=7)
+  mesa = steps.lm_config(config).mesa
+  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_steps_train) == ("pallas", 32, "default", 7)
+  assert (base.impl, base.matmul_precision) == ("xla", "highest")  # "" / 0 keep the preset's

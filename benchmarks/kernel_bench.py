@@ -7,6 +7,7 @@ the Pallas kernel that replaces it. flash-linear-attention (torch) is optional: 
 and `fla-core==0.6.0` as wheels on the device.
 
   python benchmarks/kernel_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128   # and --batch=2 --length=8192
+  ... --variants=xla:64:highest,pallas:64:highest,pallas:32:default      # several chunk sizes / precisions, one run
 """
 import functools
 import os
@@ -23,12 +24,17 @@ from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.chunked import operator_class
 from mesanet_jax.ops.inputs import zero_state
 from pallas_kernels.mesa_cg import chunked_cg_solve
+from pallas_kernels.mesa_cg.chunk import SplitDot
 
+flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision entries timed side by side, e.g. "
+                    "xla:64:highest,pallas:64:highest,pallas:32:default (empty: xla and pallas at the flags' setting); "
+                    "agreement is reported against the first")
 flags.DEFINE_bool("fla", True, "also time flash-linear-attention's chunk_mesa_net if it imports")
 flags.DEFINE_bool("stages", True, "also time every stage of the operator alone, XLA next to Pallas")
 flags.DEFINE_string("sweep_chunks", "", "chunk sizes for a sweep of the solve kernel alone (empty: no sweep)")
 flags.DEFINE_string("sweep_warps", "4,8", "Triton num_warps values of the sweep")
-flags.DEFINE_string("sweep_precisions", "tf32x3,tf32,ieee", "dot algorithms of the sweep: tf32x3, tf32, bf16x3, ieee")
+flags.DEFINE_string("sweep_precisions", "tf32x3,tf32,ieee",
+                    "dot algorithms of the sweep: tf32x3, tf32, bf16x3, bf16, ieee, f16x3, f16x1 (f16: scaled split)")
 FLAGS = flags.FLAGS
 
 
@@ -42,7 +48,10 @@ SOLVE_PRECISIONS = {
     "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
     "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
     "bf16x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    "bf16": jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
     "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32,
+    "f16x3": SplitDot(jnp.float16, 3),
+    "f16x1": SplitDot(jnp.float16, 1),
 }
 
 
@@ -56,13 +65,14 @@ def chunk_major(args, chunk_size):
 
 
 def solve_kernel(args, chunk_size, num_warps, precision):
-  """The fused CG solve alone on chunk-major inputs, with identity chunk states: (jitted call, its operands)."""
-  q, k, _, log_decay, beta, lam = chunk_major(args, chunk_size)
-  batch, heads, num_chunks, _, dim = q.shape
-  states = jnp.broadcast_to(jnp.eye(dim), (batch, heads, num_chunks, dim, dim))
+  """The fused CG solve alone on chunk-major inputs and the inputs' own chunk states: (jitted call, its operands)."""
+  q, k, v, log_decay, beta, lam = chunk_major(args, chunk_size)
+  batch, heads, _, _, dim = q.shape
+  states = operator_class("xla").build(k, v, log_decay, beta, lam, zero_state(batch, heads, dim, v.shape[-1]),
+                                       jax.lax.Precision.HIGHEST).states_kk
   solve = jax.jit(functools.partial(chunked_cg_solve, cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
                                     precision=precision, num_warps=num_warps))
-  return solve, (q, k, log_decay, beta, lam, states)
+  return solve, (q, k, log_decay, beta, lam, jnp.matrix_transpose(states))
 
 
 STAGES = ("chunk states", "solve", "output read", "adjoint rhs read", "state-gradient scans", "token gradients")
@@ -177,23 +187,36 @@ def time_fla(args, w):
   return fwd_ms, time_torch(forward_backward), as_numpy(o), [as_numpy(x) for x in grads]
 
 
+def parse_variants(text):
+  """"impl:chunk:precision,..." -> [(impl, chunk_size, matmul_precision)]; empty: the flags' own setting, xla and
+  pallas."""
+  if not text:
+    return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision) for impl in ("xla", "pallas")]
+  variants = []
+  for entry in text.split(","):
+    impl, chunk, precision = entry.split(":")
+    variants.append((impl, int(chunk), precision))
+  return variants
+
+
 def main(argv):
   del argv
   args, w, tokens, flops = setup_from_flags()
   results = {}
-  for impl in ("xla", "pallas"):
-    op = functools.partial(mesa_chunked, chunk_size=FLAGS.chunk_size, cg_steps=FLAGS.cg_steps, impl=impl,
-                           cg_init=FLAGS.cg_init, matmul_precision=FLAGS.matmul_precision)
+  for impl, chunk_size, precision in parse_variants(FLAGS.variants):
+    name = f"{impl} C={chunk_size} {precision}"
+    op = functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=FLAGS.cg_steps, impl=impl,
+                           cg_init=FLAGS.cg_init, matmul_precision=precision)
     fwd, fwd_bwd = jax.jit(op), forward_and_backward(op)
     try:
       fwd_ms, fwd_bwd_ms = time_ms(fwd, *args), time_ms(fwd_bwd, w, *args)
     except Exception as error:  # e.g. a kernel that does not compile here: report it, go on with the rest
-      failed(impl, error)
+      failed(name, error)
       continue
-    report(f"{impl} forward", fwd_ms, tokens, flops())
-    report(f"{impl} fwd+bwd", fwd_bwd_ms, tokens, flops(backward=True))
+    report(f"{name} forward", fwd_ms, tokens, flops(chunk_size=chunk_size))
+    report(f"{name} fwd+bwd", fwd_bwd_ms, tokens, flops(chunk_size=chunk_size, backward=True))
     grads, o = fwd_bwd(w, *args)
-    results[impl] = (fwd_ms, fwd_bwd_ms, o, grads)
+    results[name] = (fwd_ms, fwd_bwd_ms, o, grads)
   if FLAGS.stages:
     print_stages(args)
   if FLAGS.sweep_chunks:
@@ -206,16 +229,17 @@ def main(argv):
     else:
       report("fla chunk_mesa_net forward", results["fla"][0], tokens, flops())
       report("fla chunk_mesa_net fwd+bwd", results["fla"][1], tokens, flops(backward=True))
-  base_fwd, base_fwd_bwd, base_o, base_grads = results["xla"]
-  for impl, (fwd_ms, fwd_bwd_ms, o, grads) in results.items():
+  base_name, (base_fwd, base_fwd_bwd, base_o, base_grads) = next(iter(results.items()))
+  print(f"agreement with {base_name}: max |diff| / max |{base_name}|")
+  for name, (fwd_ms, fwd_bwd_ms, o, grads) in results.items():
     diffs = " ".join(f"d{n}={rel_diff(a, b):.1e}" for n, a, b in zip(("q", "k", "v", "g", "beta", "lam"),
                                                                       grads, base_grads))
-    print(f"{impl:>6}: fwd {fwd_ms / base_fwd:5.2f}x xla, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x xla; "
-          f"max|diff|/max|xla|: o={rel_diff(o, base_o):.1e} {diffs}")
+    print(f"{name:>22}: fwd {fwd_ms / base_fwd:5.2f}x, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x; "
+          f"o={rel_diff(o, base_o):.1e} {diffs}")
   if "fla" in results:
-    for impl in ("xla", "pallas"):
-      print(f"{impl} / fla time: fwd {results[impl][0] / results['fla'][0]:.2f}, "
-            f"fwd+bwd {results[impl][1] / results['fla'][1]:.2f}")
+    fla_fwd, fla_fwd_bwd = results["fla"][:2]
+    for name, (fwd_ms, fwd_bwd_ms, *_) in results.items():
+      print(f"{name:>22} / fla time: fwd {fwd_ms / fla_fwd:.2f}, fwd+bwd {fwd_bwd_ms / fla_fwd_bwd:.2f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ _SIZE = flags.DEFINE_string("size", "tiny", "preset size")
 _ARCH = flags.DEFINE_string("arch", "mesanet", "preset architecture")
 _BATCH = flags.DEFINE_integer("batch", 2, "sequences per step")
 _LENGTH = flags.DEFINE_integer("length", 128, "tokens per sequence")
-_IMPLS = flags.DEFINE_string("impls", "xla", "comma-separated Mesa implementations to time")
+_IMPLS = flags.DEFINE_string("impls", "xla", "comma-separated Mesa implementations to time, each impl[:chunk_size"
+                             "[:matmul_precision]] (default: the preset's), e.g. xla,pallas,pallas:32:default")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "activation dtype (params stay f32)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed steps; the median is reported")
 
@@ -41,8 +42,10 @@ def main(argv):
   tokens = jax.random.randint(jax.random.key(0), (_BATCH.value, _LENGTH.value + 1), 0, base.vocab_size)
   print(f"device: {jax.devices()[0].device_kind}; {_SIZE.value} {_ARCH.value}, {count_params(base):,} params, "
         f"batch {_BATCH.value} x {_LENGTH.value}, {_DTYPE.value} activations")
-  for impl in _IMPLS.value.split(","):
-    config = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl=impl))
+  for entry in _IMPLS.value.split(","):
+    impl, chunk_size, precision = (entry.split(":") + [base.mesa.chunk_size, base.mesa.matmul_precision])[:3]
+    mesa = dataclasses.replace(base.mesa, impl=impl, chunk_size=int(chunk_size), matmul_precision=precision)
+    config = dataclasses.replace(base, mesa=mesa)
     model = LanguageModel(config, rngs=nnx.Rngs(0))
     start = time.perf_counter()
     loss, _ = jax.block_until_ready(grad_step(model, tokens))
@@ -55,7 +58,7 @@ def main(argv):
     ms = statistics.median(times)
     memory = jax.devices()[0].memory_stats() or {}
     peak = memory.get("peak_bytes_in_use")
-    print(f"impl={impl:<7} loss {float(loss):.4f}  {ms:8.2f} ms/step  {_BATCH.value * _LENGTH.value / ms:9.1f} k tok/s"
+    print(f"{entry:<18} loss {float(loss):.4f}  {ms:8.2f} ms/step  {_BATCH.value * _LENGTH.value / ms:9.1f} k tok/s"
           f"  first call {compile_s:.1f} s" + (f"  peak {peak / 2**30:.1f} GiB" if peak else ""), flush=True)
 
 

@@ -76,12 +76,13 @@ def report(name, ms, tokens, flops=None):
 
 
 def setup_from_flags():
-  """For the shape the flags name: (inputs, loss weights w, token count, flop counter); prints the setting."""
+  """For the shape the flags name: (inputs, loss weights w, token count, flop counter(chunk_size=--chunk_size,
+  backward=False)); prints the setting."""
   batch, length, heads, dim = _BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value
   args = make_inputs(batch, length, heads, dim, jnp.dtype(_DTYPE.value))
   w = jax.random.normal(jax.random.key(1), (batch, length, heads, dim))
-  flops = functools.partial(mesa_chunked_flops, batch, length, heads, dim, dim, chunk_size=_CHUNK.value,
-                            cg_steps=_CG_STEPS.value)
+  flops = lambda chunk_size=_CHUNK.value, **kwargs: mesa_chunked_flops(
+      batch, length, heads, dim, dim, chunk_size=chunk_size, cg_steps=_CG_STEPS.value, **kwargs)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(f"shape: B={batch} T={length} H={heads} Dk=Dv={dim} C={_CHUNK.value} cg_steps={_CG_STEPS.value} "
         f"cg_init={_CG_INIT.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")

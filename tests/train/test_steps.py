@@ -8,6 +8,7 @@ from flax import nnx
 
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
+from mesanet_jax.train import config as train_config
 from mesanet_jax.train import optimizer, steps
 from tests.train.tiny import get_config
 
@@ -116,3 +117,11 @@ def test_model_overrides_reach_the_mesa_config():
   mesa = steps.lm_config(config).mesa
   assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_steps_train) == ("pallas", 32, "default", 7)
   assert (base.impl, base.matmul_precision) == ("xla", "highest")  # "" / 0 keep the preset's
+
+
+@pytest.mark.parametrize("key, value", [("impl", "triton"), ("matmul_precision", "tf32")])
+def test_unknown_mesa_options_are_refused_by_name(key, value):
+  config = get_config("mqar")
+  config.model[key] = value
+  with pytest.raises(ValueError, match=rf"model\.{key} must be one of"):
+    train_config.validate(config)

@@ -20,11 +20,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from jax import export
 from jax._src.pallas.triton import pallas_call_registration
 
 from mesanet_jax.ops import mesa_chunked
-from pallas_kernels.mesa_cg.params import lowering_for
+from pallas_kernels.mesa_cg.params import export_for
 
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "C")
 _DIM = flags.DEFINE_integer("head_dim", 128, "Dk = Dv")
@@ -58,14 +57,9 @@ def kernel_irs(chunk_size, dim, precision) -> dict[str, str]:
   args = (shape(1, length, 1, dim), shape(1, length, 1, dim), shape(1, length, 1, dim), shape(1, length, 1),
           shape(1, length, 1), shape(1, dim))
   loss = lambda *a: jnp.sum(mesa_chunked(*a, chunk_size=chunk_size, impl="pallas", matmul_precision=precision)[0])
-  # The Triton lowering asks for the GPU's compute capability: name one through an abstract device.
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device)
   pallas_call_registration.lowering.lower_jaxpr_to_triton_module = keep
   try:
-    with lowering_for("gpu"), jax.sharding.use_abstract_mesh(mesh):
-      export.export(jax.jit(jax.grad(loss, argnums=range(6))), platforms=["cuda"],
-                    disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    export_for("gpu", jax.grad(loss, argnums=range(6)), *args)
   finally:
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
   return irs
@@ -88,7 +82,7 @@ def sass_counts(sass: str) -> str:
 def main(argv):
   del argv
   irs = kernel_irs(_CHUNK.value, _DIM.value, _PRECISION.value)
-  find_triton = f"import triton, os; print(os.path.dirname(triton.__file__))"
+  find_triton = "import triton, os; print(os.path.dirname(triton.__file__))"
   triton_dir = subprocess.run([_TRITON_PYTHON.value, "-c", find_triton], capture_output=True, text=True,
                               check=True).stdout.strip()
   cuobjdump = os.path.join(triton_dir, "backends", "nvidia", "bin", "cuobjdump")

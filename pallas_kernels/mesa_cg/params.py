@@ -4,7 +4,7 @@ import contextvars
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import export, lax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
@@ -28,6 +28,24 @@ def lowering_for(backend: str):
     yield
   finally:
     _TARGET.reset(token)
+
+
+# Per kernel backend: the jax.export platform and the custom call that carries a kernel there.
+EXPORT_PLATFORMS = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
+
+
+def export_for(backend: str, fn, *args):
+  """`jax.export` of jit(fn)(*args) for `backend` ("gpu" or "tpu") from any host, with the kernels built for it.
+
+  The Triton lowering asks for the GPU's compute capability: an abstract H200 names one. The kernels' custom calls
+  are allowed through export's safety check (they are this package's own).
+  """
+  platform, custom_call = EXPORT_PLATFORMS[backend]
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device)
+  with lowering_for(backend), jax.sharding.use_abstract_mesh(mesh):
+    return export.export(jax.jit(fn), platforms=[platform],
+                         disabled_checks=[export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
 
 
 def use_interpret() -> bool:

@@ -37,14 +37,12 @@ def lm_config(config) -> LMConfig:
     changes["vocab_size"] = m.vocab_size
   if m.num_layers:
     changes["mixers"] = (lm.mixers * m.num_layers)[:m.num_layers]
-  if m.cg_steps or m.chunk_size or m.impl or m.matmul_precision:
-    mesa = lm.mesa
-    mesa = dataclasses.replace(mesa, cg_steps_train=m.cg_steps or mesa.cg_steps_train,
-                               chunk_size=m.chunk_size or mesa.chunk_size, impl=m.impl or mesa.impl,
-                               matmul_precision=m.matmul_precision or mesa.matmul_precision)
-    changes["mesa"] = mesa
-    if m.chunk_size:
-      changes["gdn"] = dataclasses.replace(lm.gdn, chunk_size=m.chunk_size)
+  mesa = lm.mesa
+  changes["mesa"] = dataclasses.replace(mesa, cg_steps_train=m.cg_steps or mesa.cg_steps_train,
+                                        chunk_size=m.chunk_size or mesa.chunk_size, impl=m.impl or mesa.impl,
+                                        matmul_precision=m.matmul_precision or mesa.matmul_precision)
+  if m.chunk_size:
+    changes["gdn"] = dataclasses.replace(lm.gdn, chunk_size=m.chunk_size)
   lm = dataclasses.replace(lm, **changes)
   return fla_compatible(lm) if m.fla_compatible else lm
 

@@ -78,6 +78,12 @@ def all_variants() -> list[Variant]:
   return [v for task in TASKS for v in variants(task)]
 
 
+def shrunk(variant: Variant, num_examples: int) -> Variant:
+  """The variant with at most num_examples training and test examples (smoke runs; same name)."""
+  return dataclasses.replace(variant, num_train_examples=min(num_examples, variant.num_train_examples),
+                             num_test_examples=min(num_examples, variant.num_test_examples))
+
+
 def find(task: str, name: str) -> Variant:
   for v in variants(task):
     if v.name == name:
@@ -105,13 +111,14 @@ def generate(variant: Variant, split: str, seed: int = 0, num_examples: int | No
           "targets": np.stack([e[1] for e in examples]).astype(np.int32)}
 
 
-def load(variant: Variant, seed: int = 0, cache_dir: str = "", num_examples: int | None = None) -> dict:
+def load(variant: Variant, seed: int = 0, cache_dir: str = "") -> dict:
   """{"train": {...}, "test": {...}} for the variant, read from (or written to) `cache_dir` when given."""
-  path = cache_dir and os.path.join(cache_dir, f"{variant.task}.{variant.name}.seed{seed}.n{num_examples or 0}.npz")
+  path = cache_dir and os.path.join(cache_dir, f"{variant.task}.{variant.name}.seed{seed}.train"
+                                               f"{variant.num_train_examples}.test{variant.num_test_examples}.npz")
   if path and os.path.exists(path):
     with np.load(path) as f:
       return {split: {"inputs": f[f"{split}_inputs"], "targets": f[f"{split}_targets"]} for split in ("train", "test")}
-  data = {split: generate(variant, split, seed, num_examples) for split in ("train", "test")}
+  data = {split: generate(variant, split, seed) for split in ("train", "test")}
   if path:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + ".tmp.npz"

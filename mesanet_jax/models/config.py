@@ -23,6 +23,7 @@ ARCHITECTURES = ("mesanet", "gdn", "transformer", "swa", "hawk", "hawk_mesa", "h
 # name: (blocks, d_model, heads, head_dim, vocab)
 SIZES = {
     "tiny": (4, 64, 2, 32, 256),
+    "mad": (2, 128, 8, 16, 16),  # the paper's MAD models (App. F.1 / Table 6); the vocabulary is each task's
     "small": (14, 768, 6, 128, 50_257),
     "medium": (28, 1024, 8, 128, 50_257),
     "large": (28, 1536, 12, 128, 50_257),

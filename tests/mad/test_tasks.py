@@ -142,7 +142,7 @@ def test_fuzzy_recall_shapes_padding_and_targets():
 
 def test_memorize_values_never_in_inputs_and_one_map_for_train_and_test():
   variant = variants.find("memorize", "baseline")
-  data = variants.load(variant, seed=3, num_examples=64)
+  data = variants.load(variants.shrunk(variant, 64), seed=3)
   value_of = {}
   for split in ("train", "test"):
     inputs, targets = data[split]["inputs"], data[split]["targets"]
@@ -167,10 +167,10 @@ def test_selective_copy_targets_are_the_tokens_in_order_and_inputs_blank_there()
 
 
 def test_compress_reconstructs_the_input_and_datasets_are_fixed(tmp_path):
-  variant = variants.find("compress", "seq_len=64")
-  first = variants.load(variant, seed=1, cache_dir=str(tmp_path), num_examples=16)
-  again = variants.load(variant, seed=1, cache_dir=str(tmp_path), num_examples=16)  # from the cache file
-  fresh = variants.generate(variant, "train", seed=1, num_examples=16)
+  variant = variants.shrunk(variants.find("compress", "seq_len=64"), 16)
+  first = variants.load(variant, seed=1, cache_dir=str(tmp_path))
+  again = variants.load(variant, seed=1, cache_dir=str(tmp_path))  # from the cache file
+  fresh = variants.generate(variant, "train", seed=1)
   for key in ("inputs", "targets"):
     np.testing.assert_array_equal(first["train"][key], again["train"][key])
     np.testing.assert_array_equal(first["train"][key], fresh[key])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mesanet_jax.mad import models, training
+from mesanet_jax.mad import models, tasks, training
 from mesanet_jax.models.config import LMConfig
 from mesanet_jax.train.optimizer import decay_mask
 
@@ -137,7 +137,7 @@ class Population:
       return None, jax.vmap(member)(slots.params, xs[0], xs[1], slots.vocab)
 
     _, (macro, correct, losses) = jax.lax.scan(batch_step, None, (split(inputs), split(targets)))
-    scored = jnp.sum(targets != -100, axis=(1, 2))
+    scored = jnp.sum(targets != tasks.IGNORE, axis=(1, 2))
     return {"accuracy": jnp.mean(macro, 0), "accuracy_micro": jnp.sum(correct, 0) / jnp.maximum(scored, 1),
             "loss": jnp.mean(losses, 0)}
 
@@ -148,7 +148,7 @@ def stack_datasets(datasets: list[dict], length: int) -> dict:
   def pad(split, key):
     arrays = [d[split][key] for d in datasets]
     rows = max(a.shape[0] for a in arrays)
-    fill = 0 if key == "inputs" else -100
+    fill = 0 if key == "inputs" else tasks.IGNORE
     out = np.full((len(arrays), rows, length), fill, np.int32)
     for i, a in enumerate(arrays):
       out[i, :a.shape[0], :a.shape[1]] = a

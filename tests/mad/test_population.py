@@ -1,9 +1,7 @@
 """The population trainer: mad-lab's accuracy and the paper's schedule; slots train exactly as members alone (per-slot
 lr, own data order, frozen when done); in-flight state saved and restored; the grid's results resume; Table 9 scored
 both ways."""
-import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -114,5 +112,3 @@ def test_table_scores_the_mad_lab_way_and_the_paper_way():
   assert "| MesaNet (ours, mad-lab score) | 75.0 | — | 85.0 |" in table.markdown(table.table9(scores))
   incomplete = table.task_scores(records[:3], expected)[("mesanet", "memorize")]
   assert incomplete["madlab"] is None and incomplete["missing"] == 1 and incomplete["partial"] == pytest.approx(55)
-  json.dumps(row)
-  assert dataclasses.asdict(training.Protocol())["epochs"] == 200

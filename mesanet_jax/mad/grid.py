@@ -168,8 +168,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
       finished += 1
     if finished_now := sum(j is None for j in slot_jobs) - sum(j is None for j in before_jobs):
       rate = stepped / max(time.time() - tick, 1e-9)
-      progress.note(f"{group_name(key)}: {finished}/{len(jobs)} done (+{finished_now}), {rate:,.0f} member-steps/s "
-                    f"({1e3 / max(rate, 1e-9):.3f} ms per member-step)")
+      progress.note(f"{group_name(key)}: {finished}/{len(jobs)} done (+{finished_now}), {rate:.4g} member-steps/s "
+                    f"({1e3 / max(rate, 1e-9):.4g} ms per member-step, evaluation included)")
       tick, stepped = time.time(), 0
     slots = dataclasses.replace(slots, active=jnp.asarray([j is not None for j in slot_jobs]))
   if state_path and os.path.exists(state_path):

@@ -40,5 +40,7 @@ setup(
         "mesanet-eval = experiments.evaluate:run",
         "mesanet-export = experiments.export:run",
         "mesanet-generate = experiments.generate:run",
+        "mesanet-mad-grid = experiments.mad_grid:run",
+        "mesanet-mad-table = experiments.mad_table:run",
     ]},
 )

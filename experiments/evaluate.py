@@ -2,15 +2,13 @@
 
     mesanet-eval --workdir=runs/default                                  # latest checkpoint, held-out split
     mesanet-eval --workdir=runs/mesa --baseline_workdir=runs/transformer  # + ΔNLL by position vs a Transformer
-    mesanet-eval --mad_root=runs/mad                                     # MAD runs beside the paper's Table 9
 
 For --workdir (a language-model run; the checkpoint at --step, restored onto the --mesh): perplexity and accuracy on
 a data split; loss by token position as a table and positions.png (with --baseline_workdir, evaluated on the same
 tokens: ΔNLL = NLL − NLL_baseline); for Mesa models a sweep of inference CG budgets (fixed steps and tolerances,
-teacher-forced decoding, CG steps actually used per token) as a table and cg_sweep.png. With --mad_root: every MAD
-run below it (`launch/sweep.py` grid points of experiments/configs/mad.py) in the paper's protocol
-(mesanet_jax/eval/mad.py). Everything is written to <out>/eval.json next to the plots (default out:
-<workdir>/eval/step_<N>, or <mad_root>/eval). One process.
+teacher-forced decoding, CG steps actually used per token) as a table and cg_sweep.png. Everything is written to
+<out>/eval.json next to the plots (default out: <workdir>/eval/step_<N>). One process. MAD has its own commands:
+mesanet-mad-grid and mesanet-mad-table.
 """
 import json
 import math
@@ -32,8 +30,7 @@ _CG_STEPS = flags.DEFINE_list("cg_steps", ["1", "2", "4", "8", "16", "30"], "fix
 _CG_TOLS = flags.DEFINE_list("cg_tols", ["1e-2", "1e-3", "1e-4"], "tolerances of the sweep (at most 30 steps, "
                              "or the largest of --cg_steps)")
 _CG_BATCHES = flags.DEFINE_integer("cg_batches", 1, "batches for the CG sweep (it decodes token by token)")
-_MAD_ROOT = flags.DEFINE_string("mad_root", "", "directory holding MAD runs (searched recursively)")
-_OUT = flags.DEFINE_string("out", "", "output directory (default: <workdir>/eval/step_<N> or <mad_root>/eval)")
+_OUT = flags.DEFINE_string("out", "", "output directory (default: <workdir>/eval/step_<N>)")
 
 
 def _numbers(flag, kind) -> list:
@@ -118,47 +115,18 @@ def evaluate_run(run, mesh, out: str) -> dict:
   return report
 
 
-def evaluate_mad(mesh) -> dict:
-  """Accuracy of every MAD run below --mad_root and the Table 9 layout of the best per task."""
-  from mesanet_jax.eval import losses, mad, runs
-  results = []
-  for directory, _, files in sorted(os.walk(_MAD_ROOT.value)):
-    if "config.json" not in files or "checkpoints" not in os.listdir(directory):
-      continue
-    run = runs.load_run(directory, None, mesh)
-    if run.config.data.source != "synthetic" or run.config.data.task not in mad.TASK_COLUMN:
-      continue
-    batches = _batches(run.config, "eval", _BATCH_SIZE.value, _NUM_BATCHES.value)
-    accuracy = losses.summary(losses.token_losses(runs.model_from(run.lm, run.params), batches, mesh))["accuracy"]
-    results.append({"workdir": directory, "step": run.step, "architecture": run.config.model.architecture,
-                    "task": run.config.data.task, "lr": run.config.optim.lr,
-                    "weight_decay": run.config.optim.weight_decay, "accuracy": accuracy})
-  if not results:
-    raise ValueError(f"--mad_root {_MAD_ROOT.value}: no trained MAD runs (config.json + checkpoints/) below it")
-  table = mad.table9(results)
-  print(f"\nMAD accuracy (%) over {len(results)} runs, paper protocol\n" + mad.markdown(table))
-  return {"runs": results, "table9": table}
-
-
 def main(argv):
   cli.start(argv)
   from mesanet_jax import sharding
   from mesanet_jax.eval import runs
   with cli.one_line_errors("mesanet-eval"):
-    if not (_WORKDIR.value or _MAD_ROOT.value):
-      raise ValueError("give --workdir (a run) and/or --mad_root (a directory of MAD runs)")
+    if not _WORKDIR.value:
+      raise ValueError("give --workdir (a run); MAD results are read by mesanet-mad-table")
     mesh = sharding.make_mesh(*_numbers(_MESH, int))
-    report = {}
-    if _WORKDIR.value:
-      run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value, mesh)
-      out = _OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{run.step}")
-      os.makedirs(out, exist_ok=True)
-      report.update(evaluate_run(run, mesh, out))
-    else:
-      out = _OUT.value or os.path.join(_MAD_ROOT.value, "eval")
-      os.makedirs(out, exist_ok=True)
-    if _MAD_ROOT.value:
-      report["mad"] = evaluate_mad(mesh)
+    run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value, mesh)
+    out = _OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{run.step}")
+    os.makedirs(out, exist_ok=True)
+    report = evaluate_run(run, mesh, out)
   with open(os.path.join(out, "eval.json"), "w") as f:
     json.dump(report, f, indent=1)
   print(f"\nwrote {os.path.join(out, 'eval.json')} and the plots beside it")

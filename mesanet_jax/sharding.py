@@ -1,7 +1,8 @@
 """Device mesh and the ONE table mapping logical axis names to mesh axes.
 
 Parameters name their axes logically when created (`layers/params.py`): "vocab", "embed", "heads" (the H·D
-projection width, or H), "kv" (head dim), "mlp", "conv", and "layers" (the stacked block axis of `scan_layers`, never split). Models never mention mesh axes; this file does. Mesh axes:
+projection width, or H), "kv" (head dim), "mlp", "lru" (the Hawk recurrence's width), "conv", and "layers" (the
+stacked block axis of `scan_layers`, never split). Models never mention mesh axes; this file does. Mesh axes:
 "data" (pure data parallel), "fsdp" (data parallel with parameters sharded over "embed"), "tensor" (heads / mlp /
 vocab). A mesh axis that does not divide a dimension is dropped for that parameter (e.g. vocab 50,257 stays whole).
 Activations between blocks are pinned to ("batch", None, None) by `constrain`.
@@ -22,6 +23,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
+    ("lru", "tensor"),
     ("kv", None),
     ("conv", None),
     ("layers", None),

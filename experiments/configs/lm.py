@@ -1,5 +1,5 @@
 """The paper's language models (App. G.3/G.4): `--config=experiments/configs/lm.py:<architecture>,<size>,<budget>`
-with architecture mesanet | gdn | transformer | swa | hybrid, size small (140M) | medium (440M) | large (940M),
+with architecture mesanet | gdn | transformer | swa | hawk | hawk_mesa | hybrid, size small (140M) | medium (440M) | large (940M),
 budget 15b | 50b. Peak learning rates are the paper's Table 8 (PAPER_NOTES §5.3); SWA uses 1e-3 (G.3), and our
 hybrid (Mesa + SWA, not in the paper) takes Mesa's.
 
@@ -12,12 +12,13 @@ from mesanet_jax.train.config import base_config
 
 # Table 8: (size, budget) -> peak LR for each architecture.
 PEAK_LR = {
-    ("small", "15b"): {"transformer": 0.0025, "gdn": 0.001, "mesanet": 0.003},
-    ("small", "50b"): {"transformer": 0.003, "gdn": 0.001, "mesanet": 0.00095},
-    ("medium", "15b"): {"transformer": 0.0015, "gdn": 0.0025, "mesanet": 0.0025},
-    ("medium", "50b"): {"transformer": 0.001, "gdn": 0.00095, "mesanet": 0.001},
-    ("large", "15b"): {"transformer": 0.002, "gdn": 0.002, "mesanet": 0.002},
-    ("large", "50b"): {"transformer": 0.0008, "gdn": 0.0009, "mesanet": 0.00085},
+    ("small", "15b"): {"transformer": 0.0025, "gdn": 0.001, "mesanet": 0.003, "hawk": 0.002, "hawk_mesa": 0.0025},
+    ("small", "50b"): {"transformer": 0.003, "gdn": 0.001, "mesanet": 0.00095, "hawk": 0.001, "hawk_mesa": 0.001},
+    ("medium", "15b"): {"transformer": 0.0015, "gdn": 0.0025, "mesanet": 0.0025, "hawk": 0.0025, "hawk_mesa": 0.002},
+    ("medium", "50b"): {"transformer": 0.001, "gdn": 0.00095, "mesanet": 0.001, "hawk": 0.0009, "hawk_mesa": 0.0009},
+    ("large", "15b"): {"transformer": 0.002, "gdn": 0.002, "mesanet": 0.002, "hawk": 0.002, "hawk_mesa": 0.002},
+    ("large", "50b"): {"transformer": 0.0008, "gdn": 0.0009, "mesanet": 0.00085, "hawk": 0.0009,
+                       "hawk_mesa": 0.00085},
 }
 TOKENS = {"15b": 15e9, "50b": 50e9}
 
@@ -31,7 +32,8 @@ def get_config(arg="mesanet,small,15b"):
   lrs = PEAK_LR[(size, budget)]
   lr = {"swa": 0.001, "hybrid": lrs["mesanet"]}.get(architecture, lrs.get(architecture))
   if lr is None:
-    raise ValueError(f"lm.py: architecture must be mesanet|gdn|transformer|swa|hybrid, got {architecture!r}")
+    raise ValueError(f"lm.py: architecture must be mesanet|gdn|transformer|swa|hawk|hawk_mesa|hybrid, got "
+                     f"{architecture!r}")
   c = base_config()
   c.model.size = size
   c.model.architecture = architecture

@@ -16,7 +16,6 @@ NUM_SYNTHETIC = 2**40  # synthetic examples per split; indices never wrap in pra
 
 def task_config(data) -> synthetic.TaskConfig:
   return synthetic.TaskConfig(seq_len=data.seq_len, vocab_size=data.vocab_size, num_pairs=data.num_pairs,
-                              key_len=data.key_len, noise_frac=data.noise_frac, num_tokens=data.num_tokens,
                               dim=data.dim, noise_std=data.noise_std)
 
 

@@ -1,11 +1,8 @@
-"""Synthetic tasks, each example a pure function of (seed, index): MQAR, in-context linear regression and the MAD
-suite (paper App. F / PAPER_NOTES §6.7: in-context recall, noisy recall, fuzzy recall, memorize, selective copy,
-compress).
+"""Synthetic tasks for the trainer, each example a pure function of (seed, index): MQAR and in-context linear
+regression. (The MAD benchmark, with its fixed datasets per variant, lives in `mesanet_jax/mad`.)
 
 Token tasks return {"inputs": [T] int32, "targets": [T] int32, "mask": [T] f32}: next-token targets, with the loss
-and accuracy counted only where mask = 1 (the positions whose answer is determined by the context). The MAD tasks
-follow the task descriptions of Poli et al. (2024) in next-token form; they are not a port of MAD's generator code.
-Regression returns {"inputs": [T, D+1] f32, "targets": [T] f32, "mask": [T] f32}.
+and accuracy counted only where mask = 1 (the positions whose answer is determined by the context). Regression returns {"inputs": [T, D+1] f32, "targets": [T] f32, "mask": [T] f32}.
 """
 import dataclasses
 
@@ -17,16 +14,13 @@ class TaskConfig:
   """Sizes shared by the token tasks. vocab_size counts every token id the task may emit."""
   seq_len: int = 64
   vocab_size: int = 64
-  num_pairs: int = 8            # key-value pairs (recall tasks, MQAR)
-  key_len: int = 2              # tokens per key / value (fuzzy recall)
-  noise_frac: float = 0.2       # share of noise tokens (noisy recall)
-  num_tokens: int = 8           # tokens to copy (selective copy, compress)
+  num_pairs: int = 8            # key-value pairs (MQAR)
   dim: int = 8                  # input dimension (regression)
   noise_std: float = 0.0        # label noise (regression)
 
 
-def _rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
-  return np.random.default_rng([seed, stream, index])
+def _rng(seed: int, index: int) -> np.random.Generator:
+  return np.random.default_rng([seed, 0, index])
 
 
 def _lm(tokens: np.ndarray, answer: np.ndarray) -> dict:
@@ -62,97 +56,6 @@ def mqar(c: TaskConfig, seed: int, index: int) -> dict:
   return _lm(tokens, answer)
 
 
-def _recall(c: TaskConfig, rng: np.random.Generator, keys, values, key_len: int, noise_frac: float) -> dict:
-  """Repeated key→value lookups from a fixed in-sequence mapping; a value is predicted when its key was seen."""
-  keys_vocab, values_vocab = _halves(c)
-  noise_vocab = np.arange(1, 4)  # noise ids are reserved keys never used as keys below
-  tokens, answer, seen = [], [], set()
-  while len(tokens) < c.seq_len + 1:
-    if noise_frac and rng.random() < noise_frac:
-      tokens.append(int(rng.choice(noise_vocab)))
-      answer.append(False)
-      continue
-    i = int(rng.integers(len(keys)))
-    tokens += list(keys[i]) + list(values[i])
-    answer += [False] * key_len + [i in seen] * key_len
-    seen.add(i)
-  return _lm(np.array(tokens[:c.seq_len + 1]), np.array(answer[:c.seq_len + 1]))
-
-
-def _mapping(c: TaskConfig, rng: np.random.Generator, key_len: int = 1, reserve: int = 0):
-  """num_pairs distinct keys (strings of key_len key ids, none of the first `reserve`) and their values."""
-  keys_vocab, values_vocab = _halves(c)
-  keys_vocab = keys_vocab[reserve:]
-  n = len(keys_vocab)
-  if c.num_pairs > n ** key_len:
-    raise ValueError(f"num_pairs {c.num_pairs} exceeds the {n ** key_len} distinct keys of vocab_size {c.vocab_size}")
-  codes = rng.choice(n ** key_len, c.num_pairs, replace=False)
-  digits = (codes[:, None] // n ** np.arange(key_len)[::-1]) % n  # base-n digits: distinct rows
-  return keys_vocab[digits], rng.choice(values_vocab, (c.num_pairs, key_len))
-
-
-def in_context_recall(c: TaskConfig, seed: int, index: int) -> dict:
-  rng = _rng(seed, index)
-  keys, values = _mapping(c, rng, reserve=3)
-  return _recall(c, rng, keys, values, 1, 0.0)
-
-
-def noisy_recall(c: TaskConfig, seed: int, index: int) -> dict:
-  rng = _rng(seed, index)
-  keys, values = _mapping(c, rng, reserve=3)
-  return _recall(c, rng, keys, values, 1, c.noise_frac)
-
-
-def fuzzy_recall(c: TaskConfig, seed: int, index: int) -> dict:
-  """Keys and values are `key_len`-token strings; every value token after a seen key is predicted."""
-  rng = _rng(seed, index)
-  keys, values = _mapping(c, rng, key_len=c.key_len, reserve=3)
-  return _recall(c, rng, keys, values, c.key_len, 0.0)
-
-
-def memorize(c: TaskConfig, seed: int, index: int) -> dict:
-  """One key→value mapping shared by every example (drawn from the seed only): recall from the weights, so every
-  value is predicted, including the first occurrence."""
-  keys, values = _mapping(c, _rng(seed, 0, stream=1), reserve=3)
-  rng = _rng(seed, index)
-  picks = rng.integers(len(keys), size=(c.seq_len + 2) // 2)
-  tokens = np.stack([keys[picks, 0], values[picks, 0]], axis=1).reshape(-1)[:c.seq_len + 1]
-  answer = np.tile([False, True], len(picks))[:c.seq_len + 1]
-  return _lm(tokens, answer)
-
-
-def selective_copy(c: TaskConfig, seed: int, index: int) -> dict:
-  """num_tokens tokens scattered among blanks (0), then a copy marker (1) and the tokens again, in order."""
-  rng = _rng(seed, index)
-  n = c.num_tokens
-  context = c.seq_len + 1 - n - 1
-  if context < n:
-    raise ValueError(f"selective_copy needs seq_len + 1 >= 3 * num_tokens + 1, got seq_len={c.seq_len}")
-  content = rng.integers(2, c.vocab_size, n)
-  tokens = np.zeros(c.seq_len + 1, np.int64)
-  tokens[np.sort(rng.choice(context, n, replace=False))] = content
-  tokens[context] = 1
-  tokens[context + 1:] = content
-  answer = np.zeros(c.seq_len + 1, bool)
-  answer[context + 1:] = True
-  return _lm(tokens, answer)
-
-
-def compress(c: TaskConfig, seed: int, index: int) -> dict:
-  """A random string, a compression marker (1), blanks (0), then the string again: the model has to carry the
-  whole string across the blanks in its state."""
-  rng = _rng(seed, index)
-  n = c.num_tokens
-  gap = c.seq_len + 1 - 2 * n - 1
-  if gap < 0:
-    raise ValueError(f"compress needs seq_len + 1 >= 2 * num_tokens + 1, got seq_len={c.seq_len}")
-  content = rng.integers(2, c.vocab_size, n)
-  tokens = np.concatenate([content, [1], np.zeros(gap, np.int64), content])
-  answer = np.zeros(c.seq_len + 1, bool)
-  answer[-n:] = True
-  return _lm(tokens, answer)
-
-
 def linear_regression(c: TaskConfig, seed: int, index: int) -> dict:
   """In-context linear regression: a fresh w ~ N(0, I/D) per sequence; tokens alternate x_i = [x, 0] and
   y_i = [0, wᵀx + noise]. The model predicts y_i at the position of x_i (mask there); inputs [T, D+1]."""
@@ -173,12 +76,6 @@ def linear_regression(c: TaskConfig, seed: int, index: int) -> dict:
 
 TASKS = {
     "mqar": mqar,
-    "in_context_recall": in_context_recall,
-    "noisy_recall": noisy_recall,
-    "fuzzy_recall": fuzzy_recall,
-    "memorize": memorize,
-    "selective_copy": selective_copy,
-    "compress": compress,
     "regression": linear_regression,
 }
 

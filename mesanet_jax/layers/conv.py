@@ -7,18 +7,20 @@ from mesanet_jax.layers.params import fan_in_normal, param
 
 
 class ShortConv(nnx.Module):
-  """y_t = Σ_{i<K} w_i ⊙ x_{t−K+1+i} per channel (no bias, no activation: the caller applies SiLU).
+  """y_t = Σ_{i<K} w_i ⊙ x_{t−K+1+i} (+ b) per channel, no activation (the caller applies one if any).
 
   The state is the last K−1 inputs, [B, K−1, C]; zeros before the first token. Feeding a sequence in pieces with the
   returned state gives the same output as feeding it whole, so decoding is the T = 1 case of the same call.
+  init_scale scales the kernel's fan-in variance (Griffin's recurrent block: 0.01, with a bias).
   """
 
   def __init__(self, channels: int, kernel_size: int, *, rngs: nnx.Rngs, axis_name: str | None = "heads",
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               init_scale: float = 1.0, use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
     if kernel_size < 1:
       raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
     self.kernel_size, self.dtype = kernel_size, dtype
-    self.kernel = param(rngs, fan_in_normal(), (kernel_size, channels), param_dtype, ("conv", axis_name))
+    self.kernel = param(rngs, fan_in_normal(init_scale), (kernel_size, channels), param_dtype, ("conv", axis_name))
+    self.bias = param(rngs, nnx.initializers.zeros, (channels,), param_dtype, (axis_name,)) if use_bias else None
 
   def zero_state(self, batch: int) -> jax.Array:
     return jnp.zeros((batch, self.kernel_size - 1, self.kernel.shape[1]), self.dtype)
@@ -31,4 +33,6 @@ class ShortConv(nnx.Module):
     kernel = self.kernel[...].astype(self.dtype)
     length = x.shape[1]
     y = sum(kernel[i] * padded[:, i:i + length] for i in range(self.kernel_size))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
     return y, padded[:, length:]

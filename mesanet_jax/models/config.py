@@ -1,8 +1,10 @@
 """LM configuration and the paper's presets (App. G.4) for MesaNet and each baseline, plus a tiny CPU size.
 
-Mixer names per layer: "mesa", "gdn" (Gated DeltaNet), "attention" (full causal, RoPE) and "swa" (sliding-window
-attention with `attention.window`). Architectures: "mesanet", "gdn", "transformer", "swa" (all one mixer) and
-"hybrid" (Mesa with every `hybrid_every`-th layer sliding-window attention; the hybrid is ours, not in the paper's v2).
+Mixer names per layer: "mesa", "gdn" (Gated DeltaNet), "attention" (full causal, RoPE), "swa" (sliding-window
+attention with `attention.window`) and "lru" (Hawk's RG-LRU block, width `lru.width` = 1.25·d in the presets).
+Architectures: "mesanet", "gdn", "transformer", "swa", "hawk" (all one mixer), "hawk_mesa" (LRU and Mesa blocks
+alternating, LRU first: the paper's Hawk-MesaNet) and "hybrid" (Mesa with every `hybrid_every`-th layer
+sliding-window attention; the hybrid is ours, not in the paper's v2).
 
 `fla_compatible` gives the variant that flash-linear-attention's `MesaNetForCausalLM` can express (the HF export's
 requirement); `to_dict` / `from_dict` write and read an LMConfig as JSON-ready data.
@@ -13,13 +15,15 @@ import jax.numpy as jnp
 
 from mesanet_jax.layers.attention import AttentionConfig
 from mesanet_jax.layers.gated_deltanet import GatedDeltaNetConfig
+from mesanet_jax.layers.hawk import HawkConfig, lru_width
 from mesanet_jax.layers.mesa import MesaConfig
 
-MIXERS = ("mesa", "gdn", "attention", "swa")
-ARCHITECTURES = ("mesanet", "gdn", "transformer", "swa", "hybrid")
+MIXERS = ("mesa", "gdn", "attention", "swa", "lru")
+ARCHITECTURES = ("mesanet", "gdn", "transformer", "swa", "hawk", "hawk_mesa", "hybrid")
 # name: (blocks, d_model, heads, head_dim, vocab)
 SIZES = {
     "tiny": (4, 64, 2, 32, 256),
+    "mad": (2, 128, 8, 16, 16),  # the paper's MAD models (App. F.1 / Table 6); the vocabulary is each task's
     "small": (14, 768, 6, 128, 50_257),
     "medium": (28, 1024, 8, 128, 50_257),
     "large": (28, 1536, 12, 128, 50_257),
@@ -48,6 +52,7 @@ class LMConfig:
   mesa: MesaConfig = MesaConfig()
   gdn: GatedDeltaNetConfig = GatedDeltaNetConfig()
   attention: AttentionConfig = AttentionConfig()
+  lru: HawkConfig = HawkConfig()
   remat: bool = False
   scan_layers: bool = False
 
@@ -69,7 +74,9 @@ def mixer_pattern(architecture: str, n_layers: int, hybrid_every: int = 4) -> tu
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
   if architecture == "hybrid":
     return tuple("swa" if (i + 1) % hybrid_every == 0 else "mesa" for i in range(n_layers))
-  single = {"mesanet": "mesa", "gdn": "gdn", "transformer": "attention", "swa": "swa"}[architecture]
+  if architecture == "hawk_mesa":
+    return tuple("lru" if i % 2 == 0 else "mesa" for i in range(n_layers))
+  single = {"mesanet": "mesa", "gdn": "gdn", "transformer": "attention", "swa": "swa", "hawk": "lru"}[architecture]
   return (single,) * n_layers
 
 
@@ -84,7 +91,8 @@ def preset(size: str, architecture: str = "mesanet", *, hybrid_every: int = 4, *
       vocab_size=vocab, d_model=d_model, mixers=mixer_pattern(architecture, n_layers, hybrid_every),
       mesa=MesaConfig(num_heads=heads, head_dim=head_dim, chunk_size=chunk),
       gdn=GatedDeltaNetConfig(num_heads=heads, head_dim=head_dim, chunk_size=chunk),
-      attention=AttentionConfig(num_heads=heads, head_dim=head_dim, window=window))
+      attention=AttentionConfig(num_heads=heads, head_dim=head_dim, window=window),
+      lru=HawkConfig(width=lru_width(d_model), num_heads=heads))
   return dataclasses.replace(config, **overrides)
 
 
@@ -95,7 +103,7 @@ def fla_compatible(config: LMConfig) -> LMConfig:
   return dataclasses.replace(config, logit_cap=None, mesa=mesa)
 
 
-_SUBCONFIGS = {"mesa": MesaConfig, "gdn": GatedDeltaNetConfig, "attention": AttentionConfig}
+_SUBCONFIGS = {"mesa": MesaConfig, "gdn": GatedDeltaNetConfig, "attention": AttentionConfig, "lru": HawkConfig}
 _DTYPES = ("dtype", "param_dtype")
 
 

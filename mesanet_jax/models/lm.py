@@ -17,6 +17,7 @@ from flax import nnx
 from mesanet_jax import sharding
 from mesanet_jax.layers.attention import Attention
 from mesanet_jax.layers.gated_deltanet import GatedDeltaNet
+from mesanet_jax.layers.hawk import HawkLayer
 from mesanet_jax.layers.mesa import MesaLayer
 from mesanet_jax.layers.mlp import SwiGLU
 from mesanet_jax.layers.norm import RMSNorm
@@ -30,6 +31,8 @@ def _make_mixer(config: LMConfig, name: str, rngs: nnx.Rngs):
     return MesaLayer(config.d_model, config.mesa, **kw)
   if name == "gdn":
     return GatedDeltaNet(config.d_model, config.gdn, **kw)
+  if name == "lru":
+    return HawkLayer(config.d_model, config.lru, **kw)
   window = config.attention.window if name == "swa" else None
   return Attention(config.d_model, config.attention, window=window, **kw)
 
@@ -114,7 +117,7 @@ def _train_step(block: Block, x: jax.Array, _):
 
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] f32. The cache is a tuple with one entry per block: RecurrentCache
-  (conv states + MesaState or GDN state) for recurrent mixers, KVCache for attention; with `scan_layers` it is one
+  (conv states + MesaState or GDN state) for Mesa / GDN, HawkCache for the LRU, KVCache for attention; with `scan_layers` it is one
   such entry with every array stacked on a leading layer axis."""
 
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):

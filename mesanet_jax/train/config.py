@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
       # tfds (a dataset already prepared in tfds_data_dir; never downloaded)
       tfds_name="", tfds_split="train", tfds_eval_split="validation", tfds_data_dir="", tfds_feature="text",
       # synthetic (mesanet_jax.data.synthetic.TaskConfig)
-      task="mqar", vocab_size=64, num_pairs=8, key_len=2, noise_frac=0.2, num_tokens=8, dim=8, noise_std=0.0,
+      task="mqar", vocab_size=64, num_pairs=8, dim=8, noise_std=0.0,
       # grain
       num_threads=1, num_workers=0))
 

@@ -16,6 +16,8 @@ def analytic_count(config) -> int:
     mesa:             4·d·W + 2·K·W + 2·(d·H + H) + H·Dh + Dh [+ d·W output gate]   (q, k, v, o; q/k conv; a, b with
                                                               bias; λ; per-head norm)
     gdn:              4·d·W + 2·K·W + 2·(d·H + H) + Dh       [+ d·W output gate, on by default]
+    lru (Hawk), width U, H gate blocks:  2·(d·U + U) + (U·d + d) + (K·U + U) + U + 2·(H·(U/H)² + U)
+                                                              (x, y branches; out; conv; Λ; the two gates)
   """
   d, V = config.d_model, config.vocab_size
   def recurrent(c, with_lambda):
@@ -27,6 +29,9 @@ def analytic_count(config) -> int:
       "swa": 4 * d * config.attention.num_heads * config.attention.head_dim,
       "mesa": recurrent(config.mesa, True),
       "gdn": recurrent(config.gdn, False),
+      "lru": (2 * (d + 1) * config.lru.width + (config.lru.width + 1) * d
+              + (config.lru.conv_size + 1) * config.lru.width + config.lru.width
+              + 2 * (config.lru.width ** 2 // config.lru.num_heads + config.lru.width)),
   }
   blocks = sum(2 * d + 3 * d * config.mlp_ratio * d + mixer[name] for name in config.mixers)
   return V * d * (1 if config.tie_embeddings else 2) + d + blocks
@@ -53,6 +58,11 @@ def test_paper_presets_count_without_materialising(size, architecture, capsys):
   assert total == analytic_count(config)
   assert "total" in capsys.readouterr().out
   # Paper sizes (G.4): 140M / 440M / 940M, named loosely (small is "145M" in App. L). Ours are within 5%, except
-  # Gated DeltaNet's output gate (d·W more per block, +10% at small size).
+  # Gated DeltaNet's output gate (d·W more per block, +10% at small size) and Hawk, whose LRU width 1.25·d is
+  # chosen "to match parameters" (PAPER_NOTES §5.1): it stays within 3% of the Transformer of its size (+2%).
   paper = {"small": 140e6, "medium": 440e6, "large": 940e6}[size]
-  assert abs(total - paper) / paper < (0.11 if architecture == "gdn" else 0.05), total
+  if architecture in ("hawk", "hawk_mesa"):
+    transformer = count_params(preset(size, "transformer"))
+    assert abs(total - transformer) / transformer < 0.03, (total, transformer)
+  else:
+    assert abs(total - paper) / paper < (0.11 if architecture == "gdn" else 0.05), total

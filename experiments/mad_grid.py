@@ -1,0 +1,87 @@
+"""Trains the MAD grid as the MesaNet paper ran it: `mesanet-mad-grid` or `python -m experiments.mad_grid`.
+
+    mesanet-mad-grid --results=runs/mad/results.jsonl                                  # everything: 5 × 66 × 8 jobs
+    mesanet-mad-grid --architectures=mesanet,gdn --tasks=memorize,compress --time_limit=420
+    mesanet-mad-grid --tasks=selective_copy --variants=baseline,seq_len=512 --architectures=transformer
+
+Each (architecture, task, variant, lr, weight decay) is trained for 200 epochs (mesanet_jax/mad/training.py), all
+jobs sharing model shapes at once as one population (mesanet_jax/mad/population.py), and appended to --results as
+it finishes; a rerun skips the finished ones. With --time_limit the run stops before that many seconds, saving the
+populations in flight under --state_dir for the next run. Table: `mesanet-mad-table --results=...`.
+"""
+import dataclasses
+import os
+
+from absl import app, flags
+
+from experiments import cli
+
+_RESULTS = flags.DEFINE_string("results", "runs/mad/results.jsonl", "JSONL of finished jobs (appended; resumed)")
+_ARCHITECTURES = flags.DEFINE_list("architectures", ["mesanet", "gdn", "transformer", "hawk", "hawk_mesa"],
+                                   "architectures, trained in this order")
+_TASKS = flags.DEFINE_list("tasks", [], "tasks (default: all six)")
+_VARIANTS = flags.DEFINE_list("variants", [], "variant names such as baseline,vocab_size=32 (default: all)")
+_LRS = flags.DEFINE_list("lrs", ["3e-3", "1e-3", "5e-4", "1e-4"], "peak learning rates")
+_WDS = flags.DEFINE_list("weight_decays", ["0.01", "0.1"], "weight decays")
+_EPOCHS = flags.DEFINE_integer("epochs", 200, "epochs per job (the paper: 200)")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "> 0: at most this many training and test examples per "
+                                     "variant, a multiple of 32 (smoke runs)")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "dataset cache (default: <results dir>/data)")
+_STATE_DIR = flags.DEFINE_string("state_dir", "", "populations in flight at the time limit (default: "
+                                 "<results dir>/state)")
+_TIME_LIMIT = flags.DEFINE_float("time_limit", 0, "seconds after which to stop (0: none)")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1 << 20, "tokens per population step at most (slots × 32 × L)")
+_MAX_SLOTS = flags.DEFINE_integer("max_slots", 256, "population size at most")
+_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps per jitted call")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 400, "steps between test evaluations (early stopping at 99.9 %)")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activation dtype (params stay f32)")
+_IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('' : the preset's)")
+_CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: the preset's, 64)")
+_CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "Mesa CG steps in training (0: the preset's, 30)")
+_SEED = flags.DEFINE_integer("seed", 0, "data and init seed")
+_WORKERS = flags.DEFINE_integer("workers", 0, "data-generation processes (0: cores − 1)")
+
+
+def _floats(flag) -> tuple:
+  try:
+    return tuple(float(v) for v in flag.value)
+  except ValueError:
+    raise ValueError(f"--{flag.name} must be a comma-separated list of numbers, got {','.join(flag.value)!r}") from None
+
+
+def main(argv):
+  cli.start(argv)
+  from mesanet_jax.mad import grid, models, training, variants
+  with cli.one_line_errors("mesanet-mad-grid"):
+    bad = [a for a in _ARCHITECTURES.value if a not in models.ARCHITECTURES]
+    if bad:
+      raise ValueError(f"--architectures: {bad[0]!r} is not one of {models.ARCHITECTURES}")
+    chosen = [variants.variants(t) for t in (_TASKS.value or variants.TASKS)]
+    chosen = [v for vs in chosen for v in vs if not _VARIANTS.value or v.name in _VARIANTS.value]
+    if not chosen:
+      raise ValueError(f"--variants {_VARIANTS.value} match no variant of the tasks {_TASKS.value}")
+    if _NUM_EXAMPLES.value:
+      if _NUM_EXAMPLES.value % 32:
+        raise ValueError(f"--num_examples must be a multiple of 32 (the batch), got {_NUM_EXAMPLES.value}")
+      chosen = [variants.shrunk(v, _NUM_EXAMPLES.value) for v in chosen]
+    root = os.path.dirname(os.path.abspath(_RESULTS.value))
+    os.makedirs(root, exist_ok=True)
+    settings = grid.Settings(
+        results=_RESULTS.value, protocol=dataclasses.replace(training.Protocol(), epochs=_EPOCHS.value),
+        data_dir=_DATA_DIR.value or os.path.join(root, "data"),
+        state_dir=_STATE_DIR.value or os.path.join(root, "state"), max_tokens=_MAX_TOKENS.value,
+        max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value, eval_every=_EVAL_EVERY.value,
+        time_limit=_TIME_LIMIT.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
+        cg_steps=_CG_STEPS.value, seed=_SEED.value, workers=_WORKERS.value)
+    jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
+    finished = grid.run(settings, jobs)
+  print(f"finished {finished} jobs; results in {_RESULTS.value}")
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,229 @@
+"""Runs the MAD grid: jobs grouped by the model shapes they share, each group trained as one population whose slots
+are refilled from the group's queue (longest jobs first) as jobs finish, results appended to a JSONL file as each
+job finishes, so an interrupted grid resumes and skips what is done.
+
+A group's in-flight slots are saved to `state_dir` when the time limit stops the run, and resumed from there by the
+next run with the same settings (e.g. the next call on the same machine); otherwise their jobs start over.
+"""
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import pickle
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mesanet_jax.mad import models, training, variants
+from mesanet_jax.mad.population import Population, stack_datasets
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  results: str  # the JSONL file of finished jobs
+  protocol: training.Protocol = training.Protocol()
+  data_dir: str = ""  # dataset cache ("": none)
+  state_dir: str = ""  # in-flight populations at the time limit ("": not saved)
+  max_tokens: int = 1 << 20  # tokens per population step (slots × batch × length) at most
+  max_slots: int = 256
+  steps_per_call: int = 200  # steps per jitted call
+  eval_every: int = 400  # steps between test evaluations (early stopping), and at each job's end
+  time_limit: float = 0.0  # seconds; 0: none
+  dtype: str = "float32"
+  impl: str = ""  # Mesa implementation ("": the preset's)
+  chunk_size: int = 0
+  cg_steps: int = 0
+  seed: int = 0
+  workers: int = 0  # data-generation processes (0: cores − 1)
+
+
+def group_key(job: training.Job) -> tuple:
+  return (job.architecture, job.variant.autoencoder, job.variant.seq_len)
+
+
+def group_name(key: tuple) -> str:
+  architecture, autoencoder, length = key
+  return f"{architecture}.{'autoencoder' if autoencoder else 'lm'}.L{length}"
+
+
+def done_keys(path: str) -> set:
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    return {tuple(r[k] for k in ("architecture", "task", "variant", "lr", "weight_decay"))
+            for r in map(json.loads, filter(str.strip, f))}
+
+
+class _Progress:
+  """A tqdm bar over the grid's token-steps (job steps × sequence length), with an ETA."""
+
+  def __init__(self, total: int):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, unit="tok·step", unit_scale=True, smoothing=0.05, dynamic_ncols=True)
+
+  def advance(self, amount: int, skipped: int = 0):
+    if skipped:
+      self.bar.total -= skipped
+    self.bar.update(amount)
+
+  def note(self, text: str):
+    self.bar.write(text)
+
+
+def run(settings: Settings, all_jobs: list[training.Job]) -> int:
+  """Trains every job not yet in settings.results; returns the number of jobs finished by this run."""
+  start = time.time()
+  done = done_keys(settings.results)
+  pending = [j for j in all_jobs if j.key not in done]
+  groups: dict[tuple, list] = {}
+  for job in pending:
+    groups.setdefault(group_key(job), []).append(job)
+  order = {a: i for i, a in enumerate(dict.fromkeys(j.architecture for j in all_jobs))}
+  cost = lambda key: sum(j.steps(settings.protocol) for j in groups[key]) * key[2]
+  keys = sorted(groups, key=lambda k: (order[k[0]], cost(k)))
+  protocol = settings.protocol
+  progress = _Progress(sum(j.steps(protocol) * j.variant.seq_len for j in pending))
+  progress.note(f"{len(pending)} jobs to train ({len(all_jobs) - len(pending)} done) in {len(keys)} groups")
+  needed = list(dict.fromkeys(j.variant for j in pending))
+  pool = concurrent.futures.ProcessPoolExecutor(settings.workers or max(os.cpu_count() - 1, 1),
+                                                mp_context=multiprocessing.get_context("spawn"))
+  futures = {v: pool.submit(variants.load, v, settings.seed, settings.data_dir) for v in needed}
+  finished = 0
+  try:
+    for key in keys:
+      if settings.time_limit and time.time() - start > settings.time_limit:
+        break
+      finished += _run_group(settings, key, groups[key], futures, progress, start)
+  finally:
+    pool.shutdown(cancel_futures=True)
+    progress.bar.close()
+  return finished
+
+
+def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, start: float) -> int:
+  architecture, autoencoder, length = key
+  protocol = settings.protocol
+  group_variants = list(dict.fromkeys(j.variant for j in jobs))
+  datasets = [futures[v].result() for v in group_variants]
+  vocab = max(v.vocab_size for v in group_variants)
+  size = max(1, min(len(jobs), settings.max_slots, settings.max_tokens // (protocol.batch_size * length)))
+  config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
+                             impl=settings.impl, cg_steps=settings.cg_steps)
+  population = Population(config, autoencoder, protocol, size)
+  data = stack_datasets(datasets, length)
+  queue = sorted(jobs, key=lambda j: -j.steps(protocol))
+  slot_jobs: list = [None] * size
+  slots = population.init(int(data["train_inputs"].shape[1]), settings.seed)
+  state_path = settings.state_dir and os.path.join(settings.state_dir, group_name(key) + ".pkl")
+  if state_path and os.path.exists(state_path):
+    slots, slot_jobs = _restore(state_path, slots, slot_jobs, queue)
+  progress.note(f"{group_name(key)}: {len(jobs)} jobs, {size} slots, vocab {vocab}, "
+                f"{sum(j is not None for j in slot_jobs)} resumed")
+  finished, since_eval, tick, stepped = 0, 0, time.time(), 0
+  while True:
+    free = [i for i, j in enumerate(slot_jobs) if j is None]
+    if free and queue:
+      slots = _fill(population, slots, slot_jobs, free, queue, group_variants, settings.seed)
+    if all(j is None for j in slot_jobs):
+      break
+    if settings.time_limit and time.time() - start > settings.time_limit:
+      if state_path:
+        _save(state_path, slots, slot_jobs)
+      progress.note(f"{group_name(key)}: time limit; {sum(j is not None for j in slot_jobs)} jobs in flight "
+                    + ("saved" if state_path else "dropped"))
+      return finished
+    before = np.asarray(slots.step)
+    slots, train_loss = population.train(slots, data, num_steps=settings.steps_per_call)
+    steps = np.asarray(slots.step)
+    progress.advance(int(np.sum(steps - before)) * length)
+    stepped += int(np.sum(steps - before))
+    since_eval += settings.steps_per_call
+    total = np.asarray(slots.total)
+    ended = [i for i, j in enumerate(slot_jobs) if j is not None and steps[i] >= total[i]]
+    if since_eval < settings.eval_every and not ended:
+      continue
+    since_eval = 0
+    metrics = {k: np.asarray(v) for k, v in population.evaluate(slots, data).items()}
+    train_loss = np.asarray(train_loss)
+    before_jobs = list(slot_jobs)
+    for i, job in enumerate(slot_jobs):
+      stopped = job is not None and metrics["accuracy"][i] >= protocol.stop_accuracy
+      if job is None or not (stopped or steps[i] >= total[i]):
+        continue
+      record = {"architecture": job.architecture, "task": job.variant.task, "variant": job.variant.name,
+                "lr": job.lr, "weight_decay": job.weight_decay, "accuracy": float(metrics["accuracy"][i]),
+                "accuracy_micro": float(metrics["accuracy_micro"][i]), "test_loss": float(metrics["loss"][i]),
+                "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
+                "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
+                "slots": size, "dtype": settings.dtype, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
+                "cg_steps": config.mesa.cg_steps_train, "finished_at": time.time()}
+      with open(settings.results, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      progress.advance(0, skipped=int(total[i] - steps[i]) * length)
+      slot_jobs[i] = None
+      finished += 1
+    if finished_now := sum(j is None for j in slot_jobs) - sum(j is None for j in before_jobs):
+      rate = stepped / max(time.time() - tick, 1e-9)
+      progress.note(f"{group_name(key)}: {finished}/{len(jobs)} done (+{finished_now}), {rate:.4g} member-steps/s "
+                    f"({1e3 / max(rate, 1e-9):.4g} ms per member-step, evaluation included)")
+      tick, stepped = time.time(), 0
+    slots = dataclasses.replace(slots, active=jnp.asarray([j is not None for j in slot_jobs]))
+  if state_path and os.path.exists(state_path):
+    os.remove(state_path)
+  return finished
+
+
+def _fill(population, slots, slot_jobs, free, queue, group_variants, seed):
+  """Assigns queued jobs to the free slots (fresh members)."""
+  mask = np.zeros(population.size, bool)
+  arrays = {k: np.array(v) for k, v in dict(total=slots.total, per_epoch=slots.per_epoch, dataset=slots.dataset,
+                                           vocab=slots.vocab, lr=slots.lr, weight_decay=slots.weight_decay).items()}
+  protocol = population.protocol
+  for i in free:
+    if not queue:
+      break
+    job = queue.pop(0)
+    slot_jobs[i], mask[i] = job, True
+    arrays["total"][i], arrays["per_epoch"][i] = job.steps(protocol), job.steps_per_epoch(protocol)
+    arrays["dataset"][i], arrays["vocab"][i] = group_variants.index(job.variant), job.variant.vocab_size
+    arrays["lr"][i], arrays["weight_decay"][i] = job.lr, job.weight_decay
+  # Each job's init and shuffling key follows from the job alone (not from the slot or the order of the queue).
+  keys = [jax.random.key(seed) if j is None else
+          jax.random.fold_in(jax.random.key(seed), zlib.crc32(repr(j.key).encode()) % (1 << 31)) for j in slot_jobs]
+  return population.assign(slots, jnp.asarray(mask), **{k: jnp.asarray(v) for k, v in arrays.items()},
+                           keys=jnp.stack(keys))
+
+
+def _host(x) -> np.ndarray:
+  return np.asarray(jax.random.key_data(x)) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)
+
+
+def _save(path: str, slots, slot_jobs):
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  leaves = [_host(x) for x in jax.tree.leaves(slots)]
+  with open(path + ".tmp", "wb") as f:
+    pickle.dump({"jobs": [None if j is None else j.key for j in slot_jobs], "leaves": leaves}, f)
+  os.replace(path + ".tmp", path)
+
+
+def _restore(path: str, slots, slot_jobs, queue):
+  """The saved slots whose jobs are still queued (the others are emptied)."""
+  with open(path, "rb") as f:
+    saved = pickle.load(f)
+  template, treedef = jax.tree.flatten(slots)
+  if len(saved["jobs"]) != len(slot_jobs) or [_host(t).shape for t in template] != [x.shape for x in saved["leaves"]]:
+    return slots, slot_jobs  # saved with other settings: start over
+  leaves = [jax.random.wrap_key_data(jnp.asarray(x)) if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
+            else jnp.asarray(x, t.dtype) for t, x in zip(template, saved["leaves"])]
+  slots = jax.tree.unflatten(treedef, leaves)
+  by_key = {j.key: j for j in queue}
+  for i, key in enumerate(saved["jobs"]):
+    job = by_key.get(tuple(key) if key else None)
+    slot_jobs[i] = job
+    if job is not None:
+      queue.remove(job)
+  return dataclasses.replace(slots, active=jnp.asarray([j is not None for j in slot_jobs])), slot_jobs

@@ -1,0 +1,69 @@
+"""The MAD models: the paper's 2-block backbone (width 128, 8 heads × 16; `preset("mad", architecture)`) read out as a
+language model, or for compression as mad-lab's autoencoder (`mad/model/auto_encoder.py`, `benchmark.py:213`).
+
+AutoEncoder: the blocks encode the sequence; only the last position's hidden state is kept; the decoder adds the
+sin-cos embedding of each output position to it and maps it through mad-lab's "non-expanding MLP decoder"
+(RMSNorm, Linear, GELU, RMSNorm, Linear, GELU) and an RMSNorm + Linear read-out to logits for every position.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mesanet_jax.layers.norm import RMSNorm
+from mesanet_jax.layers.params import Linear, param
+from mesanet_jax.models.config import LMConfig, preset
+from mesanet_jax.models.lm import LanguageModel, make_blocks, run_blocks
+
+ARCHITECTURES = ("mesanet", "transformer", "gdn", "hawk", "hawk_mesa")
+
+
+def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
+               cg_steps: int = 0) -> LMConfig:
+  """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). chunk_size, impl and
+  cg_steps change how Mesa (and GDN's chunk) compute, not the model; 0 / "" keep the preset's."""
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+  config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype)
+  mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or config.mesa.chunk_size,
+                             impl=impl or config.mesa.impl, cg_steps_train=cg_steps or config.mesa.cg_steps_train)
+  gdn = dataclasses.replace(config.gdn, chunk_size=chunk_size or config.gdn.chunk_size)
+  return dataclasses.replace(config, mesa=mesa, gdn=gdn)
+
+
+def sincos(length: int, dim: int) -> np.ndarray:
+  """[length, dim] sin | cos position embedding, frequencies 10000^(−i/(dim/2 − 1)) (mad-lab `posemb_sincos_1d`)."""
+  half = dim // 2
+  frequencies = np.exp(-math.log(10000) / (half - 1) * np.arange(half))
+  angles = np.arange(length)[:, None] * frequencies[None]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+class AutoEncoder(nnx.Module):
+  """tokens [B, T] -> logits [B, T, V] f32, every position decoded from the last position's hidden state."""
+
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, kw = config.d_model, dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+    self.embed = param(rngs, nnx.initializers.normal(d ** -0.5), (config.vocab_size, d), config.param_dtype,
+                       ("vocab", "embed"))
+    self.blocks = make_blocks(config, rngs)
+    self.norms = nnx.List([RMSNorm(d, eps=config.norm_eps, **kw) for _ in range(3)])
+    self.hidden = nnx.List([Linear(d, d, axes=("embed", "mlp"), use_bias=True, **kw) for _ in range(2)])
+    self.readout = Linear(d, config.vocab_size, axes=("embed", "vocab"), use_bias=True, **kw)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    config = self.config
+    x = jnp.take(self.embed[...].astype(config.dtype), tokens, axis=0) * np.sqrt(config.d_model).astype(config.dtype)
+    x, _ = run_blocks(config, self.blocks, lambda block, x, _: (block(x)[0], None), x, remat=config.remat)
+    x = x[:, -1:] + jnp.asarray(sincos(tokens.shape[1], config.d_model), config.dtype)  # [B, T, d]
+    for norm, linear in zip(self.norms, self.hidden):
+      x = jax.nn.gelu(linear(norm(x)), approximate=False)
+    return self.readout(self.norms[2](x)).astype(jnp.float32)
+
+
+def make_model(config: LMConfig, autoencoder: bool, rngs: nnx.Rngs) -> nnx.Module:
+  return AutoEncoder(config, rngs=rngs) if autoencoder else LanguageModel(config, rngs=rngs)

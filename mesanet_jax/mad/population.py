@@ -1,0 +1,158 @@
+"""A population of small models trained together in one jitted program: S slots, each holding one job (an
+architecture on a variant at one lr and weight decay) of a group that shares the model's shapes (architecture,
+read-out, sequence length; vocabularies padded to the group's largest, see `training.masked_logits`).
+
+Params and optimiser states are stacked on a leading slot axis and every step is `jax.vmap`ped over the slots (a pure
+function of nnx.split state, the plain-JAX form of `nnx.vmap`); per-slot hyperparameters (peak lr, weight decay,
+schedule length) live in arrays, and `optax.inject_hyperparams` takes each slot's lr and decay at every step. The
+group's datasets sit on the device ([D, N_max, L]); each slot draws its batches from its dataset's epoch permutation
+on the device, and `train` runs many steps per call in a `lax.scan`. A slot whose job is done (steps reached or early
+stopped) is frozen until the host assigns it a new job (`assign`: fresh params and optimiser state, new arrays).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mesanet_jax.mad import models, tasks, training
+from mesanet_jax.models.config import LMConfig
+from mesanet_jax.train.optimizer import decay_mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Slots:
+  """Device state of S slots (leading axis S everywhere)."""
+  params: nnx.State
+  opt_state: object
+  step: jax.Array  # [S] int32: steps done by the slot's job
+  total: jax.Array  # [S] int32: the job's steps (200 epochs)
+  per_epoch: jax.Array  # [S] int32: steps per epoch
+  dataset: jax.Array  # [S] int32: index into the group's datasets
+  vocab: jax.Array  # [S] int32: the job's vocabulary size
+  lr: jax.Array  # [S] f32 peak learning rate
+  weight_decay: jax.Array  # [S] f32
+  active: jax.Array  # [S] bool: holds an unfinished job
+  order: jax.Array  # [S, N_max] int32: this epoch's permutation of the training examples
+  key: jax.Array  # [S] PRNG keys (init and shuffling)
+
+
+class Population:
+  """The jitted programs of one group: `init`, `assign`, `train` and `evaluate` over S slots."""
+
+  def __init__(self, config: LMConfig, autoencoder: bool, protocol: training.Protocol, slots: int):
+    self.config, self.autoencoder, self.protocol, self.size = config, autoencoder, protocol, slots
+    abstract = nnx.eval_shape(lambda: models.make_model(config, autoencoder, nnx.Rngs(0)))
+    self.graphdef, abstract_params = nnx.split(abstract)
+    self.tx = training.optimizer(protocol, decay_mask(abstract_params))
+    self.train = jax.jit(self._train, static_argnames="num_steps", donate_argnums=0)
+    self.evaluate = jax.jit(self._evaluate)
+    self.assign = jax.jit(self._assign)
+
+  def _fresh(self, key: jax.Array):
+    """(params, optimiser state) of one new member."""
+    params = nnx.state(models.make_model(self.config, self.autoencoder, nnx.Rngs(params=key)))
+    return params, self.tx.init(params)
+
+  def init(self, num_examples: int, seed: int = 0) -> Slots:
+    """S inactive slots (params initialised, nothing to train yet)."""
+    keys = jax.random.split(jax.random.key(seed), self.size)
+    params, opt_state = jax.jit(jax.vmap(self._fresh))(keys)
+    zeros = jnp.zeros(self.size, jnp.int32)
+    return Slots(params, opt_state, zeros, zeros + 1, zeros + 1, zeros, zeros + 1,
+                 jnp.zeros(self.size), jnp.zeros(self.size), jnp.zeros(self.size, bool),
+                 jnp.zeros((self.size, num_examples), jnp.int32), keys)
+
+  def _assign(self, slots: Slots, mask: jax.Array, total, per_epoch, dataset, vocab, lr, weight_decay,
+              keys) -> Slots:
+    """New jobs in the slots where mask [S] is set: fresh members from `keys`, the jobs' arrays, step 0."""
+    params, opt_state = jax.vmap(self._fresh)(keys)
+    pick = lambda new, old: jnp.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    return Slots(jax.tree.map(pick, params, slots.params), jax.tree.map(pick, opt_state, slots.opt_state),
+                 pick(0, slots.step), pick(total, slots.total), pick(per_epoch, slots.per_epoch),
+                 pick(dataset, slots.dataset), pick(vocab, slots.vocab), pick(lr, slots.lr),
+                 pick(weight_decay, slots.weight_decay), slots.active | mask, slots.order, pick(keys, slots.key))
+
+  def _logits(self, params, inputs, vocab):
+    return training.masked_logits(nnx.merge(self.graphdef, params)(inputs), vocab)
+
+  def _member_step(self, params, opt_state, inputs, targets, vocab, lr, weight_decay):
+    value, grads = jax.value_and_grad(lambda p: training.loss(self._logits(p, inputs, vocab), targets))(params)
+    opt_state = training.with_hyperparams(opt_state, lr, weight_decay)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    return jax.tree.map(lambda p, u: p + u, params, updates), opt_state, value
+
+  def _shuffle(self, slots: Slots, starts: jax.Array, num_examples: jax.Array) -> jax.Array:
+    """New epoch permutations where `starts` [S] is set: the slot's examples (its dataset's first n) in a random
+    order from (key, epoch), the padding indices after them."""
+    def permutation(key, epoch, n):
+      noise = jax.random.uniform(jax.random.fold_in(key, epoch), (slots.order.shape[1],))
+      return jnp.argsort(jnp.where(jnp.arange(slots.order.shape[1]) < n, noise, 2.0)).astype(jnp.int32)
+    fresh = jax.vmap(permutation)(slots.key, slots.step // slots.per_epoch, num_examples)
+    return jnp.where(starts[:, None], fresh, slots.order)
+
+  def _train(self, slots: Slots, data: dict, num_steps: int) -> tuple[Slots, jax.Array]:
+    """num_steps steps of every live slot; returns the slots and the mean training loss per slot [S]."""
+    batch = self.protocol.batch_size
+
+    def step(carry, _):
+      slots, loss_sum = carry
+      live = slots.active & (slots.step < slots.total)
+      position = slots.step % slots.per_epoch
+      starts = live & (position == 0)
+      order = jax.lax.cond(jnp.any(starts), lambda: self._shuffle(slots, starts, data["num_train"][slots.dataset]),
+                           lambda: slots.order)
+      rows = jnp.take_along_axis(order, position[:, None] * batch + jnp.arange(batch)[None], axis=1)
+      inputs = data["train_inputs"][slots.dataset[:, None], rows]  # [S, B, L]
+      targets = data["train_targets"][slots.dataset[:, None], rows]
+      lr = jax.vmap(lambda s, p, t: training.learning_rate(s, p, t, self.protocol))(slots.step, slots.lr, slots.total)
+      params, opt_state, value = jax.vmap(self._member_step)(slots.params, slots.opt_state, inputs, targets,
+                                                             slots.vocab, lr, slots.weight_decay)
+      keep = lambda new, old: jnp.where(live.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+      slots = dataclasses.replace(slots, params=jax.tree.map(keep, params, slots.params),
+                                  opt_state=jax.tree.map(keep, opt_state, slots.opt_state),
+                                  step=slots.step + live, order=order)
+      return (slots, loss_sum + jnp.where(live, value, 0.0)), None
+
+    (slots, loss_sum), _ = jax.lax.scan(step, (slots, jnp.zeros(self.size)), None, length=num_steps)
+    return slots, loss_sum / num_steps
+
+  def _evaluate(self, slots: Slots, data: dict) -> dict:
+    """Every slot on its variant's test set in batches of 32: {"accuracy" (mad-lab's batch-mean macro accuracy),
+    "accuracy_micro", "loss"}, each [S]."""
+    inputs = data["test_inputs"][slots.dataset]  # [S, N_test, L]
+    targets = data["test_targets"][slots.dataset]
+    batch = self.protocol.batch_size
+    num_batches = inputs.shape[1] // batch
+    split = lambda x: jnp.moveaxis(x[:, :num_batches * batch].reshape(self.size, num_batches, batch, -1), 1, 0)
+
+    def member(params, inputs, targets, vocab):
+      logits = self._logits(params, inputs, vocab)
+      macro, correct = training.batch_accuracy(jnp.argmax(logits, -1), targets, logits.shape[-1])
+      return macro, correct, training.loss(logits, targets)
+
+    def batch_step(_, xs):
+      return None, jax.vmap(member)(slots.params, xs[0], xs[1], slots.vocab)
+
+    _, (macro, correct, losses) = jax.lax.scan(batch_step, None, (split(inputs), split(targets)))
+    scored = jnp.sum(targets != tasks.IGNORE, axis=(1, 2))
+    return {"accuracy": jnp.mean(macro, 0), "accuracy_micro": jnp.sum(correct, 0) / jnp.maximum(scored, 1),
+            "loss": jnp.mean(losses, 0)}
+
+
+def stack_datasets(datasets: list[dict], length: int) -> dict:
+  """Device arrays of a group's datasets ({"train": {"inputs", "targets"}, "test": ...} each), right-padded to
+  `length` with unscored positions (a causal model's outputs before them do not change) and to the largest N."""
+  def pad(split, key):
+    arrays = [d[split][key] for d in datasets]
+    rows = max(a.shape[0] for a in arrays)
+    fill = 0 if key == "inputs" else tasks.IGNORE
+    out = np.full((len(arrays), rows, length), fill, np.int32)
+    for i, a in enumerate(arrays):
+      out[i, :a.shape[0], :a.shape[1]] = a
+    return jnp.asarray(out)
+  return {"train_inputs": pad("train", "inputs"), "train_targets": pad("train", "targets"),
+          "test_inputs": pad("test", "inputs"), "test_targets": pad("test", "targets"),
+          "num_train": jnp.asarray([d["train"]["inputs"].shape[0] for d in datasets], jnp.int32)}

@@ -1,0 +1,129 @@
+"""Table 9 of the MesaNet paper from the grid's results, scored both ways, the per-variant table and a figure.
+
+- mad-lab's score (`mad/analysis.py:120-160`, then 164-199): the best (lr, weight decay) per variant, then the mean
+  over the task's variants. Always ≥ the paper's.
+- The paper's wording (App. F.1): the best over the grid of the mean accuracy across the variants.
+Table 9's first column merges in-context and noisy recall (how is not stated: we average the two task scores); Avg
+is the mean of the five columns. A task counts only once every variant has every grid point (else "—", and the
+missing count is shown). Early stopping at 99.9 % test accuracy as in mad-lab.
+"""
+import collections
+import json
+
+COLUMNS = ("IC & Noisy Recall", "Fuzzy Recall", "Memorize", "Selective Copy", "Compress")
+TASK_COLUMN = {"in_context_recall": 0, "noisy_recall": 0, "fuzzy_recall": 1, "memorize": 2, "selective_copy": 3,
+               "compress": 4}
+NAMES = {"mesanet": "MesaNet", "transformer": "Transformer", "gdn": "Gated DeltaNet", "hawk": "Hawk",
+         "hawk_mesa": "Hawk-MesaNet"}
+# Paper Table 9 (% accuracy): the five columns and Avg (PAPER_NOTES §6.7).
+PAPER = {
+    "gdn": (100.0, 32.7, 81.7, 95.7, 45.0, 71.0),
+    "hawk": (93.0, 13.6, 91.3, 77.0, 47.7, 64.5),
+    "mesanet": (100.0, 58.5, 77.2, 99.2, 45.4, 76.1),
+    "hawk_mesa": (100.0, 30.2, 85.6, 99.6, 52.3, 73.5),
+    "transformer": (100.0, 48.6, 84.7, 96.0, 49.5, 75.8),
+}
+
+
+def read(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def task_scores(records: list[dict], expected: dict, metric: str = "accuracy") -> dict:
+  """{(architecture, task): {"madlab": %, "paper": %, "missing": n, "best": {variant: (%, lr, wd)}}}.
+
+  expected: {task: (variant names, number of grid points)}; a score is None while a job is missing."""
+  runs = collections.defaultdict(dict)  # (arch, task) -> {(variant, lr, wd): accuracy}
+  for r in records:
+    runs[(r["architecture"], r["task"])][(r["variant"], r["lr"], r["weight_decay"])] = 100.0 * r[metric]
+  out = {}
+  for (arch, task), points in runs.items():
+    names, grid_size = expected[task]
+    by_variant = collections.defaultdict(dict)
+    by_point = collections.defaultdict(dict)
+    for (variant, lr, wd), accuracy in points.items():
+      by_variant[variant][(lr, wd)] = accuracy
+      by_point[(lr, wd)][variant] = accuracy
+    missing = len(names) * grid_size - sum(len(by_variant[v]) for v in names)
+    best = {v: max((acc, lr, wd) for (lr, wd), acc in by_variant[v].items()) for v in names if by_variant[v]}
+    complete = missing == 0
+    madlab = sum(best[v][0] for v in names) / len(names) if complete else None
+    paper = max(sum(p[v] for v in names) / len(names) for p in by_point.values()) if complete else None
+    partial = sum(b[0] for b in best.values()) / len(best) if best else None  # mad-lab's, over what is there
+    out[(arch, task)] = {"madlab": madlab, "paper": paper, "partial": partial, "missing": missing, "best": best}
+  return out
+
+
+def table9(scores: dict) -> dict:
+  """{architecture: {"madlab": [5 columns + Avg], "paper": [...]}} (None where a task is incomplete)."""
+  out = {}
+  for arch in sorted({a for a, _ in scores}, key=lambda a: list(NAMES).index(a) if a in NAMES else 99):
+    row = {}
+    for way in ("madlab", "paper"):
+      columns = []
+      for column in range(len(COLUMNS)):
+        values = [scores.get((arch, t), {}).get(way) for t, c in TASK_COLUMN.items() if c == column]
+        columns.append(None if None in values else sum(values) / len(values))
+      columns.append(None if None in columns else sum(columns) / len(columns))
+      row[way] = columns
+    out[arch] = row
+  return out
+
+
+def _cell(value) -> str:
+  return "—" if value is None else f"{value:.1f}"
+
+
+def markdown(table: dict) -> str:
+  """Each architecture: the paper's row, then ours scored mad-lab's way and the paper's way."""
+  lines = ["| model | " + " | ".join(COLUMNS) + " | Avg |", "|---" * (len(COLUMNS) + 2) + "|"]
+  for arch, row in table.items():
+    name = NAMES.get(arch, arch)
+    if arch in PAPER:
+      lines.append(f"| {name} (paper) | " + " | ".join(_cell(v) for v in PAPER[arch]) + " |")
+    lines.append(f"| {name} (ours, mad-lab score) | " + " | ".join(_cell(v) for v in row["madlab"]) + " |")
+    lines.append(f"| {name} (ours, paper score) | " + " | ".join(_cell(v) for v in row["paper"]) + " |")
+  return "\n".join(lines)
+
+
+def variant_markdown(scores: dict, expected: dict) -> str:
+  """Per task and variant, each architecture's best accuracy over the grid (lr, wd); per task the missing jobs and
+  mad-lab's score over the variants present so far (a partial grid's progress, not a Table 9 number)."""
+  archs = sorted({a for a, _ in scores}, key=lambda a: list(NAMES).index(a) if a in NAMES else 99)
+  lines = ["| task | variant | " + " | ".join(NAMES.get(a, a) for a in archs) + " |", "|---" * (len(archs) + 2) + "|"]
+  for task, (names, _) in expected.items():
+    for variant in names:
+      cells = []
+      for arch in archs:
+        best = scores.get((arch, task), {}).get("best", {}).get(variant)
+        cells.append("—" if best is None else f"{best[0]:.1f} ({best[1]:g}, {best[2]:g})")
+      lines.append(f"| {task} | {variant} | " + " | ".join(cells) + " |")
+    cells = [f"{_cell(s['partial'])}, {s['missing']} jobs missing" if (s := scores.get((a, task))) else "—"
+             for a in archs]
+    lines.append(f"| {task} | mean of the best so far | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(table: dict, path: str) -> None:
+  """Bars per Table 9 column: for each architecture the paper's value and ours (mad-lab's and the paper's score)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  labels = list(COLUMNS) + ["Avg"]
+  fig, axes = plt.subplots(1, len(table), figsize=(4.2 * max(len(table), 1), 3.6), squeeze=False, sharey=True)
+  for ax, (arch, row) in zip(axes[0], table.items()):
+    series = [("paper", PAPER.get(arch)), ("ours, mad-lab", row["madlab"]), ("ours, paper", row["paper"])]
+    for k, (name, values) in enumerate(series):
+      if values is None:
+        continue
+      xs = [i + (k - 1) * 0.27 for i, v in enumerate(values) if v is not None]
+      ax.bar(xs, [v for v in values if v is not None], width=0.27, label=name)
+    ax.set_title(NAMES.get(arch, arch))
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 105)
+  axes[0][0].set_ylabel("accuracy (%)")
+  axes[0][-1].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,114 @@
+"""The population trainer: mad-lab's accuracy and the paper's schedule; slots train exactly as members alone (per-slot
+lr, own data order, frozen when done); in-flight state saved and restored; the grid's results resume; Table 9 scored
+both ways."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesanet_jax.mad import grid, models, table, training, variants
+from mesanet_jax.mad.population import Population, stack_datasets
+
+I = -100
+
+
+def test_batch_accuracy_is_torchmetrics_macro_accuracy():
+  targets = jnp.array([[0, 0, 1, I], [2, 1, I, I]])
+  predictions = jnp.array([[0, 1, 1, 3], [3, 1, 0, 0]])
+  macro, correct = training.batch_accuracy(predictions, targets, 6)
+  # Scored: class 0 hit 1 of 2, class 1 hit 2 of 2, class 2 hit 0 of 1, class 3 predicted once but never a target
+  # (tp + fp + fn > 0: counts, recall 0), classes 4-5 absent (not counted); ignored positions drop their predictions.
+  assert float(macro) == pytest.approx((0.5 + 1.0 + 0.0 + 0.0) / 4)
+  assert int(correct) == 3
+
+
+def test_learning_rate_warmup_and_cosine():
+  p = training.Protocol()
+  lr = lambda step, total: float(training.learning_rate(jnp.asarray(step), jnp.asarray(1e-3), jnp.asarray(total), p))
+  assert lr(0, 80_000) == pytest.approx(1e-7)
+  assert lr(750, 80_000) == pytest.approx(1e-3)
+  assert lr((80_000 + 750) / 2, 80_000) == pytest.approx((1e-3 + 1e-5) / 2)
+  assert lr(80_000, 80_000) == pytest.approx(1e-5)
+  assert lr(99, 100) == pytest.approx(1e-3)  # warmup shortened to total − 1 steps
+
+
+VARIANT = variants.Variant("in_context_recall", "tiny", 0, vocab_size=16, seq_len=16, num_train_examples=64,
+                           num_test_examples=32)
+
+
+@functools.cache
+def _population(size: int) -> Population:
+  """The paper's MAD Transformer over `size` slots (one compile per size for every test here)."""
+  return Population(models.mad_config("transformer", 16), False, training.Protocol(), size)
+
+
+@functools.cache
+def _data():
+  return stack_datasets([variants.load(VARIANT, seed=0)], 16)
+
+
+def _run(population, data, jobs, steps):
+  """jobs: [(total steps, lr, key)] assigned to the slots in order; `steps` training steps."""
+  slots = population.init(64)
+  column = lambda i: jnp.asarray([job[i] for job in jobs])
+  slots = population.assign(slots, jnp.ones(len(jobs), bool), total=column(0), per_epoch=jnp.full(len(jobs), 2),
+                            dataset=jnp.zeros(len(jobs), jnp.int32), vocab=jnp.full(len(jobs), 16), lr=column(1),
+                            weight_decay=jnp.full(len(jobs), 0.1), keys=jnp.stack([job[2] for job in jobs]))
+  slots, _ = population.train(slots, data, num_steps=steps)
+  return slots
+
+
+def test_slots_train_like_members_alone_and_freeze_when_done():
+  a, b = (2, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))
+  pair = _run(_population(2), _data(), [a, b], 3)
+  np.testing.assert_array_equal(pair.step, [2, 3])  # slot 0 reached its 2 steps and stayed there
+  for index, job in enumerate([a, b]):
+    alone = _run(_population(1), _data(), [job], 3)
+    for x, y in zip(jax.tree.leaves(pair.params), jax.tree.leaves(alone.params)):
+      np.testing.assert_allclose(x[index], y[0], rtol=2e-5, atol=2e-6)  # f32: another batching of the same math
+  metrics = _population(2).evaluate(pair, _data())
+  assert metrics["accuracy"].shape == (2,) and np.all((0 <= metrics["accuracy"]) & (metrics["accuracy"] <= 1))
+
+
+def test_state_saved_and_restored(tmp_path):
+  population = _population(2)
+  slots = _run(population, _data(), [(8, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))], 3)
+  jobs = [training.Job("transformer", VARIANT, 1e-3, 0.1), training.Job("transformer", VARIANT, 3e-3, 0.1)]
+  grid._save(str(tmp_path / "g.pkl"), slots, [jobs[0], None])
+  queue = list(jobs)
+  restored, slot_jobs = grid._restore(str(tmp_path / "g.pkl"), population.init(64), [None, None], queue)
+  assert slot_jobs == [jobs[0], None] and queue == [jobs[1]]
+  np.testing.assert_array_equal(restored.active, [True, False])
+  for x, y in zip(jax.tree.leaves(restored.params), jax.tree.leaves(slots.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_grid_writes_each_job_once_and_resumes(tmp_path):
+  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
+                           steps_per_call=1, eval_every=1, workers=1)
+  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
+  assert grid.run(settings, jobs) == 2
+  records = table.read(settings.results)
+  assert sorted(r["lr"] for r in records) == [1e-3, 3e-3] and {r["steps"] for r in records} == {2}
+  assert grid.run(settings, jobs) == 0  # everything done: skipped
+
+
+def test_table_scores_the_mad_lab_way_and_the_paper_way():
+  record = lambda task, variant, lr, accuracy: {"architecture": "mesanet", "task": task, "variant": variant,
+                                                "lr": lr, "weight_decay": 0.1, "accuracy": accuracy}
+  records = [record("memorize", "a", 1, 0.9), record("memorize", "a", 2, 0.1),
+             record("memorize", "b", 1, 0.2), record("memorize", "b", 2, 0.8),
+             record("in_context_recall", "a", 1, 1.0), record("noisy_recall", "a", 1, 0.5)]
+  expected = {"memorize": (["a", "b"], 2), "in_context_recall": (["a"], 1), "noisy_recall": (["a"], 1),
+              "fuzzy_recall": (["a"], 1)}
+  scores = table.task_scores(records, expected)
+  assert scores[("mesanet", "memorize")]["madlab"] == pytest.approx((90 + 80) / 2)  # best per variant, then mean
+  assert scores[("mesanet", "memorize")]["paper"] == pytest.approx((90 + 20) / 2)  # best mean over the grid
+  row = table.table9(scores)["mesanet"]
+  assert row["madlab"][:3] == [pytest.approx(75.0), None, pytest.approx(85.0)] and row["madlab"][5] is None
+  assert "| MesaNet (ours, mad-lab score) | 75.0 | — | 85.0 |" in table.markdown(table.table9(scores))
+  incomplete = table.task_scores(records[:3], expected)[("mesanet", "memorize")]
+  assert incomplete["madlab"] is None and incomplete["missing"] == 1 and incomplete["partial"] == pytest.approx(55)

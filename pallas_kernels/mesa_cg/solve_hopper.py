@@ -108,7 +108,7 @@ def _store_parts(ref, x, passes: int):
 
 def _load_transposed(ref):
   """ref [32, Dk] (f32, tiled) as a [Dk, 32] array in the wgmma accumulator layout."""
-  return plgpu.layout_cast(plgpu.load(ref.T, (), layout=plgpu.Layout.WGMMA_TRANSPOSED), _WGMMA)
+  return plgpu.layout_cast(plgpu.load(ref.T, layout=plgpu.Layout.WGMMA_TRANSPOSED), _WGMMA)
 
 
 def _store_transposed(ref, x):
@@ -141,7 +141,7 @@ def _stage_chunk(states_t_gmem, kf32, k_loaded, st_parts, k_parts, k2_parts, vec
   scale_max, diagonal = [], []
   blocks = []
   for h in range(key_dim // 64):
-    block = plgpu.load(states_t_gmem.at[pl.ds(64 * h, 64)], (), layout=_WGMMA, optimized=False)  # rows j of Sᵀ
+    block = plgpu.load(states_t_gmem.at[pl.ds(64 * h, 64)], layout=_WGMMA, optimized=False)  # rows j of Sᵀ
     blocks.append(block)
     scale_max.append(jnp.max(jnp.abs(block), axis=0))
     rows = plgpu.broadcasted_iota(jnp.int32, block.shape, 0, layout=_WGMMA) + 64 * h
@@ -183,10 +183,10 @@ def _solve_warpgroup(w: int, rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem
   plgpu.barrier_wait(staged)
 
   # Per feature i (rows): σ_S, diag(S), σ_K, λ; per key s (rows of Mᵀ): G_s, β_s; per system t (columns): G_t.
-  sigma_s, state_diagonal, sigma_k = (plgpu.load(vectors.at[j], (), layout=_ROWS) for j in range(3))
-  lam = plgpu.load(lam_gmem.at[lax.rem(bh, heads)], (), layout=_ROWS, optimized=False)
-  log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], (), layout=_ROWS, optimized=False) for j in range(2))
-  log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0, pl.ds(first, SYSTEMS)], (), layout=_COLS, optimized=False)
+  sigma_s, state_diagonal, sigma_k = (plgpu.load(vectors.at[j], layout=_ROWS) for j in range(3))
+  lam = plgpu.load(lam_gmem.at[lax.rem(bh, heads)], layout=_ROWS, optimized=False)
+  log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], layout=_ROWS, optimized=False) for j in range(2))
+  log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0, pl.ds(first, SYSTEMS)], layout=_COLS, optimized=False)
   shape = (_KEY_ROWS, SYSTEMS)
   keep = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA)
           <= plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA) + first)

@@ -27,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mesanet_jax.ops.inputs import initial_guess
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE, SplitDot
-from pallas_kernels.mesa_cg.params import use_interpret
+from pallas_kernels.mesa_cg.params import target, use_interpret
 
 SYSTEMS = 32  # CG systems (tokens) per warpgroup: the N of every product
 _KEY_ROWS = 64  # keys staged per chunk, C padded to one wgmma M group
@@ -36,7 +36,12 @@ _ROWS, _COLS = _WGMMA.reduce(1), _WGMMA.reduce(0)  # a value per row (feature) /
 _SWIZZLE = 64  # bytes: a row of 32 fp16 systems; every wgmma operand uses it (A and B must agree)
 _F16_TILES = (plgpu.TilingTransform((8, _SWIZZLE // 2)), plgpu.SwizzleTransform(_SWIZZLE))
 _F32_TILES = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # TMA-staged f32, read transposed
-_REDUCTION_SCRATCH = plgpu.CompilerParams().reduction_scratch_bytes
+# A cross-warp reduction of a [Dk, 32] f32 array to its 32 column values (4 registers per thread) stages 4 × 128 × 8
+# bytes: with that much scratch it takes one round of two warpgroup barriers instead of two rounds.
+# The kernel orders its own shared memory accesses (commit_smem before every wgmma or TMA that reads what threads
+# wrote, an mbarrier where another warpgroup reads it, and wgmma waits before it is rewritten), so Pallas' automatic
+# barriers around every shared-memory load and store (4 per step and operand here) are turned off.
+_COMPILER_PARAMS = plgpu.CompilerParams(reduction_scratch_bytes=4 * 128 * 8, unsafe_no_auto_barriers=True)
 
 
 def _column_cg(matvec, rhs, x0, *, steps: int, tol: float | None):
@@ -96,6 +101,22 @@ def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
   if jnp.dtype(dtype) != jnp.float32:
     return f"dtype={jnp.dtype(dtype)}: the Hopper solve takes f32 inputs"
   return None
+
+
+def is_hopper(device=None) -> bool:
+  """Whether `device` (default: the abstract mesh's device when exporting, else JAX's first) is sm_90 (H100, H200):
+  wgmma is sm_90a only. An abstract device has no compute capability: its kind decides."""
+  device = device or jax.sharding.get_abstract_mesh().abstract_device or jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if capability is not None:
+    return capability == "9.0"
+  return device.device_kind.startswith(("NVIDIA H100", "NVIDIA H200", "NVIDIA H800", "NVIDIA GH200"))
+
+
+def use_hopper_solve(chunk_size: int, key_dim: int, dtype) -> bool:
+  """Whether the kernels' target takes this solve (else `solve.chunked_cg_solve`): GPU kernels built for sm_90,
+  sizes and dtype as `unsupported_reason` allows."""
+  return target() == "gpu" and is_hopper() and unsupported_reason(chunk_size, key_dim, dtype) is None
 
 
 def _store_parts(ref, x, passes: int):
@@ -256,7 +277,7 @@ def _kernel(*refs, warpgroups: int, counted: bool, **options):
     return
   wg = lax.axis_index("wg")
   pl.run_scoped(lambda _: pl.when(wg == 1)(lambda: solve(1)),
-                plgpu.SMEM((_REDUCTION_SCRATCH,), jnp.int8), collective_axes="wg")
+                plgpu.SMEM((_COMPILER_PARAMS.reduction_scratch_bytes,), jnp.int8), collective_axes="wg")
   pl.when(wg == 0)(lambda: solve(0))
 
 
@@ -303,7 +324,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
       functools.partial(_kernel, warpgroups=warpgroups, counted=counted, chunk_size=size, heads=heads,
                         cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"),
-      num_threads=warpgroups, thread_name="wg",
+      num_threads=warpgroups, thread_name="wg", compiler_params=_COMPILER_PARAMS,
       interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
   x, *steps = kernel(flat(rhs), flat(k), flat(gates), lam.astype(jnp.float32), flat(states_kk_t))
   steps = steps[0].reshape(rhs.shape[:-1]) if counted else jnp.full(rhs.shape[:-1], cg_steps, jnp.int32)

@@ -13,7 +13,8 @@ from mesanet_jax.ops import MesaState
 from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.chunked import _Operator
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
-from pallas_kernels.mesa_cg.solve_hopper import _column_cg, hopper_cg_solve, unsupported_reason
+from pallas_kernels.mesa_cg.params import lowering_for
+from pallas_kernels.mesa_cg.solve_hopper import _column_cg, hopper_cg_solve, unsupported_reason, use_hopper_solve
 from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
 
 HIGHEST, DEFAULT = lax.Precision.HIGHEST, lax.Precision.DEFAULT
@@ -111,3 +112,16 @@ def test_refuses_what_it_cannot_take():
   args, _ = _problem(32, 64)
   with pytest.raises(ValueError, match="precision must be"):
     hopper_cg_solve(*args, cg_steps=1, cg_init="zero", precision=lax.DotAlgorithmPreset.TF32_TF32_F32)
+
+
+def test_chosen_for_sm90_gpu_kernels_only():
+  device = lambda kind: jax.sharding.AbstractDevice(device_kind=kind, num_cores=132, platform="gpu")
+  mesh = lambda kind: jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,),
+                                                abstract_device=device(kind))
+  assert not use_hopper_solve(32, 128, jnp.float32)  # CPU: the interpreted Triton-path kernel
+  with lowering_for("gpu"):
+    with jax.sharding.use_abstract_mesh(mesh("NVIDIA H200")):
+      assert use_hopper_solve(64, 128, jnp.float32)
+      assert not use_hopper_solve(16, 128, jnp.float32)
+    with jax.sharding.use_abstract_mesh(mesh("NVIDIA A100-SXM4-80GB")):
+      assert not use_hopper_solve(64, 128, jnp.float32)

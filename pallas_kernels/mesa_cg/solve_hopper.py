@@ -11,11 +11,14 @@ dimension across the warps, and only M = Dk keeps every product at M ≥ 64 for 
     Y = [S; K] Pᵀ                      (M = Dk + 64, N = 32, K = Dk; P = the scaled search directions)
     (A P)ᵀ = e^{G_t} (S Pᵀ) + Kᵀ (Mᵀ ⊙ K Pᵀ) + λ ⊙ Pᵀ,  Mᵀ_st = e^{G_t − G_s} β_s [s ≤ t]
 
-with both 16-bit operands of every product in shared memory (the state as its transpose Sᵀ, read transposed).
+with both 16-bit operands of every product in shared memory (the state as its transpose Sᵀ, read transposed). Scales:
+Sᵀ per column (rows of S) and K whole, once per CTA; P per column (system) every step; Mᵀ ⊙ K Pᵀ by its bound
+Dk·max_s Mᵀ_st, so that the step needs three cross-warp reductions (max |P|, pᵀAp, rᵀr) and no more. Shared memory
+(C=64, 3 passes): Sᵀ 64 KiB, K 32 KiB, and per warpgroup P 16, Mᵀ ⊙ K Pᵀ 8, rhs/x 16 KiB, ~190 KiB in all.
 `mesanet_jax.ops.cg.conjugate_gradient` cannot be traced here: it reduces over the last axis of [systems, Dk]
 vectors, Mosaic GPU has no register transpose, and [64, Dk] f32 vectors (the least wgmma allows with systems as
-rows) need 64 registers each per thread, 192 for x, r, p. `_column_cg` is its transcription over axis 0, checked
-against it iterate for iterate (tests/pallas/test_solve_hopper.py).
+rows) need 64 registers each per thread, 192 for x, r, p. `column_cg.column_cg` is its transcription over axis 0,
+checked against it iterate for iterate (tests/pallas/test_solve_hopper.py).
 """
 import functools
 
@@ -27,6 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mesanet_jax.ops.inputs import initial_guess
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE, SplitDot
+from pallas_kernels.mesa_cg.column_cg import column_cg
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 SYSTEMS = 32  # CG systems (tokens) per warpgroup: the N of every product
@@ -42,42 +46,6 @@ _F32_TILES = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # TM
 # wrote, an mbarrier where another warpgroup reads it, and wgmma waits before it is rewritten), so Pallas' automatic
 # barriers around every shared-memory load and store (4 per step and operand here) are turned off.
 _COMPILER_PARAMS = plgpu.CompilerParams(reduction_scratch_bytes=4 * 128 * 8, unsafe_no_auto_barriers=True)
-
-
-def _column_cg(matvec, rhs, x0, *, steps: int, tol: float | None):
-  """`mesanet_jax.ops.cg.conjugate_gradient` for systems in columns: rhs, x0 [D, S] -> x [D, S], iters int32 [S].
-
-  The same recursion, guards and stopping rule (a system stops once ‖r‖ ≤ tol·‖r₀‖; the loop ends when all have).
-  """
-  rowdot = lambda a, b: jnp.sum(a * b, axis=0)
-  divide = lambda num, den: jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-  r = rhs - matvec(x0)
-  delta = rowdot(r, r)
-  stop_below = None if tol is None else (tol * tol) * delta
-
-  def active(delta):
-    return jnp.full(delta.shape, True) if stop_below is None else delta > stop_below
-
-  def step(state):
-    x, r, p, delta, iters = state
-    running = active(delta)
-    ap = matvec(p)
-    alpha = jnp.where(running, divide(delta, rowdot(p, ap)), 0.0)
-    x = x + alpha[None, :] * p
-    r = r - alpha[None, :] * ap
-    delta_new = rowdot(r, r)
-    beta = divide(delta_new, delta)
-    p = jnp.where(running[None, :], r + beta[None, :] * p, p)
-    delta = jnp.where(running, delta_new, delta)
-    return x, r, p, delta, iters + running.astype(jnp.int32)
-
-  init = (x0, r, r, delta, jnp.zeros(delta.shape, jnp.int32))
-  if tol is None:
-    final = lax.fori_loop(0, steps, lambda _, state: step(state), init)
-  else:
-    keep_going = lambda c: (c[0] < steps) & (jnp.max(jnp.where(active(c[1][3]), 1.0, 0.0)) > 0)
-    _, final = lax.while_loop(keep_going, lambda c: (c[0] + 1, step(c[1])), (jnp.int32(0), init))
-  return final[0], final[4]
 
 
 def split_passes(precision) -> int:
@@ -246,7 +214,7 @@ def _solve_warpgroup(w: int, rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem
                 + lam[:, None])
     plgpu.barrier_arrive(diagonal_done)  # k2_parts shares memory with p_parts: all warpgroups are done reading it
     plgpu.barrier_wait(diagonal_done)
-  x, steps = _column_cg(matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
+  x, steps = column_cg(matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
 
   _store_transposed(io.at[w], x)
   plgpu.commit_smem()
@@ -326,6 +294,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"),
       num_threads=warpgroups, thread_name="wg", compiler_params=_COMPILER_PARAMS,
       interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  x, *steps = kernel(flat(rhs), flat(k), flat(gates), lam.astype(jnp.float32), flat(states_kk_t))
+  f32 = lambda x: x.astype(jnp.float32)
+  x, *steps = kernel(flat(rhs), flat(f32(k)), flat(gates), f32(lam), flat(f32(states_kk_t)))
   steps = steps[0].reshape(rhs.shape[:-1]) if counted else jnp.full(rhs.shape[:-1], cg_steps, jnp.int32)
   return x.reshape(rhs.shape), steps

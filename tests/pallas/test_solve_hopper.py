@@ -14,7 +14,8 @@ from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.chunked import _Operator
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.params import lowering_for
-from pallas_kernels.mesa_cg.solve_hopper import _column_cg, hopper_cg_solve, unsupported_reason, use_hopper_solve
+from pallas_kernels.mesa_cg.column_cg import column_cg
+from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve, unsupported_reason, use_hopper_solve
 from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
 
 HIGHEST, DEFAULT = lax.Precision.HIGHEST, lax.Precision.DEFAULT
@@ -42,8 +43,8 @@ def _problem(chunk, key_dim, *, symmetric=True, seed=0):
   return (q, k, log_decay, beta, lam, states_kk_t), op
 
 
-def test_column_cg_is_conjugate_gradient(x64):
-  """`_column_cg` on transposed vectors gives conjugate_gradient's iterate after every step, and the same stops."""
+def testcolumn_cg_is_conjugate_gradient(x64):
+  """`column_cg` on transposed vectors gives conjugate_gradient's iterate after every step, and the same stops."""
   keys = jax.random.split(jax.random.key(0), 3)
   factors = jax.random.normal(keys[0], (5, 6, 6), jnp.float64)
   matrices = factors @ jnp.matrix_transpose(factors) + 0.1 * jnp.eye(6)
@@ -53,7 +54,7 @@ def test_column_cg_is_conjugate_gradient(x64):
   with jax.disable_jit():  # 16 loops of a few steps: run them eagerly rather than compile each
     for tol, steps in itertools.product((None, 1e-3), range(8)):
       x, iters = conjugate_gradient(by_rows, rhs, x0, steps=steps, tol=tol)
-      x_columns, iters_columns = _column_cg(by_columns, rhs.T, x0.T, steps=steps, tol=tol)
+      x_columns, iters_columns = column_cg(by_columns, rhs.T, x0.T, steps=steps, tol=tol)
       assert max_abs(x_columns.T, x) <= 1e-13 * scale(x), (tol, steps)
       np.testing.assert_array_equal(iters_columns, iters)
 

@@ -119,7 +119,8 @@ def test_chosen_for_sm90_gpu_kernels_only():
   device = lambda kind: jax.sharding.AbstractDevice(device_kind=kind, num_cores=132, platform="gpu")
   mesh = lambda kind: jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,),
                                                 abstract_device=device(kind))
-  assert not use_hopper_solve(32, 128, jnp.float32)  # CPU: the interpreted Triton-path kernel
+  with lowering_for("cpu"):
+    assert not use_hopper_solve(32, 128, jnp.float32)  # interpret mode: the Triton-path kernel
   with lowering_for("gpu"):
     with jax.sharding.use_abstract_mesh(mesh("NVIDIA H200")):
       assert use_hopper_solve(64, 128, jnp.float32)

@@ -88,7 +88,7 @@ def use_hopper_solve(chunk_size: int, key_dim: int, dtype) -> bool:
 
 
 def _store_parts(ref, x, passes: int):
-  """ref[0] = fp16(x) and, for 3 passes, ref[1] = fp16(x − fp16(x)): the split of an operand scaled to max |·| ≤ 1."""
+  """ref[0] = fp16(x) and, for 3 passes, ref[1] = fp16(x − fp16(x)), for x already scaled into fp16's range."""
   hi = x.astype(jnp.float16)
   ref[0] = hi
   if passes == 3:

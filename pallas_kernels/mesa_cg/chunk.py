@@ -36,15 +36,15 @@ class SplitDot(NamedTuple):
 # Scales never go below 2^-100, so 1/scale stays finite: a row whose largest entry is smaller (an f32 subnormal, say,
 # from a long run of strong decay) is scaled by 2^100 and underflows to zero in the parts instead of giving inf·0 =
 # NaN (seen on an H200 in a 146M-parameter model's loss before this floor).
-_SMALLEST_SCALE = 2.0 ** -100
+SMALLEST_SCALE = 2.0 ** -100
 
 
 def _max_abs(x, *, whole: bool):
-  """max |x| per row [M, 1], or over the whole 2-D block as [1, 1], floored at _SMALLEST_SCALE."""
+  """max |x| per row [M, 1], or over the whole 2-D block as [1, 1], floored at SMALLEST_SCALE."""
   m = jnp.max(jnp.abs(x), axis=1, keepdims=True)
   if whole:
     m = jnp.max(m, axis=0, keepdims=True)
-  return jnp.maximum(m, _SMALLEST_SCALE)
+  return jnp.maximum(m, SMALLEST_SCALE)
 
 
 def _parts(x, split: SplitDot):

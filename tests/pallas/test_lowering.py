@@ -1,11 +1,15 @@
 """impl="pallas" forward and backward lower for TPU (Mosaic) and GPU (Triton) on this CPU host, through jax.export:
-Pallas' own lowering runs (block shapes, loads and stores, dot forms, loops); the backend compilers do not."""
+Pallas' own lowering runs (block shapes, loads and stores, dot forms, loops); the backend compilers do not. Likewise the
+Hopper solve (Mosaic GPU)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from mesanet_jax.ops import mesa_chunked
 from pallas_kernels.mesa_cg.params import EXPORT_PLATFORMS, export_for
+from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
 from tests.ops.mesa_inputs import random_inputs
 
 KERNELS = ["mesa_chunk_states", "mesa_cg_solve", "mesa_causal_read", "mesa_chunk_states_reverse",
@@ -26,3 +30,16 @@ def test_forward_and_backward_lower(backend):
   assert module.count(f"custom_call @{custom_call}(") == 12
   for kernel in KERNELS:
     assert kernel in module, kernel
+
+
+@pytest.mark.parametrize("chunk, key_dim, cg_init, cg_tol, precision", [
+    (32, 128, "jacobi", None, jax.lax.Precision.HIGHEST),  # one warpgroup per CTA
+    (64, 64, "zero", 1e-4, jax.lax.Precision.DEFAULT),  # two; a while loop; the steps written out
+])
+def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision):
+  """Mosaic GPU's own lowering (layout inference, wgmma, TMA, barriers) runs for sm_90; ptxas does not."""
+  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
+          rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim))
+  solve = functools.partial(hopper_cg_solve, cg_steps=3, cg_init=cg_init, cg_tol=cg_tol, precision=precision)
+  assert export_for("gpu", solve, *args).mlir_module().count("custom_call @mosaic_gpu_v2(") == 1

@@ -1,0 +1,129 @@
+"""The Hopper CG solve (Pallas Mosaic GPU), interpreted on CPU: its CG against `conjugate_gradient`, the kernel
+against the Triton-path kernel, the f64 CG of the same steps and the exact dense solve; lowered for CUDA in
+test_lowering.py. Each kernel test traces one configuration (~10 s on 2 cores: Mosaic GPU's interpreter)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mesanet_jax.ops import MesaState
+from mesanet_jax.ops.cg import conjugate_gradient
+from mesanet_jax.ops.chunked import _Operator
+from pallas_kernels.mesa_cg.solve import chunked_cg_solve
+from pallas_kernels.mesa_cg.params import lowering_for
+from pallas_kernels.mesa_cg.column_cg import column_cg
+from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve, unsupported_reason, use_hopper_solve
+from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
+
+HIGHEST, DEFAULT = lax.Precision.HIGHEST, lax.Precision.DEFAULT
+# Products of fp16 parts of operands scaled to max |·| = 1 (chunk.SplitDot): 3 passes keep ~22 bits (2.4e-7 of the
+# operands' scale), 1 pass 11 bits (4.9e-4); a few CG steps amplify that by up to cond(A) ~ 10 (measured on CPU:
+# 1.4e-7 – 2.1e-7 and 6e-5 – 8e-5 of max |x|).
+TOLERANCE = {HIGHEST: 3e-6, DEFAULT: 1e-3}
+
+
+def _problem(chunk, key_dim, *, symmetric=True, seed=0):
+  """Chunk-major rhs, k, log_decay (cumulative), beta, lam, Sᵀ at every chunk start (B=1, H=2, N=1), f32, and the
+  XLA operator of the same system in f64. A non-symmetric initial state (unless `symmetric`) checks that the kernel
+  reads Sᵀ, not S."""
+  q, k, _, g, beta, lam, state = random_inputs(1, chunk, 2, key_dim, 1, with_state=True, seed=seed)
+  if not symmetric:
+    noise = jax.random.normal(jax.random.key(seed + 1), state.h_kk.shape)
+    state = MesaState(state.h_kk + 0.1 * noise, state.h_kv)
+  chunked = lambda x: jnp.moveaxis(x, 2, 1)[:, :, None]  # [B, T, H, ...] -> [B, H, 1, C, ...]
+  q, k, g, beta = map(chunked, (q, k, g, beta))
+  log_decay = jnp.cumsum(g, axis=-1)
+  with jax.enable_x64(True):
+    build = jax.jit(lambda *a: _Operator.build(*a, HIGHEST))
+    op = build(*as_f64((k, k, log_decay, beta, lam, MesaState(state.h_kk, state.h_kk))))
+    states_kk_t = jnp.matrix_transpose(op.states_kk).astype(jnp.float32)
+  return (q, k, log_decay, beta, lam, states_kk_t), op
+
+
+def testcolumn_cg_is_conjugate_gradient(x64):
+  """`column_cg` on transposed vectors gives conjugate_gradient's iterate after every step, and the same stops."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  factors = jax.random.normal(keys[0], (5, 6, 6), jnp.float64)
+  matrices = factors @ jnp.matrix_transpose(factors) + 0.1 * jnp.eye(6)
+  rhs, x0 = (jax.random.normal(key, (5, 6), jnp.float64) for key in keys[1:])
+  by_rows = lambda x: jnp.einsum("sij,sj->si", matrices, x)
+  by_columns = lambda x: jnp.einsum("sij,js->is", matrices, x)
+  with jax.disable_jit():  # 16 loops of a few steps: run them eagerly rather than compile each
+    for tol, steps in itertools.product((None, 1e-3), range(8)):
+      x, iters = conjugate_gradient(by_rows, rhs, x0, steps=steps, tol=tol)
+      x_columns, iters_columns = column_cg(by_columns, rhs.T, x0.T, steps=steps, tol=tol)
+      assert max_abs(x_columns.T, x) <= 1e-13 * scale(x), (tol, steps)
+      np.testing.assert_array_equal(iters_columns, iters)
+
+
+@pytest.mark.parametrize("chunk, key_dim, cg_init, precision", [
+    (32, 64, "jacobi", HIGHEST),  # one warpgroup per chunk
+    (64, 128, "zero", HIGHEST),  # two, each tracing its own copy
+    (64, 64, "jacobi", DEFAULT),
+])
+def test_matches_triton_kernel_and_f64_cg(chunk, key_dim, cg_init, precision):
+  args, op = _problem(chunk, key_dim, symmetric=False)
+  x, steps = hopper_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=precision)
+  triton = chunked_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=HIGHEST)
+  with jax.enable_x64(True):
+    exact_steps = op.solve(as_f64(args[0]), 4, cg_init)
+  np.testing.assert_array_equal(steps, 4)
+  assert max_abs(x, triton) <= TOLERANCE[precision] * scale(triton)
+  assert max_abs(x, exact_steps) <= TOLERANCE[precision] * scale(exact_steps)
+
+
+def test_tolerance_stops_rows_as_conjugate_gradient(x64):
+  """cg_tol: the same steps per row as conjugate_gradient(tol) in f64, and the same x; rows stop before the cap."""
+  args, op = _problem(64, 64, seed=3)
+  with jax.enable_x64(False):
+    x, steps = hopper_cg_solve(*args, cg_steps=12, cg_init="zero", cg_tol=1e-3, precision=HIGHEST)
+  rhs = as_f64(args[0])
+  x_ref, steps_ref = conjugate_gradient(op.matvec, rhs, jnp.zeros_like(rhs), steps=12, tol=1e-3)
+  np.testing.assert_array_equal(steps, steps_ref)
+  assert int(jnp.max(steps)) < 12
+  assert max_abs(x, x_ref) <= TOLERANCE[HIGHEST] * scale(x_ref)
+
+
+def test_converges_to_the_exact_solve(x64):
+  """Enough steps reach (H_kk[t] + Λ)⁻¹ rhs_t, each A_t built densely by the token-by-token recurrence in f64."""
+  args, _ = _problem(32, 64, seed=5)
+  with jax.enable_x64(False):
+    x, _ = hopper_cg_solve(*args, cg_steps=40, cg_init="jacobi", precision=HIGHEST)
+  q, k, _, g, beta, lam, state = as_f64(random_inputs(1, 32, 2, 64, 1, with_state=True, seed=5))
+
+  def token(h_kk, inputs):
+    k_t, g_t, beta_t = inputs  # [H, Dk], [H], [H]
+    h_kk = jnp.exp(g_t)[:, None, None] * h_kk + beta_t[:, None, None] * k_t[:, :, None] * k_t[:, None, :]
+    return h_kk, h_kk
+
+  _, h_kk = lax.scan(token, state.h_kk[0], (k[0], g[0], beta[0]))  # [T, H, Dk, Dk]
+  exact = jnp.linalg.solve(h_kk + jax.vmap(jnp.diag)(lam), q[0][..., None])[..., 0]  # [T, H, Dk]
+  # f32 inputs and 22-bit products: a converged solve is as close to the f64 one as f32 rounding of cond ≲ 1e2 allows.
+  assert max_abs(x[0, :, 0], jnp.moveaxis(exact, 0, 1)) <= 1e-5 * scale(exact)
+
+
+def test_refuses_what_it_cannot_take():
+  assert unsupported_reason(16, 128, jnp.float32).startswith("chunk_size=16")
+  assert unsupported_reason(64, 32, jnp.float32).startswith("key_dim=32")
+  assert unsupported_reason(64, 128, jnp.bfloat16).startswith("dtype=bfloat16")
+  assert unsupported_reason(32, 128, jnp.float32) is None
+  args, _ = _problem(32, 64)
+  with pytest.raises(ValueError, match="precision must be"):
+    hopper_cg_solve(*args, cg_steps=1, cg_init="zero", precision=lax.DotAlgorithmPreset.TF32_TF32_F32)
+
+
+def test_chosen_for_sm90_gpu_kernels_only():
+  device = lambda kind: jax.sharding.AbstractDevice(device_kind=kind, num_cores=132, platform="gpu")
+  mesh = lambda kind: jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,),
+                                                abstract_device=device(kind))
+  with lowering_for("cpu"):
+    assert not use_hopper_solve(32, 128, jnp.float32)  # interpret mode: the Triton-path kernel
+  with lowering_for("gpu"):
+    with jax.sharding.use_abstract_mesh(mesh("NVIDIA H200")):
+      assert use_hopper_solve(64, 128, jnp.float32)
+      assert not use_hopper_solve(16, 128, jnp.float32)
+    with jax.sharding.use_abstract_mesh(mesh("NVIDIA A100-SXM4-80GB")):
+      assert not use_hopper_solve(64, 128, jnp.float32)

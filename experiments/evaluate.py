@@ -123,7 +123,8 @@ def evaluate_run(run, mesh, out: str) -> dict:
     report["cg_sweep"] = rows
     plots.plot_cg_sweep(os.path.join(out, "cg_sweep.png"), rows)
     print(f"\ninference CG budget (teacher-forced decoding; Δ: paired against {reference.label}, ± one standard "
-          f"error)\n| budget | NLL | ppl | CG steps / token | ΔNLL | max abs ΔNLL | same top-1 |\n|---|---|---|---|---|---|---|")
+          f"error)\n| budget | NLL | ppl | CG steps / token | ΔNLL | max abs ΔNLL | same top-1 |\n"
+          + "|---" * 7 + "|")
     for r in rows:
       print(f"| {r['budget']} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['mean_cg_steps']:.2f} | "
             f"{r['delta_loss']:+.2e} ± {r['delta_loss_se']:.1e} | {r['max_abs_delta']:.1e} | "

@@ -60,9 +60,10 @@ def decode_losses(model, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.nd
 
 def _paired(nll, top, reference_nll, reference_top, mask) -> dict:
   """ΔNLL against the reference budget on the same targets: mean, standard error, largest |Δ|, top-1 agreement."""
-  delta = (nll - reference_nll)[mask > 0].astype(np.float64)
+  kept = mask > 0
+  delta = (nll - reference_nll)[kept].astype(np.float64)
   return {"delta_loss": float(delta.mean()), "delta_loss_se": float(delta.std(ddof=1) / np.sqrt(delta.size)),
-          "max_abs_delta": float(np.abs(delta).max()), "argmax_agreement": float((top == reference_top)[mask > 0].mean())}
+          "max_abs_delta": float(np.abs(delta).max()), "argmax_agreement": float((top == reference_top)[kept].mean())}
 
 
 def sweep(lm: LMConfig, params, batches: list[dict], budgets: list[Budget],

@@ -2,8 +2,8 @@
 SwiGLU 2,304; random init, bf16 weights and activations, greedy): ours and fla's `MesaNetForCausalLM.generate` side by
 side in one device process, same prompts (random tokens).
 
-  python benchmarks/decode_bench.py --out=$OUT                          # every variant, batch and prompt below
-  python benchmarks/decode_bench.py --variants=pallas --batches=1,32 --prompts=512 --fla=False
+  python benchmarks/decode_bench.py --out=$OUT          # the default sweep, ≈ 6 minutes on an H200 (estimated)
+  python benchmarks/decode_bench.py --batches=1,32 --prompts=512 --extra_variants= --fla=False --long_tokens=0
 
 Ours is what `models/generate.py` runs: a jitted prefill (last position's logits only), then a `lax.scan` of decode
 steps, each `LanguageModel.decode_step` + greedy `sample`. It is compiled as two executables (prefill per batch and
@@ -18,9 +18,9 @@ Reported per (system, batch, prompt, new tokens): prefill ms (prompt → first t
 CG steps per token (Mesa layers × heads), memory: ours, what XLA reserves for the prefill and the decode executables
 (arguments + outputs + temporaries; peak = the larger; the decode one is the same for every prompt, and 256 vs 4,096
 new shows what grows with the length: the generated tokens only); fla, torch's peak allocation of the whole
-generate. And per variant, the kernels one decode step launches (from the compiled HLO). Runs in priority order (B = 1 and 32 at the short prompt first, then the long generations, then the
-rest) and stops starting new runs after --budget_s; every result is appended to <out>/decode_bench.jsonl at once and
-the table is written to <out>/decode_bench.md.
+generate. And per variant, the kernels one decode step launches (from the compiled HLO). Runs in priority order
+(B = 1 and 32 at the first prompt, then the long generations, then the rest) and starts no run after --budget_s;
+every result is appended to <out>/decode_bench.jsonl at once and the table is written to <out>/decode_bench.md.
 
 fla needs torch with CUDA and flash-linear-attention 0.6.0 (on the device carried as wheels, see WORKSPACE.md).
 """
@@ -28,7 +28,6 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
 
-import functools
 import json
 import re
 import statistics
@@ -45,8 +44,9 @@ from mesanet_jax.models.config import LMConfig
 from mesanet_jax.models.generate import sample
 from mesanet_jax.models.lm import LanguageModel
 
-_VARIANTS = flags.DEFINE_list("variants", ["xla", "pallas", "pallas:1e-4", "pallas:1e-4:warm"],
-                              "ours: impl[:decode_tol][:warm]")
+_VARIANTS = flags.DEFINE_list("variants", ["pallas"], "ours at every batch and prompt: impl[:decode_tol][:warm]")
+_EXTRA = flags.DEFINE_list("extra_variants", ["xla", "pallas:1e-4", "pallas:1e-4:warm"],
+                           "ours at B = 1 and 32 with the first prompt only")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32", "128"], "batch sizes")
 _PROMPTS = flags.DEFINE_list("prompts", ["512", "8192"], "prompt lengths")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "generated tokens timed per run")
@@ -63,6 +63,7 @@ _CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps per token (the cap wi
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"], "prefill's chunked matmuls")
 _BUDGET = flags.DEFINE_float("budget_s", 420, "no new run starts after this many seconds")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for decode_bench.jsonl / .md")
+
 
 def lm_config(variant: str) -> LMConfig:
   """impl[:tol][:warm] -> our model's config (chunk 32 for the Pallas prefill, its faster size on an H200; 64 XLA).
@@ -221,7 +222,8 @@ def work_list():
   first = [(b, prompts[0]) for b in batches if b in (1, 32)]
   rest = [(b, p) for p in prompts for b in batches if (b, p) not in first]
   systems = [("ours", v) for v in _VARIANTS.value] + ([("fla", "fla")] if _FLA.value else [])
-  runs = [(s, v, b, p, _NEW.value) for b, p in first for s, v in systems]
+  extra = [("ours", v) for v in _EXTRA.value if v not in _VARIANTS.value]
+  runs = [(s, v, b, p, _NEW.value) for b, p in first for s, v in systems + extra]
   runs += [("ours", v, int(b), prompts[0], _LONG.value) for v in _LONG_VARIANTS.value for b in _LONG_BATCHES.value
            if _LONG.value]
   return runs + [(s, v, b, p, _NEW.value) for b, p in rest for s, v in systems]

@@ -18,7 +18,8 @@ Reported per (system, batch, prompt, new tokens): prefill ms (prompt → first t
 CG steps per token (Mesa layers × heads), memory: ours, what XLA reserves for the prefill and the decode executables
 (arguments + outputs + temporaries; peak = the larger; the decode one is the same for every prompt, and 256 vs 4,096
 new shows what grows with the length: the generated tokens only); fla, torch's peak allocation of the whole
-generate. And per variant, the kernels one decode step launches (from the compiled HLO). Runs in priority order
+generate. And per variant, the kernels one decode step launches (from the compiled HLO). First, one layer's Mesa
+decode step alone (XLA op; fused kernel at several num_warps; 30 steps and tol 1e-4). Then runs in priority order
 (B = 1 and 32 at the first prompt, then the long generations, then the rest) and starts no run after --budget_s;
 every result is appended to <out>/decode_bench.jsonl at once and the table is written to <out>/decode_bench.md.
 
@@ -28,6 +29,7 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
 
+import functools
 import json
 import re
 import statistics
@@ -43,6 +45,8 @@ from mesanet_jax.layers.mesa import MesaConfig
 from mesanet_jax.models.config import LMConfig
 from mesanet_jax.models.generate import sample
 from mesanet_jax.models.lm import LanguageModel
+from mesanet_jax.ops import MesaState, mesa_decode_step
+from pallas_kernels.mesa_cg.decode import mesa_decode_fused
 
 _VARIANTS = flags.DEFINE_list("variants", ["pallas"], "ours at every batch and prompt: impl[:decode_tol][:warm]")
 _EXTRA = flags.DEFINE_list("extra_variants", ["xla", "pallas:1e-4", "pallas:1e-4:warm"],
@@ -54,6 +58,9 @@ _LONG = flags.DEFINE_integer("long_tokens", 4096, "a longer generation for the f
 _LONG_BATCHES = flags.DEFINE_list("long_batches", ["1", "32"], "batches of the longer generation (shortest prompt)")
 _LONG_VARIANTS = flags.DEFINE_list("long_variants", ["pallas", "pallas:1e-4:warm"], "variants of the longer one")
 _FLA = flags.DEFINE_bool("fla", True, "also time flash-linear-attention's generate")
+_STEP_ALONE = flags.DEFINE_list("step_alone_batches", ["1", "32", "128"], "first, time one layer's Mesa decode step "
+                                "alone at these batches: the XLA op, the kernel per --step_alone_warps")
+_WARPS = flags.DEFINE_list("step_alone_warps", ["4", "8", "16"], "num_warps of the fused kernel timed alone")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs of ours (median); fla runs once after a warm-up")
 _LAYERS = flags.DEFINE_integer("layers", 12, "Mesa blocks")
 _D_MODEL = flags.DEFINE_integer("d_model", 768, "hidden size")
@@ -124,6 +131,40 @@ def launches_per_step(hlo: str) -> str:
     return "no loop (the scan was unrolled)"
   kernels, loops = max(count(body) for body in bodies)  # the scan: the outermost, largest body
   return f"{kernels} kernels + {loops} nested while loops"
+
+
+def step_alone(batch: int, step, calls: int = 100) -> str:
+  """µs per call of `step` (a Mesa decode step of one layer at fla's head shape) in a jitted chain of `calls`, each
+  on the state the previous one wrote: the kernel's own time plus its launch, without the rest of the model; and the
+  CG steps of one more call (they vary with a tolerance)."""
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  heads, dim = _HEADS.value, 128
+  q, k = (jnp.asarray(unit(rng.normal(size=(batch, heads, dim))), jnp.float32) for _ in range(2))
+  v = jnp.asarray(rng.normal(size=(batch, heads, dim)), jnp.float32)
+  g, beta = jnp.full((batch, heads), np.log(0.99), jnp.float32), jnp.full((batch, heads), 0.5, jnp.float32)
+  past = unit(rng.normal(size=(batch, heads, 256, dim)))
+  state = MesaState(jnp.asarray(np.einsum("bhrk,bhrl->bhkl", past, past) / 4, jnp.float32),
+                    jnp.asarray(np.einsum("bhrk,bhrv->bhkv", past, rng.normal(size=past.shape)) / 4, jnp.float32))
+  lam = jnp.ones((heads, dim), jnp.float32)
+  chain = jax.jit(lambda state: jax.lax.fori_loop(0, calls, lambda _, s: step(q, k, v, g, beta, lam, s)[1], state))
+  iters = jax.jit(step)(q, k, v, g, beta, lam, chain(state))[2]
+  return f"{timed(chain, state, repeats=_REPEATS.value) / calls * 1e6:.1f} ({float(jnp.mean(iters)):.1f})"
+
+
+def step_alone_table(batches) -> str:
+  options = dict(cg_steps=_CG_STEPS.value)
+  steps = {"xla": functools.partial(mesa_decode_step, **options),
+           "xla tol=1e-4": functools.partial(mesa_decode_step, tol=1e-4, **options)}
+  steps.update({f"pallas warps={w}": functools.partial(mesa_decode_fused, num_warps=int(w), **options)
+                for w in _WARPS.value})
+  steps["pallas warps=8 tol=1e-4"] = functools.partial(mesa_decode_fused, num_warps=8, tol=1e-4, **options)
+  lines = ["| Mesa decode step of one layer | " + " | ".join(f"B={b}: µs (CG steps)" for b in batches) + " |",
+           "|---" * (len(batches) + 1) + "|"]
+  for name, step in steps.items():
+    lines.append(f"| {name} | " + " | ".join(step_alone(b, step) for b in batches) + " |")
+    print(lines[-1], flush=True)
+  return "\n".join(lines)
 
 
 class Ours:
@@ -249,6 +290,7 @@ def main(argv):
   os.makedirs(_OUT.value, exist_ok=True)
   log = open(os.path.join(_OUT.value, "decode_bench.jsonl"), "a")
   start, rows = time.perf_counter(), []
+  alone = step_alone_table([int(b) for b in _STEP_ALONE.value]) if _STEP_ALONE.value else ""
   ours, fla = Ours(), None
   print(f"{jax.devices()[0].device_kind}: {sum(x.size for x in jax.tree.leaves(ours.params)):,} params", flush=True)
   for system, variant, batch, length, new in work_list():
@@ -273,7 +315,7 @@ def main(argv):
     log.write(json.dumps(row) + "\n")
     log.flush()
     print(table([row]).splitlines()[-1], f"({row['elapsed_s']:.0f} s)", flush=True)
-  report = table(rows) + "\n\nkernels per decode step (compiled HLO):\n" + "\n".join(
+  report = alone + "\n\n" + table(rows) + "\n\nkernels per decode step (compiled HLO):\n" + "\n".join(
       f"- ours {v}: {n}" for v, n in ours.launches.items())
   with open(os.path.join(_OUT.value, "decode_bench.md"), "w") as f:
     f.write(report + "\n")

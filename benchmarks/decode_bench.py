@@ -133,10 +133,8 @@ def launches_per_step(hlo: str) -> str:
   return f"{kernels} kernels + {loops} nested while loops"
 
 
-def step_alone(batch: int, step, calls: int = 100) -> str:
-  """µs per call of `step` (a Mesa decode step of one layer at fla's head shape) in a jitted chain of `calls`, each
-  on the state the previous one wrote: the kernel's own time plus its launch, without the rest of the model; and the
-  CG steps of one more call (they vary with a tolerance)."""
+def step_inputs(batch: int):
+  """One token's Mesa inputs at fla's head shape and a state of 256 earlier random tokens."""
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   heads, dim = _HEADS.value, 128
@@ -146,23 +144,38 @@ def step_alone(batch: int, step, calls: int = 100) -> str:
   past = unit(rng.normal(size=(batch, heads, 256, dim)))
   state = MesaState(jnp.asarray(np.einsum("bhrk,bhrl->bhkl", past, past) / 4, jnp.float32),
                     jnp.asarray(np.einsum("bhrk,bhrv->bhkv", past, rng.normal(size=past.shape)) / 4, jnp.float32))
-  lam = jnp.ones((heads, dim), jnp.float32)
-  chain = jax.jit(lambda state: jax.lax.fori_loop(0, calls, lambda _, s: step(q, k, v, g, beta, lam, s)[1], state))
-  iters = jax.jit(step)(q, k, v, g, beta, lam, chain(state))[2]
-  return f"{timed(chain, state, repeats=_REPEATS.value) / calls * 1e6:.1f} ({float(jnp.mean(iters)):.1f})"
+  return q, k, v, g, beta, jnp.ones((heads, dim), jnp.float32), state
+
+
+def step_alone(batch: int, step, reference=None, calls: int = 100) -> str:
+  """µs per call of `step` (one layer's Mesa decode step) in a jitted chain of `calls`, each on the state the previous
+  one wrote: its own time plus its launch, without the rest of the model; the CG steps of one call (they vary with a
+  tolerance); with a `reference` (the XLA op, same options), the largest deviation of o and the state from it,
+  relative to their scale, and whether the CG steps agree: the kernel checked on the device."""
+  *token, state = step_inputs(batch)
+  chain = jax.jit(lambda state: jax.lax.fori_loop(0, calls, lambda _, s: step(*token, s)[1], state))
+  o, new_state, iters, _ = jax.jit(step)(*token, state)
+  text = f"{timed(chain, state, repeats=_REPEATS.value) / calls * 1e6:.1f} ({float(jnp.mean(iters)):.1f})"
+  if reference is None:
+    return text
+  expected = reference(*token, state)
+  error = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+              for a, b in zip(jax.tree.leaves((o, new_state)), jax.tree.leaves(expected[:2])))
+  return text + f" Δ {error:.0e}{'' if bool(jnp.all(iters == expected[2])) else ' steps differ'}"
 
 
 def step_alone_table(batches) -> str:
-  options = dict(cg_steps=_CG_STEPS.value)
-  steps = {"xla": functools.partial(mesa_decode_step, **options),
-           "xla tol=1e-4": functools.partial(mesa_decode_step, tol=1e-4, **options)}
-  steps.update({f"pallas warps={w}": functools.partial(mesa_decode_fused, num_warps=int(w), **options)
+  fixed, tol = dict(cg_steps=_CG_STEPS.value), dict(cg_steps=_CG_STEPS.value, tol=1e-4)
+  xla = {"": jax.jit(functools.partial(mesa_decode_step, **fixed)), "tol": jax.jit(functools.partial(mesa_decode_step,
+                                                                                                     **tol))}
+  steps = {"xla": (xla[""], None), "xla tol=1e-4": (xla["tol"], None)}
+  steps.update({f"pallas warps={w}": (functools.partial(mesa_decode_fused, num_warps=int(w), **fixed), xla[""])
                 for w in _WARPS.value})
-  steps["pallas warps=8 tol=1e-4"] = functools.partial(mesa_decode_fused, num_warps=8, tol=1e-4, **options)
-  lines = ["| Mesa decode step of one layer | " + " | ".join(f"B={b}: µs (CG steps)" for b in batches) + " |",
+  steps["pallas warps=8 tol=1e-4"] = (functools.partial(mesa_decode_fused, num_warps=8, **tol), xla["tol"])
+  lines = ["| Mesa decode step of one layer | " + " | ".join(f"B={b}: µs (CG steps) Δ vs XLA" for b in batches) + " |",
            "|---" * (len(batches) + 1) + "|"]
-  for name, step in steps.items():
-    lines.append(f"| {name} | " + " | ".join(step_alone(b, step) for b in batches) + " |")
+  for name, (step, reference) in steps.items():
+    lines.append(f"| {name} | " + " | ".join(step_alone(b, step, reference) for b in batches) + " |")
     print(lines[-1], flush=True)
   return "\n".join(lines)
 

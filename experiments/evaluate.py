@@ -6,10 +6,11 @@
 For --workdir (a language-model run; the checkpoint at --step, restored onto the --mesh): perplexity and accuracy on
 a data split; loss by token position as a table and positions.png (with --baseline_workdir, evaluated on the same
 tokens: ΔNLL = NLL − NLL_baseline); for Mesa models a sweep of inference CG budgets (fixed steps and tolerances,
-teacher-forced decoding, CG steps actually used per token) as a table and cg_sweep.png. Everything is written to
-<out>/eval.json next to the plots (default out: <workdir>/eval/step_<N>). One process. MAD has its own commands:
-mesanet-mad-grid and mesanet-mad-table.
+teacher-forced decoding, CG steps actually used per token, paired ΔNLL against generation's default budget) as a
+table and cg_sweep.png. Everything is written to <out>/eval.json next to the plots (default out:
+<workdir>/eval/step_<N>). One process. MAD has its own commands: mesanet-mad-grid and mesanet-mad-table.
 """
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,12 @@ _CG_STEPS = flags.DEFINE_list("cg_steps", ["1", "2", "4", "8", "16", "30"], "fix
 _CG_TOLS = flags.DEFINE_list("cg_tols", ["1e-2", "1e-3", "1e-4"], "tolerances of the sweep (at most 30 steps, "
                              "or the largest of --cg_steps)")
 _CG_BATCHES = flags.DEFINE_integer("cg_batches", 1, "batches for the CG sweep (it decodes token by token)")
+_CG_WARM_START = flags.DEFINE_bool("cg_warm_start", False, "also sweep the tolerances with CG warm-started from "
+                                   "the previous token's solution")
+_CG_REFERENCE = flags.DEFINE_integer("cg_reference_steps", 0, "fixed steps of the budget every other is compared "
+                                     "with (paired ΔNLL; 0: the run's mesa.cg_steps_decode, generation's default)")
+_IMPL = flags.DEFINE_enum("impl", "", ["", "xla", "pallas"], "Mesa implementation ('': the run's; pallas: the "
+                          "chunked kernels and the fused decode kernel, on GPU much faster)")
 _OUT = flags.DEFINE_string("out", "", "output directory (default: <workdir>/eval/step_<N>)")
 
 
@@ -104,14 +111,20 @@ def evaluate_run(run, mesh, out: str) -> dict:
   if "mesa" in run.lm.mixers and (_CG_STEPS.value or _CG_TOLS.value):
     fixed = _numbers(_CG_STEPS, int)
     most = max(fixed + [run.lm.mesa.cg_steps_decode])
-    budgets = [cg_sweep.Budget(s) for s in fixed] + [cg_sweep.Budget(most, t) for t in _numbers(_CG_TOLS, float)]
-    rows = cg_sweep.sweep(run.lm, run.params, batches[:max(_CG_BATCHES.value, 1)], budgets)
+    tols = _numbers(_CG_TOLS, float)
+    budgets = ([cg_sweep.Budget(s) for s in fixed] + [cg_sweep.Budget(most, t) for t in tols]
+               + [cg_sweep.Budget(most, t, warm_start=True) for t in tols if _CG_WARM_START.value])
+    reference = cg_sweep.Budget(_CG_REFERENCE.value or run.lm.mesa.cg_steps_decode)
+    rows = cg_sweep.sweep(run.lm, run.params, batches[:max(_CG_BATCHES.value, 1)], budgets, reference)
     report["cg_sweep"] = rows
     plots.plot_cg_sweep(os.path.join(out, "cg_sweep.png"), rows)
-    print("\ninference CG budget (teacher-forced decoding)\n"
-          "| budget | NLL | ppl | CG steps / token |\n|---|---|---|---|")
+    print(f"\ninference CG budget (teacher-forced decoding; Δ: paired against {reference.label}, ± one standard "
+          f"error)\n| budget | NLL | ppl | CG steps / token | ΔNLL | max abs ΔNLL | same top-1 |\n"
+          + "|---" * 7 + "|")
     for r in rows:
-      print(f"| {r['budget']} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['mean_cg_steps']:.2f} |")
+      print(f"| {r['budget']} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['mean_cg_steps']:.2f} | "
+            f"{r['delta_loss']:+.2e} ± {r['delta_loss_se']:.1e} | {r['max_abs_delta']:.1e} | "
+            f"{r['argmax_agreement']:.2%} |")
   return report
 
 
@@ -124,6 +137,8 @@ def main(argv):
       raise ValueError("give --workdir (a run); MAD results are read by mesanet-mad-table")
     mesh = sharding.make_mesh(*_numbers(_MESH, int))
     run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value, mesh)
+    if _IMPL.value:
+      run = run._replace(lm=dataclasses.replace(run.lm, mesa=dataclasses.replace(run.lm.mesa, impl=_IMPL.value)))
     out = _OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{run.step}")
     os.makedirs(out, exist_ok=True)
     report = evaluate_run(run, mesh, out)

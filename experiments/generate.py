@@ -4,9 +4,11 @@
     mesanet-generate --workdir=runs/default --prompt="The " --temperature=0.8 --top_k=40 --cg_tol=1e-4
 
 The prompt is prefilled (chunked CG), then tokens are decoded one at a time (constant memory, one CG solve per token,
-Mesa layer and head) and printed as they come. At the end: the CG steps each decoded token used (mean over Mesa
-layers and heads). Synthetic-task runs take and print token ids (--prompt="3 17 5").
+Mesa layer and head) and printed as they come, detokenised incrementally. At the end: the CG steps per decoded token
+(mean over Mesa layers and heads): their mean, min and max, and the last 100. Memory does not grow with
+--max_new_tokens. Synthetic-task runs take and print token ids (--prompt="3 17 5").
 """
+import collections
 import dataclasses
 
 from absl import app, flags
@@ -22,6 +24,11 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "CG steps per decoded token (0: the run's mesa.cg_steps_decode)")
 _CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each head's CG once ‖r‖ ≤ tol·‖r₀‖ (0: fixed steps)")
+_WARM_START = flags.DEFINE_bool("warm_start", False, "start each token's CG from the previous token's solution "
+                                "(--cg_tol is then relative to ‖q‖)")
+_IMPL = flags.DEFINE_enum("impl", "", ["", "xla", "pallas"], "Mesa implementation (pallas: the fused decode "
+                          "kernel; '': the run's)")
+_SHOWN_STEPS = 100  # CG steps of the last this many tokens are printed at the end
 
 
 def _encode(tokenizer, prompt: str):
@@ -38,6 +45,7 @@ def main(argv):
   import jax
   import numpy as np
   from mesanet_jax.data import text
+  from mesanet_jax.data.detokenize import Detokenizer
   from mesanet_jax.eval import runs
   from mesanet_jax.models.generate import stream
   with cli.one_line_errors("mesanet-generate"):
@@ -50,30 +58,26 @@ def main(argv):
     if not prompt or max(prompt) >= run.lm.vocab_size or min(prompt) < 0:
       raise ValueError(f"--prompt {_PROMPT.value!r}: token ids must lie in [0, {run.lm.vocab_size})")
     mesa = dataclasses.replace(run.lm.mesa, cg_steps_decode=_CG_STEPS.value or run.lm.mesa.cg_steps_decode,
-                               decode_tol=_CG_TOL.value or None)
+                               decode_tol=_CG_TOL.value or None, decode_warm_start=_WARM_START.value,
+                               impl=_IMPL.value or run.lm.mesa.impl)
     model = runs.model_from(dataclasses.replace(run.lm, mesa=mesa), run.params)
     tokens = stream(model, np.asarray([prompt]), _MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                     top_k=_TOP_K.value or None, key=jax.random.key(_SEED.value))
 
   print(_PROMPT.value, end="", flush=True)
-  generated, cg_steps, shown = [], [], ""
+  detokenizer = None if tokenizer is None else Detokenizer(tokenizer, context=prompt)
+  last_steps, count, total, least, most = collections.deque(maxlen=_SHOWN_STEPS), 0, 0.0, float("inf"), 0.0
   for token, steps in tokens:
-    generated.append(int(token[0]))
     if steps is not None:
-      cg_steps.append(float(steps[0]))
-    if tokenizer is None:
-      print(f" {generated[-1]}", end="", flush=True)
-      continue
-    decoded = tokenizer.decode(generated)
-    if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-      print(decoded[len(shown):], end="", flush=True)
-      shown = decoded
+      step = float(steps[0])
+      last_steps.append(step)
+      count, total, least, most = count + 1, total + step, min(least, step), max(most, step)
+    print(f" {int(token[0])}" if detokenizer is None else detokenizer.push(token[0]), end="", flush=True)
   print()
-  if cg_steps:
+  if count:
     budget = f"tol {_CG_TOL.value:g}, at most {mesa.cg_steps_decode}" if _CG_TOL.value else f"{mesa.cg_steps_decode}"
-    print(f"CG steps per decoded token (mean over Mesa layers and heads; budget {budget}): mean "
-          f"{np.mean(cg_steps):.2f}, min {min(cg_steps):.2f}, max {max(cg_steps):.2f}\n"
-          + " ".join(f"{s:.1f}" for s in cg_steps))
+    print(f"CG steps per decoded token (mean over Mesa layers and heads; budget {budget}): mean {total / count:.2f}, "
+          f"min {least:.2f}, max {most:.2f}; the last {len(last_steps)}:\n" + " ".join(f"{s:.1f}" for s in last_steps))
 
 
 def run():

@@ -23,11 +23,11 @@ def test_logical_spec_follows_rules_and_drops_non_dividing_axes():
 
 
 def test_sharded_forward_matches_unsharded_on_8_devices():
-  """Also checks impl="pallas" under jax.set_mesh runs per (batch, heads) shard and gives the same logits, and the
-  same inside a scanned, rematerialised block stack (forward and gradient)."""
+  """Also checks impl="pallas" under jax.set_mesh runs per (batch, heads) shard and gives the same logits, the same
+  inside a scanned, rematerialised block stack (forward and gradient), and the fused decode kernel per shard."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-m", "tests.sharded_forward"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "sharded forward OK" in result.stdout and "pallas per-shard forward OK" in result.stdout
-  assert "scanned pallas per-shard OK" in result.stdout
+  assert "scanned pallas per-shard OK" in result.stdout and "pallas per-shard decode OK" in result.stdout

@@ -1,7 +1,14 @@
 """Quality vs compute of inference CG (paper §5, Fig. 5/7): the model decodes each sequence token by token (the
 constant-memory recurrence with one CG solve per token, layer and head) under a given CG budget, either a fixed
-number of steps or a relative-residual tolerance ‖r‖ ≤ tol·‖r₀‖, and we record the NLL of every target and the CG
-steps every token actually used (mean over Mesa layers and heads).
+number of steps or a relative-residual tolerance ‖r‖ ≤ tol·‖r₀‖ (optionally warm-started from the previous token's
+solution, then ‖r‖ ≤ tol·‖q‖), and we record the NLL of every target and the CG steps every token actually used (mean
+over Mesa layers and heads).
+
+Against a reference budget (the fixed steps generation uses by default), every budget also gets the paired ΔNLL:
+the mean over targets of NLL(budget) − NLL(reference) with its standard error, the largest |ΔNLL| of a target, and
+how often both pick the same most likely token. A budget changes the model's outputs beyond noise when its mean
+ΔNLL is outside about two standard errors, or beyond the ΔNLL of a budget that only removes rounding (e.g. twice the
+reference's steps, once CG has converged).
 """
 import dataclasses
 
@@ -18,17 +25,20 @@ from mesanet_jax.models.config import LMConfig
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-  """`steps` CG steps at most; with `tol`, each head stops early once its residual is below tol·‖r₀‖."""
+  """`steps` CG steps at most; with `tol`, each head stops early once its residual is below tol·‖r₀‖ (with
+  `warm_start`, CG starts from the previous token's solution and stops below tol·‖q‖)."""
   steps: int
   tol: float | None = None
+  warm_start: bool = False
 
   @property
   def label(self) -> str:
-    return f"tol={self.tol:g}" if self.tol is not None else f"steps={self.steps}"
+    label = f"tol={self.tol:g}" if self.tol is not None else f"steps={self.steps}"
+    return label + "+warm" if self.warm_start else label
 
 
-def decode_losses(model, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Teacher-forced decoding of inputs [B, T]: (NLL [B, T], CG steps per token [B, T]) as numpy."""
+def decode_losses(model, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Teacher-forced decoding of inputs [B, T]: NLL, CG steps per token and the most likely token, each [B, T]."""
   graphdef, params = nnx.split(model)
 
   @jax.jit
@@ -38,30 +48,46 @@ def decode_losses(model, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.nd
     def step(cache, token_and_target):
       token, target = token_and_target
       logits, cache, cg_steps = model.decode_step(token, cache)
-      return cache, (optax.softmax_cross_entropy_with_integer_labels(logits, target), cg_steps)
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+      return cache, (nll, cg_steps, jnp.argmax(logits, axis=-1))
 
     cache = model.init_cache(inputs.shape[0], inputs.shape[1])
-    _, (nll, cg_steps) = jax.lax.scan(step, cache, (inputs.T, targets.T))
-    return nll.T, cg_steps.T
+    _, outputs = jax.lax.scan(step, cache, (inputs.T, targets.T))
+    return tuple(x.T for x in outputs)
 
   return jax.device_get(run(params, jnp.asarray(inputs), jnp.asarray(targets)))
 
 
-def sweep(lm: LMConfig, params, batches: list[dict], budgets: list[Budget]) -> list[dict]:
+def _paired(nll, top, reference_nll, reference_top, mask) -> dict:
+  """ΔNLL against the reference budget on the same targets: mean, standard error, largest |Δ|, top-1 agreement."""
+  kept = mask > 0
+  delta = (nll - reference_nll)[kept].astype(np.float64)
+  return {"delta_loss": float(delta.mean()), "delta_loss_se": float(delta.std(ddof=1) / np.sqrt(delta.size)),
+          "max_abs_delta": float(np.abs(delta).max()), "argmax_agreement": float((top == reference_top)[kept].mean())}
+
+
+def sweep(lm: LMConfig, params, batches: list[dict], budgets: list[Budget],
+          reference: Budget | None = None) -> list[dict]:
   """One row per budget: mean NLL / perplexity over the masked targets, mean CG steps per token (over all
-  tokens) and both by position bucket (`losses.position_buckets`)."""
+  tokens) and both by position bucket (`losses.position_buckets`); with a `reference` budget (evaluated first, its
+  row included), each row's paired ΔNLL against it (`_paired`)."""
   if "mesa" not in lm.mixers:
     raise ValueError("the CG sweep needs a model with Mesa layers")
-  rows = []
-  for budget in budgets:
-    mesa = dataclasses.replace(lm.mesa, cg_steps_decode=budget.steps, decode_tol=budget.tol)
+  mask = np.concatenate([b["mask"] for b in batches]).astype(np.float32)
+  rows, reference_outputs = [], None
+  for budget in ([reference] if reference is not None else []) + [b for b in budgets if b != reference]:
+    mesa = dataclasses.replace(lm.mesa, cg_steps_decode=budget.steps, decode_tol=budget.tol,
+                               decode_warm_start=budget.warm_start)
     model = model_from(dataclasses.replace(lm, mesa=mesa), params)
-    nll, cg_steps = zip(*(decode_losses(model, b["inputs"], b["targets"]) for b in batches))
-    nll, cg_steps = np.concatenate(nll), np.concatenate(cg_steps)
-    mask = np.concatenate([b["mask"] for b in batches]).astype(np.float32)
+    nll, cg_steps, top = (np.concatenate(x) for x in zip(*(decode_losses(model, b["inputs"], b["targets"])
+                                                           for b in batches)))
     loss = losses_lib.masked_mean(nll, mask)
-    rows.append({"budget": budget.label, "max_steps": budget.steps, "tol": budget.tol, "loss": loss,
-                 "ppl": losses_lib.perplexity(loss), "mean_cg_steps": float(cg_steps.mean()),
-                 "loss_by_bucket": losses_lib.bucketed(nll, mask),
-                 "cg_steps_by_bucket": losses_lib.bucketed(cg_steps, np.ones_like(mask))})
+    row = {"budget": budget.label, "max_steps": budget.steps, "tol": budget.tol, "warm_start": budget.warm_start,
+           "loss": loss, "ppl": losses_lib.perplexity(loss), "mean_cg_steps": float(cg_steps.mean()),
+           "loss_by_bucket": losses_lib.bucketed(nll, mask),
+           "cg_steps_by_bucket": losses_lib.bucketed(cg_steps, np.ones_like(mask))}
+    if reference is not None:
+      reference_outputs = reference_outputs or (nll, top)
+      row.update(reference=reference.label, **_paired(nll, top, *reference_outputs, mask))
+    rows.append(row)
   return rows

@@ -41,10 +41,12 @@ def plot_positions(path: str, nll: np.ndarray, label: str, baseline: np.ndarray 
 
 
 def plot_cg_sweep(path: str, rows: list[dict]) -> None:
-  """Loss against the mean CG steps per token, one line for fixed budgets and one for tolerances."""
+  """Loss against the mean CG steps per token, one line each for fixed budgets, tolerances and warm-started
+  tolerances."""
   fig, ax = plt.subplots(figsize=(6, 4))
-  for name, selected in (("fixed steps", [r for r in rows if r["tol"] is None]),
-                         ("tolerance", [r for r in rows if r["tol"] is not None])):
+  tolerance = lambda warm: [r for r in rows if r["tol"] is not None and r.get("warm_start", False) == warm]
+  for name, selected in (("fixed steps", [r for r in rows if r["tol"] is None]), ("tolerance", tolerance(False)),
+                         ("tolerance, warm start", tolerance(True))):
     if selected:
       selected = sorted(selected, key=lambda r: r["mean_cg_steps"])
       ax.plot([r["mean_cg_steps"] for r in selected], [r["loss"] for r in selected], "o-", label=name)

@@ -37,7 +37,9 @@ class RecurrentMixer(nnx.Module):
     mix(q, k, v, g, beta, state): q, k, v [B, T, H, D]; g, beta [B, T, H] -> (o [B, T, H, D], final state);
     mix_token(q, k, v, g, beta, state): one token, q, k, v [B, H, D]; g, beta [B, H] -> (o, state, iters [B, H] or
       None when the mixer has no solver);
-    zero_state(batch): the empty state.
+    zero_state(batch): the empty state;
+  and may keep more than the mixing state in the decode cache (Mesa's warm start keeps the last CG solution):
+    to_cache(state): the state after a sequence as the cache holds it; from_cache(cached): the state `mix` takes.
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, conv_size: int, gamma_cap: float | None,
@@ -84,14 +86,21 @@ class RecurrentMixer(nnx.Module):
     o = self.norm(o, gate)
     return self.o_proj(o.reshape(*o.shape[:2], -1))
 
+  def to_cache(self, state):
+    return state
+
+  def from_cache(self, cached):
+    return cached
+
   def init_cache(self, batch: int) -> RecurrentCache:
-    return RecurrentCache(self.q_conv.zero_state(batch), self.k_conv.zero_state(batch), self.zero_state(batch))
+    return RecurrentCache(self.q_conv.zero_state(batch), self.k_conv.zero_state(batch),
+                          self.to_cache(self.zero_state(batch)))
 
   def __call__(self, x: jax.Array, cache: RecurrentCache | None = None) -> tuple[jax.Array, RecurrentCache]:
     """x: [B, T, d]; cache: state before the first token (None: empty). Returns y [B, T, d] and the cache after."""
     (q, k, v, g, beta), convs = self._inputs(x, cache)
-    o, state = self.mix(q, k, v, g, beta, None if cache is None else cache.state)
-    return self._output(o, x), RecurrentCache(*convs, state)
+    o, state = self.mix(q, k, v, g, beta, None if cache is None else self.from_cache(cache.state))
+    return self._output(o, x), RecurrentCache(*convs, self.to_cache(state))
 
   def decode(self, x: jax.Array, cache: RecurrentCache) -> tuple[jax.Array, RecurrentCache, jax.Array | None]:
     """One token x: [B, d]. Returns y [B, d], the new cache and the CG steps per head [B, H] (None if no solver)."""

@@ -1,5 +1,8 @@
 """Autoregressive generation: `generate` under one `jax.jit` (prefill the prompt, then `lax.scan` over decode
-steps), and `stream`, the same one token at a time for printing as tokens are produced."""
+steps), and `stream`, the same one token at a time for printing as tokens are produced.
+
+Token i is sampled with `jax.random.fold_in(key, i)`, derived when it is needed, so memory does not grow with the
+number of tokens asked for (beyond `generate`'s output) and both functions draw the same tokens for the same key."""
 import functools
 from typing import Iterator, NamedTuple
 
@@ -28,17 +31,16 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | N
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k"))
 def _generate(graphdef, state, prompt, key, *, steps, temperature, top_k):
   model = nnx.merge(graphdef, state)
-  logits, cache = model.prefill(prompt, max_len=prompt.shape[1] + steps)
-  keys = jax.random.split(key, steps)
-  first = sample(logits[:, -1], keys[0], temperature, top_k)
+  logits, cache = model.prefill(prompt, max_len=prompt.shape[1] + steps, last_only=True)
+  first = sample(logits, jax.random.fold_in(key, 0), temperature, top_k)
 
-  def step(carry, key):
+  def step(carry, index):
     token, cache = carry
     logits, cache, cg_steps = model.decode_step(token, cache)
-    token = sample(logits, key, temperature, top_k)
+    token = sample(logits, jax.random.fold_in(key, index), temperature, top_k)
     return (token, cache), (token, cg_steps)
 
-  _, (rest, cg_steps) = jax.lax.scan(step, (first, cache), keys[1:])
+  _, (rest, cg_steps) = jax.lax.scan(step, (first, cache), jnp.arange(1, steps))
   tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
   return Generation(tokens, None if cg_steps is None else cg_steps.T)
 
@@ -70,23 +72,23 @@ def stream(model: LanguageModel, prompt: jax.Array, steps: int, *, temperature: 
   _check_options(model, steps, temperature, top_k)
   graphdef, state = nnx.split(model)
   prompt = jnp.asarray(prompt, jnp.int32)
-  keys = jax.random.split(jax.random.key(0) if key is None else key, steps)
+  key = jax.random.key(0) if key is None else key
   pick = functools.partial(sample, temperature=float(temperature), top_k=top_k)
 
   @jax.jit
   def prefill(state, prompt, key):
-    logits, cache = nnx.merge(graphdef, state).prefill(prompt, max_len=prompt.shape[1] + steps)
-    return pick(logits[:, -1], key), cache
+    logits, cache = nnx.merge(graphdef, state).prefill(prompt, max_len=prompt.shape[1] + steps, last_only=True)
+    return pick(logits, jax.random.fold_in(key, 0)), cache
 
   @functools.partial(jax.jit, donate_argnums=1)
-  def decode(state, cache, token, key):
+  def decode(state, cache, token, key, index):
     logits, cache, cg_steps = nnx.merge(graphdef, state).decode_step(token, cache)
-    return pick(logits, key), cache, cg_steps
+    return pick(logits, jax.random.fold_in(key, index)), cache, cg_steps
 
   def tokens():
-    token, cache = prefill(state, prompt, keys[0])
+    token, cache = prefill(state, prompt, key)
     yield token, None
-    for key in keys[1:]:
-      token, cache, cg_steps = decode(state, cache, token, key)
+    for index in range(1, steps):
+      token, cache, cg_steps = decode(state, cache, token, key, index)
       yield token, cg_steps
   return tokens()  # a generator inside, so bad options raise here, at the call

@@ -156,11 +156,12 @@ class LanguageModel(nnx.Module):
       return jax.vmap(lambda state: nnx.merge(graphdef, state).init_cache(batch, max_len))(stacked)
     return tuple(block.init_cache(batch, max_len) for block in self.blocks)
 
-  def prefill(self, tokens: jax.Array, max_len: int):
-    """Runs the prompt [B, T] through the training path; returns logits [B, T, V] and the cache after it."""
+  def prefill(self, tokens: jax.Array, max_len: int, *, last_only: bool = False):
+    """Runs the prompt [B, T] through the training path; returns logits [B, T, V] (with `last_only` the last
+    position's, [B, V]: what generation needs, without the [B, T, V] read-out) and the cache after it."""
     x, cache = run_blocks(self.config, self.blocks, lambda block, x, cache: block(x, cache), self._embed(tokens),
                           self.init_cache(tokens.shape[0], max_len))
-    return self._logits(x), cache
+    return self._logits(x[:, -1] if last_only else x), cache
 
   def decode_step(self, token: jax.Array, cache) -> tuple[jax.Array, tuple, jax.Array | None]:
     """token [B] int -> logits [B, V], the new cache, and the CG steps used per batch element (mean over Mesa layers

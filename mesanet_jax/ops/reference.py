@@ -65,11 +65,13 @@ def mesa_recurrent(
     cg_steps: int,
     tol: float | None = None,
     cg_init: str = "jacobi",
+    warm_start: bool = False,
 ) -> tuple[jax.Array, MesaState, jax.Array]:
   """The Mesa recurrence token by token (a `lax.scan` of `mesa_decode_step`), one CG solve per token.
 
-  Args: as `mesa_exact`, plus cg_steps (max CG steps), tol (optional per-token, per-head relative-residual stopping)
-    and cg_init ("jacobi" or "zero").
+  Args: as `mesa_exact`, plus cg_steps (max CG steps), tol (optional per-token, per-head relative-residual stopping),
+    cg_init ("jacobi" or "zero") and warm_start (CG of token t starts from token t−1's solution, scaled; the first
+    token from cg_init's guess; see `decode.solve_token`).
 
   Returns:
     o: [B, T, H, Dv] in q's dtype; the final MesaState; iters: [B, T, H] int32 CG steps used per token and head.
@@ -79,9 +81,12 @@ def mesa_recurrent(
   state = zero_state(batch, heads, key_dim, value_dim, dtype) if state is None else MesaState(
       state.h_kk.astype(dtype), state.h_kv.astype(dtype))
 
-  def step(carry: MesaState, token):
-    o_t, carry, iters_t = mesa_decode_step(*token, lam, carry, cg_steps=cg_steps, tol=tol, cg_init=cg_init)
-    return carry, (o_t, iters_t)
+  def step(carry, token):
+    state, previous = carry
+    o_t, state, iters_t, x_t = mesa_decode_step(*token, lam, state, cg_steps=cg_steps, tol=tol, cg_init=cg_init,
+                                                previous=previous)
+    return (state, x_t if warm_start else None), (o_t, iters_t)
 
-  final, (o, iters) = lax.scan(step, state, _time_major(q, k, v, g, beta))
+  previous = jnp.zeros((batch, heads, key_dim), dtype) if warm_start else None
+  (final, _), (o, iters) = lax.scan(step, (state, previous), _time_major(q, k, v, g, beta))
   return jnp.moveaxis(o, 0, 1), final, jnp.moveaxis(iters, 0, 1)

@@ -67,6 +67,17 @@ def compiler_params(chunk_size: int, num_warps: int | None = None, num_stages: i
   return None
 
 
+def decode_compiler_params(num_warps: int | None = None):
+  """Compiler params of the decode kernel (`decode.py`, a 1-D grid over batch·heads). num_warps defaults to 8: the
+  [Dk, Dk] state tile stays in registers through the CG loop (64 f32 per thread at Dk = 128)."""
+  backend = target()
+  if backend == "gpu":
+    return pltriton.CompilerParams(num_warps=num_warps or 8, num_stages=1)
+  if backend == "tpu":
+    return pltpu.CompilerParams(dimension_semantics=("parallel",))
+  return None
+
+
 def value_block(width: int) -> int:
   """Value-dim block of one chunk-state scan program (`states.chunk_states`); the scan over chunks is sequential,
   so smaller blocks give more programs. TPU blocks are the full dim or multiples of 128; Triton's powers of two."""

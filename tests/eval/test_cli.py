@@ -44,7 +44,7 @@ def test_evaluate_writes_json_and_plots(trained):
   # Trained on one device, evaluated on a 2 × 2 × 2 mesh of 8 (the params restored onto it).
   result = _cli("evaluate", f"--workdir={trained / 'mesa'}", f"--baseline_workdir={trained / 'transformer'}",
                 "--num_batches=1", "--cg_steps=1,4", "--cg_tols=1e-3",
-                "--mesh=2,2,2", devices=8)
+                "--cg_warm_start", "--mesh=2,2,2", devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
   out = trained / "mesa" / "eval" / "step_6"
   report = json.loads((out / "eval.json").read_text())
@@ -59,7 +59,8 @@ def test_evaluate_writes_json_and_plots(trained):
   assert len(report["delta_loss_by_bucket"]) == len(report["position_buckets"]) == 6
   sweep = {row["budget"]: row for row in report["cg_sweep"]}
   assert sweep["steps=1"]["mean_cg_steps"] == 1 and sweep["steps=4"]["mean_cg_steps"] == 4
-  assert 0 < sweep["tol=0.001"]["mean_cg_steps"] <= 30
+  assert 0 < sweep["tol=0.001"]["mean_cg_steps"] <= 30 and 0 < sweep["tol=0.001+warm"]["mean_cg_steps"] <= 30
+  assert sweep["steps=30"]["delta_loss"] == 0 and sweep["steps=1"]["reference"] == "steps=30"  # generation's default
   # Trained with 4 CG steps from x₀ = 0: decoding with the same budget reproduces the full forward's loss on the
   # same batch (the CG sweep's batch is the first evaluated one; here the only one).
   assert sweep["steps=4"]["loss"] == pytest.approx(report["loss"], abs=1e-4)

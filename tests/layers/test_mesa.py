@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mesanet_jax.layers.mesa import MesaConfig, MesaLayer
+from mesanet_jax.layers.mesa import MesaConfig, MesaLayer, WarmStartState
 from mesanet_jax.layers.params import NoDecayParam
 from mesanet_jax.ops import mesa_exact
 from tests.ops.mesa_inputs import max_abs, scale
@@ -65,15 +65,26 @@ def test_core_matches_exact_solve():
   assert max_abs(y, y_exact) < 1e-4 * scale(y_exact)
 
 
-def test_prefill_in_pieces_and_decode_match_whole_sequence():
-  layer, x = _layer(dataclasses.replace(CONFIG, use_output_gate=True)), _x()
+# The fused decode kernel (and the chunked Pallas prefill) need head dims of 16 or more: 3·Dk = 48 steps converge.
+PALLAS = dataclasses.replace(CONFIG, head_dim=16, chunk_size=16, cg_steps_train=48, cg_steps_decode=48, impl="pallas")
+
+
+@pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, decode_warm_start=True), PALLAS,
+                                    dataclasses.replace(PALLAS, decode_warm_start=True)],
+                         ids=["xla", "xla-warm", "pallas", "pallas-warm"])
+def test_prefill_in_pieces_and_decode_match_whole_sequence(config):
+  layer, x = _layer(dataclasses.replace(config, use_output_gate=True)), _x()
   y, _ = layer(x)
   y1, cache = layer(x[:, :13], layer.init_cache(2))
+  assert isinstance(cache.state, WarmStartState) == config.decode_warm_start
+  decode = nnx.jit(lambda layer, x, cache: layer.decode(x, cache))
   outs = [y1]
   for t in range(13, 21):
-    y_t, cache, iters = layer.decode(x[:, t], cache)
+    y_t, cache, iters = decode(layer, x[:, t], cache)
     outs.append(y_t[:, None])
-  assert iters.shape == (2, 2) and np.all(iters == 24)
+  assert iters.shape == (2, 2) and np.all(iters == config.cg_steps_decode)
+  if config.decode_warm_start:  # the cache carries the last token's solution
+    assert cache.state.solution.shape == (2, 2, config.head_dim) and bool(jnp.all(cache.state.solution != 0))
   # Converged solves on both paths: differences are f32 rounding, ~1e-6 of scale.
   assert max_abs(jnp.concatenate(outs, axis=1), y) < 1e-4 * scale(y)
 

@@ -72,9 +72,11 @@ def test_transformer_scan_matches_the_loop():
   assert_same_math("transformer", scan_layers=True)
 
 
-@pytest.mark.parametrize("architecture", ["mesanet", "transformer"])
-def test_scanned_prefill_then_decode_matches_full_forward(architecture):
-  model = LanguageModel(small(architecture, scan_layers=True), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("architecture, mesa", [("mesanet", {}), ("transformer", {}),
+                                                ("mesanet", {"impl": "pallas", "decode_warm_start": True})])
+def test_scanned_prefill_then_decode_matches_full_forward(architecture, mesa):
+  config = small(architecture, scan_layers=True)
+  model = LanguageModel(dataclasses.replace(config, mesa=dataclasses.replace(config.mesa, **mesa)), rngs=nnx.Rngs(0))
   stepped, full = _prefill_then_decode(model, _tokens(), 12)
   assert float(jnp.max(jnp.abs(stepped - full))) < 1e-4  # as the loop's test: f32 rounding, converged CG
 

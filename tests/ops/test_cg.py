@@ -1,6 +1,7 @@
 """conjugate_gradient on dense SPD systems, against numpy's direct solve."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mesanet_jax.ops import conjugate_gradient
 
@@ -52,3 +53,20 @@ def test_step_budget_bounds_the_tolerance_loop():
   _, iters = conjugate_gradient(_matvec(jnp.float32(matrices)), jnp.float32(rhs), jnp.zeros((6, 32)), steps=3,
                                 tol=1e-12)
   np.testing.assert_array_equal(iters, 3)
+
+
+def test_tolerance_relative_to_rhs_rewards_a_close_start(x64):
+  matrices, rhs = _spd_systems(num=8, dim=16, seed=2)
+  exact = np.linalg.solve(matrices, rhs[..., None])[..., 0]
+  close = exact + 1e-3 * np.random.default_rng(3).normal(size=exact.shape)
+  tol = 1e-6
+  _, from_zero = conjugate_gradient(_matvec(matrices), rhs, jnp.zeros_like(rhs), steps=50, tol=tol)
+  _, start_rule = conjugate_gradient(_matvec(matrices), rhs, close, steps=50, tol=tol)
+  x, rhs_rule = conjugate_gradient(_matvec(matrices), rhs, close, steps=50, tol=tol, relative_to="rhs")
+  residual = np.linalg.norm(rhs - np.einsum("nij,nj->ni", matrices, x), axis=-1)
+  assert np.all(residual <= tol * np.linalg.norm(rhs, axis=-1))
+  # Relative to ‖r_0‖ a start 1e3 times closer asks for a 1e3 times smaller residual: no step saved; relative to
+  # ‖rhs‖ it saves the steps that reduce the residual by 1e3.
+  assert np.all(rhs_rule < start_rule) and np.all(start_rule >= from_zero - 2)
+  with pytest.raises(ValueError, match="relative_to must be"):
+    conjugate_gradient(_matvec(matrices), rhs, close, steps=5, tol=tol, relative_to="x0")

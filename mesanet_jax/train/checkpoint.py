@@ -8,14 +8,15 @@ the loop saves at the next step boundary, waits for the write and exits 0.
 """
 import signal
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mesanet_jax.data import state as data_state
+
 
 class Checkpointer:
-  """Saves {"state": TrainState, "data": grain iterator}; restores both. `best_metric` (e.g. "eval_loss") makes
+  """Saves {"state": TrainState, "data": the data iterator (any process count on restore)}; restores both. `best_metric` (e.g. "eval_loss") makes
   orbax keep the `keep` best checkpoints by that metric (lower is better) instead of the latest ones."""
 
   def __init__(self, workdir: str, every_steps: int, keep: int, use_async: bool = True, best_metric: str = ""):
@@ -34,13 +35,13 @@ class Checkpointer:
     """Saves when `step` is due (every_steps) or when forced; returns whether a save started."""
     if self.best_metric and (not metrics or self.best_metric not in metrics):
       metrics = None
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=data_state.Save(data_iter))
     return self.manager.save(step, args=args, metrics=metrics, force=force)
 
   def restore(self, step: int, abstract_state, shardings, data_iter):
     """The TrainState at `step`, placed by `shardings` (any mesh), and the iterator set to where it was."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(_target(abstract_state, shardings)),
-                              data=grain.checkpoint.CheckpointRestore(data_iter))
+                              data=data_state.Restore(data_iter))
     try:
       restored = self.manager.restore(step, args=args)
     except Exception as e:  # orbax raises ValueError / KeyError / TypeError for a mismatched tree

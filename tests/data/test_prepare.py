@@ -158,3 +158,18 @@ def test_arrayrecord_source_holds_out_shards_and_checks_the_tokenizer(tmp_path, 
     pipeline.make_sources(_data(source="arrayrecord", path=str(tmp_path / "out"), tokenizer="", eval_shards=13))
   with pytest.raises(ValueError, match="cannot read manifest.json"):
     pipeline.make_sources(_data(source="arrayrecord", path=str(tmp_path)))
+
+
+def test_trainer_runs_on_prepared_shards_with_the_tokenizers_vocabulary(tmp_path, bpe):
+  from mesanet_jax.train.config import load_run_config
+  from mesanet_jax.train.trainer import train_and_evaluate
+  from tests.train import tiny
+  prepare.prepare(readers.file_units(_write_inputs(tmp_path)), str(tmp_path / "out"),
+                  prepare.settings_for(bpe, 0, "text", False), workers=0, progress=False)
+  config = tiny.get_config()
+  config.data.update(source="arrayrecord", path=str(tmp_path / "out"), tokenizer="")
+  config.train.num_steps = 2
+  metrics = train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(metrics["loss"])
+  saved = load_run_config(str(tmp_path / "run"))
+  assert (saved.model.vocab_size, saved.data.tokenizer) == (400, bpe)

@@ -11,9 +11,11 @@ sentences shuffled, as JSON lines in `--files` files. 10× is the 1× shards cop
 import argparse
 import glob
 import json
+import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -80,6 +82,19 @@ def scaled(directory: str, times: int) -> str:
 
 
 def loader(directory: str, batch: int, seq_len: int, workers: int, seconds: float) -> dict:
+  """The trainer's loader alone for `seconds`, in a fresh process (so its memory is its own)."""
+  context = multiprocessing.get_context("spawn")
+  results = context.Queue()
+  process = context.Process(target=_loader, args=(results, directory, batch, seq_len, workers, seconds))
+  process.start()  # not a Pool: its daemonic processes could not start grain's workers
+  result = results.get()
+  process.join()
+  return result
+
+
+def _loader(results, directory: str, batch: int, seq_len: int, workers: int, seconds: float) -> None:
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
   data = base_config().data
   data.update(source="arrayrecord", path=directory, tokenizer="", seq_len=seq_len, num_workers=workers)
   before = resident_mib()
@@ -88,16 +103,28 @@ def loader(directory: str, batch: int, seq_len: int, workers: int, seconds: floa
   start = time.perf_counter()
   next(batches)
   first = time.perf_counter() - start
-  steps, start = 0, time.perf_counter()
+  steps, start, cpu = 0, time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
     next(batches)
     steps += 1
-  elapsed = time.perf_counter() - start
+  elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
   memory = resident_mib()
   batches.close()
-  return {"batch": batch, "seq_len": seq_len, "workers": workers, "first_batch_s": round(first, 2), "steps": steps,
-          "tokens_per_s": steps * batch * seq_len / elapsed, "resident_mib": round(memory, 1),
-          "resident_before_mib": round(before, 1)}
+  tokens = steps * batch * seq_len
+  results.put({"batch": batch, "seq_len": seq_len, "workers": workers, "first_batch_s": round(first, 2), "steps": steps,
+          "tokens_per_s": tokens / elapsed, "tokens_per_main_cpu_s": tokens / cpu,
+          "resident_mib": round(memory, 1), "resident_before_mib": round(before, 1)})
+
+
+def one_core(units: list, settings) -> dict:
+  """One shard prepared in this process: tokens per second of wall and of CPU time (contention aside)."""
+  directory = tempfile.mkdtemp()
+  start, cpu = time.perf_counter(), time.process_time()
+  sidecar = prepare.prepare_shard(units[0], os.path.join(directory, "one.array_record"), settings)
+  elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+  shutil.rmtree(directory)
+  return {"tokens": sidecar["tokens"], "tokens_per_s": sidecar["tokens"] / elapsed,
+          "tokens_per_cpu_s": sidecar["tokens"] / cpu}
 
 
 def main():
@@ -112,10 +139,9 @@ def main():
   parser.add_argument("--scales", default="1,10")
   parser.add_argument("--loader_seconds", type=float, default=10)
   parser.add_argument("--results", default="", help="JSON results file")
+  parser.add_argument("--reuse", action="store_true", help="time the loader on the shards already in --work")
   parser.add_argument("--clean", action="store_true", help="remove --work at the end")
   args = parser.parse_args()
-  from absl import flags
-  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
   results = {"cpus": os.cpu_count(), "tokenizer": args.tokenizer, "corpus_mb": args.corpus_mb}
   corpus, out = os.path.join(args.work, "corpus"), os.path.join(args.work, "shards")
 
@@ -125,17 +151,25 @@ def main():
       with open(args.results, "w") as f:
         json.dump(results, f, indent=1)
 
-  start = time.perf_counter()
-  results["corpus_bytes"] = make_corpus(corpus, args.corpus_mb, args.files)
-  results["corpus_s"] = round(time.perf_counter() - start, 1)
-  settings = prepare.settings_for(args.tokenizer, 0, "text", False)
-  shutil.rmtree(out, ignore_errors=True)
-  done = prepare.prepare(readers.file_units([corpus]), out, settings, args.workers, progress=False)
-  results["prepare"] = {"workers": args.workers, "tokens": done["tokens"], "documents": done["documents"],
-                        "seconds": round(done["seconds"], 2), "tokens_per_s": done["tokens"] / done["seconds"],
-                        "tokens_per_s_per_worker": done["tokens"] / done["seconds"] / args.workers,
-                        "bytes_per_token": results["corpus_bytes"] / done["tokens"]}
-  save()
+  if not args.reuse:
+    start = time.perf_counter()
+    results["corpus_bytes"] = make_corpus(corpus, args.corpus_mb, args.files)
+    results["corpus_s"] = round(time.perf_counter() - start, 1)
+    settings = prepare.settings_for(args.tokenizer, 0, "text", False)
+    shutil.rmtree(out, ignore_errors=True)
+    units = readers.file_units([corpus])
+    results["prepare_one_core"] = one_core(units, settings)
+    save()
+    done = prepare.prepare(units, out, settings, args.workers, progress=False)
+    results["prepare"] = {"workers": args.workers, "tokens": done["tokens"], "documents": done["documents"],
+                          "seconds": round(done["seconds"], 2), "tokens_per_s": done["tokens"] / done["seconds"],
+                          "tokens_per_s_per_worker": done["tokens"] / done["seconds"] / args.workers,
+                          "bytes_per_token": results["corpus_bytes"] / done["tokens"]}
+    save()
+  manifest = shards.read_manifest(out)
+  results["corpus_1x"] = {"documents": manifest["documents"], "tokens": manifest["tokens"],
+                          "records": sum(s["records"] for s in manifest["shards"]),
+                          "shard_bytes": sum(os.path.getsize(os.path.join(out, s["path"])) for s in manifest["shards"])}
   results["loader"] = []
   for times in [int(s) for s in args.scales.split(",")]:
     directory = out if times == 1 else scaled(out, times)

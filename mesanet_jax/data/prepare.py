@@ -127,8 +127,9 @@ def _read_sidecar(path: str, unit: readers.Unit, settings: Settings) -> dict | N
 
 def prepare(units: list[readers.Unit], out: str, settings: Settings, workers: int = 1,
             slice_: tuple[int, int] = (0, 1), progress: bool = True) -> dict:
-  """Prepares this slice's missing shards of `units` into `out`, in `workers` processes (0: in this one). Returns {"written", "skipped", "documents",
-  "tokens", "seconds", "manifest" (its path, or None while other slices' shards are missing)}."""
+  """Prepares this slice's missing shards of `units` into `out`, in `workers` processes (0: in this one).
+  Returns {"written", "skipped", "documents", "tokens", "seconds", "manifest" (its path, or None while other
+  slices' shards are missing)}."""
   index, count = slice_
   if not 0 <= index < count:
     raise ValueError(f"--slice must be i/n with 0 <= i < n, got {index}/{count}")

@@ -5,9 +5,9 @@ Row r of every global batch of B rows is one stream. Packed text: row r reads do
 document stream (shuffled anew each epoch for training; each document a token array that begins with BOS) and
 grain's ConcatThenSplitIterDataset concatenates them and cuts windows of seq_len + 1 tokens; window k of row r is
 row r of global batch k. Synthetic tasks: row r is examples r, r + B, …. Process p of n reads the rows
-[p·B/n, (p+1)·B/n), the rows its devices hold of the global array (`pipeline.to_global`), and with worker
-processes, worker w of W steps rows w, w + W, … of those (grain's mp_prefetch slices `_RowGroup`'s rows and
-takes the workers' outputs in turn, which is the same order).
+[p·B/n, (p+1)·B/n), the rows its devices hold of the global array (`pipeline.to_global`). With W worker
+processes, grain's mp_prefetch gives worker w the rows w, w + W, … of those (it slices `_RowGroup`'s rows); each
+element is one step of a worker's rows, the workers take turns, and `Batches` puts the rows back in order.
 
 The saved state is the step and every row's iterator state (each row reports it with each window), so a process
 that resumes takes the states of its rows, from whichever process saved them (`data/state.py`).
@@ -30,14 +30,16 @@ def window_example(window: dict, bos_id: int) -> dict:
   starts[0] = True
   segments = np.where(packed > 0, np.cumsum(starts), 0).astype(np.int32)
   mask = (tokens[1:] != bos_id) & (packed[1:] > 0)
-  return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": mask.astype(np.float32), "segment_ids": segments[:-1]}
+  return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": mask.astype(np.float32),
+          "segment_ids": segments[:-1]}
 
 
 def _as_tokens(tokens: np.ndarray) -> dict:
   return {"tokens": tokens}
 
 
-def packed_row(documents: grain.MapDataset, row: int, batch_size: int, seq_len: int, bos_id: int) -> grain.IterDataset:
+def packed_row(documents: grain.MapDataset, row: int, batch_size: int, seq_len: int,
+               bos_id: int) -> grain.IterDataset:
   """Row `row` of `documents` (token arrays, BOS first; infinite): windows of seq_len + 1 tokens."""
   ds = documents[row::batch_size].map(_as_tokens)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))

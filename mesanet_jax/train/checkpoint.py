@@ -16,7 +16,7 @@ from mesanet_jax.data import state as data_state
 
 
 class Checkpointer:
-  """Saves {"state": TrainState, "data": the data iterator (any process count on restore)}; restores both. `best_metric` (e.g. "eval_loss") makes
+  """Saves {"state": TrainState, "data": grain iterator}; restores both. `best_metric` (e.g. "eval_loss") makes
   orbax keep the `keep` best checkpoints by that metric (lower is better) instead of the latest ones."""
 
   def __init__(self, workdir: str, every_steps: int, keep: int, use_async: bool = True, best_metric: str = ""):

@@ -173,3 +173,24 @@ def test_trainer_runs_on_prepared_shards_with_the_tokenizers_vocabulary(tmp_path
   assert np.isfinite(metrics["loss"])
   saved = load_run_config(str(tmp_path / "run"))
   assert (saved.model.vocab_size, saved.data.tokenizer) == (400, bpe)
+
+
+def test_bad_inputs_and_tokenizers_are_one_clear_error(tmp_path):
+  from tokenizers import Tokenizer, models
+  (tmp_path / "notes.md").write_text("# not a corpus")
+  with pytest.raises(ValueError, match="unknown kind"):
+    readers.file_units([str(tmp_path / "notes.md")])
+  with pytest.raises(ValueError, match="no such file or directory"):
+    readers.file_units([str(tmp_path / "missing.jsonl")])
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="holds no .jsonl"):
+    readers.file_units([str(tmp_path / "empty")])
+  Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "no_bos.json"))
+  with pytest.raises(ValueError, match="none of the special tokens"):
+    text.make_tokenizer(str(tmp_path / "no_bos.json"))
+  with pytest.raises(ValueError, match="cannot read tokenizer.json"):
+    text.make_tokenizer(str(tmp_path / "missing.json"))
+  with pytest.raises(ValueError, match="--window must be 0"):
+    prepare.settings_for("bytes", 1, "text", False)
+  with pytest.raises(ValueError, match="--slice must be i/n"):
+    prepare.prepare([], str(tmp_path / "out"), prepare.settings_for("bytes", 0, "text", False), slice_=(2, 2))

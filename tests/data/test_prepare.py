@@ -194,3 +194,20 @@ def test_bad_inputs_and_tokenizers_are_one_clear_error(tmp_path):
     prepare.settings_for("bytes", 1, "text", False)
   with pytest.raises(ValueError, match="--slice must be i/n"):
     prepare.prepare([], str(tmp_path / "out"), prepare.settings_for("bytes", 0, "text", False), slice_=(2, 2))
+
+
+def test_command_line(tmp_path):
+  import subprocess
+  import sys
+  inputs = _write_inputs(tmp_path)
+  command = [sys.executable, "-m", "experiments.prepare", f"--input={inputs[0]},{inputs[2]}", "--workers=0",
+             "--progress=false", f"--out={tmp_path / 'out'}"]
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  run = lambda args: subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
+  done = run(command)
+  assert done.returncode == 0, done.stderr
+  assert "2 shards written, 0 already done; 20 documents" in done.stdout and "manifest: " in done.stdout
+  again = run(command[:-1] + ["--slice=1/2", f"--out={tmp_path / 'out'}"])
+  assert "0 shards written, 1 already done" in again.stdout
+  bad = run(command[:-1])
+  assert bad.returncode == 2 and bad.stderr.strip() == "mesanet-prepare: error: --out is required"

@@ -9,7 +9,6 @@ after the shard itself, so a shard with a sidecar is finished; the manifest gath
 import json
 import os
 
-import grain
 import numpy as np
 
 MANIFEST = "manifest.json"
@@ -53,15 +52,28 @@ def read_manifest(directory: str) -> dict:
 
 class ShardRecords:
   """Random access over the token records of some shards of a prepared directory: record i → int32 array [N]
-  (BOS first). grain's ArrayRecordDataSource, told each shard's record count so nothing is opened until read."""
+  (BOS first). One ArrayRecord reader per shard, opened at its first read (so a process holds the index of the
+  shards it read, ~8 bytes per record); a record is read as the range [i, i + 1): array_record's list read, which
+  grain's ArrayRecordDataSource uses, goes through a thread pool and took 1.8× as long per packed window
+  (RESULTS.md "Pretraining data")."""
 
   def __init__(self, directory: str, shards: list[dict], dtype: str):
-    paths = [f"{os.path.join(directory, s['path'])}[0:{s['records']}]" for s in shards]
-    self.source = grain.sources.ArrayRecordDataSource(paths)
+    self.paths = [os.path.join(directory, s["path"]) for s in shards]
+    self.ends = np.cumsum([s["records"] for s in shards])
     self.dtype = np.dtype(dtype).newbyteorder("<")
+    self.readers = [None] * len(self.paths)
 
   def __len__(self) -> int:
-    return len(self.source)
+    return int(self.ends[-1])
 
   def __getitem__(self, index: int) -> np.ndarray:
-    return np.frombuffer(self.source[index], self.dtype).astype(np.int32)
+    shard = int(np.searchsorted(self.ends, index, side="right"))
+    if self.readers[shard] is None:
+      from array_record.python import array_record_module
+      self.readers[shard] = array_record_module.ArrayRecordReader(self.paths[shard], "readahead_buffer_size:0")
+    position = int(index) - (int(self.ends[shard - 1]) if shard else 0)
+    record = self.readers[shard].read(position, position + 1)[0]
+    return np.frombuffer(record, self.dtype).astype(np.int32)
+
+  def __getstate__(self) -> dict:  # grain's worker processes open their own readers
+    return dict(self.__dict__, readers=[None] * len(self.paths))

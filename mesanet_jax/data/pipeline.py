@@ -70,7 +70,7 @@ def _arrayrecord_sources(data):
   listed = manifest["shards"]
   if not 1 <= data.eval_shards < len(listed):
     raise ValueError(f"data.eval_shards must be in [1, {len(listed) - 1}] (held-out shards of the "
-                     f"{len(listed)} in {data.path!r}), got {data.eval_shards}")
+                     f"{len(listed)} in {data.path!r}; one shard per input file), got {data.eval_shards}")
   split = len(listed) - data.eval_shards
   make = lambda part: Documents(shards.ShardRecords(os.path.abspath(data.path), part, manifest["dtype"]),
                                 tokenizer.bos_id, data.seq_len)

@@ -87,8 +87,8 @@ class HuggingFaceTokenizer:
 
 
 def make_tokenizer(spec: str):
-  """"bytes", a SentencePiece .model file or a Hugging Face tokenizer.json (any name ending in .json)."""
-  if spec == "bytes":
+  """"bytes" (or ""), a SentencePiece .model file or a Hugging Face tokenizer.json (any name ending in .json)."""
+  if spec in ("", "bytes"):
     return ByteTokenizer()
   return HuggingFaceTokenizer(spec) if spec.endswith(".json") else SentencePieceTokenizer(spec)
 

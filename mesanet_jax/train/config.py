@@ -50,7 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0, seq_len=128,
       # text: path = files; tokenizer = "bytes", a SentencePiece .model or a Hugging Face tokenizer.json
       path="", tokenizer="bytes", eval_fraction=0.05,
-      # arrayrecord: path = the prepared directory; tokenizer "" = the manifest's; the last eval_shards are held out
+      # arrayrecord: path = the prepared directory; tokenizer "" = the manifest's (else bytes); the last eval_shards
+      # shards are held out
       eval_shards=1,
       # tfds (a dataset already prepared in tfds_data_dir; never downloaded)
       tfds_name="", tfds_split="train", tfds_eval_split="validation", tfds_data_dir="", tfds_feature="text",

@@ -28,10 +28,15 @@ setup(
         "gensim==4.4.0",
         # mesanet-export's Hugging Face format
         "safetensors>=0.4",
+        # mesanet-prepare and data.source="arrayrecord": tokenizer.json (GPT-2's BPE), .zst and Parquet inputs
+        "tokenizers>=0.20",
+        "zstandard>=0.22",
+        "pyarrow>=15",
     ],
     extras_require={
-        "test": ["pytest", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources", "sentencepiece>=0.2"],
-        "data": ["tensorflow-datasets==4.9.10", "sentencepiece>=0.2"],
+        "test": ["pytest", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources", "sentencepiece>=0.2",
+                 "datasets>=3.0"],
+        "data": ["tensorflow-datasets==4.9.10", "sentencepiece>=0.2", "datasets>=3.0"],
         "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },
@@ -42,5 +47,6 @@ setup(
         "mesanet-generate = experiments.generate:run",
         "mesanet-mad-grid = experiments.mad_grid:run",
         "mesanet-mad-table = experiments.mad_table:run",
+        "mesanet-prepare = experiments.prepare:run",
     ]},
 )

@@ -4,9 +4,9 @@ budget 15b | 50b. Peak learning rates are the paper's Table 8 (PAPER_NOTES §5.3
 hybrid (Mesa + SWA, not in the paper) takes Mesa's.
 
 Settings: AdamW β = (0.9, 0.98), ε = 1e-8, wd 0.1, 2000 warmup steps from 1e-6, cosine to 10 % of peak, clip 1.0,
-batch 256 × 2048 (524,288 tokens/step; 15B tokens ≈ 28,610 steps, 50B ≈ 95,367), f32 params with bf16 activations,
-GPT-2 vocabulary size 50,257. Data: point data.path at local text files with a SentencePiece/GPT-2-sized
-tokenizer (data.tokenizer), or use data.source = "tfds" with a prepared dataset.
+batch 256 × 2048 (524,288 tokens/step; 15B tokens ≈ 28,610 steps, 50B ≈ 95,367), f32 params with bf16 activations.
+Data: data.path = a directory written by mesanet-prepare (the paper: GPT-2's BPE, 50,257 ids); the tokenizer and
+model.vocab_size are the manifest's (README, "Training on your corpus").
 """
 from mesanet_jax.train.config import base_config
 
@@ -38,8 +38,9 @@ def get_config(arg="mesanet,small,15b"):
   c.model.size = size
   c.model.architecture = architecture
   c.model.dtype = "bfloat16"
-  c.model.vocab_size = 50_257
-  c.data.source = "text"
+  c.model.vocab_size = 0  # the tokenizer's (GPT-2: 50,257)
+  c.data.source = "arrayrecord"
+  c.data.tokenizer = ""  # the manifest's
   c.data.seq_len = 2048
   c.train.batch_size = 256
   c.train.num_steps = int(round(TOKENS[budget] / (256 * 2048)))

@@ -1,9 +1,8 @@
-"""Text data: tokenizers (bytes by default, SentencePiece optional), the default English corpus, local text files
-packed into fixed-length windows, and tfds datasets through `tfds.data_source`.
-
-Packing: documents are tokenized, joined with a BOS token before each one, and cut into non-overlapping windows of
-seq_len + 1 tokens (stride seq_len), so every token of the stream is a target once. No loss on BOS (paper G.1).
+"""Text data: tokenizers (bytes by default, a Hugging Face `tokenizers` tokenizer.json such as GPT-2's byte-level
+BPE, or SentencePiece), the default English corpus and local text files read as documents. Documents become token
+streams that begin with BOS (`with_bos`); packing them into training windows is `mesanet_jax.data.rows`.
 """
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -15,13 +14,20 @@ import numpy as np
 DEFAULT_CORPUS = "gensim:test/test_data/lee_background.cor"
 
 
+BOS_CANDIDATES = ("<|endoftext|>", "<s>", "<|begin_of_text|>", "<bos>", "[BOS]")  # first found is BOS
+
+
 class ByteTokenizer:
   """UTF-8 bytes as ids 0..255; id 0 (NUL, absent from text) is BOS."""
   vocab_size = 256
   bos_id = 0
+  spec = "bytes"
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    return [self.encode(t) for t in texts]
 
   def decode(self, ids) -> str:
     return bytes(int(i) for i in ids if i != self.bos_id).decode("utf-8", errors="replace")
@@ -37,6 +43,7 @@ class SentencePieceTokenizer:
       raise ValueError("data.tokenizer is a SentencePiece model but `sentencepiece` is not installed") from e
     if not os.path.isfile(path):
       raise ValueError(f"data.tokenizer: cannot read SentencePiece model {path!r}")
+    self.spec = path
     self.sp = spm.SentencePieceProcessor(model_file=path)
     self.vocab_size = self.sp.get_piece_size()
     self.bos_id = max(self.sp.bos_id(), 0)
@@ -44,13 +51,59 @@ class SentencePieceTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.sp.encode(text), np.int32)
 
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, np.int32) for ids in self.sp.encode(texts)]
+
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
 
 
-def make_tokenizer(name: str):
-  """"bytes" or the path of a SentencePiece .model file."""
-  return ByteTokenizer() if name == "bytes" else SentencePieceTokenizer(name)
+class HuggingFaceTokenizer:
+  """A `tokenizers` tokenizer.json (e.g. GPT-2's byte-level BPE, vocabulary 50,257); BOS is its first special token
+  among BOS_CANDIDATES (GPT-2: <|endoftext|> = 50256), which the text never produces."""
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer
+    try:
+      self.tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a plain Exception for a missing or malformed file
+      raise ValueError(f"data.tokenizer: cannot read tokenizer.json {path!r} ({e})") from None
+    self.spec = path
+    self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+    ids = [self.tokenizer.token_to_id(t) for t in BOS_CANDIDATES]
+    if all(i is None for i in ids):
+      raise ValueError(f"data.tokenizer {path!r} has none of the special tokens {BOS_CANDIDATES} to use as BOS")
+    self.bos_id = next(i for i in ids if i is not None)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encodings]
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in ids if i != self.bos_id])
+
+
+def make_tokenizer(spec: str):
+  """"bytes" (or ""), a SentencePiece .model file or a Hugging Face tokenizer.json (any name ending in .json)."""
+  if spec in ("", "bytes"):
+    return ByteTokenizer()
+  return HuggingFaceTokenizer(spec) if spec.endswith(".json") else SentencePieceTokenizer(spec)
+
+
+def fingerprint(tokenizer) -> str:
+  """sha256 of the tokenizer's file ("bytes" for the byte tokenizer): shards and runs agree on the tokenizer."""
+  if tokenizer.spec == "bytes":
+    return "bytes"
+  with open(tokenizer.spec, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def with_bos(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+  """[1 + N] int32: BOS, then the document's tokens."""
+  return np.concatenate([np.array([bos_id], np.int32), tokens.astype(np.int32, copy=False)])
 
 
 def resolve_path(path: str) -> Path:
@@ -83,66 +136,3 @@ def read_documents(paths: str) -> list[str]:
   return docs
 
 
-def pack_documents(docs: list[str], tokenizer) -> np.ndarray:
-  """One token stream [N]: BOS doc BOS doc …"""
-  parts = []
-  for doc in docs:
-    parts += [np.array([tokenizer.bos_id], np.int32), tokenizer.encode(doc)]
-  return np.concatenate(parts)
-
-
-class PackedWindows:
-  """Random-access source over a token stream: example i = stream[i·T : i·T + T + 1] as next-token (inputs,
-  targets), mask 0 where the target is BOS."""
-
-  def __init__(self, stream: np.ndarray, seq_len: int, bos_id: int):
-    if len(stream) < seq_len + 1:
-      raise ValueError(f"the text has {len(stream)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}")
-    self.stream, self.seq_len, self.bos_id = stream, seq_len, bos_id
-
-  def __len__(self) -> int:
-    return (len(self.stream) - 1) // self.seq_len
-
-  def __getitem__(self, index: int) -> dict:
-    start = int(index) * self.seq_len
-    window = self.stream[start:start + self.seq_len + 1]
-    return {"inputs": window[:-1], "targets": window[1:], "mask": (window[1:] != self.bos_id).astype(np.float32)}
-
-
-def text_sources(paths: str, tokenizer, seq_len: int, eval_fraction: float):
-  """(train, eval) PackedWindows; the last `eval_fraction` of the documents is held out."""
-  docs = read_documents(paths)
-  n_eval = max(1, int(round(len(docs) * eval_fraction))) if len(docs) > 1 else 0
-  train_docs, eval_docs = docs[:len(docs) - n_eval], docs[len(docs) - n_eval:]
-  train = PackedWindows(pack_documents(train_docs, tokenizer), seq_len, tokenizer.bos_id)
-  evals = PackedWindows(pack_documents(eval_docs or docs, tokenizer), seq_len, tokenizer.bos_id)
-  return train, evals
-
-
-class TfdsDocuments:
-  """Random-access source over a prepared tfds dataset: record i's `feature` tokenized, BOS-prefixed, cut or
-  padded (pad = BOS, masked) to seq_len + 1."""
-
-  def __init__(self, name: str, split: str, data_dir: str | None, feature: str, tokenizer, seq_len: int):
-    try:
-      import tensorflow_datasets as tfds
-    except ImportError as e:
-      raise ValueError("data.source='tfds' needs tensorflow-datasets (pip install '.[data]')") from e
-    try:
-      self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises several types for a missing or unprepared dataset
-      raise ValueError(f"data.tfds_name {name!r} (split {split!r}) is not prepared in data_dir {data_dir!r}: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    self.feature, self.tokenizer, self.seq_len = feature, tokenizer, seq_len
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int) -> dict:
-    text = self.source[int(index)][self.feature]
-    text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-    ids = np.concatenate([[self.tokenizer.bos_id], self.tokenizer.encode(text)])[:self.seq_len + 1]
-    valid = np.zeros(self.seq_len + 1, bool)
-    valid[1:len(ids)] = True
-    ids = np.pad(ids, (0, self.seq_len + 1 - len(ids)), constant_values=self.tokenizer.bos_id).astype(np.int32)
-    return {"inputs": ids[:-1], "targets": ids[1:], "mask": valid[1:].astype(np.float32)}

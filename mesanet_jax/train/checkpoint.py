@@ -8,10 +8,11 @@ the loop saves at the next step boundary, waits for the write and exits 0.
 """
 import signal
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mesanet_jax.data import state as data_state
 
 
 class Checkpointer:
@@ -34,13 +35,13 @@ class Checkpointer:
     """Saves when `step` is due (every_steps) or when forced; returns whether a save started."""
     if self.best_metric and (not metrics or self.best_metric not in metrics):
       metrics = None
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=data_state.Save(data_iter))
     return self.manager.save(step, args=args, metrics=metrics, force=force)
 
   def restore(self, step: int, abstract_state, shardings, data_iter):
     """The TrainState at `step`, placed by `shardings` (any mesh), and the iterator set to where it was."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(_target(abstract_state, shardings)),
-                              data=grain.checkpoint.CheckpointRestore(data_iter))
+                              data=data_state.Restore(data_iter))
     try:
       restored = self.manager.restore(step, args=args)
     except Exception as e:  # orbax raises ValueError / KeyError / TypeError for a mismatched tree

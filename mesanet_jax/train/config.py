@@ -46,10 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=False))  # one scanned block with params stacked on a "layers" axis (compile time flat in depth)
 
   c.data = ml_collections.ConfigDict(dict(
-      source="text",  # "text", "synthetic" or "tfds"
+      source="text",  # "text", "synthetic", "tfds" or "arrayrecord" (shards written by mesanet-prepare)
       seed=0, seq_len=128,
-      # text
+      # text: path = files; tokenizer = "bytes", a SentencePiece .model or a Hugging Face tokenizer.json
       path="", tokenizer="bytes", eval_fraction=0.05,
+      # arrayrecord: path = the prepared directory; tokenizer "" = the manifest's (else bytes); the last eval_shards
+      # shards are held out
+      eval_shards=1,
       # tfds (a dataset already prepared in tfds_data_dir; never downloaded)
       tfds_name="", tfds_split="train", tfds_eval_split="validation", tfds_data_dir="", tfds_feature="text",
       # synthetic (mesanet_jax.data.synthetic.TaskConfig)

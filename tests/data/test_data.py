@@ -54,12 +54,19 @@ def test_default_corpus_is_english_prose_packed_with_bos():
   assert " the " in docs[0] and docs[0][0].isupper()
   tokenizer = text.ByteTokenizer()
   assert tokenizer.decode(tokenizer.encode("Hällo")) == "Hällo"
-  train, evals = text.text_sources(text.DEFAULT_CORPUS, tokenizer, 64, eval_fraction=0.05)
-  ex = train[0]
-  assert ex["inputs"][0] == tokenizer.bos_id and ex["mask"].sum() == 64  # BOS is an input, never a target
-  np.testing.assert_array_equal(ex["inputs"][1:], ex["targets"][:-1])
-  np.testing.assert_array_equal(train[1]["inputs"][0], ex["targets"][-1])  # windows tile the stream
-  assert len(evals) > 0
+  data = _data(source="text", path=text.DEFAULT_CORPUS, seq_len=64)
+  train, evals, _ = pipeline.make_sources(data)
+  assert len(train.source) == 285 and len(evals.source) == 15  # the last 5 % of the documents are held out
+  batches = pipeline.train_dataset(train, data, 4)
+  first, second = next(batches), next(batches)
+  assert first["inputs"].shape == first["segment_ids"].shape == (4, 64)
+  np.testing.assert_array_equal(first["inputs"][:, 1:], first["targets"][:, :-1])
+  np.testing.assert_array_equal(first["mask"], first["targets"] != tokenizer.bos_id)  # no loss on BOS
+  assert (first["inputs"][:, 0] == tokenizer.bos_id).all()  # each row starts with its first document
+  row = np.concatenate([first["inputs"][0], first["targets"][0, -1:], second["inputs"][0]])  # disjoint windows
+  assert any(d.startswith(tokenizer.decode(row)) for d in docs)  # a shuffled document, read on
+  eval_batch = pipeline.eval_batches(evals, 4, 1)[0]
+  assert tokenizer.decode(eval_batch["inputs"][0][1:]) == text.read_documents(text.DEFAULT_CORPUS)[285][:63]
 
 
 def test_unreadable_paths_and_unprepared_tfds_raise_one_clear_error(tmp_path):
@@ -92,49 +99,52 @@ def test_pipeline_is_deterministic_and_resumes_from_iterator_state():
   assert not np.array_equal(next(other_seed)["inputs"], batches[0]["inputs"])
 
 
-def test_processes_read_disjoint_interleaved_shards(monkeypatch):
+def test_processes_read_their_contiguous_rows_of_the_global_batch(monkeypatch):
   data = _data(source="synthetic", task="mqar", seq_len=32, vocab_size=32, num_pairs=4)
   train, _, _ = pipeline.make_sources(data)
-  whole = next(iter(pipeline.train_dataset(train, data, 8)))["inputs"]
+  whole = next(pipeline.train_dataset(train, data, 8))["inputs"]
   monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
   parts = []
   for index in range(2):
     monkeypatch.setattr(pipeline.jax, "process_index", lambda index=index: index)
-    parts.append(next(iter(pipeline.train_dataset(train, data, 8)))["inputs"])
+    parts.append(next(pipeline.train_dataset(train, data, 8))["inputs"])
   assert parts[0].shape == (4, 32)
-  np.testing.assert_array_equal(parts[0], whole[0::2])
-  np.testing.assert_array_equal(parts[1], whole[1::2])
+  np.testing.assert_array_equal(np.concatenate(parts), whole)
   with pytest.raises(ValueError, match="not divisible by the 2 processes"):
     pipeline.train_dataset(train, data, 7)
 
 
-def test_worker_processes_give_the_same_batches():
+def test_worker_processes_give_the_same_batches_and_states():
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; the trainer parses them, pytest does not
-  data = _data(source="synthetic", task="mqar", seq_len=32, vocab_size=32, num_pairs=4)
+  data = _data(source="text", path=text.DEFAULT_CORPUS, seq_len=64)
   train, _, _ = pipeline.make_sources(data)
-  inline = iter(pipeline.train_dataset(train, data, 4))
+  inline = pipeline.train_dataset(train, data, 4)
   data.num_workers = 2
-  workers = iter(pipeline.train_dataset(train, data, 4))
+  workers = pipeline.train_dataset(train, data, 4)
   for _ in range(3):
     np.testing.assert_array_equal(next(workers)["inputs"], next(inline)["inputs"])
+  assert workers.get_state() == inline.get_state()
+  workers.close()
+  with pytest.raises(ValueError, match="data.num_workers 3 must divide"):
+    data.num_workers = 3
+    pipeline.train_dataset(train, data, 4)
 
 
-def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
+def test_tfds_source_packs_a_prepared_array_record_dataset(tmp_path):
   from tests.data import tfds_fixture
   name = tfds_fixture.prepare(str(tmp_path))
   data = _data(source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path), seq_len=40)
   train, evals, tokenizer = pipeline.make_sources(data)
-  assert (len(train), len(evals)) == (40, 8)
+  assert (len(train.source), len(evals.source)) == (40, 8)
   texts = {f"{i}: {tfds_fixture.SENTENCES[i % 4]}" for i in range(40)}  # tfds stores the split shuffled
-  for index in range(len(train)):
-    ex = train[index]
-    n = int(ex["mask"].sum())  # BOS + text, cut at seq_len + 1 tokens or padded (pad masked)
-    text = tokenizer.decode(ex["targets"][:n])
-    assert ex["inputs"][0] == tokenizer.bos_id and ex["mask"][:n].all()
-    assert any(t[:40] == text for t in texts), text
-    assert n == min(len(next(t for t in texts if t.startswith(text))), 40)
-  batch = next(iter(pipeline.train_dataset(train, data, 4)))
-  assert batch["inputs"].shape == (4, 40)
+  batch = next(pipeline.train_dataset(train, data, 4))
+  assert batch["inputs"].shape == (4, 40) and batch["mask"].all() is not True
+  for row in range(4):  # windows of BOS-separated documents, no padding; segment ids count the documents
+    stream = np.concatenate([batch["inputs"][row], batch["targets"][row, -1:]])
+    pieces = tokenizer.decode(np.where(stream == tokenizer.bos_id, ord("|"), stream)).split("|")
+    assert pieces[0] == "" and all(p in texts for p in pieces[1:-1])
+    assert any(t.startswith(pieces[-1]) for t in texts)
+    assert batch["segment_ids"][row].max() == len(pieces) - 1 and batch["segment_ids"][row, 0] == 1
 
 
 def test_sentencepiece_tokenizer_from_a_model_file(tmp_path):
@@ -145,9 +155,8 @@ def test_sentencepiece_tokenizer_from_a_model_file(tmp_path):
   tokenizer = text.make_tokenizer(str(tmp_path / "sp.model"))
   assert tokenizer.vocab_size == 400 and tokenizer.bos_id == 1
   assert tokenizer.decode(tokenizer.encode(docs[0][:200])) == docs[0][:200]
-  train, _ = text.text_sources(text.DEFAULT_CORPUS, tokenizer, 64, eval_fraction=0.05)
-  stream = text.pack_documents(docs[:5], tokenizer)
-  assert len(stream) < sum(len(d) for d in docs[:5]) / 2  # subwords: far fewer tokens than bytes
-  assert train[0]["inputs"][0] == 1
+  tokens = tokenizer.encode_batch(docs[:5])
+  assert sum(map(len, tokens)) < sum(len(d) for d in docs[:5]) / 2  # subwords: far fewer tokens than bytes
+  np.testing.assert_array_equal(tokens[0], tokenizer.encode(docs[0]))
   with pytest.raises(ValueError, match="cannot read SentencePiece model"):
     text.make_tokenizer(str(tmp_path / "missing.model"))

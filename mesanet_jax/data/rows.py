@@ -1,0 +1,180 @@
+"""Global batches as row streams: the sequence of global batches is a function of (seed, batch size, step) alone,
+whatever the number of processes or worker processes, and resumes exactly on any number of them.
+
+Row r of every global batch of B rows is one stream. Packed text: row r reads documents r, r + B, r + 2B, … of the
+document stream (shuffled anew each epoch for training; each document a token array that begins with BOS) and
+grain's ConcatThenSplitIterDataset concatenates them and cuts windows of seq_len + 1 tokens; window k of row r is
+row r of global batch k. Synthetic tasks: row r is examples r, r + B, …. Process p of n reads the rows
+[p·B/n, (p+1)·B/n), the rows its devices hold of the global array (`pipeline.to_global`). With W worker
+processes, grain's mp_prefetch gives worker w the rows w, w + W, … of those (it slices `_RowGroup`'s rows); each
+element is one step of a worker's rows, the workers take turns, and `Batches` puts the rows back in order.
+
+The saved state is the step and every row's iterator state (each row reports it with each window), so a process
+that resumes takes the states of its rows, from whichever process saved them (`data/state.py`).
+"""
+import functools
+
+import grain
+import jax
+import numpy as np
+
+STATE_FORMAT = "mesanet-rows/1"
+
+
+def window_example(window: dict, bos_id: int) -> dict:
+  """A packed window (grain's tokens, tokens_segment_ids; 0 = padding) → inputs, targets [T] int32, mask [T] f32
+  (no loss on BOS or padding), segment_ids [T] int32 (1, 2, … per document in the window, 0 on padding)."""
+  tokens, packed = window["tokens"], window["tokens_segment_ids"]
+  starts = tokens == bos_id  # a record may hold several documents (prepared windows): BOS starts each
+  starts[1:] |= packed[1:] != packed[:-1]
+  starts[0] = True
+  segments = np.where(packed > 0, np.cumsum(starts), 0).astype(np.int32)
+  mask = (tokens[1:] != bos_id) & (packed[1:] > 0)
+  return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": mask.astype(np.float32),
+          "segment_ids": segments[:-1]}
+
+
+def _as_tokens(tokens: np.ndarray) -> dict:
+  return {"tokens": tokens}
+
+
+def packed_row(documents: grain.MapDataset, row: int, batch_size: int, seq_len: int,
+               bos_id: int) -> grain.IterDataset:
+  """Row `row` of `documents` (token arrays, BOS first; infinite): windows of seq_len + 1 tokens."""
+  ds = documents[row::batch_size].map(_as_tokens)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
+  return ds.map(functools.partial(window_example, bos_id=bos_id))
+
+
+def example_row(examples: grain.MapDataset, row: int, batch_size: int) -> grain.IterDataset:
+  """Row `row` of a random-access source of ready examples (synthetic tasks)."""
+  return examples[row::batch_size].to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+
+
+class _Row(grain.IterDataset):
+  """One row stream, started from a saved state; yields (row, example, the row's state after it)."""
+
+  def __init__(self, row: int, dataset: grain.IterDataset, state: dict | None):
+    super().__init__()
+    self.row, self.dataset, self.state = row, dataset, state
+
+  def __iter__(self):
+    iterator = self.dataset.__iter__()
+    if self.state is not None:
+      iterator.set_state(_json_to_state(self.state))
+    return _RowIterator(self.row, iterator)
+
+
+class _RowIterator(grain.DatasetIterator):
+
+  def __init__(self, row: int, iterator: grain.DatasetIterator):
+    super().__init__()
+    self.row, self.iterator = row, iterator
+
+  def __next__(self):
+    example = next(self.iterator)
+    return self.row, example, self.iterator.get_state()
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
+
+
+class _RowGroup(grain.IterDataset):
+  """Element k = window k of each of its rows, stacked; mp_prefetch gives worker w of W the rows [w::W] and takes
+  the workers' elements in turn, so W consecutive elements hold one step of every row."""
+
+  def __init__(self, rows: list[_Row]):
+    super().__init__()
+    self.rows = rows
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    del sequential_slice
+    self.rows = self.rows[sl]
+
+  def __iter__(self):
+    return _RowGroupIterator([row.__iter__() for row in self.rows])
+
+
+class _RowGroupIterator(grain.DatasetIterator):
+
+  def __init__(self, iterators: list):
+    super().__init__()
+    self.iterators = iterators
+
+  def __next__(self) -> dict:
+    parts = [next(iterator) for iterator in self.iterators]
+    batch = {k: np.stack([example[k] for _, example, _ in parts]) for k in parts[0][1]}
+    return {"rows": np.array([row for row, _, _ in parts]), "states": [state for _, _, state in parts], **batch}
+
+  def get_state(self):  # mp_prefetch asks after every element; the rows' states travel with the elements
+    return {}
+
+  def set_state(self, state):
+    raise NotImplementedError("row streams are restored through Batches.set_state")
+
+
+class Batches(grain.DatasetIterator):
+  """This process's batches [B / process_count, ...] of the global batch sequence. `make_row(row)` builds row
+  stream `row` (an IterDataset of example dicts); `num_workers` > 0 runs the rows in grain worker processes."""
+
+  def __init__(self, make_row, batch_size: int, num_workers: int = 0):
+    super().__init__()
+    count, index = jax.process_count(), jax.process_index()
+    if batch_size % count:
+      raise ValueError(f"train.batch_size {batch_size} is not divisible by the {count} processes")
+    local = batch_size // count
+    if num_workers and local % num_workers:
+      raise ValueError(f"data.num_workers {num_workers} must divide this process's {local} rows of the batch "
+                       f"(train.batch_size / processes)")
+    self.make_row, self.batch_size, self.num_workers = make_row, batch_size, num_workers
+    self.rows = range(index * local, (index + 1) * local)
+    self.step, self.states, self.iterator = 0, {}, None
+
+  def _start(self):
+    ds = _RowGroup([_Row(r, self.make_row(r), self.states.get(r)) for r in self.rows])
+    if self.num_workers:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+    return ds.__iter__()
+
+  def __next__(self) -> dict:
+    if self.iterator is None:
+      self.iterator = self._start()
+    groups = [next(self.iterator) for _ in range(max(self.num_workers, 1))]
+    for group in groups:
+      self.states.update(zip(group["rows"].tolist(), group["states"]))
+    self.step += 1
+    order = np.argsort(np.concatenate([g["rows"] for g in groups]))
+    return {k: np.concatenate([g[k] for g in groups])[order] for k in groups[0] if k not in ("rows", "states")}
+
+  def get_state(self) -> dict:
+    return {"format": STATE_FORMAT, "step": self.step, "batch_size": self.batch_size,
+            "rows": {str(r): s for r, s in self.states.items()}}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("format") != STATE_FORMAT or state.get("batch_size") != self.batch_size:
+      raise ValueError(f"the checkpoint's data state ({state.get('format')}, batch size {state.get('batch_size')}) "
+                       f"does not match this run (train.batch_size {self.batch_size})")
+    rows = {int(r): s for r, s in state["rows"].items()}
+    missing = [r for r in self.rows if r not in rows]
+    if state["step"] > 0 and missing:
+      raise ValueError(f"the checkpoint's data state has no state for rows {missing[:4]}… of the batch: a process's "
+                       f"data file is missing from the checkpoint")
+    self.close()
+    self.step, self.states = state["step"], {r: rows[r] for r in self.rows if r in rows}
+
+  def close(self) -> None:
+    if self.iterator is not None and hasattr(self.iterator, "close"):
+      self.iterator.close()
+    self.iterator = None
+
+
+def _json_to_state(state):
+  """A row state read back from JSON: the packer's slices become tuples again (grain compares them to (-1, -1))."""
+  if not isinstance(state, dict):
+    return state
+  return {k: {f: tuple(s) for f, s in v.items()} if k == "remainder_slices" else _json_to_state(v)
+          for k, v in state.items()}

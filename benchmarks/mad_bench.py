@@ -2,7 +2,7 @@
 at the paper's MAD shapes (2 blocks, d 128, 8 × 16 heads, batch 32) per sequence length × population size, Mesa
 setting and dtype, on random tokens; one JSON line per case, then a table and the estimate.
 
-    python benchmarks/mad_bench.py --archs=mesanet,hawk_mesa --shapes=128x64,128x256,1024x64 \
+    python benchmarks/mad_bench.py --archs=mesanet,hawk_mesa@pallas:32 --shapes=128x64,128x256,1024x64 \
         --mesa=pallas:32,xla:32,pallas:16:default --out=$OUT/mad_bench.jsonl
     python benchmarks/mad_bench.py --report --out=mad_bench.jsonl       # the table and estimate of measured rows
 
@@ -10,11 +10,15 @@ A case: one `Population.train` call that compiles (compile_s: the compile and th
 (warmup_ms_per_step: excluded from the timing), then calls until --seconds have passed (at least --calls), blocking
 on the result; a member-step is one optimiser step of one slot. Each call runs min(--steps, --call_tokens / tokens
 per step) steps. `compiles` counts the backend compilations during the warm-up and timed calls: anything but 0 means
-the step was retraced, and the timing is not the step's. Each line is written as soon as it is measured, so a run
-cut short keeps what it timed; the table and estimate cover every row in --out.
+the step was retraced, and the timing is not the step's. With --trace_dir, one more call is profiled and the row
+gets the device time per step of its busiest kernels (`kernels`: Triton kernels by their Pallas names, XLA fusions
+by theirs; the trace stays in the directory for Perfetto / TensorBoard). Each line is written as soon as it is
+measured, so a run cut short keeps what it timed; the table and estimate cover every row in --out.
 """
 import argparse
 import collections
+import glob
+import gzip
 import json
 import math
 import os
@@ -39,6 +43,22 @@ def _data(length: int, vocab: int, examples: int, seed: int = 0) -> dict:
   return {"train_inputs": jnp.asarray(tokens[..., :-1]), "train_targets": jnp.asarray(tokens[..., 1:]),
           "test_inputs": jnp.asarray(tokens[:, :64, :-1]), "test_targets": jnp.asarray(tokens[:, :64, 1:]),
           "num_train": jnp.asarray([examples], jnp.int32)}
+
+
+def kernel_times(trace_dir: str, steps: int, top: int = 12) -> dict:
+  """{kernel: ms per step} of the newest trace in trace_dir: the busiest `top` of the device's stream lines."""
+  path = max(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")), key=os.path.getmtime)
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e["name"] in ("process_name", "thread_name")}
+  device = {pid for (pid, tid), name in names.items() if tid is None and name.startswith("/device:")}
+  streams = {key for key, name in names.items() if key[0] in device and "Stream" in name}
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["pid"] in device and (not streams or (e["pid"], e["tid"]) in streams):
+      totals[e["name"]] += e["dur"] / 1e3 / steps  # µs -> ms per step
+  return {name: round(ms, 4) for name, ms in totals.most_common(top)}
 
 
 def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
@@ -69,6 +89,11 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
     state, loss, elapsed = run(state)
     calls, seconds = calls + 1, seconds + elapsed
   per_step = seconds / (calls * steps)
+  kernels = {}
+  if args.trace_dir:
+    with jax.profiler.trace(args.trace_dir):
+      state, _, _ = run(state)
+    kernels = {"kernels": kernel_times(args.trace_dir, steps)}
   c = config.mesa
   if "mesa" in config.mixers:
     mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train}
@@ -78,7 +103,7 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
           "calls": calls, "ms_per_step": 1e3 * per_step, "ms_per_member_step": 1e3 * per_step / slots,
           "tokens_per_s": slots * 32 * length / per_step, "compile_s": compile_s,
           "warmup_ms_per_step": 1e3 * warmup_s / steps, "compiles": len(_COMPILES) - compiled,
-          "loss": float(jnp.mean(loss)), "device": jax.devices()[0].device_kind}
+          "loss": float(jnp.mean(loss)), "device": jax.devices()[0].device_kind, **kernels}
 
 
 def setting(row: dict) -> tuple:
@@ -140,11 +165,23 @@ def report(rows: list[dict], settings: grid.Settings):
         "|---|---|---|---|---|")
   for (arch, mesa, dtype), hours, packed in sorted(estimate(rows, settings), key=lambda e: (e[0][0], e[1])):
     print(f"| {arch} | {mesa} | {dtype} | {hours:.3g} | {packed:.3g} |")
+  for r in rows:
+    if r.get("kernels"):
+      print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} L{r['length']} S{r['slots']} "
+            f"({r['ms_per_step']:.4g} ms per step timed)")
+      print("\n".join(f"  {ms:9.4f}  {name[:100]}" for name, ms in r["kernels"].items()))
+
+
+def _mesa_settings(text: str) -> list[tuple]:
+  """"impl:chunk[:precision],..." -> [(impl, chunk, precision)]; "" -> [("", 0, "")] (FAST_MESA's)."""
+  parts = [s.split(":") for s in text.split(",")] if text else [["", "0"]]
+  return [(p[0], int(p[1]), p[2] if len(p) > 2 else "") for p in parts]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--archs", default="mesanet,gdn,transformer,hawk,hawk_mesa")
+  parser.add_argument("--archs", default="mesanet,gdn,transformer,hawk,hawk_mesa",
+                      help="architectures; arch@impl:chunk[:precision] gives one its own Mesa setting")
   parser.add_argument("--shapes", default="128x64", help="length x slots cases, comma-separated")
   parser.add_argument("--mesa", default="", help="Mesa impl:chunk[:precision] settings, comma-separated (other "
                       "archs use the first's chunk); '': models.FAST_MESA's for the backend")
@@ -156,16 +193,17 @@ def main():
   parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds at least")
   parser.add_argument("--vocab", type=int, default=64)
   parser.add_argument("--max_tokens", type=int, default=1 << 21, help="skip cases of more tokens per step")
+  parser.add_argument("--trace_dir", default="", help="profile one more call per case there (kernel times)")
   parser.add_argument("--report", action="store_true", help="only the table and estimate of the rows in --out")
   parser.add_argument("--out", default="mad_bench.jsonl")
   args = parser.parse_args()
   settings = grid.Settings(results="")
   if not args.report:
-    mesa = [tuple(s.split(":")) for s in args.mesa.split(",")] if args.mesa else [("", "0")]
-    mesa = [(m[0], int(m[1]), m[2] if len(m) > 2 else "") for m in mesa]
+    mesa = _mesa_settings(args.mesa)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
-    for arch in args.archs.split(","):
-      for impl, chunk, precision in (mesa if "mesa" in arch else [("", mesa[0][1], "")]):
+    for item in args.archs.split(","):
+      arch, _, own = item.partition("@")
+      for impl, chunk, precision in (_mesa_settings(own) if own else mesa) if "mesa" in arch else [mesa[0]]:
         for length, slots in shapes:
           for dtype in args.dtypes.split(","):
             if slots * 32 * length > args.max_tokens:

@@ -35,7 +35,7 @@ class Settings:
   eval_every: int = 400  # steps between test evaluations (early stopping), and at each job's end
   time_limit: float = 0.0  # seconds; 0: none
   dtype: str = "float32"
-  impl: str = ""  # Mesa implementation ("", 0: models.FAST_MESA's for the backend)
+  impl: str = ""  # how Mesa computes: impl, chunk_size, matmul_precision ("" / 0: models.FAST_MESA's for the backend)
   chunk_size: int = 0
   matmul_precision: str = ""
   cg_steps: int = 0  # 0: the preset's (30)

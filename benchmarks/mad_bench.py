@@ -1,23 +1,40 @@
-"""Times MAD populations: ms per member-step of each architecture at the paper's MAD shapes (2 blocks, d 128, 8 × 16
-heads, batch 32) for population sizes, sequence lengths and Mesa settings, on random tokens; one JSON line per case.
+"""Times MAD populations and estimates the whole grid's GPU-hours from them: ms per member-step of each architecture
+at the paper's MAD shapes (2 blocks, d 128, 8 × 16 heads, batch 32) per sequence length × population size, Mesa
+setting and dtype, on random tokens; one JSON line per case, then a table and the estimate.
 
-    python benchmarks/mad_bench.py --archs=mesanet,gdn,transformer,hawk,hawk_mesa --lengths=128,1024 \
-        --slots=8,64 --mesa=xla:64,pallas:32,pallas:16 --dtypes=float32,bfloat16 --out=$OUT/mad_bench.jsonl
+    python benchmarks/mad_bench.py --archs=mesanet,hawk_mesa@pallas:32 --shapes=128x64,128x256,1024x64 \
+        --mesa=pallas:32,xla:32,pallas:16:default --out=$OUT/mad_bench.jsonl
+    python benchmarks/mad_bench.py --report --out=mad_bench.jsonl       # the table and estimate of measured rows
 
-A case: one `Population.train` call of --steps steps compiled, then timed over --calls calls (blocking on the
-result); a member-step is one optimiser step of one slot. Cases over --max_tokens tokens per step are skipped.
-Each line is written as soon as it is measured, so a run cut short keeps what it timed.
+A case: one `Population.train` call that compiles (compile_s: the compile and that call), one warm-up call
+(warmup_ms_per_step: excluded from the timing), then calls until --seconds have passed (at least --calls), blocking
+on the result; a member-step is one optimiser step of one slot. Each call runs min(--steps, --call_tokens / tokens
+per step) steps. `compiles` counts the backend compilations during the warm-up and timed calls: anything but 0 means
+the step was retraced, and the timing is not the step's. With --trace_dir, one more call is profiled and the row
+gets the device time per step of its busiest kernels (`kernels`: Triton kernels by their Pallas names, XLA fusions
+by theirs; the trace stays in the directory for Perfetto / TensorBoard). Each line is written as soon as it is
+measured, so a run cut short keeps what it timed; the table and estimate cover every row in --out.
 """
 import argparse
+import collections
+import glob
+import gzip
 import json
+import math
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesanet_jax.mad import models, training
+from mesanet_jax.mad import grid, models, training, variants
 from mesanet_jax.mad.population import Population
+
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **_: _COMPILES.append(seconds) if event == "/jax/core/compile/backend_compile_duration"
+    else None)
 
 
 def _data(length: int, vocab: int, examples: int, seed: int = 0) -> dict:
@@ -28,64 +45,182 @@ def _data(length: int, vocab: int, examples: int, seed: int = 0) -> dict:
           "num_train": jnp.asarray([examples], jnp.int32)}
 
 
-def time_case(arch: str, length: int, slots: int, impl: str, chunk: int, dtype: str, steps: int, calls: int,
-              vocab: int, cg_steps: int) -> dict:
-  config = models.mad_config(arch, vocab, dtype=jnp.dtype(dtype).type, chunk_size=chunk, impl=impl,
-                             cg_steps=cg_steps)
+def kernel_times(trace_dir: str, steps: int, top: int = 12) -> dict:
+  """{kernel: ms per step} of the newest trace in trace_dir: the busiest `top` of the device's stream lines."""
+  path = max(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")), key=os.path.getmtime)
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e["name"] in ("process_name", "thread_name")}
+  device = {pid for (pid, tid), name in names.items() if tid is None and name.startswith("/device:")}
+  streams = {key for key, name in names.items() if key[0] in device and "Stream" in name}
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["pid"] in device and (not streams or (e["pid"], e["tid"]) in streams):
+      totals[e["name"]] += e["dur"] / 1e3 / steps  # µs -> ms per step
+  return {name: round(ms, 4) for name, ms in totals.most_common(top)}
+
+
+def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
+  impl, chunk, precision = mesa
+  config = models.mad_config(arch, args.vocab, dtype=jnp.dtype(dtype).type, chunk_size=chunk, impl=impl,
+                             cg_steps=args.cg_steps, matmul_precision=precision)
   population = Population(config, False, training.Protocol(), slots)
-  data = _data(length, vocab, 4096)
+  steps = max(1, min(args.steps, args.call_tokens // (slots * 32 * length)))
+  data = _data(length, args.vocab, 4096)
   state = population.init(4096)
   state = population.assign(state, jnp.ones(slots, bool), total=jnp.full(slots, 10 ** 8),
                             per_epoch=jnp.full(slots, 4096 // 32), dataset=jnp.zeros(slots, jnp.int32),
-                            vocab=jnp.full(slots, vocab), lr=jnp.full(slots, 1e-3), weight_decay=jnp.full(slots, 0.1),
-                            keys=jax.random.split(jax.random.key(0), slots))
-  start = time.perf_counter()
-  state, loss = population.train(state, data, num_steps=steps)
-  loss.block_until_ready()
-  compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(calls):
+                            vocab=jnp.full(slots, args.vocab), lr=jnp.full(slots, 1e-3),
+                            weight_decay=jnp.full(slots, 0.1), keys=jax.random.split(jax.random.key(0), slots))
+  jax.block_until_ready(state)
+
+  def run(state):
+    start = time.perf_counter()
     state, loss = population.train(state, data, num_steps=steps)
-  loss.block_until_ready()
-  seconds = (time.perf_counter() - start) / (calls * steps)
-  return {"arch": arch, "length": length, "slots": slots, "impl": config.mesa.impl, "chunk": config.mesa.chunk_size,
-          "cg_steps": config.mesa.cg_steps_train, "dtype": dtype, "ms_per_step": 1e3 * seconds,
-          "ms_per_member_step": 1e3 * seconds / slots, "tokens_per_s": slots * 32 * length / seconds,
-          "compile_s": compile_s, "loss": float(jnp.mean(loss)), "device": jax.devices()[0].device_kind}
+    loss.block_until_ready()
+    return state, loss, time.perf_counter() - start
+
+  state, _, compile_s = run(state)
+  compiled = len(_COMPILES)
+  state, _, warmup_s = run(state)
+  calls, seconds = 0, 0.0
+  while calls < max(args.calls, 1) or seconds < args.seconds:
+    state, loss, elapsed = run(state)
+    calls, seconds = calls + 1, seconds + elapsed
+  per_step = seconds / (calls * steps)
+  kernels = {}
+  if args.trace_dir:
+    with jax.profiler.trace(args.trace_dir):
+      state, _, _ = run(state)
+    kernels = {"kernels": kernel_times(args.trace_dir, steps)}
+  c = config.mesa
+  if "mesa" in config.mixers:
+    mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train}
+  else:
+    mixer = {"chunk": config.gdn.chunk_size} if "gdn" in config.mixers else {}
+  return {"arch": arch, "length": length, "slots": slots, **mixer, "dtype": dtype, "steps_per_call": steps,
+          "calls": calls, "ms_per_step": 1e3 * per_step, "ms_per_member_step": 1e3 * per_step / slots,
+          "tokens_per_s": slots * 32 * length / per_step, "compile_s": compile_s,
+          "warmup_ms_per_step": 1e3 * warmup_s / steps, "compiles": len(_COMPILES) - compiled,
+          "loss": float(jnp.mean(loss)), "device": jax.devices()[0].device_kind, **kernels}
+
+
+def setting(row: dict) -> tuple:
+  """What a row measured besides the shape: architecture, mixer settings (Mesa's impl:chunk:precision:CG steps,
+  GDN's chunk), dtype."""
+  if "impl" in row:
+    mixer = f"{row['impl']}:{row['chunk']}:{row['precision']}:{row['cg_steps']}"
+  else:
+    mixer = f"chunk {row['chunk']}" if "chunk" in row else "-"
+  return row["arch"], mixer, row["dtype"]
+
+
+def nearest(measured: dict, length: int, slots: int) -> tuple[int, int]:
+  """The measured (length, slots) closest to (length, slots): the length first, then the slots, in log scale."""
+  log_gap = lambda a, b: abs(math.log(a / b))
+  best_length = min({l for l, _ in measured}, key=lambda l: (log_gap(l, length), -l))
+  return best_length, min((s for l, s in measured if l == best_length), key=lambda s: (log_gap(s, slots), -s))
+
+
+ESTIMATE = ("GPU-h = Σ_groups steps_g · S_g · t(L_g, S_g) / 3.6e6. Groups: the grid's (architecture, read-out, "
+            "length L_g) of all 66 variants × 8 (lr, wd); S_g = grid.population_size (≤ max_slots, ≤ max_tokens / "
+            "(32 L_g)); steps_g = grid.population_steps: a freed slot takes the longest queued job, 200 epochs each, "
+            "no early stop (mad-lab stops at 99.9 %: an upper bound); every slot computes each step. t(L, S) = ms "
+            "per member-step measured at the nearest (L', S') (length first, log scale) × L / L'. Evaluation (~3 %) "
+            "and compiles (~10 s per group) not included; the autoencoder groups are costed as the LM.")
+
+
+def estimate(rows: list[dict], settings: grid.Settings) -> list[tuple]:
+  """(setting, GPU-hours, member-step-hours) of the whole grid for every measured setting; member-step-hours is the
+  same sum over the jobs' own steps (perfect packing, no idle slots)."""
+  by_setting = collections.defaultdict(dict)
+  for row in rows:  # a shape measured twice counts at its faster reading
+    measured = by_setting[setting(row)]
+    shape = (row["length"], row["slots"])
+    measured[shape] = min(measured.get(shape, math.inf), row["ms_per_member_step"])
+  out = []
+  for key, measured in by_setting.items():
+    groups = collections.defaultdict(list)
+    for job in training.jobs([key[0]], variants.all_variants()):
+      groups[grid.group_key(job)].append(job.steps(settings.protocol))
+    total = packed = 0.0
+    for (_, _, length), job_steps in groups.items():
+      slots = grid.population_size(settings, len(job_steps), length)
+      at_length, at_slots = nearest(measured, length, slots)
+      ms = measured[(at_length, at_slots)] * length / at_length
+      total += grid.population_steps(job_steps, slots) * slots * ms
+      packed += sum(job_steps) * ms
+    out.append((key, total / 3.6e6, packed / 3.6e6))
+  return out
+
+
+def report(rows: list[dict], settings: grid.Settings):
+  rows = [r for r in rows if "error" not in r]
+  print("\n| arch | mixer (Mesa impl:chunk:precision:CG steps; GDN chunk) | dtype | L | slots | ms/step | "
+        "ms/member-step | compile s | warm-up ms/step | compiles timed |\n|---|---|---|---|---|---|---|---|---|---|")
+  for r in sorted(rows, key=lambda r: (setting(r), r["length"], r["slots"])):
+    arch, mesa, dtype = setting(r)
+    print(f"| {arch} | {mesa} | {dtype} | {r['length']} | {r['slots']} | {r['ms_per_step']:.4g} | "
+          f"{r['ms_per_member_step']:.4g} | {r['compile_s']:.3g} | {r['warmup_ms_per_step']:.4g} | {r['compiles']} |")
+  print(f"\nWhole-grid estimate: {ESTIMATE}\n\n| arch | mixer | dtype | GPU-hours | perfectly packed |\n"
+        "|---|---|---|---|---|")
+  for (arch, mesa, dtype), hours, packed in sorted(estimate(rows, settings), key=lambda e: (e[0][0], e[1])):
+    print(f"| {arch} | {mesa} | {dtype} | {hours:.3g} | {packed:.3g} |")
+  for r in rows:
+    if r.get("kernels"):
+      print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} L{r['length']} S{r['slots']} "
+            f"({r['ms_per_step']:.4g} ms per step timed)")
+      print("\n".join(f"  {ms:9.4f}  {name[:100]}" for name, ms in r["kernels"].items()))
+
+
+def _mesa_settings(text: str) -> list[tuple]:
+  """"impl:chunk[:precision],..." -> [(impl, chunk, precision)]; "" -> [("", 0, "")] (FAST_MESA's)."""
+  parts = [s.split(":") for s in text.split(",")] if text else [["", "0"]]
+  return [(p[0], int(p[1]), p[2] if len(p) > 2 else "") for p in parts]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--archs", default="mesanet,gdn,transformer,hawk,hawk_mesa")
-  parser.add_argument("--lengths", default="128")
-  parser.add_argument("--slots", default="8,64")
-  parser.add_argument("--mesa", default="xla:64", help="Mesa impl:chunk settings (other archs use the first chunk)")
+  parser.add_argument("--archs", default="mesanet,gdn,transformer,hawk,hawk_mesa",
+                      help="architectures; arch@impl:chunk[:precision] gives one its own Mesa setting")
+  parser.add_argument("--shapes", default="128x64", help="length x slots cases, comma-separated")
+  parser.add_argument("--mesa", default="", help="Mesa impl:chunk[:precision] settings, comma-separated (other "
+                      "archs use the first's chunk); '': models.FAST_MESA's for the backend")
   parser.add_argument("--dtypes", default="float32")
   parser.add_argument("--cg_steps", type=int, default=0, help="0: the preset's (30)")
-  parser.add_argument("--steps", type=int, default=50)
-  parser.add_argument("--calls", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=10, help="steps per call at most")
+  parser.add_argument("--call_tokens", type=int, default=1 << 23, help="tokens per call at most (fewer steps)")
+  parser.add_argument("--calls", type=int, default=2, help="timed calls at least")
+  parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds at least")
   parser.add_argument("--vocab", type=int, default=64)
-  parser.add_argument("--max_tokens", type=int, default=1 << 21)
+  parser.add_argument("--max_tokens", type=int, default=1 << 21, help="skip cases of more tokens per step")
+  parser.add_argument("--trace_dir", default="", help="profile one more call per case there (kernel times)")
+  parser.add_argument("--report", action="store_true", help="only the table and estimate of the rows in --out")
   parser.add_argument("--out", default="mad_bench.jsonl")
   args = parser.parse_args()
-  mesa = [(s.split(":")[0], int(s.split(":")[1])) for s in args.mesa.split(",")]
-  for arch in args.archs.split(","):
-    settings = mesa if "mesa" in arch else mesa[:1]
-    for length in map(int, args.lengths.split(",")):
-      for slots in map(int, args.slots.split(",")):
-        if slots * 32 * length > args.max_tokens:
-          continue
-        for dtype in args.dtypes.split(","):
-          for impl, chunk in settings:
+  settings = grid.Settings(results="")
+  if not args.report:
+    mesa = _mesa_settings(args.mesa)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    for item in args.archs.split(","):
+      arch, _, own = item.partition("@")
+      for impl, chunk, precision in (_mesa_settings(own) if own else mesa) if "mesa" in arch else [mesa[0]]:
+        for length, slots in shapes:
+          for dtype in args.dtypes.split(","):
+            if slots * 32 * length > args.max_tokens:
+              continue
             try:
-              row = time_case(arch, length, slots, impl if "mesa" in arch else "", chunk, dtype, args.steps,
-                              args.calls, args.vocab, args.cg_steps)
+              row = time_case(arch, length, slots, (impl, chunk, precision), dtype, args)
             except Exception as e:  # an out-of-memory or lowering failure ends one case, not the run
-              row = {"arch": arch, "length": length, "slots": slots, "impl": impl, "chunk": chunk, "dtype": dtype,
-                     "error": f"{type(e).__name__}: {str(e)[:300]}"}
+              row = {"arch": arch, "length": length, "slots": slots, "impl": impl, "chunk": chunk,
+                     "precision": precision, "dtype": dtype, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(json.dumps(row), flush=True)
             with open(args.out, "a") as f:
               f.write(json.dumps(row) + "\n")
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      report([json.loads(line) for line in f if line.strip()], settings)
 
 
 if __name__ == "__main__":

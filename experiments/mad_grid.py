@@ -35,8 +35,10 @@ _MAX_SLOTS = flags.DEFINE_integer("max_slots", 256, "population size at most")
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps per jitted call")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 400, "steps between test evaluations (early stopping at 99.9 %)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activation dtype (params stay f32)")
-_IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('' : the preset's)")
-_CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: the preset's, 64)")
+_IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': mesanet_jax/mad/models.py "
+                            "FAST_MESA's for the backend)")
+_CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: FAST_MESA's for Mesa, 64 for GDN)")
+_PRECISION = flags.DEFINE_string("matmul_precision", "", "Mesa matmuls: highest | default ('': FAST_MESA's)")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "Mesa CG steps in training (0: the preset's, 30)")
 _SEED = flags.DEFINE_integer("seed", 0, "data and init seed")
 _WORKERS = flags.DEFINE_integer("workers", 0, "data-generation processes (0: cores − 1)")
@@ -72,7 +74,7 @@ def main(argv):
         state_dir=_STATE_DIR.value or os.path.join(root, "state"), max_tokens=_MAX_TOKENS.value,
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value, eval_every=_EVAL_EVERY.value,
         time_limit=_TIME_LIMIT.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
-        cg_steps=_CG_STEPS.value, seed=_SEED.value, workers=_WORKERS.value)
+        matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, seed=_SEED.value, workers=_WORKERS.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
     finished = grid.run(settings, jobs)
   print(f"finished {finished} jobs; results in {_RESULTS.value}")

@@ -7,6 +7,7 @@ next run with the same settings (e.g. the next call on the same machine); otherw
 """
 import concurrent.futures
 import dataclasses
+import heapq
 import json
 import multiprocessing
 import os
@@ -34,9 +35,10 @@ class Settings:
   eval_every: int = 400  # steps between test evaluations (early stopping), and at each job's end
   time_limit: float = 0.0  # seconds; 0: none
   dtype: str = "float32"
-  impl: str = ""  # Mesa implementation ("": the preset's)
+  impl: str = ""  # how Mesa computes: impl, chunk_size, matmul_precision ("" / 0: models.FAST_MESA's for the backend)
   chunk_size: int = 0
-  cg_steps: int = 0
+  matmul_precision: str = ""
+  cg_steps: int = 0  # 0: the preset's (30)
   seed: int = 0
   workers: int = 0  # data-generation processes (0: cores − 1)
 
@@ -48,6 +50,21 @@ def group_key(job: training.Job) -> tuple:
 def group_name(key: tuple) -> str:
   architecture, autoencoder, length = key
   return f"{architecture}.{'autoencoder' if autoencoder else 'lm'}.L{length}"
+
+
+def population_size(settings: Settings, num_jobs: int, length: int) -> int:
+  """Slots of a group's population: one per job, at most max_slots and max_tokens // (batch · length)."""
+  return max(1, min(num_jobs, settings.max_slots, settings.max_tokens // (settings.protocol.batch_size * length)))
+
+
+def population_steps(job_steps: list[int], slots: int) -> int:
+  """Steps a population of `slots` takes for jobs of `job_steps` steps when each freed slot takes the longest queued
+  job (as `_run_group` does) and none stops early: the largest slot load of longest-first list scheduling. Every
+  slot computes at every step, a finished one too, so this (× slots) is what the group costs."""
+  loads = [0] * slots
+  for steps in sorted(job_steps, reverse=True):
+    heapq.heapreplace(loads, loads[0] + steps)
+  return max(loads)
 
 
 def done_keys(path: str) -> set:
@@ -110,9 +127,9 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
   datasets = [futures[v].result() for v in group_variants]
   vocab = max(v.vocab_size for v in group_variants)
-  size = max(1, min(len(jobs), settings.max_slots, settings.max_tokens // (protocol.batch_size * length)))
+  size = population_size(settings, len(jobs), length)
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
-                             impl=settings.impl, cg_steps=settings.cg_steps)
+                             impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision)
   population = Population(config, autoencoder, protocol, size)
   data = stack_datasets(datasets, length)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
@@ -160,7 +177,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                 "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
                 "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                 "slots": size, "dtype": settings.dtype, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
-                "cg_steps": config.mesa.cg_steps_train, "finished_at": time.time()}
+                "matmul_precision": config.mesa.matmul_precision, "cg_steps": config.mesa.cg_steps_train,
+                "finished_at": time.time()}
       with open(settings.results, "a") as f:
         f.write(json.dumps(record) + "\n")
       progress.advance(0, skipped=int(total[i] - steps[i]) * length)

@@ -19,17 +19,25 @@ from mesanet_jax.models.config import LMConfig, preset
 from mesanet_jax.models.lm import LanguageModel, make_blocks, run_blocks
 
 ARCHITECTURES = ("mesanet", "transformer", "gdn", "hawk", "hawk_mesa")
+# How the MAD models compute Mesa when nothing else is asked for (mad_config, the grid, mad_bench): per JAX backend,
+# (impl, chunk_size, matmul_precision), the cheapest population step measured for these shapes (Dk = 16; mad_bench,
+# benchmarks/RESULTS.md "MAD populations"). Elsewhere (CPU: tests) the XLA op: Pallas only interprets there.
+FAST_MESA = {"gpu": ("pallas", 32, "highest")}
+OTHER_MESA = ("xla", 64, "highest")
 
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
-               cg_steps: int = 0) -> LMConfig:
-  """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). chunk_size, impl and
-  cg_steps change how Mesa (and GDN's chunk) compute, not the model; 0 / "" keep the preset's."""
+               cg_steps: int = 0, matmul_precision: str = "") -> LMConfig:
+  """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
+  Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
+  for the backend (GDN keeps the preset's chunk) and the preset's CG steps (30)."""
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
   config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype)
-  mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or config.mesa.chunk_size,
-                             impl=impl or config.mesa.impl, cg_steps_train=cg_steps or config.mesa.cg_steps_train)
+  fast_impl, fast_chunk, fast_precision = FAST_MESA.get(jax.default_backend(), OTHER_MESA)
+  mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or fast_chunk, impl=impl or fast_impl,
+                             cg_steps_train=cg_steps or config.mesa.cg_steps_train,
+                             matmul_precision=matmul_precision or fast_precision)
   gdn = dataclasses.replace(config.gdn, chunk_size=chunk_size or config.gdn.chunk_size)
   return dataclasses.replace(config, mesa=mesa, gdn=gdn)
 

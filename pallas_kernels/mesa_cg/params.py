@@ -34,15 +34,18 @@ def lowering_for(backend: str):
 EXPORT_PLATFORMS = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
 
 
-def export_for(backend: str, fn, *args):
+def export_for(backend: str, fn, *args, mesh_axes: tuple[str, ...] = ()):
   """`jax.export` of jit(fn)(*args) for `backend` ("gpu" or "tpu") from any host, with the kernels built for it.
 
-  The Triton lowering asks for the GPU's compute capability: an abstract H200 names one. The kernels' custom calls
-  are allowed through export's safety check (they are this package's own).
+  The Triton lowering asks for the GPU's compute capability: an abstract H200 names one, on an abstract mesh whose
+  axes are `mesh_axes`, each of size 1: () traces fn as a program without a mesh (as the MAD populations run);
+  `mesanet_jax.sharding.MESH_AXES` as the trainer's one-device mesh (Pallas calls then go through `per_shard`). The
+  kernels' custom calls are allowed through export's safety check (they are this package's own).
   """
   platform, custom_call = EXPORT_PLATFORMS[backend]
   device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Auto,), abstract_device=device)
+  mesh = jax.sharding.AbstractMesh((1,) * len(mesh_axes), tuple(mesh_axes),
+                                   (jax.sharding.AxisType.Auto,) * len(mesh_axes), abstract_device=device)
   with lowering_for(backend), jax.sharding.use_abstract_mesh(mesh):
     return export.export(jax.jit(fn), platforms=[platform],
                          disabled_checks=[export.DisabledSafetyCheck.custom_call(custom_call)])(*args)

@@ -23,6 +23,16 @@ def test_paper_mad_sizes(architecture):
   assert 4.2e5 < count_params(config) < 4.8e5  # ≈ 0.43M: SwiGLU 3·128·384 + a mixer of ≈ 4·128² per block
 
 
+def test_mesa_computation_defaults_per_backend_and_is_overridden():
+  mesa = models.mad_config("mesanet", 16).mesa
+  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision) == models.FAST_MESA.get(jax.default_backend(),
+                                                                                       models.OTHER_MESA)
+  config = models.mad_config("hawk_mesa", 16, impl="pallas", chunk_size=16, cg_steps=8, matmul_precision="default")
+  assert (config.mesa.impl, config.mesa.chunk_size, config.mesa.cg_steps_train, config.mesa.matmul_precision) == (
+      "pallas", 16, 8, "default")
+  assert config.gdn.chunk_size == 16 and models.mad_config("gdn", 16).gdn.chunk_size == 64
+
+
 def test_autoencoder_decodes_every_position_from_the_last_state():
   model = models.AutoEncoder(models.mad_config("transformer", 16), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 16)

@@ -96,6 +96,15 @@ def test_grid_writes_each_job_once_and_resumes(tmp_path):
   assert grid.run(settings, jobs) == 0  # everything done: skipped
 
 
+def test_population_sizes_and_steps_as_the_grid_schedules():
+  settings = grid.Settings(results="")  # at most 256 slots and 2^20 tokens per step
+  assert [grid.population_size(settings, jobs, length) for jobs, length in ((216, 128), (300, 64), (32, 1024))] == [
+      216, 256, 32]
+  # Longest first, each to the slot free first: 5 | 4, then 3 after the 4 (7), then 3 after the 5 (8).
+  assert grid.population_steps([3, 5, 3, 4], 2) == 8
+  assert grid.population_steps([3, 5], 4) == 5  # more slots than jobs: the longest job
+
+
 def test_table_scores_the_mad_lab_way_and_the_paper_way():
   record = lambda task, variant, lr, accuracy: {"architecture": "mesanet", "task": task, "variant": variant,
                                                 "lr": lr, "weight_decay": 0.1, "accuracy": accuracy}

@@ -2,6 +2,7 @@
 Pallas' own lowering runs (block shapes, loads and stores, dot forms, loops); the backend compilers do not. Likewise the
 Hopper solve (Mosaic GPU)."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,22 @@ def test_forward_and_backward_lower(backend):
   assert module.count(f"custom_call @{custom_call}(") == 12
   for kernel in KERNELS:
     assert kernel in module, kernel
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_vmapped_kernels_take_the_population_axis_into_their_grid():
+  """The MAD population vmaps every member's step over its S slots (`mad/population.py`): pallas_call's batching rule
+  must make the slot axis a grid axis of each kernel (one launch, results [S, ...]), not a loop of S launches."""
+  slots = 3
+  member = random_inputs(2, 32, 2, 16, 16, seed=11)[:6]  # the MAD head size; no initial state, as in the model
+  stacked = [jnp.stack([x] * slots) for x in member]
+  op = lambda *a: mesa_chunked(*a, chunk_size=16, cg_steps=2, impl="pallas")
+  loss = lambda *a: sum(jnp.sum(x) for x in jax.tree.leaves(op(*a)))  # o and the final state: every kernel runs
+  module = export_for("gpu", jax.vmap(jax.value_and_grad(loss, argnums=range(6))), *stacked).mlir_module()
+  calls = [line for line in module.splitlines() if "custom_call @__gpu$xla.gpu.triton(" in line]
+  assert len(calls) == 12
+  for call in calls:  # the launch grid's last axis is the vmapped one; every result is [S, B·H, ...]
+    assert f"grid_z = {slots} : i32" in call and re.search(rf"-> \(?tensor<{slots}x{2 * 2}x", call), call[-300:]
 
 
 @pytest.mark.parametrize("chunk, key_dim, cg_init, cg_tol, precision", [

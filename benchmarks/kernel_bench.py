@@ -21,8 +21,8 @@ from absl import app, flags
 
 from benchmarks.ops_bench import forward_and_backward, report, setup_from_flags, time_ms
 from mesanet_jax.ops import mesa_chunked
-from mesanet_jax.ops.chunked import operator_class
 from mesanet_jax.ops.inputs import zero_state
+from mesanet_jax.ops.operator import operator_class
 from pallas_kernels.mesa_cg import chunked_cg_solve
 from pallas_kernels.mesa_cg.chunk import SplitDot
 
@@ -69,10 +69,10 @@ def solve_kernel(args, chunk_size, num_warps, precision):
   q, k, v, log_decay, beta, lam = chunk_major(args, chunk_size)
   batch, heads, _, _, dim = q.shape
   states = operator_class("xla").build(k, v, log_decay, beta, lam, zero_state(batch, heads, dim, v.shape[-1]),
-                                       jax.lax.Precision.HIGHEST).states_kk
+                                       jax.lax.Precision.HIGHEST).states
   solve = jax.jit(functools.partial(chunked_cg_solve, cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
                                     precision=precision, num_warps=num_warps))
-  return solve, (q, k, log_decay, beta, lam, jnp.matrix_transpose(states))
+  return solve, (q, k, log_decay, beta, lam, states.kk_t)
 
 
 STAGES = ("chunk states", "solve", "output read", "adjoint rhs read", "state-gradient scans", "token gradients")
@@ -83,7 +83,7 @@ def failed(name, error):
 
 
 def stage_times(args, impl):
-  """ms of every stage (STAGES) of `impl`'s operator (`chunked.operator_class`), each jitted alone, chunk-major.
+  """ms of every stage (STAGES) of `impl`'s operator (`operator.operator_class`), each jitted alone, chunk-major.
 
   The solutions x, y and u = H_kv·do are random rows of the right shape: the stages' cost does not depend on them.
   XLA's "chunk states" also forms the C×C decay masks its other stages read. A stage that fails (e.g. does not
@@ -99,7 +99,7 @@ def stage_times(args, impl):
   state_gradients = jax.jit(lambda op, *a: op.state_gradients(*a))
   try:
     op = build(k, v, log_decay, beta, lam, state)
-    d_states = state_gradients(op, x, y, do, state)[0]
+    d_states = state_gradients(op, x, y, do, state)
   except Exception as error:  # any kernel that fails to compile or run: report it, go on with the rest
     failed(f"{impl} stages", error)
     return {}

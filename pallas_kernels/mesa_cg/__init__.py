@@ -1,4 +1,5 @@
-"""Pallas kernels for the Mesa operator; reached through `mesa_chunked(..., impl="pallas")` (`PallasOperator`)."""
+"""Pallas kernels for the Mesa operator; reached through `mesa_chunked(..., impl="pallas")`: importing this package
+registers `PallasOperator` as the "pallas" operator (`mesanet_jax.ops.operator`, which imports it on first use)."""
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
 from pallas_kernels.mesa_cg.operator import PallasOperator
 from pallas_kernels.mesa_cg.params import unsupported_reason

@@ -105,7 +105,7 @@ def stage_times(args, impl):
     return {}
   stages = {
       "chunk states": (build, k, v, log_decay, beta, lam, state),
-      "solve": (jax.jit(lambda op, rhs: op.solve(rhs, FLAGS.cg_steps, FLAGS.cg_init)), op, q),
+      "solve": (jax.jit(lambda op, rhs: op.solve(rhs, FLAGS.cg_steps, FLAGS.cg_init, None)), op, q),
       "output read": (jax.jit(lambda op, x: op.output(x)), op, x),
       "adjoint rhs read": (jax.jit(lambda op, do: op.adjoint_rhs(do)), op, do),
       "state-gradient scans": (state_gradients, op, x, y, do, state),
@@ -143,7 +143,7 @@ def sweep_solve_kernel(args, tokens):
         except jax.errors.JaxRuntimeError as error:  # e.g. a tile that needs more shared memory than the GPU has
           failed(f"solve C={chunk_size} warps={num_warps} {name}", error)
           continue
-        x = np.asarray(solve(*operands))
+        x = np.asarray(solve(*operands)[0])
         reference = x if reference is None else reference
         error = np.max(np.abs(x - reference)) / np.max(np.abs(reference))
         report(f"solve C={chunk_size} warps={num_warps} {name} (err {error:.1e})", ms, tokens)

@@ -46,8 +46,9 @@ def conjugate_gradient(
     rhs: [..., D] right-hand sides.
     x0: [..., D] initial guess.
     steps: maximum number of CG steps (static).
-    tol: if given, a system stops once ‖r_k‖ ≤ tol·‖r_0‖ and the loop ends when all have stopped; if None, exactly
-      `steps` steps run (a `fori_loop`, so the solve is differentiable by unrolling).
+    tol: if given, a system stops once ‖r_k‖ ≤ tol·‖r_0‖ (a system with r_0 = 0 takes no step) and the loop (a
+      `while_loop`) ends when all have stopped; if None, exactly `steps` steps run (a `fori_loop`, so the solve is
+      differentiable by unrolling).
 
   Returns:
     x: [..., D] the solution estimate; iters: [...] int32, the steps each system took.
@@ -80,7 +81,8 @@ def conjugate_gradient(
   else:
     def keep_going(carry: tuple[jax.Array, _CGState]) -> jax.Array:
       k, state = carry
-      return (k < steps) & jnp.any(active(state))
+      # A max, not jnp.any: this loop also runs inside the Pallas kernels, and Triton has no or-reduction.
+      return (k < steps) & (jnp.max(jnp.where(active(state), 1.0, 0.0)) > 0)
 
     _, final = lax.while_loop(keep_going, lambda c: (c[0] + 1, step(c[1])), (jnp.int32(0), init))
   return final.x, final.iters

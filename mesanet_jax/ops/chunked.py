@@ -3,15 +3,18 @@
 Split T into N chunks of C tokens; the operator of the chosen implementation (`operator.ChunkedOperator`: XLA or the
 Pallas kernels) builds the chunk states and runs the stages. Forward: x = A⁻¹q by CG, o = H_kvᵀ x. Backward: the
 adjoint systems A_t y_t = H_kv[t] do_t by the same CG, the state gradients scanned backwards over chunks, and the input
-gradients from them. No CG iterate is stored: the residuals are the inputs and x. DESIGN.md §1 derives the formulas;
-`xla_operator.py` has the chunked forms.
+gradients from them. No CG iterate is stored: the residuals are the inputs and x. With `cg_tol` every system (forward
+and adjoint) stops once ‖r‖ ≤ cg_tol·‖r₀‖; the gradient is the implicit one, i.e. that of the exact solution at the
+accuracy the solves reached. DESIGN.md §1 derives the formulas; `xla_operator.py` has the chunked forms.
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mesanet_jax.ops.cg_steps import step_stats
 from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype, zero_state
 from mesanet_jax.ops.operator import IMPLEMENTATIONS, operator_class
 
@@ -19,28 +22,43 @@ IMPLS = tuple(IMPLEMENTATIONS)
 PRECISIONS = ("highest", "high", "default")
 
 
-def _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision, impl):
-  op = operator_class(impl).build(k, v, log_decay, beta, lam, state, precision)
-  x = op.solve(q, cg_steps, cg_init)
-  return (op.output(x), op.states.at(-1)), (k, v, log_decay, beta, lam, state, x)
+class _Static(NamedTuple):
+  """The core's static arguments (hashable)."""
+  cg_steps: int
+  cg_init: str
+  cg_tol: float | None
+  precision: lax.Precision
+  impl: str
+  length: int  # T before padding: the steps statistics skip the padded tokens
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _chunked_core(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision, impl):
-  """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv]; log_decay, beta [B, H, N, C]; lam [H, Dk]."""
-  return _core_forward(q, k, v, log_decay, beta, lam, state, cg_steps, cg_init, precision, impl)[0]
+def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
+  op = operator_class(static.impl).build(k, v, log_decay, beta, lam, state, static.precision)
+  x, steps = op.solve(q, static.cg_steps, static.cg_init, static.cg_tol)
+  forward_steps = step_stats(steps, static.length)
+  return (op.output(x), op.states.at(-1), forward_steps), (k, v, log_decay, beta, lam, state, probe, x, forward_steps)
 
 
-def _core_backward(cg_steps, cg_init, precision, impl, residuals, cotangents):
-  k, v, log_decay, beta, lam, state, x = residuals
-  do, d_final = cotangents
-  op = operator_class(impl).build(k, v, log_decay, beta, lam, state, precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _chunked_core(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
+  """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv]; log_decay, beta [B, H, N, C]; lam [H, Dk];
+  probe None or [B, H, 4]. Returns o, the final state and the forward steps statistics [B, H, 2]."""
+  return _core_forward(q, k, v, log_decay, beta, lam, state, probe, static)[0]
+
+
+def _core_backward(static: _Static, residuals, cotangents):
+  k, v, log_decay, beta, lam, state, probe, x, forward_steps = residuals
+  do, d_final, _ = cotangents
+  op = operator_class(static.impl).build(k, v, log_decay, beta, lam, state, static.precision)
   u = op.adjoint_rhs(do)
-  y = op.solve(u, cg_steps, cg_init)  # adjoint solve
+  y, adjoint_steps = op.solve(u, static.cg_steps, static.cg_init, static.cg_tol)
   d_states = op.state_gradients(x, y, do, d_final)
   dk, dv, d_log_decay, dbeta = op.token_gradients(x, y, do, u, d_states)
   dlam = -jnp.sum(y * x, axis=(0, 2, 3))
-  return y, dk, dv, d_log_decay, dbeta, dlam, d_states.at(0)
+  # The probe's "gradient" is the statistics of the solves (cg_steps.py), whatever the cotangents.
+  d_probe = None if probe is None else jnp.concatenate(
+      [forward_steps, step_stats(adjoint_steps, static.length)], axis=-1).astype(probe.dtype)
+  return y, dk, dv, d_log_decay, dbeta, dlam, d_states.at(0), d_probe
 
 
 _chunked_core.defvjp(_core_forward, _core_backward)
@@ -57,30 +75,39 @@ def mesa_chunked(
     *,
     chunk_size: int = 64,
     cg_steps: int = 30,
+    cg_tol: float | None = None,
     impl: str = "xla",
     cg_init: str = "jacobi",
     matmul_precision: str = "highest",
-) -> tuple[jax.Array, MesaState]:
+    cg_probe: jax.Array | None = None,
+    return_cg_steps: bool = False,
+):
   """Mesa layer over a whole sequence by chunkwise-parallel CG, with an implicit (adjoint CG) custom VJP.
 
   Args:
     q, k: [B, T, H, Dk] (L2-normalised by the layer); v: [B, T, H, Dv]; g (log forget gate ≤ 0), beta: [B, T, H];
     lam: [H, Dk] regulariser > 0; state: optional MesaState (h_kk [B, H, Dk, Dk], h_kv [B, H, Dk, Dv]) before token 0.
     chunk_size: C; T need not be a multiple (the sequence is padded with tokens that change nothing).
-    cg_steps: fixed CG steps, forward and adjoint.
+    cg_steps: CG steps of every solve, forward and adjoint (the cap when cg_tol is set).
+    cg_tol: None for exactly cg_steps steps; else every system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (and a solve ends when
+      all of its systems have stopped: the XLA path's one loop over all rows, each Pallas kernel program's rows).
     impl: a name of `operator.IMPLEMENTATIONS`: "xla", or "pallas": every stage (chunk states, CG solves, reads,
       gradient accumulation) runs as a Pallas kernel (Triton on GPU, Mosaic on TPU, interpret mode on CPU); needs
       C, Dk, Dv powers of two >= 16.
     cg_init: "jacobi" (x0 = q / diag(A_t), the paper's choice) or "zero" (flash-linear-attention's training kernels).
     matmul_precision: `lax.Precision` name of every matmul: "highest" keeps them f32 as the paper does; "default"
       lets XLA use TF32 on GPU and bf16 passes on TPU (faster, ~1e-3 relative error).
+    cg_probe: optional zeros, f32 [B, H, 4], never read: the gradient of a loss w.r.t. it is the CG steps taken per
+      batch element and head, (forward mean, forward max, adjoint mean, adjoint max) over the tokens (cg_steps.py).
+    return_cg_steps: also return the forward solve's steps per batch element and head, (mean, max) f32 [B, H, 2].
 
   Returns:
-    o: [B, T, H, Dv] in q's dtype; the final MesaState in the compute dtype (f32 for f32/bf16 inputs).
+    o: [B, T, H, Dv] in q's dtype; the final MesaState in the compute dtype (f32 for f32/bf16 inputs); with
+    return_cg_steps, the forward steps statistics as a third output.
     Gradients flow to q, k, v, g, beta, lam and the initial state; memory is O(B·H·(T·D + T/C·D²)).
   """
   batch, length, heads, key_dim, value_dim = check_inputs(q, k, v, g, beta, lam, state, per_token=True)
-  check_cg_options(cg_steps, cg_init)
+  check_cg_options(cg_steps, cg_init, cg_tol, tol_name="cg_tol")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   if impl not in IMPLS:
@@ -89,6 +116,10 @@ def mesa_chunked(
     raise ValueError(f"impl={impl!r} cannot run this input: {reason}; use impl='xla'")
   if matmul_precision not in PRECISIONS:
     raise ValueError(f"matmul_precision must be one of {PRECISIONS}, got {matmul_precision!r}")
+  if cg_probe is not None and (getattr(cg_probe, "shape", None) != (batch, heads, 4)
+                               or not jnp.issubdtype(cg_probe.dtype, jnp.floating)):
+    raise ValueError(f"cg_probe must be a float array of shape [B, H, 4] = {(batch, heads, 4)}, got "
+                     f"{getattr(cg_probe, 'shape', type(cg_probe).__name__)}")
   dtype = compute_dtype(q, k, v, g, beta, lam, *(state or ()))
   state = zero_state(batch, heads, key_dim, value_dim, dtype) if state is None else MesaState(
       state.h_kk.astype(dtype), state.h_kv.astype(dtype))
@@ -101,9 +132,11 @@ def mesa_chunked(
     x = jnp.moveaxis(x, 2, 1)
     return x.reshape(batch, heads, num_chunks, chunk_size, *x.shape[3:])
 
+  static = _Static(cg_steps, cg_init, None if cg_tol is None else float(cg_tol), lax.Precision(matmul_precision),
+                   impl, length)
   log_decay = jnp.cumsum(to_chunks(g), axis=-1)
-  o, final = _chunked_core(
-      to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_steps, cg_init,
-      lax.Precision(matmul_precision), impl)
+  o, final, forward_steps = _chunked_core(
+      to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_probe, static)
   o = o.reshape(batch, heads, num_chunks * chunk_size, value_dim)[:, :, :length]
-  return jnp.moveaxis(o, 1, 2).astype(q.dtype), final
+  o = jnp.moveaxis(o, 1, 2).astype(q.dtype)
+  return (o, final, forward_steps) if return_cg_steps else (o, final)

@@ -58,9 +58,10 @@ class ChunkedOperator(Protocol):
   def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | None:
     """Why this implementation cannot take these sizes (one plain sentence), or None."""
 
-  def solve(self, rhs: jax.Array, cg_steps: int, cg_init: str) -> jax.Array:
-    """x_t = A_t⁻¹ rhs_t for every row by `mesanet_jax.ops.cg.conjugate_gradient` with cg_steps steps from the
-    Jacobi guess or zero, [B, H, N, C, Dk]."""
+  def solve(self, rhs: jax.Array, cg_steps: int, cg_init: str, cg_tol: float | None) -> tuple[jax.Array, jax.Array]:
+    """x_t = A_t⁻¹ rhs_t for every row by `mesanet_jax.ops.cg.conjugate_gradient`: at most cg_steps steps, each
+    row stopping once ‖r‖ ≤ cg_tol·‖r₀‖ (None: exactly cg_steps). Returns x [B, H, N, C, Dk] and the steps each
+    row took, int32 [B, H, N, C]."""
 
   def output(self, x: jax.Array) -> jax.Array:
     """o_t = H_kv[t]ᵀ x_t, [B, H, N, C, Dv]."""

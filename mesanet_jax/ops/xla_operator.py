@@ -130,13 +130,13 @@ class XlaOperator:
   def matvec(self, x):
     return self.read_kk(x) + self.lam[:, None, None, :] * x
 
-  def solve(self, rhs, cg_steps: int, cg_init: str):
-    """x_t = A_t⁻¹ rhs_t for all rows by CG, starting from the Jacobi guess or zero."""
+  def solve(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
+    """x_t = A_t⁻¹ rhs_t for all rows by one CG (one loop over every row; it runs until the slowest row stops),
+    starting from the Jacobi guess or zero. Returns x and the steps each row took."""
     diag_states = jnp.diagonal(_starts(self.states.kk_t), axis1=-2, axis2=-1)[..., None, :]
     in_chunk = jnp.einsum("bhnts,bhnsd->bhntd", self.mask, self.k * self.k, precision=self.precision)
     diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + in_chunk + self.lam[:, None, None, :]
-    x, _ = conjugate_gradient(self.matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps)
-    return x
+    return conjugate_gradient(self.matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
 
   def output(self, x):
     return self.read(x, self.k, self.v, _starts(self.states.kv))

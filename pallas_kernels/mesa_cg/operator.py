@@ -45,9 +45,9 @@ class PallasOperator:
         chunk_states(k, v, to_end, chunk_decay, state.h_kv, precision=precision))
     return cls(k, v, log_decay, beta, lam, states, precision)
 
-  def solve(self, rhs, cg_steps: int, cg_init: str):
+  def solve(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
     return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, cg_steps=cg_steps,
-                            cg_init=cg_init, precision=self.precision)
+                            cg_init=cg_init, cg_tol=cg_tol, precision=self.precision)
 
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)

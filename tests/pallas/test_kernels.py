@@ -72,7 +72,9 @@ def test_operator_stages_match_xla(dtype):
   def stages(op):
     u = op.adjoint_rhs(do)
     d_states = op.state_gradients(x, y, do, d_final)
-    return dict(states=op.states, final=op.states.at(-1), solve=op.solve(q, 16, "jacobi"), output=op.output(x), adjoint_rhs=u, d_states=d_states, d_initial=d_states.at(0),
+    adaptive_x, adaptive_steps = op.solve(q, 16, "jacobi", 1e-3)
+    return dict(states=op.states, final=op.states.at(-1), solve=op.solve(q, 16, "jacobi", None)[0],
+                adaptive_solve=adaptive_x, adaptive_steps=adaptive_steps.astype(dtype), output=op.output(x), adjoint_rhs=u, d_states=d_states, d_initial=d_states.at(0),
                 token_gradients=op.token_gradients(x, y, do, u, d_states))
 
   stages = [jax.jit(stages)(op) for op in ops]

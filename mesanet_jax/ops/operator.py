@@ -2,12 +2,13 @@
 that `mesa_chunked(impl=...)` dispatches through.
 
 An implementation ("xla": `xla_operator.XlaOperator`; "pallas": `pallas_kernels.mesa_cg.PallasOperator`, one
-Pallas kernel per stage) is a pytree class with the methods of `ChunkedOperator`. `IMPLEMENTATIONS` is the one place
+Pallas kernel per stage) is a pytree dataclass extending `ChunkedSequence` with the methods of `ChunkedOperator`. `IMPLEMENTATIONS` is the one place
 that says which module provides each name; importing that module registers its class (`register_operator`), so a
 caller never imports an implementation to use it, and the kernels package depends on this one, never the reverse.
 """
+import dataclasses
 import importlib
-from typing import Callable, NamedTuple, Protocol, TypeVar
+from typing import Callable, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,23 @@ class BoundaryStates(NamedTuple):
     return MesaState(jnp.matrix_transpose(self.kk_t[:, :, n]), self.kv[:, :, n])
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkedSequence:
+  """What every operator holds: the chunk-major inputs and their boundary states (an implementation adds its own
+  precomputed operands and registers itself as a pytree with `jax.tree_util.register_dataclass`)."""
+  k: jax.Array  # [B, H, N, C, Dk]
+  v: jax.Array  # [B, H, N, C, Dv]
+  log_decay: jax.Array  # within-chunk cumulative log-decay G, [B, H, N, C]
+  beta: jax.Array  # [B, H, N, C]
+  lam: jax.Array  # [H, Dk]
+  states: BoundaryStates
+  precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
+
+
 Operator = TypeVar("Operator", bound="ChunkedOperator")
 
 
+@runtime_checkable
 class ChunkedOperator(Protocol):
   """A_t = H_kk[t] + Λ for every token of a chunked sequence, with its chunk states: the stages of `mesa_chunked`'s
   forward (build, solve, output) and backward (build, adjoint_rhs, solve, state_gradients, token_gradients) pass.

@@ -20,7 +20,7 @@ from jax import lax
 
 from mesanet_jax.ops.cg import conjugate_gradient, rowdot
 from mesanet_jax.ops.inputs import MesaState, initial_guess
-from mesanet_jax.ops.operator import BoundaryStates, register_operator
+from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, register_operator
 
 
 def _decay_mask(log_decay: jax.Array) -> jax.Array:
@@ -83,17 +83,10 @@ def _ends(bounds: jax.Array) -> jax.Array:
 @register_operator("xla")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class XlaOperator:
+class XlaOperator(ChunkedSequence):
   """`operator.ChunkedOperator` in XLA. A pytree, so a stage can be jitted alone (benchmarks/kernel_bench.py)."""
-  k: jax.Array  # [B, H, N, C, Dk]
-  v: jax.Array  # [B, H, N, C, Dv]
-  log_decay: jax.Array  # [B, H, N, C]
-  beta: jax.Array  # [B, H, N, C]
-  lam: jax.Array  # [H, Dk]
   decay_mask: jax.Array  # W, [B, H, N, C, C]
   mask: jax.Array  # W ⊙ β_s, [B, H, N, C, C]
-  states: BoundaryStates
-  precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
 
   @classmethod
   def build(cls, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision):
@@ -104,7 +97,8 @@ class XlaOperator:
     states = BoundaryStates(
         scan_chunks(increments(k), chunk_decay, jnp.matrix_transpose(state.h_kk), reverse=False),
         scan_chunks(increments(v), chunk_decay, state.h_kv, reverse=False))
-    return cls(k, v, log_decay, beta, lam, decay_mask, decay_mask * beta[..., None, :], states, precision)
+    return cls(k, v, log_decay, beta, lam, states, precision, decay_mask=decay_mask,
+               mask=decay_mask * beta[..., None, :])
 
   @staticmethod
   def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> None:

@@ -13,7 +13,7 @@ from jax import lax
 
 from mesanet_jax.ops.cg import rowdot
 from mesanet_jax.ops.inputs import MesaState
-from mesanet_jax.ops.operator import BoundaryStates, register_operator
+from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, register_operator
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
 from pallas_kernels.mesa_cg.params import unsupported_reason
 from pallas_kernels.mesa_cg.read import causal_read
@@ -24,15 +24,8 @@ from pallas_kernels.mesa_cg.states import chunk_states
 @register_operator("pallas")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PallasOperator:
+class PallasOperator(ChunkedSequence):
   """A_t = H_kk[t] + Λ for every token, with its boundary states; `operator.ChunkedOperator` in Pallas kernels."""
-  k: jax.Array  # [B, H, N, C, Dk]
-  v: jax.Array  # [B, H, N, C, Dv]
-  log_decay: jax.Array  # [B, H, N, C]
-  beta: jax.Array  # [B, H, N, C]
-  lam: jax.Array  # [H, Dk]
-  states: BoundaryStates
-  precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
 
   unsupported_reason = staticmethod(unsupported_reason)
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from mesanet_jax.ops import MesaState
-from mesanet_jax.ops.operator import operator_class
+from mesanet_jax.ops.operator import ChunkedOperator, operator_class
 from mesanet_jax.ops.xla_operator import scan_chunks
 from pallas_kernels.mesa_cg import chunk_states
 from tests.ops.mesa_inputs import max_abs, random_inputs, scale
@@ -66,6 +66,7 @@ def test_operator_stages_match_xla(dtype):
   q, k, v, log_decay, beta, do, lam, state = _operator_inputs(dtype)
   ops = [operator_class(impl).build(k, v, log_decay, beta, lam, state, jax.lax.Precision.HIGHEST)
          for impl in ("xla", "pallas")]
+  assert all(isinstance(op, ChunkedOperator) for op in ops)
   keys = jax.random.split(jax.random.key(8), 4)
   d_final = MesaState(*(jax.random.normal(key, x.shape, dtype) for key, x in zip(keys, state)))
   x, y = (jax.random.normal(key, q.shape, dtype) for key in keys[2:])  # any rows: the stages are linear in them

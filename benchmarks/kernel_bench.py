@@ -206,7 +206,6 @@ def main(argv):
   del argv
   args, w, tokens, flops = setup_from_flags()
   results = {}
-  steps_used = {}
   for impl, chunk_size, precision, tol in parse_variants(FLAGS.variants):
     name = f"{impl} C={chunk_size} {precision}" + (f" tol={tol:g}" if tol else "")
     op = functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=FLAGS.cg_steps, cg_tol=tol, impl=impl,
@@ -214,13 +213,15 @@ def main(argv):
     fwd, fwd_bwd = jax.jit(op), forward_and_backward(op)
     try:
       fwd_ms, fwd_bwd_ms = time_ms(fwd, *args), time_ms(fwd_bwd, w, *args)
-      steps_used[name] = cg_steps_used(op, w, args)
+      steps = cg_steps_used(op, w, args)
     except Exception as error:  # e.g. a kernel that does not compile here: report it, go on with the rest
       failed(name, error)
       continue
     # Flops count --cg_steps steps per solve: with a tolerance, TFLOP/s would overstate, so it is left out.
     report(f"{name} forward", fwd_ms, tokens, None if tol else flops(chunk_size=chunk_size))
     report(f"{name} fwd+bwd", fwd_bwd_ms, tokens, None if tol else flops(chunk_size=chunk_size, backward=True))
+    print(f"{name} CG steps: forward mean {steps[0]:.2f} max {steps[1]:.0f}, adjoint mean {steps[2]:.2f} "
+          f"max {steps[3]:.0f}", flush=True)
     grads, o = fwd_bwd(w, *args)
     results[name] = (fwd_ms, fwd_bwd_ms, o, grads)
   if FLAGS.stages:
@@ -242,9 +243,6 @@ def main(argv):
                                                                       grads, base_grads))
     print(f"{name:>32}: fwd {fwd_ms / base_fwd:5.2f}x, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x; "
           f"o={rel_diff(o, base_o):.1e} {diffs}")
-  print("CG steps used: forward mean / max, adjoint mean / max (over tokens and heads)")
-  for name, steps in steps_used.items():
-    print(f"{name:>32}: " + " / ".join(f"{x:.2f}" for x in steps))
   if "fla" in results:
     fla_fwd, fla_fwd_bwd = results["fla"][:2]
     for name, (fwd_ms, fwd_bwd_ms, *_) in results.items():

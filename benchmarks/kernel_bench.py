@@ -8,6 +8,9 @@ and `fla-core==0.6.0` as wheels on the device.
 
   python benchmarks/kernel_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128   # and --batch=2 --length=8192
   ... --variants=xla:64:highest,pallas:64:highest,pallas:32:default      # several chunk sizes / precisions, one run
+  ... --variants=pallas:32:highest,pallas:32:highest:1e-4               # fixed --cg_steps, and adaptive CG (tol)
+
+Every variant also reports the CG steps its solves took (forward and adjoint, mean and max over tokens and heads).
 """
 import functools
 import os
@@ -19,16 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.ops_bench import forward_and_backward, report, setup_from_flags, time_ms
+from benchmarks.ops_bench import cg_steps_used, cg_tol, forward_and_backward, report, setup_from_flags, time_ms
 from mesanet_jax.ops import mesa_chunked
-from mesanet_jax.ops.chunked import operator_class
+from mesanet_jax.ops.operator import operator_class
 from mesanet_jax.ops.inputs import zero_state
 from pallas_kernels.mesa_cg import chunked_cg_solve
 from pallas_kernels.mesa_cg.chunk import SplitDot
 
-flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision entries timed side by side, e.g. "
-                    "xla:64:highest,pallas:64:highest,pallas:32:default (empty: xla and pallas at the flags' setting); "
-                    "agreement is reported against the first")
+flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision[:cg_tol] entries timed side by side, e.g. "
+                    "xla:64:highest,pallas:64:highest,pallas:32:default:1e-4 (empty: xla and pallas at the flags' "
+                    "setting; no tol: --cg_tol); agreement is reported against the first")
 flags.DEFINE_bool("fla", True, "also time flash-linear-attention's chunk_mesa_net if it imports")
 flags.DEFINE_bool("stages", True, "also time every stage of the operator alone, XLA next to Pallas")
 flags.DEFINE_string("sweep_chunks", "", "chunk sizes for a sweep of the solve kernel alone (empty: no sweep)")
@@ -69,10 +72,10 @@ def solve_kernel(args, chunk_size, num_warps, precision):
   q, k, v, log_decay, beta, lam = chunk_major(args, chunk_size)
   batch, heads, _, _, dim = q.shape
   states = operator_class("xla").build(k, v, log_decay, beta, lam, zero_state(batch, heads, dim, v.shape[-1]),
-                                       jax.lax.Precision.HIGHEST).states_kk
+                                       jax.lax.Precision.HIGHEST).states
   solve = jax.jit(functools.partial(chunked_cg_solve, cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
-                                    precision=precision, num_warps=num_warps))
-  return solve, (q, k, log_decay, beta, lam, jnp.matrix_transpose(states))
+                                    cg_tol=cg_tol(), precision=precision, num_warps=num_warps))
+  return solve, (q, k, log_decay, beta, lam, states.kk_t)
 
 
 STAGES = ("chunk states", "solve", "output read", "adjoint rhs read", "state-gradient scans", "token gradients")
@@ -83,7 +86,7 @@ def failed(name, error):
 
 
 def stage_times(args, impl):
-  """ms of every stage (STAGES) of `impl`'s operator (`chunked.operator_class`), each jitted alone, chunk-major.
+  """ms of every stage (STAGES) of `impl`'s operator (`operator.operator_class`), each jitted alone, chunk-major.
 
   The solutions x, y and u = H_kv·do are random rows of the right shape: the stages' cost does not depend on them.
   XLA's "chunk states" also forms the C×C decay masks its other stages read. A stage that fails (e.g. does not
@@ -99,13 +102,13 @@ def stage_times(args, impl):
   state_gradients = jax.jit(lambda op, *a: op.state_gradients(*a))
   try:
     op = build(k, v, log_decay, beta, lam, state)
-    d_states = state_gradients(op, x, y, do, state)[0]
+    d_states = state_gradients(op, x, y, do, state)
   except Exception as error:  # any kernel that fails to compile or run: report it, go on with the rest
     failed(f"{impl} stages", error)
     return {}
   stages = {
       "chunk states": (build, k, v, log_decay, beta, lam, state),
-      "solve": (jax.jit(lambda op, rhs: op.solve(rhs, FLAGS.cg_steps, FLAGS.cg_init)), op, q),
+      "solve": (jax.jit(lambda op, rhs: op.solve(rhs, FLAGS.cg_steps, FLAGS.cg_init, cg_tol())), op, q),
       "output read": (jax.jit(lambda op, x: op.output(x)), op, x),
       "adjoint rhs read": (jax.jit(lambda op, do: op.adjoint_rhs(do)), op, do),
       "state-gradient scans": (state_gradients, op, x, y, do, state),
@@ -143,7 +146,7 @@ def sweep_solve_kernel(args, tokens):
         except jax.errors.JaxRuntimeError as error:  # e.g. a tile that needs more shared memory than the GPU has
           failed(f"solve C={chunk_size} warps={num_warps} {name}", error)
           continue
-        x = np.asarray(solve(*operands))
+        x = np.asarray(solve(*operands)[0])
         reference = x if reference is None else reference
         error = np.max(np.abs(x - reference)) / np.max(np.abs(reference))
         report(f"solve C={chunk_size} warps={num_warps} {name} (err {error:.1e})", ms, tokens)
@@ -188,14 +191,14 @@ def time_fla(args, w):
 
 
 def parse_variants(text):
-  """"impl:chunk:precision,..." -> [(impl, chunk_size, matmul_precision)]; empty: the flags' own setting, xla and
-  pallas."""
+  """"impl:chunk:precision[:tol],..." -> [(impl, chunk_size, matmul_precision, cg_tol or None)]; empty: the flags'
+  own setting, xla and pallas."""
   if not text:
-    return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision) for impl in ("xla", "pallas")]
+    return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision, cg_tol()) for impl in ("xla", "pallas")]
   variants = []
   for entry in text.split(","):
-    impl, chunk, precision = entry.split(":")
-    variants.append((impl, int(chunk), precision))
+    impl, chunk, precision, *tol = entry.split(":")
+    variants.append((impl, int(chunk), precision, float(tol[0]) if tol else cg_tol()))
   return variants
 
 
@@ -203,18 +206,22 @@ def main(argv):
   del argv
   args, w, tokens, flops = setup_from_flags()
   results = {}
-  for impl, chunk_size, precision in parse_variants(FLAGS.variants):
-    name = f"{impl} C={chunk_size} {precision}"
-    op = functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=FLAGS.cg_steps, impl=impl,
+  for impl, chunk_size, precision, tol in parse_variants(FLAGS.variants):
+    name = f"{impl} C={chunk_size} {precision}" + (f" tol={tol:g}" if tol else "")
+    op = functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=FLAGS.cg_steps, cg_tol=tol, impl=impl,
                            cg_init=FLAGS.cg_init, matmul_precision=precision)
     fwd, fwd_bwd = jax.jit(op), forward_and_backward(op)
     try:
       fwd_ms, fwd_bwd_ms = time_ms(fwd, *args), time_ms(fwd_bwd, w, *args)
+      steps = cg_steps_used(op, w, args)
     except Exception as error:  # e.g. a kernel that does not compile here: report it, go on with the rest
       failed(name, error)
       continue
-    report(f"{name} forward", fwd_ms, tokens, flops(chunk_size=chunk_size))
-    report(f"{name} fwd+bwd", fwd_bwd_ms, tokens, flops(chunk_size=chunk_size, backward=True))
+    # Flops count --cg_steps steps per solve: with a tolerance, TFLOP/s would overstate, so it is left out.
+    report(f"{name} forward", fwd_ms, tokens, None if tol else flops(chunk_size=chunk_size))
+    report(f"{name} fwd+bwd", fwd_bwd_ms, tokens, None if tol else flops(chunk_size=chunk_size, backward=True))
+    print(f"{name} CG steps: forward mean {steps[0]:.2f} max {steps[1]:.0f}, adjoint mean {steps[2]:.2f} "
+          f"max {steps[3]:.0f}", flush=True)
     grads, o = fwd_bwd(w, *args)
     results[name] = (fwd_ms, fwd_bwd_ms, o, grads)
   if FLAGS.stages:
@@ -234,12 +241,12 @@ def main(argv):
   for name, (fwd_ms, fwd_bwd_ms, o, grads) in results.items():
     diffs = " ".join(f"d{n}={rel_diff(a, b):.1e}" for n, a, b in zip(("q", "k", "v", "g", "beta", "lam"),
                                                                       grads, base_grads))
-    print(f"{name:>22}: fwd {fwd_ms / base_fwd:5.2f}x, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x; "
+    print(f"{name:>32}: fwd {fwd_ms / base_fwd:5.2f}x, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x; "
           f"o={rel_diff(o, base_o):.1e} {diffs}")
   if "fla" in results:
     fla_fwd, fla_fwd_bwd = results["fla"][:2]
     for name, (fwd_ms, fwd_bwd_ms, *_) in results.items():
-      print(f"{name:>22} / fla time: fwd {fwd_ms / fla_fwd:.2f}, fwd+bwd {fwd_bwd_ms / fla_fwd_bwd:.2f}")
+      print(f"{name:>32} / fla time: fwd {fwd_ms / fla_fwd:.2f}, fwd+bwd {fwd_bwd_ms / fla_fwd_bwd:.2f}")
 
 
 if __name__ == "__main__":

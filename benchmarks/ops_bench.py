@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags
 
 from mesanet_jax.ops import mesa_chunked, mesa_exact
+from mesanet_jax.ops import cg_steps
 from mesanet_jax.ops.flops import mesa_chunked_flops
 
 _BATCH = flags.DEFINE_integer("batch", 2, "B")
@@ -22,6 +23,8 @@ _HEADS = flags.DEFINE_integer("heads", 4, "H")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Dk (= Dv)")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "C")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps, forward and adjoint")
+_CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each forward and adjoint system once ‖r‖ ≤ tol·‖r₀‖, at most "
+                             "--cg_steps steps (0: fixed --cg_steps)")
 _CG_INIT = flags.DEFINE_enum("cg_init", "jacobi", ["jacobi", "zero"], "CG initial guess")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"],
                                 "precision of the chunked op's matmuls (default = TF32 on GPU)")
@@ -69,10 +72,21 @@ def rel_error(a, b) -> float:
 
 
 def report(name, ms, tokens, flops=None):
-  line = f"{name:<28} {ms:9.3f} ms  {tokens / ms * 1e3 / 1e6:8.3f} M tok/s"
+  line = f"{name:<40} {ms:9.3f} ms  {tokens / ms * 1e3 / 1e6:8.3f} M tok/s"
   if flops:
     line += f"  {flops / ms / 1e9:7.2f} TFLOP/s"
   print(line, flush=True)
+
+
+def cg_tol() -> float | None:
+  """--cg_tol as `mesa_chunked` takes it (None: fixed steps)."""
+  return _CG_TOL.value or None
+
+
+def cg_steps_used(op, w, args) -> np.ndarray:
+  """`cg_steps.measure` for the loss Σ o·w: CG steps of op's forward and adjoint solves (mean, max of each)."""
+  loss = lambda outputs: jnp.sum(outputs[0].astype(jnp.float32) * w)
+  return np.asarray(jax.jit(lambda *a: cg_steps.measure(op, loss, *a))(*args))
 
 
 def setup_from_flags():
@@ -85,18 +99,21 @@ def setup_from_flags():
       batch, length, heads, dim, dim, chunk_size=chunk_size, cg_steps=_CG_STEPS.value, **kwargs)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(f"shape: B={batch} T={length} H={heads} Dk=Dv={dim} C={_CHUNK.value} cg_steps={_CG_STEPS.value} "
-        f"cg_init={_CG_INIT.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
+        f"cg_tol={cg_tol()} cg_init={_CG_INIT.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
   return args, w, batch * length, flops
 
 
 def main(argv):
   del argv
   args, w, tokens, flops = setup_from_flags()
-  chunked = functools.partial(mesa_chunked, chunk_size=_CHUNK.value, cg_steps=_CG_STEPS.value, cg_init=_CG_INIT.value,
-                              matmul_precision=_PRECISION.value)
+  chunked = functools.partial(mesa_chunked, chunk_size=_CHUNK.value, cg_steps=_CG_STEPS.value, cg_tol=cg_tol(),
+                              cg_init=_CG_INIT.value, matmul_precision=_PRECISION.value)
   chunked_fwd, chunked_fwd_bwd = jax.jit(chunked), forward_and_backward(chunked)
-  report("chunked (xla) forward", time_ms(chunked_fwd, *args), tokens, flops())
-  report("chunked (xla) fwd+bwd", time_ms(chunked_fwd_bwd, w, *args), tokens, flops(backward=True))
+  adaptive = cg_tol() is not None  # flops count --cg_steps per solve: with a tolerance TFLOP/s would overstate
+  report("chunked (xla) forward", time_ms(chunked_fwd, *args), tokens, None if adaptive else flops())
+  report("chunked (xla) fwd+bwd", time_ms(chunked_fwd_bwd, w, *args), tokens, None if adaptive else flops(backward=True))
+  print("CG steps, forward mean / max, adjoint mean / max: "
+        + " / ".join(f"{x:.2f}" for x in cg_steps_used(chunked, w, args)))
   if not _COMPARE_EXACT.value:
     return
   exact_fwd, exact_fwd_bwd = jax.jit(mesa_exact), forward_and_backward(mesa_exact)

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mesanet_jax import sharding
+from mesanet_jax.layers.mesa import CGStepsProbe, add_cg_steps_probes, cg_steps_by_layer
 from mesanet_jax.models.config import preset
 from mesanet_jax.models.lm import LanguageModel
 
@@ -83,6 +84,7 @@ def check_scanned_pallas(mesh):
   assert error < 1e-5, error  # f32 rounding (the kernel and the XLA op run the same CG steps)
   print(f"scanned pallas per-shard OK, loss rel. error {error:.1e}")
   check_pallas_decode_per_shard(mesh)
+  check_cg_steps_probes_per_shard(mesh, base, tokens)
 
 
 def check_pallas_decode_per_shard(mesh):
@@ -117,6 +119,24 @@ def check_pallas_decode_per_shard(mesh):
   error = float(jnp.max(jnp.abs(logits - run_xla(state_xla, tokens))))
   assert error < 1e-3, error  # tol = 1e-4 CG on both paths: ~1e-4 of logits of scale ~5 (f32 rounding sets the steps)
   print(f"pallas per-shard decode OK, max |Δlogit| = {error:.2e}")
+
+
+def check_cg_steps_probes_per_shard(mesh, base, tokens):
+  """CG steps probes through the per-shard kernels (scanned, rematerialised, adaptive CG): the statistics over the
+  whole batch, as impl="xla" reports them on one device (each shard's means and maxima are combined, not summed)."""
+  base = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, cg_tol=1e-2))
+  pallas = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl="pallas"))
+
+  def steps(model, tokens):
+    graphdef, params, probes = nnx.split(model, nnx.Param, CGStepsProbe)
+    loss = lambda probes: jnp.mean(nnx.merge(graphdef, params, probes)(tokens) ** 2)
+    return cg_steps_by_layer(jax.jit(jax.grad(loss))(probes))
+  model = sharding.create_sharded(lambda: add_cg_steps_probes(LanguageModel(pallas, rngs=nnx.Rngs(0))), mesh)
+  with jax.set_mesh(mesh):
+    sharded = steps(model, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  reference = steps(add_cg_steps_probes(LanguageModel(base, rngs=nnx.Rngs(0))), tokens)
+  assert bool(jnp.all(sharded == reference)), (sharded, reference)  # counts: equal (measured)
+  print(f"per-shard CG steps probes OK: {sharded.tolist()}")
 
 
 if __name__ == "__main__":

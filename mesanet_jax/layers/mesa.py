@@ -2,13 +2,18 @@
 
 Input pipeline and gates: see `recurrent.py`. The Mesa part: λ = softplus(λ_param) + λ_min per head and key dim,
 initialised to `lambda_init`, stored as a `NoDecayParam` so the optimiser can exclude it from weight decay; training
-and prefill run `mesa_chunked` with `cg_steps_train` fixed CG steps; decoding runs `mesa_decode_step` (impl="xla")
-or the fused Pallas decode kernel (impl="pallas": one kernel per layer and token) with `cg_steps_decode` steps,
-stopping early per head when `decode_tol` is set, and with `decode_warm_start` starting each token's CG from the
-previous token's solution, which the decode cache then carries (`WarmStartState`).
+and prefill run `mesa_chunked` with at most `cg_steps_train` CG steps (each system stopping early when `cg_tol` is
+set); decoding runs `mesa_decode_step` (impl="xla") or the fused Pallas decode kernel (impl="pallas": one kernel
+per layer and token) with `cg_steps_decode` steps, stopping early per head when `decode_tol` is set, and with
+`decode_warm_start` starting each token's CG from the previous token's solution, which the decode cache then
+carries (`WarmStartState`).
+
+CG steps taken in training are observable two ways. With a `CGStepsProbe` attached (`add_cg_steps_probes`), the
+gradient of the loss w.r.t. the probe is (forward mean, forward max, adjoint mean, adjoint max) of the layer's
+solves; the probe is an ordinary leaf of the module's state, so it works under `jax.checkpoint` and, stacked on the
+layers axis, under the scanned block stack. Without a backward pass, `forward_with_cg_steps` returns the forward's.
 """
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -19,9 +24,10 @@ from flax import nnx
 from mesanet_jax import sharding
 from mesanet_jax.layers.params import NoDecayParam, param
 from mesanet_jax.layers.recurrent import RecurrentMixer
-from mesanet_jax.ops import MesaState, mesa_chunked, mesa_decode_step
+from mesanet_jax.ops import MesaState, mesa_chunked
+from mesanet_jax.ops.cg_steps import STATS, combine, spread_probe
 from mesanet_jax.ops.inputs import zero_state
-from pallas_kernels.mesa_cg.decode import mesa_decode_fused
+from mesanet_jax.ops.operator import implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +37,9 @@ class MesaConfig:
   and decoding (`mesa_decode_step` or the fused decode kernel); matmul_precision: the chunked matmuls ("highest":
   f32-accurate; "default": TF32-class, ~1e-3, faster on GPU; decoding is f32 always). decode_warm_start: each decoded
   token's CG starts from the previous token's solution (scaled; the first after a prefill from cg_init's guess) and
-  decode_tol is then relative to ‖q‖ (`ops.decode.solve_token`)."""
+  decode_tol is then relative to ‖q‖ (`ops.decode.solve_token`).
+  cg_tol: None for exactly cg_steps_train steps in training; else each forward and adjoint system stops once
+  ‖r‖ ≤ cg_tol·‖r₀‖ (at most cg_steps_train steps)."""
   num_heads: int = 6
   head_dim: int = 128
   conv_size: int = 4
@@ -39,6 +47,7 @@ class MesaConfig:
   lambda_init: float = 1.0
   gamma_cap: float | None = 0.9975
   cg_steps_train: int = 30
+  cg_tol: float | None = None
   cg_steps_decode: int = 30
   decode_tol: float | None = None
   chunk_size: int = 64
@@ -56,6 +65,31 @@ class WarmStartState(NamedTuple):
   solution: jax.Array  # [B, H, Dk] x = (H_kk + Λ)⁻¹ q of the last decoded token; zeros after a prefill
 
 
+class CGStepsProbe(nnx.Variable):
+  """Zeros, f32 [4] ([L, 4] in a stacked block), that a Mesa layer passes to `mesa_chunked` as `cg_probe`: the
+  gradient of a loss w.r.t. it is (forward mean, forward max, adjoint mean, adjoint max) of the CG steps the layer's
+  solves took in that loss (`ops.cg_steps.STATS`; over the batch's tokens and heads). Not a parameter: differentiate
+  w.r.t. it beside the params (e.g. `nnx.split(model, nnx.Param, CGStepsProbe)`) and log its gradient, not its value.
+  The gradients of several calls add up: over micro-batches, divide the sum by their number."""
+
+
+def add_cg_steps_probes(model: nnx.Module) -> nnx.Module:
+  """Attaches a CGStepsProbe to every MesaLayer in `model` (in place) and returns it. A layer whose params are stacked
+  on leading axes (`LMConfig.scan_layers`) gets a probe stacked likewise. Models without probes run as before."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, MesaLayer):
+      lead = module.lam_param.shape[:-2]  # λ is [H, Dk], or [L, H, Dk] stacked
+      module.cg_steps_probe = CGStepsProbe(jnp.zeros((*lead, len(STATS)), jnp.float32),
+                                           out_sharding=("layers",) * len(lead) + (None,), eager_sharding=False)
+  return model
+
+
+def cg_steps_by_layer(probe_grads: nnx.State) -> jax.Array:
+  """The gradients w.r.t. a model's CGStepsProbes as one row per Mesa layer, in layer order: f32 [L, 4] with
+  columns `ops.cg_steps.STATS`."""
+  return jnp.concatenate([v.get_value().reshape(-1, len(STATS)) for _, v in nnx.to_flat_state(probe_grads)])
+
+
 class MesaLayer(RecurrentMixer):
   """Mesa mixer: o_t = H_kv[t]ᵀ (H_kk[t] + Λ)⁻¹ q_t per head, then per-head RMSNorm (optionally gated) and W_o."""
 
@@ -71,29 +105,49 @@ class MesaLayer(RecurrentMixer):
     start = math.log(math.expm1(config.lambda_init - config.lambda_lower_bound))  # softplus⁻¹(λ_init − λ_min)
     self.lam_param = param(rngs, nnx.initializers.constant(start), (config.num_heads, config.head_dim), param_dtype,
                            ("heads", "kv"), kind=NoDecayParam)
+    self.cg_steps_probe: CGStepsProbe | None = nnx.data(None)  # see add_cg_steps_probes
 
   def lam(self) -> jax.Array:
     """λ = softplus(λ_param) + λ_min, [H, Dk] in f32."""
     return jax.nn.softplus(self.lam_param[...].astype(jnp.float32)) + self.config.lambda_lower_bound
 
   def mix(self, q, k, v, g, beta, state):
+    return self._chunked(q, k, v, g, beta, state, return_cg_steps=False)
+
+  def forward_with_cg_steps(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The training-path call from an empty state, x [B, T, d] -> y [B, T, d], and the forward solve's CG steps,
+    (mean, max) over the batch's tokens and heads, f32 [2]. No backward pass is needed (evaluation)."""
+    (q, k, v, g, beta), _ = self._inputs(x, None)
+    o, _, steps = self._chunked(q, k, v, g, beta, None, return_cg_steps=True)
+    return self._output(o, x), combine(steps)
+
+  def _chunked(self, q, k, v, g, beta, state, *, return_cg_steps: bool):
+    """`mesa_chunked` with this layer's options and probe (per (batch, heads) shard for Pallas)."""
     c = self.config
-    op = functools.partial(mesa_chunked, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train, impl=c.impl,
-                           cg_init=c.cg_init, matmul_precision=c.matmul_precision)
+    batch = q.shape[0]
+    probe = None
+    if self.cg_steps_probe is not None:
+      probe = spread_probe(self.cg_steps_probe[...], (batch, c.num_heads, len(STATS)))
+
+    def op(q, k, v, g, beta, lam, state, probe):
+      return mesa_chunked(q, k, v, g, beta, lam, state, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train,
+                          cg_tol=c.cg_tol, impl=c.impl, cg_init=c.cg_init, matmul_precision=c.matmul_precision,
+                          cg_probe=probe, return_cg_steps=return_cg_steps)
     if state is None:
-      state = self.zero_state(q.shape[0])
+      state = self.zero_state(batch)
     if c.impl == "pallas":  # XLA cannot partition a pallas_call: run it per (batch, heads) shard of the mesh
-      per_token, per_gate, per_state = ("batch", None, "heads", None), ("batch", None, "heads"), (
-          "batch", "heads", None, None)
-      op = sharding.per_shard(op, (per_token, per_token, per_token, per_gate, per_gate, ("heads", None),
-                                   MesaState(per_state, per_state)), (per_token, MesaState(per_state, per_state)))
-    return op(q, k, v, g, beta, self.lam(), state)
+      per_token, per_gate, per_head = ("batch", None, "heads", None), ("batch", None, "heads"), ("batch", "heads", None)
+      per_state = MesaState(("batch", "heads", None, None), ("batch", "heads", None, None))
+      outputs = (per_token, per_state, per_head) if return_cg_steps else (per_token, per_state)
+      op = sharding.per_shard(op, (per_token, per_token, per_token, per_gate, per_gate, ("heads", None), per_state,
+                                   None if probe is None else per_head), outputs)
+    return op(q, k, v, g, beta, self.lam(), state, probe)
 
   def mix_token(self, q, k, v, g, beta, state):
     c = self.config
     sums, previous = (state.sums, state.solution) if c.decode_warm_start else (state, None)
     options = dict(cg_steps=c.cg_steps_decode, tol=c.decode_tol, cg_init=c.cg_init)
-    step = mesa_decode_fused if c.impl == "pallas" else mesa_decode_step
+    step = implementation(c.impl, "decode_step")  # mesa_decode_step, or the fused kernel for "pallas"
     op = lambda q, k, v, g, beta, lam, sums, previous: step(q, k, v, g, beta, lam, sums, previous=previous, **options)
     if c.impl == "pallas":  # XLA cannot partition a pallas_call: run it per (batch, heads) shard of the mesh
       per_head, per_gate, per_state = ("batch", "heads", None), ("batch", "heads"), ("batch", "heads", None, None)

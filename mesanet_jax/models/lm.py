@@ -61,8 +61,18 @@ class Block(nnx.Module):
 
   def __call__(self, x, cache=None):
     h, cache = self.mixer(self.mixer_norm(x), cache)
-    x = x + h
-    return x + self.mlp(self.mlp_norm(x)), cache
+    return self._with_mlp(x + h), cache
+
+  def forward_with_cg_steps(self, x):
+    """`__call__` without a cache, and the forward CG steps of its Mesa mixer, (mean, max) f32 [2] (None for other
+    mixers)."""
+    if not isinstance(self.mixer, MesaLayer):
+      return self(x)[0], None
+    h, steps = self.mixer.forward_with_cg_steps(self.mixer_norm(x))
+    return self._with_mlp(x + h), steps
+
+  def _with_mlp(self, x):
+    return x + self.mlp(self.mlp_norm(x))
 
   def decode(self, x, cache):
     h, cache, iters = self.mixer.decode(self.mixer_norm(x), cache)
@@ -115,6 +125,11 @@ def _train_step(block: Block, x: jax.Array, _):
   return _on_batch(block(x)[0]), None
 
 
+def _forward_with_cg_steps(block: Block, x: jax.Array, _):
+  x, steps = block.forward_with_cg_steps(x)
+  return _on_batch(x), steps
+
+
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] f32. The cache is a tuple with one entry per block: RecurrentCache
   (conv states + MesaState or GDN state) for Mesa / GDN, HawkCache for the LRU, KVCache for attention; with `scan_layers` it is one
@@ -148,6 +163,14 @@ class LanguageModel(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x, _ = run_blocks(self.config, self.blocks, _train_step, self._embed(tokens), remat=self.config.remat)
     return self._logits(x)
+
+  def forward_with_cg_steps(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """`__call__`'s logits and the forward CG steps of every Mesa layer in layer order, f32 [L, 2] (mean, max over
+    the batch's tokens and heads; None without Mesa layers). A forward pass only: for evaluation (training reads
+    the steps of both solves through `mesa.CGStepsProbe`)."""
+    x, steps = run_blocks(self.config, self.blocks, _forward_with_cg_steps, self._embed(tokens))
+    rows = [s.reshape(-1, 2) for s in jax.tree.leaves(steps)]
+    return self._logits(x), jnp.concatenate(rows) if rows else None
 
   def init_cache(self, batch: int, max_len: int):
     """An empty cache; attention layers keep at most max_len (or window) positions, recurrent ones O(1) memory."""

@@ -47,8 +47,9 @@ def conjugate_gradient(
     rhs: [..., D] right-hand sides.
     x0: [..., D] initial guess.
     steps: maximum number of CG steps (static).
-    tol: if given, a system stops once ‖r_k‖ ≤ tol·‖r_0‖ and the loop ends when all have stopped; if None, exactly
-      `steps` steps run (a `fori_loop`, so the solve is differentiable by unrolling).
+    tol: if given, a system stops once ‖r_k‖ ≤ tol·‖r_0‖ (a system with r_0 = 0 takes no step) and the loop (a
+      `while_loop`) ends when all have stopped; if None, exactly `steps` steps run (a `fori_loop`, so the solve is
+      differentiable by unrolling).
     relative_to: what tol is relative to: "start", ‖r_0‖ (the paper's rule), or "rhs", ‖rhs‖ (independent of x0, so a
       better start stops sooner: with "start" a start k times closer asks for a k times smaller residual).
 
@@ -85,8 +86,8 @@ def conjugate_gradient(
   else:
     def keep_going(carry: tuple[jax.Array, _CGState]) -> jax.Array:
       k, state = carry
-      # A count rather than jnp.any: Pallas' Triton lowering has no reduce_or (kernels trace this loop).
-      return (k < steps) & (jnp.sum(active(state).astype(jnp.int32)) > 0)
+      # A max, not jnp.any: this loop also runs inside the Pallas kernels, and Triton has no or-reduction.
+      return (k < steps) & (jnp.max(jnp.where(active(state), 1.0, 0.0)) > 0)
 
     _, final = lax.while_loop(keep_going, lambda c: (c[0] + 1, step(c[1])), (jnp.int32(0), init))
   return final.x, final.iters

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from mesanet_jax.ops.cg import conjugate_gradient, rowdot, safe_divide
 from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype, initial_guess
+from mesanet_jax.ops.operator import register
 
 
 def solve_token(matvec: Callable[[jax.Array], jax.Array], q: jax.Array, diagonal: jax.Array,
@@ -34,6 +35,7 @@ def solve_token(matvec: Callable[[jax.Array], jax.Array], q: jax.Array, diagonal
   return conjugate_gradient(matvec, q, x0, steps=cg_steps, tol=tol, relative_to="rhs")
 
 
+@register("xla", "decode_step")
 def mesa_decode_step(
     q: jax.Array,
     k: jax.Array,

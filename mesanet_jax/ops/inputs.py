@@ -1,4 +1,5 @@
 """The Mesa state pytree, argument checks shared by every Mesa op, and the compute-dtype rule."""
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -66,13 +67,13 @@ def check_inputs(q, k, v, g, beta, lam, state, *, per_token: bool) -> tuple[int,
   return (*lead, key_dim, value_dim)
 
 
-def check_cg_options(cg_steps: int, cg_init: str, tol: float | None = None) -> None:
+def check_cg_options(cg_steps: int, cg_init: str, tol: float | None = None, *, tol_name: str = "tol") -> None:
   if not isinstance(cg_steps, int) or cg_steps < 0:
     raise ValueError(f"cg_steps must be a non-negative int, got {cg_steps!r}")
   if cg_init not in CG_INITS:
     raise ValueError(f"cg_init must be one of {CG_INITS}, got {cg_init!r}")
-  if tol is not None and not tol > 0:
-    raise ValueError(f"tol must be a positive float or None, got {tol!r}")
+  if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
+    raise ValueError(f"{tol_name} must be a positive float or None, got {tol!r}")
 
 
 def initial_guess(rhs: jax.Array, diagonal: jax.Array, cg_init: str) -> jax.Array:

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 
 from mesanet_jax.ops.decode import solve_token
 from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype
+from mesanet_jax.ops.operator import register
 from pallas_kernels.mesa_cg.params import decode_compiler_params, use_interpret
 
 
@@ -57,6 +58,7 @@ def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
   return None
 
 
+@register("pallas", "decode_step")
 def mesa_decode_fused(q, k, v, g, beta, lam, state: MesaState, *, cg_steps: int, tol: float | None = None,
                       cg_init: str = "jacobi", previous=None, num_warps: int | None = None):
   """`mesanet_jax.ops.mesa_decode_step` as one Pallas kernel: same arguments, same results.

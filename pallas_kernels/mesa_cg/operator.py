@@ -1,9 +1,9 @@
-"""The Mesa operator of `mesa_chunked(impl="pallas")`: `chunked._Operator`'s stages, each one Pallas kernel.
+"""The Mesa operator of `mesa_chunked(impl="pallas")`: `operator.ChunkedOperator`'s stages, each one Pallas kernel.
 
-The states live at every chunk boundary ([B, H, N+1, ...], `states.chunk_states`), so the start and the end state of
-chunk n are entries n and n+1 of one array. H_kk is kept transposed (Sᵀ), the layout the solve kernel reads: its
-increments Σ w k kᵀ are symmetric, so scanning from the transposed initial state gives Sᵀ at no cost, also for a
-non-symmetric initial state. Its gradient is kept transposed likewise.
+The states are `operator.BoundaryStates`, the layout the XLA operator shares: every chunk boundary ([B, H, N+1, ...],
+`states.chunk_states` writes it), so the start and the end state of chunk n are entries n and n+1 of one array, which
+the kernels address by their block index maps without a copy; H_kk (and its gradient) is kept transposed, the layout
+the solve kernel reads.
 """
 import dataclasses
 
@@ -13,66 +13,58 @@ from jax import lax
 
 from mesanet_jax.ops.cg import rowdot
 from mesanet_jax.ops.inputs import MesaState
+from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, register
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
+from pallas_kernels.mesa_cg.params import unsupported_reason
 from pallas_kernels.mesa_cg.read import causal_read
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.states import chunk_states
 
 
+@register("pallas", "operator")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PallasOperator:
-  """A_t = H_kk[t] + Λ for every token, with its boundary states; the methods of `chunked._Operator`."""
-  k: jax.Array  # [B, H, N, C, Dk]
-  v: jax.Array  # [B, H, N, C, Dv]
-  log_decay: jax.Array  # [B, H, N, C]
-  beta: jax.Array  # [B, H, N, C]
-  lam: jax.Array  # [H, Dk]
-  bounds_kk_t: jax.Array  # H_kkᵀ at every chunk boundary, [B, H, N+1, Dk, Dk]
-  bounds_kv: jax.Array  # H_kv at every chunk boundary, [B, H, N+1, Dk, Dv]
-  precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
+class PallasOperator(ChunkedSequence):
+  """A_t = H_kk[t] + Λ for every token, with its boundary states; `operator.ChunkedOperator` in Pallas kernels."""
+
+  unsupported_reason = staticmethod(unsupported_reason)
 
   @classmethod
   def build(cls, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision):
     to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
     chunk_decay = jnp.exp(log_decay[..., -1])
-    bounds_kk_t = chunk_states(k, k, to_end, chunk_decay, jnp.matrix_transpose(state.h_kk), precision=precision)
-    bounds_kv = chunk_states(k, v, to_end, chunk_decay, state.h_kv, precision=precision)
-    return cls(k, v, log_decay, beta, lam, bounds_kk_t, bounds_kv, precision)
+    states = BoundaryStates(
+        chunk_states(k, k, to_end, chunk_decay, jnp.matrix_transpose(state.h_kk), precision=precision),
+        chunk_states(k, v, to_end, chunk_decay, state.h_kv, precision=precision))
+    return cls(k, v, log_decay, beta, lam, states, precision)
 
-  @property
-  def final(self) -> MesaState:
-    return MesaState(jnp.matrix_transpose(self.bounds_kk_t[:, :, -1]), self.bounds_kv[:, :, -1])
-
-  def solve(self, rhs, cg_steps: int, cg_init: str):
-    return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.bounds_kk_t, cg_steps=cg_steps,
-                            cg_init=cg_init, precision=self.precision)
+  def solve(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
+    return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, cg_steps=cg_steps,
+                            cg_init=cg_init, cg_tol=cg_tol, precision=self.precision)
 
   def output(self, x):
-    return causal_read(x, self.k, self.v, self.bounds_kv, self.log_decay, self.beta, precision=self.precision)
+    return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)
 
   def adjoint_rhs(self, do):
-    return causal_read(do, self.v, self.k, self.bounds_kv, self.log_decay, self.beta, transpose_states=True,
+    return causal_read(do, self.v, self.k, self.states.kv, self.log_decay, self.beta, transpose_states=True,
                        precision=self.precision)
 
-  def state_gradients(self, x, y, do, d_final: MesaState):
-    """((the gradients w.r.t. H_kkᵀ and H_kv at every boundary), MesaState of the initial state's)."""
+  def state_gradients(self, x, y, do, d_final: MesaState) -> BoundaryStates:
     weights = jnp.exp(self.log_decay)
     chunk_decay = jnp.exp(self.log_decay[..., -1])
-    d_bounds_kk_t = chunk_states(x, y, -weights, chunk_decay, jnp.matrix_transpose(d_final.h_kk), reverse=True,
-                                 precision=self.precision)
-    d_bounds_kv = chunk_states(x, do, weights, chunk_decay, d_final.h_kv, reverse=True, precision=self.precision)
-    return (d_bounds_kk_t, d_bounds_kv), MesaState(jnp.matrix_transpose(d_bounds_kk_t[:, :, 0]), d_bounds_kv[:, :, 0])
+    return BoundaryStates(
+        chunk_states(x, y, -weights, chunk_decay, jnp.matrix_transpose(d_final.h_kk), reverse=True,
+                     precision=self.precision),
+        chunk_states(x, do, weights, chunk_decay, d_final.h_kv, reverse=True, precision=self.precision))
 
-  def token_gradients(self, x, y, do, u, d_states):
+  def token_gradients(self, x, y, do, u, d_states: BoundaryStates):
     """dk, dv (kernel), dβ (kernel) and d log-decay: the scaling of everything decayed up to t (through the causal
     read H_kk[t] x_t) minus what token t added itself, plus, at a chunk's last row, the scaling of the state handed
-    on, ⟨D_next, S_next⟩ (`chunked._Operator.token_gradients` derives the same)."""
-    d_bounds_kk_t, d_bounds_kv = d_states
+    on, ⟨D_next, S_next⟩ (`xla_operator.XlaOperator.token_gradients` derives the same)."""
     dk, dv, dbeta = chunk_gradients(self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states,
                                     precision=self.precision)
-    read_kk = causal_read(x, self.k, self.k, self.bounds_kk_t, self.log_decay, self.beta, precision=self.precision)
+    read_kk = causal_read(x, self.k, self.k, self.states.kk_t, self.log_decay, self.beta, precision=self.precision)
     d_log_decay = -rowdot(y, read_kk) + rowdot(x, u) - self.beta * dbeta
-    handed_on = (jnp.sum(d_bounds_kk_t[:, :, 1:] * self.bounds_kk_t[:, :, 1:], axis=(-2, -1))
-                 + jnp.sum(d_bounds_kv[:, :, 1:] * self.bounds_kv[:, :, 1:], axis=(-2, -1)))
+    handed_on = (jnp.sum(d_states.kk_t[:, :, 1:] * self.states.kk_t[:, :, 1:], axis=(-2, -1))
+                 + jnp.sum(d_states.kv[:, :, 1:] * self.states.kv[:, :, 1:], axis=(-2, -1)))
     return dk, dv, d_log_decay.at[..., -1].add(handed_on), dbeta

@@ -1,5 +1,6 @@
 """MesaLayer: gates and λ as specified, the core equals `mesa_exact` once CG has converged, streaming ≡ whole."""
 import dataclasses
+import functools
 import math
 
 import jax
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mesanet_jax.layers.mesa import MesaConfig, MesaLayer, WarmStartState
+from mesanet_jax.layers.mesa import (CGStepsProbe, MesaConfig, MesaLayer, WarmStartState, add_cg_steps_probes,
+                                     cg_steps_by_layer)
 from mesanet_jax.layers.params import NoDecayParam
-from mesanet_jax.ops import mesa_exact
+from mesanet_jax.ops import cg_steps, mesa_chunked, mesa_exact, mesa_recurrent
 from tests.ops.mesa_inputs import max_abs, scale
 
 # Dk = 8 with 3·Dk CG steps: CG is exact in Dk steps in exact arithmetic; 3·Dk leaves f32 rounding only.
@@ -108,3 +110,43 @@ def test_pallas_impl_matches_xla():
 
 def test_lambda_param_value():
   assert math.isclose(float(_layer().lam_param[0, 0]), math.log(math.exp(0.75) - 1), rel_tol=1e-6)
+
+
+def test_cg_tol_stops_early_and_stays_accurate():
+  layer, x = _layer(dataclasses.replace(CONFIG, cg_tol=1e-4)), _x()
+  (q, k, v, g, beta), _ = layer._inputs(x, None)
+  o, _ = layer.mix(q, k, v, g, beta, None)
+  o_exact, _ = mesa_exact(q, k, v, g, beta, layer.lam())
+  # ‖r‖ ≤ 1e-4‖r₀‖ with cond(A) ≲ 1e2: ~1e-3 of scale at worst (measured 3e-5).
+  assert max_abs(o, o_exact) < 1e-3 * scale(o_exact)
+  _, steps = layer.forward_with_cg_steps(x)
+  assert 1 < float(steps[0]) < CONFIG.cg_steps_train
+
+
+@pytest.mark.parametrize("impl, head_dim", [("xla", 8), ("pallas", 16)])
+def test_cg_steps_probe_reports_forward_and_adjoint_steps(impl, head_dim):
+  config = dataclasses.replace(CONFIG, head_dim=head_dim, chunk_size=16, cg_tol=1e-4, impl=impl)
+  layer, x = add_cg_steps_probes(_layer(config)), _x()
+  weights = jax.random.normal(jax.random.key(2), x.shape)
+  graphdef, params, probes = nnx.split(layer, nnx.Param, CGStepsProbe)
+  loss = lambda params, probes: jnp.sum(nnx.merge(graphdef, params, probes)(x)[0] * weights)
+  grads, probe_grads = jax.grad(loss, argnums=(0, 1))(params, probes)
+  reported = cg_steps_by_layer(probe_grads)
+  assert reported.shape == (1, 4)
+
+  # Forward: an independent count, the dense CG of mesa_recurrent on the same systems.
+  (q, k, v, g, beta), _ = layer._inputs(x, None)
+  iters = np.asarray(mesa_recurrent(q, k, v, g, beta, layer.lam(), cg_steps=24, tol=1e-4)[2], np.float64)
+  np.testing.assert_allclose(reported[0, :2], [iters.mean(), iters.max()], rtol=1e-6)
+  np.testing.assert_allclose(layer.forward_with_cg_steps(x)[1], reported[0, :2], rtol=1e-6)
+  # Adjoint: what the op reports for the cotangent the layer's output sends into o.
+  op = functools.partial(mesa_chunked, chunk_size=16, cg_steps=24, cg_tol=1e-4, impl=impl)
+  o = op(q, k, v, g, beta, layer.lam())[0]
+  do = jax.grad(lambda o: jnp.sum(layer._output(o, x) * weights))(o)
+  op_steps = cg_steps.measure(op, lambda outputs: jnp.sum(outputs[0] * do), q, k, v, g, beta, layer.lam())
+  np.testing.assert_allclose(reported[0], op_steps, rtol=1e-6)
+  assert 1 < float(reported[0, 2]) < 24
+  # The probe changes no gradient.
+  plain_graphdef, plain_params = nnx.split(_layer(config), nnx.Param)
+  plain_grads = jax.grad(lambda p: jnp.sum(nnx.merge(plain_graphdef, p)(x)[0] * weights))(plain_params)
+  assert max_abs(grads, plain_grads) == 0.0

@@ -181,6 +181,8 @@ def test_stress_inputs_stay_finite_and_accurate(name):
     ({"cg_init": "ones"}, r"cg_init must be one of"),
     ({"impl": "cuda"}, r"impl must be one of"),
     ({"matmul_precision": "tf32"}, r"matmul_precision must be one of"),
+    ({"cg_tol": 0.0}, r"cg_tol must be a positive float or None"),
+    ({"cg_probe": np.zeros((2, 3))}, r"cg_probe must be a float array of shape \[B, H, 4\] = \(2, 3, 4\)"),
 ])
 def test_bad_arguments_raise_clear_errors(bad, message):
   q, k, v, g, beta, lam, _ = random_inputs(2, 9, 3, 8, 5)

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import pytest
 
 from mesanet_jax.ops import MesaState
-from mesanet_jax.ops.chunked import _Operator, _scan_chunks
-from pallas_kernels.mesa_cg import PallasOperator, chunk_states
+from mesanet_jax.ops.operator import ChunkedOperator, operator_class
+from mesanet_jax.ops.xla_operator import scan_chunks
+from pallas_kernels.mesa_cg import chunk_states
 from tests.ops.mesa_inputs import max_abs, random_inputs, scale
 from tests.pallas.precision import F32_PRODUCT_ERROR
 
@@ -53,25 +54,29 @@ def test_chunk_states_match_xla_scan(dtype, reverse):
   decay = jax.random.uniform(keys[3], (2, 1, 3), dtype)
   initial = jax.random.normal(keys[4], (2, 1, 16, 32), dtype)
   increments = jnp.einsum("bhncd,bhnce->bhnde", a * weights[..., None], b, precision="highest")
-  before, last = _scan_chunks(increments, decay, initial, reverse=reverse)
-  expected = jnp.concatenate([last[:, :, None], before] if reverse else [before, last[:, :, None]], axis=2)
+  expected = scan_chunks(increments, decay, initial, reverse=reverse)
   # block=16 < E=32: two programs per batch·head, each scanning its half of the value dim.
   bounds = chunk_states(a, b, weights, decay, initial, reverse=reverse, precision=jax.lax.Precision.HIGHEST, block=16)
   assert _close(bounds, expected, dtype)
 
 
 def test_operator_stages_match_xla(dtype):
-  """Every stage of PallasOperator (each one kernel, or two for the chunk states) against _Operator's."""
+  """Every stage of the Pallas operator (each one kernel, or two for the chunk states) against the XLA operator's,
+  in the boundary layout both share."""
   q, k, v, log_decay, beta, do, lam, state = _operator_inputs(dtype)
-  ops = [cls.build(k, v, log_decay, beta, lam, state, jax.lax.Precision.HIGHEST) for cls in (_Operator, PallasOperator)]
+  ops = [operator_class(impl).build(k, v, log_decay, beta, lam, state, jax.lax.Precision.HIGHEST)
+         for impl in ("xla", "pallas")]
+  assert all(isinstance(op, ChunkedOperator) for op in ops)
   keys = jax.random.split(jax.random.key(8), 4)
   d_final = MesaState(*(jax.random.normal(key, x.shape, dtype) for key, x in zip(keys, state)))
   x, y = (jax.random.normal(key, q.shape, dtype) for key in keys[2:])  # any rows: the stages are linear in them
   def stages(op):
     u = op.adjoint_rhs(do)
-    d_states, d_initial = op.state_gradients(x, y, do, d_final)
-    return dict(final=op.final, solve=op.solve(q, 16, "jacobi"), output=op.output(x), adjoint_rhs=u,
-                d_initial=d_initial, token_gradients=op.token_gradients(x, y, do, u, d_states))
+    d_states = op.state_gradients(x, y, do, d_final)
+    adaptive_x, adaptive_steps = op.solve(q, 16, "jacobi", 1e-3)
+    return dict(states=op.states, final=op.states.at(-1), solve=op.solve(q, 16, "jacobi", None)[0],
+                adaptive_solve=adaptive_x, adaptive_steps=adaptive_steps.astype(dtype), output=op.output(x), adjoint_rhs=u, d_states=d_states, d_initial=d_states.at(0),
+                token_gradients=op.token_gradients(x, y, do, u, d_states))
 
   stages = [jax.jit(stages)(op) for op in ops]
   for name, expected in stages[0].items():

@@ -49,6 +49,38 @@ def test_pallas_is_exact_cg_in_f64(x64):
     assert max_abs(grad, grad_exact) < 1e-9 * scale(grad_exact)
 
 
+def test_adaptive_pallas_matches_xla_in_f32():
+  """With cg_tol both paths stop every row at the same step (the kernels end a program's loop once its rows have
+  stopped, the XLA path runs one loop over all rows): same outputs, gradients and step counts."""
+  args = random_inputs(2, 21, 1, 16, 32, with_state=True, seed=3)
+  weights = loss_weights(*mesa_chunked(*args, chunk_size=16))
+  probe = jax.numpy.zeros((2, 1, 4))
+  results = []
+  for impl in ("pallas", "xla"):
+    op = _op(impl, 16, 20, cg_tol=1e-4)
+    loss = lambda probe, *a: weighted_sum_loss(functools.partial(op, cg_probe=probe), weights)(*a)
+    results.append((op(*args), jax.grad(loss, argnums=range(8))(probe, *args)))
+  ((o, state), (steps, *grads)), ((o_xla, state_xla), (steps_xla, *grads_xla)) = results
+  # As test_pallas_matches_xla_in_f32; a row whose residual sat within rounding of the threshold could stop a step
+  # apart, which this input does not have (the counts are equal).
+  assert max_abs(o, o_xla) < 10 * F32_PRODUCT_ERROR * scale(o_xla)
+  assert max_abs(state, state_xla) < F32_PRODUCT_ERROR * scale(state_xla)
+  for grad, grad_xla in zip(grads, grads_xla):
+    assert max_abs(grad, grad_xla) < 10 * F32_PRODUCT_ERROR * scale(grad_xla)
+  assert max_abs(steps, steps_xla) == 0 and 1 < float(steps[0, 0, 0]) < 20
+
+
+def test_adaptive_pallas_is_exact_in_f64(x64):
+  args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
+  weights = loss_weights(*mesa_exact(*args))
+  (o, _), grads = _value_and_grads(_op("pallas", 16, 48, cg_tol=1e-13), args, weights)
+  (o_exact, _), grads_exact = _value_and_grads(mesa_exact, args, weights)
+  # As the fixed-step f64 test: a relative residual of 1e-13 leaves ~1e-11 of scale (tests/ops/test_adaptive_cg.py).
+  assert max_abs(o, o_exact) < 1e-9 * scale(o_exact)
+  for grad, grad_exact in zip(grads, grads_exact):
+    assert max_abs(grad, grad_exact) < 1e-9 * scale(grad_exact)
+
+
 @pytest.mark.parametrize("chunk_size, key_dim, value_dim, name", [(8, 16, 16, "chunk_size"), (16, 24, 16, "key_dim"),
                                                                   (16, 16, 8, "value_dim")])
 def test_sizes_the_kernel_cannot_take_raise(chunk_size, key_dim, value_dim, name):

@@ -1,0 +1,128 @@
+"""The chunked Mesa operator's stage interface, the chunk-state layout its implementations share, and the registry
+that `mesa_chunked(impl=...)` dispatches through.
+
+An implementation ("xla": `xla_operator.XlaOperator`; "pallas": `pallas_kernels.mesa_cg.PallasOperator`, one
+Pallas kernel per stage) is a pytree dataclass extending `ChunkedSequence` with the methods of `ChunkedOperator`. `IMPLEMENTATIONS` is the one place
+that says which module provides each name; importing that module registers its operator class and its decode step
+(`register`), so a caller never imports an implementation to use it, and the kernels package depends on this one,
+never the reverse.
+"""
+import dataclasses
+import importlib
+from typing import Callable, NamedTuple, Protocol, TypeVar, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mesanet_jax.ops.inputs import MesaState
+
+# impl name -> the module whose import registers its operator class.
+IMPLEMENTATIONS = {"xla": "mesanet_jax.ops.xla_operator", "pallas": "pallas_kernels.mesa_cg"}
+ROLES = ("operator", "decode_step")
+_REGISTERED: dict[tuple[str, str], object] = {}  # (impl, role) -> class or function
+
+
+class BoundaryStates(NamedTuple):
+  """A Mesa state (or a gradient w.r.t. one) at every chunk boundary: entry n is the state before chunk n, so the
+  start and the end state of chunk n are entries n and n+1; entry 0 is the initial state, entry N the final one.
+
+  H_kk is held transposed (the kernels read Sᵀ; a chunk's increment Σ w k kᵀ is symmetric, so scanning from the
+  transposed initial state gives Sᵀ at no cost, also for a non-symmetric initial state). Gradients are held alike:
+  `kk_t` is the gradient w.r.t. H_kkᵀ.
+  """
+  kk_t: jax.Array  # H_kkᵀ, [B, H, N+1, Dk, Dk]
+  kv: jax.Array  # H_kv, [B, H, N+1, Dk, Dv]
+
+  def at(self, n: int) -> MesaState:
+    """The state at boundary n (0: initial, -1: final) as a MesaState, [B, H, Dk, Dk] and [B, H, Dk, Dv]."""
+    return MesaState(jnp.matrix_transpose(self.kk_t[:, :, n]), self.kv[:, :, n])
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedSequence:
+  """What every operator holds: the chunk-major inputs and their boundary states (an implementation adds its own
+  precomputed operands and registers itself as a pytree with `jax.tree_util.register_dataclass`)."""
+  k: jax.Array  # [B, H, N, C, Dk]
+  v: jax.Array  # [B, H, N, C, Dv]
+  log_decay: jax.Array  # within-chunk cumulative log-decay G, [B, H, N, C]
+  beta: jax.Array  # [B, H, N, C]
+  lam: jax.Array  # [H, Dk]
+  states: BoundaryStates
+  precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
+
+
+Operator = TypeVar("Operator", bound="ChunkedOperator")
+
+
+@runtime_checkable
+class ChunkedOperator(Protocol):
+  """A_t = H_kk[t] + Λ for every token of a chunked sequence, with its chunk states: the stages of `mesa_chunked`'s
+  forward (build, solve, output) and backward (build, adjoint_rhs, solve, state_gradients, token_gradients) pass.
+
+  Chunk-major shapes: rows x, y, rhs [B, H, N, C, Dk]; do [B, H, N, C, Dv]; gates [B, H, N, C]; lam [H, Dk].
+  DESIGN.md §1 derives every stage; `xla_operator.py` is the reference implementation.
+  """
+  states: BoundaryStates
+
+  @classmethod
+  def build(cls: type[Operator], k: jax.Array, v: jax.Array, log_decay: jax.Array, beta: jax.Array, lam: jax.Array,
+            state: MesaState, precision: lax.Precision) -> Operator:
+    """The operator of keys k [B, H, N, C, Dk], values v [B, H, N, C, Dv], within-chunk cumulative log-decay G and β
+    [B, H, N, C], λ [H, Dk], from `state` before the first chunk; computes the boundary states."""
+
+  @staticmethod
+  def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | None:
+    """Why this implementation cannot take these sizes (one plain sentence), or None."""
+
+  def solve(self, rhs: jax.Array, cg_steps: int, cg_init: str, cg_tol: float | None) -> tuple[jax.Array, jax.Array]:
+    """x_t = A_t⁻¹ rhs_t for every row by `mesanet_jax.ops.cg.conjugate_gradient`: at most cg_steps steps, each
+    row stopping once ‖r‖ ≤ cg_tol·‖r₀‖ (None: exactly cg_steps). Returns x [B, H, N, C, Dk] and the steps each
+    row took, int32 [B, H, N, C]."""
+
+  def output(self, x: jax.Array) -> jax.Array:
+    """o_t = H_kv[t]ᵀ x_t, [B, H, N, C, Dv]."""
+
+  def adjoint_rhs(self, do: jax.Array) -> jax.Array:
+    """u_t = H_kv[t] do_t, the adjoint solve's right-hand side, [B, H, N, C, Dk]."""
+
+  def state_gradients(self, x: jax.Array, y: jax.Array, do: jax.Array, d_final: MesaState) -> BoundaryStates:
+    """The loss's gradient w.r.t. the state at every boundary (D_t = −y_t x_tᵀ on H_kk[t], x_t do_tᵀ on H_kv[t],
+    summed backwards over chunks from d_final); entry 0 is the initial state's gradient."""
+
+  def token_gradients(self, x: jax.Array, y: jax.Array, do: jax.Array, u: jax.Array,
+                      d_states: BoundaryStates) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """dk [B, H, N, C, Dk], dv [B, H, N, C, Dv], d log_decay and dβ [B, H, N, C]."""
+
+
+def register(impl: str, role: str) -> Callable:
+  """Decorator: makes the decorated class or function the `role` of `impl` (a name of `IMPLEMENTATIONS`). Roles:
+  "operator" (a `ChunkedOperator` class, `mesa_chunked`'s stages) and "decode_step" (a function with the signature
+  of `ops.decode.mesa_decode_step`)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"impl {impl!r} is not declared in mesanet_jax.ops.operator.IMPLEMENTATIONS")
+  if role not in ROLES:
+    raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+  def add(provided):
+    _REGISTERED[impl, role] = provided
+    return provided
+  return add
+
+
+def implementation(impl: str, role: str):
+  """The `role` of `impl` (see `register`), importing the module that provides it on first use."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"impl must be one of {tuple(IMPLEMENTATIONS)}, got {impl!r}")
+  if (impl, role) not in _REGISTERED:
+    try:
+      importlib.import_module(IMPLEMENTATIONS[impl])
+    except ImportError as error:
+      raise ValueError(f"impl={impl!r} needs the module {IMPLEMENTATIONS[impl]}, which does not import here: "
+                       f"{error}") from error
+  return _REGISTERED[impl, role]
+
+
+def operator_class(impl: str) -> type[ChunkedOperator]:
+  """The operator class of `impl`."""
+  return implementation(impl, "operator")

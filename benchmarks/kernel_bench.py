@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.ops_bench import cg_steps_used, cg_tol, forward_and_backward, report, setup_from_flags, time_ms
-from mesanet_jax.ops import mesa_chunked
+from mesanet_jax.ops import mesa_chunked, mesa_exact
 from mesanet_jax.ops.operator import operator_class
 from mesanet_jax.ops.inputs import zero_state
 from pallas_kernels.mesa_cg import chunked_cg_solve
@@ -243,6 +243,14 @@ def main(argv):
                                                                       grads, base_grads))
     print(f"{name:>32}: fwd {fwd_ms / base_fwd:5.2f}x, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x; "
           f"o={rel_diff(o, base_o):.1e} {diffs}")
+  if FLAGS.compare_exact:  # the dense solve per token, f32 "highest": the ground truth of every row above
+    with jax.default_matmul_precision("highest"):
+      exact_grads, exact_o = forward_and_backward(mesa_exact)(w, *args)
+    print("error against the exact solve: max |diff| / max |exact|")
+    for name, (*_, o, grads) in results.items():
+      diffs = " ".join(f"d{n}={rel_diff(a, b):.1e}" for n, a, b in zip(("q", "k", "v", "g", "beta", "lam"), grads,
+                                                                        exact_grads))
+      print(f"{name:>32}: o={rel_diff(o, exact_o):.1e} {diffs}")
   if "fla" in results:
     fla_fwd, fla_fwd_bwd = results["fla"][:2]
     for name, (fwd_ms, fwd_bwd_ms, *_) in results.items():

@@ -30,6 +30,8 @@ _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high"
                                 "precision of the chunked op's matmuls (default = TF32 on GPU)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of q, k, v")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed runs; the median is reported")
+_INPUTS = flags.DEFINE_string("inputs", "", "an npz of recorded Mesa inputs (benchmarks/record_inputs.py) instead of "
+                              "random ones; its shape replaces --batch/--length/--heads/--head_dim")
 _COMPARE_EXACT = flags.DEFINE_bool("compare_exact", True, "also time mesa_exact and report errors against it")
 
 
@@ -45,6 +47,16 @@ def make_inputs(batch, length, heads, head_dim, dtype, seed=0):
   beta = jax.nn.sigmoid(jax.random.normal(keys[4], shape[:3]))
   lam = 0.25 + jax.nn.softplus(jax.random.normal(keys[5], (heads, head_dim)))
   return q, k, v, g, beta, lam
+
+
+def load_inputs(path: str, dtype):
+  """(q, k, v in `dtype`, g, beta, lam in f32) from an npz written by benchmarks/record_inputs.py."""
+  try:
+    data = np.load(path)
+    arrays = [jnp.asarray(data[name]) for name in ("q", "k", "v", "g", "beta", "lam")]
+  except (OSError, KeyError, ValueError) as error:
+    raise SystemExit(f"--inputs={path}: not an npz of q, k, v, g, beta, lam ({error})") from None
+  return (*(a.astype(dtype) for a in arrays[:3]), *arrays[3:])
 
 
 def time_ms(fn, *args) -> float:
@@ -92,12 +104,17 @@ def cg_steps_used(op, w, args) -> np.ndarray:
 def setup_from_flags():
   """For the shape the flags name: (inputs, loss weights w, token count, flop counter(chunk_size=--chunk_size,
   backward=False)); prints the setting."""
-  batch, length, heads, dim = _BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value
-  args = make_inputs(batch, length, heads, dim, jnp.dtype(_DTYPE.value))
+  if _INPUTS.value:
+    args = load_inputs(_INPUTS.value, jnp.dtype(_DTYPE.value))
+    batch, length, heads, dim = args[0].shape
+  else:
+    batch, length, heads, dim = _BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value
+    args = make_inputs(batch, length, heads, dim, jnp.dtype(_DTYPE.value))
   w = jax.random.normal(jax.random.key(1), (batch, length, heads, dim))
   flops = lambda chunk_size=_CHUNK.value, **kwargs: mesa_chunked_flops(
       batch, length, heads, dim, dim, chunk_size=chunk_size, cg_steps=_CG_STEPS.value, **kwargs)
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; inputs: "
+        f"{_INPUTS.value or 'random'}")
   print(f"shape: B={batch} T={length} H={heads} Dk=Dv={dim} C={_CHUNK.value} cg_steps={_CG_STEPS.value} "
         f"cg_tol={cg_tol()} cg_init={_CG_INIT.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
   return args, w, batch * length, flops

@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
       size="tiny", architecture="mesanet", dtype="float32",  # dtype: activations; params stay f32
       vocab_size=0,  # 0: the tokenizer's / task's vocabulary
       num_layers=0, cg_steps=0, chunk_size=0, impl="",
+      cg_tol=0.0,  # > 0: each forward and adjoint CG system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (at most cg_steps); 0: fixed
       matmul_precision="",  # Mesa's chunked matmuls: "highest" (preset) or "default" (TF32-class, faster on GPU)
       fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
       remat=False,  # recompute each block's activations in the backward pass (less memory, ~1 more forward)
@@ -109,6 +110,8 @@ def validate(c) -> None:
   for key, allowed in (("impl", ("", *IMPLS)), ("matmul_precision", ("", *PRECISIONS))):
     if c.model[key] not in allowed:
       raise ValueError(f"model.{key} must be one of {allowed} ('' keeps the preset's), got {c.model[key]!r}")
+  if c.model.cg_tol < 0:
+    raise ValueError(f"model.cg_tol must be >= 0 (0: fixed CG steps), got {c.model.cg_tol}")
   for key in ("num_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
     if c.train[key] < 1:
       raise ValueError(f"train.{key} must be >= 1, got {c.train[key]}")

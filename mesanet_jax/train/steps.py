@@ -40,6 +40,7 @@ def lm_config(config) -> LMConfig:
   mesa = lm.mesa
   changes["mesa"] = dataclasses.replace(mesa, cg_steps_train=m.cg_steps or mesa.cg_steps_train,
                                         chunk_size=m.chunk_size or mesa.chunk_size, impl=m.impl or mesa.impl,
+                                        cg_tol=m.cg_tol or mesa.cg_tol,
                                         matmul_precision=m.matmul_precision or mesa.matmul_precision)
   if m.chunk_size:
     changes["gdn"] = dataclasses.replace(lm.gdn, chunk_size=m.chunk_size)

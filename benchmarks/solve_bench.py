@@ -28,7 +28,7 @@ from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
 flags.DEFINE_string("chunks", "64,32", "chunk sizes, in this order")
 flags.DEFINE_string("kernels", "hopper,triton", "solve kernels to time, in this order")
 flags.DEFINE_string("precisions", "highest,default", "matmul precisions")
-flags.DEFINE_float("cg_tol", 1e-4, "tolerance of one more Hopper run at the first chunk size and precision (0: none)")
+flags.DEFINE_float("hopper_tol", 1e-4, "tolerance of one more Hopper run at the first chunk size and precision (0: none)")
 flags.DEFINE_string("error_log", "", "file for the full tracebacks of kernels that failed (default: stderr)")
 FLAGS = flags.FLAGS
 PASSES = {"highest": 3, "high": 3, "default": 1}
@@ -70,8 +70,8 @@ def bench_chunk_size(inputs, chunk_size, rows, with_tol):
   highest = jax.lax.Precision.HIGHEST
   op = jax.jit(lambda *a: operator_class("xla").build(*a, highest))(
       k, k, log_decay, beta, lam, zero_state(batch, heads, dim, dim))
-  reference = np.asarray(jax.jit(lambda op, q: op.solve(q, FLAGS.cg_steps, FLAGS.cg_init))(op, q))
-  operands = (q, k, log_decay, beta, lam, jnp.matrix_transpose(op.states_kk))
+  reference = np.asarray(jax.jit(lambda op, q: op.solve(q, FLAGS.cg_steps, FLAGS.cg_init, None)[0])(op, q))
+  operands = (q, k, log_decay, beta, lam, op.states.kk_t)
   del op
   flop_per_pass = batch * heads * num_chunks * FLAGS.cg_steps * (2 * chunk_size * dim ** 2 + 4 * chunk_size ** 2 * dim)
   kernels = {"hopper": hopper_cg_solve, "triton": chunked_cg_solve}
@@ -100,9 +100,9 @@ def bench_chunk_size(inputs, chunk_size, rows, with_tol):
             f"{rel(solutions['hopper', precision], solutions['triton', precision]):.1e}", flush=True)
   if with_tol:
     precision = FLAGS.precisions.split(",")[0]
-    name = f"hopper C={chunk_size} {precision} tol={FLAGS.cg_tol:g}"
+    name = f"hopper C={chunk_size} {precision} tol={FLAGS.hopper_tol:g}"
     solve = jax.jit(functools.partial(hopper_cg_solve, cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
-                                      cg_tol=FLAGS.cg_tol, precision=jax.lax.Precision(precision)))
+                                      cg_tol=FLAGS.hopper_tol, precision=jax.lax.Precision(precision)))
     try:
       x, steps = solve(*operands)
       ms = time_ms(solve, *operands)
@@ -123,7 +123,7 @@ def main(argv):
   rows = []
   for i, chunk_size in enumerate(int(c) for c in FLAGS.chunks.split(",")):
     try:
-      bench_chunk_size(inputs, chunk_size, rows, with_tol=i == 0 and FLAGS.cg_tol > 0)
+      bench_chunk_size(inputs, chunk_size, rows, with_tol=i == 0 and FLAGS.hopper_tol > 0)
     except Exception as error:  # e.g. the XLA reference itself: go on with the next chunk size
       log_failure(f"C={chunk_size}", error)
   print(f"\n| kernel | ms | tensor TFLOP/s | max err / max |x_xla| |\n|---|---|---|---|")

@@ -11,7 +11,7 @@ from jax import lax
 
 from mesanet_jax.ops import MesaState
 from mesanet_jax.ops.cg import conjugate_gradient
-from mesanet_jax.ops.chunked import _Operator
+from mesanet_jax.ops.operator import operator_class
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.params import lowering_for
 from pallas_kernels.mesa_cg.column_cg import column_cg
@@ -37,9 +37,9 @@ def _problem(chunk, key_dim, *, symmetric=True, seed=0):
   q, k, g, beta = map(chunked, (q, k, g, beta))
   log_decay = jnp.cumsum(g, axis=-1)
   with jax.enable_x64(True):
-    build = jax.jit(lambda *a: _Operator.build(*a, HIGHEST))
+    build = jax.jit(lambda *a: operator_class("xla").build(*a, HIGHEST))
     op = build(*as_f64((k, k, log_decay, beta, lam, MesaState(state.h_kk, state.h_kk))))
-    states_kk_t = jnp.matrix_transpose(op.states_kk).astype(jnp.float32)
+    states_kk_t = op.states.kk_t.astype(jnp.float32)
   return (q, k, log_decay, beta, lam, states_kk_t), op
 
 
@@ -67,9 +67,9 @@ def testcolumn_cg_is_conjugate_gradient(x64):
 def test_matches_triton_kernel_and_f64_cg(chunk, key_dim, cg_init, precision):
   args, op = _problem(chunk, key_dim, symmetric=False)
   x, steps = hopper_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=precision)
-  triton = chunked_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=HIGHEST)
+  triton, _ = chunked_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=HIGHEST)
   with jax.enable_x64(True):
-    exact_steps = op.solve(as_f64(args[0]), 4, cg_init)
+    exact_steps, _ = op.solve(as_f64(args[0]), 4, cg_init, None)
   np.testing.assert_array_equal(steps, 4)
   assert max_abs(x, triton) <= TOLERANCE[precision] * scale(triton)
   assert max_abs(x, exact_steps) <= TOLERANCE[precision] * scale(exact_steps)

@@ -80,7 +80,8 @@ def conjugate_gradient(
   else:
     def keep_going(carry: tuple[jax.Array, _CGState]) -> jax.Array:
       k, state = carry
-      return (k < steps) & jnp.any(active(state))
+      # A max, not jnp.any: this loop also runs inside the Pallas kernels, and Triton has no or-reduction.
+      return (k < steps) & (jnp.max(jnp.where(active(state), 1.0, 0.0)) > 0)
 
     _, final = lax.while_loop(keep_going, lambda c: (c[0] + 1, step(c[1])), (jnp.int32(0), init))
   return final.x, final.iters

@@ -31,7 +31,7 @@ from pallas_kernels.mesa_cg.solve_hopper_columns import hopper_cg_solve as colum
 
 flags.DEFINE_string("chunks", "64,32", "chunk sizes, in this order")
 flags.DEFINE_string("kernels", "rows,rows_smem,columns,triton", "solve kernels to time, in this order")
-flags.DEFINE_string("precisions", "highest,default", "matmul precisions")
+flags.DEFINE_string("precisions", "default,highest", "matmul precisions, in this order")
 flags.DEFINE_float("cg_tol", 1e-4, "tolerance of one more run of the rows kernels at the first chunk size (0: none)")
 flags.DEFINE_string("error_log", "", "file for the full tracebacks of kernels that failed (default: stderr)")
 FLAGS = flags.FLAGS

@@ -1,21 +1,27 @@
-"""Fused chunkwise CG solve for Hopper (sm_90): Pallas Mosaic GPU, one warpgroup per chunk, the systems as rows.
+"""Fused chunkwise CG solve for Hopper (sm_90): Pallas Mosaic GPU, one warpgroup per 64 tokens, systems as rows.
 
-Same contract as `solve.chunked_cg_solve`: x_t = (H_kk[t] + Λ)⁻¹ rhs_t for every token of a chunk, with the chunked
-matvec of DESIGN.md §1. One CTA of one warpgroup per (batch·head, chunk) stages the chunk's Sᵀ and K in shared memory
-once, as fp16 parts of operands scaled to max |·| = 1 (`chunk.SplitDot`: 3 passes f32-accurate, 1 pass TF32-class),
-and runs every CG step on chip. Its CG vectors are [64, Dk] arrays in the wgmma accumulator layout (row t = token t;
-C = 32 is padded to one wgmma M group), so `mesanet_jax.ops.cg.conjugate_gradient` is traced as it is: its row dots
-reduce within a quad of lanes, with no shared memory and no barrier. One matvec is two rounds of wgmma, both with the
-16-bit parts of their left operand in registers (the accumulator layout converted, as flash attention 3 does):
+Same contract as `solve.chunked_cg_solve`: x_t = (H_kk[t] + Λ)⁻¹ rhs_t for every token, with the chunked matvec of
+DESIGN.md §1. A CTA of one warpgroup takes 64 tokens (a chunk of 64, or two chunks of 32 on the first one's start
+state: `_pair_chunks`), stages their Sᵀ and K in shared memory once as fp16 parts (`chunk.SplitDot`: 3 passes
+f32-accurate, 1 pass TF32-class) and runs every CG step on chip. The CG vectors are [64, Dk] arrays in the wgmma
+accumulator layout (row t = token t), so `mesanet_jax.ops.cg.conjugate_gradient` is traced as it is: its row dots
+reduce within a quad of lanes, with no shared memory and no barrier. A matvec is two rounds of wgmma whose left
+operands are the fp16 parts of register arrays (as flash attention 3 feeds P·V), the right ones staged:
 
-    scores = P̂ K̃ᵀ, U = P̂ S̃ᵀ          (P̂ = P / σ_P per row, M = 64, N = 64 and Dk, K = Dk)
-    U ← a ⊙ U;  U += (Ẑ = W ⊙ scores) K̃                                  (N = Dk, K = 64 keys)
-    A P = c ⊙ U + λ ⊙ P
+    scores = p̂ K̃ᵀ                                   (M = 64 tokens, N = 64 keys, K = Dk)
+    κ (A − Λ) p = â S̃ᵀ + (W ⊙ scores) K̃              (N = Dk; K = Dk, then 64 keys)
+    A p = that / κ + λ ⊙ p
 
-with W_ts = e^{G_t − G_s} β_s [s ≤ t] · z_t (z_t puts row t of Ẑ at fp16's range: |scores| ≤ Dk), and the per-row
-factors a_t = σ_S e^{G_t} z_t / σ_K² and c_t = σ_P σ_K² / z_t. A 2-CTA-per-SM occupancy needs ≤ 113 KiB of shared
-memory: Sᵀ (32 KiB per fp16 part at Dk = 128), K (16 KiB per part) and W (16 KiB f32); the Jacobi diagonal's (K̃)²
-and the output x borrow Sᵀ's memory before and after the loop.
+with p̂ = T p / σ_P (σ_P = max |p| per row), S̃ᵀ = T Sᵀ / max |S|, K̃ = T K / max |K|, T = 2^15: every fp16 operand at
+the top of fp16's range, so that the parts of its small entries stay normal. κ_t = T² τ_t / σ_P,t, and τ_t puts the
+larger of row t's two terms, e^{G_t} σ_S and σ_K² Dk max_s M_ts (|p̂·k̃_s| ≤ Dk T²), at T: â = T τ e^{G_t} σ_S p / σ_P
+and W = τ σ_K² M / T, M_ts = e^{G_t − G_s} β_s [s ≤ t]; the smaller term loses only what lies below fp16's range.
+Shared memory (Dk = 128): Sᵀ 32 KiB and K 16 KiB per fp16 part, W 16 KiB; the Jacobi diagonal's (K / σ_K)² and the
+output borrow Sᵀ's memory before and after the loop. 1 pass fits two CTAs per SM, 3 passes just (113 KiB each).
+x, r, p (192 of 255 registers per thread at Dk = 128) and a matvec's operands do not all fit: ptxas spills some
+(benchmarks/mosaic_resources.py shows how much). Mosaic GPU's interpreter takes wgmma left operands from shared
+memory only: `lhs_in_registers=False` stages them there (the CPU tests run it; on the device it is the variant that
+trades spills for shared memory).
 """
 import functools
 
@@ -125,9 +131,10 @@ def _cols(v, shape):
   return lax.broadcast_in_dim(v, shape, [1])
 
 
-def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, chunk_size: int, heads: int,
-            cg_steps: int, cg_init: str, cg_tol: float | None, passes: int, lhs_in_registers: bool):
-  """The CTA of (batch·head, chunk): x for the chunk's rows (and the steps each took, with a tolerance)."""
+def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, heads: int,
+            cg_steps: int, cg_init: str, cg_tol: float | None, passes: int):
+  """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance). With
+  `staging` refs the wgmma left operands go through shared memory."""
   counted, jacobi = cg_tol is not None, cg_init == "jacobi"
   steps_gmem = refs[0] if counted else None
   union, k_parts, weights_smem, *staging = refs[counted:]
@@ -135,17 +142,17 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, 
   st_parts, (x_smem, steps_smem), k2_parts = (list(union) + [None])[:3]  # k2_parts only with Jacobi
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
   key_dim, pairs = x_gmem.shape[-1], _pass_pairs(passes)
-  # λ from global memory (cached) where it is used: held in registers it would take Dk / 4 of them.
+  # λ per column (Dk / 4 registers a thread): loaded where it is used, ptxas decides whether to keep it.
   load_lam = lambda: plgpu.load(lam_gmem.at[lax.rem(bh, heads)], layout=_COL, optimized=False)
 
-  keys = plgpu.load(k_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk], rows ≥ C zero
+  keys = plgpu.load(k_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk]
   sigma_k = _max_abs(keys)
   keys = keys * (1.0 / sigma_k)
   _store_parts(k_parts, keys * TOP, passes)  # K̃
   if jacobi:
     _store_parts(k2_parts, keys * keys * TOP, passes)
 
-  # Per system t (rows): G_t; per key s (columns): G_s, β_s (β = 0 on padding rows).
+  # Per system t (rows): G_t; per key s (columns): G_s, β_s.
   log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0], layout=_ROW, optimized=False)
   log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], layout=_COL, optimized=False) for j in (1, 2))
   shape = (ROWS, ROWS)
@@ -216,16 +223,16 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, 
     return (scaled * _rows(sigma_p * (inverse_tau / TOP ** 2), p.shape)
             + _cols(load_lam(), p.shape) * p)
 
-  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk], rows ≥ C zero
+  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk]
   x, steps = conjugate_gradient(matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
 
   x_smem[...] = x  # Sᵀ's memory: every wgmma has completed
   if counted:
     steps_smem[...] = steps
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(x_smem.at[pl.ds(0, chunk_size)], x_gmem.at[bh, n])
+  plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[bh, n])
   if counted:
-    plgpu.copy_smem_to_gmem(steps_smem.at[pl.ds(0, chunk_size)], steps_gmem.at[bh, n])
+    plgpu.copy_smem_to_gmem(steps_smem, steps_gmem.at[bh, n])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -248,13 +255,14 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if lhs_in_registers is None:
     lhs_in_registers = not use_interpret()
   counted, jacobi = cg_tol is not None, cg_init == "jacobi"
+  rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
+  states_kk_t = states_kk_t.astype(jnp.float32)
+  if size < ROWS:
+    rhs, k, log_decay, beta, states_kk_t = _pair_chunks(rhs, k, log_decay, beta, states_kk_t)
+  programs = rhs.shape[2]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
-  pad = lambda x, axis, mode="constant": jnp.pad(x.astype(jnp.float32), [(0, 0)] * axis + [(0, ROWS - size)]
-                                                 + [(0, 0)] * (x.ndim - axis - 1), mode=mode)
-  # Padding rows (C = 32): no key (β = 0) and G of the last token, so that no e^{G_t − G_s} exceeds 1. G twice: the
-  # kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one layout.
-  log_decay = pad(log_decay, 3, "edge")
-  gates = jnp.stack([log_decay, log_decay, pad(beta, 3)], axis=3)  # [B, H, N, 3, 64]
+  # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
+  gates = jnp.stack([log_decay, log_decay, beta], axis=3)  # [B, H, N, 3, 64]
   parts = lambda rows: plgpu.SMEM((passes // 2 + 1, rows, key_dim), jnp.float16, transforms=_F16_TILES)
   union = [parts(key_dim),  # Sᵀ; before it (K̃)² (Jacobi), after it x and the steps
            (plgpu.SMEM((ROWS, key_dim), jnp.float32, transforms=_F32_TILES), plgpu.SMEM((ROWS,), jnp.int32))]
@@ -267,15 +275,28 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   ]
   if not lhs_in_registers:  # left operands staged: p̂, the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS), plgpu.SMEM((passes // 2 + 1, ROWS, ROWS), jnp.float16, transforms=_F16_TILES)]
-  out_type = [jax.ShapeDtypeStruct((batch * heads, num_chunks, size, key_dim), jnp.float32)]
+  out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
   if counted:
-    out_type.append(jax.ShapeDtypeStruct((batch * heads, num_chunks, size), jnp.int32))
+    out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   kernel = plgpu.kernel(
-      functools.partial(_kernel, chunk_size=size, heads=heads, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol,
-                        passes=passes, lhs_in_registers=lhs_in_registers),
-      out_type=out_type, scratch_types=scratch, grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"),
+      functools.partial(_kernel, heads=heads, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes),
+      out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=_COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  x, *steps = kernel(flat(pad(rhs, 3)), flat(pad(k, 3)), flat(gates), lam.astype(jnp.float32),
-                     flat(states_kk_t.astype(jnp.float32)))
-  steps = steps[0].reshape(rhs.shape[:-1]) if counted else jnp.full(rhs.shape[:-1], cg_steps, jnp.int32)
-  return x.reshape(rhs.shape), steps
+  x, *steps = kernel(flat(rhs), flat(k), flat(gates), lam.astype(jnp.float32), flat(states_kk_t))
+  unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
+  steps = unpair(steps[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
+  return unpair(x), steps
+
+
+def _pair_chunks(rhs, k, log_decay, beta, states_kk_t):
+  """Chunks of 32 as chunks of 64: A_t depends on the tokens before t alone, so chunks 2m and 2m + 1 are one chunk
+  with chunk 2m's start state and G continued across the pair (an odd count gets an empty last chunk)."""
+  num_chunks = rhs.shape[2]
+  pairs = -(-num_chunks // 2)
+  two = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, 2 * pairs - num_chunks)] + [(0, 0)] * (x.ndim - 3)).reshape(
+      *x.shape[:2], pairs, 2, *x.shape[3:])
+  log_decay = two(log_decay)
+  log_decay = log_decay.at[:, :, :, 1].add(log_decay[:, :, :, 0, -1:])
+  merge = lambda x: x.reshape(*x.shape[:3], 2 * x.shape[4], *x.shape[5:])
+  return (merge(two(rhs)), merge(two(k)), merge(log_decay), merge(two(beta)),
+          states_kk_t[:, :, 0:2 * pairs:2])

@@ -23,19 +23,19 @@ HIGHEST, DEFAULT = lax.Precision.HIGHEST, lax.Precision.DEFAULT
 TOLERANCE = {HIGHEST: 3e-6, DEFAULT: 1e-3}
 
 
-def problem(chunk, key_dim, *, symmetric=True, seed=0, decay_bias=3.0, big_state=False):
-  """Chunk-major rhs, k, log_decay (cumulative), beta, lam, Sᵀ at every chunk start (B=1, H=2, N=1), f32, and the
+def problem(chunk, key_dim, *, chunks=1, symmetric=True, seed=0, decay_bias=3.0, big_state=False):
+  """Chunk-major rhs, k, log_decay (cumulative), beta, lam, Sᵀ at every chunk start (B=1, H=2, N=chunks), f32, and the
   XLA operator of the same system in f64. A non-symmetric initial state (unless `symmetric`) checks that the kernel
   reads Sᵀ, not S; `decay_bias` sets the decays (as random_inputs); `big_state` makes the initial state 10^6 (S + I),
   which outweighs the keys' term and keeps A well conditioned."""
-  q, k, _, g, beta, lam, state = random_inputs(1, chunk, 2, key_dim, 1, with_state=True, seed=seed,
+  q, k, _, g, beta, lam, state = random_inputs(1, chunks * chunk, 2, key_dim, 1, with_state=True, seed=seed,
                                                decay_bias=decay_bias)
   if big_state:
     state = MesaState(1e6 * (state.h_kk + jnp.eye(key_dim)), state.h_kv)
   if not symmetric:
     noise = jax.random.normal(jax.random.key(seed + 1), state.h_kk.shape)
     state = MesaState(state.h_kk + 0.1 * noise, state.h_kv)
-  chunked = lambda x: jnp.moveaxis(x, 2, 1)[:, :, None]  # [B, T, H, ...] -> [B, H, 1, C, ...]
+  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, chunks, chunk, *x.shape[3:])  # -> [B, H, N, C, ...]
   q, k, g, beta = map(chunked, (q, k, g, beta))
   log_decay = jnp.cumsum(g, axis=-1)
   with jax.enable_x64(True):
@@ -46,7 +46,7 @@ def problem(chunk, key_dim, *, symmetric=True, seed=0, decay_bias=3.0, big_state
 
 
 @pytest.mark.parametrize("chunk, key_dim, cg_init, precision", [
-    (32, 64, "jacobi", HIGHEST),  # rows 32-63 padding
+    (32, 64, "jacobi", HIGHEST),  # one chunk of 32 and an empty one: 64 rows
     (64, 128, "zero", HIGHEST),
     (64, 64, "jacobi", DEFAULT),
 ])
@@ -89,6 +89,17 @@ def test_converges_to_the_exact_solve(x64):
   exact = jnp.linalg.solve(h_kk + jax.vmap(jnp.diag)(lam), q[0][..., None])[..., 0]  # [T, H, Dk]
   # f32 inputs and 22-bit products: a converged solve is as close to the f64 one as f32 rounding of cond ≲ 1e2 allows.
   assert max_abs(x[0, :, 0], jnp.moveaxis(exact, 0, 1)) <= 1e-5 * scale(exact)
+
+
+def test_chunks_of_32_in_pairs():
+  """Three chunks of 32 as two programs of 64 rows (chunks 0-1 on chunk 0's start state, chunk 2 and an empty one):
+  the same x as the Triton-path kernel, which solves chunk by chunk on each chunk's own state."""
+  args, _ = problem(32, 64, chunks=3, symmetric=False, seed=11)
+  # A tolerance no row reaches in 4 steps: the counted loop, its steps unpaired as well.
+  x, steps = hopper_cg_solve(*args, cg_steps=4, cg_init="jacobi", cg_tol=1e-12, precision=HIGHEST)
+  triton = chunked_cg_solve(*args, cg_steps=4, cg_init="jacobi", precision=HIGHEST)
+  np.testing.assert_array_equal(steps, np.full(args[0].shape[:-1], 4))
+  assert max_abs(x, triton) <= TOLERANCE[HIGHEST] * scale(triton)
 
 
 @pytest.mark.parametrize("decay_bias, big_state", [

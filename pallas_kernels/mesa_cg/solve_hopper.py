@@ -138,7 +138,7 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, 
   counted, jacobi = cg_tol is not None, cg_init == "jacobi"
   steps_gmem = refs[0] if counted else None
   union, k_parts, weights_smem, *staging = refs[counted:]
-  lhs_smem, state_smem, z_smem = staging if staging else (None, None, None)
+  lhs_smem, z_smem = staging if staging else (None, None)
   st_parts, (x_smem, steps_smem), k2_parts = (list(union) + [None])[:3]  # k2_parts only with Jacobi
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
   key_dim, pairs = x_gmem.shape[-1], _pass_pairs(passes)
@@ -202,14 +202,15 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, 
     inverse_sigma_p = 1.0 / sigma_p
     p_parts = _lhs(p * _rows(TOP * inverse_sigma_p, p.shape), passes, lhs_smem)  # p̂ = T p / σ_P
 
-    def scores_round(acc):  # p̂ K̃ᵀ; the state term's operand is made while the tensor cores work
+    state = lambda: _lhs(p * _rows(state_factor * inverse_sigma_p, p.shape), passes, lhs_smem)  # T τ e^G σ_S p / σ_P
+
+    def scores_round(acc):  # p̂ K̃ᵀ; in registers, the state term's operand is made while the tensor cores work
       for a, b in pairs:
         plgpu.wgmma(acc, p_parts[a], k_parts.at[b].T)
-      state = _lhs(p * _rows(state_factor * inverse_sigma_p, p.shape), passes, state_smem)  # T τ e^G σ_S p / σ_P
-      return acc[...], (state if state_smem is None else ())  # (refs stay in the scope that owns them)
+      return acc[...], (state() if lhs_smem is None else ())
 
     scores, state_parts = pl.run_scoped(scores_round, plgpu.ACC((ROWS, ROWS), jnp.float32))
-    state_parts = state_parts or _staged(state_smem, passes)
+    state_parts = state_parts or state()  # staged: in p̂'s memory, which the scores round has read
     z_parts = _lhs(scores * plgpu.load(weights_smem, layout=_WGMMA), passes, z_smem)  # W ⊙ p̂ K̃ᵀ
 
     def matvec_round(acc):
@@ -273,8 +274,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
       parts(ROWS),  # K̃
       plgpu.SMEM((ROWS, ROWS), jnp.float32, transforms=_F32_TILES),  # W
   ]
-  if not lhs_in_registers:  # left operands staged: p̂, the state term's, and Ẑ (or the Jacobi mask)
-    scratch += [parts(ROWS), parts(ROWS), plgpu.SMEM((passes // 2 + 1, ROWS, ROWS), jnp.float16, transforms=_F16_TILES)]
+  if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
+    scratch += [parts(ROWS), plgpu.SMEM((passes // 2 + 1, ROWS, ROWS), jnp.float16, transforms=_F16_TILES)]
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))

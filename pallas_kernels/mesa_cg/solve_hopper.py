@@ -45,7 +45,7 @@ _F16_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # ev
 _F32_TILES = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 # The kernel orders its own shared memory accesses (commit_smem before a wgmma or TMA reads what threads wrote): Pallas'
 # automatic barriers around every shared-memory load and store would put barriers inside the CG loop.
-_COMPILER_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, reduction_scratch_bytes=1024)
+_COMPILER_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, reduction_scratch_bytes=64)
 
 
 def split_passes(precision) -> int:
@@ -131,7 +131,7 @@ def _cols(v, shape):
   return lax.broadcast_in_dim(v, shape, [1])
 
 
-def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, heads: int,
+def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *refs,
             cg_steps: int, cg_init: str, cg_tol: float | None, passes: int):
   """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance). With
   `staging` refs the wgmma left operands go through shared memory."""
@@ -142,8 +142,9 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, 
   st_parts, (x_smem, steps_smem), k2_parts = (list(union) + [None])[:3]  # k2_parts only with Jacobi
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
   key_dim, pairs = x_gmem.shape[-1], _pass_pairs(passes)
-  # λ per column (Dk / 4 registers a thread): loaded where it is used, ptxas decides whether to keep it.
-  load_lam = lambda: plgpu.load(lam_gmem.at[lax.rem(bh, heads)], layout=_COL, optimized=False)
+  # λ per column (Dk / 4 registers a thread; ptxas spills it or not: read from shared memory in the loop instead, it
+  # spilled as much and took another KiB).
+  load_lam = lambda: plgpu.load(features_gmem.at[bh, n, 0], layout=_COL, optimized=False)
 
   keys = plgpu.load(k_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk]
   sigma_k = _max_abs(keys)
@@ -182,11 +183,9 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs, 
   sigma_s = functools.reduce(jnp.maximum, [_max_abs(block) for block in blocks])
   for h, block in enumerate(blocks):
     _store_parts(st_parts.at[:, pl.ds(64 * h, 64)], block * (TOP / sigma_s), passes)  # S̃ᵀ
-    if jacobi:  # S_ii, i in this block's rows j = i, as a per-column value
-      rows = plgpu.broadcasted_iota(jnp.int32, block.shape, 0, layout=_WGMMA) + 64 * h
-      cols = plgpu.broadcasted_iota(jnp.int32, block.shape, 1, layout=_WGMMA)
-      state_diagonal = jnp.sum(jnp.where(rows == cols, block, 0.0), axis=0)
-      diagonal = diagonal + _rows(jnp.exp(log_decay_t), diagonal.shape) * _cols(state_diagonal, diagonal.shape)
+  if jacobi:
+    state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=_COL, optimized=False)
+    diagonal = diagonal + _rows(jnp.exp(log_decay_t), diagonal.shape) * _cols(state_diagonal, diagonal.shape)
   plgpu.commit_smem()
 
   # Round 2 computes κ_t (A_t − Λ) p_t with κ_t = T² τ_t / σ_P,t: τ_t puts the larger of its two terms, e^{G_t} σ_S and
@@ -280,10 +279,14 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   kernel = plgpu.kernel(
-      functools.partial(_kernel, heads=heads, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes),
+      functools.partial(_kernel, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=_COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  x, *steps = kernel(flat(rhs), flat(k), flat(gates), lam.astype(jnp.float32), flat(states_kk_t))
+  states_kk_t = states_kk_t[:, :, :programs]
+  # Per program: λ and diag(S) (for the Jacobi start; a gather here, where the kernel would reduce across warps).
+  features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
+                        jnp.diagonal(states_kk_t, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
+  x, *steps = kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t))
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
   steps = unpair(steps[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
   return unpair(x), steps

@@ -1,14 +1,15 @@
 """Device: the Hopper CG solves (Pallas Mosaic GPU) next to the Triton-path solve kernel, on the inputs' own states.
 
 One process, identical f32 inputs (q as right-hand sides, unit keys, the chunk start states of the keys). Kernels:
-`rows` (solve_hopper: one warpgroup per chunk, systems as rows, wgmma left operands in registers), `rows_smem` (the
-same with the left operands staged in shared memory), `columns` (solve_hopper_columns, the first layout) and `triton`
-(solve.chunked_cg_solve). Per chunk size and precision: ms (median), tensor-core TFLOP/s of the matvecs (per step and
-chunk 2·C·Dk² + 4·C²·Dk, times the fp16 passes: 3 for "highest", 1 for "default"), and max |x − x_ref| / max |x_ref|
-against an f32 "highest" XLA CG of the same steps written here (einsums, `conjugate_gradient`); then, at the first
-chunk size, each `rows` kernel with a tolerance (steps taken, mean and max). A kernel that fails to compile or run is
-reported in one line here and in full in --error_log, and the rest goes on. With MOSAIC_GPU_DUMP_PTXAS=1 in the
-environment ptxas reports each Mosaic kernel's registers and spills as it compiles (the line before its result).
+`rows` (solve_hopper: one warpgroup per 64 tokens, systems as rows, wgmma left operands in registers), `rows_smem`
+(the same with the left operands staged in shared memory), `columns` (solve_hopper_columns, the first layout) and
+`triton` (solve.chunked_cg_solve). Per precision ("default" first, at every chunk size) and chunk size: ms (median),
+tensor-core TFLOP/s of the matvecs (per step and chunk 2·C·Dk² + 4·C²·Dk, times the fp16 passes: 3 for "highest", 1
+for "default"), and max |x − x_ref| / max |x_ref| against an f32 "highest" XLA CG of the same steps written here
+(einsums, `conjugate_gradient`); at the first precision and chunk size, then each `rows` kernel with a tolerance
+(steps taken, mean and max). A kernel that fails to compile or run is reported in one line here and in full in
+--error_log, and the rest goes on. With MOSAIC_GPU_DUMP_PTXAS=1 in the environment ptxas reports each Mosaic kernel's
+registers and spills as it compiles (after the kernel's "---" line).
 
   python benchmarks/solve_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --chunks=64,32 --cg_steps=30
 """
@@ -126,34 +127,35 @@ def run(name, solve, operands, reference, rows, flop=None):
   return x
 
 
-def bench_chunk_size(inputs, chunk_size, rows, with_tol):
+def problem(inputs, chunk_size):
+  """Kernel operands at this chunk size, the reference x and the matvec flops per fp16 pass."""
   q, k, _, g, beta, lam = inputs
   q, k, log_decay, beta = chunk_major(q, k, g, beta, chunk_size)
   states = chunk_states(k, log_decay, beta)
   reference = np.asarray(reference_solve(q, k, log_decay, beta, lam, states, steps=FLAGS.cg_steps,
                                          cg_init=FLAGS.cg_init))
-  operands = (q, k, log_decay, beta, lam, jnp.matrix_transpose(states))
-  del states
   batch, heads, num_chunks, _, dim = q.shape
   flop_per_pass = batch * heads * num_chunks * FLAGS.cg_steps * (2 * chunk_size * dim ** 2 + 4 * chunk_size ** 2 * dim)
-  for precision in FLAGS.precisions.split(","):
-    solutions = {}
-    for kernel in FLAGS.kernels.split(","):
+  return (q, k, log_decay, beta, lam, jnp.matrix_transpose(states)), reference, flop_per_pass
+
+
+def bench(operands, reference, flop_per_pass, name, precision, rows, with_tol):
+  """Every kernel on one problem at one precision; with_tol: then the rows kernels with a tolerance."""
+  solutions = {}
+  for kernel in FLAGS.kernels.split(","):
+    solve = jax.jit(functools.partial(KERNELS[kernel], cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
+                                      precision=jax.lax.Precision(precision)))
+    x = run(f"{kernel} {name} {precision}", solve, operands, reference, rows, flop_per_pass * PASSES[precision])
+    if x is not None:
+      solutions[kernel] = x
+  if "triton" in solutions:
+    print("vs triton: " + ", ".join(f"{kernel} {rel(x, solutions['triton']):.1e}" for kernel, x in solutions.items()
+                                    if kernel != "triton"), flush=True)
+  for kernel in FLAGS.kernels.split(",") if with_tol else ():
+    if kernel.startswith("rows"):
       solve = jax.jit(functools.partial(KERNELS[kernel], cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
-                                        precision=jax.lax.Precision(precision)))
-      x = run(f"{kernel} C={chunk_size} {precision}", solve, operands, reference, rows,
-              flop_per_pass * PASSES[precision])
-      if x is not None:
-        solutions[kernel] = x
-    if "triton" in solutions:
-      print("vs triton: " + ", ".join(f"{kernel} {rel(x, solutions['triton']):.1e}" for kernel, x in solutions.items()
-                                      if kernel != "triton"), flush=True)
-    if with_tol:
-      for kernel in FLAGS.kernels.split(","):
-        if kernel.startswith("rows"):
-          solve = jax.jit(functools.partial(KERNELS[kernel], cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
-                                            cg_tol=FLAGS.cg_tol, precision=jax.lax.Precision(precision)))
-          run(f"{kernel} C={chunk_size} {precision} tol={FLAGS.cg_tol:g}", solve, operands, reference, rows)
+                                        cg_tol=FLAGS.cg_tol, precision=jax.lax.Precision(precision)))
+      run(f"{kernel} {name} {precision} tol={FLAGS.cg_tol:g}", solve, operands, reference, rows)
 
 
 def main(argv):
@@ -162,12 +164,16 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} H={heads} Dk={dim} "
         f"cg_steps={FLAGS.cg_steps} cg_init={FLAGS.cg_init}, f32 inputs, median of {FLAGS.repeats}", flush=True)
   inputs = make_inputs(batch, length, heads, dim, jnp.float32)
-  rows = []
-  for i, chunk_size in enumerate(int(c) for c in FLAGS.chunks.split(",")):
-    try:
-      bench_chunk_size(inputs, chunk_size, rows, with_tol=i == 0 and FLAGS.cg_tol > 0)
-    except Exception as error:  # e.g. the reference itself: go on with the next chunk size
-      log_failure(f"C={chunk_size}", error)
+  problems, rows = {}, []
+  # Precision outermost: the first one at every chunk size before the next one (a run cut short keeps those).
+  for i, precision in enumerate(FLAGS.precisions.split(",")):
+    for j, chunk_size in enumerate(int(c) for c in FLAGS.chunks.split(",")):
+      try:
+        if chunk_size not in problems:
+          problems[chunk_size] = problem(inputs, chunk_size)
+        bench(*problems[chunk_size], f"C={chunk_size}", precision, rows, with_tol=i == j == 0 and FLAGS.cg_tol > 0)
+      except Exception as error:  # e.g. the reference itself: go on with the next chunk size
+        log_failure(f"C={chunk_size}", error)
   print("\n| kernel | ms | tensor TFLOP/s | max err / max |x_ref| | CG steps |\n|---|---|---|---|---|")
   for name, ms, tflops, error, steps in rows:
     print(f"| {name} | {ms:.3f} | {tflops:.1f} | {error:.1e} | {steps} |")

@@ -143,7 +143,8 @@ def tools() -> dict:
 def main(argv):
   del argv
   paths = tools()
-  print(f"C={FLAGS.chunk_size} Dk={FLAGS.head_dim} {FLAGS.matmul_precision} cg_init={FLAGS.cg_init} cg_tol={FLAGS.cg_tol:g}")
+  print(f"C={FLAGS.chunk_size} Dk={FLAGS.head_dim} {FLAGS.matmul_precision} cg_init={FLAGS.cg_init} "
+        f"cg_tol={FLAGS.cg_tol:g}")
   for name in _KERNELS.value.split(","):
     for text in kernel_modules(name):
       with tempfile.TemporaryDirectory() as folder:

@@ -63,7 +63,7 @@ def split_passes(precision) -> int:
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
   """Why the Hopper solve cannot take these sizes, or None."""
   if chunk_size not in (32, 64):
-    return f"chunk_size={chunk_size}: the Hopper solve takes 32 or 64 (one wgmma M group of 64 rows)"
+    return f"chunk_size={chunk_size}: the Hopper solve takes 32 or 64 (64 tokens a warpgroup: one chunk or two)"
   if key_dim not in (64, 128):
     return f"key_dim={key_dim}: the Hopper solve takes 64 or 128 (128-byte fp16 operand rows)"
   if jnp.dtype(dtype) != jnp.float32:
@@ -104,10 +104,6 @@ def _lhs(x, passes: int, staging):
     return _parts(x, passes)
   _store_parts(staging, x, passes)
   plgpu.commit_smem()
-  return _staged(staging, passes)
-
-
-def _staged(staging, passes: int):
   return [staging.at[i] for i in range(passes // 2 + 1)]
 
 
@@ -162,7 +158,7 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
   diff = _rows(log_decay_t, shape) - _cols(log_decay_s, shape)
   mask = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0) * _cols(beta_s, shape)  # M = e^{G_t−G_s} β_s [s ≤ t]
   mask_max = jnp.maximum(jnp.max(mask, axis=1), SMALLEST_SCALE)
-  plgpu.commit_smem()
+  plgpu.commit_smem()  # K̃ and (K / σ_K)² visible to the wgmma
 
   diagonal = None
   if jacobi:  # diag(A_t)_i = e^{G_t} S_ii + Σ_s M_ts K_si² + λ_i, the middle term a product with (K / σ_K)²
@@ -174,7 +170,8 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
       return acc[...]
 
     out = (ROWS, key_dim)
-    diagonal = (_rows(sigma_k * sigma_k * mask_max / TOP ** 2, out) * pl.run_scoped(squares, plgpu.ACC(out, jnp.float32))
+    squared = pl.run_scoped(squares, plgpu.ACC(out, jnp.float32))
+    diagonal = (_rows(sigma_k * sigma_k * mask_max / TOP ** 2, out) * squared
                 + _cols(load_lam(), out))
 
   # Sᵀ in blocks of 64 rows j, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed).

@@ -1,11 +1,15 @@
-"""Device: the Hopper CG solve (Pallas Mosaic GPU) next to the Triton-path solve kernel, on the inputs' own states.
+"""Device: the Hopper CG solves (Pallas Mosaic GPU) next to the Triton-path solve kernel, on the inputs' own states.
 
-One process, identical f32 inputs (q as right-hand sides, unit keys, the chunk start states of the XLA path). Per
-chunk size and precision: ms (median), tensor-core TFLOP/s of the matvecs (per step and chunk 2·C·Dk² + 4·C²·Dk,
-times the fp16 passes: 3 for "highest", 1 for "default"), and max |x − x_xla| / max |x_xla| against the f32
-"highest" XLA CG of the same steps; then, at the first chunk size, the Hopper solve with a tolerance (steps taken,
-mean and max). A kernel that fails to compile or run is reported in one line here and in full in --error_log, and the
-rest goes on. With MOSAIC_GPU_DUMP_PTXAS=1 in the environment ptxas reports each Mosaic kernel's registers and spills.
+One process, identical f32 inputs (q as right-hand sides, unit keys, the chunk start states of the keys). Kernels:
+`rows` (solve_hopper: one warpgroup per 64 tokens, systems as rows, wgmma left operands in registers), `rows_smem`
+(the same with the left operands staged in shared memory), `columns` (solve_hopper_columns, the first layout) and
+`triton` (solve.chunked_cg_solve). Per precision ("default" first, at every chunk size) and chunk size: ms (median),
+tensor-core TFLOP/s of the matvecs (per step and chunk 2·C·Dk² + 4·C²·Dk, times the fp16 passes: 3 for "highest", 1
+for "default"), and max |x − x_ref| / max |x_ref| against an f32 "highest" XLA CG of the same steps written here
+(einsums, `conjugate_gradient`); at the first precision and chunk size, then each `rows` kernel with a tolerance
+(steps taken, mean and max). A kernel that fails to compile or run is reported in one line here and in full in
+--error_log, and the rest goes on. With MOSAIC_GPU_DUMP_PTXAS=1 in the environment ptxas reports each Mosaic kernel's
+registers and spills as it compiles (after the kernel's "---" line).
 
   python benchmarks/solve_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --chunks=64,32 --cg_steps=30
 """
@@ -20,18 +24,23 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.ops_bench import make_inputs, time_ms
-from mesanet_jax.ops.chunked import operator_class
-from mesanet_jax.ops.inputs import zero_state
+from mesanet_jax.ops.cg import conjugate_gradient
+from mesanet_jax.ops.inputs import initial_guess
 from pallas_kernels.mesa_cg import chunked_cg_solve
 from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
+from pallas_kernels.mesa_cg.solve_hopper_columns import hopper_cg_solve as columns_cg_solve
 
 flags.DEFINE_string("chunks", "64,32", "chunk sizes, in this order")
-flags.DEFINE_string("kernels", "hopper,triton", "solve kernels to time, in this order")
-flags.DEFINE_string("precisions", "highest,default", "matmul precisions")
-flags.DEFINE_float("hopper_tol", 1e-4, "tolerance of one more Hopper run at the first chunk size and precision (0: none)")
+flags.DEFINE_string("kernels", "rows,rows_smem,columns,triton", "solve kernels to time, in this order")
+flags.DEFINE_string("precisions", "default,highest", "matmul precisions, in this order")
+flags.DEFINE_float("hopper_tol", 1e-4, "tolerance of one more run of the rows kernels at the first chunk size (0: none)")
 flags.DEFINE_string("error_log", "", "file for the full tracebacks of kernels that failed (default: stderr)")
 FLAGS = flags.FLAGS
 PASSES = {"highest": 3, "high": 3, "default": 1}
+KERNELS = {"rows": functools.partial(hopper_cg_solve, lhs_in_registers=True),
+           "rows_smem": functools.partial(hopper_cg_solve, lhs_in_registers=False),
+           "columns": columns_cg_solve, "triton": chunked_cg_solve}
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def chunk_major(q, k, g, beta, chunk_size):
@@ -40,6 +49,41 @@ def chunk_major(q, k, g, beta, chunk_size):
   chunks = lambda x: jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(batch, heads, length // chunk_size,
                                                                        chunk_size, *x.shape[3:])
   return chunks(q), chunks(k), jnp.cumsum(chunks(g), axis=-1), chunks(beta)
+
+
+@jax.jit
+def chunk_states(k, log_decay, beta):
+  """S_n = Σ_{s before chunk n} (decay from s to chunk n's start) β_s k_s k_sᵀ, [B, H, N, Dk, Dk], from zero."""
+  end = log_decay[..., -1:]
+  within = jnp.einsum("bhnsi,bhnsj->bhnij", k * (jnp.exp(end - log_decay) * beta)[..., None], k, precision=HIGHEST)
+
+  def step(state, inputs):
+    within_n, end_n = inputs
+    return jnp.exp(end_n)[..., None, None] * state + within_n, state
+
+  inputs = (jnp.moveaxis(within, 2, 0), jnp.moveaxis(end[..., 0], 2, 0))
+  _, states = jax.lax.scan(step, jnp.zeros_like(within[:, :, 0]), inputs)
+  return jnp.moveaxis(states, 0, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "cg_init"))
+def reference_solve(q, k, log_decay, beta, lam, states, *, steps, cg_init):
+  """f32 "highest" XLA CG of the chunked matvec, A_t = e^{G_t} S + Σ_{s ≤ t} e^{G_t − G_s} β_s k_s k_sᵀ + Λ."""
+  size = q.shape[-2]
+  causal = jnp.tril(jnp.ones((size, size), bool))
+  weights = jnp.where(causal, jnp.exp(jnp.where(causal, log_decay[..., :, None] - log_decay[..., None, :], 0.0)),
+                      0.0) * beta[..., None, :]
+  lam_rows = lam[None, :, None, None, :]
+  to_start = jnp.exp(log_decay)[..., None]
+
+  def matvec(p):
+    scores = jnp.einsum("bhnti,bhnsi->bhnts", p, k, precision=HIGHEST) * weights
+    return (to_start * jnp.einsum("bhnij,bhntj->bhnti", states, p, precision=HIGHEST)
+            + jnp.einsum("bhnts,bhnsi->bhnti", scores, k, precision=HIGHEST) + lam_rows * p)
+
+  diagonal = (to_start * jnp.diagonal(states, axis1=-2, axis2=-1)[..., None, :]
+              + jnp.einsum("bhnts,bhnsi->bhnti", weights, k * k, precision=HIGHEST) + lam_rows)
+  return conjugate_gradient(matvec, q, initial_guess(q, diagonal, cg_init), steps=steps)[0]
 
 
 def log_failure(name, error):
@@ -54,8 +98,8 @@ def log_failure(name, error):
 
 
 def solution(out):
-  """x of a solve that returns x or (x, steps)."""
-  return out[0] if isinstance(out, (tuple, list)) else out
+  """(x, steps or None) of a solve that returns x or (x, steps)."""
+  return tuple(out) if isinstance(out, (tuple, list)) else (out, None)
 
 
 def rel(a, b) -> float:
@@ -63,55 +107,55 @@ def rel(a, b) -> float:
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def bench_chunk_size(inputs, chunk_size, rows, with_tol):
-  q, k, v, g, beta, lam = inputs
+def run(name, solve, operands, reference, rows, flop=None):
+  """Compiles, times and checks one solve; appends (name, ms, TFLOP/s, error, steps) to rows."""
+  print(f"--- {name}", flush=True)
+  try:
+    start = time.perf_counter()
+    x, steps = solution(solve(*operands))
+    x = np.asarray(x)
+    first = time.perf_counter() - start  # compile and first run
+    ms = time_ms(solve, *operands)
+  except Exception as error:  # a kernel that does not compile or run: report it, go on with the rest
+    log_failure(name, error)
+    return None
+  tflops = flop / ms / 1e9 if flop else float("nan")
+  steps = "" if steps is None else f"steps mean {float(np.mean(steps)):.1f} max {int(np.max(steps))}"
+  rows.append((name, ms, tflops, rel(x, reference), steps))
+  print(f"{name:<28} {ms:9.3f} ms {tflops:8.1f} TFLOP/s  err {rows[-1][3]:.1e}  {steps}  (compile+run {first:.0f} s)",
+        flush=True)
+  return x
+
+
+def problem(inputs, chunk_size):
+  """Kernel operands at this chunk size, the reference x and the matvec flops per fp16 pass."""
+  q, k, _, g, beta, lam = inputs
   q, k, log_decay, beta = chunk_major(q, k, g, beta, chunk_size)
+  states = chunk_states(k, log_decay, beta)
+  reference = np.asarray(reference_solve(q, k, log_decay, beta, lam, states, steps=FLAGS.cg_steps,
+                                         cg_init=FLAGS.cg_init))
   batch, heads, num_chunks, _, dim = q.shape
-  highest = jax.lax.Precision.HIGHEST
-  op = jax.jit(lambda *a: operator_class("xla").build(*a, highest))(
-      k, k, log_decay, beta, lam, zero_state(batch, heads, dim, dim))
-  reference = np.asarray(jax.jit(lambda op, q: op.solve(q, FLAGS.cg_steps, FLAGS.cg_init, None)[0])(op, q))
-  operands = (q, k, log_decay, beta, lam, op.states.kk_t)
-  del op
   flop_per_pass = batch * heads * num_chunks * FLAGS.cg_steps * (2 * chunk_size * dim ** 2 + 4 * chunk_size ** 2 * dim)
-  kernels = {"hopper": hopper_cg_solve, "triton": chunked_cg_solve}
+  return (q, k, log_decay, beta, lam, jnp.matrix_transpose(states)), reference, flop_per_pass
+
+
+def bench(operands, reference, flop_per_pass, name, precision, rows, with_tol):
+  """Every kernel on one problem at one precision; with_tol: then the rows kernels with a tolerance."""
   solutions = {}
-  for precision in FLAGS.precisions.split(","):
-    for kernel in FLAGS.kernels.split(","):
-      name = f"{kernel} C={chunk_size} {precision}"
-      solve = jax.jit(functools.partial(kernels[kernel], cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
-                                        precision=jax.lax.Precision(precision)))
-      try:
-        start = time.perf_counter()
-        x = np.asarray(solution(solve(*operands)))
-        first = time.perf_counter() - start  # compile and first run
-        ms = time_ms(solve, *operands)
-      except Exception as error:  # a kernel that does not compile or run: report it, go on with the rest
-        log_failure(name, error)
-        continue
-      solutions[kernel, precision] = x
-      tflops = flop_per_pass * PASSES[precision] / ms / 1e9
-      row = (name, ms, tflops, rel(x, reference))
-      rows.append(row)
-      print(f"{row[0]:<24} {ms:9.3f} ms {tflops:8.1f} TFLOP/s  err vs XLA {row[3]:.1e}  (compile+run {first:.0f} s)",
-            flush=True)
-    if ("hopper", precision) in solutions and ("triton", precision) in solutions:
-      print(f"hopper vs triton C={chunk_size} {precision}: "
-            f"{rel(solutions['hopper', precision], solutions['triton', precision]):.1e}", flush=True)
-  if with_tol:
-    precision = FLAGS.precisions.split(",")[0]
-    name = f"hopper C={chunk_size} {precision} tol={FLAGS.hopper_tol:g}"
-    solve = jax.jit(functools.partial(hopper_cg_solve, cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
-                                      cg_tol=FLAGS.hopper_tol, precision=jax.lax.Precision(precision)))
-    try:
-      x, steps = solve(*operands)
-      ms = time_ms(solve, *operands)
-      steps = np.asarray(steps)
-      rows.append((name, ms, float("nan"), rel(x, reference)))
-      print(f"{name:<24} {ms:9.3f} ms  steps mean {steps.mean():.1f} max {steps.max()}  err vs XLA "
-            f"{rows[-1][3]:.1e}", flush=True)
-    except Exception as error:
-      log_failure(name, error)
+  for kernel in FLAGS.kernels.split(","):
+    solve = jax.jit(functools.partial(KERNELS[kernel], cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
+                                      precision=jax.lax.Precision(precision)))
+    x = run(f"{kernel} {name} {precision}", solve, operands, reference, rows, flop_per_pass * PASSES[precision])
+    if x is not None:
+      solutions[kernel] = x
+  if "triton" in solutions:
+    print("vs triton: " + ", ".join(f"{kernel} {rel(x, solutions['triton']):.1e}" for kernel, x in solutions.items()
+                                    if kernel != "triton"), flush=True)
+  for kernel in FLAGS.kernels.split(",") if with_tol else ():
+    if kernel.startswith("rows"):
+      solve = jax.jit(functools.partial(KERNELS[kernel], cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
+                                        cg_tol=FLAGS.hopper_tol, precision=jax.lax.Precision(precision)))
+      run(f"{kernel} {name} {precision} tol={FLAGS.hopper_tol:g}", solve, operands, reference, rows)
 
 
 def main(argv):
@@ -120,15 +164,19 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} H={heads} Dk={dim} "
         f"cg_steps={FLAGS.cg_steps} cg_init={FLAGS.cg_init}, f32 inputs, median of {FLAGS.repeats}", flush=True)
   inputs = make_inputs(batch, length, heads, dim, jnp.float32)
-  rows = []
-  for i, chunk_size in enumerate(int(c) for c in FLAGS.chunks.split(",")):
-    try:
-      bench_chunk_size(inputs, chunk_size, rows, with_tol=i == 0 and FLAGS.hopper_tol > 0)
-    except Exception as error:  # e.g. the XLA reference itself: go on with the next chunk size
-      log_failure(f"C={chunk_size}", error)
-  print(f"\n| kernel | ms | tensor TFLOP/s | max err / max |x_xla| |\n|---|---|---|---|")
-  for name, ms, tflops, error in rows:
-    print(f"| {name} | {ms:.3f} | {tflops:.1f} | {error:.1e} |")
+  problems, rows = {}, []
+  # Precision outermost: the first one at every chunk size before the next one (a run cut short keeps those).
+  for i, precision in enumerate(FLAGS.precisions.split(",")):
+    for j, chunk_size in enumerate(int(c) for c in FLAGS.chunks.split(",")):
+      try:
+        if chunk_size not in problems:
+          problems[chunk_size] = problem(inputs, chunk_size)
+        bench(*problems[chunk_size], f"C={chunk_size}", precision, rows, with_tol=i == j == 0 and FLAGS.hopper_tol > 0)
+      except Exception as error:  # e.g. the reference itself: go on with the next chunk size
+        log_failure(f"C={chunk_size}", error)
+  print("\n| kernel | ms | tensor TFLOP/s | max err / max |x_ref| | CG steps |\n|---|---|---|---|---|")
+  for name, ms, tflops, error, steps in rows:
+    print(f"| {name} | {ms:.3f} | {tflops:.1f} | {error:.1e} | {steps} |")
 
 
 if __name__ == "__main__":

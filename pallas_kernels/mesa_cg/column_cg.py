@@ -1,9 +1,10 @@
 """`mesanet_jax.ops.cg.conjugate_gradient` for systems held in columns, as the Hopper solve holds its CG vectors.
 
-The Hopper kernel (`solve_hopper`) keeps a warpgroup's vectors as [Dk, systems]: its wgmma accumulators put Dk across
-the warps, and Mosaic GPU has no register transpose to give `conjugate_gradient` the [systems, Dk] rows it reduces
-over. This is the same recursion over axis 0, line for line; tests/pallas/test_solve_hopper.py checks that both give
-the same iterate after every step and the same stops.
+The first Hopper kernel (`solve_hopper_columns`) keeps a warpgroup's vectors as [Dk, systems]: its wgmma
+accumulators put Dk across the warps, and Mosaic GPU has no register transpose to give `conjugate_gradient` the
+[systems, Dk] rows it reduces over. This is the same recursion over axis 0, line for line;
+tests/pallas/test_solve_hopper_columns.py checks that both give the same iterate after every step and the same stops.
+(`solve_hopper`, systems as rows, traces `conjugate_gradient` itself; this module goes with the first kernel.)
 """
 import jax.numpy as jnp
 from jax import lax

@@ -1,24 +1,27 @@
-"""Fused chunkwise CG solve for Hopper (sm_90): Pallas Mosaic GPU, wgmma from shared memory.
+"""Fused chunkwise CG solve for Hopper (sm_90): Pallas Mosaic GPU, one warpgroup per 64 tokens, systems as rows.
 
-Same contract as `solve.chunked_cg_solve`: x_t = (H_kk[t] + Λ)⁻¹ rhs_t for every token of a chunk, with the chunked
-matvec of DESIGN.md §1. One CTA per (batch·head, chunk) stages the chunk's state S and keys K in shared memory once, as
-fp16 parts of operands scaled to max |·| = 1 (`chunk.SplitDot`: 3 passes f32-accurate, 1 pass TF32-class), and runs
-every CG step on chip. Its C rows are split over C/32 warpgroups, each an independent CG over 32 systems.
+Same contract as `solve.chunked_cg_solve`: x_t = (H_kk[t] + Λ)⁻¹ rhs_t for every token, with the chunked matvec of
+DESIGN.md §1. A CTA of one warpgroup takes 64 tokens (a chunk of 64, or two chunks of 32 on the first one's start
+state: `_pair_chunks`), stages their Sᵀ and K in shared memory once as fp16 parts (`chunk.SplitDot`: 3 passes
+f32-accurate, 1 pass TF32-class) and runs every CG step on chip. The CG vectors are [64, Dk] arrays in the wgmma
+accumulator layout (row t = token t), so `mesanet_jax.ops.cg.conjugate_gradient` is traced as it is: its row dots
+reduce within a quad of lanes, with no shared memory and no barrier. A matvec is two rounds of wgmma whose left
+operands are the fp16 parts of register arrays (as flash attention 3 feeds P·V), the right ones staged:
 
-A warpgroup holds its CG vectors transposed, [Dk, 32] (column t = system t): the wgmma accumulator puts its M
-dimension across the warps, and only M = Dk keeps every product at M ≥ 64 for 32 systems. One step is
+    scores = p̂ K̃ᵀ                                   (M = 64 tokens, N = 64 keys, K = Dk)
+    κ (A − Λ) p = â S̃ᵀ + (W ⊙ scores) K̃              (N = Dk; K = Dk, then 64 keys)
+    A p = that / κ + λ ⊙ p
 
-    Y = [S; K] Pᵀ                      (M = Dk + 64, N = 32, K = Dk; P = the scaled search directions)
-    (A P)ᵀ = e^{G_t} (S Pᵀ) + Kᵀ (Mᵀ ⊙ K Pᵀ) + λ ⊙ Pᵀ,  Mᵀ_st = e^{G_t − G_s} β_s [s ≤ t]
-
-with both 16-bit operands of every product in shared memory (the state as its transpose Sᵀ, read transposed). Scales:
-Sᵀ per column (rows of S) and K whole, once per CTA; P per column (system) every step; Mᵀ ⊙ K Pᵀ by its bound
-Dk·max_s Mᵀ_st, so that the step needs three cross-warp reductions (max |P|, pᵀAp, rᵀr) and no more. Shared memory
-(C=64, 3 passes): Sᵀ 64 KiB, K 32 KiB, and per warpgroup P 16, Mᵀ ⊙ K Pᵀ 8, rhs/x 16 KiB, ~190 KiB in all.
-`mesanet_jax.ops.cg.conjugate_gradient` cannot be traced here: it reduces over the last axis of [systems, Dk]
-vectors, Mosaic GPU has no register transpose, and [64, Dk] f32 vectors (the least wgmma allows with systems as
-rows) need 64 registers each per thread, 192 for x, r, p. `column_cg.column_cg` is its transcription over axis 0,
-checked against it iterate for iterate (tests/pallas/test_solve_hopper.py).
+with p̂ = T p / σ_P (σ_P = max |p| per row), S̃ᵀ = T Sᵀ / max |S|, K̃ = T K / max |K|, T = 2^15: every fp16 operand at
+the top of fp16's range, so that the parts of its small entries stay normal. κ_t = T² τ_t / σ_P,t, and τ_t puts the
+larger of row t's two terms, e^{G_t} σ_S and σ_K² Dk max_s M_ts (|p̂·k̃_s| ≤ Dk T²), at T: â = T τ e^{G_t} σ_S p / σ_P
+and W = τ σ_K² M / T, M_ts = e^{G_t − G_s} β_s [s ≤ t]; the smaller term loses only what lies below fp16's range.
+Shared memory (Dk = 128): Sᵀ 32 KiB and K 16 KiB per fp16 part, W 16 KiB; the Jacobi diagonal's (K / σ_K)² and the
+output borrow Sᵀ's memory before and after the loop. 1 pass fits two CTAs per SM, 3 passes just (113 KiB each).
+x, r, p (192 of 255 registers per thread at Dk = 128) and a matvec's operands do not all fit: ptxas spills some
+(benchmarks/mosaic_resources.py shows how much). Mosaic GPU's interpreter takes wgmma left operands from shared
+memory only: `lhs_in_registers=False` stages them there (the CPU tests run it; on the device it is the variant that
+trades spills for shared memory).
 """
 import functools
 
@@ -28,24 +31,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.inputs import initial_guess
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE, SplitDot
-from pallas_kernels.mesa_cg.column_cg import column_cg
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
-SYSTEMS = 32  # CG systems (tokens) per warpgroup: the N of every product
-_KEY_ROWS = 64  # keys staged per chunk, C padded to one wgmma M group
+ROWS = 64  # systems (and keys) per chunk as the kernel holds them: one wgmma M group
+# Every fp16 operand is scaled to max |·| ≤ T = 2^15: the parts of its small entries (lo ≈ 2^-11 hi) stay normal.
+TOP = 2.0 ** 15
 _WGMMA = plgpu.Layout.WGMMA
-_ROWS, _COLS = _WGMMA.reduce(1), _WGMMA.reduce(0)  # a value per row (feature) / per column (system)
-_SWIZZLE = 64  # bytes: a row of 32 fp16 systems; every wgmma operand uses it (A and B must agree)
-_F16_TILES = (plgpu.TilingTransform((8, _SWIZZLE // 2)), plgpu.SwizzleTransform(_SWIZZLE))
-_F32_TILES = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # TMA-staged f32, read transposed
-# A cross-warp reduction of a [Dk, 32] f32 array to its 32 column values (4 registers per thread) stages 4 × 128 × 8
-# bytes: with that much scratch it takes one round of two warpgroup barriers instead of two rounds.
-# The kernel orders its own shared memory accesses (commit_smem before every wgmma or TMA that reads what threads
-# wrote, an mbarrier where another warpgroup reads it, and wgmma waits before it is rewritten), so Pallas' automatic
-# barriers around every shared-memory load and store (4 per step and operand here) are turned off.
-_COMPILER_PARAMS = plgpu.CompilerParams(reduction_scratch_bytes=4 * 128 * 8, unsafe_no_auto_barriers=True)
+_ROW, _COL = _WGMMA.reduce(1), _WGMMA.reduce(0)  # a value per row (system) / per column (feature or key)
+_F16_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # every wgmma operand: 128-byte rows
+_F32_TILES = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+# The kernel orders its own shared memory accesses (commit_smem before a wgmma or TMA reads what threads wrote): Pallas'
+# automatic barriers around every shared-memory load and store would put barriers inside the CG loop.
+_COMPILER_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, reduction_scratch_bytes=64)
 
 
 def split_passes(precision) -> int:
@@ -63,9 +63,9 @@ def split_passes(precision) -> int:
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
   """Why the Hopper solve cannot take these sizes, or None."""
   if chunk_size not in (32, 64):
-    return f"chunk_size={chunk_size}: the Hopper solve takes 32 or 64 (32 systems per warpgroup)"
+    return f"chunk_size={chunk_size}: the Hopper solve takes 32 or 64 (64 tokens a warpgroup: one chunk or two)"
   if key_dim not in (64, 128):
-    return f"key_dim={key_dim}: the Hopper solve takes 64 or 128 (wgmma M groups of 64 features)"
+    return f"key_dim={key_dim}: the Hopper solve takes 64 or 128 (128-byte fp16 operand rows)"
   if jnp.dtype(dtype) != jnp.float32:
     return f"dtype={jnp.dtype(dtype)}: the Hopper solve takes f32 inputs"
   return None
@@ -87,214 +87,217 @@ def use_hopper_solve(chunk_size: int, key_dim: int, dtype) -> bool:
   return target() == "gpu" and is_hopper() and unsupported_reason(chunk_size, key_dim, dtype) is None
 
 
-def _store_parts(ref, x, passes: int):
-  """ref[0] = fp16(x) and, for 3 passes, ref[1] = fp16(x − fp16(x)), for x already scaled into fp16's range."""
+def _parts(x, passes: int):
+  """fp16(x) and, for 3 passes, fp16(x − fp16(x)), for x already scaled into fp16's range."""
   hi = x.astype(jnp.float16)
-  ref[0] = hi
-  if passes == 3:
-    ref[1] = (x - hi.astype(jnp.float32)).astype(jnp.float16)
+  return (hi,) if passes == 1 else (hi, (x - hi.astype(jnp.float32)).astype(jnp.float16))
 
 
-def _load_transposed(ref):
-  """ref [32, Dk] (f32, tiled) as a [Dk, 32] array in the wgmma accumulator layout."""
-  return plgpu.layout_cast(plgpu.load(ref.T, layout=plgpu.Layout.WGMMA_TRANSPOSED), _WGMMA)
+def _store_parts(ref, x, passes: int):
+  for i, part in enumerate(_parts(x, passes)):
+    ref[i] = part
 
 
-def _store_transposed(ref, x):
-  """ref [32, Dk] = xᵀ for x [Dk, 32]."""
-  ref.T[...] = plgpu.layout_cast(x, plgpu.Layout.WGMMA_TRANSPOSED)
-
-
-def _products(passes: int, *pairs):
-  """Σ over fp16 passes of a_part @ b_part for each (acc shape, a(part), b(part)); f32 results, one per pair."""
-  parts = [(0, 0)] if passes == 1 else [(0, 0), (1, 0), (0, 1)]
-
-  def body(*accs):
-    for acc, (_, a, b) in zip(accs, pairs):
-      for pa, pb in parts:
-        plgpu.wgmma(acc, a(pa), b(pb))
-    return [acc[...] for acc in accs]
-
-  return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for shape, _, _ in pairs))
-
-
-def _stage_chunk(states_t_gmem, kf32, k_loaded, st_parts, k_parts, k2_parts, vectors, *, chunk_size: int,
-                 passes: int, jacobi: bool):
-  """Warpgroup 0: the chunk's Sᵀ and K as scaled fp16 parts in shared memory, and the per-feature vectors.
-
-  st_parts [p, Dk, Dk] = split(Sᵀ / σ_S) with σ_S[i] = max_j |S_ij| (row scales of S); k_parts [p, 64, Dk] =
-  split(K / σ_K), σ_K = max |K|, rows ≥ C zero; k2_parts = split((K / σ_K)²) for the Jacobi diagonal.
-  vectors [3, Dk] f32: σ_S, diag(S), σ_K (repeated).
-  """
-  key_dim = st_parts.shape[-1]
-  scale_max, diagonal = [], []
-  blocks = []
-  for h in range(key_dim // 64):
-    block = plgpu.load(states_t_gmem.at[pl.ds(64 * h, 64)], layout=_WGMMA, optimized=False)  # rows j of Sᵀ
-    blocks.append(block)
-    scale_max.append(jnp.max(jnp.abs(block), axis=0))
-    rows = plgpu.broadcasted_iota(jnp.int32, block.shape, 0, layout=_WGMMA) + 64 * h
-    cols = plgpu.broadcasted_iota(jnp.int32, block.shape, 1, layout=_WGMMA)
-    diagonal.append(jnp.sum(jnp.where(rows == cols, block, 0.0), axis=1))
-    vectors[1, pl.ds(64 * h, 64)] = diagonal[-1]
-  sigma_s = jnp.maximum(functools.reduce(jnp.maximum, scale_max), SMALLEST_SCALE)
-  vectors[0] = sigma_s
-  for h, block in enumerate(blocks):
-    _store_parts(st_parts.at[:, pl.ds(64 * h, 64)], block * (1.0 / sigma_s)[None, :], passes)
-
-  plgpu.barrier_wait(k_loaded)
-  keys = kf32[...]
-  rows = plgpu.broadcasted_iota(jnp.int32, keys.shape, 0, layout=_WGMMA)
-  keys = jnp.where(rows < chunk_size, keys, 0.0)
-  sigma_k = jnp.maximum(jnp.max(jnp.max(jnp.abs(keys), axis=0)), SMALLEST_SCALE)
-  keys = keys * (1.0 / sigma_k)
-  vectors[2] = plgpu.layout_cast(jnp.full((key_dim,), sigma_k, jnp.float32), _ROWS)
-  _store_parts(k_parts, keys, passes)
-  if jacobi:
-    plgpu.commit_smem()  # every thread has read kf32, which k2_parts overwrites
-    _store_parts(k2_parts, keys * keys, passes)
+def _lhs(x, passes: int, staging):
+  """The fp16 parts of x as a wgmma left operand: in registers, or (staging, a shared-memory ref) stored there."""
+  if staging is None:
+    return _parts(x, passes)
+  _store_parts(staging, x, passes)
   plgpu.commit_smem()
+  return [staging.at[i] for i in range(passes // 2 + 1)]
 
 
-def _solve_warpgroup(w: int, rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, steps_gmem, st_parts,
-                     k_parts, z_parts, io, vectors, steps_smem, kf32, k2_parts, p_parts, loaded, staged, diagonal_done,
-                     *, chunk_size: int, heads: int, cg_steps: int, cg_init: str, cg_tol: float | None, passes: int):
-  """Warpgroup w of the CTA of (batch·head, chunk): x for systems [32w, 32w + 32) of the chunk."""
+def _pass_pairs(passes: int):
+  """(a part, b part) of each fp16 product: hi·hi, and for 3 passes lo·hi and hi·lo."""
+  return [(0, 0)] if passes == 1 else [(0, 0), (1, 0), (0, 1)]
+
+
+def _max_abs(x):
+  """max |x| over a whole [64, D] array, floored at SMALLEST_SCALE (a scalar)."""
+  return jnp.maximum(jnp.max(jnp.max(jnp.abs(x), axis=1)), SMALLEST_SCALE)
+
+
+def _rows(v, shape):
+  """A per-row [64] value broadcast along the columns of `shape`."""
+  return lax.broadcast_in_dim(v, shape, [0])
+
+
+def _cols(v, shape):
+  """A per-column value broadcast along the rows of `shape`."""
+  return lax.broadcast_in_dim(v, shape, [1])
+
+
+def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *refs,
+            cg_steps: int, cg_init: str, cg_tol: float | None, passes: int):
+  """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance). With
+  `staging` refs the wgmma left operands go through shared memory."""
+  counted, jacobi = cg_tol is not None, cg_init == "jacobi"
+  steps_gmem = refs[0] if counted else None
+  union, k_parts, weights_smem, *staging = refs[counted:]
+  lhs_smem, z_smem = staging if staging else (None, None)
+  st_parts, (x_smem, steps_smem), k2_parts = (list(union) + [None])[:3]  # k2_parts only with Jacobi
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
-  first, key_dim = w * SYSTEMS, st_parts.shape[-1]
-  jacobi = cg_init == "jacobi"
-  plgpu.copy_gmem_to_smem(rhs_gmem.at[bh, n, pl.ds(first, SYSTEMS)], io.at[w], loaded.at[1 + w])
-  if w == 0:
-    plgpu.copy_gmem_to_smem(k_gmem.at[bh, n], kf32.at[pl.ds(0, chunk_size)], loaded.at[0])
-    _stage_chunk(states_gmem.at[bh, n], kf32, loaded.at[0], st_parts, k_parts, k2_parts, vectors,
-                 chunk_size=chunk_size, passes=passes, jacobi=jacobi)
-    plgpu.barrier_arrive(staged)
-  plgpu.barrier_wait(staged)
+  key_dim, pairs = x_gmem.shape[-1], _pass_pairs(passes)
+  # λ per column (Dk / 4 registers a thread; ptxas spills it or not: read from shared memory in the loop instead, it
+  # spilled as much and took another KiB).
+  load_lam = lambda: plgpu.load(features_gmem.at[bh, n, 0], layout=_COL, optimized=False)
 
-  # Per feature i (rows): σ_S, diag(S), σ_K, λ; per key s (rows of Mᵀ): G_s, β_s; per system t (columns): G_t.
-  sigma_s, state_diagonal, sigma_k = (plgpu.load(vectors.at[j], layout=_ROWS) for j in range(3))
-  lam = plgpu.load(lam_gmem.at[lax.rem(bh, heads)], layout=_ROWS, optimized=False)
-  log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], layout=_ROWS, optimized=False) for j in range(2))
-  log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0, pl.ds(first, SYSTEMS)], layout=_COLS, optimized=False)
-  shape = (_KEY_ROWS, SYSTEMS)
-  keep = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA)
-          <= plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA) + first)
-  diff = log_decay_t[None, :] - log_decay_s[:, None]
-  mask = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0) * beta_s[:, None]  # Mᵀ [64, 32]
-  mask_max = jnp.maximum(jnp.max(mask, axis=0), SMALLEST_SCALE)
-  # Mᵀ ⊙ (K̃ P̃ᵀ) is at most Dk·max_s Mᵀ_st per column: scaled by 2^15 / (Dk·max) it fills fp16's range.
-  z_scale = (2.0 ** 15 / key_dim) / mask_max
-  to_chunk_start = jnp.exp(log_decay_t)
-  key_factor = sigma_k * sigma_k
-
-  def read(a_parts, transpose_a, b_parts, rows):
-    a = (lambda pa: a_parts.at[pa].T) if transpose_a else (lambda pa: a_parts.at[pa])
-    return ((rows, SYSTEMS), a, lambda pb: b_parts.at[w, pb])
-
-  def matvec(p):
-    sigma_p = jnp.maximum(jnp.max(jnp.abs(p), axis=0), SMALLEST_SCALE)
-    _store_parts(p_parts.at[w], p * (1.0 / sigma_p)[None, :], passes)
-    plgpu.commit_smem()
-    inter, scores = _products(passes, read(st_parts, True, p_parts, key_dim), read(k_parts, False, p_parts, _KEY_ROWS))
-    _store_parts(z_parts.at[w], mask * scores * z_scale[None, :], passes)
-    plgpu.commit_smem()
-    (intra,) = _products(passes, read(k_parts, True, z_parts, key_dim))
-    intra_factor = key_factor[:, None] * (1.0 / z_scale)[None, :]
-    return (sigma_p[None, :] * (sigma_s[:, None] * to_chunk_start[None, :] * inter + intra_factor * intra)
-            + lam[:, None] * p)
-
-  plgpu.barrier_wait(loaded.at[1 + w])
-  rhs = _load_transposed(io.at[w])  # [Dk, 32]
-  diagonal = None
+  keys = plgpu.load(k_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk]
+  sigma_k = _max_abs(keys)
+  keys = keys * (1.0 / sigma_k)
+  _store_parts(k_parts, keys * TOP, passes)  # K̃
   if jacobi:
-    _store_parts(z_parts.at[w], mask * (1.0 / mask_max)[None, :], passes)
-    plgpu.commit_smem()
-    (intra,) = _products(passes, read(k2_parts, True, z_parts, key_dim))
-    diagonal = (to_chunk_start[None, :] * state_diagonal[:, None] + key_factor[:, None] * mask_max[None, :] * intra
-                + lam[:, None])
-    plgpu.barrier_arrive(diagonal_done)  # k2_parts shares memory with p_parts: all warpgroups are done reading it
-    plgpu.barrier_wait(diagonal_done)
-  x, steps = column_cg(matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
+    _store_parts(k2_parts, keys * keys * TOP, passes)
 
-  _store_transposed(io.at[w], x)
+  # Per system t (rows): G_t; per key s (columns): G_s, β_s.
+  log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0], layout=_ROW, optimized=False)
+  log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], layout=_COL, optimized=False) for j in (1, 2))
+  shape = (ROWS, ROWS)
+  keep = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA)
+          >= plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA))
+  diff = _rows(log_decay_t, shape) - _cols(log_decay_s, shape)
+  mask = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0) * _cols(beta_s, shape)  # M = e^{G_t−G_s} β_s [s ≤ t]
+  mask_max = jnp.maximum(jnp.max(mask, axis=1), SMALLEST_SCALE)
+  plgpu.commit_smem()  # K̃ and (K / σ_K)² visible to the wgmma
+
+  diagonal = None
+  if jacobi:  # diag(A_t)_i = e^{G_t} S_ii + Σ_s M_ts K_si² + λ_i, the middle term a product with (K / σ_K)²
+    scaled_mask = _lhs(mask * _rows(TOP / mask_max, shape), passes, z_smem)
+
+    def squares(acc):
+      for a, b in pairs:
+        plgpu.wgmma(acc, scaled_mask[a], k2_parts.at[b])
+      return acc[...]
+
+    out = (ROWS, key_dim)
+    squared = pl.run_scoped(squares, plgpu.ACC(out, jnp.float32))
+    diagonal = (_rows(sigma_k * sigma_k * mask_max / TOP ** 2, out) * squared
+                + _cols(load_lam(), out))
+
+  # Sᵀ in blocks of 64 rows j, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed).
+  blocks = [plgpu.load(states_gmem.at[bh, n, pl.ds(64 * h, 64)], layout=_WGMMA, optimized=False)
+            for h in range(key_dim // 64)]
+  sigma_s = functools.reduce(jnp.maximum, [_max_abs(block) for block in blocks])
+  for h, block in enumerate(blocks):
+    _store_parts(st_parts.at[:, pl.ds(64 * h, 64)], block * (TOP / sigma_s), passes)  # S̃ᵀ
+  if jacobi:
+    state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=_COL, optimized=False)
+    diagonal = diagonal + _rows(jnp.exp(log_decay_t), diagonal.shape) * _cols(state_diagonal, diagonal.shape)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(io.at[w], x_gmem.at[bh, n, pl.ds(first, SYSTEMS)])
-  if steps_gmem is not None:
-    steps_smem[w] = steps
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(steps_smem.at[w], steps_gmem.at[bh, n, pl.ds(first, SYSTEMS)])
+
+  # Round 2 computes κ_t (A_t − Λ) p_t with κ_t = T² τ_t / σ_P,t: τ_t puts the larger of its two terms, e^{G_t} σ_S and
+  # σ_K² Dk max_s M_ts (|p̂·k̃_s| ≤ Dk T²), at T in fp16; the smaller one loses only what lies below fp16's range.
+  state_term = jnp.exp(log_decay_t) * sigma_s
+  inverse_tau = jnp.maximum(jnp.maximum(state_term, (sigma_k * sigma_k * key_dim) * mask_max), SMALLEST_SCALE)
+  state_factor = TOP * state_term / inverse_tau
+  weights_smem[...] = mask * _rows((sigma_k * sigma_k / TOP) / inverse_tau, shape)  # W = τ σ_K² M / T
+  plgpu.commit_smem()
+
+  def matvec(p):  # [64, Dk] -> A p, row t by A_t
+    sigma_p = jnp.maximum(jnp.max(jnp.abs(p), axis=1), SMALLEST_SCALE)
+    inverse_sigma_p = 1.0 / sigma_p
+    p_parts = _lhs(p * _rows(TOP * inverse_sigma_p, p.shape), passes, lhs_smem)  # p̂ = T p / σ_P
+
+    state = lambda: _lhs(p * _rows(state_factor * inverse_sigma_p, p.shape), passes, lhs_smem)  # T τ e^G σ_S p / σ_P
+
+    def scores_round(acc):  # p̂ K̃ᵀ; in registers, the state term's operand is made while the tensor cores work
+      for a, b in pairs:
+        plgpu.wgmma(acc, p_parts[a], k_parts.at[b].T)
+      return acc[...], (state() if lhs_smem is None else ())
+
+    scores, state_parts = pl.run_scoped(scores_round, plgpu.ACC((ROWS, ROWS), jnp.float32))
+    state_parts = state_parts or state()  # staged: in p̂'s memory, which the scores round has read
+    z_parts = _lhs(scores * plgpu.load(weights_smem, layout=_WGMMA), passes, z_smem)  # W ⊙ p̂ K̃ᵀ
+
+    def matvec_round(acc):
+      for a, b in pairs:
+        plgpu.wgmma(acc, state_parts[a], st_parts.at[b])
+      for a, b in pairs:
+        plgpu.wgmma(acc, z_parts[a], k_parts.at[b])
+      return acc[...]
+
+    scaled = pl.run_scoped(matvec_round, plgpu.ACC(p.shape, jnp.float32))  # κ (A − Λ) p
+    return (scaled * _rows(sigma_p * (inverse_tau / TOP ** 2), p.shape)
+            + _cols(load_lam(), p.shape) * p)
+
+  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk]
+  x, steps = conjugate_gradient(matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
+
+  x_smem[...] = x  # Sᵀ's memory: every wgmma has completed
+  if counted:
+    steps_smem[...] = steps
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[bh, n])
+  if counted:
+    plgpu.copy_smem_to_gmem(steps_smem, steps_gmem.at[bh, n])
   plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel(*refs, warpgroups: int, counted: bool, **options):
-  """All warpgroups of one CTA. With two, each traces its own copy of the solve so that warpgroup 1's cross-warp
-  reductions use the shared-memory scratch behind a pad: Mosaic GPU places that scratch at one fixed offset for every
-  warpgroup, and two warpgroups reducing at once would share it."""
-  rhs_gmem, k_gmem, gates_gmem, lam_gmem, states_gmem, x_gmem, *refs = refs
-  steps_gmem = refs.pop(0) if counted else None
-  st_parts, k_parts, z_parts, io, vectors, steps_smem, union, loaded, staged, diagonal_done = refs
-  union = list(union)  # K as loaded, then (Jacobi only) (K / σ_K)², then the search directions: one memory
-  kf32, k2_parts, p_parts = union if len(union) == 3 else (union[0], None, union[1])
-  solve = functools.partial(_solve_warpgroup, rhs_gmem=rhs_gmem, k_gmem=k_gmem, gates_gmem=gates_gmem,
-                            lam_gmem=lam_gmem, states_gmem=states_gmem, x_gmem=x_gmem, steps_gmem=steps_gmem,
-                            st_parts=st_parts, k_parts=k_parts, z_parts=z_parts, io=io, vectors=vectors,
-                            steps_smem=steps_smem, kf32=kf32, k2_parts=k2_parts, p_parts=p_parts, loaded=loaded,
-                            staged=staged, diagonal_done=diagonal_done, **options)
-  if warpgroups == 1:
-    solve(0)
-    return
-  wg = lax.axis_index("wg")
-  pl.run_scoped(lambda _: pl.when(wg == 1)(lambda: solve(1)),
-                plgpu.SMEM((_COMPILER_PARAMS.reduction_scratch_bytes,), jnp.int8), collective_axes="wg")
-  pl.when(wg == 0)(lambda: solve(0))
-
-
 def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
-                    cg_tol: float | None = None, precision):
+                    cg_tol: float | None = None, precision, lhs_in_registers: bool | None = None):
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32; log_decay (within-chunk cumulative log
   decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or more), Dk, Dk] = Sᵀ (entry n for chunk n).
-  cg_tol: None for exactly cg_steps steps; else each row stops once ‖r‖ ≤ cg_tol·‖r₀‖, and a warpgroup's loop ends
-  when its 32 rows have. precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
+  cg_tol: None for exactly cg_steps steps; else each row stops once ‖r‖ ≤ cg_tol·‖r₀‖, and a chunk's loop ends when
+  its rows have. precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
+  lhs_in_registers: wgmma left operands in registers (default on GPU; Mosaic GPU's interpreter takes them only from
+  shared memory).
   Returns x: [B, H, N, C, Dk] and the steps each row took, int32 [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = rhs.shape
   if (reason := unsupported_reason(size, key_dim, rhs.dtype)) is not None:
     raise ValueError(reason)
   passes = split_passes(precision)
-  warpgroups, counted, jacobi = size // SYSTEMS, cg_tol is not None, cg_init == "jacobi"
+  if lhs_in_registers is None:
+    lhs_in_registers = not use_interpret()
+  counted, jacobi = cg_tol is not None, cg_init == "jacobi"
+  rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
+  states_kk_t = states_kk_t.astype(jnp.float32)
+  if size < ROWS:
+    rhs, k, log_decay, beta, states_kk_t = _pair_chunks(rhs, k, log_decay, beta, states_kk_t)
+  programs = rhs.shape[2]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
-  pad = [(0, 0)] * 4 + [(0, _KEY_ROWS - size)]
-  gates = jnp.pad(jnp.stack([log_decay, beta], axis=3).astype(jnp.float32), pad)  # [B, H, N, 2, 64]
-  parts = lambda rows, cols, lead=(): plgpu.SMEM((*lead, passes // 2 + 1, rows, cols), jnp.float16,
-                                                 transforms=_F16_TILES)
-  union = [plgpu.SMEM((_KEY_ROWS, key_dim), jnp.float32, transforms=_F32_TILES)]  # K as loaded
+  # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
+  gates = jnp.stack([log_decay, log_decay, beta], axis=3)  # [B, H, N, 3, 64]
+  parts = lambda rows: plgpu.SMEM((passes // 2 + 1, rows, key_dim), jnp.float16, transforms=_F16_TILES)
+  union = [parts(key_dim),  # Sᵀ; before it (K̃)² (Jacobi), after it x and the steps
+           (plgpu.SMEM((ROWS, key_dim), jnp.float32, transforms=_F32_TILES), plgpu.SMEM((ROWS,), jnp.int32))]
   if jacobi:
-    union.append(parts(_KEY_ROWS, key_dim))  # (K / σ_K)² for the diagonal
-  union.append(parts(key_dim, SYSTEMS, (warpgroups,)))  # the search directions, per warpgroup
+    union.append(parts(ROWS))
   scratch = [
-      parts(key_dim, key_dim),  # Sᵀ
-      parts(_KEY_ROWS, key_dim),  # K
-      parts(_KEY_ROWS, SYSTEMS, (warpgroups,)),  # Mᵀ ⊙ K Pᵀ, per warpgroup
-      plgpu.SMEM((warpgroups, SYSTEMS, key_dim), jnp.float32, transforms=_F32_TILES),  # rhs in, x out
-      plgpu.SMEM((3, key_dim), jnp.float32),  # σ_S, diag(S), σ_K
-      plgpu.SMEM((warpgroups, SYSTEMS), jnp.int32),  # steps out
       plgpu.RefUnion(*union),
-      plgpu.Barrier(num_barriers=1 + warpgroups),  # TMA: K, rhs per warpgroup
-      plgpu.Barrier(),  # warpgroup 0 has staged the chunk
-      plgpu.Barrier(num_arrivals=warpgroups),  # every warpgroup has its Jacobi diagonal
+      parts(ROWS),  # K̃
+      plgpu.SMEM((ROWS, ROWS), jnp.float32, transforms=_F32_TILES),  # W
   ]
-  out_type = [jax.ShapeDtypeStruct((batch * heads, num_chunks, size, key_dim), jnp.float32)]
+  if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
+    scratch += [parts(ROWS), plgpu.SMEM((passes // 2 + 1, ROWS, ROWS), jnp.float16, transforms=_F16_TILES)]
+  out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
   if counted:
-    out_type.append(jax.ShapeDtypeStruct((batch * heads, num_chunks, size), jnp.int32))
+    out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   kernel = plgpu.kernel(
-      functools.partial(_kernel, warpgroups=warpgroups, counted=counted, chunk_size=size, heads=heads,
-                        cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes),
-      out_type=out_type, scratch_types=scratch, grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"),
-      num_threads=warpgroups, thread_name="wg", compiler_params=_COMPILER_PARAMS,
-      interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  f32 = lambda x: x.astype(jnp.float32)
-  x, *steps = kernel(flat(rhs), flat(f32(k)), flat(gates), f32(lam), flat(f32(states_kk_t)))
-  steps = steps[0].reshape(rhs.shape[:-1]) if counted else jnp.full(rhs.shape[:-1], cg_steps, jnp.int32)
-  return x.reshape(rhs.shape), steps
+      functools.partial(_kernel, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes),
+      out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
+      compiler_params=_COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
+  states_kk_t = states_kk_t[:, :, :programs]
+  # Per program: λ and diag(S) (for the Jacobi start; a gather here, where the kernel would reduce across warps).
+  features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
+                        jnp.diagonal(states_kk_t, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
+  x, *steps = kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t))
+  unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
+  steps = unpair(steps[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
+  return unpair(x), steps
+
+
+def _pair_chunks(rhs, k, log_decay, beta, states_kk_t):
+  """Chunks of 32 as chunks of 64: A_t depends on the tokens before t alone, so chunks 2m and 2m + 1 are one chunk
+  with chunk 2m's start state and G continued across the pair (an odd count gets an empty last chunk)."""
+  num_chunks = rhs.shape[2]
+  pairs = -(-num_chunks // 2)
+  two = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, 2 * pairs - num_chunks)] + [(0, 0)] * (x.ndim - 3)).reshape(
+      *x.shape[:2], pairs, 2, *x.shape[3:])
+  log_decay = two(log_decay)
+  log_decay = log_decay.at[:, :, :, 1].add(log_decay[:, :, :, 0, -1:])
+  merge = lambda x: x.reshape(*x.shape[:3], 2 * x.shape[4], *x.shape[5:])
+  return (merge(two(rhs)), merge(two(k)), merge(log_decay), merge(two(beta)),
+          states_kk_t[:, :, 0:2 * pairs:2])

@@ -50,14 +50,15 @@ def test_vmapped_kernels_take_the_population_axis_into_their_grid():
     assert f"grid_z = {slots} : i32" in call and re.search(rf"-> \(?tensor<{slots}x{2 * 2}x", call), call[-300:]
 
 
-@pytest.mark.parametrize("chunk, key_dim, cg_init, cg_tol, precision", [
-    (32, 128, "jacobi", None, jax.lax.Precision.HIGHEST),  # one warpgroup per CTA
-    (64, 64, "zero", 1e-4, jax.lax.Precision.DEFAULT),  # two; a while loop; the steps written out
+@pytest.mark.parametrize("chunk, key_dim, cg_init, cg_tol, precision, lhs_in_registers", [
+    (32, 128, "jacobi", None, jax.lax.Precision.HIGHEST, True),  # C padded to 64 rows; the GPU default
+    (64, 64, "zero", 1e-4, jax.lax.Precision.DEFAULT, False),  # a while loop; the steps written out
 ])
-def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision):
+def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision, lhs_in_registers):
   """Mosaic GPU's own lowering (layout inference, wgmma, TMA, barriers) runs for sm_90; ptxas does not."""
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
           rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim))
-  solve = functools.partial(hopper_cg_solve, cg_steps=3, cg_init=cg_init, cg_tol=cg_tol, precision=precision)
+  solve = functools.partial(hopper_cg_solve, cg_steps=3, cg_init=cg_init, cg_tol=cg_tol, precision=precision,
+                            lhs_in_registers=lhs_in_registers)
   assert export_for("gpu", solve, *args).mlir_module().count("custom_call @mosaic_gpu_v2(") == 1

@@ -1,8 +1,7 @@
-"""The Hopper CG solve (Pallas Mosaic GPU), interpreted on CPU: its CG against `conjugate_gradient`, the kernel
-against the Triton-path kernel, the f64 CG of the same steps and the exact dense solve; lowered for CUDA in
-test_lowering.py. Each kernel test traces one configuration (~10 s on 2 cores: Mosaic GPU's interpreter)."""
-import itertools
-
+"""The Hopper CG solve (Pallas Mosaic GPU), interpreted on CPU (its wgmma left operands staged in shared memory, as
+the interpreter requires): against the Triton-path kernel, the f64 CG of the same steps, `conjugate_gradient`'s stops
+and the exact dense solve, at the extremes of its fp16 scaling; lowered for CUDA (left operands in registers) in
+test_lowering.py. Each kernel test traces one configuration (a few seconds on 2 cores)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,26 +13,29 @@ from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.operator import operator_class
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.params import lowering_for
-from pallas_kernels.mesa_cg.column_cg import column_cg
 from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve, unsupported_reason, use_hopper_solve
 from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
 
 HIGHEST, DEFAULT = lax.Precision.HIGHEST, lax.Precision.DEFAULT
-# Products of fp16 parts of operands scaled to max |·| = 1 (chunk.SplitDot): 3 passes keep ~22 bits (2.4e-7 of the
-# operands' scale), 1 pass 11 bits (4.9e-4); a few CG steps amplify that by up to cond(A) ~ 10 (measured on CPU:
-# 1.4e-7 – 2.1e-7 and 6e-5 – 8e-5 of max |x|).
+# Products of fp16 parts of scaled operands (chunk.SplitDot): 3 passes keep ~22 bits (2.4e-7 of the operands'
+# scale), 1 pass 11 bits (4.9e-4); a few CG steps amplify that by up to cond(A) ~ 10 (measured on CPU: 2e-7 – 5e-7
+# and 2e-4 – 4e-4 of max |x|).
 TOLERANCE = {HIGHEST: 3e-6, DEFAULT: 1e-3}
 
 
-def _problem(chunk, key_dim, *, symmetric=True, seed=0):
-  """Chunk-major rhs, k, log_decay (cumulative), beta, lam, Sᵀ at every chunk start (B=1, H=2, N=1), f32, and the
+def problem(chunk, key_dim, *, chunks=1, symmetric=True, seed=0, decay_bias=3.0, big_state=False):
+  """Chunk-major rhs, k, log_decay (cumulative), beta, lam, Sᵀ at every chunk start (B=1, H=2, N=chunks), f32, and the
   XLA operator of the same system in f64. A non-symmetric initial state (unless `symmetric`) checks that the kernel
-  reads Sᵀ, not S."""
-  q, k, _, g, beta, lam, state = random_inputs(1, chunk, 2, key_dim, 1, with_state=True, seed=seed)
+  reads Sᵀ, not S; `decay_bias` sets the decays (as random_inputs); `big_state` makes the initial state 10^6 (S + I),
+  which outweighs the keys' term and keeps A well conditioned."""
+  q, k, _, g, beta, lam, state = random_inputs(1, chunks * chunk, 2, key_dim, 1, with_state=True, seed=seed,
+                                               decay_bias=decay_bias)
+  if big_state:
+    state = MesaState(1e6 * (state.h_kk + jnp.eye(key_dim)), state.h_kv)
   if not symmetric:
     noise = jax.random.normal(jax.random.key(seed + 1), state.h_kk.shape)
     state = MesaState(state.h_kk + 0.1 * noise, state.h_kv)
-  chunked = lambda x: jnp.moveaxis(x, 2, 1)[:, :, None]  # [B, T, H, ...] -> [B, H, 1, C, ...]
+  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, chunks, chunk, *x.shape[3:])  # -> [B, H, N, C, ...]
   q, k, g, beta = map(chunked, (q, k, g, beta))
   log_decay = jnp.cumsum(g, axis=-1)
   with jax.enable_x64(True):
@@ -43,29 +45,13 @@ def _problem(chunk, key_dim, *, symmetric=True, seed=0):
   return (q, k, log_decay, beta, lam, states_kk_t), op
 
 
-def testcolumn_cg_is_conjugate_gradient(x64):
-  """`column_cg` on transposed vectors gives conjugate_gradient's iterate after every step, and the same stops."""
-  keys = jax.random.split(jax.random.key(0), 3)
-  factors = jax.random.normal(keys[0], (5, 6, 6), jnp.float64)
-  matrices = factors @ jnp.matrix_transpose(factors) + 0.1 * jnp.eye(6)
-  rhs, x0 = (jax.random.normal(key, (5, 6), jnp.float64) for key in keys[1:])
-  by_rows = lambda x: jnp.einsum("sij,sj->si", matrices, x)
-  by_columns = lambda x: jnp.einsum("sij,js->is", matrices, x)
-  with jax.disable_jit():  # 16 loops of a few steps: run them eagerly rather than compile each
-    for tol, steps in itertools.product((None, 1e-3), range(8)):
-      x, iters = conjugate_gradient(by_rows, rhs, x0, steps=steps, tol=tol)
-      x_columns, iters_columns = column_cg(by_columns, rhs.T, x0.T, steps=steps, tol=tol)
-      assert max_abs(x_columns.T, x) <= 1e-13 * scale(x), (tol, steps)
-      np.testing.assert_array_equal(iters_columns, iters)
-
-
 @pytest.mark.parametrize("chunk, key_dim, cg_init, precision", [
-    (32, 64, "jacobi", HIGHEST),  # one warpgroup per chunk
-    (64, 128, "zero", HIGHEST),  # two, each tracing its own copy
+    (32, 64, "jacobi", HIGHEST),  # one chunk of 32 and an empty one: 64 rows
+    (64, 128, "zero", HIGHEST),
     (64, 64, "jacobi", DEFAULT),
 ])
 def test_matches_triton_kernel_and_f64_cg(chunk, key_dim, cg_init, precision):
-  args, op = _problem(chunk, key_dim, symmetric=False)
+  args, op = problem(chunk, key_dim, symmetric=False)
   x, steps = hopper_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=precision)
   triton, _ = chunked_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=HIGHEST)
   with jax.enable_x64(True):
@@ -77,7 +63,7 @@ def test_matches_triton_kernel_and_f64_cg(chunk, key_dim, cg_init, precision):
 
 def test_tolerance_stops_rows_as_conjugate_gradient(x64):
   """cg_tol: the same steps per row as conjugate_gradient(tol) in f64, and the same x; rows stop before the cap."""
-  args, op = _problem(64, 64, seed=3)
+  args, op = problem(64, 64, seed=3)
   with jax.enable_x64(False):
     x, steps = hopper_cg_solve(*args, cg_steps=12, cg_init="zero", cg_tol=1e-3, precision=HIGHEST)
   rhs = as_f64(args[0])
@@ -89,7 +75,7 @@ def test_tolerance_stops_rows_as_conjugate_gradient(x64):
 
 def test_converges_to_the_exact_solve(x64):
   """Enough steps reach (H_kk[t] + Λ)⁻¹ rhs_t, each A_t built densely by the token-by-token recurrence in f64."""
-  args, _ = _problem(32, 64, seed=5)
+  args, _ = problem(32, 64, seed=5)
   with jax.enable_x64(False):
     x, _ = hopper_cg_solve(*args, cg_steps=40, cg_init="jacobi", precision=HIGHEST)
   q, k, _, g, beta, lam, state = as_f64(random_inputs(1, 32, 2, 64, 1, with_state=True, seed=5))
@@ -105,12 +91,37 @@ def test_converges_to_the_exact_solve(x64):
   assert max_abs(x[0, :, 0], jnp.moveaxis(exact, 0, 1)) <= 1e-5 * scale(exact)
 
 
+def test_chunks_of_32_in_pairs():
+  """Three chunks of 32 as two programs of 64 rows (chunks 0-1 on chunk 0's start state, chunk 2 and an empty one):
+  the same x as the Triton-path kernel, which solves chunk by chunk on each chunk's own state."""
+  args, _ = problem(32, 64, chunks=3, symmetric=False, seed=11)
+  # A tolerance no row reaches in 4 steps: the counted loop, its steps unpaired as well.
+  x, steps = hopper_cg_solve(*args, cg_steps=4, cg_init="jacobi", cg_tol=1e-12, precision=HIGHEST)
+  triton = chunked_cg_solve(*args, cg_steps=4, cg_init="jacobi", precision=HIGHEST)
+  np.testing.assert_array_equal(steps, np.full(args[0].shape[:-1], 4))
+  assert max_abs(x, triton) <= TOLERANCE[HIGHEST] * scale(triton)
+
+
+@pytest.mark.parametrize("decay_bias, big_state", [
+    (-4.0, False),  # γ ≈ 0.02: e^{G_t} underflows within the chunk, the state term vanishes beside the keys'
+    (3.0, True),  # a state 10^6 times the keys' term
+])
+def test_scaling_holds_when_one_term_dominates(decay_bias, big_state):
+  """Round 2 puts the larger of the state and key terms at fp16's top: the smaller one must not overflow or lose
+  the larger one's accuracy."""
+  args, op = problem(32, 64, seed=7, decay_bias=decay_bias, big_state=big_state)
+  x, _ = hopper_cg_solve(*args, cg_steps=4, cg_init="jacobi", precision=HIGHEST)
+  with jax.enable_x64(True):
+    exact_steps = op.solve(as_f64(args[0]), 4, "jacobi")
+  assert max_abs(x, exact_steps) <= TOLERANCE[HIGHEST] * scale(exact_steps)
+
+
 def test_refuses_what_it_cannot_take():
   assert unsupported_reason(16, 128, jnp.float32).startswith("chunk_size=16")
   assert unsupported_reason(64, 32, jnp.float32).startswith("key_dim=32")
   assert unsupported_reason(64, 128, jnp.bfloat16).startswith("dtype=bfloat16")
   assert unsupported_reason(32, 128, jnp.float32) is None
-  args, _ = _problem(32, 64)
+  args, _ = problem(32, 64)
   with pytest.raises(ValueError, match="precision must be"):
     hopper_cg_solve(*args, cg_steps=1, cg_init="zero", precision=lax.DotAlgorithmPreset.TF32_TF32_F32)
 

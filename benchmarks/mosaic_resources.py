@@ -30,7 +30,7 @@ from pallas_kernels.mesa_cg.params import export_for
 
 # chunk_size, head_dim, matmul_precision, cg_init: ops_bench's flags; cg_tol (0: fixed steps): solve_bench's.
 FLAGS = flags.FLAGS
-_KERNELS = flags.DEFINE_string("mosaic_kernels", "rows,rows_smem,columns", "Mosaic GPU solves (solve_bench's names)")
+_KERNELS = flags.DEFINE_string("mosaic_kernels", "rows,rows_smem", "Mosaic GPU solves (solve_bench's names)")
 _MLIR_BIN = flags.DEFINE_string("mlir_bin", "/usr/lib/llvm-22/bin", "folder of mlir-opt")
 _NVIDIA = flags.DEFINE_string("nvidia", "", "folder of the pip `nvidia` packages (default: found by import)")
 

@@ -2,8 +2,7 @@
 
 One process, identical f32 inputs (q as right-hand sides, unit keys, the chunk start states of the keys). Kernels:
 `rows` (solve_hopper: one warpgroup per 64 tokens, systems as rows, wgmma left operands in registers), `rows_smem`
-(the same with the left operands staged in shared memory), `columns` (solve_hopper_columns, the first layout) and
-`triton` (solve.chunked_cg_solve). Per precision ("default" first, at every chunk size) and chunk size: ms (median),
+(the same with the left operands staged in shared memory) and `triton` (solve.chunked_cg_solve). Per precision ("default" first, at every chunk size) and chunk size: ms (median),
 tensor-core TFLOP/s of the matvecs (per step and chunk 2·C·Dk² + 4·C²·Dk, times the fp16 passes: 3 for "highest", 1
 for "default"), and max |x − x_ref| / max |x_ref| against an f32 "highest" XLA CG of the same steps written here
 (einsums, `conjugate_gradient`); at the first precision and chunk size, then each `rows` kernel with a tolerance
@@ -28,10 +27,9 @@ from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.inputs import initial_guess
 from pallas_kernels.mesa_cg import chunked_cg_solve
 from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
-from pallas_kernels.mesa_cg.solve_hopper_columns import hopper_cg_solve as columns_cg_solve
 
 flags.DEFINE_string("chunks", "64,32", "chunk sizes, in this order")
-flags.DEFINE_string("kernels", "rows,rows_smem,columns,triton", "solve kernels to time, in this order")
+flags.DEFINE_string("kernels", "rows,rows_smem,triton", "solve kernels to time, in this order")
 flags.DEFINE_string("precisions", "default,highest", "matmul precisions, in this order")
 flags.DEFINE_float("hopper_tol", 1e-4, "tolerance of one more run of the rows kernels at the first chunk size (0: none)")
 flags.DEFINE_string("error_log", "", "file for the full tracebacks of kernels that failed (default: stderr)")
@@ -39,7 +37,7 @@ FLAGS = flags.FLAGS
 PASSES = {"highest": 3, "high": 3, "default": 1}
 KERNELS = {"rows": functools.partial(hopper_cg_solve, lhs_in_registers=True),
            "rows_smem": functools.partial(hopper_cg_solve, lhs_in_registers=False),
-           "columns": columns_cg_solve, "triton": chunked_cg_solve}
+           "triton": chunked_cg_solve}
 HIGHEST = jax.lax.Precision.HIGHEST
 
 

@@ -18,6 +18,7 @@ from pallas_kernels.mesa_cg.gradients import chunk_gradients
 from pallas_kernels.mesa_cg.params import unsupported_reason
 from pallas_kernels.mesa_cg.read import causal_read
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
+from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve, use_hopper_solve
 from pallas_kernels.mesa_cg.states import chunk_states
 
 
@@ -39,8 +40,12 @@ class PallasOperator(ChunkedSequence):
     return cls(k, v, log_decay, beta, lam, states, precision)
 
   def solve(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
-    return chunked_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, cg_steps=cg_steps,
-                            cg_init=cg_init, cg_tol=cg_tol, precision=self.precision)
+    """The Hopper (Mosaic GPU) solve on sm_90 where it takes the sizes (1.3-1.5x the Triton kernel's speed on an
+    H200, benchmarks/RESULTS.md), else the Triton / Mosaic TPU / interpreted one."""
+    hopper = isinstance(self.precision, lax.Precision) and use_hopper_solve(rhs.shape[3], rhs.shape[4], rhs.dtype)
+    solve = hopper_cg_solve if hopper else chunked_cg_solve
+    return solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, cg_steps=cg_steps,
+                 cg_init=cg_init, cg_tol=cg_tol, precision=self.precision)
 
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)

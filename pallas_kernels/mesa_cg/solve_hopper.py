@@ -20,8 +20,8 @@ Shared memory (Dk = 128): Sᵀ 32 KiB and K 16 KiB per fp16 part, W 16 KiB; the 
 output borrow Sᵀ's memory before and after the loop. 1 pass fits two CTAs per SM, 3 passes just (113 KiB each).
 x, r, p (192 of 255 registers per thread at Dk = 128) and a matvec's operands do not all fit: ptxas spills some
 (benchmarks/mosaic_resources.py shows how much). Mosaic GPU's interpreter takes wgmma left operands from shared
-memory only: `lhs_in_registers=False` stages them there (the CPU tests run it; on the device it is the variant that
-trades spills for shared memory).
+memory only: `lhs_in_registers=False` stages them there (the CPU tests run it; on the GPU the three-pass solve uses
+it too: it trades spills for shared memory, and measured faster there).
 """
 import functools
 
@@ -241,16 +241,16 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or more), Dk, Dk] = Sᵀ (entry n for chunk n).
   cg_tol: None for exactly cg_steps steps; else each row stops once ‖r‖ ≤ cg_tol·‖r₀‖, and a chunk's loop ends when
   its rows have. precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
-  lhs_in_registers: wgmma left operands in registers (default on GPU; Mosaic GPU's interpreter takes them only from
-  shared memory).
+  lhs_in_registers: wgmma left operands in registers (default on GPU at one pass; three passes stage them in shared
+  memory, which spills less; Mosaic GPU's interpreter takes them only from shared memory).
   Returns x: [B, H, N, C, Dk] and the steps each row took, int32 [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = rhs.shape
   if (reason := unsupported_reason(size, key_dim, rhs.dtype)) is not None:
     raise ValueError(reason)
   passes = split_passes(precision)
-  if lhs_in_registers is None:
-    lhs_in_registers = not use_interpret()
+  if lhs_in_registers is None:  # fastest on an H200 (RESULTS.md): registers at 1 pass, staged at 3 (fewer spills)
+    lhs_in_registers = not use_interpret() and passes == 1
   counted, jacobi = cg_tol is not None, cg_init == "jacobi"
   rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
   states_kk_t = states_kk_t.astype(jnp.float32)

@@ -35,6 +35,19 @@ def test_forward_and_backward_lower(backend, cg_tol):
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_hopper_solve_is_dispatched_on_sm90():
+  """On an (abstract) H200 the forward and the adjoint solve of impl="pallas" run the Mosaic GPU kernel where it takes
+  the sizes (C=32, Dk=64), the other stages stay Triton kernels."""
+  args = random_inputs(1, 64, 1, 64, 64, seed=12)[:6]
+  op = lambda *a: mesa_chunked(*a, chunk_size=32, cg_steps=2, impl="pallas")
+  loss = lambda *a: jnp.sum(op(*a)[0])
+  module = export_for("gpu", jax.grad(loss, argnums=range(6)), *args).mlir_module()
+  assert module.count("custom_call @mosaic_gpu_v2(") == 2
+  triton_kernels = set(re.findall(r'name = "(mesa_\w+)"', module))
+  assert triton_kernels == set(KERNELS) - {"mesa_cg_solve"}, triton_kernels
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 def test_vmapped_kernels_take_the_population_axis_into_their_grid():
   """The MAD population vmaps every member's step over its S slots (`mad/population.py`): pallas_call's batching rule
   must make the slot axis a grid axis of each kernel (one launch, results [S, ...]), not a loop of S launches."""

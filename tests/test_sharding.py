@@ -4,10 +4,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from mesanet_jax.sharding import MESH_AXES, logical_spec
+from mesanet_jax.models.config import preset
+from mesanet_jax.models.lm import LanguageModel
+from mesanet_jax.sharding import MESH_AXES, batch_shardings, logical_spec, shardings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +36,18 @@ def test_sharded_forward_matches_unsharded_on_8_devices():
   assert result.returncode == 0, result.stdout + result.stderr
   assert "sharded forward OK" in result.stdout and "pallas per-shard forward OK" in result.stdout
   assert "scanned pallas per-shard OK" in result.stdout
+
+
+def test_shardings_place_every_param_by_its_logical_names():
+  """The table applied to a model's abstract params (structure kept) and to a batch, on an 8-device mesh shape."""
+  mesh = AbstractMesh((1, 4, 2), MESH_AXES)
+  abstract = nnx.state(nnx.eval_shape(lambda: LanguageModel(preset("tiny"), rngs=nnx.Rngs(0))), nnx.Param)
+  placed = shardings(abstract, mesh)
+  assert jax.tree.structure(placed) == jax.tree.structure(abstract)
+  assert placed["embed"].get_value().spec == P("tensor", "fsdp")
+  assert placed["blocks"][0]["mixer"]["q_proj"]["kernel"].get_value().spec == P("fsdp", "tensor")
+  assert placed["blocks"][0]["mixer"]["lam_param"].get_value().spec == P("tensor", None)
+  assert placed["blocks"][0]["mlp"]["down"]["kernel"].get_value().spec == P("tensor", "fsdp")
+  batch = {"inputs": jax.ShapeDtypeStruct((8, 5), jnp.int32), "mask": jax.ShapeDtypeStruct((6, 5), jnp.float32)}
+  placed = batch_shardings(batch, mesh)
+  assert placed["inputs"].spec == P("fsdp", None) and placed["mask"].spec == P(None, None)  # 6 rows: not by 4

@@ -50,7 +50,7 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
   lm = steps.lm_config(config)
   mesh = mesh or sharding.make_mesh()
   abstract = _abstract_params(lm)
-  params, step = checkpoint.restore_params(workdir, step, abstract, steps.param_shardings(abstract, mesh))
+  params, step = checkpoint.restore_params(workdir, step, abstract, sharding.shardings(abstract, mesh))
   return Run(config, lm, params, step)
 
 
@@ -73,5 +73,5 @@ def load_params_export(directory: str, mesh: jax.sharding.Mesh | None = None) ->
   except OSError as e:
     raise ValueError(f"cannot read {path} ({e.strerror or e}): not a params export?") from None
   abstract = _abstract_params(lm)
-  shardings = steps.param_shardings(abstract, mesh or sharding.make_mesh())
+  shardings = sharding.shardings(abstract, mesh or sharding.make_mesh())
   return lm, checkpoint.load_params(os.path.join(directory, PARAMS), abstract, shardings)

@@ -55,14 +55,6 @@ def model_factory(config):
   return lambda: LanguageModel(lm, rngs=nnx.Rngs(config.seed))
 
 
-def param_shardings(abstract_params: nnx.State, mesh):
-  """The params tree with every variable's value replaced by its NamedSharding (same structure as params)."""
-  def named(v):
-    names = v.get_metadata().get("out_sharding") or (None,) * v.ndim
-    return NamedSharding(mesh, sharding.logical_spec(tuple(names), v.shape, mesh))
-  return nnx.from_flat_state([(p, v.replace(named(v))) for p, v in nnx.to_flat_state(abstract_params)])
-
-
 def setup(config, mesh):
   """(graphdef, tx, abstract TrainState, TrainState shardings). Nothing is allocated."""
   make_model = model_factory(config)
@@ -73,7 +65,7 @@ def setup(config, mesh):
   abstract = jax.eval_shape(
       lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32)), abstract_params)
   replicated = NamedSharding(mesh, P())
-  param_sh = param_shardings(abstract_params, mesh)
+  param_sh = sharding.shardings(abstract_params, mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, NamedSharding))

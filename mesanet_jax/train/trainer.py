@@ -67,8 +67,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       save_run_config(config, workdir)  # what mesanet-eval / -export / -generate rebuild the model from
     train_iter = iter(pipeline.train_dataset(train_source, config.data, config.train.batch_size))
     eval_data = pipeline.eval_batches(eval_source, config.train.batch_size, config.train.eval_batches)
-    batch_sh = {k: NamedSharding(mesh, sharding.logical_spec(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh))
-                for k, v in eval_data[0].items()}
+    batch_sh = sharding.batch_shardings(eval_data[0], mesh)
 
     # ---- model, optimiser, state ------------------------------------------------------------------------------
     graphdef, tx, abstract, state_sh = steps.setup(config, mesh)

@@ -15,7 +15,7 @@ from mesanet_jax import sharding
 from mesanet_jax.models.config import LMConfig, from_dict, to_dict
 from mesanet_jax.models.lm import LanguageModel
 from mesanet_jax.train import checkpoint, steps
-from mesanet_jax.train.config import load_run_config
+from mesanet_jax.train.config import lm_config, load_run_config
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
@@ -47,7 +47,7 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
   if steps.task_type(config) != "lm":
     raise ValueError(f"{workdir} is a regression run (data.task='regression'); only language-model runs can be "
                      f"evaluated, exported or generated from")
-  lm = steps.lm_config(config)
+  lm = lm_config(config.model)  # config.json holds the run's vocabulary
   mesh = mesh or sharding.make_mesh()
   abstract = _abstract_params(lm)
   params, step = checkpoint.restore_params(workdir, step, abstract, sharding.shardings(abstract, mesh))

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mesanet_jax import sharding
-from mesanet_jax.models.config import LMConfig, fla_compatible, preset
+from mesanet_jax.models.config import LMConfig
 from mesanet_jax.models.lm import LanguageModel
 from mesanet_jax.models.regression import RegressionModel
 from mesanet_jax.train import optimizer
@@ -27,37 +27,16 @@ class TrainState:
   skipped: jax.Array
 
 
-def lm_config(config) -> LMConfig:
-  """LMConfig from `config.model` (a preset plus the overrides that are set: 0 / "" means "the preset's"),
-  made flash-linear-attention compatible when `model.fla_compatible`."""
-  m = config.model
-  lm = preset(m.size, m.architecture)
-  changes = {"dtype": jnp.dtype(m.dtype).type, "remat": m.remat, "scan_layers": m.scan_layers}
-  if m.vocab_size:
-    changes["vocab_size"] = m.vocab_size
-  if m.num_layers:
-    changes["mixers"] = (lm.mixers * m.num_layers)[:m.num_layers]
-  mesa = lm.mesa
-  changes["mesa"] = dataclasses.replace(mesa, cg_steps_train=m.cg_steps or mesa.cg_steps_train,
-                                        chunk_size=m.chunk_size or mesa.chunk_size, impl=m.impl or mesa.impl,
-                                        matmul_precision=m.matmul_precision or mesa.matmul_precision)
-  if m.chunk_size:
-    changes["gdn"] = dataclasses.replace(lm.gdn, chunk_size=m.chunk_size)
-  lm = dataclasses.replace(lm, **changes)
-  return fla_compatible(lm) if m.fla_compatible else lm
-
-
-def model_factory(config):
-  """A zero-argument constructor of the model the task needs (LM for tokens, RegressionModel for vectors)."""
-  lm = lm_config(config)
+def model_factory(config, lm: LMConfig):
+  """A zero-argument constructor of the model `lm` for the task (LM for tokens, RegressionModel for vectors)."""
   if config.data.source == "synthetic" and config.data.task == "regression":
     return lambda: RegressionModel(lm, config.data.dim + 1, rngs=nnx.Rngs(config.seed))
   return lambda: LanguageModel(lm, rngs=nnx.Rngs(config.seed))
 
 
-def setup(config, mesh):
-  """(graphdef, tx, abstract TrainState, TrainState shardings). Nothing is allocated."""
-  make_model = model_factory(config)
+def setup(config, lm: LMConfig, mesh):
+  """(graphdef, tx, abstract TrainState, TrainState shardings) for the model `lm`. Nothing is allocated."""
+  make_model = model_factory(config, lm)
   graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise ValueError("the model has non-parameter state, which the trainer does not carry")
@@ -73,9 +52,9 @@ def setup(config, mesh):
   return graphdef, tx, abstract, shardings
 
 
-def init_state(config, tx, shardings) -> TrainState:
-  """A fresh TrainState, every array created directly in its sharding by one jitted init."""
-  make_model = model_factory(config)
+def init_state(config, lm: LMConfig, tx, shardings) -> TrainState:
+  """A fresh TrainState of the model `lm`, every array created directly in its sharding by one jitted init."""
+  make_model = model_factory(config, lm)
 
   def init():
     params = nnx.state(make_model(), nnx.Param)

@@ -1,5 +1,7 @@
 """Optimiser and train step, in process on one device: the paper's schedule, the weight-decay mask, gradient
 accumulation ≡ one big batch, and the NaN guard."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,17 +28,21 @@ def test_schedule_warms_up_from_init_lr_and_decays_to_a_tenth():
 def test_decay_mask_excludes_norms_biases_lambda_and_embedding():
   config = get_config("mqar")
   config.model.vocab_size = 32
-  _, params = nnx.split(steps.model_factory(config)(), nnx.Param)
+  _, params = nnx.split(steps.model_factory(config, train_config.lm_config(config.model))(), nnx.Param)
   mask = {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(optimizer.decay_mask(params))}
   assert mask["embed"] is False and mask["final_norm.scale"] is False
   assert mask["blocks.0.mixer.lam_param"] is False and mask["blocks.0.mixer.a_proj.bias"] is False
   assert mask["blocks.0.mixer.q_proj.kernel"] is True and mask["blocks.0.mlp.down.kernel"] is True
 
 
+def _setup(config):
+  lm = train_config.lm_config(config.model)
+  graphdef, tx, _, shardings = steps.setup(config, lm, sharding.make_mesh())
+  return graphdef, tx, steps.init_state(config, lm, tx, shardings)
+
+
 def _run(config, batches):
-  mesh = sharding.make_mesh()
-  graphdef, tx, _, shardings = steps.setup(config, mesh)
-  state = steps.init_state(config, tx, shardings)
+  graphdef, tx, state = _setup(config)
   step = jax.jit(steps.make_train_step(config, graphdef, tx))
   history = []
   for batch in batches:
@@ -70,9 +76,7 @@ def test_nan_guard_skips_the_update_and_counts_it():
   batches = _batches(config, 2)
   poisoned = dict(batches[0], inputs=np.where(np.arange(batches[0]["inputs"].shape[1])[None, :, None] == 3,
                                               np.nan, batches[0]["inputs"]).astype(np.float32))
-  mesh = sharding.make_mesh()
-  graphdef, tx, _, shardings = steps.setup(config, mesh)
-  state = steps.init_state(config, tx, shardings)
+  graphdef, tx, state = _setup(config)
   before = jax.tree.map(np.asarray, state.params)
   step = jax.jit(steps.make_train_step(config, graphdef, tx))
   state, metrics = step(state, poisoned)
@@ -112,11 +116,33 @@ def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss():
 
 def test_model_overrides_reach_the_mesa_config():
   config = get_config("mqar")
-  base = steps.lm_config(config).mesa
+  base = train_config.lm_config(config.model).mesa
   config.model.update(impl="pallas", chunk_size=32, matmul_precision="default", cg_steps=7)
-  mesa = steps.lm_config(config).mesa
+  mesa = train_config.lm_config(config.model).mesa
   assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_steps_train) == ("pallas", 32, "default", 7)
-  assert (base.impl, base.matmul_precision) == ("xla", "highest")  # "" / 0 keep the preset's
+  assert (base.impl, base.matmul_precision) == ("xla", "highest")  # unset: the preset's
+
+
+def test_vocab_comes_from_the_data_unless_set_and_never_smaller():
+  model = get_config().model
+  assert train_config.lm_config(model, 259).vocab_size == 259  # e.g. the byte tokenizer's
+  assert train_config.lm_config(model).vocab_size == 256  # no tokens (regression): the preset's, unused
+  model.vocab_size = 512
+  assert train_config.lm_config(model, 259).vocab_size == 512
+  with pytest.raises(ValueError, match="model.vocab_size 512 is smaller than the data's vocabulary 1000"):
+    train_config.lm_config(model, 1000)
+
+
+def test_old_run_configs_with_zero_or_empty_overrides_still_load(tmp_path):
+  """config.json of runs saved while 0 / "" meant "the preset's" (the vocabulary was written out resolved)."""
+  saved = json.loads(get_config().to_json())
+  saved["model"].update(vocab_size=256, num_layers=0, cg_steps=4, chunk_size=0, impl="", matmul_precision="")
+  (tmp_path / train_config.RUN_CONFIG).write_text(json.dumps(saved))
+  config = train_config.load_run_config(str(tmp_path))
+  train_config.validate(config)
+  lm = train_config.lm_config(config.model)
+  assert (lm.vocab_size, lm.n_layers, lm.mesa.cg_steps_train, lm.mesa.chunk_size, lm.mesa.impl) == (
+      256, 4, 4, 16, "xla")
 
 
 @pytest.mark.parametrize("key, value", [("impl", "triton"), ("matmul_precision", "tf32")])

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mesanet_jax.layers.params import fan_in_normal, param
+from mesanet_jax.layers.params import param
 
 
 class ShortConv(nnx.Module):
@@ -18,7 +18,8 @@ class ShortConv(nnx.Module):
     if kernel_size < 1:
       raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
     self.kernel_size, self.dtype = kernel_size, dtype
-    self.kernel = param(rngs, fan_in_normal(), (kernel_size, channels), param_dtype, ("conv", axis_name))
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")  # fan-in = K
+    self.kernel = param(rngs, init, (kernel_size, channels), param_dtype, ("conv", axis_name))
 
   def zero_state(self, batch: int) -> jax.Array:
     return jnp.zeros((batch, self.kernel_size - 1, self.kernel.shape[1]), self.dtype)

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesanet_jax.layers.gated_delta_rule import gated_delta_chunked, gated_delta_recurrent
+from mesanet_jax.ops.gated_delta_rule import gated_delta_chunked, gated_delta_recurrent
 from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
 
 

@@ -9,8 +9,11 @@ setup(
     version="0.1.0",
     description="MesaNet (locally optimal test-time training) in JAX/Flax with Pallas kernels",
     python_requires=">=3.12",
-    packages=find_packages(include=["mesanet_jax", "mesanet_jax.*", "pallas_kernels", "pallas_kernels.*",
-                                    "experiments", "experiments.*"]),
+    # experiments/ (the CLIs and configs; `python -m experiments.train` from the checkout) installs under a name of
+    # its own, so that no generic top-level `experiments` package lands in site-packages.
+    packages=find_packages(include=["mesanet_jax", "mesanet_jax.*", "pallas_kernels", "pallas_kernels.*"])
+    + ["mesanet_experiments", "mesanet_experiments.configs"],
+    package_dir={"mesanet_experiments": "experiments"},
     install_requires=[
         f"jax=={JAX_VERSION}",
         "flax==0.12.10",
@@ -36,9 +39,9 @@ setup(
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },
     entry_points={"console_scripts": [
-        "mesanet-train = experiments.train:run",
-        "mesanet-eval = experiments.evaluate:run",
-        "mesanet-export = experiments.export:run",
-        "mesanet-generate = experiments.generate:run",
+        "mesanet-train = mesanet_experiments.train:run",
+        "mesanet-eval = mesanet_experiments.evaluate:run",
+        "mesanet-export = mesanet_experiments.export:run",
+        "mesanet-generate = mesanet_experiments.generate:run",
     ]},
 )

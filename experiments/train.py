@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli
+from . import cli
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file (path[:arg])")

@@ -14,8 +14,9 @@ from flax import nnx
 from mesanet_jax import sharding
 from mesanet_jax.models.config import LMConfig, from_dict, to_dict
 from mesanet_jax.models.lm import LanguageModel
-from mesanet_jax.train import checkpoint, steps
+from mesanet_jax.train import checkpoint
 from mesanet_jax.train.config import lm_config, load_run_config
+from mesanet_jax.train.loss import task_type
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
@@ -44,7 +45,7 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
   devices, fsdp). Language-model runs only."""
   workdir = os.path.abspath(workdir)
   config = load_run_config(workdir)
-  if steps.task_type(config) != "lm":
+  if task_type(config) != "lm":
     raise ValueError(f"{workdir} is a regression run (data.task='regression'); only language-model runs can be "
                      f"evaluated, exported or generated from")
   lm = lm_config(config.model)  # config.json holds the run's vocabulary

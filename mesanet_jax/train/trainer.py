@@ -13,6 +13,8 @@ from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.train import checkpoint, metrics as metrics_lib, steps
 from mesanet_jax.train.config import config_errors, lm_config, save_run_config, validate
+from mesanet_jax.train.loss import task_type
+from mesanet_jax.train.state import init_state, setup
 
 
 def _mesh(config):
@@ -25,7 +27,7 @@ def _mesh(config):
 
 def _data_vocab(config, tokenizer) -> int | None:
   """The vocabulary the data needs: the tokenizer's or the synthetic task's; None for regression (no tokens)."""
-  if steps.task_type(config) == "regression":
+  if task_type(config) == "regression":
     return None
   return tokenizer.vocab_size if tokenizer is not None else config.data.vocab_size
 
@@ -65,14 +67,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     batch_sh = sharding.batch_shardings(eval_data[0], mesh)
 
     # ---- model, optimiser, state ------------------------------------------------------------------------------
-    graphdef, tx, abstract, state_sh = steps.setup(config, lm, mesh)
+    graphdef, tx, abstract, state_sh = setup(config, lm, mesh)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
-                                   config.checkpoint.use_async, config.checkpoint.best_metric)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.use_async,
+                                   config.checkpoint.best_metric)
     latest = ckpt.latest_step()
     if latest is None:
       start = time.perf_counter()
-      state = jax.block_until_ready(steps.init_state(config, lm, tx, state_sh))
+      state = jax.block_until_ready(init_state(config, lm, tx, state_sh))
       say(f"initialised the train state in {time.perf_counter() - start:.1f} s")
     else:
       state = ckpt.restore(latest, abstract, state_sh, train_iter)
@@ -93,7 +95,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   out_shardings=(state_sh, replicated), donate_argnums=0))
   eval_step = under_mesh(jax.jit(steps.make_eval_step(config, graphdef), in_shardings=(state_sh.params, batch_sh),
                                  out_shardings=replicated))
-  kind = steps.task_type(config)
+  kind = task_type(config)
 
   def evaluate(params) -> dict:
     sums = None
@@ -157,12 +159,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if bar is not None:
         bar.update(1)
       stop = sigterm.raised if sigterm is not None else ckpt.reached_preemption(step)
-      if step == config.train.num_steps or stop:
-        if ckpt.latest_step() != step:
-          ckpt.save(step, state, train_iter, metrics=extra, force=True)
+      last_step = step == config.train.num_steps or stop
+      if last_step or step % config.checkpoint.every_steps == 0:  # the one place that decides when to save
+        ckpt.save(step, state, train_iter, metrics=extra)
+      if last_step:
         break
-      if step % config.checkpoint.every_steps == 0:
-        ckpt.save(step, state, train_iter, metrics=extra, force=True)
 
     if pending is not None:
       last = flush(pending)

@@ -12,6 +12,7 @@ from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.train import config as train_config
 from mesanet_jax.train import optimizer, steps
+from mesanet_jax.train import state as train_state
 from tests.train.tiny import get_config
 
 
@@ -28,7 +29,7 @@ def test_schedule_warms_up_from_init_lr_and_decays_to_a_tenth():
 def test_decay_mask_excludes_norms_biases_lambda_and_embedding():
   config = get_config("mqar")
   config.model.vocab_size = 32
-  _, params = nnx.split(steps.model_factory(config, train_config.lm_config(config.model))(), nnx.Param)
+  _, params = nnx.split(train_state.model_factory(config, train_config.lm_config(config.model))(), nnx.Param)
   mask = {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(optimizer.decay_mask(params))}
   assert mask["embed"] is False and mask["final_norm.scale"] is False
   assert mask["blocks.0.mixer.lam_param"] is False and mask["blocks.0.mixer.a_proj.bias"] is False
@@ -37,8 +38,8 @@ def test_decay_mask_excludes_norms_biases_lambda_and_embedding():
 
 def _setup(config):
   lm = train_config.lm_config(config.model)
-  graphdef, tx, _, shardings = steps.setup(config, lm, sharding.make_mesh())
-  return graphdef, tx, steps.init_state(config, lm, tx, shardings)
+  graphdef, tx, _, shardings = train_state.setup(config, lm, sharding.make_mesh())
+  return graphdef, tx, train_state.init_state(config, lm, tx, shardings)
 
 
 def _run(config, batches):

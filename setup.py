@@ -33,7 +33,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources", "sentencepiece>=0.2"],
+        # pytest < 9.2: pytest-xdist 3.8's --dist loadgroup (pytest.ini) sets item._nodeid, which 9.2 no longer reads
+        "test": ["pytest>=8,<9.2", "pytest-xdist", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources",
+                 "sentencepiece>=0.2"],
         "data": ["tensorflow-datasets==4.9.10", "sentencepiece>=0.2"],
         "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],

@@ -1,5 +1,4 @@
 """Sharding: the rules table maps logical names to mesh axes; a sharded forward on 8 fake devices ≡ unsharded."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from mesanet_jax.models.config import preset
 from mesanet_jax.models.lm import LanguageModel
 from mesanet_jax.sharding import MESH_AXES, batch_shardings, logical_spec, shardings
+from tests.environment import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +27,12 @@ def test_logical_spec_follows_rules_and_drops_non_dividing_axes():
     logical_spec(("nonsense",), (4,), mesh)
 
 
+@pytest.mark.slow
 def test_sharded_forward_matches_unsharded_on_8_devices():
   """Also checks impl="pallas" under jax.set_mesh runs per (batch, heads) shard and gives the same logits, and the
   same inside a scanned, rematerialised block stack (forward and gradient)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "tests.sharded_forward"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-m", "tests.sharded_forward"], cwd=ROOT, env=subprocess_env(8),
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "sharded forward OK" in result.stdout and "pallas per-shard forward OK" in result.stdout
   assert "scanned pallas per-shard OK" in result.stdout

@@ -1,5 +1,5 @@
 """Optimiser and train step, in process on one device: the paper's schedule, the weight-decay mask, gradient
-accumulation ≡ one big batch, and the NaN guard."""
+accumulation ≡ one big batch, and the NaN guard. The module's tests run on one xdist worker (the shared mqar run)."""
 import json
 
 import jax
@@ -15,6 +15,8 @@ from mesanet_jax.train import optimizer, steps
 from mesanet_jax.train import state as train_state
 from tests.train.tiny import get_config
 
+pytestmark = pytest.mark.xdist_group("train_steps")
+
 
 def test_schedule_warms_up_from_init_lr_and_decays_to_a_tenth():
   optim = get_config().optim
@@ -29,7 +31,8 @@ def test_schedule_warms_up_from_init_lr_and_decays_to_a_tenth():
 def test_decay_mask_excludes_norms_biases_lambda_and_embedding():
   config = get_config("mqar")
   config.model.vocab_size = 32
-  _, params = nnx.split(train_state.model_factory(config, train_config.lm_config(config.model))(), nnx.Param)
+  make_model = train_state.model_factory(config, train_config.lm_config(config.model))
+  params = nnx.state(nnx.eval_shape(make_model), nnx.Param)  # the mask needs the tree, not the values
   mask = {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(optimizer.decay_mask(params))}
   assert mask["embed"] is False and mask["final_norm.scale"] is False
   assert mask["blocks.0.mixer.lam_param"] is False and mask["blocks.0.mixer.a_proj.bias"] is False
@@ -58,11 +61,20 @@ def _batches(config, n):
   return [next(it) for _ in range(n)]
 
 
-def test_gradient_accumulation_matches_one_big_batch():
+@pytest.fixture(scope="module")
+def mqar_run():
+  """(config, 3 batches, state after them, metrics history) of tiny.py:mqar with vocabulary 32: the run the other
+  settings below are compared with (a test's shorter run is a prefix of it)."""
   config = get_config("mqar")
   config.model.vocab_size = 32
   batches = _batches(config, 3)
-  state1, h1 = _run(config, batches)
+  return (config, batches, *_run(config, batches))
+
+
+@pytest.mark.slow  # compiles whole train steps
+def test_gradient_accumulation_matches_one_big_batch(mqar_run):
+  config, batches, state1, h1 = mqar_run
+  config = config.copy_and_resolve_references()
   config.train.grad_accum = 4
   state4, h4 = _run(config, batches)
   # Same sums in another order (f32): agreement to rounding, ~1e-6 relative.
@@ -71,6 +83,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.slow  # compiles whole train steps
 def test_nan_guard_skips_the_update_and_counts_it():
   config = get_config("mqar")
   config.data.task, config.data.dim = "regression", 4
@@ -90,22 +103,21 @@ def test_nan_guard_skips_the_update_and_counts_it():
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)))
 
 
-def test_z_loss_changes_gradients_not_the_reported_loss():
-  config = get_config("mqar")
-  config.model.vocab_size = 32
-  batch = jax.tree.map(jnp.asarray, _batches(config, 1)[0])
-  _, h0 = _run(config, [batch])
+@pytest.mark.slow  # compiles whole train steps
+def test_z_loss_changes_gradients_not_the_reported_loss(mqar_run):
+  config, batches, _, h0 = mqar_run
+  config = config.copy_and_resolve_references()
+  batch = jax.tree.map(jnp.asarray, batches[0])
   config.optim.z_loss = 1e-2
   _, hz = _run(config, [batch])
   assert float(hz[0]["loss"]) == pytest.approx(float(h0[0]["loss"]), rel=1e-6)
   assert float(hz[0]["grad_norm"]) != pytest.approx(float(h0[0]["grad_norm"]), rel=1e-4)
 
 
-def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss():
-  config = get_config("mqar")
-  config.model.vocab_size = 32
-  batches = _batches(config, 2)
-  _, h32 = _run(config, batches)
+@pytest.mark.slow  # compiles whole train steps
+def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss(mqar_run):
+  config, batches, _, h32 = mqar_run
+  config, batches, h32 = config.copy_and_resolve_references(), batches[:2], h32[:2]
   config.model.dtype = "bfloat16"
   state, h16 = _run(config, batches)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))

@@ -1,7 +1,7 @@
 """Checkpoints in `<workdir>/checkpoints/`: one orbax CheckpointManager saving the TrainState and the grain
-iterator state together (async, at the steps the train loop picks, keep the last k), restoring the latest onto any mesh, and a SIGTERM
-flag for preemption. For evaluation and export: the params alone restored from a trainer checkpoint (no optimiser
-state is read), and a params-only checkpoint directory (`save_params` / `load_params`).
+iterator state together (async, at the steps the train loop picks, keep the last k), restoring the latest onto any
+mesh, and a SIGTERM flag for preemption. For evaluation and export: the params alone restored from a trainer
+checkpoint (no optimiser state is read), and a params-only checkpoint directory (`save_params` / `load_params`).
 
 orbax's own preemption check only works under `jax.distributed`; a single-process run relies on the SIGTERM flag:
 the loop saves at the next step boundary, waits for the write and exits 0.

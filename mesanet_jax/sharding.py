@@ -8,7 +8,7 @@ with parameters sharded over "embed"), "tensor" (heads / mlp / vocab).
 flax does the lookup (`nnx.logical_axis_rules(RULES)` + `nnx.get_partition_spec`); ours is one extra rule, `_fit`: a
 mesh axis of size 1, or one that does not divide the dimension, is dropped for that array (vocab 50,257 stays whole).
 Everything that places arrays goes through here: `shardings` (params, optimiser state), `batch_shardings` (inputs),
-`constrain` (activations between blocks, pinned to ("batch", None, None)) and `per_shard`.
+`replicated`, `constrain` (activations between blocks, pinned to ("batch", None, None)) and `per_shard`.
 
 Kernels: the XLA Mesa op is partitioned by the compiler; a Pallas `pallas_call` is not, so `MesaLayer.mix` runs
 impl="pallas" through `per_shard`, a `jax.shard_map` over the mesh set with `jax.set_mesh` whose specs come from this
@@ -73,6 +73,11 @@ def shardings(tree, mesh: jax.sharding.Mesh):
   with nnx.logical_axis_rules(RULES):
     specs = nnx.get_partition_spec(tree)
   return jax.tree.map(lambda x, spec: NamedSharding(mesh, _fit(spec, x.shape, mesh)), tree, specs)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """A whole copy on every device (scalars: the step, metrics)."""
+  return NamedSharding(mesh, P())
 
 
 def batch_shardings(tree, mesh: jax.sharding.Mesh):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from mesanet_jax import sharding
 from mesanet_jax.models.config import LMConfig
@@ -45,7 +45,7 @@ def setup(config, lm: LMConfig, mesh):
     raise ValueError("the model has non-parameter state, which the trainer does not carry")
   tx = optimizer.make_optimizer(config.optim, config.train.num_steps, abstract_params)
   abstract = jax.eval_shape(lambda p: _fresh(p, tx), abstract_params)
-  replicated = NamedSharding(mesh, P())
+  replicated = sharding.replicated(mesh)
   param_sh = sharding.shardings(abstract_params, mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
                                  transform_non_params=lambda _: replicated,

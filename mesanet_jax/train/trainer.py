@@ -7,7 +7,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
@@ -90,7 +89,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return step_fn(*args)
     return call
 
-  replicated = NamedSharding(mesh, P())
+  replicated = sharding.replicated(mesh)
   train_step = under_mesh(jax.jit(steps.make_train_step(config, graphdef, tx), in_shardings=(state_sh, batch_sh),
                                   out_shardings=(state_sh, replicated), donate_argnums=0))
   eval_step = under_mesh(jax.jit(steps.make_eval_step(config, graphdef), in_shardings=(state_sh.params, batch_sh),

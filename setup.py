@@ -9,8 +9,11 @@ setup(
     version="0.1.0",
     description="MesaNet (locally optimal test-time training) in JAX/Flax with Pallas kernels",
     python_requires=">=3.12",
-    packages=find_packages(include=["mesanet_jax", "mesanet_jax.*", "pallas_kernels", "pallas_kernels.*",
-                                    "experiments", "experiments.*"]),
+    # experiments/ (the CLIs and configs; `python -m experiments.train` from the checkout) installs under a name of
+    # its own, so that no generic top-level `experiments` package lands in site-packages.
+    packages=find_packages(include=["mesanet_jax", "mesanet_jax.*", "pallas_kernels", "pallas_kernels.*"])
+    + ["mesanet_experiments", "mesanet_experiments.configs"],
+    package_dir={"mesanet_experiments": "experiments"},
     install_requires=[
         f"jax=={JAX_VERSION}",
         "flax==0.12.10",
@@ -34,19 +37,20 @@ setup(
         "pyarrow>=15",
     ],
     extras_require={
-        "test": ["pytest", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources", "sentencepiece>=0.2",
-                 "datasets>=3.0"],
+        # pytest < 9.2: pytest-xdist 3.8's --dist loadgroup (pytest.ini) sets item._nodeid, which 9.2 no longer reads
+        "test": ["pytest>=8,<9.2", "pytest-xdist", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources",
+                 "sentencepiece>=0.2", "datasets>=3.0"],
         "data": ["tensorflow-datasets==4.9.10", "sentencepiece>=0.2", "datasets>=3.0"],
         "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },
     entry_points={"console_scripts": [
-        "mesanet-train = experiments.train:run",
-        "mesanet-eval = experiments.evaluate:run",
-        "mesanet-export = experiments.export:run",
-        "mesanet-generate = experiments.generate:run",
-        "mesanet-mad-grid = experiments.mad_grid:run",
-        "mesanet-mad-table = experiments.mad_table:run",
-        "mesanet-prepare = experiments.prepare:run",
+        "mesanet-train = mesanet_experiments.train:run",
+        "mesanet-eval = mesanet_experiments.evaluate:run",
+        "mesanet-export = mesanet_experiments.export:run",
+        "mesanet-generate = mesanet_experiments.generate:run",
+        "mesanet-mad-grid = mesanet_experiments.mad_grid:run",
+        "mesanet-mad-table = mesanet_experiments.mad_table:run",
+        "mesanet-prepare = mesanet_experiments.prepare:run",
     ]},
 )

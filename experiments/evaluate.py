@@ -17,7 +17,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli
+from . import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "", "the run to evaluate (its config.json and checkpoints/)")
 _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")

@@ -11,7 +11,7 @@ configs fla cannot express are refused, naming the key (train with --config.mode
 
 from absl import app, flags
 
-from experiments import cli
+from . import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "", "the run to export (its config.json and checkpoints/)")
 _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")

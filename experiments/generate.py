@@ -13,7 +13,7 @@ import dataclasses
 
 from absl import app, flags
 
-from experiments import cli
+from . import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "", "the run (its config.json and checkpoints/)")
 _STEP = flags.DEFINE_integer("step", -1, "checkpoint step (-1: the latest)")

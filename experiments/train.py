@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli
+from . import cli
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file (path[:arg])")
@@ -25,9 +25,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_N
                                       "number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "this process")
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache_dir", "<workdir>/compilation_cache",
+    "compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", "<workdir>/compilation_cache"),
     "JAX's persistent compilation cache, so a resumed run skips compiling its steps again (the 434M model's train "
-    "step takes minutes to compile on a GPU); '<workdir>' is replaced by --workdir; '' turns it off")
+    "step takes minutes to compile on a GPU); default: $JAX_COMPILATION_CACHE_DIR if set, else "
+    "<workdir>/compilation_cache; '<workdir>' is replaced by --workdir; '' turns it off")
 _DISTRIBUTED_AUTO = flags.DEFINE_bool("distributed_auto", False,
                                       "call jax.distributed.initialize() without arguments: JAX detects the "
                                       "coordinator, process count and id (Cloud TPU pod slices)")

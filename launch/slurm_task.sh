@@ -12,8 +12,8 @@ if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 for var in SLURM_JOB_NODELIST SLURM_NTASKS SLURM_PROCID SLURM_LOCALID; do
   [ -n "${!var:-}" ] || { echo "launch/slurm_task.sh: \$$var is not set; run inside a SLURM job (srun)" >&2; exit 2; }
 done
-# sed reads the whole list: `head -n 1` may close the pipe first, and pipefail then fails on scontrol's SIGPIPE.
-coordinator="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
+hosts="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"  # all of it: `| head -n 1` could SIGPIPE it (pipefail)
+coordinator="${hosts%%$'\n'*}"
 [ -n "$coordinator" ] || { echo "launch/slurm_task.sh: scontrol gave no host for '$SLURM_JOB_NODELIST'" >&2; exit 2; }
 env_vars=()
 if [ "${SLURM_NTASKS_PER_NODE:-1}" != 1 ]; then env_vars+=(CUDA_VISIBLE_DEVICES="$SLURM_LOCALID"); fi

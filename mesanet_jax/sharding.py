@@ -2,15 +2,19 @@
 
 Parameters name their axes logically when created (`layers/params.py`): "vocab", "embed", "heads" (the H·D
 projection width, or H), "kv" (head dim), "mlp", "lru" (the Hawk recurrence's width), "conv", and "layers" (the
-stacked block axis of `scan_layers`, never split). Models never mention mesh axes; this file does. Mesh axes:
-"data" (pure data parallel), "fsdp" (data parallel with parameters sharded over "embed"), "tensor" (heads / mlp /
-vocab). A mesh axis that does not divide a dimension is dropped for that parameter (e.g. vocab 50,257 stays whole).
-Activations between blocks are pinned to ("batch", None, None) by `constrain`.
+stacked block axis of `scan_layers`, never split). Models never mention mesh axes; this file does. Mesh axes: "data"
+(pure data parallel), "fsdp" (data parallel with parameters sharded over "embed"), "tensor" (heads / mlp / vocab).
+
+flax does the lookup (`nnx.logical_axis_rules(RULES)` + `nnx.get_partition_spec`); ours is one extra rule, `_fit`: a
+mesh axis of size 1, or one that does not divide the dimension, is dropped for that array (vocab 50,257 stays whole).
+Everything that places arrays goes through here: `shardings` (params, optimiser state), `batch_shardings` (inputs),
+`replicated`, `constrain` (activations between blocks, pinned to ("batch", None, None)) and `per_shard`.
 
 Kernels: the XLA Mesa op is partitioned by the compiler; a Pallas `pallas_call` is not, so `MesaLayer.mix` runs
 impl="pallas" through `per_shard`, a `jax.shard_map` over the mesh set with `jax.set_mesh` whose specs come from this
 same table (batch and heads split, nothing else).
 """
+import flax.core.spmd
 import jax
 import numpy as np
 from flax import nnx
@@ -44,42 +48,44 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> j
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+def _fit(spec: P, shape: tuple[int, ...], mesh) -> P:
+  """`spec` (mesh axes by RULES) for an array of `shape`: mesh axes of size 1 and axes whose product does not divide
+  the dimension dropped, missing trailing entries None. A logical name left over had no rule: ValueError."""
+  fitted = []
+  for entry, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    for axis in axes:
+      if axis not in mesh.shape:
+        raise ValueError(f"logical axis {axis!r} has no rule in sharding.RULES")
+    kept = tuple(a for a in axes if mesh.shape[a] > 1)
+    divides = kept and size % int(np.prod([mesh.shape[a] for a in kept])) == 0
+    fitted.append((kept[0] if len(kept) == 1 else kept) if divides else None)
+  return P(*fitted)
+
+
+def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> P:
   """PartitionSpec for an array of `shape` whose axes are named `names`, by `RULES`, dropping non-dividing axes."""
-  rules = dict(RULES)
-  spec = []
-  for name, size in zip(names, shape):
-    if name is not None and name not in rules:
-      raise ValueError(f"logical axis {name!r} has no rule in sharding.RULES")
-    mesh_axes = rules.get(name) if name is not None else None
-    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
-    kept = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
-    if kept and size % int(np.prod([mesh.shape[a] for a in kept])) == 0:
-      spec.append(kept[0] if len(kept) == 1 else kept)
-    else:
-      spec.append(None)
-  return P(*spec)
+  return _fit(flax.core.spmd.get_pspec(P(*names), RULES), shape, mesh)
 
 
-def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh):
-  """NamedSharding for every variable of an (abstract or concrete) nnx.State, from its logical `out_sharding`."""
-  def sharding(variable):
-    names = variable.get_metadata().get("out_sharding") or (None,) * variable.ndim
-    return NamedSharding(mesh, logical_spec(tuple(names), variable.shape, mesh))
-  return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def shardings(tree, mesh: jax.sharding.Mesh):
+  """`tree` (an nnx.State or pytree of Variables, abstract or concrete) with every Variable's value replaced by its
+  NamedSharding, from the Variable's logical `out_sharding` (none: replicated); the structure stays the same."""
+  with nnx.logical_axis_rules(RULES):
+    specs = nnx.get_partition_spec(tree)
+  return jax.tree.map(lambda x, spec: NamedSharding(mesh, _fit(spec, x.shape, mesh)), tree, specs)
 
 
-def create_sharded(make_model, mesh: jax.sharding.Mesh):
-  """Builds `make_model()` with every parameter born sharded: abstract shapes first, then one jitted init."""
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-  shardings = state_shardings(abstract_state, mesh)
-  state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """A whole copy on every device (scalars: the step, metrics)."""
+  return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-  """Inputs [B, ...]: batch over (data, fsdp), the rest replicated."""
-  return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (ndim - 1), (0,) * ndim, mesh))
+def batch_shardings(tree, mesh: jax.sharding.Mesh):
+  """NamedSharding for every array [B, ...] of `tree` (a batch dict, or one array): B over the batch shards
+  (data × fsdp) where it divides, the rest replicated."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, logical_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)),
+                      tree)
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:

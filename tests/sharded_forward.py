@@ -16,12 +16,18 @@ from mesanet_jax.models.config import preset
 from mesanet_jax.models.lm import LanguageModel
 
 
+def sharded(make_model, mesh) -> LanguageModel:
+  """make_model()'s model with every param placed by `sharding.shardings` (the trainer's rule)."""
+  graphdef, state = nnx.split(make_model())
+  return nnx.merge(graphdef, jax.device_put(state, sharding.shardings(state, mesh)))
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   config = dataclasses.replace(preset("tiny"), mixers=("mesa", "gdn", "attention", "swa"))
   make = lambda: LanguageModel(config, rngs=nnx.Rngs(0))
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-  model = sharding.create_sharded(make, mesh)
+  model = sharded(make, mesh)
   specs = {
       "embed [vocab, embed]": (model.embed, P("tensor", "fsdp")),
       "mesa q_proj [embed, heads]": (model.blocks[0].mixer.q_proj.kernel, P("fsdp", "tensor")),
@@ -32,7 +38,8 @@ def main():
     assert variable[...].sharding.spec == spec, (name, variable[...].sharding)
   tokens = jax.random.randint(jax.random.key(1), (8, 20), 0, config.vocab_size)
   graphdef, state = nnx.split(model)
-  logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  sharded_tokens = jax.device_put(tokens, sharding.batch_shardings(tokens, mesh))
+  logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, sharded_tokens)
   reference = make()(tokens)  # unsharded: eager, on the default device
   error = float(jnp.max(jnp.abs(logits - reference)))
   # Partitioned matmuls sum in another order: f32 rounding (measured ~1e-5 on logits of scale ~5).
@@ -45,12 +52,12 @@ def check_pallas_runs_per_shard(mesh):
   """impl="pallas" under `jax.set_mesh`: the kernel runs inside a shard_map over (batch, heads), same logits."""
   base = dataclasses.replace(preset("tiny"), mixers=("mesa", "mesa"))
   pallas = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl="pallas"))
-  model = sharding.create_sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh)
+  model = sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh)
   tokens = jax.random.randint(jax.random.key(2), (8, 24), 0, base.vocab_size)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
   with jax.set_mesh(mesh):
-    tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    tokens = jax.device_put(tokens, sharding.batch_shardings(tokens, mesh))
     assert "shard_map" in str(jax.make_jaxpr(forward)(state, tokens))
     logits = forward(state, tokens)
   # Activations pinned by sharding.constrain: logits [B, T, V] split over batch shards and vocab over tensor.
@@ -68,14 +75,14 @@ def check_scanned_pallas(mesh):
   base = preset("tiny", scan_layers=True, remat=True)
   base = dataclasses.replace(base, mixers=base.mixers[:2], mesa=dataclasses.replace(base.mesa, cg_steps_train=8))
   pallas = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl="pallas"))
-  model = sharding.create_sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh)
+  model = sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh)
   assert model.blocks.mixer.q_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
   tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, base.vocab_size)
   loss = lambda model, tokens: jnp.mean(model(tokens) ** 2)
   graphdef, state = nnx.split(model)
   step = jax.jit(jax.value_and_grad(lambda s, t: loss(nnx.merge(graphdef, s), t)))
   with jax.set_mesh(mesh):
-    sharded_tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    sharded_tokens = jax.device_put(tokens, sharding.batch_shardings(tokens, mesh))
     assert "shard_map" in str(jax.make_jaxpr(step)(state, sharded_tokens))
     value, grads = step(state, sharded_tokens)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
@@ -110,9 +117,9 @@ def check_pallas_decode_per_shard(mesh):
       return jax.lax.scan(lambda cache, token: step(model, cache, token), cache, tokens[:, 8:].T)[1]
     return run, state
 
-  run, state = decoder(sharding.create_sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh))
+  run, state = decoder(sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh))
   with jax.set_mesh(mesh):
-    sharded_tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    sharded_tokens = jax.device_put(tokens, sharding.batch_shardings(tokens, mesh))
     assert str(jax.make_jaxpr(run)(state, sharded_tokens)).count("shard_map") >= 4  # 2 prefills, 2 decode steps
     logits = run(state, sharded_tokens)
   run_xla, state_xla = decoder(LanguageModel(base, rngs=nnx.Rngs(0)))  # impl="xla", one device, same init
@@ -131,9 +138,9 @@ def check_cg_steps_probes_per_shard(mesh, base, tokens):
     graphdef, params, probes = nnx.split(model, nnx.Param, CGStepsProbe)
     loss = lambda probes: jnp.mean(nnx.merge(graphdef, params, probes)(tokens) ** 2)
     return cg_steps_by_layer(jax.jit(jax.grad(loss))(probes))
-  model = sharding.create_sharded(lambda: add_cg_steps_probes(LanguageModel(pallas, rngs=nnx.Rngs(0))), mesh)
+  model = sharded(lambda: add_cg_steps_probes(LanguageModel(pallas, rngs=nnx.Rngs(0))), mesh)
   with jax.set_mesh(mesh):
-    sharded = steps(model, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+    sharded = steps(model, jax.device_put(tokens, sharding.batch_shardings(tokens, mesh)))
   reference = steps(add_cg_steps_probes(LanguageModel(base, rngs=nnx.Rngs(0))), tokens)
   assert bool(jnp.all(sharded == reference)), (sharded, reference)  # counts: equal (measured)
   print(f"per-shard CG steps probes OK: {sharded.tolist()}")

@@ -123,6 +123,7 @@ class Batches(grain.DatasetIterator):
 
   def __init__(self, make_row, batch_size: int, num_workers: int = 0):
     super().__init__()
+    self.iterator = None  # first: grain's __del__ calls close() even when a check below refuses the arguments
     count, index = jax.process_count(), jax.process_index()
     if batch_size % count:
       raise ValueError(f"train.batch_size {batch_size} is not divisible by the {count} processes")
@@ -132,7 +133,7 @@ class Batches(grain.DatasetIterator):
                        f"(train.batch_size / processes)")
     self.make_row, self.batch_size, self.num_workers = make_row, batch_size, num_workers
     self.rows = range(index * local, (index + 1) * local)
-    self.step, self.states, self.iterator = 0, {}, None
+    self.step, self.states = 0, {}
 
   def _start(self):
     ds = _RowGroup([_Row(r, self.make_row(r), self.states.get(r)) for r in self.rows])

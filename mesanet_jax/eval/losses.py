@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
@@ -21,12 +20,6 @@ class TokenLosses(NamedTuple):
   nll: np.ndarray  # [N, T] f32, −log p(target)
   correct: np.ndarray  # [N, T] bool, argmax == target
   mask: np.ndarray  # [N, T] f32, 1 where the target counts
-
-
-def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Batch over (data, fsdp) where it divides, the rest replicated (the trainer's rule)."""
-  return {k: NamedSharding(mesh, sharding.logical_spec(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh))
-          for k, v in batch.items()}
 
 
 def token_losses(model: LanguageModel, batches: list[dict], mesh: jax.sharding.Mesh) -> TokenLosses:
@@ -41,7 +34,7 @@ def token_losses(model: LanguageModel, batches: list[dict], mesh: jax.sharding.M
   out = []
   with jax.set_mesh(mesh):  # Pallas layers run per shard under the mesh
     for batch in batches:
-      placed = pipeline.to_global(batch, batch_shardings(batch, mesh))
+      placed = pipeline.to_global(batch, sharding.batch_shardings(batch, mesh))
       out.append(jax.device_get(losses(params, placed["inputs"], placed["targets"])))
   return TokenLosses(np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
                      np.concatenate([b["mask"] for b in batches]).astype(np.float32))

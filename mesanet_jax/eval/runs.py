@@ -14,8 +14,9 @@ from flax import nnx
 from mesanet_jax import sharding
 from mesanet_jax.models.config import LMConfig, from_dict, to_dict
 from mesanet_jax.models.lm import LanguageModel
-from mesanet_jax.train import checkpoint, steps
-from mesanet_jax.train.config import load_run_config
+from mesanet_jax.train import checkpoint
+from mesanet_jax.train.config import lm_config, load_run_config
+from mesanet_jax.train.loss import task_type
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
@@ -44,13 +45,13 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
   devices, fsdp). Language-model runs only."""
   workdir = os.path.abspath(workdir)
   config = load_run_config(workdir)
-  if steps.task_type(config) != "lm":
+  if task_type(config) != "lm":
     raise ValueError(f"{workdir} is a regression run (data.task='regression'); only language-model runs can be "
                      f"evaluated, exported or generated from")
-  lm = steps.lm_config(config)
+  lm = lm_config(config.model)  # config.json holds the run's vocabulary
   mesh = mesh or sharding.make_mesh()
   abstract = _abstract_params(lm)
-  params, step = checkpoint.restore_params(workdir, step, abstract, steps.param_shardings(abstract, mesh))
+  params, step = checkpoint.restore_params(workdir, step, abstract, sharding.shardings(abstract, mesh))
   return Run(config, lm, params, step)
 
 
@@ -73,5 +74,5 @@ def load_params_export(directory: str, mesh: jax.sharding.Mesh | None = None) ->
   except OSError as e:
     raise ValueError(f"cannot read {path} ({e.strerror or e}): not a params export?") from None
   abstract = _abstract_params(lm)
-  shardings = steps.param_shardings(abstract, mesh or sharding.make_mesh())
+  shardings = sharding.shardings(abstract, mesh or sharding.make_mesh())
   return lm, checkpoint.load_params(os.path.join(directory, PARAMS), abstract, shardings)

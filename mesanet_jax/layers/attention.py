@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mesanet_jax.layers.params import Linear
+from mesanet_jax.layers.params import linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +54,10 @@ class Attention(nnx.Module):
     self.config, self.window, self.dtype = config, window, dtype
     width = config.num_heads * config.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.q_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
-    self.k_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
-    self.v_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
-    self.o_proj = Linear(width, d_model, axes=("heads", "embed"), init_scale=out_scale, **kw)
+    self.q_proj = linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.k_proj = linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.v_proj = linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.o_proj = linear(width, d_model, axes=("heads", "embed"), init_scale=out_scale, **kw)
 
   def _project(self, x: jax.Array, positions: jax.Array):
     shape = (*x.shape[:2], self.config.num_heads, self.config.head_dim)

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mesanet_jax.layers.params import fan_in_normal, param
+from mesanet_jax.layers.params import param
 
 
 class ShortConv(nnx.Module):
@@ -19,7 +19,8 @@ class ShortConv(nnx.Module):
     if kernel_size < 1:
       raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
     self.kernel_size, self.dtype = kernel_size, dtype
-    self.kernel = param(rngs, fan_in_normal(init_scale), (kernel_size, channels), param_dtype, ("conv", axis_name))
+    init = jax.nn.initializers.variance_scaling(init_scale, "fan_in", "normal")  # fan-in = K
+    self.kernel = param(rngs, init, (kernel_size, channels), param_dtype, ("conv", axis_name))
     self.bias = param(rngs, nnx.initializers.zeros, (channels,), param_dtype, (axis_name,)) if use_bias else None
 
   def zero_state(self, batch: int) -> jax.Array:

@@ -8,7 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from mesanet_jax.layers.gated_delta_rule import gated_delta_chunked, gated_delta_step
+from mesanet_jax.ops.gated_delta_rule import gated_delta_chunked, gated_delta_step
 from mesanet_jax.layers.recurrent import RecurrentMixer
 
 

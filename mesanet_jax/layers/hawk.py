@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mesanet_jax.layers.conv import ShortConv
-from mesanet_jax.layers.params import Linear, fan_in_normal, param
+from mesanet_jax.layers.params import linear, param
 
 MAX_SQRT_GRADIENT = 1000.0
 
@@ -87,7 +87,9 @@ class BlockDiagonal(nnx.Module):
   def __init__(self, width: int, num_blocks: int, *, rngs: nnx.Rngs, param_dtype):
     block = width // num_blocks
     self.num_blocks = num_blocks
-    self.kernel = param(rngs, fan_in_normal(), (num_blocks, block, block), param_dtype, ("heads", None, None))
+    # Fan-in per block (the block's input width), as recurrentgemma's BlockDiagonalLinear.
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    self.kernel = param(rngs, init, (num_blocks, block, block), param_dtype, ("heads", None, None))
     self.bias = param(rngs, nnx.initializers.zeros, (num_blocks, block), param_dtype, ("heads", None))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -110,14 +112,14 @@ class HawkLayer(nnx.Module):
     self.config, self.dtype = config, dtype
     width = config.width
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=True)
-    self.linear_y = Linear(d_model, width, axes=("embed", "lru"), **kw)
-    self.linear_x = Linear(d_model, width, axes=("embed", "lru"), **kw)
+    self.linear_y = linear(d_model, width, axes=("embed", "lru"), **kw)
+    self.linear_x = linear(d_model, width, axes=("embed", "lru"), **kw)
     self.conv = ShortConv(width, config.conv_size, axis_name="lru", init_scale=0.01, use_bias=True, rngs=rngs,
                           dtype=dtype, param_dtype=param_dtype)
     self.input_gate = BlockDiagonal(width, config.num_heads, rngs=rngs, param_dtype=param_dtype)
     self.a_gate = BlockDiagonal(width, config.num_heads, rngs=rngs, param_dtype=param_dtype)
     self.a_param = param(rngs, _ring_init(config.min_rad, config.max_rad), (width,), param_dtype, ("lru",))
-    self.linear_out = Linear(width, d_model, axes=("lru", "embed"), init_scale=out_scale, **kw)
+    self.linear_out = linear(width, d_model, axes=("lru", "embed"), init_scale=out_scale, **kw)
 
   def init_cache(self, batch: int) -> HawkCache:
     state = jnp.zeros((batch, self.config.width), jnp.promote_types(self.dtype, jnp.float32))

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mesanet_jax.layers.params import Linear
+from mesanet_jax.layers.params import linear
 
 
 class SwiGLU(nnx.Module):
@@ -12,9 +12,9 @@ class SwiGLU(nnx.Module):
   def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, out_scale: float = 1.0, dtype=jnp.float32,
                param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.gate = Linear(d_model, hidden, axes=("embed", "mlp"), **kw)
-    self.up = Linear(d_model, hidden, axes=("embed", "mlp"), **kw)
-    self.down = Linear(hidden, d_model, axes=("mlp", "embed"), init_scale=out_scale, **kw)
+    self.gate = linear(d_model, hidden, axes=("embed", "mlp"), **kw)
+    self.up = linear(d_model, hidden, axes=("embed", "mlp"), **kw)
+    self.down = linear(hidden, d_model, axes=("mlp", "embed"), init_scale=out_scale, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

@@ -1,4 +1,4 @@
-"""Parameter helpers shared by every layer: fan-in normal init, logical axis names, the no-weight-decay marker.
+"""Parameter helpers shared by every layer: logical axis names, linear layers, the no-weight-decay marker.
 
 Every parameter is created with `out_sharding` (logical axes such as "embed", "heads", "mlp", "vocab") and
 `eager_sharding=False`: modules build the same way with or without a mesh, and `mesanet_jax.sharding` maps the names
@@ -14,32 +14,23 @@ class NoDecayParam(nnx.Param):
   nnx.Not(NoDecayParam))` for the decayed set; it is still an `nnx.Param`, so it is trained like any other."""
 
 
-def fan_in_normal(scale: float = 1.0):
-  """Normal init with variance scale / fan_in, fan_in = every dimension but the last."""
-  def init(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    fan_in = 1
-    for size in shape[:-1]:
-      fan_in *= size
-    return jax.random.normal(key, shape, dtype) * jnp.sqrt(scale / fan_in).astype(dtype)
-  return init
+def logical(axes: tuple[str | None, ...]) -> dict:
+  """Variable metadata naming each axis logically (`sharding.RULES` maps the names to mesh axes)."""
+  return {"out_sharding": axes, "eager_sharding": False}
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...], kind=nnx.Param):
   """A parameter of `kind` initialised by `init(key, shape, dtype)`, carrying logical axis names `axes`."""
   if len(axes) != len(shape):
     raise ValueError(f"axes must name every dimension of shape {shape}, got {axes}")
-  return kind(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+  return kind(init(rngs.params(), shape, dtype), **logical(axes))
 
 
-class Linear(nnx.Module):
-  """y = x W (+ b) with W [in, out] ~ N(0, init_scale / in); computes in `dtype`, stores `param_dtype`."""
-
-  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
-               use_bias: bool = False, init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32):
-    self.dtype = dtype
-    self.kernel = param(rngs, fan_in_normal(init_scale), (in_features, out_features), param_dtype, axes)
-    self.bias = param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, axes[1:]) if use_bias else None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+def linear(in_features: int, out_features: int, *, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+           use_bias: bool = False, init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32) -> nnx.Linear:
+  """`nnx.Linear`: y = x W (+ b) with W [in, out] ~ N(0, init_scale / in) (fan-in variance scaling), b = 0;
+  computes in `dtype`, stores `param_dtype`; W's axes are named `axes`, b's axes[1:]."""
+  init = jax.nn.initializers.variance_scaling(init_scale, "fan_in", "normal")
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=init, kernel_metadata=logical(axes),
+                    bias_metadata=logical(axes[1:]), rngs=rngs)

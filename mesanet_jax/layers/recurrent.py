@@ -15,7 +15,7 @@ from flax import nnx
 
 from mesanet_jax.layers.conv import ShortConv
 from mesanet_jax.layers.norm import RMSNorm
-from mesanet_jax.layers.params import Linear
+from mesanet_jax.layers.params import linear
 
 
 class RecurrentCache(NamedTuple):
@@ -49,18 +49,18 @@ class RecurrentMixer(nnx.Module):
     self.num_heads, self.head_dim, self.gamma_cap, self.dtype = num_heads, head_dim, gamma_cap, dtype
     width = num_heads * head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.q_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
-    self.k_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
-    self.v_proj = Linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.q_proj = linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.k_proj = linear(d_model, width, axes=("embed", "heads"), **kw)
+    self.v_proj = linear(d_model, width, axes=("embed", "heads"), **kw)
     self.q_conv = ShortConv(width, conv_size, **kw)
     self.k_conv = ShortConv(width, conv_size, **kw)
     # Gate projections compute in f32: g = log γ feeds exp() over whole chunks.
     gate_kw = dict(rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype, use_bias=True)
-    self.a_proj = Linear(d_model, num_heads, axes=("embed", "heads"), **gate_kw)
-    self.b_proj = Linear(d_model, num_heads, axes=("embed", "heads"), **gate_kw)
-    self.g_proj = Linear(d_model, width, axes=("embed", "heads"), **kw) if use_output_gate else None
+    self.a_proj = linear(d_model, num_heads, axes=("embed", "heads"), **gate_kw)
+    self.b_proj = linear(d_model, num_heads, axes=("embed", "heads"), **gate_kw)
+    self.g_proj = linear(d_model, width, axes=("embed", "heads"), **kw) if use_output_gate else None
     self.norm = RMSNorm(head_dim, eps=norm_eps, axis_name="kv", **kw)
-    self.o_proj = Linear(width, d_model, axes=("heads", "embed"), init_scale=out_scale, **kw)
+    self.o_proj = linear(width, d_model, axes=("heads", "embed"), init_scale=out_scale, **kw)
 
   def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x: [B, T, d] -> g (log forget gate ≤ 0), β: [B, T, H] in f32, computed in log space."""

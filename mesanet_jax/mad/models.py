@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mesanet_jax.layers.norm import RMSNorm
-from mesanet_jax.layers.params import Linear, param
+from mesanet_jax.layers.params import linear, param
 from mesanet_jax.models.config import LMConfig, preset
 from mesanet_jax.models.lm import LanguageModel, make_blocks, run_blocks
 
@@ -60,8 +60,8 @@ class AutoEncoder(nnx.Module):
                        ("vocab", "embed"))
     self.blocks = make_blocks(config, rngs)
     self.norms = nnx.List([RMSNorm(d, eps=config.norm_eps, **kw) for _ in range(3)])
-    self.hidden = nnx.List([Linear(d, d, axes=("embed", "mlp"), use_bias=True, **kw) for _ in range(2)])
-    self.readout = Linear(d, config.vocab_size, axes=("embed", "vocab"), use_bias=True, **kw)
+    self.hidden = nnx.List([linear(d, d, axes=("embed", "mlp"), use_bias=True, **kw) for _ in range(2)])
+    self.readout = linear(d, config.vocab_size, axes=("embed", "vocab"), use_bias=True, **kw)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     config = self.config

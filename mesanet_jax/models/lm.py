@@ -21,7 +21,7 @@ from mesanet_jax.layers.hawk import HawkLayer
 from mesanet_jax.layers.mesa import MesaLayer
 from mesanet_jax.layers.mlp import SwiGLU
 from mesanet_jax.layers.norm import RMSNorm
-from mesanet_jax.layers.params import Linear, param
+from mesanet_jax.layers.params import linear, param
 from mesanet_jax.models.config import LMConfig
 
 
@@ -142,7 +142,7 @@ class LanguageModel(nnx.Module):
                        ("vocab", "embed"))
     self.blocks = make_blocks(config, rngs)
     self.final_norm = RMSNorm(d, eps=config.norm_eps, rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
-    self.unembed = None if config.tie_embeddings else Linear(
+    self.unembed = None if config.tie_embeddings else linear(
         d, config.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
 
   def _embed(self, tokens: jax.Array) -> jax.Array:

@@ -5,21 +5,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mesanet_jax.layers.norm import RMSNorm
-from mesanet_jax.layers.params import Linear
+from mesanet_jax.layers.params import linear
 from mesanet_jax.models.config import LMConfig
 from mesanet_jax.models.lm import make_blocks, run_blocks
 
 
 class RegressionModel(nnx.Module):
-  """The LM backbone (`LMConfig`; vocab_size unused) with `Linear(in_features, d_model)` in place of the embedding."""
+  """The LM backbone (`LMConfig`; vocab_size unused) with `linear(in_features, d_model)` in place of the embedding."""
 
   def __init__(self, config: LMConfig, in_features: int, *, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     self.config = config
-    self.read_in = Linear(in_features, config.d_model, axes=(None, "embed"), use_bias=True, **kw)
+    self.read_in = linear(in_features, config.d_model, axes=(None, "embed"), use_bias=True, **kw)
     self.blocks = make_blocks(config, rngs)
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
-    self.read_out = Linear(config.d_model, 1, axes=("embed", None), use_bias=True, **kw)
+    self.read_out = linear(config.d_model, 1, axes=("embed", None), use_bias=True, **kw)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     x, _ = run_blocks(self.config, self.blocks, lambda block, x, _: (block(x)[0], None), self.read_in(inputs),

@@ -1,7 +1,7 @@
 """Checkpoints in `<workdir>/checkpoints/`: one orbax CheckpointManager saving the TrainState and the grain
-iterator state together (async, every N steps, keep the last k), restoring the latest onto any mesh, and a SIGTERM
-flag for preemption. For evaluation and export: the params alone restored from a trainer checkpoint (no optimiser
-state is read), and a params-only checkpoint directory (`save_params` / `load_params`).
+iterator state together (async, at the steps the train loop picks, keep the last k), restoring the latest onto any
+mesh, and a SIGTERM flag for preemption. For evaluation and export: the params alone restored from a trainer
+checkpoint (no optimiser state is read), and a params-only checkpoint directory (`save_params` / `load_params`).
 
 orbax's own preemption check only works under `jax.distributed`; a single-process run relies on the SIGTERM flag:
 the loop saves at the next step boundary, waits for the write and exits 0.
@@ -19,11 +19,11 @@ class Checkpointer:
   """Saves {"state": TrainState, "data": grain iterator}; restores both. `best_metric` (e.g. "eval_loss") makes
   orbax keep the `keep` best checkpoints by that metric (lower is better) instead of the latest ones."""
 
-  def __init__(self, workdir: str, every_steps: int, keep: int, use_async: bool = True, best_metric: str = ""):
+  def __init__(self, workdir: str, keep: int, use_async: bool = True, best_metric: str = ""):
     self.directory = epath.Path(workdir) / "checkpoints"
     self.best_metric = best_metric
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every_steps, max_to_keep=keep, enable_async_checkpointing=use_async,
+        max_to_keep=keep, enable_async_checkpointing=use_async,
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="min",
         keep_checkpoints_without_metrics=not best_metric)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
@@ -31,12 +31,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iter, metrics: dict | None = None, force: bool = False) -> bool:
-    """Saves when `step` is due (every_steps) or when forced; returns whether a save started."""
+  def save(self, step: int, state, data_iter, metrics: dict | None = None) -> None:
+    """Starts saving `step` (the caller decides when: orbax's own save-interval policy is bypassed)."""
     if self.best_metric and (not metrics or self.best_metric not in metrics):
       metrics = None
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=data_state.Save(data_iter))
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    self.manager.save(step, args=args, metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state, shardings, data_iter):
     """The TrainState at `step`, placed by `shardings` (any mesh), and the iterator set to where it was."""

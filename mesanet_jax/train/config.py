@@ -1,16 +1,21 @@
 """The trainer's config schema (an ml_collections ConfigDict every experiment config starts from) and its checks.
 
 Stable keys other tools rely on: train.num_steps, train.log_every, train.eval_every, checkpoint.every_steps,
-data.seed. A model field of 0 or "" means "the preset's value". The trainer writes the config it ran with to
-`<workdir>/config.json`; `load_run_config` reads it back over the schema (so keys added later take their defaults).
+data.seed. The model is `model.size` × `model.architecture` (a preset of `mesanet_jax.models.config`) with the
+overrides that are set (`OVERRIDES`, None until set); `lm_config` is the one translation into an LMConfig. The trainer
+writes the config it ran with to `<workdir>/config.json` (with the vocabulary its model got); `load_run_config` reads
+it back over the schema (so keys added later take their defaults).
 """
 import contextlib
+import dataclasses
 import json
 import os
 
+import jax.numpy as jnp
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from mesanet_jax.models.config import ARCHITECTURES, SIZES
+from mesanet_jax.models.config import ARCHITECTURES, SIZES, LMConfig, fla_compatible, preset
 from mesanet_jax.ops.chunked import IMPLS, PRECISIONS
 
 
@@ -38,10 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       size="tiny", architecture="mesanet", dtype="float32",  # dtype: activations; params stay f32
-      vocab_size=0,  # 0: the tokenizer's / task's vocabulary
-      num_layers=0, cg_steps=0, chunk_size=0, impl="",
-      cg_tol=0.0,  # > 0: each forward and adjoint CG system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (at most cg_steps); 0: fixed
-      matmul_precision="",  # Mesa's chunked matmuls: "highest" (preset) or "default" (TF32-class, faster on GPU)
+      # Overrides of the preset, None until set (OVERRIDES).
+      vocab_size=placeholder(int),  # unset: the tokenizer's / task's vocabulary
+      num_layers=placeholder(int), cg_steps=placeholder(int), chunk_size=placeholder(int), impl=placeholder(str),
+      cg_tol=placeholder(float),  # > 0: each forward and adjoint CG system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (at most
+      # cg_steps); 0: fixed cg_steps
+      matmul_precision=placeholder(str),  # Mesa's chunked matmuls: "highest" or "default" (TF32-class, faster on GPU)
       fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
       remat=False,  # recompute each block's activations in the backward pass (less memory, ~1 more forward)
       scan_layers=False))  # one scanned block with params stacked on a "layers" axis (compile time flat in depth)
@@ -76,11 +83,37 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def save_run_config(config, workdir: str) -> None:
-  """Writes `<workdir>/config.json`."""
+OVERRIDES = ("vocab_size", "num_layers", "cg_steps", "chunk_size", "impl", "matmul_precision", "cg_tol")
+
+
+def lm_config(model, data_vocab: int | None = None) -> LMConfig:
+  """The LMConfig of `config.model`: the preset of (size, architecture) with the overrides that are set, made
+  flash-linear-attention compatible when `model.fla_compatible`. The vocabulary is model.vocab_size when set (at
+  least `data_vocab`, the tokenizer's or synthetic task's), else `data_vocab`, else the preset's (regression)."""
+  if model.vocab_size is not None and data_vocab is not None and model.vocab_size < data_vocab:
+    raise ValueError(f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary {data_vocab}")
+  lm = preset(model.size, model.architecture)
+  set_only = lambda **values: {key: value for key, value in values.items() if value is not None}
+  mesa = dataclasses.replace(lm.mesa, **set_only(cg_steps_train=model.cg_steps, chunk_size=model.chunk_size,
+                                                 impl=model.impl, matmul_precision=model.matmul_precision))
+  if model.cg_tol is not None:  # 0: fixed steps
+    mesa = dataclasses.replace(mesa, cg_tol=model.cg_tol or None)
+  gdn = dataclasses.replace(lm.gdn, **set_only(chunk_size=model.chunk_size))
+  layers = lm.n_layers if model.num_layers is None else model.num_layers
+  vocab = next(v for v in (model.vocab_size, data_vocab, lm.vocab_size) if v is not None)
+  lm = dataclasses.replace(lm, vocab_size=vocab, mixers=(lm.mixers * layers)[:layers], mesa=mesa, gdn=gdn,
+                           dtype=jnp.dtype(model.dtype).type, remat=model.remat, scan_layers=model.scan_layers)
+  return fla_compatible(lm) if model.fla_compatible else lm
+
+
+def save_run_config(config, workdir: str, lm: LMConfig) -> None:
+  """Writes `<workdir>/config.json`: `config` with model.vocab_size set to the run's (`lm`, built by `lm_config`),
+  so evaluation, export and generation rebuild the same model without the data."""
+  saved = json.loads(config.to_json())
+  saved["model"]["vocab_size"] = lm.vocab_size
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
-    f.write(config.to_json(indent=2) + "\n")
+    f.write(json.dumps(saved, indent=2) + "\n")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -93,6 +126,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"cannot read {path} ({e.strerror or e}): not a training workdir?") from None
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e})") from None
+  for key in OVERRIDES:  # runs saved before the overrides were optional wrote 0 / "" for "the preset's"
+    if saved.get("model", {}).get(key) in (0, ""):
+      saved["model"][key] = None
   config = base_config()
   with config.unlocked():
     config.update(saved)
@@ -107,11 +143,14 @@ def validate(c) -> None:
     raise ValueError(f"model.architecture must be one of {ARCHITECTURES}, got {c.model.architecture!r}")
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
-  for key, allowed in (("impl", ("", *IMPLS)), ("matmul_precision", ("", *PRECISIONS))):
-    if c.model[key] not in allowed:
-      raise ValueError(f"model.{key} must be one of {allowed} ('' keeps the preset's), got {c.model[key]!r}")
-  if c.model.cg_tol < 0:
-    raise ValueError(f"model.cg_tol must be >= 0 (0: fixed CG steps), got {c.model.cg_tol}")
+  for key, allowed in (("impl", IMPLS), ("matmul_precision", PRECISIONS)):
+    if c.model[key] not in (None, *allowed):
+      raise ValueError(f"model.{key} must be one of {allowed} (or unset: the preset's), got {c.model[key]!r}")
+  for key in ("vocab_size", "num_layers", "cg_steps", "chunk_size"):
+    if c.model[key] is not None and c.model[key] < 1:
+      raise ValueError(f"model.{key} must be >= 1 (or unset: the preset's), got {c.model[key]}")
+  if c.model.cg_tol is not None and c.model.cg_tol < 0:
+    raise ValueError(f"model.cg_tol must be >= 0 (0: fixed CG steps; unset: the preset's), got {c.model.cg_tol}")
   for key in ("num_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
     if c.train[key] < 1:
       raise ValueError(f"train.{key} must be >= 1, got {c.train[key]}")

@@ -1,16 +1,19 @@
 """The optimiser (paper G.3): AdamW, linear warmup from `init_lr` to the peak, cosine decay to `final_lr_frac`·peak,
-global-norm clipping, and a weight-decay mask.
+global-norm clipping, and a weight-decay mask; an update whose gradients are not all finite is skipped (params and
+optimiser state kept) and counted (`optax.apply_if_finite`, `skipped`).
 
 Weight decay applies to matrices only: not to norm scales or biases (1-D), not to Mesa's λ (`NoDecayParam`), and not
 to the tied embedding (the paper trains it "with no regularization", G.2).
 """
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
 from mesanet_jax.layers.params import NoDecayParam
 
 NO_DECAY_NAMES = ("embed",)
+NEVER = int(np.iinfo(np.int32).max)  # apply_if_finite's consecutive non-finite updates before it applies one anyway
 
 
 def schedule(optim, num_steps: int) -> optax.Schedule:
@@ -37,10 +40,9 @@ def make_optimizer(optim, num_steps: int, params: nnx.State) -> optax.GradientTr
                    weight_decay=optim.weight_decay, mask=decay_mask(params))
   if optim.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
-  return tx
+  return optax.apply_if_finite(tx, max_consecutive_errors=NEVER)
 
 
-def all_finite(tree) -> jax.Array:
-  """Scalar bool: every leaf of `tree` is finite."""
-  leaves = [jax.numpy.isfinite(x).all() for x in jax.tree.leaves(tree)]
-  return jax.numpy.stack(leaves).all()
+def skipped(opt_state) -> jax.Array:
+  """The number of updates skipped so far for non-finite gradients (int32 scalar)."""
+  return opt_state.total_notfinite

@@ -1,123 +1,17 @@
-"""Train state, born sharded on the mesh, and the jitted train / eval steps.
-
-TrainState holds only arrays (params as an nnx.State of f32 master weights, the optax state, the step and the
-count of skipped updates); the model's graphdef and the optimiser are static and closed over by the step functions.
-"""
-import dataclasses
-
+"""The jitted train and eval steps (pure functions of the TrainState / params and a global batch)."""
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mesanet_jax import sharding
-from mesanet_jax.models.config import LMConfig, fla_compatible, preset
-from mesanet_jax.models.lm import LanguageModel
-from mesanet_jax.models.regression import RegressionModel
 from mesanet_jax.train import optimizer
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-  step: jax.Array
-  params: nnx.State
-  opt_state: optax.OptState
-  skipped: jax.Array
-
-
-def lm_config(config) -> LMConfig:
-  """LMConfig from `config.model` (a preset plus the overrides that are set: 0 / "" means "the preset's"),
-  made flash-linear-attention compatible when `model.fla_compatible`."""
-  m = config.model
-  lm = preset(m.size, m.architecture)
-  changes = {"dtype": jnp.dtype(m.dtype).type, "remat": m.remat, "scan_layers": m.scan_layers}
-  if m.vocab_size:
-    changes["vocab_size"] = m.vocab_size
-  if m.num_layers:
-    changes["mixers"] = (lm.mixers * m.num_layers)[:m.num_layers]
-  mesa = lm.mesa
-  changes["mesa"] = dataclasses.replace(mesa, cg_steps_train=m.cg_steps or mesa.cg_steps_train,
-                                        chunk_size=m.chunk_size or mesa.chunk_size, impl=m.impl or mesa.impl,
-                                        cg_tol=m.cg_tol or mesa.cg_tol,
-                                        matmul_precision=m.matmul_precision or mesa.matmul_precision)
-  if m.chunk_size:
-    changes["gdn"] = dataclasses.replace(lm.gdn, chunk_size=m.chunk_size)
-  lm = dataclasses.replace(lm, **changes)
-  return fla_compatible(lm) if m.fla_compatible else lm
-
-
-def model_factory(config):
-  """A zero-argument constructor of the model the task needs (LM for tokens, RegressionModel for vectors)."""
-  lm = lm_config(config)
-  if config.data.source == "synthetic" and config.data.task == "regression":
-    return lambda: RegressionModel(lm, config.data.dim + 1, rngs=nnx.Rngs(config.seed))
-  return lambda: LanguageModel(lm, rngs=nnx.Rngs(config.seed))
-
-
-def param_shardings(abstract_params: nnx.State, mesh):
-  """The params tree with every variable's value replaced by its NamedSharding (same structure as params)."""
-  def named(v):
-    names = v.get_metadata().get("out_sharding") or (None,) * v.ndim
-    return NamedSharding(mesh, sharding.logical_spec(tuple(names), v.shape, mesh))
-  return nnx.from_flat_state([(p, v.replace(named(v))) for p, v in nnx.to_flat_state(abstract_params)])
-
-
-def setup(config, mesh):
-  """(graphdef, tx, abstract TrainState, TrainState shardings). Nothing is allocated."""
-  make_model = model_factory(config)
-  graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("the model has non-parameter state, which the trainer does not carry")
-  tx = optimizer.make_optimizer(config.optim, config.train.num_steps, abstract_params)
-  abstract = jax.eval_shape(
-      lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jnp.zeros((), jnp.int32)), abstract_params)
-  replicated = NamedSharding(mesh, P())
-  param_sh = param_shardings(abstract_params, mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
-  shardings = TrainState(replicated, param_sh, opt_sh, replicated)
-  return graphdef, tx, abstract, shardings
-
-
-def init_state(config, tx, shardings) -> TrainState:
-  """A fresh TrainState, every array created directly in its sharding by one jitted init."""
-  make_model = model_factory(config)
-
-  def init():
-    params = nnx.state(make_model(), nnx.Param)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
-  return jax.jit(init, out_shardings=shardings)()
-
-
-def loss_sums(graphdef, params, batch, task_type: str, z_loss: float):
-  """(Σ masked loss [+ z-loss], aux) for one (micro-)batch; aux holds the sums for metrics."""
-  model = nnx.merge(graphdef, params)
-  mask = batch["mask"]
-  if task_type == "regression":
-    error = (model(batch["inputs"]) - batch["targets"]) ** 2
-    loss = jnp.sum(error * mask)
-    return loss, {"loss": loss, "count": jnp.sum(mask), "correct": jnp.zeros(())}
-  logits = model(batch["inputs"])
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  loss = jnp.sum(ce * mask)
-  total = loss
-  if z_loss:
-    total = total + z_loss * jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * mask)
-  correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
-  return total, {"loss": loss, "count": jnp.sum(mask), "correct": correct}
-
-
-def task_type(config) -> str:
-  return "regression" if config.data.source == "synthetic" and config.data.task == "regression" else "lm"
+from mesanet_jax.train.loss import loss_sums, task_type
+from mesanet_jax.train.state import TrainState
 
 
 def make_train_step(config, graphdef, tx):
   """train_step(state, batch) -> (state, metrics): gradients summed over `grad_accum` micro-batches (a scan),
-  normalised by the total mask count, so accumulation changes nothing but memory; the update is skipped (and
-  counted) when the loss or any gradient is not finite."""
+  normalised by the total mask count, so accumulation changes nothing but memory; `tx` skips (and counts) an update
+  whose gradients are not all finite (a non-finite loss makes them so)."""
   accum, kind, z = config.train.grad_accum, task_type(config), config.optim.z_loss
   lr_at = optimizer.schedule(config.optim, config.train.num_steps)
   grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, kind, z), has_aux=True)
@@ -137,13 +31,9 @@ def make_train_step(config, graphdef, tx):
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = aux["loss"] / count
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & optimizer.all_finite(grads)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state),
-                           state.skipped + (~finite).astype(jnp.int32))
+    new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step),
-               "skipped": new_state.skipped, "tokens": aux["count"]}
+               "skipped": optimizer.skipped(opt_state), "tokens": aux["count"]}
     if kind == "lm":
       metrics["accuracy"] = aux["correct"] / count
     return new_state, metrics

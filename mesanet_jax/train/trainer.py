@@ -7,12 +7,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.train import checkpoint, metrics as metrics_lib, steps
-from mesanet_jax.train.config import config_errors, save_run_config, validate
+from mesanet_jax.train.config import config_errors, lm_config, save_run_config, validate
+from mesanet_jax.train.loss import task_type
+from mesanet_jax.train.state import init_state, setup
 
 
 def _mesh(config):
@@ -23,16 +24,11 @@ def _mesh(config):
     raise ValueError(f"mesh: {e} (set mesh.data, mesh.fsdp, mesh.tensor)") from None
 
 
-def _resolve_vocab(config, tokenizer):
-  """model.vocab_size 0 → the tokenizer's / synthetic task's vocabulary; a smaller explicit one is an error."""
-  if steps.task_type(config) == "regression":
-    return
-  needed = tokenizer.vocab_size if tokenizer is not None else config.data.vocab_size
-  with config.unlocked():
-    if not config.model.vocab_size:
-      config.model.vocab_size = needed
-  if config.model.vocab_size < needed:
-    raise ValueError(f"model.vocab_size {config.model.vocab_size} is smaller than the data's vocabulary {needed}")
+def _data_vocab(config, tokenizer) -> int | None:
+  """The vocabulary the data needs: the tokenizer's or the synthetic task's; None for regression (no tokens)."""
+  if task_type(config) == "regression":
+    return None
+  return tokenizer.vocab_size if tokenizer is not None else config.data.vocab_size
 
 
 def _summarise_eval(sums: dict, kind: str) -> dict:
@@ -62,23 +58,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---- data ---------------------------------------------------------------------------------------------------
     train_source, eval_source, tokenizer = pipeline.make_sources(config.data)
-    _resolve_vocab(config, tokenizer)
+    lm = lm_config(config.model, _data_vocab(config, tokenizer))  # the run's model, built once
     if lead:
-      save_run_config(config, workdir)  # what mesanet-eval / -export / -generate rebuild the model from
+      save_run_config(config, workdir, lm)  # what mesanet-eval / -export / -generate rebuild the model from
     train_iter = iter(pipeline.train_dataset(train_source, config.data, config.train.batch_size))
     eval_data = pipeline.eval_batches(eval_source, config.train.batch_size, config.train.eval_batches)
-    batch_sh = {k: NamedSharding(mesh, sharding.logical_spec(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh))
-                for k, v in eval_data[0].items()}
+    batch_sh = sharding.batch_shardings(eval_data[0], mesh)
 
     # ---- model, optimiser, state ------------------------------------------------------------------------------
-    graphdef, tx, abstract, state_sh = steps.setup(config, mesh)
+    graphdef, tx, abstract, state_sh = setup(config, lm, mesh)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
-                                   config.checkpoint.use_async, config.checkpoint.best_metric)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.use_async,
+                                   config.checkpoint.best_metric)
     latest = ckpt.latest_step()
     if latest is None:
       start = time.perf_counter()
-      state = jax.block_until_ready(steps.init_state(config, tx, state_sh))
+      state = jax.block_until_ready(init_state(config, lm, tx, state_sh))
       say(f"initialised the train state in {time.perf_counter() - start:.1f} s")
     else:
       state = ckpt.restore(latest, abstract, state_sh, train_iter)
@@ -94,12 +89,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return step_fn(*args)
     return call
 
-  replicated = NamedSharding(mesh, P())
+  replicated = sharding.replicated(mesh)
   train_step = under_mesh(jax.jit(steps.make_train_step(config, graphdef, tx), in_shardings=(state_sh, batch_sh),
                                   out_shardings=(state_sh, replicated), donate_argnums=0))
   eval_step = under_mesh(jax.jit(steps.make_eval_step(config, graphdef), in_shardings=(state_sh.params, batch_sh),
                                  out_shardings=replicated))
-  kind = steps.task_type(config)
+  kind = task_type(config)
 
   def evaluate(params) -> dict:
     sums = None
@@ -110,8 +105,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- throughput -------------------------------------------------------------------------------------------
   tokens_per_step = config.train.batch_size * config.data.seq_len
-  flops_per_step = metrics_lib.train_flops(steps.lm_config(config), num_params, config.train.batch_size,
-                                           config.data.seq_len)
+  flops_per_step = metrics_lib.train_flops(lm, num_params, config.train.batch_size, config.data.seq_len)
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
 
   # ---- loop -------------------------------------------------------------------------------------------------
@@ -164,12 +158,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if bar is not None:
         bar.update(1)
       stop = sigterm.raised if sigterm is not None else ckpt.reached_preemption(step)
-      if step == config.train.num_steps or stop:
-        if ckpt.latest_step() != step:
-          ckpt.save(step, state, train_iter, metrics=extra, force=True)
+      last_step = step == config.train.num_steps or stop
+      if last_step or step % config.checkpoint.every_steps == 0:  # the one place that decides when to save
+        ckpt.save(step, state, train_iter, metrics=extra)
+      if last_step:
         break
-      if step % config.checkpoint.every_steps == 0:
-        ckpt.save(step, state, train_iter, metrics=extra, force=True)
 
     if pending is not None:
       last = flush(pending)

@@ -2,7 +2,6 @@
 an fla-compatible MesaNet and a Transformer baseline (MAD: tests/mad)."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,16 @@ from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.eval import hf_export, losses, runs
 from mesanet_jax.train.trainer import train_and_evaluate
+from tests.environment import subprocess_env
 from tests.train import tiny
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("eval_cli")]  # subprocesses; one worker trains the runs
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(module: str, *flags, devices: int = 1) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "")
-  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *flags], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=240)
+  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *flags], cwd=ROOT,
+                        env=subprocess_env(devices, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240)
 
 
 @pytest.fixture(scope="module")

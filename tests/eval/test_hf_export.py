@@ -4,6 +4,7 @@ the target's forward run on the exported tensors against our logits, and the ref
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -95,6 +96,7 @@ def fla_reference_logits(w: dict, c: dict, tokens: np.ndarray) -> np.ndarray:
   return rms(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
 
 
+@pytest.mark.slow  # a 3-block model, 60 CG steps, against a numpy forward
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_matches_fla_schema_and_forward(case, tmp_path):
   lm = parity_config(**CASES[case])
@@ -116,7 +118,8 @@ def test_export_matches_fla_schema_and_forward(case, tmp_path):
   lm = dataclasses.replace(lm, mesa=dataclasses.replace(lm.mesa, cg_steps_train=60))
   tokens = np.random.default_rng(1).integers(0, lm.vocab_size, 70)  # two chunks of 64 and a partial one
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(lm, rngs=nnx.Rngs(0))))
-  ours = np.asarray(nnx.merge(graphdef, params)(tokens[None].astype(np.int32))[0])
+  forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))  # one compile, not op by op
+  ours = np.asarray(forward(params, tokens[None].astype(np.int32))[0])
   reference = fla_reference_logits(tensors, config, tokens)
   # f32 model (matmuls, conv, norms, CG) vs f64 reference: measured max |Δ| ≈ 5e-6 with logits up to ~10.
   # A layout error (transposed weight, reversed conv taps, λ order, unfolded √d) gives O(1).

@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.environment import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "--config=tests/train/tiny.py:mqar"
 
 
 def _bash(*args, env=None, timeout=60):
-  env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env or {}))
-  return subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(["bash", *args], cwd=ROOT, env=subprocess_env(PYTHON=sys.executable, **(env or {})),
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def _one_line_error(result, expected):
@@ -21,6 +25,7 @@ def _one_line_error(result, expected):
   assert result.stderr.strip().splitlines() == [result.stderr.strip()] and expected in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_local_runs_two_processes_with_logs(tmp_path):
   result = _bash("launch/local.sh", "2", TINY, f"--workdir={tmp_path}", "--config.train.num_steps=2", timeout=180)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -31,6 +36,7 @@ def test_local_runs_two_processes_with_logs(tmp_path):
   assert (tmp_path / "logs" / "process_1.log").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_local_fails_when_a_process_fails(tmp_path):
   result = _bash("launch/local.sh", "2", TINY, f"--workdir={tmp_path}", "--config.train.nonsense=1", timeout=120)
   assert result.returncode == 1, result.stdout + result.stderr

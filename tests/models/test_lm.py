@@ -46,6 +46,7 @@ def test_prefill_then_decode_matches_full_forward(architecture):
   assert float(jnp.max(jnp.abs(stepped - full))) < 1e-4
 
 
+@pytest.mark.slow  # a whole model's decoding loop, compiled
 def test_generate_greedy_with_cg_tolerance_reports_steps():
   config = preset("tiny", "hybrid")
   config = dataclasses.replace(config, mesa=dataclasses.replace(config.mesa, decode_tol=1e-4))
@@ -63,6 +64,7 @@ def test_generate_greedy_with_cg_tolerance_reports_steps():
   assert bool(jnp.all(jnp.where(clear, jnp.argmax(logits, -1) == out.tokens, True))) and bool(jnp.any(clear))
 
 
+@pytest.mark.slow  # a whole model's decoding loop, compiled
 def test_generate_sampling_top_k():
   model = LanguageModel(preset("tiny", "transformer"), rngs=nnx.Rngs(0))
   prompt = _tokens((2, 10))
@@ -96,6 +98,7 @@ def test_init_is_deterministic_per_seed():
   assert not any(np.array_equal(a, b) for a, b in zip(same, other) if a.size > 64)  # random (not constant) leaves
 
 
+@pytest.mark.slow  # a whole model's decoding loop, compiled
 def test_bf16_compute_keeps_f32_params_and_state():
   model = LanguageModel(preset("tiny", "hybrid", dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
   assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}

@@ -63,11 +63,13 @@ def assert_same_math(architecture: str, **overrides):
     assert_close(grad, grads[path], ".".join(map(str, path)))
 
 
+@pytest.mark.slow  # compiles a whole model's gradients twice
 @pytest.mark.parametrize("overrides", [dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)])
 def test_mesanet_scan_and_remat_match_the_loop(overrides):
   assert_same_math("mesanet", **overrides)
 
 
+@pytest.mark.slow  # compiles a whole model's gradients twice
 def test_transformer_scan_matches_the_loop():
   assert_same_math("transformer", scan_layers=True)
 

@@ -58,6 +58,7 @@ def test_gradients_of_every_input_match_exact(x64, shape):
     assert max_abs(grad, grad_exact) < F64_TOL * scale(grad_exact), name
 
 
+@pytest.mark.slow  # compile-heavy (~10 s on 2 cores)
 def test_gradients_match_finite_differences(x64):
   """Checks the implicit backward against numerical derivatives, independently of autodiff of the reference."""
   args = as_f64(random_inputs(1, 11, 2, 4, 3, with_state=True, seed=2))
@@ -65,6 +66,7 @@ def test_gradients_match_finite_differences(x64):
   check_grads(loss, args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow  # compile-heavy (~10 s on 2 cores)
 def test_f32_accuracy_at_training_settings():
   """f32 inputs, 30 CG steps (the paper's training setting), Dk = 32, errors vs the f64 exact solve."""
   args = random_inputs(2, 200, 2, 32, 32, with_state=True, seed=4)
@@ -83,6 +85,7 @@ def test_f32_accuracy_at_training_settings():
     assert max_abs(grad, grad_exact) < 5e-4 * scale(grad_exact), name
 
 
+@pytest.mark.slow  # compile-heavy (~10 s on 2 cores)
 def test_bf16_inputs_compute_in_f32():
   args = random_inputs(2, 40, 2, 16, 16, with_state=True, seed=5)
   args_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), args)
@@ -118,6 +121,7 @@ def test_final_state_continues_the_sequence(x64):
   assert max_abs(state_second, state_full) < 1e-12
 
 
+@pytest.mark.slow  # compile-heavy (~10 s on 2 cores)
 def test_cg_error_decreases_with_steps(x64):
   args = as_f64(random_inputs(2, 64, 2, 16, 16, seed=8))
   o_exact, _ = mesa_exact(*args)
@@ -148,6 +152,7 @@ def _stress_case(name):
   return q, k, v, g, beta, lam, None
 
 
+@pytest.mark.slow  # up to 3000 tokens in f32 and f64, with gradients
 @pytest.mark.parametrize("name", ["gamma_near_one", "beta_near_zero", "beta_near_one", "lambda_at_lower_bound",
                                   "repeated_keys"])
 def test_stress_inputs_stay_finite_and_accurate(name):

@@ -22,6 +22,7 @@ def _value_and_grads(op, args, weights):
   return op(*args), jax.grad(loss, argnums=range(7))(*args)
 
 
+@pytest.mark.slow  # every kernel interpreted, forward and backward
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("cg_init", ["jacobi", "zero"])
 def test_pallas_matches_xla_in_f32(shape, cg_init):
@@ -38,6 +39,7 @@ def test_pallas_matches_xla_in_f32(shape, cg_init):
     assert max_abs(grad, grad_xla) < 10 * F32_PRODUCT_ERROR * scale(grad_xla)
 
 
+@pytest.mark.slow  # every kernel interpreted, forward and backward
 def test_pallas_is_exact_cg_in_f64(x64):
   args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
   weights = loss_weights(*mesa_exact(*args))

@@ -1,5 +1,7 @@
 """Optimiser and train step, in process on one device: the paper's schedule, the weight-decay mask, gradient
-accumulation ≡ one big batch, and the NaN guard."""
+accumulation ≡ one big batch, and the NaN guard. The module's tests run on one xdist worker (the shared mqar run)."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,10 @@ from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.train import config as train_config
 from mesanet_jax.train import optimizer, steps
+from mesanet_jax.train import state as train_state
 from tests.train.tiny import get_config
+
+pytestmark = pytest.mark.xdist_group("train_steps")
 
 
 def test_schedule_warms_up_from_init_lr_and_decays_to_a_tenth():
@@ -26,17 +31,22 @@ def test_schedule_warms_up_from_init_lr_and_decays_to_a_tenth():
 def test_decay_mask_excludes_norms_biases_lambda_and_embedding():
   config = get_config("mqar")
   config.model.vocab_size = 32
-  _, params = nnx.split(steps.model_factory(config)(), nnx.Param)
+  make_model = train_state.model_factory(config, train_config.lm_config(config.model))
+  params = nnx.state(nnx.eval_shape(make_model), nnx.Param)  # the mask needs the tree, not the values
   mask = {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(optimizer.decay_mask(params))}
   assert mask["embed"] is False and mask["final_norm.scale"] is False
   assert mask["blocks.0.mixer.lam_param"] is False and mask["blocks.0.mixer.a_proj.bias"] is False
   assert mask["blocks.0.mixer.q_proj.kernel"] is True and mask["blocks.0.mlp.down.kernel"] is True
 
 
+def _setup(config):
+  lm = train_config.lm_config(config.model)
+  graphdef, tx, _, shardings = train_state.setup(config, lm, sharding.make_mesh())
+  return graphdef, tx, train_state.init_state(config, lm, tx, shardings)
+
+
 def _run(config, batches):
-  mesh = sharding.make_mesh()
-  graphdef, tx, _, shardings = steps.setup(config, mesh)
-  state = steps.init_state(config, tx, shardings)
+  graphdef, tx, state = _setup(config)
   step = jax.jit(steps.make_train_step(config, graphdef, tx))
   history = []
   for batch in batches:
@@ -51,11 +61,20 @@ def _batches(config, n):
   return [next(it) for _ in range(n)]
 
 
-def test_gradient_accumulation_matches_one_big_batch():
+@pytest.fixture(scope="module")
+def mqar_run():
+  """(config, 3 batches, state after them, metrics history) of tiny.py:mqar with vocabulary 32: the run the other
+  settings below are compared with (a test's shorter run is a prefix of it)."""
   config = get_config("mqar")
   config.model.vocab_size = 32
   batches = _batches(config, 3)
-  state1, h1 = _run(config, batches)
+  return (config, batches, *_run(config, batches))
+
+
+@pytest.mark.slow  # compiles whole train steps
+def test_gradient_accumulation_matches_one_big_batch(mqar_run):
+  config, batches, state1, h1 = mqar_run
+  config = config.copy_and_resolve_references()
   config.train.grad_accum = 4
   state4, h4 = _run(config, batches)
   # Same sums in another order (f32): agreement to rounding, ~1e-6 relative.
@@ -64,15 +83,14 @@ def test_gradient_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.slow  # compiles whole train steps
 def test_nan_guard_skips_the_update_and_counts_it():
   config = get_config("mqar")
   config.data.task, config.data.dim = "regression", 4
   batches = _batches(config, 2)
   poisoned = dict(batches[0], inputs=np.where(np.arange(batches[0]["inputs"].shape[1])[None, :, None] == 3,
                                               np.nan, batches[0]["inputs"]).astype(np.float32))
-  mesh = sharding.make_mesh()
-  graphdef, tx, _, shardings = steps.setup(config, mesh)
-  state = steps.init_state(config, tx, shardings)
+  graphdef, tx, state = _setup(config)
   before = jax.tree.map(np.asarray, state.params)
   step = jax.jit(steps.make_train_step(config, graphdef, tx))
   state, metrics = step(state, poisoned)
@@ -85,22 +103,21 @@ def test_nan_guard_skips_the_update_and_counts_it():
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)))
 
 
-def test_z_loss_changes_gradients_not_the_reported_loss():
-  config = get_config("mqar")
-  config.model.vocab_size = 32
-  batch = jax.tree.map(jnp.asarray, _batches(config, 1)[0])
-  _, h0 = _run(config, [batch])
+@pytest.mark.slow  # compiles whole train steps
+def test_z_loss_changes_gradients_not_the_reported_loss(mqar_run):
+  config, batches, _, h0 = mqar_run
+  config = config.copy_and_resolve_references()
+  batch = jax.tree.map(jnp.asarray, batches[0])
   config.optim.z_loss = 1e-2
   _, hz = _run(config, [batch])
   assert float(hz[0]["loss"]) == pytest.approx(float(h0[0]["loss"]), rel=1e-6)
   assert float(hz[0]["grad_norm"]) != pytest.approx(float(h0[0]["grad_norm"]), rel=1e-4)
 
 
-def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss():
-  config = get_config("mqar")
-  config.model.vocab_size = 32
-  batches = _batches(config, 2)
-  _, h32 = _run(config, batches)
+@pytest.mark.slow  # compiles whole train steps
+def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss(mqar_run):
+  config, batches, _, h32 = mqar_run
+  config, batches, h32 = config.copy_and_resolve_references(), batches[:2], h32[:2]
   config.model.dtype = "bfloat16"
   state, h16 = _run(config, batches)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
@@ -112,11 +129,33 @@ def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss():
 
 def test_model_overrides_reach_the_mesa_config():
   config = get_config("mqar")
-  base = steps.lm_config(config).mesa
+  base = train_config.lm_config(config.model).mesa
   config.model.update(impl="pallas", chunk_size=32, matmul_precision="default", cg_steps=7)
-  mesa = steps.lm_config(config).mesa
+  mesa = train_config.lm_config(config.model).mesa
   assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_steps_train) == ("pallas", 32, "default", 7)
-  assert (base.impl, base.matmul_precision) == ("xla", "highest")  # "" / 0 keep the preset's
+  assert (base.impl, base.matmul_precision) == ("xla", "highest")  # unset: the preset's
+
+
+def test_vocab_comes_from_the_data_unless_set_and_never_smaller():
+  model = get_config().model
+  assert train_config.lm_config(model, 259).vocab_size == 259  # e.g. the byte tokenizer's
+  assert train_config.lm_config(model).vocab_size == 256  # no tokens (regression): the preset's, unused
+  model.vocab_size = 512
+  assert train_config.lm_config(model, 259).vocab_size == 512
+  with pytest.raises(ValueError, match="model.vocab_size 512 is smaller than the data's vocabulary 1000"):
+    train_config.lm_config(model, 1000)
+
+
+def test_old_run_configs_with_zero_or_empty_overrides_still_load(tmp_path):
+  """config.json of runs saved while 0 / "" meant "the preset's" (the vocabulary was written out resolved)."""
+  saved = json.loads(get_config().to_json())
+  saved["model"].update(vocab_size=256, num_layers=0, cg_steps=4, chunk_size=0, impl="", matmul_precision="")
+  (tmp_path / train_config.RUN_CONFIG).write_text(json.dumps(saved))
+  config = train_config.load_run_config(str(tmp_path))
+  train_config.validate(config)
+  lm = train_config.lm_config(config.model)
+  assert (lm.vocab_size, lm.n_layers, lm.mesa.cg_steps_train, lm.mesa.chunk_size, lm.mesa.impl) == (
+      256, 4, 4, 16, "xla")
 
 
 @pytest.mark.parametrize("key, value", [("impl", "triton"), ("matmul_precision", "tf32")])

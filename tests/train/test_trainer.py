@@ -1,8 +1,11 @@
 """End-to-end trainer runs, each in a subprocess (`python -m experiments.train`) on the tiny test config:
 exact resume after SIGTERM, 8 fake devices ≡ 1 device (and restore onto another mesh, with impl="pallas" run per
-shard), 2 processes through jax.distributed on 127.0.0.1, and the one-line config errors."""
+shard), 2 processes through jax.distributed on 127.0.0.1, and the one-line config errors.
+
+One 1-device run of tiny.py:text (`reference`, 6 steps) serves as the default-outputs check and as the single-device
+losses the sharded and two-process runs are compared with. Runs share the session's compilation cache (conftest sets
+JAX_COMPILATION_CACHE_DIR, the trainer's default), except where a test checks the workdir's own cache."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,14 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import portpicker
+import pytest
 
+from mesanet_jax.train.config import ConfigError
+from mesanet_jax.train.trainer import train_and_evaluate
+from tests.environment import subprocess_env
+from tests.train import tiny
+
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(devices: int = 1) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
-  return env
+  return subprocess_env(devices, PYTHONUNBUFFERED="1")
 
 
 def _command(workdir, *flags, config=f"--config={ROOT}/tests/train/tiny.py:text"):
@@ -40,12 +48,20 @@ def _losses(workdir) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in rows}
 
 
-def test_default_outputs_and_metrics_schema(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+  """The workdir of a default tiny.py:text run (6 steps, eval at 3 and 6) on one device."""
+  cwd = tmp_path_factory.mktemp("reference")
   # A relative --workdir, as in the README (orbax itself needs absolute paths).
-  result = subprocess.run(_command("run", "--config.train.eval_every=3"), cwd=tmp_path,
+  result = subprocess.run(_command("run", "--config.train.eval_every=3"), cwd=cwd,
                           env=dict(_env(), PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240)
   assert result.returncode == 0, result.stderr[-3000:]
-  tmp_path = tmp_path / "run"
+  return cwd / "run"
+
+
+@pytest.mark.xdist_group("reference")
+def test_default_outputs_and_metrics_schema(reference):
+  tmp_path = reference
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   for key in ("loss", "ppl", "accuracy", "grad_norm", "lr", "skipped", "tokens_per_s", "mfu"):
@@ -63,15 +79,16 @@ def test_trains_on_a_prepared_tfds_dataset(tmp_path):
   from tests.data import tfds_fixture
   name = tfds_fixture.prepare(str(tmp_path / "tfds"))
   _train(tmp_path / "run", "--config.data.source=tfds", f"--config.data.tfds_name={name}",
-         f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.train.num_steps=3")
-  assert sorted(_losses(tmp_path / "run")) == [1, 2, 3]
+         f"--config.data.tfds_data_dir={tmp_path / 'tfds'}")  # 6 steps: the reference run's compiled programs
+  assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
 
 
 def test_sigterm_then_resume_gives_identical_losses(tmp_path):
   steps = ["--config.train.num_steps=40"]
   _train(tmp_path / "straight", *steps)
   interrupted = tmp_path / "interrupted"
-  process = subprocess.Popen(_command(interrupted, *steps), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  own_cache = "--compilation_cache_dir=<workdir>/compilation_cache"  # checked below (not the session's cache)
+  process = subprocess.Popen(_command(interrupted, *steps, own_cache), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
   metrics = interrupted / "metrics.jsonl"
   deadline = time.time() + 180
@@ -88,7 +105,7 @@ def test_sigterm_then_resume_gives_identical_losses(tmp_path):
   assert (interrupted / "checkpoints" / str(stopped)).is_dir()
   compiled = {p.name for p in (interrupted / "compilation_cache").glob("jit_train_step*")}
   assert compiled, "no train step in the workdir's compilation cache"
-  _train(interrupted, *steps)
+  _train(interrupted, *steps, own_cache)
   # The resumed run found its train step compiled (same program: nothing new written to the cache).
   assert {p.name for p in (interrupted / "compilation_cache").glob("jit_train_step*")} == compiled
   expected, resumed = _losses(tmp_path / "straight"), _losses(interrupted)
@@ -97,8 +114,9 @@ def test_sigterm_then_resume_gives_identical_losses(tmp_path):
   assert resumed == expected, {s: (resumed[s], expected[s]) for s in expected if resumed[s] != expected[s]}
 
 
-def test_sharded_8_devices_matches_1_device_and_restores_onto_another_mesh(tmp_path):
-  reference = _losses(_train(tmp_path / "one", "--config.train.num_steps=6") and tmp_path / "one")
+@pytest.mark.xdist_group("reference")
+def test_sharded_8_devices_matches_1_device_and_restores_onto_another_mesh(tmp_path, reference):
+  reference = _losses(reference)
   sharded = tmp_path / "eight"
   _train(sharded, "--config.mesh.fsdp=8", "--config.checkpoint.every_steps=3", devices=8)
   first = _losses(sharded)
@@ -123,7 +141,8 @@ def test_scan_layers_with_remat_trains_and_resumes(tmp_path):
   assert _losses(tmp_path / "run") == first  # steps 3-4 again: the same programs from the same state
 
 
-def test_two_processes_with_jax_distributed(tmp_path):
+@pytest.mark.xdist_group("reference")
+def test_two_processes_with_jax_distributed(tmp_path, reference):
   port = portpicker.pick_unused_port()
   flags = ["--num_processes=2", f"--coordinator_address=127.0.0.1:{port}", "--config.train.num_steps=3"]
   processes = [subprocess.Popen(_command(tmp_path / "two", *flags, f"--process_id={i}"), cwd=ROOT, env=_env(),
@@ -135,7 +154,9 @@ def test_two_processes_with_jax_distributed(tmp_path):
   two = _losses(tmp_path / "two")
   assert sorted(two) == [1, 2, 3]
   # Process i reads examples i, i+2, …: together the same global batch as one process, in another row order.
-  one = _losses(_train(tmp_path / "one", "--config.train.num_steps=3") and tmp_path / "one")
+  # One process's first 3 losses: the reference's (6 steps; the losses of steps 1-3 come from the updates of steps
+  # 1-2, whose learning rates lie in the 2-step warmup, the same for any num_steps >= 3).
+  one = _losses(reference)
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=2e-5)
   assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
 
@@ -157,17 +178,24 @@ def _error_line(result) -> str:
   return lines[-1]
 
 
-def test_config_errors_are_one_line(tmp_path):
+@pytest.mark.xdist_group("reference")
+def test_config_errors_are_one_line(tmp_path, reference):
+  # Through the command line: a bad flag (absl's parser) and a ConfigError raised while setting up (4 devices) each
+  # end as one line on stderr with exit code 2.
   cases = [
       (["--config.train.nonsense=1"], 1, "unknown config key 'nonsense'"),
-      (["--config.mesh.data=3"], 1, "do not multiply to 1 devices"),
       (["--config.mesh.fsdp=4", "--config.train.batch_size=6"], 4, "not divisible by the 4 data shards"),
-      (["--config.data.path=/nonexistent/corpus.txt"], 1, "cannot read '/nonexistent/corpus.txt'"),
   ]
   for flags, devices, expected in cases:
     line = _error_line(_train(tmp_path / "e", *flags, devices=devices, check=False))
     assert expected in line, (flags, line)
-  # A workdir holding a checkpoint of another model.
-  _train(tmp_path / "other", "--config.train.num_steps=1")
-  result = _train(tmp_path / "other", "--config.model.num_layers=2", check=False)
-  assert "does not match this config" in _error_line(result)
+  # Every other setup problem is a ConfigError too (the same path to that one line), checked in this process.
+  cases = [({"mesh.data": 3}, "do not multiply to 1 devices"),
+           ({"data.path": "/nonexistent/corpus.txt"}, "cannot read '/nonexistent/corpus.txt'"),
+           ({"model.num_layers": 2}, "does not match this config")]  # a workdir holding another model's checkpoint
+  shutil.copytree(reference / "checkpoints", tmp_path / "other" / "checkpoints")
+  for changes, expected in cases:
+    config = tiny.get_config()
+    config.update_from_flattened_dict(changes)
+    with pytest.raises(ConfigError, match=expected):
+      train_and_evaluate(config, str(tmp_path / "other"))

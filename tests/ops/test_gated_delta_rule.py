@@ -2,8 +2,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from mesanet_jax.layers.gated_delta_rule import gated_delta_chunked, gated_delta_recurrent
+from mesanet_jax.ops.gated_delta_rule import gated_delta_chunked, gated_delta_recurrent
 from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
 
 
@@ -22,6 +23,7 @@ def test_chunked_matches_recurrent_f64(x64):
     assert max_abs(s, s_ref) < 1e-12 * scale(s_ref), chunk
 
 
+@pytest.mark.slow  # compile-heavy (~10 s on 2 cores)
 def test_chunked_gradients_match_recurrent_f64(x64):
   args = as_f64(_inputs(length=13, seed=1))
   weights = jax.random.normal(jax.random.key(5), (2, 13, 3, 6), jnp.float64)

@@ -1,0 +1,28 @@
+"""The training objective: masked next-token cross-entropy (+ optional z-loss) for token tasks, masked squared error
+for in-context regression; sums over a (micro-)batch, normalised by the caller."""
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def task_type(config) -> str:
+  return "regression" if config.data.source == "synthetic" and config.data.task == "regression" else "lm"
+
+
+def loss_sums(graphdef, params, batch, task_type: str, z_loss: float):
+  """(Σ masked loss [+ z-loss], aux) for one (micro-)batch; aux holds the sums for metrics."""
+  model = nnx.merge(graphdef, params)
+  mask = batch["mask"]
+  if task_type == "regression":
+    error = (model(batch["inputs"]) - batch["targets"]) ** 2
+    loss = jnp.sum(error * mask)
+    return loss, {"loss": loss, "count": jnp.sum(mask), "correct": jnp.zeros(())}
+  logits = model(batch["inputs"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  loss = jnp.sum(ce * mask)
+  total = loss
+  if z_loss:
+    total = total + z_loss * jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * mask)
+  correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
+  return total, {"loss": loss, "count": jnp.sum(mask), "correct": correct}

@@ -140,10 +140,10 @@ def check_cg_steps_probes_per_shard(mesh, base, tokens):
     return cg_steps_by_layer(jax.jit(jax.grad(loss))(probes))
   model = sharded(lambda: add_cg_steps_probes(LanguageModel(pallas, rngs=nnx.Rngs(0))), mesh)
   with jax.set_mesh(mesh):
-    sharded = steps(model, jax.device_put(tokens, sharding.batch_shardings(tokens, mesh)))
+    per_shard = steps(model, jax.device_put(tokens, sharding.batch_shardings(tokens, mesh)))
   reference = steps(add_cg_steps_probes(LanguageModel(base, rngs=nnx.Rngs(0))), tokens)
-  assert bool(jnp.all(sharded == reference)), (sharded, reference)  # counts: equal (measured)
-  print(f"per-shard CG steps probes OK: {sharded.tolist()}")
+  assert bool(jnp.all(per_shard == reference)), (per_shard, reference)  # counts: equal (measured)
+  print(f"per-shard CG steps probes OK: {per_shard.tolist()}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from benchmarks.gpu_profile import kernel_times
 from mesanet_jax.layers.mesa import MesaConfig
 from mesanet_jax.models.config import LMConfig
 from mesanet_jax.models.generate import sample
@@ -63,6 +64,8 @@ _FLA = flags.DEFINE_bool("fla", True, "also time flash-linear-attention's genera
 _STEP_ALONE = flags.DEFINE_list("step_alone_batches", ["1", "32", "128"], "first, time one layer's Mesa decode step "
                                 "alone at these batches: the XLA op, the kernel per --step_alone_warps")
 _WARPS = flags.DEFINE_list("step_alone_warps", ["4", "8", "16"], "num_warps of the fused kernel timed alone")
+_PROFILE = flags.DEFINE_list("profile", [], "variant@batch entries (e.g. pallas:1e-4:warm@1): before the runs, the "
+                              "kernels of --new_tokens decode steps at the first prompt, from a profiler trace")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs of ours (median); fla runs once after a warm-up")
 _LAYERS = flags.DEFINE_integer("layers", 12, "Mesa blocks")
 _D_MODEL = flags.DEFINE_integer("d_model", 768, "hidden size")
@@ -215,6 +218,13 @@ class Ours:
   def decode(self, variant, token, cache, steps: int):
     """(seconds for `steps` tokens, mean CG steps per token, decode footprint bytes); the first compile of a variant
     records its kernels per step in `launches`."""
+    compiled = self.compiled_decode(variant, token, cache, steps)
+    _, cg_steps = compiled(self.params, token, cache)
+    seconds = timed(compiled, self.params, token, cache, repeats=_REPEATS.value)
+    return seconds, float(jnp.mean(cg_steps)), footprint(compiled)
+
+  def compiled_decode(self, variant, token, cache, steps: int):
+    """The decode scan of `steps` tokens for `variant` at this batch, compiled once."""
     key = (variant, token.shape[0], steps)
     if key not in self.decodes:
       graphdef = nnx.graphdef(self.model(variant))
@@ -230,10 +240,17 @@ class Ours:
         return jax.lax.scan(step, (token, cache), None, length=steps)[1]
       self.decodes[key] = jax.jit(run).lower(self.params, token, cache).compile()
       self.launches.setdefault(variant, launches_per_step(self.decodes[key].as_text()))
-    compiled = self.decodes[key]
-    _, cg_steps = compiled(self.params, token, cache)
-    seconds = timed(compiled, self.params, token, cache, repeats=_REPEATS.value)
-    return seconds, float(jnp.mean(cg_steps)), footprint(compiled)
+    return self.decodes[key]
+
+  def profile(self, entry: str) -> str:
+    """variant@batch -> where the time of --new_tokens decode steps goes, per token (`gpu_profile.kernel_times`)."""
+    variant, batch = entry.rsplit("@", 1)
+    prompt = np.random.default_rng(0).integers(0, _VOCAB.value, (int(batch), int(_PROMPTS.value[0])), dtype=np.int32)
+    (token, cache), _, _ = self.prefill(variant, jnp.asarray(prompt))
+    compiled = self.compiled_decode(variant, token, cache, _NEW.value)
+    jax.block_until_ready(compiled(self.params, token, cache))
+    times = kernel_times(compiled, self.params, token, cache)
+    return f"profile ours {entry}, " + times.summary(per=_NEW.value, unit="token")
 
 
 class Fla:
@@ -309,6 +326,10 @@ def main(argv):
   ours, fla = Ours(), None
   print(f"{jax.devices()[0].device_kind}: {sum(x.size for x in jax.tree.leaves(ours.params)):,} params "
         f"({time.perf_counter() - start:.0f} s)", flush=True)
+  profiles = []
+  for entry in _PROFILE.value:
+    profiles.append(ours.profile(entry))
+    print(profiles[-1], flush=True)
   for system, variant, batch, length, new in work_list():
     row = {"system": "fla" if system == "fla" else f"ours {variant}", "batch": batch, "prompt": length, "new": new}
     prompt = np.random.default_rng(length).integers(0, _VOCAB.value, (batch, length), dtype=np.int32)
@@ -331,7 +352,7 @@ def main(argv):
     log.write(json.dumps(row) + "\n")
     log.flush()
     print(table([row]).splitlines()[-1], f"({row['elapsed_s']:.0f} s)", flush=True)
-  report = alone + "\n\n" + table(rows) + "\n\nkernels per decode step (compiled HLO):\n" + "\n".join(
+  report = alone + "\n\n" + "\n\n".join(profiles) + "\n\n" + table(rows) + "\n\nkernels per decode step (compiled HLO):\n" + "\n".join(
       f"- ours {v}: {n}" for v, n in ours.launches.items())
   with open(os.path.join(_OUT.value, "decode_bench.md"), "w") as f:
     f.write(report + "\n")

@@ -9,6 +9,7 @@ and `fla-core==0.6.0` as wheels on the device.
   python benchmarks/kernel_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128   # and --batch=2 --length=8192
   ... --variants=xla:64:highest,pallas:64:highest,pallas:32:default      # several chunk sizes / precisions, one run
   ... --variants=pallas:32:highest,pallas:32:highest:1e-4               # fixed --cg_steps, and adaptive CG (tol)
+  ... --compare_exact --exact_slice=16   # errors of o and every gradient vs the exact solve, 16 (b, h) pairs at a time
 
 Every variant also reports the CG steps its solves took (forward and adjoint, mean and max over tokens and heads).
 """
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.ops_bench import cg_steps_used, cg_tol, forward_and_backward, report, setup_from_flags, time_ms
-from mesanet_jax.ops import mesa_chunked, mesa_exact
+from benchmarks.ops_bench import (cg_steps_used, cg_tol, exact_forward_and_backward, forward_and_backward, report,
+                                  setup_from_flags, time_ms)
+from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.operator import operator_class
 from mesanet_jax.ops.inputs import zero_state
 from pallas_kernels.mesa_cg import chunked_cg_solve
@@ -244,8 +246,7 @@ def main(argv):
     print(f"{name:>32}: fwd {fwd_ms / base_fwd:5.2f}x, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x; "
           f"o={rel_diff(o, base_o):.1e} {diffs}")
   if FLAGS.compare_exact:  # the dense solve per token, f32 "highest": the ground truth of every row above
-    with jax.default_matmul_precision("highest"):
-      exact_grads, exact_o = forward_and_backward(mesa_exact)(w, *args)
+    exact_grads, exact_o = exact_forward_and_backward(w, *args, slice_size=FLAGS.exact_slice)
     print("error against the exact solve: max |diff| / max |exact|")
     for name, (*_, o, grads) in results.items():
       diffs = " ".join(f"d{n}={rel_diff(a, b):.1e}" for n, a, b in zip(("q", "k", "v", "g", "beta", "lam"), grads,

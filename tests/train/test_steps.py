@@ -163,13 +163,14 @@ def test_steps_report_each_mesa_layers_cg_steps_as_the_probes_give_them(scan_lay
   assert float(sums["count"]) == float(np.sum(batch["mask"]))
 
 
-def test_fixed_cg_steps_run_without_probes():
+def test_only_adaptive_cg_gives_the_model_probes():
   config = get_config("mqar")
-  assert not train_state.cg_steps_logged(train_config.lm_config(config.model))
+  probes = lambda: train_state.setup(config, train_config.lm_config(config.model), sharding.make_mesh())[4]
+  assert not probes()  # unset: the preset's fixed steps, the step programs of a model without probes
   config.model.cg_tol = 0.0  # fixed steps
-  assert not train_state.cg_steps_logged(train_config.lm_config(config.model))
-  config.model.cg_tol = 1e-3
-  assert train_state.cg_steps_logged(train_config.lm_config(config.model))
+  assert not probes()
+  config.model.update(cg_tol=1e-3, num_layers=2)
+  assert [v.get_value().shape for _, v in nnx.to_flat_state(probes())] == [(4,), (4,)]
 
 
 def test_model_overrides_reach_the_mesa_config():

@@ -3,12 +3,14 @@
 One run, identical inputs (bf16 q/k/v, f32 gates and λ), forward and forward+backward, with achieved matmul TFLOP/s
 and the max |difference| of outputs and gradients against the XLA path (relative to the XLA path's max |entry|); then
 every stage of the operator jitted alone (chunk states, solve, reads, backward scans and accumulation), XLA next to
-the Pallas kernel that replaces it. flash-linear-attention (torch) is optional: carry `flash-linear-attention==0.6.0`
-and `fla-core==0.6.0` as wheels on the device.
+the Pallas kernel that replaces it, and a roofline line per Pallas stage (achieved TFLOP/s and GB/s, flops per
+byte). flash-linear-attention (torch) is optional: carry `flash-linear-attention==0.6.0` and `fla-core==0.6.0` as
+wheels on the device.
 
   python benchmarks/kernel_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128   # and --batch=2 --length=8192
   ... --variants=xla:64:highest,pallas:64:highest,pallas:32:default      # several chunk sizes / precisions, one run
   ... --variants=pallas:32:highest,pallas:32:highest:1e-4               # fixed --cg_steps, and adaptive CG (tol)
+  ... --compare_exact --exact_slice=16   # errors of o and every gradient vs the exact solve, 16 (b, h) pairs at a time
 
 Every variant also reports the CG steps its solves took (forward and adjoint, mean and max over tokens and heads).
 """
@@ -22,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.ops_bench import cg_steps_used, cg_tol, forward_and_backward, report, setup_from_flags, time_ms
-from mesanet_jax.ops import mesa_chunked, mesa_exact
+from benchmarks.ops_bench import (cg_steps_used, cg_tol, exact_forward_and_backward, forward_and_backward, report,
+                                  setup_from_flags, time_ms)
+from mesanet_jax.ops import mesa_chunked
+from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
 from mesanet_jax.ops.operator import operator_class
 from mesanet_jax.ops.inputs import zero_state
 from pallas_kernels.mesa_cg import chunked_cg_solve
@@ -81,6 +85,25 @@ def solve_kernel(args, chunk_size, num_warps, precision):
 STAGES = ("chunk states", "solve", "output read", "adjoint rhs read", "state-gradient scans", "token gradients")
 
 
+def stage_bytes(batch, length, heads, key_dim, value_dim, chunk_size) -> dict[str, int]:
+  """Bytes of each stage's operands and results (f32, each read or written once: the least memory traffic the
+  stage can have). Per token a row of q, k, x, y or u is Dk floats, of v, do or o Dv, G and β one each; the
+  boundary states are N + 1 of Dk×Dk and Dk×Dv per (batch, head)."""
+  rows, dk, dv = batch * heads * length, key_dim, value_dim
+  boundaries = batch * heads * (-(-length // chunk_size) + 1)
+  kk, kv = boundaries * dk * dk, boundaries * dk * dv
+  floats = {
+      "chunk states": rows * (dk + dv + 2) + kk + kv,  # k, v, G, β -> H_kk, H_kv
+      "solve": rows * (2 * dk + 2) + kk + rows * dk,  # q, k, G, β, H_kk -> x
+      "output read": rows * (2 * dk + dv + 2) + kv + rows * dv,  # x, k, v, G, β, H_kv -> o
+      "adjoint rhs read": rows * (dk + 2 * dv + 2) + kv + rows * dk,  # do, k, v, G, β, H_kv -> u
+      "state-gradient scans": rows * (2 * dk + dv + 1) + kk + kv,  # x, y, do, G -> dH_kk, dH_kv
+      # x, y, u, k, do, v, G, β, both states and their gradients -> dk, dv, dG, dβ
+      "token gradients": rows * (4 * dk + 2 * dv + 2) + 2 * (kk + kv) + rows * (dk + dv + 2),
+  }
+  return {stage: 4 * count for stage, count in floats.items()}
+
+
 def failed(name, error):
   print(f"{name}: failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
 
@@ -124,14 +147,24 @@ def stage_times(args, impl):
 
 
 def print_stages(args):
-  """One line per stage: XLA ms, Pallas ms, their ratio; then the sums that make up forward and backward."""
+  """One line per stage: XLA ms, Pallas ms, their ratio; then the sums that make up forward and backward; then the
+  Pallas stages' roofline: achieved TFLOP/s (`mesa_stage_flops`) and GB/s (`stage_bytes`), and flops per byte."""
   times = {impl: stage_times(args, impl) for impl in ("xla", "pallas")}
   print(f"{'stage (jitted alone)':<24} {'xla ms':>9} {'pallas ms':>10} {'pallas/xla':>11}")
-  forward = ("chunk states", "solve", "output read")
-  backward = ("chunk states", "adjoint rhs read", "solve", "state-gradient scans", "token gradients")
-  for name, parts in [*((name, (name,)) for name in STAGES), ("sum: forward", forward), ("sum: backward", backward)]:
+  for name, parts in [*((name, (name,)) for name in STAGES), ("sum: forward", FORWARD_STAGES),
+                      ("sum: backward", BACKWARD_STAGES)]:
     xla, pallas = (sum(times[impl].get(part, float("nan")) for part in parts) for impl in ("xla", "pallas"))
     print(f"{name:<24} {xla:9.3f} {pallas:10.3f} {pallas / xla:11.2f}")
+  batch, length, heads, dim = args[0].shape
+  flops = mesa_stage_flops(batch, length, heads, dim, dim, chunk_size=FLAGS.chunk_size, cg_steps=FLAGS.cg_steps)
+  moved = stage_bytes(batch, length, heads, dim, dim, FLAGS.chunk_size)
+  bound = " (with --cg_tol the solve's flops count every step: an upper bound)" if cg_tol() else ""
+  print(f"roofline of the pallas stages: flops at --cg_steps={FLAGS.cg_steps}{bound}; bytes = operands and results "
+        f"once (f32)\n{'stage':<24} {'pallas ms':>10} {'GFLOP':>9} {'MB':>9} {'TFLOP/s':>8} {'GB/s':>8} {'flop/B':>7}")
+  for name in STAGES:
+    ms = times["pallas"].get(name, float("nan"))
+    print(f"{name:<24} {ms:10.3f} {flops[name] / 1e9:9.2f} {moved[name] / 1e6:9.1f} {flops[name] / ms / 1e9:8.2f} "
+          f"{moved[name] / ms / 1e6:8.0f} {flops[name] / moved[name]:7.1f}")
 
 
 def sweep_solve_kernel(args, tokens):
@@ -244,8 +277,7 @@ def main(argv):
     print(f"{name:>32}: fwd {fwd_ms / base_fwd:5.2f}x, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x; "
           f"o={rel_diff(o, base_o):.1e} {diffs}")
   if FLAGS.compare_exact:  # the dense solve per token, f32 "highest": the ground truth of every row above
-    with jax.default_matmul_precision("highest"):
-      exact_grads, exact_o = forward_and_backward(mesa_exact)(w, *args)
+    exact_grads, exact_o = exact_forward_and_backward(w, *args, slice_size=FLAGS.exact_slice)
     print("error against the exact solve: max |diff| / max |exact|")
     for name, (*_, o, grads) in results.items():
       diffs = " ".join(f"d{n}={rel_diff(a, b):.1e}" for n, a, b in zip(("q", "k", "v", "g", "beta", "lam"), grads,

@@ -33,6 +33,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "timed runs; the median is report
 _INPUTS = flags.DEFINE_string("inputs", "", "an npz of recorded Mesa inputs (benchmarks/record_inputs.py) instead of "
                               "random ones; its shape replaces --batch/--length/--heads/--head_dim")
 _COMPARE_EXACT = flags.DEFINE_bool("compare_exact", True, "also time mesa_exact and report errors against it")
+_EXACT_SLICE = flags.DEFINE_integer("exact_slice", 16, "(batch, head) pairs the exact reference solves at a time "
+                                    "(0: all at once); its backward keeps a few T·Dk² floats per pair, ~0.5 GB at "
+                                    "T=2048 Dk=128")
 
 
 def make_inputs(batch, length, heads, head_dim, dtype, seed=0):
@@ -76,6 +79,29 @@ def forward_and_backward(op):
     o = op(*args)[0]
     return jnp.sum(o.astype(jnp.float32) * w), o
   return jax.jit(jax.grad(loss, argnums=range(1, 7), has_aux=True))
+
+
+@functools.partial(jax.jit, static_argnames="slice_size")
+def _exact_by_pairs(w, q, k, v, g, beta, lam, slice_size: int):
+  batch, length, heads, dim = q.shape
+  # [B, T, H, ...] -> [B·H, 1, T, 1, ...]: one problem of batch 1 and one head per pair.
+  pairs = lambda x: jnp.moveaxis(x, 2, 1).reshape(batch * heads, 1, length, 1, *x.shape[3:])
+  unpair = lambda x: jnp.moveaxis(x.reshape(batch, heads, length, *x.shape[4:]), 1, 2)
+  lam_pairs = jnp.broadcast_to(lam, (batch, heads, dim)).reshape(batch * heads, 1, dim)
+  inputs = (*(pairs(x) for x in (w, q, k, v, g, beta)), lam_pairs)
+  grads, o = jax.lax.map(lambda x: forward_and_backward(mesa_exact)(*x), inputs, batch_size=slice_size)
+  d_lam = grads[5].reshape(batch, heads, dim).sum(0)
+  return (*(unpair(d) for d in grads[:5]), d_lam), unpair(o)
+
+
+def exact_forward_and_backward(w, q, k, v, g, beta, lam, slice_size: int = 0):
+  """`forward_and_backward(mesa_exact)` (grads of Σ o·w, o), f32 "highest" matmuls: the ground truth. With
+  slice_size > 0 the (batch, head) pairs, which are independent, are solved `slice_size` at a time (`jax.lax.map`
+  with batch_size), so the reference fits on a device at any B·H; dλ [H, Dk] is the pairs' sum over the batch."""
+  with jax.default_matmul_precision("highest"):  # the ground truth must not use TF32 on GPU
+    if not slice_size:
+      return forward_and_backward(mesa_exact)(w, q, k, v, g, beta, lam)
+    return _exact_by_pairs(w, q, k, v, g, beta, lam, slice_size=slice_size)
 
 
 def rel_error(a, b) -> float:
@@ -133,11 +159,11 @@ def main(argv):
         + " / ".join(f"{x:.2f}" for x in cg_steps_used(chunked, w, args)))
   if not _COMPARE_EXACT.value:
     return
-  exact_fwd, exact_fwd_bwd = jax.jit(mesa_exact), forward_and_backward(mesa_exact)
+  exact_fwd_bwd = functools.partial(exact_forward_and_backward, slice_size=_EXACT_SLICE.value)
   with jax.default_matmul_precision("highest"):  # the ground truth must not use TF32 on GPU
-    report("exact (dense solve) forward", time_ms(exact_fwd, *args), tokens)
-    report("exact (dense solve) fwd+bwd", time_ms(exact_fwd_bwd, w, *args), tokens)
-    grads_exact, o_exact = exact_fwd_bwd(w, *args)
+    report("exact (dense solve) forward", time_ms(jax.jit(mesa_exact), *args), tokens)
+  report("exact (dense solve) fwd+bwd", time_ms(exact_fwd_bwd, w, *args), tokens)
+  grads_exact, o_exact = exact_fwd_bwd(w, *args)
   grads, o = chunked_fwd_bwd(w, *args)
   print(f"chunked vs exact, max |error| / max |exact|: output {rel_error(o, o_exact):.2e}")
   for name, grad, grad_exact in zip(("q", "k", "v", "g", "beta", "lam"), grads, grads_exact):

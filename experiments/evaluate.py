@@ -4,7 +4,7 @@
     mesanet-eval --workdir=runs/mesa --baseline_workdir=runs/transformer  # + ΔNLL by position vs a Transformer
 
 For --workdir (a language-model run; the checkpoint at --step, restored onto the --mesh): perplexity and accuracy on
-a data split; loss by token position as a table and positions.png (with --baseline_workdir, evaluated on the same
+a data split (for Mesa models with the CG steps each layer's forward solves took, mean and max over the tokens); loss by token position as a table and positions.png (with --baseline_workdir, evaluated on the same
 tokens: ΔNLL = NLL − NLL_baseline); for Mesa models a sweep of inference CG budgets (fixed steps and tolerances,
 teacher-forced decoding, CG steps actually used per token, paired ΔNLL against generation's default budget) as a
 table and cg_sweep.png. Everything is written to <out>/eval.json next to the plots (default out:
@@ -78,6 +78,14 @@ def evaluate_run(run, mesh, out: str) -> dict:
             "split": _SPLIT.value, "seq_len": int(batches[0]["inputs"].shape[1]), **losses.summary(token)}
   print(f"{name} step {run.step}, {report['tokens']:,} {_SPLIT.value} tokens: loss {report['loss']:.4f}, "
         f"ppl {report['ppl']:.3f}, accuracy {report['accuracy']:.4f}")
+  if token.cg_steps is not None:
+    mesa = run.lm.mesa
+    layers = [i for i, mixer in enumerate(run.lm.mixers) if mixer == "mesa"]
+    report["cg_steps_forward"] = [{"layer": layer, "mean": float(mean), "max": float(most)}
+                                  for layer, (mean, most) in zip(layers, token.cg_steps)]
+    budget = f"tol {mesa.cg_tol:g}, at most {mesa.cg_steps_train}" if mesa.cg_tol else f"{mesa.cg_steps_train} fixed"
+    print(f"CG steps of the forward solves per Mesa layer ({budget}): "
+          + ", ".join(f"layer {r['layer']} mean {r['mean']:.2f} max {r['max']:.0f}" for r in report["cg_steps_forward"]))
 
   nll = losses.by_position(token.nll, token.mask)
   buckets = losses.position_buckets(len(nll))

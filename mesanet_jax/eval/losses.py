@@ -14,30 +14,37 @@ from flax import nnx
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.models.lm import LanguageModel
+from mesanet_jax.ops.cg_steps import combine_calls
 
 
 class TokenLosses(NamedTuple):
   nll: np.ndarray  # [N, T] f32, −log p(target)
   correct: np.ndarray  # [N, T] bool, argmax == target
   mask: np.ndarray  # [N, T] f32, 1 where the target counts
+  # [L, 2] f32: the forward CG steps of each Mesa layer (mean, max over every batch's tokens and heads); None
+  # without Mesa layers
+  cg_steps: np.ndarray | None
 
 
 def token_losses(model: LanguageModel, batches: list[dict], mesh: jax.sharding.Mesh) -> TokenLosses:
-  """Runs the full forward (the training path) on each batch {"inputs", "targets", "mask"} [B, T]; one process."""
+  """Runs the full forward (the training path, `forward_with_cg_steps`) on each batch {"inputs", "targets",
+  "mask"} [B, T] of equal size; one process."""
   graphdef, params = nnx.split(model)
 
   @jax.jit
   def losses(params, inputs, targets):
-    logits = nnx.merge(graphdef, params)(inputs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets), jnp.argmax(logits, -1) == targets
+    logits, cg_steps = nnx.merge(graphdef, params).forward_with_cg_steps(inputs)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return nll, jnp.argmax(logits, -1) == targets, cg_steps
 
   out = []
   with jax.set_mesh(mesh):  # Pallas layers run per shard under the mesh
     for batch in batches:
       placed = pipeline.to_global(batch, sharding.batch_shardings(batch, mesh))
       out.append(jax.device_get(losses(params, placed["inputs"], placed["targets"])))
+  cg_steps = None if out[0][2] is None else np.asarray(combine_calls(np.stack([o[2] for o in out])))
   return TokenLosses(np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
-                     np.concatenate([b["mask"] for b in batches]).astype(np.float32))
+                     np.concatenate([b["mask"] for b in batches]).astype(np.float32), cg_steps)
 
 
 def masked_mean(values: np.ndarray, mask: np.ndarray) -> float:

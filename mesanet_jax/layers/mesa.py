@@ -90,6 +90,16 @@ def cg_steps_by_layer(probe_grads: nnx.State) -> jax.Array:
   return jnp.concatenate([v.get_value().reshape(-1, len(STATS)) for _, v in nnx.to_flat_state(probe_grads)])
 
 
+def cg_steps_layer_indices(probes: nnx.State) -> list[int]:
+  """The block index of each row of `cg_steps_by_layer` for a model's probes (abstract or not): the first integer in
+  a probe's path (blocks.3.mixer.cg_steps_probe), or 0..L−1 for a probe stacked [L, 4]."""
+  indices = []
+  for path, variable in nnx.to_flat_state(probes):
+    shape = variable.get_value().shape
+    indices += list(range(shape[0])) if len(shape) > 1 else [next(p for p in path if isinstance(p, int))]
+  return indices
+
+
 class MesaLayer(RecurrentMixer):
   """Mesa mixer: o_t = H_kv[t]ᵀ (H_kk[t] + Λ)⁻¹ q_t per head, then per-head RMSNorm (optionally gated) and W_o."""
 

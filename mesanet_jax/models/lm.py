@@ -130,6 +130,14 @@ def _forward_with_cg_steps(block: Block, x: jax.Array, _):
   return _on_batch(x), steps
 
 
+def blocks_with_cg_steps(config: LMConfig, blocks: nnx.Module, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """x [B, T, D] through every block's training path (no remat: no backward pass) and the forward CG steps of every
+  Mesa layer in block order, f32 [L, 2] (mean, max over the batch's tokens and heads; None without Mesa layers)."""
+  x, steps = run_blocks(config, blocks, _forward_with_cg_steps, x)
+  rows = [s.reshape(-1, 2) for s in jax.tree.leaves(steps)]
+  return x, jnp.concatenate(rows) if rows else None
+
+
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] f32. The cache is a tuple with one entry per block: RecurrentCache
   (conv states + MesaState or GDN state) for Mesa / GDN, HawkCache for the LRU, KVCache for attention; with `scan_layers` it is one
@@ -168,9 +176,8 @@ class LanguageModel(nnx.Module):
     """`__call__`'s logits and the forward CG steps of every Mesa layer in layer order, f32 [L, 2] (mean, max over
     the batch's tokens and heads; None without Mesa layers). A forward pass only: for evaluation (training reads
     the steps of both solves through `mesa.CGStepsProbe`)."""
-    x, steps = run_blocks(self.config, self.blocks, _forward_with_cg_steps, self._embed(tokens))
-    rows = [s.reshape(-1, 2) for s in jax.tree.leaves(steps)]
-    return self._logits(x), jnp.concatenate(rows) if rows else None
+    x, steps = blocks_with_cg_steps(self.config, self.blocks, self._embed(tokens))
+    return self._logits(x), steps
 
   def init_cache(self, batch: int, max_len: int):
     """An empty cache; attention layers keep at most max_len (or window) positions, recurrent ones O(1) memory."""

@@ -7,7 +7,7 @@ from flax import nnx
 from mesanet_jax.layers.norm import RMSNorm
 from mesanet_jax.layers.params import linear
 from mesanet_jax.models.config import LMConfig
-from mesanet_jax.models.lm import make_blocks, run_blocks
+from mesanet_jax.models.lm import blocks_with_cg_steps, make_blocks, run_blocks
 
 
 class RegressionModel(nnx.Module):
@@ -24,4 +24,12 @@ class RegressionModel(nnx.Module):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     x, _ = run_blocks(self.config, self.blocks, lambda block, x, _: (block(x)[0], None), self.read_in(inputs),
                       remat=self.config.remat)
+    return self._predictions(x)
+
+  def forward_with_cg_steps(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """`__call__`'s predictions and the forward CG steps of every Mesa layer, f32 [L, 2] (as the LM's)."""
+    x, steps = blocks_with_cg_steps(self.config, self.blocks, self.read_in(inputs))
+    return self._predictions(x), steps
+
+  def _predictions(self, x: jax.Array) -> jax.Array:
     return self.read_out(self.final_norm(x))[..., 0].astype(jnp.float32)

@@ -36,6 +36,12 @@ def combine(stats: jax.Array) -> jax.Array:
   return jnp.where(_MEANS[:stats.shape[-1]], jnp.mean(flat, axis=0), jnp.max(flat, axis=0))
 
 
+def combine_calls(stats: jax.Array) -> jax.Array:
+  """Per-layer statistics of N calls on equal-sized batches (micro-batches, eval batches) combined: [N, L, 4] (or
+  [N, L, 2]) -> [L, 4] ([L, 2]); numpy or jax input."""
+  return jax.vmap(combine, in_axes=1)(jnp.asarray(stats))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def spread_probe(probe: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """probe f32 [4] broadcast to `shape` [..., 4] (e.g. [B, H, 4]); its gradient is `combine` of the broadcast

@@ -6,6 +6,8 @@ parameter matmuls 6·N·tokens, attention scores and values 3·4·T_eff·D per t
 `mesa_chunked_flops(backward=True)`, which counts every CG step of both solves. Gated DeltaNet layers are counted
 like a Mesa op with no CG steps (its chunked form reads and writes the same states), an approximation.
 MFU is against the dense bf16 peak of the device kind; unknown kinds (and CPUs) report "n/a".
+CG steps per Mesa layer (adaptive CG): `cg/layer_03/fwd_mean` … `adj_max` per train step, `eval_cg/layer_03/fwd_mean`
+and `fwd_max` per evaluation (layer = block index).
 """
 import json
 import os
@@ -35,6 +37,16 @@ def peak_flops(device_kind: str) -> float | None:
     if device_kind.startswith(prefix):
       return peak
   return None
+
+
+CG_STEPS_KEYS = ("fwd_mean", "fwd_max", "adj_mean", "adj_max")  # the columns of ops.cg_steps.STATS
+
+
+def cg_steps_metrics(layers: list[int], stats, prefix: str = "cg") -> dict:
+  """{"<prefix>/layer_<i>/<column>": scalar} from CG steps per Mesa layer, stats [L, 4] (forward and adjoint) or
+  [L, 2] (forward), row r of block layers[r]; jax or numpy arrays."""
+  return {f"{prefix}/layer_{layer:02d}/{key}": stats[row, column] for row, layer in enumerate(layers)
+          for column, key in enumerate(CG_STEPS_KEYS[:stats.shape[1]])}
 
 
 def train_flops(lm: LMConfig, num_params: int, batch: int, seq_len: int) -> float:

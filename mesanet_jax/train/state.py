@@ -2,6 +2,8 @@
 
 TrainState holds only arrays (params as an nnx.State of f32 master weights, the optax state with its count of
 skipped updates, and the step); the model's graphdef and the optimiser are static and closed over by the steps.
+With adaptive CG (`cg_steps_logged`) the model also carries `mesa.CGStepsProbe`s: not trained, not in the state;
+the steps differentiate w.r.t. zeros in their place to read the CG steps per Mesa layer.
 """
 import dataclasses
 
@@ -12,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from mesanet_jax import sharding
+from mesanet_jax.layers.mesa import CGStepsProbe, add_cg_steps_probes
 from mesanet_jax.models.config import LMConfig
 from mesanet_jax.models.lm import LanguageModel
 from mesanet_jax.models.regression import RegressionModel
@@ -27,11 +30,20 @@ class TrainState:
   opt_state: optax.OptState
 
 
+def cg_steps_logged(lm: LMConfig) -> bool:
+  """Whether the steps report CG steps per Mesa layer: with adaptive CG (`model.cg_tol` > 0); with fixed steps
+  every count is cg_steps, and the model runs without probes."""
+  return "mesa" in lm.mixers and lm.mesa.cg_tol is not None
+
+
 def model_factory(config, lm: LMConfig):
-  """A zero-argument constructor of the model `lm` for the task (LM for tokens, RegressionModel for vectors)."""
+  """A zero-argument constructor of the model `lm` for the task (LM for tokens, RegressionModel for vectors), with
+  CG steps probes when `cg_steps_logged`."""
   if task_type(config) == "regression":
-    return lambda: RegressionModel(lm, config.data.dim + 1, rngs=nnx.Rngs(config.seed))
-  return lambda: LanguageModel(lm, rngs=nnx.Rngs(config.seed))
+    make = lambda: RegressionModel(lm, config.data.dim + 1, rngs=nnx.Rngs(config.seed))
+  else:
+    make = lambda: LanguageModel(lm, rngs=nnx.Rngs(config.seed))
+  return (lambda: add_cg_steps_probes(make())) if cg_steps_logged(lm) else make
 
 
 def _fresh(params: nnx.State, tx) -> TrainState:
@@ -39,8 +51,10 @@ def _fresh(params: nnx.State, tx) -> TrainState:
 
 
 def setup(config, lm: LMConfig, mesh):
-  """(graphdef, tx, abstract TrainState, TrainState shardings) for the model `lm`. Nothing is allocated."""
-  graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(model_factory(config, lm)), nnx.Param, ...)
+  """(graphdef, tx, abstract TrainState, TrainState shardings, abstract CG steps probes: an nnx.State, empty unless
+  `cg_steps_logged`) for the model `lm`; the graphdef merges params and probes. Nothing is allocated."""
+  graphdef, abstract_params, probes, rest = nnx.split(nnx.eval_shape(model_factory(config, lm)), nnx.Param,
+                                                      CGStepsProbe, ...)
   if jax.tree.leaves(rest):
     raise ValueError("the model has non-parameter state, which the trainer does not carry")
   tx = optimizer.make_optimizer(config.optim, config.train.num_steps, abstract_params)
@@ -50,7 +64,7 @@ def setup(config, lm: LMConfig, mesh):
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
-  return graphdef, tx, abstract, TrainState(replicated, param_sh, opt_sh)
+  return graphdef, tx, abstract, TrainState(replicated, param_sh, opt_sh), probes
 
 
 def init_state(config, lm: LMConfig, tx, shardings) -> TrainState:

@@ -10,6 +10,8 @@ import numpy as np
 
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
+from mesanet_jax.layers.mesa import cg_steps_layer_indices
+from mesanet_jax.ops.cg_steps import combine_calls
 from mesanet_jax.train import checkpoint, metrics as metrics_lib, steps
 from mesanet_jax.train.config import config_errors, lm_config, save_run_config, validate
 from mesanet_jax.train.loss import task_type
@@ -31,12 +33,15 @@ def _data_vocab(config, tokenizer) -> int | None:
   return tokenizer.vocab_size if tokenizer is not None else config.data.vocab_size
 
 
-def _summarise_eval(sums: dict, kind: str) -> dict:
+def _summarise_eval(sums: dict, kind: str, cg_steps: list, layers: list[int]) -> dict:
+  """Eval metrics from the summed losses and each batch's forward CG steps per Mesa layer ([L, 2] each, or None)."""
   count = max(float(sums["count"]), 1.0)
   out = {"eval_loss": float(sums["loss"]) / count}
   if kind == "lm":
     out["eval_accuracy"] = float(sums["correct"]) / count
     out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+  if layers:
+    out.update(metrics_lib.cg_steps_metrics(layers, np.asarray(combine_calls(np.stack(cg_steps))), prefix="eval_cg"))
   return out
 
 
@@ -66,7 +71,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     batch_sh = sharding.batch_shardings(eval_data[0], mesh)
 
     # ---- model, optimiser, state ------------------------------------------------------------------------------
-    graphdef, tx, abstract, state_sh = setup(config, lm, mesh)
+    graphdef, tx, abstract, state_sh, probes = setup(config, lm, mesh)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.use_async,
                                    config.checkpoint.best_metric)
@@ -90,18 +95,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return call
 
   replicated = sharding.replicated(mesh)
-  train_step = under_mesh(jax.jit(steps.make_train_step(config, graphdef, tx), in_shardings=(state_sh, batch_sh),
-                                  out_shardings=(state_sh, replicated), donate_argnums=0))
-  eval_step = under_mesh(jax.jit(steps.make_eval_step(config, graphdef), in_shardings=(state_sh.params, batch_sh),
-                                 out_shardings=replicated))
+  train_step = under_mesh(jax.jit(steps.make_train_step(config, graphdef, tx, probes),
+                                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                                  donate_argnums=0))
+  eval_step = under_mesh(jax.jit(steps.make_eval_step(config, graphdef, probes),
+                                 in_shardings=(state_sh.params, batch_sh), out_shardings=replicated))
   kind = task_type(config)
 
   def evaluate(params) -> dict:
-    sums = None
+    sums, cg_steps = None, []
     for batch in eval_data:
-      out = eval_step(params, pipeline.to_global(batch, batch_sh))
+      out, steps_used = eval_step(params, pipeline.to_global(batch, batch_sh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    return _summarise_eval(jax.device_get(sums), kind)
+      cg_steps.append(steps_used)
+    return _summarise_eval(jax.device_get(sums), kind, jax.device_get(cg_steps), cg_steps_layer_indices(probes))
 
   # ---- throughput -------------------------------------------------------------------------------------------
   tokens_per_step = config.train.batch_size * config.data.seq_len

@@ -53,6 +53,8 @@ def test_evaluate_writes_json_and_plots(trained):
   assert report["loss"] == pytest.approx(one_device["loss"], abs=1e-5)
   assert 0 < report["loss"] < math.log(256) + 1 and report["ppl"] == pytest.approx(math.exp(report["loss"]))
   assert report["tokens"] > 0 and 0 <= report["accuracy"] <= 1
+  assert report["cg_steps_forward"] == [{"layer": 0, "mean": 4.0, "max": 4.0}]  # trained with 4 fixed steps
+  assert "CG steps of the forward solves per Mesa layer (4 fixed): layer 0 mean 4.00 max 4" in result.stdout
   assert len(report["loss_by_position"]) == 32 and report["position_buckets"][-1] == [32, 32]
   assert report["baseline"]["architecture"] == "transformer"
   assert len(report["delta_loss_by_bucket"]) == len(report["position_buckets"]) == 6

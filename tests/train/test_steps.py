@@ -10,8 +10,10 @@ from flax import nnx
 
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
+from mesanet_jax.layers.mesa import cg_steps_by_layer
 from mesanet_jax.train import config as train_config
 from mesanet_jax.train import optimizer, steps
+from mesanet_jax.train.loss import loss_sums
 from mesanet_jax.train import state as train_state
 from tests.train.tiny import get_config
 
@@ -40,14 +42,15 @@ def test_decay_mask_excludes_norms_biases_lambda_and_embedding():
 
 
 def _setup(config):
+  """(graphdef, tx, fresh state, abstract probes, lm) of the run `config`."""
   lm = train_config.lm_config(config.model)
-  graphdef, tx, _, shardings = train_state.setup(config, lm, sharding.make_mesh())
-  return graphdef, tx, train_state.init_state(config, lm, tx, shardings)
+  graphdef, tx, _, shardings, probes = train_state.setup(config, lm, sharding.make_mesh())
+  return graphdef, tx, train_state.init_state(config, lm, tx, shardings), probes, lm
 
 
 def _run(config, batches):
-  graphdef, tx, state = _setup(config)
-  step = jax.jit(steps.make_train_step(config, graphdef, tx))
+  graphdef, tx, state, probes, _ = _setup(config)
+  step = jax.jit(steps.make_train_step(config, graphdef, tx, probes))
   history = []
   for batch in batches:
     state, metrics = step(state, batch)
@@ -90,9 +93,9 @@ def test_nan_guard_skips_the_update_and_counts_it():
   batches = _batches(config, 2)
   poisoned = dict(batches[0], inputs=np.where(np.arange(batches[0]["inputs"].shape[1])[None, :, None] == 3,
                                               np.nan, batches[0]["inputs"]).astype(np.float32))
-  graphdef, tx, state = _setup(config)
+  graphdef, tx, state, probes, _ = _setup(config)
   before = jax.tree.map(np.asarray, state.params)
-  step = jax.jit(steps.make_train_step(config, graphdef, tx))
+  step = jax.jit(steps.make_train_step(config, graphdef, tx, probes))
   state, metrics = step(state, poisoned)
   assert not np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 1
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
@@ -125,6 +128,49 @@ def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss(mqar_run
   losses16, losses32 = np.array([m["loss"] for m in h16]), np.array([m["loss"] for m in h32])
   np.testing.assert_allclose(losses16, losses32, rtol=5e-3)
   assert np.any(losses16 != losses32)
+
+
+@pytest.mark.slow  # compiles whole train steps
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan_remat"])
+def test_steps_report_each_mesa_layers_cg_steps_as_the_probes_give_them(scan_layers):
+  config = get_config("mqar")
+  config.model.update(vocab_size=32, num_layers=2, cg_steps=10, cg_tol=1e-2, scan_layers=scan_layers,
+                      remat=scan_layers)
+  config.train.grad_accum = 2
+  batch = jax.tree.map(jnp.asarray, _batches(config, 1)[0])
+  graphdef, tx, state, probes, _ = _setup(config)
+  _, metrics = jax.jit(steps.make_train_step(config, graphdef, tx, probes))(state, batch)
+  sums, eval_steps = jax.jit(steps.make_eval_step(config, graphdef, probes))(state.params, batch)
+
+  # Reference: the probes' gradient of each micro-batch's loss (the step's strided rows), means averaged, maxima
+  # maximised; the forward's on the whole batch is what evaluation reports.
+  zeros = jax.tree.map(jnp.zeros_like, probes)
+  probe_steps = lambda b: cg_steps_by_layer(jax.jit(jax.grad(
+      lambda p: loss_sums(graphdef, state.params, p, b, "lm", 0.0)[0]))(zeros))
+  micro = np.stack([probe_steps(jax.tree.map(lambda x: x[i::2], batch)) for i in range(2)])
+  expected = np.stack([micro[:, :, 0].mean(0), micro[:, :, 1].max(0), micro[:, :, 2].mean(0), micro[:, :, 3].max(0)],
+                      -1)
+  keys = ("fwd_mean", "fwd_max", "adj_mean", "adj_max")
+  logged = np.array([[metrics[f"cg/layer_{layer:02d}/{key}"] for key in keys] for layer in (0, 1)])
+  # Step counts are integers; the means are sums of them over the same tokens: equal up to f32 rounding.
+  np.testing.assert_allclose(logged, expected, rtol=1e-6)
+  # Every forward system takes a step; an adjoint system whose right-hand side is 0 (a token outside the loss mask,
+  # most of MQAR's) has converged at its start and takes none.
+  assert np.all((1 <= logged[:, 0]) & (0 < logged[:, 2]) & (logged[:, 0::2] <= logged[:, 1::2])), logged
+  assert np.all((1 <= logged[:, 1::2]) & (logged[:, 1::2] <= 10) & (logged[:, 1::2] == np.round(logged[:, 1::2])))
+  assert np.any(logged[:, 1::2] < 10), logged  # the tolerance stopped the systems early
+  np.testing.assert_allclose(eval_steps, probe_steps(batch)[:, :2], rtol=1e-6)
+  assert float(sums["count"]) == float(np.sum(batch["mask"]))
+
+
+def test_only_adaptive_cg_gives_the_model_probes():
+  config = get_config("mqar")
+  probes = lambda: train_state.setup(config, train_config.lm_config(config.model), sharding.make_mesh())[4]
+  assert not probes()  # unset: the preset's fixed steps, the step programs of a model without probes
+  config.model.cg_tol = 0.0  # fixed steps
+  assert not probes()
+  config.model.update(cg_tol=1e-3, num_layers=2)
+  assert [v.get_value().shape for _, v in nnx.to_flat_state(probes())] == [(4,), (4,)]
 
 
 def test_model_overrides_reach_the_mesa_config():

@@ -17,6 +17,9 @@ import numpy as np
 import portpicker
 import pytest
 
+from mesanet_jax import sharding
+from mesanet_jax.data import pipeline
+from mesanet_jax.eval import losses, runs
 from mesanet_jax.train.config import ConfigError
 from mesanet_jax.train.trainer import train_and_evaluate
 from tests.environment import subprocess_env
@@ -159,6 +162,31 @@ def test_two_processes_with_jax_distributed(tmp_path, reference):
   one = _losses(reference)
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=2e-5)
   assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
+
+
+def test_adaptive_cg_logs_cg_steps_per_mesa_layer(tmp_path):
+  # In this process: 3 steps of 2 micro-batches, evaluated at step 3.
+  config = tiny.get_config()
+  config.model.update(num_layers=2, cg_steps=10, cg_tol=1e-2)
+  config.train.update(num_steps=3, eval_every=3, grad_accum=2)
+  train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for row in rows:
+    for layer in ("layer_00", "layer_01"):
+      for solve, least in (("fwd", 1), ("adj", 0)):  # an adjoint system with a zero right-hand side takes no step
+        mean, most = row[f"cg/{layer}/{solve}_mean"], row[f"cg/{layer}/{solve}_max"]
+        assert least <= mean <= most <= 10 and 1 <= most == int(most), (row["step"], layer, solve, mean, most)
+  evaluated = {key: value for key, value in rows[-1].items() if key.startswith("eval_cg/")}
+  assert sorted(evaluated) == [f"eval_cg/layer_0{i}/fwd_{s}" for i in (0, 1) for s in ("max", "mean")]
+  events = b"".join(path.read_bytes() for path in (tmp_path / "tensorboard").iterdir())
+  assert b"cg/layer_01/adj_max" in events and b"eval_cg/layer_00/fwd_mean" in events
+  # mesanet-eval's per-layer CG steps on the same eval batch, from the checkpoint of step 3: the trainer's.
+  run = runs.load_run(str(tmp_path))
+  batches = pipeline.eval_batches(pipeline.make_sources(run.config.data)[1], run.config.train.batch_size, 1)
+  token = losses.token_losses(runs.model_from(run.lm, run.params), batches, sharding.make_mesh())
+  logged = [[rows[-1][f"eval_cg/layer_0{i}/fwd_{s}"] for s in ("mean", "max")] for i in (0, 1)]
+  np.testing.assert_allclose(token.cg_steps, logged, rtol=1e-6)  # the same program's counts; f32 means
 
 
 def test_best_by_eval_keeps_the_lowest_eval_loss(tmp_path):

@@ -34,17 +34,53 @@ def window_example(window: dict, bos_id: int) -> dict:
           "segment_ids": segments[:-1]}
 
 
-def _as_tokens(tokens: np.ndarray) -> dict:
-  return {"tokens": tokens}
+DOCUMENTS_PER_READ = 32  # a row reads this many of its documents at once (one pass through grain's layers)
 
 
 def packed_row(documents: grain.MapDataset, row: int, batch_size: int, seq_len: int,
                bos_id: int) -> grain.IterDataset:
   """Row `row` of `documents` (token arrays, BOS first; infinite): windows of seq_len + 1 tokens."""
-  ds = documents[row::batch_size].map(_as_tokens)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  ds = _Documents(documents[row::batch_size], DOCUMENTS_PER_READ)
   ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
   return ds.map(functools.partial(window_example, bos_id=bos_id))
+
+
+class _Documents(grain.IterDataset):
+  """The documents of a MapDataset in order as {"tokens": array}, read `per_read` at a time through grain's batched
+  read (`MapDataset._getitems`: each layer maps the indices in one call, a source with `_getitems` reads them in one
+  call), where `to_iter_dataset` takes each element through every layer on its own. The state is
+  `to_iter_dataset`'s, {"next_index": i}."""
+
+  def __init__(self, documents: grain.MapDataset, per_read: int):
+    super().__init__()
+    self.documents, self.per_read = documents, per_read
+
+  def __iter__(self):
+    return _DocumentsIterator(self.documents, self.per_read)
+
+
+class _DocumentsIterator(grain.DatasetIterator):
+
+  def __init__(self, documents: grain.MapDataset, per_read: int):
+    super().__init__()
+    self.documents, self.per_read = documents, per_read
+    self.next_index, self.read, self.read_start = 0, [], 0
+
+  def __next__(self) -> dict:
+    offset = self.next_index - self.read_start
+    if offset >= len(self.read):
+      stop = min(self.next_index + self.per_read, len(self.documents))
+      if self.next_index >= stop:
+        raise StopIteration
+      self.read, self.read_start, offset = self.documents._getitems(range(self.next_index, stop)), self.next_index, 0
+    self.next_index += 1
+    return {"tokens": self.read[offset]}
+
+  def get_state(self) -> dict:
+    return {"next_index": self.next_index}
+
+  def set_state(self, state: dict) -> None:
+    self.next_index, self.read, self.read_start = state["next_index"], [], 0
 
 
 def example_row(examples: grain.MapDataset, row: int, batch_size: int) -> grain.IterDataset:

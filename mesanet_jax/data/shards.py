@@ -67,13 +67,20 @@ class ShardRecords:
     return int(self.ends[-1])
 
   def __getitem__(self, index: int) -> np.ndarray:
-    shard = int(np.searchsorted(self.ends, index, side="right"))
-    if self.readers[shard] is None:
-      from array_record.python import array_record_module
-      self.readers[shard] = array_record_module.ArrayRecordReader(self.paths[shard], "readahead_buffer_size:0")
-    position = int(index) - (int(self.ends[shard - 1]) if shard else 0)
-    record = self.readers[shard].read(position, position + 1)[0]
-    return np.frombuffer(record, self.dtype).astype(np.int32)
+    return self._getitems([index])[0]
+
+  def _getitems(self, indices) -> list[np.ndarray]:
+    """Records `indices` (grain's batched read, `SupportsBatchedReadRandomAccessDataSource`)."""
+    indices = np.asarray(indices, np.int64)
+    shards = np.searchsorted(self.ends, indices, side="right")
+    positions = (indices - np.concatenate([[0], self.ends])[shards]).tolist()
+    records = []
+    for shard, position in zip(shards.tolist(), positions):
+      if self.readers[shard] is None:
+        from array_record.python import array_record_module
+        self.readers[shard] = array_record_module.ArrayRecordReader(self.paths[shard], "readahead_buffer_size:0")
+      records.append(np.frombuffer(self.readers[shard].read(position, position + 1)[0], self.dtype).astype(np.int32))
+    return records
 
   def __getstate__(self) -> dict:  # grain's worker processes open their own readers
     return dict(self.__dict__, readers=[None] * len(self.paths))

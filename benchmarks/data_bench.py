@@ -195,6 +195,9 @@ def main():
     for spec in args.batches.split(","):
       batch, seq_len = (int(x) for x in spec.split("x"))
       for workers in [int(w) for w in args.loader_workers.split(",")]:
+        if workers and batch % workers:  # the loader refuses it (workers take rows w::W)
+          print(f"skipped: {workers} loader workers do not divide batch {batch}", flush=True)
+          continue
         results["loader"].append(dict(loader(directory, batch, seq_len, workers, args.loader_seconds),
                                       corpus_scale=times))
         save()

@@ -2,12 +2,13 @@
 whatever the number of processes or worker processes, and resumes exactly on any number of them.
 
 Row r of every global batch of B rows is one stream. Packed text: row r reads documents r, r + B, r + 2B, … of the
-document stream (shuffled anew each epoch for training; each document a token array that begins with BOS) and
-grain's ConcatThenSplitIterDataset concatenates them and cuts windows of seq_len + 1 tokens; window k of row r is
-row r of global batch k. Synthetic tasks: row r is examples r, r + B, …. Process p of n reads the rows
-[p·B/n, (p+1)·B/n), the rows its devices hold of the global array (`pipeline.to_global`). With W worker
-processes, grain's mp_prefetch gives worker w the rows w, w + W, … of those (it slices `_RowGroup`'s rows); each
-element is one step of a worker's rows, the workers take turns, and `Batches` puts the rows back in order.
+document stream (shuffled anew each epoch for training; each document a token array that begins with BOS), 32 at a
+time, and grain's ConcatThenSplitIterDataset concatenates them and cuts windows of seq_len + 1 tokens; window k of
+row r is row r of global batch k (`window_examples` turns a group of rows' windows into examples at once).
+Synthetic tasks: row r is examples r, r + B, …. Process p of n reads the rows [p·B/n, (p+1)·B/n), the rows its
+devices hold of the global array (`pipeline.to_global`). With W worker processes, grain's mp_prefetch gives worker w
+the rows w, w + W, … of those (it slices `_RowGroup`'s rows); each element is one step of a worker's rows, the
+workers take turns, and `Batches` puts the rows back in order.
 
 The saved state is the step and every row's iterator state (each row reports it with each window), so a process
 that resumes takes the states of its rows, from whichever process saved them (`data/state.py`).

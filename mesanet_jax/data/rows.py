@@ -177,10 +177,10 @@ class Batches(grain.DatasetIterator):
       self.states.update(zip(group["rows"].tolist(), group["states"]))
     self.step += 1
     keys = [k for k in groups[0] if k not in ("rows", "states")]
-    if len(groups) == 1:
+    if not self.num_workers:
       return {k: groups[0][k] for k in keys}
     batch = {k: np.empty((len(self.rows), *groups[0][k].shape[1:]), groups[0][k].dtype) for k in keys}
-    for group in groups:  # each worker's rows into their places: one copy
+    for group in groups:  # each worker's rows into their places, out of grain's shared memory: one copy
       for k in keys:
         batch[k][group["rows"] - self.rows.start] = group[k]
     return batch

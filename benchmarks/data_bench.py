@@ -1,5 +1,8 @@
 """Data path throughput on CPUs: mesanet-prepare's tokens/s, and the trainer's loader (data.source="arrayrecord":
 ArrayRecord reads, row streams, grain's packer; no model) in tokens/s and resident memory at 1× and 10× the corpus.
+Per core: with no workers, tokens per CPU-second of the loader's process; with workers, tokens per CPU-second of the
+workers together (what one worker makes on a core of its own: the host's rate is about that times the workers,
+while the main process, which only places the workers' rows, keeps up).
 
     python benchmarks/data_bench.py --work=/tmp/data_bench --corpus_mb=1000 --tokenizer=.whl/gpt2/tokenizer.json \
         --workers=16 --loader_workers=0,8 --results=$OUT/data_bench.json
@@ -42,25 +45,39 @@ def make_corpus(directory: str, megabytes: float, files: int) -> int:
   return written
 
 
+def _descendants(pid: int) -> list[int]:
+  found = []
+  for task in glob.glob(f"/proc/{pid}/task/*/children"):
+    with open(task) as f:
+      found += [int(c) for c in f.read().split()]
+  return found + [g for c in found for g in _descendants(c)]
+
+
 def resident_mib() -> float:
   """Resident memory of this process and its descendants (grain's workers), from /proc."""
   def rss(pid):
     with open(f"/proc/{pid}/status") as f:
       return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-  def children(pid):
-    found = []
-    for task in glob.glob(f"/proc/{pid}/task/*/children"):
-      with open(task) as f:
-        found += [int(c) for c in f.read().split()]
-    return found + [g for c in found for g in children(c)]
   total = rss(os.getpid())
-  for child in children(os.getpid()):
+  for child in _descendants(os.getpid()):
     try:
       total += rss(child)
     except (OSError, StopIteration):
       pass
   return total
+
+
+def descendants_cpu_s() -> float:
+  """CPU seconds (user + system) used so far by this process's descendants (grain's workers), from /proc."""
+  total = 0
+  for child in _descendants(os.getpid()):
+    try:
+      with open(f"/proc/{child}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    except (OSError, IndexError):
+      pass
+  return total / os.sysconf("SC_CLK_TCK")
 
 
 def scaled(directory: str, times: int) -> str:
@@ -103,16 +120,18 @@ def _loader(results, directory: str, batch: int, seq_len: int, workers: int, sec
   start = time.perf_counter()
   next(batches)
   first = time.perf_counter() - start
-  steps, start, cpu = 0, time.perf_counter(), time.process_time()
+  steps, start, cpu, workers_cpu = 0, time.perf_counter(), time.process_time(), descendants_cpu_s()
   while time.perf_counter() - start < seconds:
     next(batches)
     steps += 1
   elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+  workers_cpu = descendants_cpu_s() - workers_cpu
   memory = resident_mib()
   batches.close()
   tokens = steps * batch * seq_len
   results.put({"batch": batch, "seq_len": seq_len, "workers": workers, "first_batch_s": round(first, 2), "steps": steps,
           "tokens_per_s": tokens / elapsed, "tokens_per_main_cpu_s": tokens / cpu,
+          "tokens_per_worker_cpu_s": tokens / workers_cpu if workers else None,
           "resident_mib": round(memory, 1), "resident_before_mib": round(before, 1)})
 
 
@@ -176,6 +195,9 @@ def main():
     for spec in args.batches.split(","):
       batch, seq_len = (int(x) for x in spec.split("x"))
       for workers in [int(w) for w in args.loader_workers.split(",")]:
+        if workers and batch % workers:  # the loader refuses it (workers take rows w::W)
+          print(f"skipped: {workers} loader workers do not divide batch {batch}", flush=True)
+          continue
         results["loader"].append(dict(loader(directory, batch, seq_len, workers, args.loader_seconds),
                                       corpus_scale=times))
         save()

@@ -21,8 +21,8 @@ NUM_SYNTHETIC = 2**40  # synthetic examples per split; indices never wrap in pra
 
 @dataclasses.dataclass
 class Documents:
-  """A random-access source of documents (int32 token arrays that begin with BOS), packed into windows of
-  seq_len + 1 tokens."""
+  """A random-access source of documents (integer token arrays that begin with BOS: int32, or the shards' uint16 /
+  uint32), packed into windows of seq_len + 1 tokens."""
   source: object
   bos_id: int
   seq_len: int
@@ -100,24 +100,25 @@ class TfdsDocuments:
     return text.with_bos(self.tokenizer.encode(value), self.tokenizer.bos_id)
 
 
-def _make_row(source, batch_size: int, shuffle_seed: int | None):
-  """row → that row's stream of examples (`rows.py`)."""
+def _rows(source, batch_size: int, shuffle_seed: int | None) -> dict:
+  """`rows.Batches`' make_row (row → that row's stream) and examples (a group of rows' elements → examples)."""
   if isinstance(source, Documents):
     documents = grain.MapDataset.source(source.source)
     documents = (documents.shuffle(seed=shuffle_seed) if shuffle_seed is not None else documents).repeat(None)
-    return functools.partial(rows.packed_row, documents, batch_size=batch_size, seq_len=source.seq_len,
-                             bos_id=source.bos_id)
-  return functools.partial(rows.example_row, grain.MapDataset.source(source), batch_size=batch_size)
+    return {"make_row": functools.partial(rows.packed_row, documents, batch_size=batch_size, seq_len=source.seq_len),
+            "examples": functools.partial(rows.window_examples, bos_id=source.bos_id)}
+  return {"make_row": functools.partial(rows.example_row, grain.MapDataset.source(source), batch_size=batch_size),
+          "examples": rows.stack}
 
 
 def train_dataset(source, data, batch_size: int) -> rows.Batches:
   """Endless batches: this process's rows of every global batch of `batch_size` examples; shuffled by data.seed."""
-  return rows.Batches(_make_row(source, batch_size, data.seed), batch_size, data.num_workers)
+  return rows.Batches(batch_size=batch_size, num_workers=data.num_workers, **_rows(source, batch_size, data.seed))
 
 
 def eval_batches(source, batch_size: int, num_batches: int) -> list[dict]:
   """This process's rows of the first `num_batches` held-out global batches (the same at every evaluation)."""
-  batches = rows.Batches(_make_row(source, batch_size, None), batch_size)
+  batches = rows.Batches(batch_size=batch_size, **_rows(source, batch_size, None))
   return [next(batches) for _ in range(num_batches)]
 
 

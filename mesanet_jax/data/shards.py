@@ -51,15 +51,17 @@ def read_manifest(directory: str) -> dict:
 
 
 class ShardRecords:
-  """Random access over the token records of some shards of a prepared directory: record i → int32 array [N]
-  (BOS first). One ArrayRecord reader per shard, opened at its first read (so a process holds the index of the
-  shards it read, ~8 bytes per record); a record is read as the range [i, i + 1): array_record's list read, which
-  grain's ArrayRecordDataSource uses, goes through a thread pool and took 1.8× as long per packed window
-  (RESULTS.md "Pretraining data")."""
+  """Random access over the token records of some shards of a prepared directory: record i → array [N] of the
+  shards' dtype (BOS first; read-only, over the record's bytes: the loader converts whole batches to int32). One
+  ArrayRecord reader per shard, opened at its first read (so a process holds the index of the shards it read, ~8
+  bytes per record); a record is read as the range [i, i + 1): array_record's list read, which grain's
+  ArrayRecordDataSource uses, goes through a thread pool and took 1.8× as long per packed window, and 3-5× as long
+  per record read 64 at a time (RESULTS.md "Pretraining data"). `_getitems` is grain's batched read."""
 
   def __init__(self, directory: str, shards: list[dict], dtype: str):
     self.paths = [os.path.join(directory, s["path"]) for s in shards]
     self.ends = np.cumsum([s["records"] for s in shards])
+    self.starts = self.ends - [s["records"] for s in shards]
     self.dtype = np.dtype(dtype).newbyteorder("<")
     self.readers = [None] * len(self.paths)
 
@@ -67,13 +69,20 @@ class ShardRecords:
     return int(self.ends[-1])
 
   def __getitem__(self, index: int) -> np.ndarray:
-    shard = int(np.searchsorted(self.ends, index, side="right"))
-    if self.readers[shard] is None:
-      from array_record.python import array_record_module
-      self.readers[shard] = array_record_module.ArrayRecordReader(self.paths[shard], "readahead_buffer_size:0")
-    position = int(index) - (int(self.ends[shard - 1]) if shard else 0)
-    record = self.readers[shard].read(position, position + 1)[0]
-    return np.frombuffer(record, self.dtype).astype(np.int32)
+    return self._getitems([index])[0]
+
+  def _getitems(self, indices) -> list[np.ndarray]:
+    """Records `indices` (grain's batched read, `SupportsBatchedReadRandomAccessDataSource`)."""
+    indices = np.asarray(indices, np.int64)
+    shards = np.searchsorted(self.ends, indices, side="right")
+    positions = (indices - self.starts[shards]).tolist()
+    records = []
+    for shard, position in zip(shards.tolist(), positions):
+      if self.readers[shard] is None:
+        from array_record.python import array_record_module
+        self.readers[shard] = array_record_module.ArrayRecordReader(self.paths[shard], "readahead_buffer_size:0")
+      records.append(np.frombuffer(self.readers[shard].read(position, position + 1)[0], self.dtype))
+    return records
 
   def __getstate__(self) -> dict:  # grain's worker processes open their own readers
     return dict(self.__dict__, readers=[None] * len(self.paths))

@@ -149,20 +149,30 @@ class LanguageModel(nnx.Module):
     table = self.embed[...].astype(self.config.dtype)
     return _on_batch(jnp.take(table, tokens, axis=0) * np.sqrt(self.config.d_model).astype(self.config.dtype))
 
+  def readout_weights(self) -> jax.Array:
+    """The read-out matrix [V, D] in the compute dtype: the tied embedding, or the untied kernel transposed."""
+    table = self.embed if self.unembed is None else self.unembed.kernel
+    table = table[...].astype(self.config.dtype)
+    return table if self.unembed is None else table.T
+
   def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    if self.unembed is None:
-      logits = jnp.einsum("...d,vd->...v", x, self.embed[...].astype(self.config.dtype),
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = self.unembed(x).astype(jnp.float32)
+    return self._read_out(self.final_norm(x))
+
+  def _read_out(self, h: jax.Array) -> jax.Array:
+    """The final norm's output [..., D] -> soft-capped logits [..., V] f32."""
+    logits = jnp.einsum("...d,vd->...v", h, self.readout_weights(), preferred_element_type=jnp.float32)
     logits = sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
     cap = self.config.logit_cap
     return logits if cap is None else jnp.tanh(logits / cap) * cap
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def hidden(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> the final norm's output [B, T, D] (compute dtype): `__call__` before the read-out, for
+    losses that fuse the read-out (`train/chunked_ce.py`); logits = cap·tanh(hidden · readout_weightsᵀ / cap)."""
     x, _ = run_blocks(self.config, self.blocks, _train_step, self._embed(tokens), remat=self.config.remat)
-    return self._logits(x)
+    return self.final_norm(x)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self._read_out(self.hidden(tokens))
 
   def forward_with_cg_steps(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """`__call__`'s logits and the forward CG steps of every Mesa layer in layer order, f32 [L, 2] (mean, max over

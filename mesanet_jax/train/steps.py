@@ -14,7 +14,8 @@ def make_train_step(config, graphdef, tx):
   whose gradients are not all finite (a non-finite loss makes them so)."""
   accum, kind, z = config.train.grad_accum, task_type(config), config.optim.z_loss
   lr_at = optimizer.schedule(config.optim, config.train.num_steps)
-  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, kind, z), has_aux=True)
+  chunk = config.train.loss_chunk_size
+  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, kind, z, chunk), has_aux=True)
 
   def micro(batch):
     # [B, ...] -> [accum, B/accum, ...] taking strided rows, so each device's rows stay on that device.
@@ -45,5 +46,5 @@ def make_eval_step(config, graphdef):
   kind = task_type(config)
 
   def eval_step(params, batch):
-    return loss_sums(graphdef, params, batch, kind, 0.0)[1]
+    return loss_sums(graphdef, params, batch, kind, 0.0, config.train.loss_chunk_size)[1]
   return eval_step

@@ -11,7 +11,7 @@ keeps x, w, y and lse and recomputes each chunk's logits: with cotangents (g_ce,
 
     dc = (g_ce + g_lse)·softmax(c) − g_ce·onehot(y),  dl = dc·(1 − tanh²(l / cap)),  dx = dl w,  dw = Σ_chunks dlᵀ x
 
-in f32, dl cast to the compute dtype for the two products (as the unfused path's transposed einsum does). Memory:
+in f32 (f64 for f64 inputs), dl cast to the compute dtype for the two products (as the unfused path's transposed einsum does). Memory:
 one chunk's logits and the f32 dw [V, D] instead of [B, T, V] f32 logits, gradient and softmax.
 """
 import functools
@@ -36,9 +36,14 @@ def _unchunk(a: jax.Array, length: int) -> jax.Array:
   return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :length]
 
 
+def _accumulation(x: jax.Array):
+  """f32, or f64 for f64 inputs."""
+  return jnp.promote_types(jnp.float32, x.dtype)
+
+
 def _logits(x: jax.Array, w: jax.Array, logit_cap: float | None) -> tuple[jax.Array, jax.Array | None]:
   """Capped f32 logits [B, C, V] of one chunk, and tanh(l / cap) (None without a cap) for the backward."""
-  logits = jnp.einsum("bcd,vd->bcv", x, w, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("bcd,vd->bcv", x, w, preferred_element_type=_accumulation(x))
   logits = sharding.constrain(logits, ("batch", None, "vocab"))
   if logit_cap is None:
     return logits, None
@@ -73,20 +78,21 @@ def _backward(logit_cap, chunk_size, residuals, cotangents):
   x, w, targets, lse = residuals
   g_ce, g_lse, _ = cotangents  # the argmax's cotangent is symbolic zero (float0)
 
+  acc = _accumulation(x)
+
   def chunk(dw, inputs):
     x_c, y_c, lse_c, g_ce_c, g_lse_c = inputs
     capped, squashed = _logits(x_c, w, logit_cap)
     probs = jnp.exp(capped - lse_c[..., None])
-    d_capped = (g_ce_c + g_lse_c)[..., None] * probs - g_ce_c[..., None] * jax.nn.one_hot(y_c, w.shape[0],
-                                                                                           dtype=jnp.float32)
+    d_capped = (g_ce_c + g_lse_c)[..., None] * probs - g_ce_c[..., None] * jax.nn.one_hot(y_c, w.shape[0], dtype=acc)
     d_logits = d_capped if squashed is None else d_capped * (1.0 - squashed ** 2)
     d_logits = d_logits.astype(x.dtype)
-    dx_c = jnp.einsum("bcv,vd->bcd", d_logits, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = dw + jnp.einsum("bcv,bcd->vd", d_logits, x_c, preferred_element_type=jnp.float32)
+    dx_c = jnp.einsum("bcv,vd->bcd", d_logits, w, preferred_element_type=acc).astype(x.dtype)
+    dw = dw + jnp.einsum("bcv,bcd->vd", d_logits, x_c, preferred_element_type=acc)
     return dw, dx_c
 
-  inputs = (x, targets, lse, g_ce.astype(jnp.float32), g_lse.astype(jnp.float32))
-  dw, dx = jax.lax.scan(chunk, jnp.zeros(w.shape, jnp.float32), tuple(_chunks(a, chunk_size) for a in inputs))
+  inputs = (x, targets, lse, g_ce.astype(acc), g_lse.astype(acc))
+  dw, dx = jax.lax.scan(chunk, jnp.zeros(w.shape, acc), tuple(_chunks(a, chunk_size) for a in inputs))
   return _unchunk(dx, x.shape[1]), dw.astype(w.dtype), None
 
 

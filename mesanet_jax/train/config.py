@@ -16,7 +16,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from mesanet_jax.models import fast_path
-from mesanet_jax.models.config import ARCHITECTURES, SIZES, LMConfig, fla_compatible, preset
+from mesanet_jax.models.config import ARCHITECTURES, SIZES, LMConfig, fla_compatible, preset, remat_mode
 from mesanet_jax.ops.chunked import IMPLS, PRECISIONS
 
 
@@ -53,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
       # cg_steps); 0: fixed cg_steps
       matmul_precision=placeholder(str),  # Mesa's chunked matmuls: "highest" or "default" (TF32-class, faster on GPU)
       fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
-      remat=False,  # recompute each block's activations in the backward pass (less memory, ~1 more forward)
+      # what the backward pass recomputes instead of storing: none | mixer | mlp | full (LMConfig.remat; True/False
+      # = full/none). "mlp": the SwiGLU activations, cheap to recompute (to confirm by benchmarks/train_step_bench.py)
+      remat="mlp",
       scan_layers=False))  # one scanned block with params stacked on a "layers" axis (compile time flat in depth)
 
   c.data = ml_collections.ConfigDict(dict(
@@ -138,6 +140,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e})") from None
   saved.pop(MESA_PATH, None)
+  if isinstance(saved.get("model", {}).get("remat"), bool):  # runs saved while remat was a boolean
+    saved["model"]["remat"] = remat_mode(saved["model"]["remat"])
   for key in OVERRIDES:  # runs saved before the overrides were optional wrote 0 / "" for "the preset's"
     if saved.get("model", {}).get(key) in (0, ""):
       saved["model"][key] = None
@@ -153,6 +157,10 @@ def validate(c) -> None:
     raise ValueError(f"model.size must be one of {tuple(SIZES)}, got {c.model.size!r}")
   if c.model.architecture not in ARCHITECTURES:
     raise ValueError(f"model.architecture must be one of {ARCHITECTURES}, got {c.model.architecture!r}")
+  try:
+    remat_mode(c.model.remat)
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from None
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
   for key, allowed in (("impl", (fast_path.AUTO, *IMPLS)), ("matmul_precision", PRECISIONS)):

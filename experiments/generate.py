@@ -10,6 +10,7 @@ Mesa layer and head) and printed as they come, detokenised incrementally. At the
 """
 import collections
 import dataclasses
+import sys
 
 from absl import app, flags
 
@@ -62,7 +63,7 @@ def main(argv):
                                decode_tol=_CG_TOL.value or None, decode_warm_start=_WARM_START.value,
                                impl=_IMPL.value or run.lm.mesa.impl)
     lm = dataclasses.replace(run.lm, mesa=mesa)
-    print(fast_path.summary_line(lm))
+    print(fast_path.summary_line(lm), file=sys.stderr)  # stdout carries the generated text only
     model = runs.model_from(lm, run.params)
     tokens = stream(model, np.asarray([prompt]), _MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                     top_k=_TOP_K.value or None, key=jax.random.key(_SEED.value))

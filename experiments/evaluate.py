@@ -140,6 +140,7 @@ def main(argv):
   cli.start(argv)
   from mesanet_jax import sharding
   from mesanet_jax.eval import runs
+  from mesanet_jax.models import fast_path
   with cli.one_line_errors("mesanet-eval"):
     if not _WORKDIR.value:
       raise ValueError("give --workdir (a run); MAD results are read by mesanet-mad-table")
@@ -147,9 +148,10 @@ def main(argv):
     run = runs.load_run(_WORKDIR.value, None if _STEP.value < 0 else _STEP.value, mesh)
     if _IMPL.value:
       run = run._replace(lm=dataclasses.replace(run.lm, mesa=dataclasses.replace(run.lm.mesa, impl=_IMPL.value)))
+    print(fast_path.summary_line(run.lm))
     out = _OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{run.step}")
     os.makedirs(out, exist_ok=True)
-    report = evaluate_run(run, mesh, out)
+    report = {"mesa_path": fast_path.describe(run.lm), **evaluate_run(run, mesh, out)}
   with open(os.path.join(out, "eval.json"), "w") as f:
     json.dump(report, f, indent=1)
   print(f"\nwrote {os.path.join(out, 'eval.json')} and the plots beside it")

@@ -10,6 +10,7 @@ Mesa layer and head) and printed as they come, detokenised incrementally. At the
 """
 import collections
 import dataclasses
+import sys
 
 from absl import app, flags
 
@@ -47,6 +48,7 @@ def main(argv):
   from mesanet_jax.data import text
   from mesanet_jax.data.detokenize import Detokenizer
   from mesanet_jax.eval import runs
+  from mesanet_jax.models import fast_path
   from mesanet_jax.models.generate import stream
   with cli.one_line_errors("mesanet-generate"):
     if not _WORKDIR.value or not _PROMPT.value:
@@ -60,7 +62,9 @@ def main(argv):
     mesa = dataclasses.replace(run.lm.mesa, cg_steps_decode=_CG_STEPS.value or run.lm.mesa.cg_steps_decode,
                                decode_tol=_CG_TOL.value or None, decode_warm_start=_WARM_START.value,
                                impl=_IMPL.value or run.lm.mesa.impl)
-    model = runs.model_from(dataclasses.replace(run.lm, mesa=mesa), run.params)
+    lm = dataclasses.replace(run.lm, mesa=mesa)
+    print(fast_path.summary_line(lm), file=sys.stderr)  # stdout carries the generated text only
+    model = runs.model_from(lm, run.params)
     tokens = stream(model, np.asarray([prompt]), _MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                     top_k=_TOP_K.value or None, key=jax.random.key(_SEED.value))
 

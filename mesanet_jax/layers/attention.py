@@ -3,7 +3,9 @@
 The cache is a ring buffer of S slots (S = window for sliding-window layers, else the maximum length) that records
 the absolute position held in each slot, so decoding masks by position and sliding-window layers decode in constant
 memory. A full-attention cache that is run past S tokens keeps only the last S (it acts as a window of S).
-Training materialises the [T, T] score matrix (no flash/splash kernel yet).
+Training and prefill run `jax.nn.dot_product_attention` (causal, the window as `local_window_size`): cuDNN's fused
+flash attention on GPU for bf16/fp16 inputs with head_dim ≤ 128 and a multiple of 8, XLA otherwise (which forms the
+[T, T] scores; no Pallas TPU kernel yet). Decoding attends to the cache with an explicit position mask.
 """
 import dataclasses
 from typing import NamedTuple
@@ -65,6 +67,16 @@ class Attention(nnx.Module):
     k = rope(self.k_proj(x).reshape(shape), positions, self.config.rope_theta)
     return q, k, self.v_proj(x).reshape(shape)
 
+  def _attend_sequence(self, q, k, v):
+    """Causal (windowed) attention of q, k, v [B, T, H, D] at positions 0..T−1, projected out: [B, T, d]."""
+    head_dim = q.shape[-1]
+    fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128
+             and head_dim % 8 == 0)
+    window = None if self.window is None else (self.window - 1, 0)  # keys t − (window − 1) .. t
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                     implementation="cudnn" if fused else "xla")
+    return self.o_proj(o.reshape(*o.shape[:2], -1))
+
   def _attend(self, q, k, v, mask):
     """q: [B, T, H, D]; k, v: [B, S, H, D]; mask broadcastable to [B, H, T, S]. Softmax in f32."""
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
@@ -87,7 +99,7 @@ class Attention(nnx.Module):
     length = x.shape[1]
     positions = jnp.arange(length)
     q, k, v = self._project(x, positions)
-    y = self._attend(q, k, v, self._in_window(positions[:, None], positions[None, :]))
+    y = self._attend_sequence(q, k, v)
     if cache is None:
       return y, None
     slots = cache.positions.shape[0]

@@ -24,6 +24,7 @@ from flax import nnx
 from mesanet_jax import sharding
 from mesanet_jax.layers.params import NoDecayParam, param
 from mesanet_jax.layers.recurrent import RecurrentMixer
+from mesanet_jax.models.fast_path import resolve_mesa
 from mesanet_jax.ops import MesaState, mesa_chunked
 from mesanet_jax.ops.cg_steps import STATS, combine, spread_probe
 from mesanet_jax.ops.inputs import zero_state
@@ -34,7 +35,9 @@ from mesanet_jax.ops.operator import implementation
 class MesaConfig:
   """Mesa layer options. gamma_cap=0.9975 is the paper's forget-gate cap; None gives flash-linear-attention's
   g = log σ(a). cg_init: "jacobi" (paper) or "zero". impl: "xla" or "pallas", for `mesa_chunked` (training, prefill)
-  and decoding (`mesa_decode_step` or the fused decode kernel); matmul_precision: the chunked matmuls ("highest":
+  and decoding (`mesa_decode_step` or the fused decode kernel), or "auto": the fastest for the backend with the chunk
+  size, precision and CG tolerance measured for it (`models/fast_path.py`; resolved when the layer is built, or once
+  per run by the entry points); matmul_precision: the chunked matmuls ("highest":
   f32-accurate; "default": TF32-class, ~1e-3, faster on GPU; decoding is f32 always). decode_warm_start: each decoded
   token's CG starts from the previous token's solution (scaled; the first after a prefill from cg_init's guess) and
   decode_tol is then relative to ‖q‖ (`ops.decode.solve_token`).
@@ -51,7 +54,7 @@ class MesaConfig:
   cg_steps_decode: int = 30
   decode_tol: float | None = None
   chunk_size: int = 64
-  impl: str = "xla"
+  impl: str = "auto"
   matmul_precision: str = "highest"
   cg_init: str = "jacobi"
   decode_warm_start: bool = False
@@ -111,7 +114,7 @@ class MesaLayer(RecurrentMixer):
     super().__init__(d_model, config.num_heads, config.head_dim, conv_size=config.conv_size,
                      gamma_cap=config.gamma_cap, use_output_gate=config.use_output_gate, norm_eps=config.norm_eps,
                      out_scale=out_scale, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.config = config
+    self.config = config = resolve_mesa(config)
     start = math.log(math.expm1(config.lambda_init - config.lambda_lower_bound))  # softplus⁻¹(λ_init − λ_min)
     self.lam_param = param(rngs, nnx.initializers.constant(start), (config.num_heads, config.head_dim), param_dtype,
                            ("heads", "kv"), kind=NoDecayParam)

@@ -16,7 +16,7 @@ from flax import nnx
 from mesanet_jax.layers.norm import RMSNorm
 from mesanet_jax.layers.params import linear, param
 from mesanet_jax.models.config import LMConfig, preset
-from mesanet_jax.models.lm import LanguageModel, make_blocks, run_blocks
+from mesanet_jax.models.lm import LanguageModel, make_blocks, train_blocks
 
 ARCHITECTURES = ("mesanet", "transformer", "gdn", "hawk", "hawk_mesa")
 # How the MAD models compute Mesa when nothing else is asked for (mad_config, the grid, mad_bench): per JAX backend,
@@ -66,7 +66,7 @@ class AutoEncoder(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     config = self.config
     x = jnp.take(self.embed[...].astype(config.dtype), tokens, axis=0) * np.sqrt(config.d_model).astype(config.dtype)
-    x, _ = run_blocks(config, self.blocks, lambda block, x, _: (block(x)[0], None), x, remat=config.remat)
+    x = train_blocks(config, self.blocks, x)
     x = x[:, -1:] + jnp.asarray(sincos(tokens.shape[1], config.d_model), config.dtype)  # [B, T, d]
     for norm, linear in zip(self.norms, self.hidden):
       x = jax.nn.gelu(linear(norm(x)), approximate=False)

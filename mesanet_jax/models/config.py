@@ -18,6 +18,7 @@ from mesanet_jax.layers.gated_deltanet import GatedDeltaNetConfig
 from mesanet_jax.layers.hawk import HawkConfig, lru_width
 from mesanet_jax.layers.mesa import MesaConfig
 
+REMAT_MODES = ("none", "mixer", "mlp", "full")
 MIXERS = ("mesa", "gdn", "attention", "swa", "lru")
 ARCHITECTURES = ("mesanet", "gdn", "transformer", "swa", "hawk", "hawk_mesa", "hybrid")
 # name: (blocks, d_model, heads, head_dim, vocab)
@@ -36,7 +37,10 @@ class LMConfig:
   mlp_ratio·d_model, tied embedding scaled by √d_model on input, logits soft-capped at `logit_cap`.
 
   dtype is the activation (compute) dtype, param_dtype the storage dtype; Mesa/GDN states and CG stay f32 always.
-  remat: recompute each block's activations in the backward pass (only the residual stream between blocks is kept).
+  remat: what the backward pass recomputes instead of storing (`REMAT_MODES`): "none"; "mixer" (each block's norm +
+  mixer: Mesa's CG solve runs again); "mlp" (each block's norm + SwiGLU: the [B, T, 2·3d] hidden activations are not
+  kept, cheap to recompute); "full" (the whole block: only the residual stream between blocks is kept). True / False
+  (the old boolean) mean "full" / "none".
   scan_layers: one Block whose params are stacked on a leading "layers" axis, run by `nnx.scan` (compile time flat in
   depth); needs every block to use the same mixer. Both change the computation's schedule, not its result.
   """
@@ -53,10 +57,11 @@ class LMConfig:
   gdn: GatedDeltaNetConfig = GatedDeltaNetConfig()
   attention: AttentionConfig = AttentionConfig()
   lru: HawkConfig = HawkConfig()
-  remat: bool = False
+  remat: str = "none"
   scan_layers: bool = False
 
   def __post_init__(self):
+    object.__setattr__(self, "remat", remat_mode(self.remat))
     bad = [m for m in self.mixers if m not in MIXERS]
     if not self.mixers or bad:
       raise ValueError(f"mixers must be a non-empty tuple of {MIXERS}, got {self.mixers}")
@@ -67,6 +72,15 @@ class LMConfig:
   @property
   def n_layers(self) -> int:
     return len(self.mixers)
+
+
+def remat_mode(remat: str | bool) -> str:
+  """One of REMAT_MODES, from the mode or the old boolean (True = "full", False = "none"; also as text)."""
+  remat = {True: "full", False: "none", "true": "full", "false": "none"}.get(
+      remat.lower() if isinstance(remat, str) else remat, remat)
+  if remat not in REMAT_MODES:
+    raise ValueError(f"remat must be one of {REMAT_MODES} (or True / False: full / none), got {remat!r}")
+  return remat
 
 
 def mixer_pattern(architecture: str, n_layers: int, hybrid_every: int = 4) -> tuple[str, ...]:

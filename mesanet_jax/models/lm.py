@@ -7,7 +7,8 @@ variance scaled by 2/N (N blocks); the embedding has std 1/√d and is multiplie
 Block stack (`make_blocks`, `run_blocks`): an nnx.List of N Blocks run by a Python loop, or with `scan_layers` one
 Block whose params carry a leading "layers" axis, built by `nnx.vmap` and run by `jax.lax.scan` for training, prefill
 and decoding alike (caches and CG step counts stacked on the layer axis), so the traced program holds one block
-whatever N is. `remat` wraps each block's training call in `jax.checkpoint` with `REMAT_POLICY`, inside the scan body.
+whatever N is. `remat` (LMConfig.remat) wraps in `jax.checkpoint` with `REMAT_POLICY` each block's training call
+("full", inside the scan body) or one part of it ("mixer": norm + mixer; "mlp": norm + SwiGLU).
 """
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,13 @@ LAYERS = {nnx.PARTITION_NAME: "layers"}  # the stacked axis's logical name (shar
 REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
+def _checkpointed(fn, module: nnx.Module, *args):
+  """fn(module, *args) under `jax.checkpoint` with REMAT_POLICY, over the module's split state (plain JAX: see
+  run_blocks)."""
+  graphdef, state = nnx.split(module)
+  return jax.checkpoint(lambda state, *args: fn(nnx.merge(graphdef, state), *args), policy=REMAT_POLICY)(state, *args)
+
+
 def _on_batch(x: jax.Array) -> jax.Array:
   """Residual stream [B, T, D] (or [B, D] when decoding): split over the batch shards, features whole."""
   return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
@@ -62,6 +70,14 @@ class Block(nnx.Module):
   def __call__(self, x, cache=None):
     h, cache = self.mixer(self.mixer_norm(x), cache)
     return self._with_mlp(x + h), cache
+
+  def train_call(self, x, remat: str = "none"):
+    """`__call__` without a cache, with the mixer part (remat="mixer") or the MLP part ("mlp") recomputed in the
+    backward pass instead of stored."""
+    mixer = lambda block, x: block.mixer(block.mixer_norm(x))[0]
+    mlp = lambda block, x: block.mlp(block.mlp_norm(x))
+    x = x + (_checkpointed(mixer, self, x) if remat == "mixer" else mixer(self, x))
+    return x + (_checkpointed(mlp, self, x) if remat == "mlp" else mlp(self, x))
 
   def forward_with_cg_steps(self, x):
     """`__call__` without a cache, and the forward CG steps of its Mesa mixer, (mean, max) f32 [2] (None for other
@@ -105,11 +121,7 @@ def run_blocks(config: LMConfig, blocks: nnx.Module, step, x: jax.Array, per_lay
   param's `out_sharding` still names the "layers" axis its slice no longer has; nothing reads it there.
   """
   def apply(block, x, layer_in):
-    if not remat:
-      return step(block, x, layer_in)
-    graphdef, state = nnx.split(block)
-    body = lambda state, x, layer_in: step(nnx.merge(graphdef, state), x, layer_in)
-    return jax.checkpoint(body, policy=REMAT_POLICY)(state, x, layer_in)
+    return _checkpointed(step, block, x, layer_in) if remat else step(block, x, layer_in)
 
   if config.scan_layers:
     graphdef, stacked = nnx.split(blocks)
@@ -121,8 +133,11 @@ def run_blocks(config: LMConfig, blocks: nnx.Module, step, x: jax.Array, per_lay
   return x, tuple(outputs)
 
 
-def _train_step(block: Block, x: jax.Array, _):
-  return _on_batch(block(x)[0]), None
+def train_blocks(config: LMConfig, blocks: nnx.Module, x: jax.Array) -> jax.Array:
+  """x [B, T, D] through every block for training (no cache), rematerialised as `config.remat` says."""
+  part = "none" if config.remat == "full" else config.remat  # "full": run_blocks checkpoints the whole block
+  step = lambda block, x, _: (_on_batch(block.train_call(x, part)), None)
+  return run_blocks(config, blocks, step, x, remat=config.remat == "full")[0]
 
 
 def _forward_with_cg_steps(block: Block, x: jax.Array, _):
@@ -157,20 +172,29 @@ class LanguageModel(nnx.Module):
     table = self.embed[...].astype(self.config.dtype)
     return _on_batch(jnp.take(table, tokens, axis=0) * np.sqrt(self.config.d_model).astype(self.config.dtype))
 
+  def readout_weights(self) -> jax.Array:
+    """The read-out matrix [V, D] in the compute dtype: the tied embedding, or the untied kernel transposed."""
+    table = self.embed if self.unembed is None else self.unembed.kernel
+    table = table[...].astype(self.config.dtype)
+    return table if self.unembed is None else table.T
+
   def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    if self.unembed is None:
-      logits = jnp.einsum("...d,vd->...v", x, self.embed[...].astype(self.config.dtype),
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = self.unembed(x).astype(jnp.float32)
+    return self._read_out(self.final_norm(x))
+
+  def _read_out(self, h: jax.Array) -> jax.Array:
+    """The final norm's output [..., D] -> soft-capped logits [..., V] f32."""
+    logits = jnp.einsum("...d,vd->...v", h, self.readout_weights(), preferred_element_type=jnp.float32)
     logits = sharding.constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
     cap = self.config.logit_cap
     return logits if cap is None else jnp.tanh(logits / cap) * cap
 
+  def hidden(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> the final norm's output [B, T, D] (compute dtype): `__call__` before the read-out, for
+    losses that fuse the read-out (`train/chunked_ce.py`); logits = cap·tanh(hidden · readout_weightsᵀ / cap)."""
+    return self.final_norm(train_blocks(self.config, self.blocks, self._embed(tokens)))
+
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x, _ = run_blocks(self.config, self.blocks, _train_step, self._embed(tokens), remat=self.config.remat)
-    return self._logits(x)
+    return self._read_out(self.hidden(tokens))
 
   def forward_with_cg_steps(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """`__call__`'s logits and the forward CG steps of every Mesa layer in layer order, f32 [L, 2] (mean, max over

@@ -7,7 +7,7 @@ from flax import nnx
 from mesanet_jax.layers.norm import RMSNorm
 from mesanet_jax.layers.params import linear
 from mesanet_jax.models.config import LMConfig
-from mesanet_jax.models.lm import blocks_with_cg_steps, make_blocks, run_blocks
+from mesanet_jax.models.lm import blocks_with_cg_steps, make_blocks, train_blocks
 
 
 class RegressionModel(nnx.Module):
@@ -22,8 +22,7 @@ class RegressionModel(nnx.Module):
     self.read_out = linear(config.d_model, 1, axes=("embed", None), use_bias=True, **kw)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    x, _ = run_blocks(self.config, self.blocks, lambda block, x, _: (block(x)[0], None), self.read_in(inputs),
-                      remat=self.config.remat)
+    x = train_blocks(self.config, self.blocks, self.read_in(inputs))
     return self._predictions(x)
 
   def forward_with_cg_steps(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array | None]:

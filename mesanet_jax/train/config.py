@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mesanet_jax.models.config import ARCHITECTURES, SIZES, LMConfig, fla_compatible, preset
+from mesanet_jax.models import fast_path
+from mesanet_jax.models.config import ARCHITECTURES, SIZES, LMConfig, fla_compatible, preset, remat_mode
 from mesanet_jax.ops.chunked import IMPLS, PRECISIONS
 
 
 RUN_CONFIG = "config.json"
+MESA_PATH = "mesa_path"  # config.json's record of the resolved Mesa path
 
 
 class ConfigError(ValueError):
@@ -45,12 +47,15 @@ def base_config() -> ml_collections.ConfigDict:
       size="tiny", architecture="mesanet", dtype="float32",  # dtype: activations; params stay f32
       # Overrides of the preset, None until set (OVERRIDES).
       vocab_size=placeholder(int),  # unset: the tokenizer's / task's vocabulary
+      # impl, chunk_size, matmul_precision, cg_tol unset: Mesa's fastest path for the backend (models/fast_path.py)
       num_layers=placeholder(int), cg_steps=placeholder(int), chunk_size=placeholder(int), impl=placeholder(str),
       cg_tol=placeholder(float),  # > 0: each forward and adjoint CG system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (at most
       # cg_steps); 0: fixed cg_steps
       matmul_precision=placeholder(str),  # Mesa's chunked matmuls: "highest" or "default" (TF32-class, faster on GPU)
       fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
-      remat=False,  # recompute each block's activations in the backward pass (less memory, ~1 more forward)
+      # what the backward pass recomputes instead of storing: none | mixer | mlp | full (LMConfig.remat; True/False
+      # = full/none). "mlp": the SwiGLU activations, cheap to recompute (to confirm by benchmarks/train_step_bench.py)
+      remat="mlp",
       scan_layers=False))  # one scanned block with params stacked on a "layers" axis (compile time flat in depth)
 
   c.data = ml_collections.ConfigDict(dict(
@@ -70,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       num_steps=1000, batch_size=16, grad_accum=1, log_every=10, eval_every=100, eval_batches=4,
-      progress_bar=True))
+      progress_bar=True,
+      loss_chunk_size=256))  # the LM loss reads logits out in chunks of this many positions (0: all at once)
 
   # Paper G.3: AdamW β = (0.9, 0.98), ε = 1e-8, wd 0.1, warmup 2000 steps from 1e-6, cosine to 10 %, clip 1.0.
   c.optim = ml_collections.ConfigDict(dict(
@@ -89,13 +95,18 @@ OVERRIDES = ("vocab_size", "num_layers", "cg_steps", "chunk_size", "impl", "matm
 def lm_config(model, data_vocab: int | None = None) -> LMConfig:
   """The LMConfig of `config.model`: the preset of (size, architecture) with the overrides that are set, made
   flash-linear-attention compatible when `model.fla_compatible`. The vocabulary is model.vocab_size when set (at
-  least `data_vocab`, the tokenizer's or synthetic task's), else `data_vocab`, else the preset's (regression)."""
+  least `data_vocab`, the tokenizer's or synthetic task's), else `data_vocab`, else the preset's (regression).
+
+  Mesa's impl unset (or "auto") is resolved here for JAX's backend (`models/fast_path.py`: on GPU the Pallas kernels,
+  chunk 32, "default" precision, cg_tol 1e-4); chunk_size, matmul_precision and cg_tol overrides that are set are
+  applied after it, so they always win."""
   if model.vocab_size is not None and data_vocab is not None and model.vocab_size < data_vocab:
     raise ValueError(f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary {data_vocab}")
   lm = preset(model.size, model.architecture)
   set_only = lambda **values: {key: value for key, value in values.items() if value is not None}
-  mesa = dataclasses.replace(lm.mesa, **set_only(cg_steps_train=model.cg_steps, chunk_size=model.chunk_size,
-                                                 impl=model.impl, matmul_precision=model.matmul_precision))
+  mesa = fast_path.resolve_mesa(dataclasses.replace(lm.mesa, **set_only(impl=model.impl)))
+  mesa = dataclasses.replace(mesa, **set_only(cg_steps_train=model.cg_steps, chunk_size=model.chunk_size,
+                                              matmul_precision=model.matmul_precision))
   if model.cg_tol is not None:  # 0: fixed steps
     mesa = dataclasses.replace(mesa, cg_tol=model.cg_tol or None)
   gdn = dataclasses.replace(lm.gdn, **set_only(chunk_size=model.chunk_size))
@@ -108,9 +119,11 @@ def lm_config(model, data_vocab: int | None = None) -> LMConfig:
 
 def save_run_config(config, workdir: str, lm: LMConfig) -> None:
   """Writes `<workdir>/config.json`: `config` with model.vocab_size set to the run's (`lm`, built by `lm_config`),
-  so evaluation, export and generation rebuild the same model without the data."""
+  so evaluation, export and generation rebuild the same model without the data, and under "mesa_path" the Mesa path
+  the run resolved (a record only: other tools resolve "auto" again for their own backend)."""
   saved = json.loads(config.to_json())
   saved["model"]["vocab_size"] = lm.vocab_size
+  saved[MESA_PATH] = fast_path.describe(lm)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
     f.write(json.dumps(saved, indent=2) + "\n")
@@ -126,6 +139,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"cannot read {path} ({e.strerror or e}): not a training workdir?") from None
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e})") from None
+  saved.pop(MESA_PATH, None)
+  if isinstance(saved.get("model", {}).get("remat"), bool):  # runs saved while remat was a boolean
+    saved["model"]["remat"] = remat_mode(saved["model"]["remat"])
   for key in OVERRIDES:  # runs saved before the overrides were optional wrote 0 / "" for "the preset's"
     if saved.get("model", {}).get(key) in (0, ""):
       saved["model"][key] = None
@@ -141,11 +157,15 @@ def validate(c) -> None:
     raise ValueError(f"model.size must be one of {tuple(SIZES)}, got {c.model.size!r}")
   if c.model.architecture not in ARCHITECTURES:
     raise ValueError(f"model.architecture must be one of {ARCHITECTURES}, got {c.model.architecture!r}")
+  try:
+    remat_mode(c.model.remat)
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from None
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
-  for key, allowed in (("impl", IMPLS), ("matmul_precision", PRECISIONS)):
+  for key, allowed in (("impl", (fast_path.AUTO, *IMPLS)), ("matmul_precision", PRECISIONS)):
     if c.model[key] not in (None, *allowed):
-      raise ValueError(f"model.{key} must be one of {allowed} (or unset: the preset's), got {c.model[key]!r}")
+      raise ValueError(f"model.{key} must be one of {allowed} (or unset: auto), got {c.model[key]!r}")
   for key in ("vocab_size", "num_layers", "cg_steps", "chunk_size"):
     if c.model[key] is not None and c.model[key] < 1:
       raise ValueError(f"model.{key} must be >= 1 (or unset: the preset's), got {c.model[key]}")
@@ -154,6 +174,8 @@ def validate(c) -> None:
   for key in ("num_steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
     if c.train[key] < 1:
       raise ValueError(f"train.{key} must be >= 1, got {c.train[key]}")
+  if c.train.loss_chunk_size < 0:
+    raise ValueError(f"train.loss_chunk_size must be >= 0 (0: the whole logits at once), got {c.train.loss_chunk_size}")
   if c.train.batch_size % c.train.grad_accum:
     raise ValueError(f"train.batch_size {c.train.batch_size} is not divisible by train.grad_accum "
                      f"{c.train.grad_accum}")

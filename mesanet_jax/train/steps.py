@@ -27,8 +27,9 @@ def make_train_step(config, graphdef, tx, probes: nnx.State):
   whose gradients are not all finite (a non-finite loss makes them so). probes: `state.setup`'s abstract probes."""
   accum, kind, z = config.train.grad_accum, task_type(config), config.optim.z_loss
   lr_at = optimizer.schedule(config.optim, config.train.num_steps)
-  grad_fn = jax.value_and_grad(lambda p, probes, b: loss_sums(graphdef, p, probes, b, kind, z), argnums=(0, 1),
-                               has_aux=True)
+  chunk = config.train.loss_chunk_size
+  grad_fn = jax.value_and_grad(lambda p, probes, b: loss_sums(graphdef, p, probes, b, kind, z, chunk),
+                               argnums=(0, 1), has_aux=True)
   layers = cg_steps_layer_indices(probes)
 
   def micro(batch):
@@ -63,7 +64,8 @@ def make_eval_step(config, graphdef, probes: nnx.State):
   kind = task_type(config)
 
   def eval_step(params, batch):
-    model = nnx.merge(graphdef, params, _zeros(probes))
-    outputs, cg_steps = model.forward_with_cg_steps(batch["inputs"]) if probes else (model(batch["inputs"]), None)
+    if not probes:
+      return loss_sums(graphdef, params, probes, batch, kind, 0.0, config.train.loss_chunk_size)[1], None
+    outputs, cg_steps = nnx.merge(graphdef, params, _zeros(probes)).forward_with_cg_steps(batch["inputs"])
     return output_sums(outputs, batch, kind, 0.0)[1], cg_steps
   return eval_step

@@ -11,6 +11,7 @@ import numpy as np
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.layers.mesa import cg_steps_layer_indices
+from mesanet_jax.models import fast_path
 from mesanet_jax.ops.cg_steps import combine_calls
 from mesanet_jax.train import checkpoint, metrics as metrics_lib, steps
 from mesanet_jax.train.config import config_errors, lm_config, save_run_config, validate
@@ -64,6 +65,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---- data ---------------------------------------------------------------------------------------------------
     train_source, eval_source, tokenizer = pipeline.make_sources(config.data)
     lm = lm_config(config.model, _data_vocab(config, tokenizer))  # the run's model, built once
+    say(fast_path.summary_line(lm))
     if lead:
       save_run_config(config, workdir, lm)  # what mesanet-eval / -export / -generate rebuild the model from
     train_iter = iter(pipeline.train_dataset(train_source, config.data, config.train.batch_size))
@@ -127,10 +129,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if step >= config.train.num_steps:
     say(f"{workdir} is already at step {step} (train.num_steps = {config.train.num_steps}); nothing to train")
   pending, last_logged, last_time, last = None, step, time.perf_counter(), {}
+  first_row = fast_path.describe(lm)  # the first metrics line also says how Mesa ran
 
   def flush(pending):
     """Writes the metrics of an earlier step (fetched only now, after the next step was dispatched)."""
-    nonlocal last_logged, last_time
+    nonlocal last_logged, last_time, first_row
     at, device_metrics, extra = pending
     row = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     now = time.perf_counter()
@@ -146,6 +149,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if kind == "lm":
       row["ppl"] = math.exp(min(row["loss"], 50.0))
     row.update(extra)
+    row.update(first_row)
+    first_row = {}
     writer.write(at, row)
     if bar is not None:
       bar.set_postfix(loss=f"{row['loss']:.4f}", **({"eval": f"{extra['eval_loss']:.4f}"} if extra else {}))

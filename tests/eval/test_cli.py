@@ -99,6 +99,7 @@ def test_generate_streams_tokens_and_cg_steps(trained):
   assert result.returncode == 0, result.stderr[-3000:]
   text, summary, steps = result.stdout.rstrip("\n").rsplit("\n", 2)
   assert text.startswith("The ") and "CG steps per decoded token" in summary
+  assert "Mesa path: impl=xla" in result.stderr  # the resolved path, once, beside the text
   assert len(steps.split()) == 7 and all(0 < float(s) <= 30 for s in steps.split())
 
 

@@ -30,3 +30,21 @@ def test_rope_scores_depend_on_offset_only():
   q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 8))
   score = lambda i, j: float(jnp.sum(rope(q, jnp.array([i]), 1e4) * rope(k, jnp.array([j]), 1e4)))
   assert abs(score(5, 2) - score(13, 10)) < 1e-5 and abs(score(5, 2) - score(5, 3)) > 1e-3
+
+
+@pytest.mark.parametrize("dtype, tolerance", [
+    (jnp.float32, 1e-6),  # the same f32 math in another order
+    (jnp.bfloat16, 2e-2),  # both round the softmax weights to bf16 (2^-8 relative) before the value product
+])
+@pytest.mark.parametrize("window", [None, 5])
+def test_sequence_path_equals_the_masked_softmax(dtype, tolerance, window):
+  """Training/prefill (`jax.nn.dot_product_attention`, here its XLA implementation) against the explicit masked
+  softmax the decoding path uses, on the same projections."""
+  layer = Attention(32, AttentionConfig(num_heads=2, head_dim=16), window=window, rngs=nnx.Rngs(0), dtype=dtype)
+  x = jax.random.normal(jax.random.key(2), (2, 19, 32)).astype(dtype)
+  positions = jnp.arange(19)
+  y, _ = layer(x)
+  q, k, v = layer._project(x, positions)
+  y_ref = layer._attend(q, k, v, layer._in_window(positions[:, None], positions[None, :]))
+  scale = float(jnp.max(jnp.abs(y_ref.astype(jnp.float32))))
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), atol=tolerance * scale)

@@ -64,7 +64,8 @@ def assert_same_math(architecture: str, **overrides):
 
 
 @pytest.mark.slow  # compiles a whole model's gradients twice
-@pytest.mark.parametrize("overrides", [dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)])
+@pytest.mark.parametrize("overrides", [dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True),
+                                       dict(remat="mixer"), dict(remat="mlp"), dict(scan_layers=True, remat="mlp")])
 def test_mesanet_scan_and_remat_match_the_loop(overrides):
   assert_same_math("mesanet", **overrides)
 
@@ -87,6 +88,13 @@ def test_scanned_prefill_then_decode_matches_full_forward(architecture, mesa):
                          + [("medium", "mesanet")])
 def test_count_params_is_layout_independent(size, architecture):
   assert count_params(preset(size, architecture, scan_layers=True)) == count_params(preset(size, architecture))
+
+
+def test_remat_modes_and_the_old_boolean():
+  assert [preset("tiny", remat=r).remat for r in (True, False, "True", "mixer", "mlp")] == [
+      "full", "none", "full", "mixer", "mlp"]
+  with pytest.raises(ValueError, match="remat must be one of"):
+    preset("tiny", remat="attention")
 
 
 def test_hybrid_refuses_scan_layers():

@@ -179,7 +179,7 @@ def test_model_overrides_reach_the_mesa_config():
   config.model.update(impl="pallas", chunk_size=32, matmul_precision="default", cg_steps=7)
   mesa = train_config.lm_config(config.model).mesa
   assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_steps_train) == ("pallas", 32, "default", 7)
-  assert (base.impl, base.matmul_precision) == ("xla", "highest")  # unset: the preset's
+  assert (base.impl, base.matmul_precision) == ("xla", "highest")  # unset: auto, on CPU the XLA path
 
 
 def test_vocab_comes_from_the_data_unless_set_and_never_smaller():

@@ -70,6 +70,10 @@ def test_default_outputs_and_metrics_schema(reference):
   for key in ("loss", "ppl", "accuracy", "grad_norm", "lr", "skipped", "tokens_per_s", "mfu"):
     assert key in rows[-1], key
   assert rows[-1]["mfu"] == "n/a"  # CPU: no peak in the table
+  # The Mesa path impl="auto" resolved to (CPU: XLA, the tiny preset's chunk 16): first line and config.json.
+  assert (rows[0]["mesa_impl"], rows[0]["mesa_chunk_size"], rows[0]["backend"]) == ("xla", 16, "cpu")
+  assert "mesa_impl" not in rows[1]
+  assert json.loads((tmp_path / "config.json").read_text())["mesa_path"]["mesa_impl"] == "xla"
   assert rows[0]["lr"] == 1e-6 or abs(rows[0]["lr"] - 1e-6) < 1e-9  # warmup starts at init_lr
   assert "eval_loss" in rows[2] and "eval_loss" in rows[5]
   assert rows[-1]["loss"] < rows[0]["loss"]

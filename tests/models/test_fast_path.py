@@ -1,0 +1,71 @@
+"""impl="auto": the resolution table per backend (the backend monkeypatched), explicit values winning, CPU → XLA."""
+import dataclasses
+import json
+
+import jax
+import ml_collections
+import pytest
+
+from mesanet_jax.layers.mesa import MesaConfig
+from mesanet_jax.models import fast_path
+from mesanet_jax.models.config import preset
+from mesanet_jax.train import config as train_config
+
+SMALL = preset("small").mesa  # chunk 64, "highest", 30 fixed steps, head_dim 128
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("gpu", ("pallas", 32, "default", 1e-4)),
+    ("tpu", ("pallas", 64, "highest", None)),
+    ("cpu", ("xla", 64, "highest", None)),
+    ("metal", ("xla", 64, "highest", None)),  # anything unknown: the XLA path
+])
+def test_resolution_table(monkeypatch, backend, expected):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  mesa = fast_path.resolve_mesa(SMALL)
+  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_tol) == expected
+  assert mesa.cg_steps_train == SMALL.cg_steps_train  # the cap stays the preset's
+
+
+def test_sizes_the_kernels_cannot_take_fall_back_to_xla():
+  mesa = fast_path.resolve_mesa(dataclasses.replace(SMALL, head_dim=24), "gpu")  # not a power of two
+  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_tol) == ("xla", 64, "highest", None)
+
+
+def test_a_named_impl_is_left_alone():
+  mesa = dataclasses.replace(SMALL, impl="xla", chunk_size=16)
+  assert fast_path.resolve_mesa(mesa, "gpu") == mesa
+  assert MesaConfig().impl == "auto"
+
+
+def _model(**overrides) -> ml_collections.ConfigDict:
+  model = train_config.base_config().model
+  model.update({"size": "small", **overrides})
+  return model
+
+
+def test_trainer_resolves_auto_and_explicit_overrides_win(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  mesa = train_config.lm_config(_model()).mesa
+  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_tol) == ("pallas", 32, "default", 1e-4)
+  mesa = train_config.lm_config(_model(chunk_size=64, matmul_precision="highest", cg_tol=0.0)).mesa
+  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_tol) == ("pallas", 64, "highest", None)
+  mesa = train_config.lm_config(_model(impl="xla")).mesa  # a named impl keeps the preset's other settings
+  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_tol) == ("xla", 64, "highest", None)
+
+
+def test_on_cpu_auto_is_xla_with_the_presets_settings():
+  lm = train_config.lm_config(_model(size="tiny"))
+  assert (lm.mesa.impl, lm.mesa.chunk_size, lm.mesa.matmul_precision, lm.mesa.cg_tol) == ("xla", 16, "highest", None)
+  line = fast_path.summary_line(lm)
+  assert line.startswith("Mesa path: impl=xla chunk_size=16 matmul_precision=highest fixed steps") and "cpu" in line
+  assert fast_path.describe(lm)["mesa_impl"] == "xla"
+
+
+def test_the_run_config_records_the_path_and_reads_back_without_it(tmp_path):
+  config = train_config.base_config()
+  lm = train_config.lm_config(config.model, 259)
+  train_config.save_run_config(config, str(tmp_path), lm)
+  saved = json.loads((tmp_path / train_config.RUN_CONFIG).read_text())
+  assert saved[train_config.MESA_PATH] == fast_path.describe(lm)
+  assert train_config.MESA_PATH not in train_config.load_run_config(str(tmp_path))

@@ -135,7 +135,7 @@ def test_bf16_activations_keep_f32_master_params_and_track_the_f32_loss(mqar_run
 def test_steps_report_each_mesa_layers_cg_steps_as_the_probes_give_them(scan_layers):
   config = get_config("mqar")
   config.model.update(vocab_size=32, num_layers=2, cg_steps=10, cg_tol=1e-2, scan_layers=scan_layers,
-                      remat=scan_layers)
+                      remat="full" if scan_layers else "none")
   config.train.grad_accum = 2
   batch = jax.tree.map(jnp.asarray, _batches(config, 1)[0])
   graphdef, tx, state, probes, _ = _setup(config)

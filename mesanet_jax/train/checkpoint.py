@@ -29,7 +29,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=use_async,
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="min",
-        keep_checkpoints_without_metrics=not best_metric)
+        keep_checkpoints_without_metrics=not best_metric,
+        cleanup_tmp_directories=True)  # the unfinished save of a killed run
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:

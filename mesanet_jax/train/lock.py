@@ -31,7 +31,8 @@ def _describe(path: str) -> str:
 
 
 class WorkdirLock:
-  """Takes `<workdir>/trainer.lock` or raises WorkdirBusy; `release()` gives it back and removes the file."""
+  """Takes `<workdir>/trainer.lock` or raises WorkdirBusy; `release()` (or leaving a `with` block) gives it back
+  and removes the file."""
 
   def __init__(self, workdir: str, say=print):
     self.path = os.path.join(workdir, LOCK_FILE)
@@ -56,6 +57,12 @@ class WorkdirLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(owner).encode() + b"\n", 0)
     self.fd = fd
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *_):
+    self.release()
 
   def release(self) -> None:
     if self.fd is None:

@@ -86,7 +86,8 @@ def train_and_evaluate(config, workdir: str, sigterm: SigtermFlag | None = None)
   workdir = os.path.abspath(workdir)  # orbax needs absolute paths
   if jax.process_count() > 1:
     sigterm = None  # several processes: orbax's preemption sync point, so that all stop at the same step
-  elif sigterm is None:
+  own_flag = sigterm is None and jax.process_count() == 1
+  if own_flag:
     sigterm = SigtermFlag()
   lock = None
   try:
@@ -100,7 +101,7 @@ def train_and_evaluate(config, workdir: str, sigterm: SigtermFlag | None = None)
   finally:
     if lock is not None:
       lock.release()
-    if sigterm is not None:
+    if own_flag:
       sigterm.restore()
 
 

@@ -110,6 +110,7 @@ def _inject(kind: str, workdir: Path, args, rng, wall: float) -> tuple[str, list
       problems.append(f"{sig.name} at {delay:.1f} s: exit {code}: {output.strip().splitlines()[-1:]}")
     what = f"{sig.name} at {delay:.1f} s (exit {code})"
     if kind == "torn_metrics":
+      workdir.mkdir(parents=True, exist_ok=True)  # killed before the trainer made it
       with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 99, "loss": 1.2')  # a row cut off by the kill
       what += ", then a torn metrics line"

@@ -115,8 +115,9 @@ def restore_params(workdir: str, step: int | None, abstract_params, shardings) -
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.is_dir():
     raise ValueError(f"no checkpoints in {directory}")
+  # Only restores: nothing is written (orbax's read_only option would say so in warnings on stderr).
   manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+                                  options=ocp.CheckpointManagerOptions(create=False))
   try:
     available = sorted(manager.all_steps())
     if not available or (step is not None and step not in available):
@@ -125,8 +126,7 @@ def restore_params(workdir: str, step: int | None, abstract_params, shardings) -
     step = available[-1] if step is None else step
     others = f"; pass --step with another one of {[s for s in available if s != step]}" if len(available) > 1 else ""
     try:
-      with ocp.PyTreeCheckpointer() as reader:
-        saved = reader.metadata(directory / str(step) / "state").item_metadata.tree["params"]
+      saved = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / "state").tree["params"]
     except Exception as e:  # a lost or truncated metadata file
       raise ValueError(f"the checkpoint at {directory}/{step} is corrupt or incomplete ({_first_line(e)}){others}") \
           from None

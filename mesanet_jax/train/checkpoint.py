@@ -84,7 +84,7 @@ def _target(abstract_params, shardings):
 
 
 def _first_line(e: Exception) -> str:
-  message = str(e).strip()
+  message = str(e).strip().split(" See full TensorStore details")[0]  # the rest is a repr of the whole spec
   return message.splitlines()[0][:300] if message else type(e).__name__
 
 

@@ -108,7 +108,13 @@ def _inject(kind: str, workdir: Path, args, rng, wall: float) -> tuple[str, list
     expected = (0,) if sig == signal.SIGTERM else (0, -signal.SIGKILL)  # 0: finished before the signal came
     if code not in expected:
       problems.append(f"{sig.name} at {delay:.1f} s: exit {code}: {output.strip().splitlines()[-1:]}")
-    what = f"{sig.name} at {delay:.1f} s (exit {code})"
+    if "SIGTERM during setup" in output:
+      landed = "during setup"
+    elif "SIGTERM: saved step" in output:
+      landed = "during the steps"
+    else:
+      landed = "killed" if code == -signal.SIGKILL else "after the run had ended"
+    what = f"{sig.name} at {delay:.1f} s (exit {code}, {landed})"
     if kind == "torn_metrics":
       workdir.mkdir(parents=True, exist_ok=True)  # killed before the trainer made it
       with open(workdir / "metrics.jsonl", "a") as f:

@@ -9,6 +9,7 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed_auto where JAX detects the 
 launch/tpu_pod.sh); each process reads only its shard of the data.
 """
 import os
+import signal
 import sys
 
 from mesanet_jax.train.sigterm import SigtermFlag
@@ -93,6 +94,9 @@ def main(argv):
   logging.info("config:\n%s", config)
   with cli.one_line_errors("mesanet-train", ConfigError):
     train_and_evaluate(config, _WORKDIR.value, sigterm=None if multi_process else SIGTERM)
+  # Everything is saved: a SIGTERM while the interpreter shuts down (which puts back the default handler of a Python
+  # one, not of SIG_IGN) changes nothing, and must not turn exit 0 into death by signal.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _parse_flags(argv):

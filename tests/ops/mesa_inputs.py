@@ -25,7 +25,11 @@ def random_inputs(batch=2, length=37, heads=3, key_dim=8, value_dim=5, *, seed=0
   if with_state:
     past_k = unit(jax.random.normal(keys[6], (batch, heads, 6, key_dim), dtype))
     past_v = jax.random.normal(keys[7], (batch, heads, 6, value_dim), dtype)
-    state = MesaState(jnp.einsum("bhrk,bhrl->bhkl", past_k, past_k), jnp.einsum("bhrk,bhrv->bhkv", past_k, past_v))
+    h_kk = jnp.einsum("bhrk,bhrl->bhkl", past_k, past_k)
+    # Symmetric to the last bit, as every Mesa state is: the einsum's rounding can differ between (k, l) and (l, k)
+    # (by CPU kernel), and CG's implicit gradient assumes A = Aᵀ while the dense solve's differentiates A as given.
+    h_kk = (h_kk + jnp.matrix_transpose(h_kk)) / 2
+    state = MesaState(h_kk, jnp.einsum("bhrk,bhrv->bhkv", past_k, past_v))
   return q, k, v, g, beta, lam, state
 
 

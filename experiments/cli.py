@@ -14,8 +14,9 @@ def start(argv) -> None:
 
 
 @contextlib.contextmanager
-def one_line_errors(program: str, errors: type[Exception] | tuple[type[Exception], ...] = ValueError):
-  """Turns `errors` raised inside into `<program>: error: <message>` on stderr and exit code 2."""
+def one_line_errors(program: str, errors: type[Exception] | tuple[type[Exception], ...] = (ValueError, OSError)):
+  """Turns `errors` raised inside into `<program>: error: <message>` on stderr and exit code 2 (an OSError, such
+  as an unwritable --out, names its path)."""
   try:
     yield
   except errors as e:

@@ -152,8 +152,8 @@ def main(argv):
     out = _OUT.value or os.path.join(_WORKDIR.value, "eval", f"step_{run.step}")
     os.makedirs(out, exist_ok=True)
     report = {"mesa_path": fast_path.describe(run.lm), **evaluate_run(run, mesh, out)}
-  with open(os.path.join(out, "eval.json"), "w") as f:
-    json.dump(report, f, indent=1)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+      json.dump(report, f, indent=1)
   print(f"\nwrote {os.path.join(out, 'eval.json')} and the plots beside it")
 
 

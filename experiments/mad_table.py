@@ -24,7 +24,7 @@ _GRID_POINTS = flags.DEFINE_integer("grid_points", 8, "lr × wd points a variant
 def main(argv):
   cli.start(argv)
   from mesanet_jax.mad import table, variants
-  with cli.one_line_errors("mesanet-mad-table", (ValueError, OSError)):
+  with cli.one_line_errors("mesanet-mad-table"):
     records = table.read(_RESULTS.value)
     if not records:
       raise ValueError(f"--results {_RESULTS.value}: no finished jobs")

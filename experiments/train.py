@@ -9,15 +9,46 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed_auto where JAX detects the 
 launch/tpu_pod.sh); each process reads only its shard of the data.
 """
 import os
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from mesanet_jax.train.sigterm import SigtermFlag
 
-from . import cli
+SIGTERM = SigtermFlag()  # first, before the slow imports: a SIGTERM during setup ends the run cleanly (exit 0)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from . import cli  # noqa: E402
+
+
+def _flag_error(e: Exception) -> str:
+  """One line for what ml_collections raises on a bad --config or --config.* flag."""
+  if isinstance(e, (AttributeError, KeyError)):  # an override of a key the config does not have
+    while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError("'key'\nDid you mean ...?"))
+      e = e.args[0]
+    name, *hint = str(e.args[0] if e.args else e).split("\n")
+    name = name.strip("\"'\\")
+    given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.") and
+             f".{name}." in a.split("=")[0] + "."]
+    key = given[0][len("--config."):] if given else name
+    return (f"unknown config key {key!r}{' (' + hint[0].strip() + ')' if hint else ''}; the schema is "
+            f"mesanet_jax/train/config.py")
+  if isinstance(e, OSError):  # the --config file could not be loaded
+    return f"cannot load --config: {[line for line in str(e).splitlines() if line.strip()][-1].strip()}"
+  return f"bad --config override: {e}"  # ml_collections: a value of the wrong type
+
+
+def _fail(message: str):
+  print(f"mesanet-train: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file (path[:arg])")
+try:  # the default config is loaded (and --config.* overrides are typed) here, at definition
+  _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file (path[:arg])")
+except (AttributeError, KeyError, OSError, TypeError, ValueError) as error:
+  _fail(_flag_error(error))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "checkpoints, metrics.jsonl, TensorBoard events, loss.png")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
                                    "host:port of process 0 for jax.distributed (multi-process runs)")
@@ -45,6 +76,14 @@ def main(argv):
   if _COMPILATION_CACHE.value:
     jax.config.update("jax_compilation_cache_dir",
                       _COMPILATION_CACHE.value.replace("<workdir>", os.path.abspath(_WORKDIR.value)))
+  try:
+    config = _CONFIG.value
+    config.train  # a config file that failed to load raises on first use
+  except OSError as e:
+    _fail(_flag_error(e))
+  multi_process = _DISTRIBUTED_AUTO.value or _NUM_PROCESSES.value > 1
+  if multi_process:
+    SIGTERM.restore()  # several processes: jax.distributed's preemption notifier takes SIGTERM
   if _DISTRIBUTED_AUTO.value:
     jax.distributed.initialize()
   elif _NUM_PROCESSES.value > 1:
@@ -52,9 +91,12 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value or None, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from mesanet_jax.train.config import ConfigError
   from mesanet_jax.train.trainer import train_and_evaluate
-  logging.info("config:\n%s", _CONFIG.value)
+  logging.info("config:\n%s", config)
   with cli.one_line_errors("mesanet-train", ConfigError):
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(config, _WORKDIR.value, sigterm=None if multi_process else SIGTERM)
+  # Everything is saved: a SIGTERM while the interpreter shuts down (which puts back the default handler of a Python
+  # one, not of SIG_IGN) changes nothing, and must not turn exit 0 into death by signal.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _parse_flags(argv):
@@ -62,14 +104,9 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    message = str(e)
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
-    key = str(e).strip("\"'")
-    message = f"unknown config key {key!r} (not in the --config file; the schema is mesanet_jax/train/config.py)"
-  except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
-    message = f"bad --config override: {e}"
-  print(f"mesanet-train: error: {message}", file=sys.stderr)
-  sys.exit(2)
+    _fail(str(e))
+  except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    _fail(_flag_error(e))
 
 
 def run():

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from mesanet_jax.ops.cg_steps import step_stats
-from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype, zero_state
+from mesanet_jax.ops.inputs import (MesaState, check_cg_options, check_inputs, check_values, compute_dtype,
+                                    zero_state)
 from mesanet_jax.ops.operator import IMPLEMENTATIONS, operator_class
 
 IMPLS = tuple(IMPLEMENTATIONS)
@@ -107,6 +108,7 @@ def mesa_chunked(
     Gradients flow to q, k, v, g, beta, lam and the initial state; memory is O(B·H·(T·D + T/C·D²)).
   """
   batch, length, heads, key_dim, value_dim = check_inputs(q, k, v, g, beta, lam, state, per_token=True)
+  check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, **({} if state is None else state._asdict()))
   check_cg_options(cg_steps, cg_init, cg_tol, tol_name="cg_tol")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")

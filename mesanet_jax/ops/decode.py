@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mesanet_jax.ops.cg import conjugate_gradient, rowdot, safe_divide
-from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype, initial_guess
+from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, check_values, compute_dtype, initial_guess
 from mesanet_jax.ops.operator import register
 
 
@@ -71,6 +71,7 @@ def mesa_decode_step(
     x: [B, H, Dk] the solution (compute dtype), the next token's `previous`.
   """
   check_inputs(q, k, v, g, beta, lam, state, per_token=False)
+  check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, **state._asdict())
   check_cg_options(cg_steps, cg_init, tol)
   if previous is not None and (not hasattr(previous, "shape") or tuple(previous.shape) != tuple(q.shape)):
     raise ValueError(f"previous must have shape [B, H, Dk] = {tuple(q.shape)}, got "

@@ -1,9 +1,18 @@
-"""The Mesa state pytree, argument checks shared by every Mesa op, and the compute-dtype rule."""
+"""The Mesa state pytree, argument checks shared by every Mesa op, and the compute-dtype rule.
+
+Value checks (`check_values`: λ > 0, g ≤ 0, β ≥ 0, everything finite) run on concrete inputs always. Traced inputs
+(under jit, grad, scan) are checked only in debug mode: `checked(fn)(*args)` traces `fn` with the checks on as
+`jax.experimental.checkify` checks and raises (a JaxRuntimeError naming the argument) when a value is out of range.
+"""
+import contextlib
+import functools
 import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 CG_INITS = ("jacobi", "zero")
 _DIAGONAL_FLOOR = 1e-6
@@ -65,6 +74,53 @@ def check_inputs(q, k, v, g, beta, lam, state, *, per_token: bool) -> tuple[int,
   if per_token and lead[1] < 1:
     raise ValueError(f"q must hold at least one token (T >= 1), got shape {tuple(q.shape)}")
   return (*lead, key_dim, value_dim)
+
+
+_debug_checks = False  # set while `checked` traces: traced values are checked too
+
+
+@contextlib.contextmanager
+def _debug_value_checks():
+  global _debug_checks
+  previous, _debug_checks = _debug_checks, True
+  try:
+    yield
+  finally:
+    _debug_checks = previous
+
+
+def checked(fn):
+  """`fn` with the value checks of every Mesa op it calls applied to traced inputs too (checkify): raises on NaN/Inf
+  and on out-of-range λ, g, β. A debug mode: the checks cost a reduction over every input. A jitted function keeps
+  the checks it was first traced with: give `checked` a function not traced before, e.g. `checked(jax.jit(f))`."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with _debug_value_checks():
+      error, out = checkify.checkify(fn, errors=checkify.user_checks)(*args, **kwargs)
+    error.throw()
+    return out
+  return call
+
+
+def check_values(**arrays) -> None:
+  """Raises ValueError naming the first argument with a NaN/Inf, lam ≤ 0, g > 0 or beta < 0 (concrete arrays; traced
+  ones only under `checked`). `arrays`: name → array or None (skipped)."""
+  ranges = {"lam": ("> 0", lambda x: x > 0), "g": ("<= 0 (a log forget gate)", lambda x: x <= 0),
+            "beta": (">= 0", lambda x: x >= 0)}
+  for name, x in arrays.items():
+    if x is None:
+      continue
+    what, holds = ranges.get(name, ("finite", lambda x: True))
+    if isinstance(x, jax.core.Tracer):
+      if _debug_checks:
+        checkify.check(jnp.all(jnp.isfinite(x)), f"{name} has NaN or Inf values")
+        checkify.check(jnp.all(holds(x)), f"{name} must be {what}; min {{}}, max {{}}", jnp.min(x), jnp.max(x))
+      continue
+    x = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+      raise ValueError(f"{name} has {int(np.sum(~np.isfinite(x)))} NaN or Inf values")
+    if not np.all(holds(x)):
+      raise ValueError(f"{name} must be {what}, got values in [{x.min():g}, {x.max():g}]")
 
 
 def check_cg_options(cg_steps: int, cg_init: str, tol: float | None = None, *, tol_name: str = "tol") -> None:

@@ -117,16 +117,48 @@ def lm_config(model, data_vocab: int | None = None) -> LMConfig:
   return fla_compatible(lm) if model.fla_compatible else lm
 
 
-def save_run_config(config, workdir: str, lm: LMConfig) -> None:
-  """Writes `<workdir>/config.json`: `config` with model.vocab_size set to the run's (`lm`, built by `lm_config`),
-  so evaluation, export and generation rebuild the same model without the data, and under "mesa_path" the Mesa path
+# What a resumed run may change (logged; config.json is updated): how long and how often, the mesh and the kernels,
+# never what is trained. Any other difference to a workdir's config.json is refused.
+RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.progress_bar",
+             "checkpoint.every_steps", "checkpoint.keep", "checkpoint.use_async", "data.num_threads",
+             "data.num_workers", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.impl", "model.remat",
+             "train.loss_chunk_size")
+
+
+def run_config_dict(config, lm: LMConfig) -> dict:
+  """What config.json holds: `config` with model.vocab_size set to the run's (`lm`, built by `lm_config`), so
+  evaluation, export and generation rebuild the same model without the data, and under "mesa_path" the Mesa path
   the run resolved (a record only: other tools resolve "auto" again for their own backend)."""
   saved = json.loads(config.to_json())
   saved["model"]["vocab_size"] = lm.vocab_size
   saved[MESA_PATH] = fast_path.describe(lm)
+  return saved
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+  return out
+
+
+def config_changes(workdir: str, saved: dict) -> dict[str, tuple]:
+  """{key: (value in <workdir>/config.json, value in `saved`)} for every key that differs; {} without a config.json.
+  The "mesa_path" record is not compared: it says where a run ran, and a resume may run elsewhere."""
+  if not os.path.exists(os.path.join(workdir, RUN_CONFIG)):
+    return {}
+  old = _flat(json.loads(load_run_config(workdir).to_json()))
+  new = _flat({key: value for key, value in saved.items() if key != MESA_PATH})
+  return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
+
+
+def save_run_config(saved: dict, workdir: str) -> None:
+  """Writes `saved` (`run_config_dict`) to `<workdir>/config.json`, atomically (readers never see half a file)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, RUN_CONFIG), "w") as f:
+  path = os.path.join(workdir, RUN_CONFIG)
+  with open(path + ".tmp", "w") as f:
     f.write(json.dumps(saved, indent=2) + "\n")
+  os.replace(path + ".tmp", path)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

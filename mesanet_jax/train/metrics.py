@@ -87,7 +87,7 @@ class MetricWriter:
       return
     row = {"step": int(step), **{k: (float(v) if isinstance(v, (int, float, np.number, np.ndarray)) else v)
                                  for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with open(self.path, "a") as f:  # one write per row: a kill tears at most the last line (readers skip it)
       f.write(json.dumps(row) + "\n")
     if self.tb is not None:
       for key, value in row.items():
@@ -100,12 +100,46 @@ class MetricWriter:
       self.tb.close()
 
 
+def _rows(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; lines that do not parse as a JSON object with a "step" (a line torn by a kill)
+  are skipped."""
+  rows = []
+  with open(path, errors="replace") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and isinstance(row.get("step"), int):
+        rows.append(row)
+  return rows
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
+  return _rows(path) if os.path.exists(path) else []
+
+
+def reconcile_metrics(workdir: str, step: int) -> int:
+  """Makes `<workdir>/metrics.jsonl` the log of a run restored at `step`: keeps the rows of steps ≤ `step` in
+  increasing step order (a row is dropped when its step is not above the one before) and drops torn lines and the
+  rows of steps the restored run will train again; rewrites the file atomically. Returns the lines dropped."""
+  path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return 0
+  with open(path, errors="replace") as f:
+    lines = f.read().splitlines()
+  kept, last = [], 0
+  for row in _rows(path):
+    if last < row["step"] <= step:
+      kept.append(row)
+      last = row["step"]
+  if len(kept) == len(lines):
+    return 0
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in kept)
+  os.replace(path + ".tmp", path)
+  return len(lines) - len(kept)
 
 
 def plot_losses(workdir: str, filename: str = "loss.png") -> str | None:

@@ -1,5 +1,8 @@
-"""The train loop, top to bottom: config → mesh → data → sharded state (fresh or the latest checkpoint) → jitted
-steps → loop (log, eval, checkpoint, SIGTERM) → final save, PNG."""
+"""The train loop, top to bottom: config → mesh → workdir lock → data → sharded state (fresh or the latest good
+checkpoint) → jitted steps → loop (log, eval, checkpoint, SIGTERM) → final save, PNG.
+
+Nothing in the workdir is written before a resume is validated (config.json against the checkpoint's run, the
+checkpoint restored), except the lock file, which is removed again on exit."""
 import math
 import os
 import time
@@ -14,8 +17,11 @@ from mesanet_jax.layers.mesa import cg_steps_layer_indices
 from mesanet_jax.models import fast_path
 from mesanet_jax.ops.cg_steps import combine_calls
 from mesanet_jax.train import checkpoint, metrics as metrics_lib, steps
-from mesanet_jax.train.config import config_errors, lm_config, save_run_config, validate
+from mesanet_jax.train.config import (RESUMABLE, RUN_CONFIG, config_changes, config_errors, lm_config, run_config_dict,
+                                      save_run_config, validate)
+from mesanet_jax.train.lock import WorkdirBusy, WorkdirLock
 from mesanet_jax.train.loss import task_type
+from mesanet_jax.train.sigterm import SigtermFlag
 from mesanet_jax.train.state import init_state, setup
 
 
@@ -34,6 +40,40 @@ def _data_vocab(config, tokenizer) -> int | None:
   return tokenizer.vocab_size if tokenizer is not None else config.data.vocab_size
 
 
+def _writable_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create --workdir {workdir}: {e.strerror or e}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir {workdir} is not writable")
+
+
+def _lock(workdir: str, lead: bool, say) -> WorkdirLock | None:
+  """Process 0 takes the workdir's lock; with several processes the others learn whether it could."""
+  lock, busy = None, ""
+  if lead:
+    try:
+      lock = WorkdirLock(workdir, say)
+    except WorkdirBusy as e:
+      busy = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(lock is not None or not lead))):
+      raise ValueError(busy or f"process 0 could not lock {workdir} (another trainer holds it; see its log)")
+  elif busy:
+    raise ValueError(busy)
+  return lock
+
+
+def _check_resumable(changes: dict, workdir: str) -> None:
+  fixed = {key: change for key, change in changes.items() if key not in RESUMABLE}
+  if fixed:
+    differences = ", ".join(f"{key}={old!r} (this config: {new!r})" for key, (old, new) in fixed.items())
+    raise ValueError(f"--workdir {workdir} holds a run trained with {differences}; a resume may change only "
+                     f"{', '.join(RESUMABLE)}: use another --workdir")
+
+
 def _summarise_eval(sums: dict, kind: str, cg_steps: list, layers: list[int]) -> dict:
   """Eval metrics from the summed losses and each batch's forward CG steps per Mesa layer ([L, 2] each, or None)."""
   count = max(float(sums["count"]), 1.0)
@@ -46,14 +86,33 @@ def _summarise_eval(sums: dict, kind: str, cg_steps: list, layers: list[int]) ->
   return out
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the last logged metrics."""
+def train_and_evaluate(config, workdir: str, sigterm: SigtermFlag | None = None) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest good checkpoint) and returns the last logged metrics.
+  `sigterm`: a flag installed earlier (mesanet-train installs one before importing JAX); one process only."""
   workdir = os.path.abspath(workdir)  # orbax needs absolute paths
-  with config_errors():  # everything up to the loop: config, mesh, data, checkpoint problems → one line
-    validate(config)
-    lead = jax.process_index() == 0
-    say = print if lead else (lambda *_: None)
+  if jax.process_count() > 1:
+    sigterm = None  # several processes: orbax's preemption sync point, so that all stop at the same step
+  own_flag = sigterm is None and jax.process_count() == 1
+  if own_flag:
+    sigterm = SigtermFlag()
+  lock = None
+  try:
+    with config_errors():  # everything up to the loop: config, mesh, data, checkpoint problems → one line
+      validate(config)
+      lead = jax.process_index() == 0
+      say = print if lead else (lambda *_: None)
+      _writable_workdir(workdir)
+      lock = _lock(workdir, lead, say)
+    return _train(config, workdir, sigterm, lead, say)
+  finally:
+    if lock is not None:
+      lock.release()
+    if own_flag:
+      sigterm.restore()
 
+
+def _train(config, workdir: str, sigterm: SigtermFlag | None, lead: bool, say) -> dict:
+  with config_errors():
     # ---- mesh -------------------------------------------------------------------------------------------------
     mesh = _mesh(config)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -66,8 +125,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_source, eval_source, tokenizer = pipeline.make_sources(config.data)
     lm = lm_config(config.model, _data_vocab(config, tokenizer))  # the run's model, built once
     say(fast_path.summary_line(lm))
-    if lead:
-      save_run_config(config, workdir, lm)  # what mesanet-eval / -export / -generate rebuild the model from
     train_iter = iter(pipeline.train_dataset(train_source, config.data, config.train.batch_size))
     eval_data = pipeline.eval_batches(eval_source, config.train.batch_size, config.train.eval_batches)
     batch_sh = sharding.batch_shardings(eval_data[0], mesh)
@@ -77,16 +134,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.use_async,
                                    config.checkpoint.best_metric)
+    saved_config = run_config_dict(config, lm)  # what mesanet-eval / -export / -generate rebuild the model from
+    changes = config_changes(workdir, saved_config)
     latest = ckpt.latest_step()
     if latest is None:
       start = time.perf_counter()
       state = jax.block_until_ready(init_state(config, lm, tx, state_sh))
       say(f"initialised the train state in {time.perf_counter() - start:.1f} s")
     else:
-      state = ckpt.restore(latest, abstract, state_sh, train_iter)
+      _check_resumable(changes, workdir)
+      state, latest = ckpt.restore_latest(abstract, state_sh, train_iter, say)
       say(f"resumed from {ckpt.directory} at step {latest}")
     say(f"model: {config.model.size} {config.model.architecture}, {num_params:,} parameters; "
         f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
+    if sigterm is not None and sigterm.raised:
+      say(f"SIGTERM during setup: exiting before the first step; {workdir} is unchanged")
+      ckpt.close()
+      return {}
+
+    # ---- the resume is valid: now the workdir may change ------------------------------------------------------
+    if lead:
+      if latest is not None:
+        for key, (old, new) in changes.items():
+          say(f"{RUN_CONFIG}: {key} {old!r} -> {new!r} on resume")
+      if changes or not os.path.exists(os.path.join(workdir, RUN_CONFIG)):
+        save_run_config(saved_config, workdir)
+      dropped = metrics_lib.reconcile_metrics(workdir, latest or 0)
+      if dropped:
+        say(f"metrics.jsonl: dropped {dropped} line(s) logged after step {latest or 0} or torn (those steps are "
+            f"trained again)")
 
   # ---- jitted steps -----------------------------------------------------------------------------------------
   def under_mesh(step_fn):
@@ -119,8 +195,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- loop -------------------------------------------------------------------------------------------------
   writer = metrics_lib.MetricWriter(workdir, enabled=lead)
-  # One process: our SIGTERM flag. Several: orbax's preemption sync point, so that all stop at the same step.
-  sigterm = checkpoint.SigtermFlag() if jax.process_count() == 1 else None
   bar = None
   if lead and config.train.progress_bar:
     from tqdm import tqdm
@@ -172,6 +246,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       stop = sigterm.raised if sigterm is not None else ckpt.reached_preemption(step)
       last_step = step == config.train.num_steps or stop
       if last_step or step % config.checkpoint.every_steps == 0:  # the one place that decides when to save
+        if pending is not None:  # the rows of the saved steps are on disk before the checkpoint
+          last = flush(pending)
+          pending = None
         ckpt.save(step, state, train_iter, metrics=extra)
       if last_step:
         break
@@ -181,8 +258,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.wait()
   finally:
     ckpt.close()
-    if sigterm is not None:
-      sigterm.restore()
     if bar is not None:
       bar.close()
     writer.close()

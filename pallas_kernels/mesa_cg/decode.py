@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mesanet_jax.ops.decode import solve_token
-from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, compute_dtype
+from mesanet_jax.ops.inputs import MesaState, check_cg_options, check_inputs, check_values, compute_dtype
 from mesanet_jax.ops.operator import register
 from pallas_kernels.mesa_cg.params import decode_compiler_params, use_interpret
 
@@ -71,6 +71,7 @@ def mesa_decode_fused(q, k, v, g, beta, lam, state: MesaState, *, cg_steps: int,
   Returns o [B, H, Dv] in q's dtype, the new MesaState, iters [B, H] int32 and the solution x [B, H, Dk].
   """
   batch, heads, key_dim, value_dim = check_inputs(q, k, v, g, beta, lam, state, per_token=False)
+  check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, **state._asdict())
   check_cg_options(cg_steps, cg_init, tol)
   if reason := unsupported_reason(key_dim, value_dim):
     raise ValueError(f"impl='pallas' cannot decode this layer: {reason}; use impl='xla'")

@@ -215,7 +215,7 @@ def test_config_errors_are_one_line(tmp_path, reference):
   # Through the command line: a bad flag (absl's parser) and a ConfigError raised while setting up (4 devices) each
   # end as one line on stderr with exit code 2.
   cases = [
-      (["--config.train.nonsense=1"], 1, "unknown config key 'nonsense'"),
+      (["--config.train.nonsense=1"], 1, "unknown config key 'train.nonsense'"),
       (["--config.mesh.fsdp=4", "--config.train.batch_size=6"], 4, "not divisible by the 4 data shards"),
   ]
   for flags, devices, expected in cases:

@@ -40,7 +40,7 @@ def test_local_runs_two_processes_with_logs(tmp_path):
 def test_local_fails_when_a_process_fails(tmp_path):
   result = _bash("launch/local.sh", "2", TINY, f"--workdir={tmp_path}", "--config.train.nonsense=1", timeout=120)
   assert result.returncode == 1, result.stdout + result.stderr
-  assert "exited with status" in result.stderr and "unknown config key 'nonsense'" in result.stderr
+  assert "exited with status" in result.stderr and "unknown config key 'train.nonsense'" in result.stderr
 
 
 def test_local_dry_run_and_usage(tmp_path):

@@ -65,7 +65,16 @@ def test_on_cpu_auto_is_xla_with_the_presets_settings():
 def test_the_run_config_records_the_path_and_reads_back_without_it(tmp_path):
   config = train_config.base_config()
   lm = train_config.lm_config(config.model, 259)
-  train_config.save_run_config(config, str(tmp_path), lm)
+  train_config.save_run_config(train_config.run_config_dict(config, lm), str(tmp_path))
   saved = json.loads((tmp_path / train_config.RUN_CONFIG).read_text())
   assert saved[train_config.MESA_PATH] == fast_path.describe(lm)
   assert train_config.MESA_PATH not in train_config.load_run_config(str(tmp_path))
+
+
+def test_a_resume_elsewhere_is_no_config_change(tmp_path):
+  """The "mesa_path" record says where a run ran; a resume on another backend resolves its own and is not refused."""
+  config = train_config.base_config()
+  lm = train_config.lm_config(config.model, 259)
+  train_config.save_run_config(train_config.run_config_dict(config, lm), str(tmp_path))
+  elsewhere = {**train_config.run_config_dict(config, lm), train_config.MESA_PATH: {"backend": "gpu"}}
+  assert train_config.config_changes(str(tmp_path), elsewhere) == {}

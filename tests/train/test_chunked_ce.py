@@ -66,6 +66,7 @@ def test_bf16_activations_match_the_unfused_path():
     np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=2e-2 * scale)
 
 
+@pytest.mark.slow  # a whole model's gradients, twice
 @pytest.mark.parametrize("tie", [True, False])
 def test_the_train_loss_and_its_gradients_are_unchanged(tie):
   config = preset("tiny", tie_embeddings=tie)

@@ -28,10 +28,11 @@ from mesanet_jax.data import pipeline, prepare, readers, shards, text  # noqa: E
 from mesanet_jax.train.config import base_config  # noqa: E402
 
 
-def make_corpus(directory: str, megabytes: float, files: int) -> int:
-  """JSON lines of shuffled-sentence copies of the Lee corpus, ~`megabytes` in all; returns the bytes written."""
+def make_corpus(directory: str, megabytes: float, files: int, source: str = text.DEFAULT_CORPUS) -> int:
+  """JSON lines of shuffled-sentence copies of `source`'s documents (the Lee corpus), ~`megabytes` in all; returns
+  the bytes written."""
   os.makedirs(directory, exist_ok=True)
-  docs = [d.split(". ") for d in text.read_documents(text.DEFAULT_CORPUS)]
+  docs = [d.split(". ") for d in text.read_documents(source)]
   rng, written, copy = np.random.default_rng(0), 0, 0
   handles = [open(os.path.join(directory, f"part-{i:04d}.jsonl"), "w") for i in range(files)]
   while written < megabytes * 1e6:
@@ -151,6 +152,8 @@ def main():
   parser.add_argument("--work", default="/tmp/data_bench", help="corpus and shards (removed with --clean)")
   parser.add_argument("--corpus_mb", type=float, default=200)
   parser.add_argument("--files", type=int, default=32, help="input files = shards")
+  parser.add_argument("--source", default=text.DEFAULT_CORPUS,
+                      help="documents the corpus is made of (a machine without gensim: a copy of lee_background.cor)")
   parser.add_argument("--tokenizer", default="bytes", help="GPT-2's: benchmarks/gpt2_tokenizer.py")
   parser.add_argument("--workers", type=int, default=os.cpu_count())
   parser.add_argument("--loader_workers", default="0", help="comma-separated data.num_workers to time")
@@ -172,7 +175,7 @@ def main():
 
   if not args.reuse:
     start = time.perf_counter()
-    results["corpus_bytes"] = make_corpus(corpus, args.corpus_mb, args.files)
+    results["corpus_bytes"] = make_corpus(corpus, args.corpus_mb, args.files, args.source)
     results["corpus_s"] = round(time.perf_counter() - start, 1)
     settings = prepare.settings_for(args.tokenizer, 0, "text", False)
     shutil.rmtree(out, ignore_errors=True)

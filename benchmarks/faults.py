@@ -93,7 +93,10 @@ def _check(workdir, args, reference: dict, reference_params) -> list[str]:
   if (Path(workdir) / "trainer.lock").exists():
     problems.append("trainer.lock left behind by a finished run")
   import numpy as np
-  step, params = _final_params(workdir)
+  try:
+    step, params = _final_params(workdir)
+  except ValueError as e:  # evaluation refused the run's final checkpoint
+    return problems + [f"evaluation refused the finished run: {e}"]
   if step != args.steps or any(not np.array_equal(a, b) for a, b in zip(params, reference_params)):
     problems.append(f"the params evaluation restores (step {step}) are not the uninterrupted run's")
   return problems

@@ -52,6 +52,7 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=data_state.Restore(data_iter))
       try:
+        _state_metadata(self.directory / str(step))  # what evaluation reads first: a step it refuses is not resumed
         restored = self.manager.restore(step, args=args)
       except Exception as e:  # orbax: ValueError / KeyError / TypeError for a mismatched tree, OSError, tensorstore
         failed[step] = _first_line(e)
@@ -109,6 +110,11 @@ def _check_same_params(saved, abstract_params, where: str) -> None:
                      f"{'; '.join(parts)}")
 
 
+def _state_metadata(step_directory: epath.Path):
+  """The saved TrainState's tree metadata (names, shapes, shardings); raises when a metadata file is lost or torn."""
+  return ocp.PyTreeCheckpointHandler().metadata(step_directory / "state")
+
+
 def restore_params(workdir: str, step: int | None, abstract_params, shardings) -> tuple[object, int]:
   """(params of the TrainState at `step` (None: the latest), the step) from `<workdir>/checkpoints`, placed by
   `shardings`; only the params are read (every one of the model's: see _check_same_params), nothing is written."""
@@ -126,7 +132,7 @@ def restore_params(workdir: str, step: int | None, abstract_params, shardings) -
     step = available[-1] if step is None else step
     others = f"; pass --step with another one of {[s for s in available if s != step]}" if len(available) > 1 else ""
     try:
-      saved = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / "state").tree["params"]
+      saved = _state_metadata(directory / str(step)).tree["params"]
     except Exception as e:  # a lost or truncated metadata file
       raise ValueError(f"the checkpoint at {directory}/{step} is corrupt or incomplete ({_first_line(e)}){others}") \
           from None

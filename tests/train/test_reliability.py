@@ -112,13 +112,19 @@ def test_refused_resume_writes_nothing(run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("reliability")
-def test_corrupt_checkpoint_named_and_skipped(run, tmp_path):
+@pytest.mark.parametrize("damage", ["array data lost", "sharding metadata torn"])
+def test_corrupt_checkpoint_named_and_skipped(run, tmp_path, damage):
   from mesanet_jax.eval import runs
   from mesanet_jax.train.trainer import train_and_evaluate
   workdir = tmp_path / "run"
   shutil.copytree(run, workdir)
-  for array in (workdir / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir():
-    array.write_bytes(b"")  # the array data of the newest step lost
+  newest = workdir / "checkpoints" / "6" / "state"
+  if damage == "array data lost":
+    for array in (newest / "ocdbt.process_0" / "d").iterdir():
+      array.write_bytes(b"")
+  else:  # the restore itself does not read it (shardings come from the target), evaluation's metadata read does
+    torn = newest / "_sharding"
+    torn.write_bytes(torn.read_bytes()[:torn.stat().st_size // 2])
   with pytest.raises(ValueError, match=r"checkpoints/6 is corrupt or incomplete .*pass --step with another one of "
                                        r"\[3\]"):
     runs.load_run(str(workdir))

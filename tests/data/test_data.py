@@ -114,6 +114,7 @@ def test_processes_read_their_contiguous_rows_of_the_global_batch(monkeypatch):
     pipeline.train_dataset(train, data, 7)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_states():
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; the trainer parses them, pytest does not
   data = _data(source="text", path=text.DEFAULT_CORPUS, seq_len=64)

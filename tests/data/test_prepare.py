@@ -58,6 +58,7 @@ def _data(**overrides):
   return data
 
 
+@pytest.mark.slow
 def test_every_file_kind_becomes_shards_of_the_tokenized_documents(tmp_path, bpe):
   inputs = _write_inputs(tmp_path)
   units = readers.file_units(inputs)
@@ -160,6 +161,7 @@ def test_arrayrecord_source_holds_out_shards_and_checks_the_tokenizer(tmp_path, 
     pipeline.make_sources(_data(source="arrayrecord", path=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_trainer_runs_on_prepared_shards_with_the_tokenizers_vocabulary(tmp_path, bpe):
   from mesanet_jax.train.config import load_run_config
   from mesanet_jax.train.trainer import train_and_evaluate
@@ -196,6 +198,7 @@ def test_bad_inputs_and_tokenizers_are_one_clear_error(tmp_path):
     prepare.prepare([], str(tmp_path / "out"), prepare.settings_for("bytes", 0, "text", False), slice_=(2, 2))
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
   import subprocess
   import sys

@@ -9,6 +9,7 @@ from mesanet_jax.models.config import preset
 from mesanet_jax.models.lm import LanguageModel
 
 
+@pytest.mark.slow
 def test_budgets_are_compared_with_the_reference_on_the_same_targets():
   lm = preset("tiny", "mesanet")  # Dk = 32
   params = nnx.state(LanguageModel(lm, rngs=nnx.Rngs(0)), nnx.Param)

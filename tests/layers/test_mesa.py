@@ -53,6 +53,7 @@ def test_gates(gamma_cap):
   np.testing.assert_allclose(g, np.log(gamma_ref), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_core_matches_exact_solve():
   layer, x = _layer(), _x()
   (q, k, v, g, beta), _ = layer._inputs(x, None)
@@ -71,6 +72,7 @@ def test_core_matches_exact_solve():
 PALLAS = dataclasses.replace(CONFIG, head_dim=16, chunk_size=16, cg_steps_train=48, cg_steps_decode=48, impl="pallas")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, decode_warm_start=True), PALLAS,
                                     dataclasses.replace(PALLAS, decode_warm_start=True)],
                          ids=["xla", "xla-warm", "pallas", "pallas-warm"])
@@ -97,6 +99,7 @@ def test_unknown_impl_is_rejected():
     layer(_x(4))
 
 
+@pytest.mark.slow
 def test_pallas_impl_matches_xla():
   config = MesaConfig(num_heads=2, head_dim=16, chunk_size=16, cg_steps_train=20)
   x = _x(20)
@@ -123,6 +126,7 @@ def test_cg_tol_stops_early_and_stays_accurate():
   assert 1 < float(steps[0]) < CONFIG.cg_steps_train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl, head_dim", [("xla", 8), ("pallas", 16)])
 def test_cg_steps_probe_reports_forward_and_adjoint_steps(impl, head_dim):
   config = dataclasses.replace(CONFIG, head_dim=head_dim, chunk_size=16, cg_tol=1e-4, impl=impl)

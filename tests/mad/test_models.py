@@ -33,6 +33,7 @@ def test_mesa_computation_defaults_per_backend_and_is_overridden():
   assert config.gdn.chunk_size == 16 and models.mad_config("gdn", 16).gdn.chunk_size == 64
 
 
+@pytest.mark.slow
 def test_autoencoder_decodes_every_position_from_the_last_state():
   model = models.AutoEncoder(models.mad_config("transformer", 16), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 16)

@@ -60,6 +60,7 @@ def _run(population, data, jobs, steps):
   return slots
 
 
+@pytest.mark.slow
 def test_slots_train_like_members_alone_and_freeze_when_done():
   a, b = (2, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))
   pair = _run(_population(2), _data(), [a, b], 3)
@@ -85,6 +86,7 @@ def test_state_saved_and_restored(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_grid_writes_each_job_once_and_resumes(tmp_path):
   variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
   settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),

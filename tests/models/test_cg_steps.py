@@ -33,6 +33,7 @@ def _model(**overrides):
                        rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_probes_report_every_layer_and_change_nothing_else():
   model, tokens = _model(), _tokens()
   graphdef, params = nnx.split(model, nnx.Param)
@@ -53,6 +54,7 @@ def test_probes_report_every_layer_and_change_nothing_else():
   np.testing.assert_allclose(logits, model(tokens[:, :-1]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)])
 def test_probes_under_scan_and_remat_match_the_loop(overrides):
   model, tokens = _model(), _tokens()

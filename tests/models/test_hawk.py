@@ -85,6 +85,7 @@ def test_init_radius_and_bounded_sqrt_gradient():
     HawkLayer(64, HawkConfig(width=81, num_heads=2), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["hawk", "hawk_mesa"])
 def test_lm_prefill_then_decode_matches_full_forward(architecture):
   config = preset("tiny", architecture)
@@ -93,6 +94,7 @@ def test_lm_prefill_then_decode_matches_full_forward(architecture):
   assert float(jnp.max(jnp.abs(stepped - full))) < 1e-4  # f32 rounding (and converged CG for the Mesa blocks)
 
 
+@pytest.mark.slow
 def test_hawk_scan_layers_matches_the_loop():
   assert small("hawk").mixers == ("lru", "lru")
   assert_same_math("hawk", scan_layers=True)

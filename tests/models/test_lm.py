@@ -37,6 +37,7 @@ def _prefill_then_decode(model, tokens, prompt_len):
   return run(state, tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["mesanet", "transformer", "swa", "gdn", "hybrid"])
 def test_prefill_then_decode_matches_full_forward(architecture):
   # 12-token prompt: a partial chunk (chunk 16) and more tokens than the sliding window (8), so the ring buffer wraps.
@@ -80,6 +81,7 @@ def test_generate_sampling_top_k():
     generate(model, prompt, 5, temperature=1.0, top_k=0)
 
 
+@pytest.mark.slow
 def test_stream_draws_what_generate_draws_and_memory_does_not_grow_with_steps():
   model = LanguageModel(preset("tiny", "mesanet"), rngs=nnx.Rngs(0))
   prompt, key = _tokens((2, 6)), jax.random.key(5)

@@ -75,6 +75,7 @@ def test_transformer_scan_matches_the_loop():
   assert_same_math("transformer", scan_layers=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture, mesa", [("mesanet", {}), ("transformer", {}),
                                                 ("mesanet", {"impl": "pallas", "decode_warm_start": True})])
 def test_scanned_prefill_then_decode_matches_full_forward(architecture, mesa):

@@ -24,6 +24,7 @@ def _gradients(op, args, weights):
   return jax.grad(weighted_sum_loss(op, weights), argnums=range(7))(*args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_tight_tolerance_matches_exact_in_f64(x64, shape):
   batch, length, heads, key_dim, value_dim, chunk = shape
@@ -41,6 +42,7 @@ def test_tight_tolerance_matches_exact_in_f64(x64, shape):
     assert max_abs(grad, grad_exact) < F64_TOL * scale(grad_exact), name
 
 
+@pytest.mark.slow
 def test_gradients_match_finite_differences(x64):
   """The implicit backward of the adaptive solve against numerical derivatives (tolerance far below their error)."""
   args = as_f64(random_inputs(1, 11, 2, 4, 3, with_state=True, seed=2))
@@ -65,6 +67,7 @@ def _per_head_stats(iters):
   return np.stack([iters.mean(axis=1), iters.max(axis=1)], axis=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_reported_steps_equal_an_independent_count(x64, shape):
   """Forward: the steps `mesa_recurrent` (dense CG, token by token) takes on q; adjoint: on u_t = H_kv[t] do_t, the
@@ -99,6 +102,7 @@ def test_fixed_steps_report_the_step_count():
   np.testing.assert_array_equal(steps, np.full((1, 2, 2), 7.0))
 
 
+@pytest.mark.slow
 def test_steps_and_error_fall_and_rise_with_the_tolerance(x64):
   args = as_f64(random_inputs(2, 64, 2, 16, 16, seed=8))
   o_exact, _ = mesa_exact(*args)

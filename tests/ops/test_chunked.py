@@ -36,6 +36,7 @@ def _gradients(op, args):
 F64_TOL = 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_forward_matches_exact(x64, shape, with_state):
@@ -48,6 +49,7 @@ def test_forward_matches_exact(x64, shape, with_state):
   assert max_abs(state, state_exact) < F64_TOL * scale(state_exact)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gradients_of_every_input_match_exact(x64, shape):
   batch, length, heads, key_dim, value_dim, chunk = shape
@@ -102,6 +104,7 @@ def test_bf16_inputs_compute_in_f32():
       assert leaf_grad.dtype == leaf.dtype and bool(jnp.all(jnp.isfinite(leaf_grad))), name
 
 
+@pytest.mark.slow
 def test_jit_and_chunk_size_do_not_change_the_result(x64):
   args = as_f64(random_inputs(2, 30, 2, 8, 8, with_state=True, seed=6))
   results = [jax.jit(_chunked(chunk, 24))(*args) for chunk in (1, 7, 8, 64)]
@@ -109,6 +112,7 @@ def test_jit_and_chunk_size_do_not_change_the_result(x64):
     assert max_abs(result, results[0]) < 1e-11
 
 
+@pytest.mark.slow
 def test_final_state_continues_the_sequence(x64):
   args = as_f64(random_inputs(2, 40, 2, 8, 6, seed=7))
   op = _chunked(8, 24)

@@ -22,6 +22,7 @@ def _prefill_then_decode(args, prefill_length, cg_steps, tol=None):
   return jnp.concatenate(outputs, axis=1), state, jnp.stack(iters, axis=1)
 
 
+@pytest.mark.slow
 def test_prefill_then_decode_matches_recurrent_f64(x64):
   args = as_f64(random_inputs(2, 29, 3, 8, 6, with_state=True))
   o, state, iters = _prefill_then_decode(args, 21, cg_steps=24)
@@ -32,6 +33,7 @@ def test_prefill_then_decode_matches_recurrent_f64(x64):
   assert iters.shape == (2, 8, 3) and np.all(iters == 24)
 
 
+@pytest.mark.slow
 def test_prefill_then_decode_matches_recurrent_f32():
   args = random_inputs(2, 80, 2, 32, 32, seed=1)
   o, state, _ = _prefill_then_decode(args, 64, cg_steps=30)
@@ -41,6 +43,7 @@ def test_prefill_then_decode_matches_recurrent_f32():
   assert max_abs(state, state_ref) < 1e-5 * scale(state_ref)
 
 
+@pytest.mark.slow
 def test_decode_with_tolerance_reports_steps_and_stays_accurate():
   args = random_inputs(2, 72, 4, 32, 32, seed=2)
   o, _, iters = _prefill_then_decode(args, 64, cg_steps=30, tol=1e-4)

@@ -13,6 +13,7 @@ def _inputs(length=29, seed=0):
   return q, k, v, g, beta, state.h_kv  # any [B, H, Dk, Dv] start state will do
 
 
+@pytest.mark.slow
 def test_chunked_matches_recurrent_f64(x64):
   args = as_f64(_inputs())
   o_ref, s_ref = gated_delta_recurrent(*args)
@@ -34,6 +35,7 @@ def test_chunked_gradients_match_recurrent_f64(x64):
     assert max_abs(grad, grad_ref) < 1e-11 * scale(grad_ref)
 
 
+@pytest.mark.slow
 def test_chunked_f32_and_bf16_inputs():
   args = _inputs(length=40, seed=2)
   o_ref, _ = gated_delta_recurrent(*args)

@@ -27,6 +27,7 @@ def _numpy_mesa(q, k, v, g, beta, lam, state):
   return o, (h_kk, h_kv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_state", [False, True])
 def test_exact_matches_numpy_definition(x64, with_state):
   args = as_f64(random_inputs(2, 9, 2, 6, 4, with_state=with_state))
@@ -37,6 +38,7 @@ def test_exact_matches_numpy_definition(x64, with_state):
   assert max_abs(tuple(state), state_np) < 1e-12
 
 
+@pytest.mark.slow
 def test_exact_gradients_match_finite_differences(x64):
   args = as_f64(random_inputs(1, 5, 2, 4, 3, with_state=True))
   loss = lambda *a: jnp.sum(jnp.sin(mesa_exact(*a)[0]))
@@ -54,6 +56,7 @@ def test_recurrent_matches_exact(x64, cg_init):
   assert iters.shape == (2, 23, 3) and np.all(iters == 24)
 
 
+@pytest.mark.slow
 def test_recurrent_tolerance_stops_early_with_small_error():
   args = random_inputs(2, 64, 4, 32, 32, seed=3)
   q = args[0].at[:, 5].set(0.0)  # a zero query is solved by the zero vector in no step

@@ -46,6 +46,7 @@ def test_decode_step_rejects_concrete_values(name, corrupt, message):
     mesa_decode_step(**args, state=state, cg_steps=2)
 
 
+@pytest.mark.slow
 def test_traced_values_are_checked_in_debug_mode_only():
   args = _args()
   # A new jitted function for each mode: a jitted function keeps the checks it was first traced with.

@@ -60,6 +60,7 @@ def test_chunk_states_match_xla_scan(dtype, reverse):
   assert _close(bounds, expected, dtype)
 
 
+@pytest.mark.slow
 def test_operator_stages_match_xla(dtype):
   """Every stage of the Pallas operator (each one kernel, or two for the chunk states) against the XLA operator's,
   in the boundary layout both share."""

@@ -34,6 +34,7 @@ def test_forward_and_backward_lower(backend, cg_tol):
     assert kernel in module, kernel
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 def test_hopper_solve_is_dispatched_on_sm90():
   """On an (abstract) H200 the forward and the adjoint solve of impl="pallas" run the Mosaic GPU kernel where it takes

@@ -51,6 +51,7 @@ def test_pallas_is_exact_cg_in_f64(x64):
     assert max_abs(grad, grad_exact) < 1e-9 * scale(grad_exact)
 
 
+@pytest.mark.slow
 def test_adaptive_pallas_matches_xla_in_f32():
   """With cg_tol both paths stop every row at the same step (the kernels end a program's loop once its rows have
   stopped, the XLA path runs one loop over all rows): same outputs, gradients and step counts."""
@@ -72,6 +73,7 @@ def test_adaptive_pallas_matches_xla_in_f32():
   assert max_abs(steps, steps_xla) == 0 and 1 < float(steps[0, 0, 0]) < 20
 
 
+@pytest.mark.slow
 def test_adaptive_pallas_is_exact_in_f64(x64):
   args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
   weights = loss_weights(*mesa_exact(*args))

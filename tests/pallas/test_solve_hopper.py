@@ -45,6 +45,7 @@ def problem(chunk, key_dim, *, chunks=1, symmetric=True, seed=0, decay_bias=3.0,
   return (q, k, log_decay, beta, lam, states_kk_t), op
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk, key_dim, cg_init, precision", [
     (32, 64, "jacobi", HIGHEST),  # one chunk of 32 and an empty one: 64 rows
     (64, 128, "zero", HIGHEST),
@@ -61,6 +62,7 @@ def test_matches_triton_kernel_and_f64_cg(chunk, key_dim, cg_init, precision):
   assert max_abs(x, exact_steps) <= TOLERANCE[precision] * scale(exact_steps)
 
 
+@pytest.mark.slow
 def test_tolerance_stops_rows_as_conjugate_gradient(x64):
   """cg_tol: the same steps per row as conjugate_gradient(tol) in f64, and the same x; rows stop before the cap."""
   args, op = problem(64, 64, seed=3)
@@ -73,6 +75,7 @@ def test_tolerance_stops_rows_as_conjugate_gradient(x64):
   assert max_abs(x, x_ref) <= TOLERANCE[HIGHEST] * scale(x_ref)
 
 
+@pytest.mark.slow
 def test_converges_to_the_exact_solve(x64):
   """Enough steps reach (H_kk[t] + Λ)⁻¹ rhs_t, each A_t built densely by the token-by-token recurrence in f64."""
   args, _ = problem(32, 64, seed=5)
@@ -91,6 +94,7 @@ def test_converges_to_the_exact_solve(x64):
   assert max_abs(x[0, :, 0], jnp.moveaxis(exact, 0, 1)) <= 1e-5 * scale(exact)
 
 
+@pytest.mark.slow
 def test_chunks_of_32_in_pairs():
   """Three chunks of 32 as two programs of 64 rows (chunks 0-1 on chunk 0's start state, chunk 2 and an empty one):
   the same x as the Triton-path kernel, which solves chunk by chunk on each chunk's own state."""

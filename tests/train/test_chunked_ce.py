@@ -39,6 +39,7 @@ def _inputs(dtype, batch=2, length=37, dim=16, vocab=50, seed=0):
   return x, w, targets, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", [None, 30.0, 5.0])
 def test_values_and_gradients_equal_the_unfused_path_in_f64(x64, cap):
   x, w, targets, mask = _inputs(jnp.float64)
@@ -51,6 +52,7 @@ def test_values_and_gradients_equal_the_unfused_path_in_f64(x64, cap):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_bf16_activations_match_the_unfused_path():
   """bf16 x and w, f32 logits in both; the fused backward rounds dlogits to bf16 before its products as the unfused
   einsum's transpose does with its bf16 operands, so gradients agree to a few bf16 ulps (2^-8 ≈ 4e-3 relative)."""

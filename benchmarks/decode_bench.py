@@ -116,6 +116,7 @@ def launches_per_step(hlo: str) -> str:
   calls, e.g. command buffers), and the while loops nested in it (each a device round trip per iteration)."""
   computations, name = {}, None
   for line in hlo.splitlines():
+    line = re.sub(r"/\*index=\d+\*/", "", line)  # tuple shapes of 5+ elements carry these comments
     if m := re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line):
       name, computations[m.group(1)] = m.group(1), []
     elif name and (m := re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (?:\([^=]*?\)|\S+) ([a-z][\w\-]*)\((.*)", line)):

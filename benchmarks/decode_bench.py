@@ -74,7 +74,7 @@ _HEADS = flags.DEFINE_integer("heads", 6, "Mesa heads (head dim 128)")
 _VOCAB = flags.DEFINE_integer("vocab", 32_000, "vocabulary")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps per token (the cap with a tolerance)")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"],
-                                 "stored weights (a trained checkpoint: float32; decoding reads them cast once to bf16)")
+                                 "stored weights (a trained checkpoint: float32; decoding casts them once to bf16)")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"], "prefill's chunked matmuls")
 _BUDGET = flags.DEFINE_float("budget_s", 360, "no new run starts after this many seconds")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for decode_bench.jsonl / .md")

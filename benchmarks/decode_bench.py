@@ -1,6 +1,6 @@
 """Decoding speed at flash-linear-attention's ~125M shape (d 768, 12 Mesa blocks, 6 × 128 heads, vocab 32,000, tied,
-SwiGLU 2,304; random init, bf16 weights and activations, greedy): ours and fla's `MesaNetForCausalLM.generate` side by
-side in one device process, same prompts (random tokens).
+SwiGLU 2,304; random init, bf16 weights (--param_dtype) and activations, greedy): ours and fla's
+`MesaNetForCausalLM.generate` side by side in one device process, same prompts (random tokens).
 
   python benchmarks/decode_bench.py --out=$OUT          # the default sweep, in priority order for --budget_s
   python benchmarks/decode_bench.py --batches=1,32 --prompts=512 --extra_variants= --fla=False --long_tokens=0
@@ -46,6 +46,7 @@ from flax import nnx
 from benchmarks.gpu_profile import kernel_times
 from mesanet_jax.layers.mesa import MesaConfig
 from mesanet_jax.models.config import LMConfig
+from mesanet_jax.models.decoding import for_decoding
 from mesanet_jax.models.generate import sample
 from mesanet_jax.models.lm import LanguageModel
 from mesanet_jax.ops import MesaState, mesa_decode_step
@@ -72,6 +73,8 @@ _D_MODEL = flags.DEFINE_integer("d_model", 768, "hidden size")
 _HEADS = flags.DEFINE_integer("heads", 6, "Mesa heads (head dim 128)")
 _VOCAB = flags.DEFINE_integer("vocab", 32_000, "vocabulary")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps per token (the cap with a tolerance)")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"],
+                                 "stored weights (a trained checkpoint: float32; decoding casts them once to bf16)")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"], "prefill's chunked matmuls")
 _BUDGET = flags.DEFINE_float("budget_s", 360, "no new run starts after this many seconds")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for decode_bench.jsonl / .md")
@@ -85,7 +88,7 @@ def lm_config(variant: str) -> LMConfig:
                     matmul_precision=_PRECISION.value, cg_steps_train=_CG_STEPS.value, cg_steps_decode=_CG_STEPS.value,
                     decode_tol=next((float(r) for r in rest if r != "warm"), None), decode_warm_start="warm" in rest)
   return LMConfig(vocab_size=_VOCAB.value, d_model=_D_MODEL.value, mixers=("mesa",) * _LAYERS.value, mlp_ratio=3,
-                  tie_embeddings=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, mesa=mesa)
+                  tie_embeddings=True, dtype=jnp.bfloat16, param_dtype=jnp.dtype(_PARAM_DTYPE.value).type, mesa=mesa)
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -113,6 +116,7 @@ def launches_per_step(hlo: str) -> str:
   calls, e.g. command buffers), and the while loops nested in it (each a device round trip per iteration)."""
   computations, name = {}, None
   for line in hlo.splitlines():
+    line = re.sub(r"/\*index=\d+\*/", "", line)  # tuple shapes of 5+ elements carry these comments
     if m := re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line):
       name, computations[m.group(1)] = m.group(1), []
     elif name and (m := re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (?:\([^=]*?\)|\S+) ([a-z][\w\-]*)\((.*)", line)):
@@ -230,7 +234,7 @@ class Ours:
       graphdef = nnx.graphdef(self.model(variant))
 
       def run(params, token, cache):
-        model = nnx.merge(graphdef, params)
+        model = for_decoding(nnx.merge(graphdef, params))  # as `generate`: once, before the loop
 
         def step(carry, _):
           token, cache = carry

@@ -45,7 +45,7 @@ def layer_inputs(model, tokens: jax.Array) -> list[tuple]:
   def step(block, x, _):
     inputs = None
     if isinstance(block.mixer, MesaLayer):
-      (q, k, v, g, beta), _ = block.mixer._inputs(block.mixer_norm(x), None)
+      (q, k, v, g, beta), _, _ = block.mixer._inputs(block.mixer_norm(x), None)
       inputs = (q, k, v, g, beta, block.mixer.lam())
     return block(x)[0], inputs
   _, per_layer = jax.jit(lambda tokens: run_blocks(model.config, model.blocks, step, model._embed(tokens)))(tokens)

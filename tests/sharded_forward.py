@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from mesanet_jax import sharding
 from mesanet_jax.layers.mesa import CGStepsProbe, add_cg_steps_probes, cg_steps_by_layer
 from mesanet_jax.models.config import preset
+from mesanet_jax.models.decoding import for_decoding
 from mesanet_jax.models.lm import LanguageModel
 
 
@@ -95,8 +96,9 @@ def check_scanned_pallas(mesh):
 
 
 def check_pallas_decode_per_shard(mesh):
-  """Decoding with impl="pallas" and the warm start under `jax.set_mesh`: the fused decode kernel runs inside a
-  shard_map over (batch, heads); the logits of impl="xla" on one device."""
+  """Decoding with impl="pallas" and the warm start under `jax.set_mesh`, with the weights `for_decoding` prepares
+  inside the jit (fused projections of sharded kernels): the fused decode kernel runs inside a shard_map over (batch,
+  heads); the logits of impl="xla" on one device."""
   base = dataclasses.replace(preset("tiny"), mixers=("mesa", "mesa"))
   base = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, decode_warm_start=True, decode_tol=1e-4))
   pallas = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl="pallas"))
@@ -112,7 +114,7 @@ def check_pallas_decode_per_shard(mesh):
 
     @jax.jit
     def run(state, tokens):
-      model = nnx.merge(graphdef, state)
+      model = for_decoding(nnx.merge(graphdef, state))  # as `generate`: cast weights, fused projections
       _, cache = model.prefill(tokens[:, :8], max_len=12, last_only=True)
       return jax.lax.scan(lambda cache, token: step(model, cache, token), cache, tokens[:, 8:].T)[1]
     return run, state

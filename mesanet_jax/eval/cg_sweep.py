@@ -21,6 +21,7 @@ from flax import nnx
 from mesanet_jax.eval import losses as losses_lib
 from mesanet_jax.eval.runs import model_from
 from mesanet_jax.models.config import LMConfig
+from mesanet_jax.models.decoding import for_decoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ def decode_losses(model, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.nd
 
   @jax.jit
   def run(params, inputs, targets):
-    model = nnx.merge(graphdef, params)
+    model = for_decoding(nnx.merge(graphdef, params))  # as `generate`: cast and fused once, before the loop
 
     def step(cache, token_and_target):
       token, target = token_and_target

@@ -5,7 +5,8 @@ the absolute position held in each slot, so decoding masks by position and slidi
 memory. A full-attention cache that is run past S tokens keeps only the last S (it acts as a window of S).
 Training and prefill run `jax.nn.dot_product_attention` (causal, the window as `local_window_size`): cuDNN's fused
 flash attention on GPU for bf16/fp16 inputs with head_dim ≤ 128 and a multiple of 8, XLA otherwise (which forms the
-[T, T] scores; no Pallas TPU kernel yet). Decoding attends to the cache with an explicit position mask.
+[T, T] scores; no Pallas TPU kernel yet). Decoding attends to the cache with an explicit position mask and runs the
+q, k, v projections as one matmul over their concatenated kernels (`FusedProjections`).
 """
 import dataclasses
 from typing import NamedTuple
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mesanet_jax.layers.fused_linear import FusedProjections
 from mesanet_jax.layers.params import linear
 
 
@@ -44,8 +46,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-class Attention(nnx.Module):
+class Attention(FusedProjections, nnx.Module):
   """Softmax attention over positions s with t − window < s ≤ t (all s ≤ t when window is None)."""
+  FUSED = {"qkv": ("q_proj", "k_proj", "v_proj")}
 
   def __init__(self, d_model: int, config: AttentionConfig, *, window: int | None, rngs: nnx.Rngs,
                out_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -61,11 +64,13 @@ class Attention(nnx.Module):
     self.v_proj = linear(d_model, width, axes=("embed", "heads"), **kw)
     self.o_proj = linear(width, d_model, axes=("heads", "embed"), init_scale=out_scale, **kw)
 
-  def _project(self, x: jax.Array, positions: jax.Array):
+  def _project(self, x: jax.Array, positions: jax.Array, *, fused: bool = False):
+    """x: [B, T, d] at `positions` [T] -> q, k (RoPE applied), v [B, T, H, D]; `fused` (decoding): one matmul."""
     shape = (*x.shape[:2], self.config.num_heads, self.config.head_dim)
-    q = rope(self.q_proj(x).reshape(shape), positions, self.config.rope_theta)
-    k = rope(self.k_proj(x).reshape(shape), positions, self.config.rope_theta)
-    return q, k, self.v_proj(x).reshape(shape)
+    q, k, v = self.fused("qkv", x) if fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+    q = rope(q.reshape(shape), positions, self.config.rope_theta)
+    k = rope(k.reshape(shape), positions, self.config.rope_theta)
+    return q, k, v.reshape(shape)
 
   def _attend_sequence(self, q, k, v):
     """Causal (windowed) attention of q, k, v [B, T, H, D] at positions 0..T−1, projected out: [B, T, d]."""
@@ -113,7 +118,7 @@ class Attention(nnx.Module):
   def decode(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache, None]:
     """One token x: [B, d] at position cache.length. Returns y [B, d], the new cache and None (no solver)."""
     position = cache.length
-    q, k, v = self._project(x[:, None], position[None])
+    q, k, v = self._project(x[:, None], position[None], fused=True)
     slot = position % cache.positions.shape[0]
     k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)

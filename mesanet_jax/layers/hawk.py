@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mesanet_jax.layers.conv import ShortConv
+from mesanet_jax.layers.fused_linear import FusedProjections
 from mesanet_jax.layers.params import linear, param
 
 MAX_SQRT_GRADIENT = 1000.0
@@ -99,9 +100,11 @@ class BlockDiagonal(nnx.Module):
     return y.reshape(x.shape)
 
 
-class HawkLayer(nnx.Module):
+class HawkLayer(FusedProjections, nnx.Module):
   """Griffin's recurrent block (module docstring); same call contract as the other mixers: __call__(x, cache) ->
-  (y, cache), decode(x, cache) -> (y, cache, None), init_cache(batch)."""
+  (y, cache), decode(x, cache) -> (y, cache, None), init_cache(batch). Decoding runs W_y and W_x as one matmul over
+  their concatenated kernels (`FusedProjections`)."""
+  FUSED = {"branches": ("linear_y", "linear_x")}
 
   def __init__(self, d_model: int, config: HawkConfig, *, rngs: nnx.Rngs, out_scale: float = 1.0, dtype=jnp.float32,
                param_dtype=jnp.float32):
@@ -125,10 +128,13 @@ class HawkLayer(nnx.Module):
     state = jnp.zeros((batch, self.config.width), jnp.promote_types(self.dtype, jnp.float32))
     return HawkCache(self.conv.zero_state(batch), state)
 
-  def __call__(self, x: jax.Array, cache: HawkCache | None = None) -> tuple[jax.Array, HawkCache]:
-    """x: [B, T, d]; cache: the state before the first token (None: empty). Returns y [B, T, d], the cache after."""
-    gate = jax.nn.gelu(self.linear_y(x))
-    u, conv = self.conv(self.linear_x(x), None if cache is None else cache.conv)
+  def __call__(self, x: jax.Array, cache: HawkCache | None = None, *,
+               fused: bool = False) -> tuple[jax.Array, HawkCache]:
+    """x: [B, T, d]; cache: the state before the first token (None: empty). Returns y [B, T, d], the cache after.
+    `fused` (decoding): W_y and W_x as one matmul."""
+    y, u = self.fused("branches", x) if fused else (self.linear_y(x), self.linear_x(x))
+    gate = jax.nn.gelu(y)
+    u, conv = self.conv(u, None if cache is None else cache.conv)
     u = u.astype(jnp.promote_types(self.dtype, jnp.float32))  # gates and recurrence in f32 (or wider)
     log_a = -8.0 * jax.nn.sigmoid(self.a_gate(u)) * jax.nn.softplus(self.a_param[...].astype(u.dtype))
     scale = sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a), MAX_SQRT_GRADIENT)  # √(1 − a²), accurate for a → 1
@@ -138,7 +144,7 @@ class HawkLayer(nnx.Module):
 
   def decode(self, x: jax.Array, cache: HawkCache) -> tuple[jax.Array, HawkCache, None]:
     """One token x: [B, d] -> y [B, d], the new cache, and no solver step count."""
-    y, cache = self(x[:, None], cache)
+    y, cache = self(x[:, None], cache, fused=True)
     return y[:, 0], cache, None
 
 

@@ -130,9 +130,9 @@ class MesaLayer(RecurrentMixer):
   def forward_with_cg_steps(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The training-path call from an empty state, x [B, T, d] -> y [B, T, d], and the forward solve's CG steps,
     (mean, max) over the batch's tokens and heads, f32 [2]. No backward pass is needed (evaluation)."""
-    (q, k, v, g, beta), _ = self._inputs(x, None)
+    (q, k, v, g, beta), out_gate, _ = self._inputs(x, None)
     o, _, steps = self._chunked(q, k, v, g, beta, None, return_cg_steps=True)
-    return self._output(o, x), combine(steps)
+    return self._output(o, out_gate), combine(steps)
 
   def _chunked(self, q, k, v, g, beta, state, *, return_cg_steps: bool):
     """`mesa_chunked` with this layer's options and probe (per (batch, heads) shard for Pallas)."""

@@ -1,13 +1,16 @@
-"""The backbone MLP: SwiGLU with expansion 3 (two branches of width 3·d, SiLU on one, multiply, down-project)."""
+"""The backbone MLP: SwiGLU with expansion 3 (two branches of width 3·d, SiLU on one, multiply, down-project).
+Decoding runs the two branches as one matmul over their concatenated kernels (`FusedProjections`)."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mesanet_jax.layers.fused_linear import FusedProjections
 from mesanet_jax.layers.params import linear
 
 
-class SwiGLU(nnx.Module):
+class SwiGLU(FusedProjections, nnx.Module):
   """down(silu(gate(x)) ⊙ up(x)); `out_scale` scales the down-projection's init variance (2/N in the paper)."""
+  FUSED = {"branches": ("gate", "up")}
 
   def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, out_scale: float = 1.0, dtype=jnp.float32,
                param_dtype=jnp.float32):
@@ -16,5 +19,7 @@ class SwiGLU(nnx.Module):
     self.up = linear(d_model, hidden, axes=("embed", "mlp"), **kw)
     self.down = linear(hidden, d_model, axes=("mlp", "embed"), init_scale=out_scale, **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+  def __call__(self, x: jax.Array, *, fused: bool = False) -> jax.Array:
+    """x: [..., d] -> [..., d]; `fused` (decoding): both branches as one matmul."""
+    gate, up = self.fused("branches", x) if fused else (self.gate(x), self.up(x))
+    return self.down(jax.nn.silu(gate) * up)

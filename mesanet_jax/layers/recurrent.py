@@ -5,7 +5,8 @@
     y = W_o RMSNorm_head(o) [⊙ silu(W_g x) with the output gate]
 
 A subclass supplies the sequence mixing (`mix`, `mix_token`, `zero_state`); this class owns parameters, gates, the
-short-convolution states and the cache.
+short-convolution states and the cache. Decoding runs the projections of x (q, k, v, the output gate and the two f32
+gates) as one matmul over concatenated kernels (`FusedProjections`); training and prefill run them one by one.
 """
 from typing import Any, NamedTuple
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mesanet_jax.layers.conv import ShortConv
+from mesanet_jax.layers.fused_linear import FusedProjections
 from mesanet_jax.layers.norm import RMSNorm
 from mesanet_jax.layers.params import linear
 
@@ -30,7 +32,7 @@ def _l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-class RecurrentMixer(nnx.Module):
+class RecurrentMixer(FusedProjections, nnx.Module):
   """Projections, causal conv, gates and output norm of a gated recurrent mixer with H heads of size D (Dk = Dv).
 
   A subclass defines the mixing itself:
@@ -41,6 +43,7 @@ class RecurrentMixer(nnx.Module):
   and may keep more than the mixing state in the decode cache (Mesa's warm start keeps the last CG solution):
     to_cache(state): the state after a sequence as the cache holds it; from_cache(cached): the state `mix` takes.
   """
+  FUSED = {"inputs": ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")}
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, conv_size: int, gamma_cap: float | None,
                use_output_gate: bool, norm_eps: float, out_scale: float, rngs: nnx.Rngs, dtype, param_dtype):
@@ -62,28 +65,37 @@ class RecurrentMixer(nnx.Module):
     self.norm = RMSNorm(head_dim, eps=norm_eps, axis_name="kv", **kw)
     self.o_proj = linear(width, d_model, axes=("heads", "embed"), init_scale=out_scale, **kw)
 
-  def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [B, T, d] -> g (log forget gate ≤ 0), β: [B, T, H] in f32, computed in log space."""
-    beta = jax.nn.sigmoid(self.b_proj(x))
-    g = jax.nn.log_sigmoid(self.a_proj(x))
+  def gates(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The gate projections' outputs a, b: [B, T, H] f32 -> g (log forget gate ≤ 0), β, computed in log space."""
+    beta = jax.nn.sigmoid(b)
+    g = jax.nn.log_sigmoid(a)
     if self.gamma_cap is not None:
       g = g + jnp.log1p(-(1.0 - self.gamma_cap) * beta * beta)
     return g, beta
 
-  def _inputs(self, x: jax.Array, cache: RecurrentCache | None):
+  def _projections(self, x: jax.Array, fused: bool):
+    """x: [B, T, d] -> q, k, v [B, T, H·D], the output gate's logits (None without) and the gates' a, b [B, T, H] f32;
+    `fused` (decoding): as one matmul over concatenated kernels (the f32 gates' as exact bf16 pieces)."""
+    if fused:
+      q, k, v, *out_gate, a, b = self.fused("inputs", x)
+      return q, k, v, (out_gate[0] if out_gate else None), a, b
+    out_gate = None if self.g_proj is None else self.g_proj(x)
+    return self.q_proj(x), self.k_proj(x), self.v_proj(x), out_gate, self.a_proj(x), self.b_proj(x)
+
+  def _inputs(self, x: jax.Array, cache: RecurrentCache | None, *, fused: bool = False):
+    """x: [B, T, d] -> the mixer's (q, k, v, g, β), the output gate's logits (or None) and the conv states after."""
     batch, length, _ = x.shape
     heads = (batch, length, self.num_heads, self.head_dim)
-    q, conv_q = self.q_conv(self.q_proj(x), None if cache is None else cache.conv_q)
-    k, conv_k = self.k_conv(self.k_proj(x), None if cache is None else cache.conv_k)
+    q, k, v, out_gate, a, b = self._projections(x, fused)
+    q, conv_q = self.q_conv(q, None if cache is None else cache.conv_q)
+    k, conv_k = self.k_conv(k, None if cache is None else cache.conv_k)
     q = _l2_normalise(jax.nn.silu(q).reshape(heads))
     k = _l2_normalise(jax.nn.silu(k).reshape(heads))
-    v = self.v_proj(x).reshape(heads)
-    return (q, k, v, *self.gates(x)), (conv_q, conv_k)
+    return (q, k, v.reshape(heads), *self.gates(a, b)), out_gate, (conv_q, conv_k)
 
-  def _output(self, o: jax.Array, x: jax.Array) -> jax.Array:
-    """o: [B, T, H, D], x: [B, T, d] -> [B, T, d]."""
-    gate = None if self.g_proj is None else self.g_proj(x).reshape(o.shape)
-    o = self.norm(o, gate)
+  def _output(self, o: jax.Array, out_gate: jax.Array | None) -> jax.Array:
+    """o: [B, T, H, D], the output gate's logits [B, T, H·D] or None -> [B, T, d]."""
+    o = self.norm(o, None if out_gate is None else out_gate.reshape(o.shape))
     return self.o_proj(o.reshape(*o.shape[:2], -1))
 
   def to_cache(self, state):
@@ -98,12 +110,12 @@ class RecurrentMixer(nnx.Module):
 
   def __call__(self, x: jax.Array, cache: RecurrentCache | None = None) -> tuple[jax.Array, RecurrentCache]:
     """x: [B, T, d]; cache: state before the first token (None: empty). Returns y [B, T, d] and the cache after."""
-    (q, k, v, g, beta), convs = self._inputs(x, cache)
+    (q, k, v, g, beta), out_gate, convs = self._inputs(x, cache)
     o, state = self.mix(q, k, v, g, beta, None if cache is None else self.from_cache(cache.state))
-    return self._output(o, x), RecurrentCache(*convs, self.to_cache(state))
+    return self._output(o, out_gate), RecurrentCache(*convs, self.to_cache(state))
 
   def decode(self, x: jax.Array, cache: RecurrentCache) -> tuple[jax.Array, RecurrentCache, jax.Array | None]:
     """One token x: [B, d]. Returns y [B, d], the new cache and the CG steps per head [B, H] (None if no solver)."""
-    (q, k, v, g, beta), convs = self._inputs(x[:, None], cache)
+    (q, k, v, g, beta), out_gate, convs = self._inputs(x[:, None], cache, fused=True)
     o, state, iters = self.mix_token(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
-    return self._output(o[:, None], x[:, None])[:, 0], RecurrentCache(*convs, state), iters
+    return self._output(o[:, None], out_gate)[:, 0], RecurrentCache(*convs, state), iters

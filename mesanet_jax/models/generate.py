@@ -2,7 +2,8 @@
 steps), and `stream`, the same one token at a time for printing as tokens are produced.
 
 Token i is sampled with `jax.random.fold_in(key, i)`, derived when it is needed, so memory does not grow with the
-number of tokens asked for (beyond `generate`'s output) and both functions draw the same tokens for the same key."""
+number of tokens asked for (beyond `generate`'s output) and both functions draw the same tokens for the same key.
+Both run the model as `decoding.for_decoding` prepares it once per call (weights in their compute dtype)."""
 import functools
 from typing import Iterator, NamedTuple
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mesanet_jax.models.decoding import for_decoding
 from mesanet_jax.models.lm import LanguageModel
 
 
@@ -30,7 +32,7 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float, top_k: int | N
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k"))
 def _generate(graphdef, state, prompt, key, *, steps, temperature, top_k):
-  model = nnx.merge(graphdef, state)
+  model = for_decoding(nnx.merge(graphdef, state))  # once, before the prefill and the decode loop
   logits, cache = model.prefill(prompt, max_len=prompt.shape[1] + steps, last_only=True)
   first = sample(logits, jax.random.fold_in(key, 0), temperature, top_k)
 
@@ -70,7 +72,7 @@ def stream(model: LanguageModel, prompt: jax.Array, steps: int, *, temperature: 
   """`generate` one token at a time: yields (tokens [B] int32, CG steps [B] of the decode step that produced them,
   None for the first token, which comes from the prefill). The prefill and the decode step are each jitted once."""
   _check_options(model, steps, temperature, top_k)
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(for_decoding(model))  # once per call, outside the per-token jit
   prompt = jnp.asarray(prompt, jnp.int32)
   key = jax.random.key(0) if key is None else key
   pick = functools.partial(sample, temperature=float(temperature), top_k=top_k)

@@ -93,7 +93,7 @@ class Block(nnx.Module):
   def decode(self, x, cache):
     h, cache, iters = self.mixer.decode(self.mixer_norm(x), cache)
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), cache, iters
+    return x + self.mlp(self.mlp_norm(x), fused=True), cache, iters
 
   def init_cache(self, batch: int, max_len: int):
     if isinstance(self.mixer, Attention):

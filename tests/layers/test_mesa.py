@@ -42,7 +42,7 @@ def test_lambda_initialised_to_one_and_marked_no_decay():
 def test_gates(gamma_cap):
   layer = _layer(dataclasses.replace(CONFIG, gamma_cap=gamma_cap))
   x = _x(5)
-  g, beta = layer.gates(x)
+  g, beta = layer.gates(layer.a_proj(x), layer.b_proj(x))
   a, b = np.asarray(layer.a_proj(x), np.float64), np.asarray(layer.b_proj(x), np.float64)
   beta_ref = 1 / (1 + np.exp(-b))
   gamma_ref = 1 / (1 + np.exp(-a))
@@ -56,7 +56,7 @@ def test_gates(gamma_cap):
 @pytest.mark.slow
 def test_core_matches_exact_solve():
   layer, x = _layer(), _x()
-  (q, k, v, g, beta), _ = layer._inputs(x, None)
+  (q, k, v, g, beta), out_gate, _ = layer._inputs(x, None)
   np.testing.assert_allclose(jnp.linalg.norm(q, axis=-1), 1.0, rtol=1e-5)  # q, k are L2-normalised
   o, state = layer.mix(q, k, v, g, beta, None)
   o_exact, state_exact = mesa_exact(q, k, v, g, beta, layer.lam())
@@ -64,7 +64,7 @@ def test_core_matches_exact_solve():
   assert max_abs(o, o_exact) < 1e-4 * scale(o_exact)
   assert max_abs(state, state_exact) < 1e-5 * scale(state_exact)
   y, _ = layer(x)
-  y_exact = layer._output(o_exact, x)
+  y_exact = layer._output(o_exact, out_gate)
   assert max_abs(y, y_exact) < 1e-4 * scale(y_exact)
 
 
@@ -117,7 +117,7 @@ def test_lambda_param_value():
 
 def test_cg_tol_stops_early_and_stays_accurate():
   layer, x = _layer(dataclasses.replace(CONFIG, cg_tol=1e-4)), _x()
-  (q, k, v, g, beta), _ = layer._inputs(x, None)
+  (q, k, v, g, beta), _, _ = layer._inputs(x, None)
   o, _ = layer.mix(q, k, v, g, beta, None)
   o_exact, _ = mesa_exact(q, k, v, g, beta, layer.lam())
   # ‖r‖ ≤ 1e-4‖r₀‖ with cond(A) ≲ 1e2: ~1e-3 of scale at worst (measured 3e-5).
@@ -139,14 +139,14 @@ def test_cg_steps_probe_reports_forward_and_adjoint_steps(impl, head_dim):
   assert reported.shape == (1, 4)
 
   # Forward: an independent count, the dense CG of mesa_recurrent on the same systems.
-  (q, k, v, g, beta), _ = layer._inputs(x, None)
+  (q, k, v, g, beta), out_gate, _ = layer._inputs(x, None)
   iters = np.asarray(mesa_recurrent(q, k, v, g, beta, layer.lam(), cg_steps=24, tol=1e-4)[2], np.float64)
   np.testing.assert_allclose(reported[0, :2], [iters.mean(), iters.max()], rtol=1e-6)
   np.testing.assert_allclose(layer.forward_with_cg_steps(x)[1], reported[0, :2], rtol=1e-6)
   # Adjoint: what the op reports for the cotangent the layer's output sends into o.
   op = functools.partial(mesa_chunked, chunk_size=16, cg_steps=24, cg_tol=1e-4, impl=impl)
   o = op(q, k, v, g, beta, layer.lam())[0]
-  do = jax.grad(lambda o: jnp.sum(layer._output(o, x) * weights))(o)
+  do = jax.grad(lambda o: jnp.sum(layer._output(o, out_gate) * weights))(o)
   op_steps = cg_steps.measure(op, lambda outputs: jnp.sum(outputs[0] * do), q, k, v, g, beta, layer.lam())
   np.testing.assert_allclose(reported[0], op_steps, rtol=1e-6)
   assert 1 < float(reported[0, 2]) < 24

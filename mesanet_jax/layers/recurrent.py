@@ -5,8 +5,9 @@
     y = W_o RMSNorm_head(o) [⊙ silu(W_g x) with the output gate]
 
 A subclass supplies the sequence mixing (`mix`, `mix_token`, `zero_state`); this class owns parameters, gates, the
-short-convolution states and the cache. Decoding runs the projections of x (q, k, v, the output gate and the two f32
-gates) as one matmul over concatenated kernels (`FusedProjections`); training and prefill run them one by one.
+short-convolution states and the cache. Decoding runs the projections of x as two matmuls over concatenated kernels
+(q, k, v and the output gate in `dtype`; the two gates in f32), `FusedProjections`; training and prefill run them
+one by one.
 """
 from typing import Any, NamedTuple
 
@@ -43,7 +44,7 @@ class RecurrentMixer(FusedProjections, nnx.Module):
   and may keep more than the mixing state in the decode cache (Mesa's warm start keeps the last CG solution):
     to_cache(state): the state after a sequence as the cache holds it; from_cache(cached): the state `mix` takes.
   """
-  FUSED = {"inputs": ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")}
+  FUSED = {"inputs": ("q_proj", "k_proj", "v_proj", "g_proj"), "gates": ("a_proj", "b_proj")}
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, conv_size: int, gamma_cap: float | None,
                use_output_gate: bool, norm_eps: float, out_scale: float, rngs: nnx.Rngs, dtype, param_dtype):
@@ -75,10 +76,10 @@ class RecurrentMixer(FusedProjections, nnx.Module):
 
   def _projections(self, x: jax.Array, fused: bool):
     """x: [B, T, d] -> q, k, v [B, T, H·D], the output gate's logits (None without) and the gates' a, b [B, T, H] f32;
-    `fused` (decoding): as one matmul over concatenated kernels (the f32 gates' as exact bf16 pieces)."""
+    `fused` (decoding): as two matmuls over concatenated kernels."""
     if fused:
-      q, k, v, *out_gate, a, b = self.fused("inputs", x)
-      return q, k, v, (out_gate[0] if out_gate else None), a, b
+      q, k, v, *out_gate = self.fused("inputs", x)
+      return q, k, v, (out_gate[0] if out_gate else None), *self.fused("gates", x)
     out_gate = None if self.g_proj is None else self.g_proj(x)
     return self.q_proj(x), self.k_proj(x), self.v_proj(x), out_gate, self.a_proj(x), self.b_proj(x)
 

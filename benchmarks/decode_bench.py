@@ -33,7 +33,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 
 import functools
 import json
-import re
 import statistics
 import time
 
@@ -43,7 +42,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from benchmarks.gpu_profile import kernel_times
+from benchmarks.gpu_profile import kernel_times, launches_per_step
 from mesanet_jax.layers.mesa import MesaConfig
 from mesanet_jax.models.config import LMConfig
 from mesanet_jax.models.decoding import for_decoding
@@ -105,41 +104,6 @@ def footprint(compiled) -> int:
   """Bytes XLA reserves for an executable: arguments + outputs + temporaries − what outputs alias."""
   m = compiled.memory_analysis()
   return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-
-
-_NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "call", "while", "conditional",
-                "after-all", "opt-barrier", "partition-id", "replica-id", "add-dependency"}
-
-
-def launches_per_step(hlo: str) -> str:
-  """Kernels per decode step: the instructions of the decode scan's loop body that run as kernels (descending into
-  calls, e.g. command buffers), and the while loops nested in it (each a device round trip per iteration)."""
-  computations, name = {}, None
-  for line in hlo.splitlines():
-    line = re.sub(r"/\*index=\d+\*/", "", line)  # tuple shapes of 5+ elements carry these comments
-    if m := re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line):
-      name, computations[m.group(1)] = m.group(1), []
-    elif name and (m := re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (?:\([^=]*?\)|\S+) ([a-z][\w\-]*)\((.*)", line)):
-      computations[name].append((m.group(1), m.group(2)))
-
-  def count(computation):
-    kernels, loops = 0, 0
-    for opcode, rest in computations.get(computation, []):
-      if opcode == "call":
-        inner = count(re.search(r"to_apply=%?([\w.\-]+)", rest).group(1))
-        kernels, loops = kernels + inner[0], loops + inner[1]
-      elif opcode == "while":
-        loops += 1
-      elif opcode not in _NOT_KERNELS:
-        kernels += 1
-    return kernels, loops
-
-  bodies = [re.search(r"body=%?([\w.\-]+)", rest).group(1) for c in computations.values() for op, rest in c
-            if op == "while"]
-  if not bodies:
-    return "no loop (the scan was unrolled)"
-  kernels, loops = max(count(body) for body in bodies)  # the scan: the outermost, largest body
-  return f"{kernels} kernels + {loops} nested while loops"
 
 
 def step_inputs(batch: int):

@@ -2,12 +2,14 @@
 
 `kernel_times(fn, *args)` runs fn once under `jax.profiler` and sums the device events of every stream by kernel
 name (`jax.profiler.ProfileData`, no TensorBoard needed). Used by the benchmarks to tell a launch- or host-bound
-program (kernel time ≪ wall time) from a kernel-bound one, and which kernels to work on.
+program (kernel time ≪ wall time) from a kernel-bound one, and which kernels to work on. `launches_per_step(hlo)`
+counts the kernels of a compiled decode loop's body from its HLO text.
 """
 import collections
 import dataclasses
 import glob
 import os
+import re
 import tempfile
 import time
 
@@ -63,3 +65,38 @@ def kernel_times(fn, *args) -> KernelTimes:
           kernels[event.name][0] += 1
           kernels[event.name][1] += event.duration_ns * 1e-9
   return KernelTimes(wall, {name: (count, seconds) for name, (count, seconds) in kernels.items()})
+
+
+_NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "call", "while", "conditional",
+                "after-all", "opt-barrier", "partition-id", "replica-id", "add-dependency"}
+
+
+def launches_per_step(hlo: str) -> str:
+  """Kernels per decode step: the instructions of the decode scan's loop body that run as kernels (descending into
+  calls, e.g. command buffers), and the while loops nested in it (each a device round trip per iteration)."""
+  computations, name = {}, None
+  for line in hlo.splitlines():
+    line = re.sub(r"/\*index=\d+\*/", "", line)  # tuple shapes of 5+ elements carry these comments
+    if m := re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line):
+      name, computations[m.group(1)] = m.group(1), []
+    elif name and (m := re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (?:\([^=]*?\)|\S+) ([a-z][\w\-]*)\((.*)", line)):
+      computations[name].append((m.group(1), m.group(2)))
+
+  def count(computation):
+    kernels, loops = 0, 0
+    for opcode, rest in computations.get(computation, []):
+      if opcode == "call":
+        inner = count(re.search(r"to_apply=%?([\w.\-]+)", rest).group(1))
+        kernels, loops = kernels + inner[0], loops + inner[1]
+      elif opcode == "while":
+        loops += 1
+      elif opcode not in _NOT_KERNELS:
+        kernels += 1
+    return kernels, loops
+
+  bodies = [re.search(r"body=%?([\w.\-]+)", rest).group(1) for c in computations.values() for op, rest in c
+            if op == "while"]
+  if not bodies:
+    return "no loop (the scan was unrolled)"
+  kernels, loops = max(count(body) for body in bodies)  # the scan: the outermost, largest body
+  return f"{kernels} kernels + {loops} nested while loops"

@@ -66,6 +66,8 @@ _STEP_ALONE = flags.DEFINE_list("step_alone_batches", ["1", "32", "128"], "first
 _WARPS = flags.DEFINE_list("step_alone_warps", ["4", "8", "16"], "num_warps of the fused kernel timed alone")
 _PROFILE = flags.DEFINE_list("profile", [], "variant@batch entries (e.g. pallas:1e-4:warm@1): before the runs, the "
                               "kernels of --new_tokens decode steps at the first prompt, from a profiler trace")
+_DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "write each compiled decode loop's optimised HLO to --out "
+                               "(decode_<variant>_B<batch>.hlo.txt): which fusion is which kernel of a profile")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs of ours (median); fla runs once after a warm-up")
 _LAYERS = flags.DEFINE_integer("layers", 12, "Mesa blocks")
 _D_MODEL = flags.DEFINE_integer("d_model", 768, "hidden size")
@@ -207,7 +209,11 @@ class Ours:
           return (token, cache), (token, cg_steps)
         return jax.lax.scan(step, (token, cache), None, length=steps)[1]
       self.decodes[key] = jax.jit(run).lower(self.params, token, cache).compile()
-      self.launches.setdefault(variant, launches_per_step(self.decodes[key].as_text()))
+      hlo = self.decodes[key].as_text()
+      self.launches.setdefault(variant, launches_per_step(hlo))
+      if _DUMP_HLO.value:
+        with open(os.path.join(_OUT.value, f"decode_{variant.replace(':', '_')}_B{token.shape[0]}.hlo.txt"), "w") as f:
+          f.write(hlo)
     return self.decodes[key]
 
   def profile(self, entry: str) -> str:

@@ -48,7 +48,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 class Attention(FusedProjections, nnx.Module):
   """Softmax attention over positions s with t − window < s ≤ t (all s ≤ t when window is None)."""
-  FUSED = {"qkv": ("q_proj", "k_proj", "v_proj")}
+  FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "output": ("o_proj",)}
 
   def __init__(self, d_model: int, config: AttentionConfig, *, window: int | None, rngs: nnx.Rngs,
                out_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -67,7 +67,7 @@ class Attention(FusedProjections, nnx.Module):
   def _project(self, x: jax.Array, positions: jax.Array, *, fused: bool = False):
     """x: [B, T, d] at `positions` [T] -> q, k (RoPE applied), v [B, T, H, D]; `fused` (decoding): one matmul."""
     shape = (*x.shape[:2], self.config.num_heads, self.config.head_dim)
-    q, k, v = self.fused("qkv", x) if fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+    q, k, v = self.project("qkv", x, fused)
     q = rope(q.reshape(shape), positions, self.config.rope_theta)
     k = rope(k.reshape(shape), positions, self.config.rope_theta)
     return q, k, v.reshape(shape)
@@ -83,11 +83,13 @@ class Attention(FusedProjections, nnx.Module):
     return self.o_proj(o.reshape(*o.shape[:2], -1))
 
   def _attend(self, q, k, v, mask):
-    """q: [B, T, H, D]; k, v: [B, S, H, D]; mask broadcastable to [B, H, T, S]. Softmax in f32."""
+    """Decoding's attention: q [B, T, H, D]; k, v: [B, S, H, D]; mask broadcastable to [B, H, T, S]. Softmax in f32;
+    the output projection from its decode layout."""
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
     weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
     o = jnp.einsum("bhts,bshd->bthd", weights.astype(self.dtype), v)
-    return self.o_proj(o.reshape(*o.shape[:2], -1))
+    (y,) = self.fused("output", o.reshape(*o.shape[:2], -1))
+    return y
 
   def _in_window(self, query_pos, key_pos):
     visible = key_pos <= query_pos

@@ -103,8 +103,8 @@ class BlockDiagonal(nnx.Module):
 class HawkLayer(FusedProjections, nnx.Module):
   """Griffin's recurrent block (module docstring); same call contract as the other mixers: __call__(x, cache) ->
   (y, cache), decode(x, cache) -> (y, cache, None), init_cache(batch). Decoding runs W_y and W_x as one matmul over
-  their concatenated kernels (`FusedProjections`)."""
-  FUSED = {"branches": ("linear_y", "linear_x")}
+  their concatenated kernels and W_out from its decode layout (`FusedProjections`)."""
+  FUSED = {"branches": ("linear_y", "linear_x"), "output": ("linear_out",)}
 
   def __init__(self, d_model: int, config: HawkConfig, *, rngs: nnx.Rngs, out_scale: float = 1.0, dtype=jnp.float32,
                param_dtype=jnp.float32):
@@ -131,8 +131,8 @@ class HawkLayer(FusedProjections, nnx.Module):
   def __call__(self, x: jax.Array, cache: HawkCache | None = None, *,
                fused: bool = False) -> tuple[jax.Array, HawkCache]:
     """x: [B, T, d]; cache: the state before the first token (None: empty). Returns y [B, T, d], the cache after.
-    `fused` (decoding): W_y and W_x as one matmul."""
-    y, u = self.fused("branches", x) if fused else (self.linear_y(x), self.linear_x(x))
+    `fused` (decoding): W_y and W_x as one matmul, kernels in the decode layout."""
+    y, u = self.project("branches", x, fused)
     gate = jax.nn.gelu(y)
     u, conv = self.conv(u, None if cache is None else cache.conv)
     u = u.astype(jnp.promote_types(self.dtype, jnp.float32))  # gates and recurrence in f32 (or wider)
@@ -140,7 +140,8 @@ class HawkLayer(FusedProjections, nnx.Module):
     scale = sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a), MAX_SQRT_GRADIENT)  # √(1 − a²), accurate for a → 1
     h, last = linear_recurrence(jnp.exp(log_a), scale * jax.nn.sigmoid(self.input_gate(u)) * u,
                                 None if cache is None else cache.state)
-    return self.linear_out(h.astype(self.dtype) * gate), HawkCache(conv, last)
+    (out,) = self.project("output", h.astype(self.dtype) * gate, fused)
+    return out, HawkCache(conv, last)
 
   def decode(self, x: jax.Array, cache: HawkCache) -> tuple[jax.Array, HawkCache, None]:
     """One token x: [B, d] -> y [B, d], the new cache, and no solver step count."""

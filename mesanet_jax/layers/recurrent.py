@@ -6,8 +6,8 @@
 
 A subclass supplies the sequence mixing (`mix`, `mix_token`, `zero_state`); this class owns parameters, gates, the
 short-convolution states and the cache. Decoding runs the projections of x as two matmuls over concatenated kernels
-(q, k, v and the output gate in `dtype`; the two gates in f32), `FusedProjections`; training and prefill run them
-one by one.
+(q, k, v and the output gate in `dtype`; the two gates in f32) and the output projection from its decode layout,
+`FusedProjections`; training and prefill run them one by one.
 """
 from typing import Any, NamedTuple
 
@@ -44,7 +44,7 @@ class RecurrentMixer(FusedProjections, nnx.Module):
   and may keep more than the mixing state in the decode cache (Mesa's warm start keeps the last CG solution):
     to_cache(state): the state after a sequence as the cache holds it; from_cache(cached): the state `mix` takes.
   """
-  FUSED = {"inputs": ("q_proj", "k_proj", "v_proj", "g_proj"), "gates": ("a_proj", "b_proj")}
+  FUSED = {"inputs": ("q_proj", "k_proj", "v_proj", "g_proj"), "gates": ("a_proj", "b_proj"), "output": ("o_proj",)}
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, conv_size: int, gamma_cap: float | None,
                use_output_gate: bool, norm_eps: float, out_scale: float, rngs: nnx.Rngs, dtype, param_dtype):
@@ -77,11 +77,8 @@ class RecurrentMixer(FusedProjections, nnx.Module):
   def _projections(self, x: jax.Array, fused: bool):
     """x: [B, T, d] -> q, k, v [B, T, H·D], the output gate's logits (None without) and the gates' a, b [B, T, H] f32;
     `fused` (decoding): as two matmuls over concatenated kernels."""
-    if fused:
-      q, k, v, *out_gate = self.fused("inputs", x)
-      return q, k, v, (out_gate[0] if out_gate else None), *self.fused("gates", x)
-    out_gate = None if self.g_proj is None else self.g_proj(x)
-    return self.q_proj(x), self.k_proj(x), self.v_proj(x), out_gate, self.a_proj(x), self.b_proj(x)
+    q, k, v, *out_gate = self.project("inputs", x, fused)
+    return q, k, v, (out_gate[0] if out_gate else None), *self.project("gates", x, fused)
 
   def _inputs(self, x: jax.Array, cache: RecurrentCache | None, *, fused: bool = False):
     """x: [B, T, d] -> the mixer's (q, k, v, g, β), the output gate's logits (or None) and the conv states after."""
@@ -94,10 +91,11 @@ class RecurrentMixer(FusedProjections, nnx.Module):
     k = _l2_normalise(jax.nn.silu(k).reshape(heads))
     return (q, k, v.reshape(heads), *self.gates(a, b)), out_gate, (conv_q, conv_k)
 
-  def _output(self, o: jax.Array, out_gate: jax.Array | None) -> jax.Array:
-    """o: [B, T, H, D], the output gate's logits [B, T, H·D] or None -> [B, T, d]."""
+  def _output(self, o: jax.Array, out_gate: jax.Array | None, *, fused: bool = False) -> jax.Array:
+    """o: [B, T, H, D], the output gate's logits [B, T, H·D] or None -> [B, T, d]; `fused`: decode layout."""
     o = self.norm(o, None if out_gate is None else out_gate.reshape(o.shape))
-    return self.o_proj(o.reshape(*o.shape[:2], -1))
+    (y,) = self.project("output", o.reshape(*o.shape[:2], -1), fused)
+    return y
 
   def to_cache(self, state):
     return state
@@ -119,4 +117,4 @@ class RecurrentMixer(FusedProjections, nnx.Module):
     """One token x: [B, d]. Returns y [B, d], the new cache and the CG steps per head [B, H] (None if no solver)."""
     (q, k, v, g, beta), out_gate, convs = self._inputs(x[:, None], cache, fused=True)
     o, state, iters = self.mix_token(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
-    return self._output(o[:, None], out_gate)[:, 0], RecurrentCache(*convs, state), iters
+    return self._output(o[:, None], out_gate, fused=True)[:, 0], RecurrentCache(*convs, state), iters

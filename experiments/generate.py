@@ -24,7 +24,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: 
 _TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "CG steps per decoded token (0: the run's mesa.cg_steps_decode)")
-_CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each head's CG once ‖r‖ ≤ tol·‖r₀‖ (0: fixed steps)")
+_CG_TOL = flags.DEFINE_float("cg_tol", None, "stop each head's CG once ‖r‖ ≤ tol·‖r₀‖ (unset: the run's "
+                              "mesa.decode_tol, by default the paper's 1e-4; 0: fixed steps)")
 _WARM_START = flags.DEFINE_bool("warm_start", False, "start each token's CG from the previous token's solution "
                                 "(--cg_tol is then relative to ‖q‖)")
 _IMPL = flags.DEFINE_enum("impl", "", ["", "xla", "pallas"], "Mesa implementation (pallas: the fused decode "
@@ -59,8 +60,9 @@ def main(argv):
     prompt = _encode(tokenizer, _PROMPT.value)
     if not prompt or max(prompt) >= run.lm.vocab_size or min(prompt) < 0:
       raise ValueError(f"--prompt {_PROMPT.value!r}: token ids must lie in [0, {run.lm.vocab_size})")
+    tol = run.lm.mesa.decode_tol if _CG_TOL.value is None else (_CG_TOL.value or None)
     mesa = dataclasses.replace(run.lm.mesa, cg_steps_decode=_CG_STEPS.value or run.lm.mesa.cg_steps_decode,
-                               decode_tol=_CG_TOL.value or None, decode_warm_start=_WARM_START.value,
+                               decode_tol=tol, decode_warm_start=_WARM_START.value,
                                impl=_IMPL.value or run.lm.mesa.impl)
     lm = dataclasses.replace(run.lm, mesa=mesa)
     print(fast_path.summary_line(lm), file=sys.stderr)  # stdout carries the generated text only
@@ -79,7 +81,7 @@ def main(argv):
     print(f" {int(token[0])}" if detokenizer is None else detokenizer.push(token[0]), end="", flush=True)
   print()
   if count:
-    budget = f"tol {_CG_TOL.value:g}, at most {mesa.cg_steps_decode}" if _CG_TOL.value else f"{mesa.cg_steps_decode}"
+    budget = f"tol {mesa.decode_tol:g}, at most {mesa.cg_steps_decode}" if mesa.decode_tol else f"{mesa.cg_steps_decode}"
     print(f"CG steps per decoded token (mean over Mesa layers and heads; budget {budget}): mean {total / count:.2f}, "
           f"min {least:.2f}, max {most:.2f}; the last {len(last_steps)}:\n" + " ".join(f"{s:.1f}" for s in last_steps))
 

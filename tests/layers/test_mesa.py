@@ -16,7 +16,9 @@ from mesanet_jax.ops import cg_steps, mesa_chunked, mesa_exact, mesa_recurrent
 from tests.ops.mesa_inputs import max_abs, scale
 
 # Dk = 8 with 3·Dk CG steps: CG is exact in Dk steps in exact arithmetic; 3·Dk leaves f32 rounding only.
-CONFIG = MesaConfig(num_heads=2, head_dim=8, chunk_size=8, cg_steps_train=24, cg_steps_decode=24)
+# Fixed CG steps when decoding too (decode_tol=None; the default stops at 1e-4): every decoded token's solve is the
+# forward's converged one, so decode ≡ forward to f32 rounding and each head reports cg_steps_decode steps.
+CONFIG = MesaConfig(num_heads=2, head_dim=8, chunk_size=8, cg_steps_train=24, cg_steps_decode=24, decode_tol=None)
 
 
 def _layer(config=CONFIG, seed=0):

@@ -30,3 +30,10 @@ def x64():
   """Runs a test with 64-bit floats enabled, for ground-truth comparisons at tight tolerances."""
   with jax.enable_x64(True):
     yield
+
+
+def pytest_collection_modifyitems(items):
+  """Slow tests first (a stable sort). An xdist worker is handed its next tests a few ahead of time, and pytest.ini's
+  loadgroup puts xdist_group-ed modules first; long tests at the end of the queue would leave one worker idle while the
+  other runs them, short ones there let both workers finish together."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -80,8 +80,9 @@ PALLAS = dataclasses.replace(CONFIG, head_dim=16, chunk_size=16, cg_steps_train=
                          ids=["xla", "xla-warm", "pallas", "pallas-warm"])
 def test_prefill_in_pieces_and_decode_match_whole_sequence(config):
   layer, x = _layer(dataclasses.replace(config, use_output_gate=True)), _x()
-  y, _ = layer(x)
-  y1, cache = layer(x[:, :13], layer.init_cache(2))
+  # Jitted calls: one program each instead of an eager compile per primitive.
+  y, _ = nnx.jit(lambda layer, x: layer(x))(layer, x)
+  y1, cache = nnx.jit(lambda layer, x: layer(x, layer.init_cache(2)))(layer, x[:, :13])
   assert isinstance(cache.state, WarmStartState) == config.decode_warm_start
   decode = nnx.jit(lambda layer, x, cache: layer.decode(x, cache))
   outs = [y1]
@@ -136,13 +137,14 @@ def test_cg_steps_probe_reports_forward_and_adjoint_steps(impl, head_dim):
   weights = jax.random.normal(jax.random.key(2), x.shape)
   graphdef, params, probes = nnx.split(layer, nnx.Param, CGStepsProbe)
   loss = lambda params, probes: jnp.sum(nnx.merge(graphdef, params, probes)(x)[0] * weights)
-  grads, probe_grads = jax.grad(loss, argnums=(0, 1))(params, probes)
+  grads, probe_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, probes)  # jitted: one program
   reported = cg_steps_by_layer(probe_grads)
   assert reported.shape == (1, 4)
 
   # Forward: an independent count, the dense CG of mesa_recurrent on the same systems.
   (q, k, v, g, beta), out_gate, _ = layer._inputs(x, None)
-  iters = np.asarray(mesa_recurrent(q, k, v, g, beta, layer.lam(), cg_steps=24, tol=1e-4)[2], np.float64)
+  recurrent = jax.jit(functools.partial(mesa_recurrent, cg_steps=24, tol=1e-4))
+  iters = np.asarray(recurrent(q, k, v, g, beta, layer.lam())[2], np.float64)
   np.testing.assert_allclose(reported[0, :2], [iters.mean(), iters.max()], rtol=1e-6)
   np.testing.assert_allclose(layer.forward_with_cg_steps(x)[1], reported[0, :2], rtol=1e-6)
   # Adjoint: what the op reports for the cotangent the layer's output sends into o.
@@ -154,5 +156,5 @@ def test_cg_steps_probe_reports_forward_and_adjoint_steps(impl, head_dim):
   assert 1 < float(reported[0, 2]) < 24
   # The probe changes no gradient.
   plain_graphdef, plain_params = nnx.split(_layer(config), nnx.Param)
-  plain_grads = jax.grad(lambda p: jnp.sum(nnx.merge(plain_graphdef, p)(x)[0] * weights))(plain_params)
+  plain_grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(plain_graphdef, p)(x)[0] * weights)))(plain_params)
   assert max_abs(grads, plain_grads) == 0.0

@@ -1,6 +1,7 @@
 """CG steps of the Mesa layers read from a model: per-layer probe gradients (forward and adjoint solves) and the
 forward-only count, equal in the loop layout, the scanned layers and under remat."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +55,17 @@ def test_probes_report_every_layer_and_change_nothing_else():
   np.testing.assert_allclose(logits, model(tokens[:, :-1]), rtol=1e-5, atol=1e-5)
 
 
+@functools.cache
+def _loop_steps():
+  """The loop-layout model (probes added) and its per-layer steps on `_tokens()`, shared by the cases below."""
+  model = add_cg_steps_probes(_model())
+  return model, _loss_and_steps(model, _tokens())[2]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)])
 def test_probes_under_scan_and_remat_match_the_loop(overrides):
-  model, tokens = _model(), _tokens()
-  _, _, steps = _loss_and_steps(add_cg_steps_probes(model), tokens)
+  (model, steps), tokens = _loop_steps(), _tokens()
   copy = add_cg_steps_probes(same_weights(model, **overrides))
   if copy.config.scan_layers:  # one probe stacked on the layers axis
     probe = copy.blocks.mixer.cg_steps_probe
@@ -66,7 +73,7 @@ def test_probes_under_scan_and_remat_match_the_loop(overrides):
   _, _, copy_steps = _loss_and_steps(copy, tokens)
   # The same solves in another fusion order: equal counts unless a row sits at its threshold (none here).
   np.testing.assert_allclose(copy_steps, steps, rtol=1e-6)
-  _, forward_steps = copy.forward_with_cg_steps(tokens[:, :-1])
+  _, forward_steps = nnx.jit(lambda m, t: m.forward_with_cg_steps(t))(copy, tokens[:, :-1])  # one program
   np.testing.assert_allclose(forward_steps, steps[:, :2], rtol=1e-6)
 
 

@@ -37,6 +37,12 @@ def _prefill_then_decode(model, tokens, prompt_len):
   return run(state, tokens)
 
 
+def _forward(model, tokens):
+  """model(tokens) as one jitted program (an eager forward compiles every primitive on its own: slower)."""
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))(state, tokens)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["mesanet", "transformer", "swa", "gdn", "hybrid"])
 def test_prefill_then_decode_matches_full_forward(architecture):
@@ -59,7 +65,7 @@ def test_generate_greedy_with_cg_tolerance_reports_steps():
   assert float(jnp.mean(out.cg_steps)) < config.mesa.cg_steps_decode  # early stopping did stop early
   # Greedy: every token is the argmax of the full forward on what precedes it (where the top-2 gap exceeds the
   # ~1e-3 logit error of tol = 1e-4 CG).
-  logits = model(jnp.concatenate([prompt, out.tokens[:, :-1]], axis=1))[:, 9:]
+  logits = _forward(model, jnp.concatenate([prompt, out.tokens[:, :-1]], axis=1))[:, 9:]
   top2 = jnp.sort(logits, axis=-1)[..., -2:]
   clear = (top2[..., 1] - top2[..., 0]) > 1e-2
   assert bool(jnp.all(jnp.where(clear, jnp.argmax(logits, -1) == out.tokens, True))) and bool(jnp.any(clear))
@@ -74,7 +80,7 @@ def test_generate_sampling_top_k():
   top1 = generate(model, prompt, 5, temperature=0.7, top_k=1, key=jax.random.key(3))
   np.testing.assert_array_equal(top1.tokens, greedy.tokens)
   sampled = generate(model, prompt, 5, temperature=2.0, top_k=4, key=jax.random.key(3)).tokens
-  logits = model(jnp.concatenate([prompt, sampled[:, :-1]], axis=1))[:, 9:]
+  logits = _forward(model, jnp.concatenate([prompt, sampled[:, :-1]], axis=1))[:, 9:]
   top4 = jax.lax.top_k(logits, 4)[1]
   assert bool(jnp.all(jnp.any(top4 == sampled[..., None], axis=-1)))
   with pytest.raises(ValueError, match="top_k"):
@@ -105,14 +111,18 @@ def test_bf16_compute_keeps_f32_params_and_state():
   model = LanguageModel(preset("tiny", "hybrid", dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
   assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
   tokens = _tokens((2, 12))
-  x = model._embed(tokens)
-  hidden, _ = model.blocks[0](x)
+
+  @nnx.jit  # one program, not an eager compile per primitive
+  def embed_and_first_block(model, tokens):
+    x = model._embed(tokens)
+    return x, model.blocks[0](x)[0]
+  x, hidden = embed_and_first_block(model, tokens)
   assert x.dtype == jnp.bfloat16 and hidden.dtype == jnp.bfloat16
-  logits, cache = model.prefill(tokens, max_len=16)
+  logits, cache = nnx.jit(lambda model, tokens: model.prefill(tokens, max_len=16))(model, tokens)
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
   mesa_state = cache[0].state
   assert isinstance(mesa_state, MesaState) and mesa_state.h_kk.dtype == jnp.float32
   assert cache[3].k.dtype == jnp.bfloat16  # layer 4 is sliding-window attention: its KV cache holds activations
-  full = LanguageModel(preset("tiny", "hybrid"), rngs=nnx.Rngs(0))(tokens)
+  full = _forward(LanguageModel(preset("tiny", "hybrid"), rngs=nnx.Rngs(0)), tokens)
   # Same parameters in f32: bf16 activations (8-bit mantissa) through 4 blocks move logits by ~1e-1 at most.
   assert float(jnp.max(jnp.abs(logits - full))) < 0.5

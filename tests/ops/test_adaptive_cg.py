@@ -16,12 +16,18 @@ from tests.ops.test_chunked import ARGNAMES, F64_TOL
 SHAPES = [(2, 37, 3, 8, 5, 8), (1, 48, 2, 16, 16, 16)]
 
 
+# Jitted, as in test_chunked.py: one compiled program per op and shape instead of an eager compile per primitive.
 def _adaptive(chunk_size, cg_steps, cg_tol, **kwargs):
-  return functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, cg_tol=cg_tol, **kwargs)
+  return jax.jit(functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, cg_tol=cg_tol, **kwargs),
+                 static_argnames="return_cg_steps")
+
+
+_exact = jax.jit(mesa_exact)
+_recurrent = jax.jit(mesa_recurrent, static_argnames=("cg_steps", "tol"))
 
 
 def _gradients(op, args, weights):
-  return jax.grad(weighted_sum_loss(op, weights), argnums=range(7))(*args)
+  return jax.jit(jax.grad(weighted_sum_loss(op, weights), argnums=range(7)))(*args)
 
 
 @pytest.mark.slow
@@ -33,12 +39,12 @@ def test_tight_tolerance_matches_exact_in_f64(x64, shape):
   # 3·Dk steps is only the cap.
   op = _adaptive(chunk, 3 * key_dim, 1e-13)
   o, state, forward_steps = op(*args, return_cg_steps=True)
-  o_exact, state_exact = mesa_exact(*args)
+  o_exact, state_exact = _exact(*args)
   assert max_abs(o, o_exact) < F64_TOL * scale(o_exact)
   assert max_abs(state, state_exact) < F64_TOL * scale(state_exact)
   assert float(cg_steps.combine(forward_steps)[1]) < 3 * key_dim  # every system stopped before the cap
   weights = loss_weights(o_exact, state_exact)
-  for name, grad, grad_exact in zip(ARGNAMES, _gradients(op, args, weights), _gradients(mesa_exact, args, weights)):
+  for name, grad, grad_exact in zip(ARGNAMES, _gradients(op, args, weights), _gradients(_exact, args, weights)):
     assert max_abs(grad, grad_exact) < F64_TOL * scale(grad_exact), name
 
 
@@ -47,7 +53,7 @@ def test_gradients_match_finite_differences(x64):
   """The implicit backward of the adaptive solve against numerical derivatives (tolerance far below their error)."""
   args = as_f64(random_inputs(1, 11, 2, 4, 3, with_state=True, seed=2))
   op = _adaptive(4, 12, 1e-11)
-  loss = lambda *a: jnp.sum(jnp.sin(op(*a)[0])) + jnp.sum(jnp.cos(op(*a)[1].h_kk))
+  loss = jax.jit(lambda *a: jnp.sum(jnp.sin(op(*a)[0])) + jnp.sum(jnp.cos(op(*a)[1].h_kk)))
   check_grads(loss, args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
@@ -76,15 +82,15 @@ def test_reported_steps_equal_an_independent_count(x64, shape):
   args = as_f64(random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=3))
   tol, cap = 1e-6, 3 * key_dim
   op = _adaptive(chunk, cap, tol)
-  weights = loss_weights(*mesa_exact(*args))
+  weights = loss_weights(*_exact(*args))
   q, k, v, g, beta, lam, state = args
-  forward_iters = mesa_recurrent(*args, cg_steps=cap, tol=tol)[2]
+  forward_iters = _recurrent(*args, cg_steps=cap, tol=tol)[2]
   u = jnp.einsum("bthkv,bthv->bthk", _token_h_kv(k, v, g, beta, state), weights[0])  # do = ∂loss/∂o = weights[0]
-  adjoint_iters = mesa_recurrent(u, k, v, g, beta, lam, state, cg_steps=cap, tol=tol)[2]
+  adjoint_iters = _recurrent(u, k, v, g, beta, lam, state, cg_steps=cap, tol=tol)[2]
   expected = np.concatenate([_per_head_stats(forward_iters), _per_head_stats(adjoint_iters)], axis=-1)
 
   probe = jnp.zeros((batch, heads, len(cg_steps.STATS)))
-  reported = jax.grad(lambda p: weighted_sum_loss(functools.partial(op, cg_probe=p), weights)(*args))(probe)
+  reported = jax.jit(jax.grad(lambda p: weighted_sum_loss(functools.partial(op, cg_probe=p), weights)(*args)))(probe)
   # Equal counts; the statistics are f32 (a mean of ≤ 48 integers: rounding ≤ 6e-8 relative).
   np.testing.assert_allclose(reported, expected, rtol=1e-6)
   np.testing.assert_allclose(op(*args, return_cg_steps=True)[2], expected[..., :2], rtol=1e-6)
@@ -105,7 +111,7 @@ def test_fixed_steps_report_the_step_count():
 @pytest.mark.slow
 def test_steps_and_error_fall_and_rise_with_the_tolerance(x64):
   args = as_f64(random_inputs(2, 64, 2, 16, 16, seed=8))
-  o_exact, _ = mesa_exact(*args)
+  o_exact, _ = _exact(*args)
   runs = [_adaptive(16, 48, tol)(*args, return_cg_steps=True) for tol in (1e-2, 1e-4, 1e-6, 1e-8)]
   errors = [max_abs(o, o_exact) for o, _, _ in runs]
   steps = [float(cg_steps.combine(s)[0]) for _, _, s in runs]

@@ -13,13 +13,19 @@ from tests.ops.mesa_inputs import as_f64, loss_weights, max_abs, random_inputs, 
 SHAPES = [(1, 32, 2, 16, 16, 16), (2, 21, 1, 16, 32, 16)]
 
 
+# Every op below is jitted: one compiled program per op and shape instead of an eager compile per primitive.
 def _op(impl, chunk_size, cg_steps, **kwargs):
-  return functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, impl=impl, **kwargs)
+  return jax.jit(functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, impl=impl, **kwargs))
 
 
 def _value_and_grads(op, args, weights):
   loss = weighted_sum_loss(op, weights)
-  return op(*args), jax.grad(loss, argnums=range(7))(*args)
+  return jax.jit(op)(*args), jax.jit(jax.grad(loss, argnums=range(7)))(*args)
+
+
+def _weights(args, reference, **kwargs):
+  """loss_weights (the loss's random direction) shaped as the outputs of `reference(*args, **kwargs)`."""
+  return loss_weights(*jax.jit(functools.partial(reference, **kwargs))(*args))
 
 
 @pytest.mark.slow  # every kernel interpreted, forward and backward
@@ -28,7 +34,7 @@ def _value_and_grads(op, args, weights):
 def test_pallas_matches_xla_in_f32(shape, cg_init):
   batch, length, heads, key_dim, value_dim, chunk = shape
   args = random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=3)
-  weights = loss_weights(*mesa_chunked(*args, chunk_size=chunk))
+  weights = _weights(args, mesa_chunked, chunk_size=chunk)
   (o, state), grads = _value_and_grads(_op("pallas", chunk, 20, cg_init=cg_init), args, weights)
   (o_xla, state_xla), grads_xla = _value_and_grads(_op("xla", chunk, 20, cg_init=cg_init), args, weights)
   # The same CG with the products rounded differently (tests/pallas/precision.py), amplified by at most
@@ -42,7 +48,7 @@ def test_pallas_matches_xla_in_f32(shape, cg_init):
 @pytest.mark.slow  # every kernel interpreted, forward and backward
 def test_pallas_is_exact_cg_in_f64(x64):
   args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
-  weights = loss_weights(*mesa_exact(*args))
+  weights = _weights(args, mesa_exact)
   (o, _), grads = _value_and_grads(_op("pallas", 16, 48), args, weights)
   (o_exact, _), grads_exact = _value_and_grads(mesa_exact, args, weights)
   # 3·Dk CG steps in f64: converged to rounding, as the XLA path (tests/ops/test_chunked.py).
@@ -56,13 +62,13 @@ def test_adaptive_pallas_matches_xla_in_f32():
   """With cg_tol both paths stop every row at the same step (the kernels end a program's loop once its rows have
   stopped, the XLA path runs one loop over all rows): same outputs, gradients and step counts."""
   args = random_inputs(2, 21, 1, 16, 32, with_state=True, seed=3)
-  weights = loss_weights(*mesa_chunked(*args, chunk_size=16))
+  weights = _weights(args, mesa_chunked, chunk_size=16)
   probe = jax.numpy.zeros((2, 1, 4))
   results = []
   for impl in ("pallas", "xla"):
     op = _op(impl, 16, 20, cg_tol=1e-4)
     loss = lambda probe, *a: weighted_sum_loss(functools.partial(op, cg_probe=probe), weights)(*a)
-    results.append((op(*args), jax.grad(loss, argnums=range(8))(probe, *args)))
+    results.append((op(*args), jax.jit(jax.grad(loss, argnums=range(8)))(probe, *args)))
   ((o, state), (steps, *grads)), ((o_xla, state_xla), (steps_xla, *grads_xla)) = results
   # As test_pallas_matches_xla_in_f32; a row whose residual sat within rounding of the threshold could stop a step
   # apart, which this input does not have (the counts are equal).
@@ -76,7 +82,7 @@ def test_adaptive_pallas_matches_xla_in_f32():
 @pytest.mark.slow
 def test_adaptive_pallas_is_exact_in_f64(x64):
   args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
-  weights = loss_weights(*mesa_exact(*args))
+  weights = _weights(args, mesa_exact)
   (o, _), grads = _value_and_grads(_op("pallas", 16, 48, cg_tol=1e-13), args, weights)
   (o_exact, _), grads_exact = _value_and_grads(mesa_exact, args, weights)
   # As the fixed-step f64 test: a relative residual of 1e-13 leaves ~1e-11 of scale (tests/ops/test_adaptive_cg.py).

@@ -145,8 +145,8 @@ def test_steps_report_each_mesa_layers_cg_steps_as_the_probes_give_them(scan_lay
   # Reference: the probes' gradient of each micro-batch's loss (the step's strided rows), means averaged, maxima
   # maximised; the forward's on the whole batch is what evaluation reports.
   zeros = jax.tree.map(jnp.zeros_like, probes)
-  probe_steps = lambda b: cg_steps_by_layer(jax.jit(jax.grad(
-      lambda p: loss_sums(graphdef, state.params, p, b, "lm", 0.0)[0]))(zeros))
+  probe_grads = jax.jit(jax.grad(lambda p, b: loss_sums(graphdef, state.params, p, b, "lm", 0.0)[0]))  # one program
+  probe_steps = lambda b: cg_steps_by_layer(probe_grads(zeros, b))  # per batch shape
   micro = np.stack([probe_steps(jax.tree.map(lambda x: x[i::2], batch)) for i in range(2)])
   expected = np.stack([micro[:, :, 0].mean(0), micro[:, :, 1].max(0), micro[:, :, 2].mean(0), micro[:, :, 3].max(0)],
                       -1)

@@ -10,18 +10,16 @@ steps, each `LanguageModel.decode_step` + greedy `sample`. It is compiled as two
 prompt, decode per batch and length) so that one compile serves every prompt length: decode time per token = the
 decode scan of n tokens / n, which is time(1 + n new) − time(1 new) of `generate` (both pay the prefill). fla:
 (time(generate 1 + n new) − time(generate 1 new)) / n, HF generate with fla's cache (its fused decode step, 30 fixed
-CG steps). Variants of ours: `impl[:tol][:warm][:split|:onekernel]`, e.g. "pallas:1e-4:warm" = the fused Pallas
-decode kernel with decode_tol 1e-4 and CG warm-started from the previous token (impl="xla": `mesa_decode_step`, a few
-hundred small kernels per token); ":split" / ":onekernel" force the Pallas step's solve and read-out into two kernels
-or one (default: two from `decode.SPLIT_ROWS` rows of batch × heads).
+CG steps). Variants of ours: `impl[:tol][:warm]`, e.g. "pallas:1e-4:warm" = the fused Pallas decode kernel with
+decode_tol 1e-4 and CG warm-started from the previous token (impl="xla": `mesa_decode_step`, a few hundred small
+kernels per token).
 
 Reported per (system, batch, prompt, new tokens): prefill ms (prompt → first token), decode ms/token, tokens/s, mean
 CG steps per token (Mesa layers × heads), memory: ours, what XLA reserves for the prefill and the decode executables
 (arguments + outputs + temporaries; peak = the larger; the decode one is the same for every prompt, and 256 vs 4,096
 new shows what grows with the length: the generated tokens only); fla, torch's peak allocation of the whole
 generate. And per variant, the kernels one decode step launches (from the compiled HLO). First, one layer's Mesa
-decode step alone (XLA op; the kernel, one and split in two, at several num_warps; 30 steps and tol 1e-4), checked
-against the XLA op.
+decode step alone (XLA op; fused kernel at several num_warps; 30 steps and tol 1e-4), checked against the XLA op.
 Then runs in priority order (B = 1 and 32 at the first prompt, then the long generations, then the rest) and starts
 no run after --budget_s; every result is appended to <out>/decode_bench.jsonl at once and the table is written to
 <out>/decode_bench.md. Compiles are shared where they can be: one decode executable per (variant, batch, length)
@@ -33,7 +31,6 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
 
-import contextlib
 import functools
 import json
 import statistics
@@ -52,11 +49,9 @@ from mesanet_jax.models.decoding import for_decoding
 from mesanet_jax.models.generate import sample
 from mesanet_jax.models.lm import LanguageModel
 from mesanet_jax.ops import MesaState, mesa_decode_step
-from pallas_kernels.mesa_cg import decode as decode_kernel
 from pallas_kernels.mesa_cg.decode import mesa_decode_fused
 
-_VARIANTS = flags.DEFINE_list("variants", ["pallas"], "ours at every batch and prompt: "
-                              "impl[:decode_tol][:warm][:split|:onekernel]")
+_VARIANTS = flags.DEFINE_list("variants", ["pallas"], "ours at every batch and prompt: impl[:decode_tol][:warm]")
 _EXTRA = flags.DEFINE_list("extra_variants", ["xla", "pallas:1e-4:warm"],
                            "ours at B = 1 and 32 with the first prompt only")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32", "128"], "batch sizes")
@@ -68,8 +63,7 @@ _LONG_VARIANTS = flags.DEFINE_list("long_variants", ["pallas"], "variants of the
 _FLA = flags.DEFINE_bool("fla", True, "also time flash-linear-attention's generate")
 _STEP_ALONE = flags.DEFINE_list("step_alone_batches", ["1", "32", "128"], "first, time one layer's Mesa decode step "
                                 "alone at these batches: the XLA op, the kernel per --step_alone_warps")
-_WARPS = flags.DEFINE_list("step_alone_warps", ["4", "8", "16"], "num_warps of the kernel timed alone (of the solve "
-                           "when split: split_read_out=True)")
+_WARPS = flags.DEFINE_list("step_alone_warps", ["4", "8", "16"], "num_warps of the fused kernel timed alone")
 _PROFILE = flags.DEFINE_list("profile", [], "variant@batch entries (e.g. pallas:1e-4:warm@1): before the runs, the "
                               "kernels of --new_tokens decode steps at the first prompt, from a profiler trace")
 _DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "write each compiled decode loop's optimised HLO to --out "
@@ -87,32 +81,15 @@ _BUDGET = flags.DEFINE_float("budget_s", 360, "no new run starts after this many
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for decode_bench.jsonl / .md")
 
 
-# Variant words that force the Pallas decode step's kernel count (`decode.SPLIT_ROWS`) while a decode loop compiles.
-_KERNEL_WORDS = {"split": 1, "onekernel": 2**31}
-
-
 def lm_config(variant: str) -> LMConfig:
-  """impl[:tol][:warm][:split|:onekernel] -> our model's config (chunk 32 for the Pallas prefill, its faster size on
-  an H200; 64 XLA). SwiGLU width 3·d (fla: intermediate_size, set to the same)."""
+  """impl[:tol][:warm] -> our model's config (chunk 32 for the Pallas prefill, its faster size on an H200; 64 XLA).
+  SwiGLU width 3·d (fla: intermediate_size, set to the same)."""
   impl, *rest = variant.split(":")
-  tol = next((float(r) for r in rest if r != "warm" and r not in _KERNEL_WORDS), None)
   mesa = MesaConfig(num_heads=_HEADS.value, head_dim=128, impl=impl, chunk_size=32 if impl == "pallas" else 64,
                     matmul_precision=_PRECISION.value, cg_steps_train=_CG_STEPS.value, cg_steps_decode=_CG_STEPS.value,
-                    decode_tol=tol, decode_warm_start="warm" in rest)
+                    decode_tol=next((float(r) for r in rest if r != "warm"), None), decode_warm_start="warm" in rest)
   return LMConfig(vocab_size=_VOCAB.value, d_model=_D_MODEL.value, mixers=("mesa",) * _LAYERS.value, mlp_ratio=3,
                   tie_embeddings=True, dtype=jnp.bfloat16, param_dtype=jnp.dtype(_PARAM_DTYPE.value).type, mesa=mesa)
-
-
-@contextlib.contextmanager
-def kernel_count(variant: str):
-  """While tracing: the Pallas decode step as one kernel (":onekernel"), split in two (":split"), or by its rule."""
-  words = [w for w in variant.split(":") if w in _KERNEL_WORDS]
-  saved = decode_kernel.SPLIT_ROWS
-  decode_kernel.SPLIT_ROWS = _KERNEL_WORDS[words[0]] if words else saved
-  try:
-    yield
-  finally:
-    decode_kernel.SPLIT_ROWS = saved
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -167,11 +144,9 @@ def step_alone_table(batches) -> str:
   xla = {"": jax.jit(functools.partial(mesa_decode_step, **fixed)), "tol": jax.jit(functools.partial(mesa_decode_step,
                                                                                                      **tol))}
   steps = {"xla": (xla[""], None)}
-  for split, kernels in ((False, "one kernel"), (True, "solve + read-out")):
-    kernel = functools.partial(mesa_decode_fused, split_read_out=split)
-    steps.update({f"pallas {kernels}, warps={w}": (functools.partial(kernel, num_warps=int(w), **fixed), xla[""])
-                  for w in _WARPS.value})
-    steps[f"pallas {kernels}, warps=8 tol=1e-4"] = (functools.partial(kernel, num_warps=8, **tol), xla["tol"])
+  steps.update({f"pallas warps={w}": (functools.partial(mesa_decode_fused, num_warps=int(w), **fixed), xla[""])
+                for w in _WARPS.value})
+  steps["pallas warps=8 tol=1e-4"] = (functools.partial(mesa_decode_fused, num_warps=8, **tol), xla["tol"])
   lines = ["| Mesa decode step of one layer | " + " | ".join(f"B={b}: µs (CG steps) Δ vs XLA" for b in batches) + " |",
            "|---" * (len(batches) + 1) + "|"]
   for name, (step, reference) in steps.items():
@@ -233,8 +208,7 @@ class Ours:
           token = sample(logits, None, 0.0, None)
           return (token, cache), (token, cg_steps)
         return jax.lax.scan(step, (token, cache), None, length=steps)[1]
-      with kernel_count(variant):
-        self.decodes[key] = jax.jit(run).lower(self.params, token, cache).compile()
+      self.decodes[key] = jax.jit(run).lower(self.params, token, cache).compile()
       hlo = self.decodes[key].as_text()
       self.launches.setdefault(variant, launches_per_step(hlo))
       if _DUMP_HLO.value:

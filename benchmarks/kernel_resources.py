@@ -9,7 +9,6 @@ the Triton that jaxlib bundles, so the numbers guide; the device's timings decid
   python -m pip install triton==3.6.0          # any venv; pass it with --triton_python
   python benchmarks/kernel_resources.py --chunk_size=64 --num_warps=8 [--matmul_precision=default]
   python benchmarks/kernel_resources.py --decode --num_warps=8       # the fused decode kernel (tolerance, warm start)
-  python benchmarks/kernel_resources.py --decode --split_read_out     # the decode step as solve + read-out kernels
 
 The Triton IR is taken from jax 0.11's Pallas-Triton lowering (`lower_jaxpr_to_triton_module`, a private hook).
 """
@@ -25,7 +24,7 @@ from absl import app, flags
 from jax._src.pallas.triton import pallas_call_registration
 
 from mesanet_jax.ops import MesaState, mesa_chunked
-from pallas_kernels.mesa_cg.decode import READ_OUT_WARPS, mesa_decode_fused
+from pallas_kernels.mesa_cg.decode import mesa_decode_fused
 from pallas_kernels.mesa_cg.params import export_for
 
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "C")
@@ -34,8 +33,6 @@ _WARPS = flags.DEFINE_integer("num_warps", 8, "Triton warps the IR is compiled w
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"], "of mesa_chunked")
 _TRITON_PYTHON = flags.DEFINE_string("triton_python", sys.executable, "a Python that can import triton")
 _DECODE = flags.DEFINE_bool("decode", False, "the fused decode kernel (30 steps, tol 1e-4, warm start) instead")
-_SPLIT = flags.DEFINE_bool("split_read_out", False, "with --decode: the solve and read-out kernels (the read-out at "
-                           "decode.READ_OUT_WARPS warps)")
 
 # Runs under --triton_python: compiles one TTIR file for sm_90, writes the cubin, prints the shared memory.
 _COMPILE = """
@@ -68,8 +65,7 @@ def kernel_irs(chunk_size, dim, precision, decode: bool) -> dict[str, str]:
   if decode:
     token = (shape(1, 6, dim), shape(1, 6, dim), shape(1, 6, dim), shape(1, 6), shape(1, 6), shape(6, dim))
     args = (*token, MesaState(shape(1, 6, dim, dim), shape(1, 6, dim, dim)), shape(1, 6, dim))
-    fn = lambda *a: mesa_decode_fused(*a[:-1], cg_steps=30, tol=1e-4, previous=a[-1], num_warps=_WARPS.value,
-                                      split_read_out=_SPLIT.value)
+    fn = lambda *a: mesa_decode_fused(*a[:-1], cg_steps=30, tol=1e-4, previous=a[-1], num_warps=_WARPS.value)
   pallas_call_registration.lowering.lower_jaxpr_to_triton_module = keep
   try:
     export_for("gpu", fn, *args)
@@ -106,8 +102,7 @@ def main(argv):
       source, cubin = os.path.join(tmp, f"{name}.ttir"), os.path.join(tmp, f"{name}.cubin")
       with open(source, "w") as f:
         f.write(ir)
-      warps = READ_OUT_WARPS if name == "mesa_decode_read_out" else _WARPS.value
-      shared = subprocess.run([_TRITON_PYTHON.value, "-c", _COMPILE, source, str(warps), cubin],
+      shared = subprocess.run([_TRITON_PYTHON.value, "-c", _COMPILE, source, str(_WARPS.value), cubin],
                               capture_output=True, text=True, check=True).stdout.strip()
       usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
       registers = re.search(r"REG:(\d+) STACK:(\d+)", usage)

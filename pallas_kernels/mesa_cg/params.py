@@ -70,22 +70,15 @@ def compiler_params(chunk_size: int, num_warps: int | None = None, num_stages: i
   return None
 
 
-def decode_compiler_params(num_warps: int | None = None, grid_rank: int = 1):
-  """Compiler params of the decode kernels (`decode.py`: a grid over batch·heads, and value blocks for the read-out).
-  num_warps defaults to 8: the [Dk, Dk] state tile stays in registers through the CG loop (64 f32 per thread at
-  Dk = 128)."""
+def decode_compiler_params(num_warps: int | None = None):
+  """Compiler params of the decode kernel (`decode.py`, a 1-D grid over batch·heads). num_warps defaults to 8: the
+  [Dk, Dk] state tile stays in registers through the CG loop (64 f32 per thread at Dk = 128)."""
   backend = target()
   if backend == "gpu":
     return pltriton.CompilerParams(num_warps=num_warps or 8, num_stages=1)
   if backend == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
+    return pltpu.CompilerParams(dimension_semantics=("parallel",))
   return None
-
-
-def decode_value_block(value_dim: int) -> int:
-  """Value columns per program of the decode read-out kernel (`decode.py`): 32 on a GPU (a [128, 32] f32 block is 32
-  registers per thread at 4 warps), the whole dim on TPU (blocks there are the full dim or multiples of 128)."""
-  return value_dim if target() == "tpu" else min(value_dim, 32)
 
 
 def value_block(width: int) -> int:

@@ -1,6 +1,5 @@
-"""The fused decode kernel (interpret mode on CPU), in one kernel and split in two (`split_read_out`), against
-`mesa_decode_step`, the XLA op it replaces: outputs, states, solutions and CG step counts in f32 and f64; its lowering
-for GPU (Triton) and TPU (Mosaic) with the state in place."""
+"""The fused decode kernel (interpret mode on CPU) against `mesa_decode_step`, the XLA op it replaces: outputs, states,
+solutions and CG step counts in f32 and f64; its lowering for GPU (Triton) and TPU (Mosaic) with the state in place."""
 import re
 
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from mesanet_jax.ops import MesaState, mesa_decode_step
-from pallas_kernels.mesa_cg.decode import SPLIT_ROWS, mesa_decode_fused
+from pallas_kernels.mesa_cg.decode import mesa_decode_fused
 from pallas_kernels.mesa_cg.params import EXPORT_PLATFORMS, export_for
 from tests.ops.mesa_inputs import max_abs, scale
 
@@ -19,10 +18,7 @@ from tests.ops.mesa_inputs import max_abs, scale
 TOLERANCE = {jnp.float32: 2e-5, jnp.float64: 1e-12}
 CASES = [("f32", dict(cg_steps=12)), ("f32", dict(cg_steps=30, tol=1e-4)),
          ("f32", dict(cg_steps=30, tol=1e-3, cg_init="zero")), ("f32", dict(cg_steps=30, tol=1e-4, warm=True)),
-         ("f64", dict(cg_steps=12)), ("f64", dict(cg_steps=30, tol=1e-4, warm=True)),
-         ("f32", dict(cg_steps=30, tol=1e-4, split_read_out=True)),
-         ("f32", dict(cg_steps=30, tol=1e-4, warm=True, split_read_out=True)),
-         ("f64", dict(cg_steps=12, split_read_out=True))]
+         ("f64", dict(cg_steps=12)), ("f64", dict(cg_steps=30, tol=1e-4, warm=True))]
 
 
 def _token(dtype):
@@ -55,7 +51,6 @@ def test_kernel_matches_xla_decode_step(request, precision, options):
   previous = previous if options.pop("warm", False) else None
   kernel = jax.jit(lambda *a: mesa_decode_fused(*a, previous=previous, **options))
   o, new_state, iters, x = kernel(*token, lam, state)
-  options.pop("split_read_out", None)
   o_ref, state_ref, iters_ref, x_ref = mesa_decode_step(*token, lam, state, previous=previous, **options)
   assert o.dtype == o_ref.dtype and new_state.h_kk.dtype == state_ref.h_kk.dtype and iters.dtype == jnp.int32
   np.testing.assert_array_equal(iters, iters_ref)
@@ -89,38 +84,17 @@ def test_bad_arguments_raise_clear_errors(bad, message):
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")  # known: DESIGN.md §5
 @pytest.mark.parametrize("backend", EXPORT_PLATFORMS)
-@pytest.mark.parametrize("split_read_out", [False, True])
-def test_lowers_with_the_state_and_solution_in_place(backend, split_read_out):
+def test_lowers_with_the_state_and_solution_in_place(backend):
   _, custom_call = EXPORT_PLATFORMS[backend]
   # Dk = Dv = 128 as in the models; the tolerance loop and the warm start, the most the kernel traces.
+  token, lam, state, previous = _token(jnp.float32)
   shapes = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)
   args = (shapes(2, 3, 128), shapes(2, 3, 128), shapes(2, 3, 128), shapes(2, 3), shapes(2, 3), shapes(3, 128),
           MesaState(shapes(2, 3, 128, 128), shapes(2, 3, 128, 128)), shapes(2, 3, 128))
-  step = lambda *a: mesa_decode_fused(*a[:-1], cg_steps=30, tol=1e-4, previous=a[-1], split_read_out=split_read_out)
+  step = lambda *a: mesa_decode_fused(*a[:-1], cg_steps=30, tol=1e-4, previous=a[-1])
   module = export_for(backend, step, *args).mlir_module()
   calls = [line for line in module.splitlines() if f"custom_call @{custom_call}(" in line]
-  aliases = [sorted(re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)", call)) for call in calls]
-  if not split_read_out:
-    assert len(calls) == 1 and "mesa_decode_step" in module
-    # Outputs 1, 2, 4 (h_kk, h_kv, x) are written into operands 7, 8, 9 (h_kk, h_kv, previous).
-    assert aliases == [[("1", "7"), ("2", "8"), ("4", "9")]]
-  else:
-    assert len(calls) == 2 and "mesa_decode_solve" in module and "mesa_decode_read_out" in module
-    # The solve writes h_kk, x (outputs 0, 2) into operands 6, 7 (h_kk, previous); the read-out h_kv (output 1) into
-    # operand 5.
-    assert aliases == [[("0", "6"), ("2", "7")], [("1", "5")]]
-
-
-@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")  # known: DESIGN.md §5
-def test_split_is_chosen_from_many_rows_on_a_gpu():
-  """Below SPLIT_ROWS rows one kernel, from it two; never split on TPU (its programs run in turn on one core)."""
-  shapes = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)
-
-  def kernels(backend, batch):
-    args = (shapes(batch, 6, 32), shapes(batch, 6, 32), shapes(batch, 6, 32), shapes(batch, 6), shapes(batch, 6),
-            shapes(6, 32), MesaState(shapes(batch, 6, 32, 32), shapes(batch, 6, 32, 32)))
-    module = export_for(backend, lambda *a: mesa_decode_fused(*a, cg_steps=4), *args).mlir_module()
-    return sum(f"custom_call @{EXPORT_PLATFORMS[backend][1]}(" in line for line in module.splitlines())
-
-  few, many = SPLIT_ROWS // 6 - 1, -(-SPLIT_ROWS // 6)
-  assert (kernels("gpu", few), kernels("gpu", many), kernels("tpu", many)) == (1, 2, 1)
+  assert len(calls) == 1 and "mesa_decode_step" in module
+  # Outputs 1, 2, 4 (h_kk, h_kv, x) are written into operands 7, 8, 9 (h_kk, h_kv, previous).
+  aliases = re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)", calls[0])
+  assert sorted(aliases) == [("1", "7"), ("2", "8"), ("4", "9")]

@@ -1,4 +1,6 @@
 """Causal depthwise short convolution (kernel 4 in MesaNet) with a carried state for prefill and decoding."""
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,12 +30,29 @@ class ShortConv(nnx.Module):
 
   def __call__(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """x: [B, T, C]; state: [B, K−1, C] or None (zeros). Returns y [B, T, C] in `dtype` and the new state."""
-    x = x.astype(self.dtype)
-    state = self.zero_state(x.shape[0]) if state is None else state.astype(self.dtype)
-    padded = jnp.concatenate([state, x], axis=1)
-    kernel = self.kernel[...].astype(self.dtype)
-    length = x.shape[1]
-    y = sum(kernel[i] * padded[:, i:i + length] for i in range(self.kernel_size))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y, padded[:, length:]
+    return side_by_side([self], x, state)
+
+
+def side_by_side(convs: Sequence[ShortConv], x: jax.Array, state: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Several ShortConvs of one kernel size and dtype over the concatenation of their channels, as one conv.
+
+  x: [B, T, ΣC] (each conv's channels in order); state: [B, K−1, ΣC] or None (zeros). Returns y [B, T, ΣC] and the
+  new state: the same numbers as each conv on its own channels, with one state update for all (decoding: one small
+  kernel and one loop-carry copy per token instead of one per conv).
+  """
+  first = convs[0]
+  layout = lambda c: (c.kernel_size, c.dtype, c.bias is not None)
+  if any(layout(c) != layout(first) for c in convs):
+    raise ValueError("convs side by side need one kernel size, dtype and bias setting, got "
+                     f"{[layout(c) for c in convs]}")
+  dtype, size = first.dtype, first.kernel_size
+  x = x.astype(dtype)
+  if state is None:
+    state = jnp.zeros((x.shape[0], size - 1, x.shape[2]), dtype)
+  padded = jnp.concatenate([state.astype(dtype), x], axis=1)
+  kernel = jnp.concatenate([c.kernel[...].astype(dtype) for c in convs], axis=1)
+  length = x.shape[1]
+  y = sum(kernel[i] * padded[:, i:i + length] for i in range(size))
+  if first.bias is not None:
+    y = y + jnp.concatenate([c.bias[...].astype(dtype) for c in convs])
+  return y, padded[:, length:]

@@ -5,9 +5,10 @@
     y = W_o RMSNorm_head(o) [⊙ silu(W_g x) with the output gate]
 
 A subclass supplies the sequence mixing (`mix`, `mix_token`, `zero_state`); this class owns parameters, gates, the
-short-convolution states and the cache. Decoding runs the projections of x as two matmuls over concatenated kernels
-(q, k, v and the output gate in `dtype`; the two gates in f32) and the output projection from its decode layout,
-`FusedProjections`; training and prefill run them one by one.
+short-convolution states (q's and k's side by side in the cache) and the cache. Decoding runs the projections of x as
+two matmuls over concatenated kernels (q, k, v and the output gate in `dtype`; the two gates in f32), the q and k
+convs as one, and the output projection from its decode layout, `FusedProjections`; training and prefill run them one
+by one.
 """
 from typing import Any, NamedTuple
 
@@ -15,16 +16,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mesanet_jax.layers.conv import ShortConv
+from mesanet_jax.layers.conv import ShortConv, side_by_side
 from mesanet_jax.layers.fused_linear import FusedProjections
 from mesanet_jax.layers.norm import RMSNorm
 from mesanet_jax.layers.params import linear
 
 
 class RecurrentCache(NamedTuple):
-  """Decoding state of one recurrent mixer: the two conv states [B, K−1, H·Dk] and the mixer's own state."""
-  conv_q: jax.Array
-  conv_k: jax.Array
+  """Decoding state of one recurrent mixer: the q and k conv states side by side, [B, K−1, 2·H·Dk] (q's channels
+  first: one state update per token for both), and the mixer's own state."""
+  conv: jax.Array
   state: Any
 
 
@@ -85,11 +86,16 @@ class RecurrentMixer(FusedProjections, nnx.Module):
     batch, length, _ = x.shape
     heads = (batch, length, self.num_heads, self.head_dim)
     q, k, v, out_gate, a, b = self._projections(x, fused)
-    q, conv_q = self.q_conv(q, None if cache is None else cache.conv_q)
-    k, conv_k = self.k_conv(k, None if cache is None else cache.conv_k)
+    if fused:  # decoding: q and k through one conv over their channels side by side (one state update)
+      qk, conv = side_by_side((self.q_conv, self.k_conv), jnp.concatenate([q, k], axis=-1), cache.conv)
+      q, k = jnp.split(qk, 2, axis=-1)
+    else:
+      q_state, k_state = (None, None) if cache is None else jnp.split(cache.conv, 2, axis=-1)
+      (q, q_state), (k, k_state) = self.q_conv(q, q_state), self.k_conv(k, k_state)
+      conv = jnp.concatenate([q_state, k_state], axis=-1)
     q = _l2_normalise(jax.nn.silu(q).reshape(heads))
     k = _l2_normalise(jax.nn.silu(k).reshape(heads))
-    return (q, k, v.reshape(heads), *self.gates(a, b)), out_gate, (conv_q, conv_k)
+    return (q, k, v.reshape(heads), *self.gates(a, b)), out_gate, conv
 
   def _output(self, o: jax.Array, out_gate: jax.Array | None, *, fused: bool = False) -> jax.Array:
     """o: [B, T, H, D], the output gate's logits [B, T, H·D] or None -> [B, T, d]; `fused`: decode layout."""
@@ -104,17 +110,17 @@ class RecurrentMixer(FusedProjections, nnx.Module):
     return cached
 
   def init_cache(self, batch: int) -> RecurrentCache:
-    return RecurrentCache(self.q_conv.zero_state(batch), self.k_conv.zero_state(batch),
-                          self.to_cache(self.zero_state(batch)))
+    conv = jnp.concatenate([self.q_conv.zero_state(batch), self.k_conv.zero_state(batch)], axis=-1)
+    return RecurrentCache(conv, self.to_cache(self.zero_state(batch)))
 
   def __call__(self, x: jax.Array, cache: RecurrentCache | None = None) -> tuple[jax.Array, RecurrentCache]:
     """x: [B, T, d]; cache: state before the first token (None: empty). Returns y [B, T, d] and the cache after."""
-    (q, k, v, g, beta), out_gate, convs = self._inputs(x, cache)
+    (q, k, v, g, beta), out_gate, conv = self._inputs(x, cache)
     o, state = self.mix(q, k, v, g, beta, None if cache is None else self.from_cache(cache.state))
-    return self._output(o, out_gate), RecurrentCache(*convs, self.to_cache(state))
+    return self._output(o, out_gate), RecurrentCache(conv, self.to_cache(state))
 
   def decode(self, x: jax.Array, cache: RecurrentCache) -> tuple[jax.Array, RecurrentCache, jax.Array | None]:
     """One token x: [B, d]. Returns y [B, d], the new cache and the CG steps per head [B, H] (None if no solver)."""
-    (q, k, v, g, beta), out_gate, convs = self._inputs(x[:, None], cache, fused=True)
+    (q, k, v, g, beta), out_gate, conv = self._inputs(x[:, None], cache, fused=True)
     o, state, iters = self.mix_token(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state)
-    return self._output(o[:, None], out_gate, fused=True)[:, 0], RecurrentCache(*convs, state), iters
+    return self._output(o[:, None], out_gate, fused=True)[:, 0], RecurrentCache(conv, state), iters

@@ -1,10 +1,12 @@
-"""Short causal convolution (pieces with carried state ≡ whole sequence; matches a direct sum) and RMSNorm."""
+"""Short causal convolution (pieces with carried state ≡ whole sequence; matches a direct sum; several side by side
+≡ each alone) and RMSNorm."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from mesanet_jax.layers.conv import ShortConv
+from mesanet_jax.layers.conv import ShortConv, side_by_side
 from mesanet_jax.layers.norm import RMSNorm
 
 
@@ -20,6 +22,24 @@ def test_conv_matches_direct_sum_and_streams():
   y2, state = conv(x[:, 6:7], state)  # one decode token
   y3, _ = conv(x[:, 7:], state)
   np.testing.assert_allclose(jnp.concatenate([y1, y2, y3], axis=1), y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_convs_side_by_side_equal_each_conv_alone(use_bias):
+  """Decoding's q and k convs as one: the same outputs and states as each on its own channels, from a state."""
+  rngs = nnx.Rngs(1)
+  convs = [ShortConv(c, 4, rngs=rngs, use_bias=use_bias) for c in (5, 3)]
+  if use_bias:
+    for conv in convs:  # non-zero biases (initialised to zeros)
+      conv.bias[...] = jax.random.normal(rngs(), conv.bias.shape)
+  x, state = jax.random.normal(rngs(), (2, 6, 8)), jax.random.normal(rngs(), (2, 3, 8))
+  y, new_state = side_by_side(convs, x, state)
+  for conv, channels in zip(convs, (slice(0, 5), slice(5, 8))):
+    y_alone, state_alone = conv(x[..., channels], state[..., channels])
+    np.testing.assert_array_equal(y[..., channels], y_alone)
+    np.testing.assert_array_equal(new_state[..., channels], state_alone)
+  with pytest.raises(ValueError, match="one kernel size, dtype and bias setting"):
+    side_by_side([convs[0], ShortConv(3, 2, rngs=rngs, use_bias=use_bias)], x, state)
 
 
 def test_rmsnorm_gated_and_dtype():

@@ -38,7 +38,6 @@ def get_config(arg="mesanet,small,15b"):
   c.model.size = size
   c.model.architecture = architecture
   c.model.dtype = "bfloat16"
-  c.model.vocab_size = 0  # the tokenizer's (GPT-2: 50,257)
   c.data.source = "arrayrecord"
   c.data.tokenizer = ""  # the manifest's
   c.data.seq_len = 2048

@@ -210,3 +210,12 @@ def test_unknown_mesa_options_are_refused_by_name(key, value):
   config.model[key] = value
   with pytest.raises(ValueError, match=rf"model\.{key} must be one of"):
     train_config.validate(config)
+
+
+@pytest.mark.parametrize("architecture", ["mesanet", "gdn", "transformer", "swa", "hawk", "hawk_mesa", "hybrid"])
+def test_lm_presets_validate_as_written(architecture):
+  """experiments/configs/lm.py passes validation with no overrides (the vocabulary left to the tokenizer's)."""
+  from experiments.configs import lm
+  config = lm.get_config(f"{architecture},small,15b")
+  train_config.validate(config)
+  assert config.model.vocab_size is None and train_config.lm_config(config.model, 50_257).vocab_size == 50_257

@@ -15,6 +15,7 @@ from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.eval import hf_export, losses, runs
 from mesanet_jax.train.trainer import train_and_evaluate
+from tests import cli_runs
 from tests.environment import subprocess_env
 from tests.train import tiny
 
@@ -88,10 +89,22 @@ def test_export_round_trip_and_hf_tensors(trained, tmp_path):
   assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_export_refuses_what_fla_cannot_express(trained, tmp_path):
-  result = _cli("export", f"--workdir={trained / 'transformer'}", f"--out={tmp_path / 'x'}")
+@pytest.fixture(scope="module")
+def refused(trained, tmp_path_factory) -> dict:
+  """The command lines that end at once with one line on stderr, run in one process start: export of a run fla cannot
+  express, and each CLI on a missing --workdir."""
+  root = tmp_path_factory.mktemp("refused")
+  cases = {"fla": ("experiments.export", [f"--workdir={trained / 'transformer'}", f"--out={root / 'x'}"], 1),
+           "evaluate": ("experiments.evaluate", [f"--workdir={root / 'missing'}"], 1),
+           "export": ("experiments.export", [f"--workdir={root / 'missing'}", "--out=unused"], 1),
+           "generate": ("experiments.generate", [f"--workdir={root / 'missing'}", "--prompt=x"], 1)}
+  return {"root": root, **dict(zip(cases, cli_runs.run(list(cases.values()))))}
+
+
+def test_export_refuses_what_fla_cannot_express(refused):
+  result = refused["fla"]
   assert result.returncode == 2 and "mixers=" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-  assert not (tmp_path / "x").exists()
+  assert not (refused["root"] / "x").exists()
 
 
 def test_generate_streams_tokens_and_cg_steps(trained):
@@ -103,9 +116,8 @@ def test_generate_streams_tokens_and_cg_steps(trained):
   assert len(steps.split()) == 7 and all(0 < float(s) <= 30 for s in steps.split())
 
 
-@pytest.mark.parametrize("module, flags", [
-    ("evaluate", []), ("export", ["--out=unused"]), ("generate", ["--prompt=x"])])
-def test_bad_workdir_is_one_line_and_exit_2(module, flags, tmp_path):
-  result = _cli(module, f"--workdir={tmp_path / 'missing'}", *flags)
+@pytest.mark.parametrize("module", ["evaluate", "export", "generate"])
+def test_bad_workdir_is_one_line_and_exit_2(module, refused):
+  result = refused[module]
   assert result.returncode == 2
-  assert str(tmp_path / "missing") in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert str(refused["root"] / "missing") in result.stderr and len(result.stderr.strip().splitlines()) == 1

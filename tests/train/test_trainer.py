@@ -22,6 +22,7 @@ from mesanet_jax.data import pipeline
 from mesanet_jax.eval import losses, runs
 from mesanet_jax.train.config import ConfigError
 from mesanet_jax.train.trainer import train_and_evaluate
+from tests import cli_runs
 from tests.environment import subprocess_env
 from tests.train import tiny
 
@@ -37,11 +38,10 @@ def _command(workdir, *flags, config=f"--config={ROOT}/tests/train/tiny.py:text"
   return [sys.executable, "-m", "experiments.train", config, f"--workdir={workdir}", *flags]
 
 
-def _train(workdir, *flags, devices: int = 1, config=f"--config={ROOT}/tests/train/tiny.py:text", check=True):
+def _train(workdir, *flags, devices: int = 1, config=f"--config={ROOT}/tests/train/tiny.py:text"):
   result = subprocess.run(_command(workdir, *flags, config=config), cwd=ROOT, env=_env(devices),
                           capture_output=True, text=True, timeout=240)
-  if check:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result
 
 
@@ -218,8 +218,11 @@ def test_config_errors_are_one_line(tmp_path, reference):
       (["--config.train.nonsense=1"], 1, "unknown config key 'train.nonsense'"),
       (["--config.mesh.fsdp=4", "--config.train.batch_size=6"], 4, "not divisible by the 4 data shards"),
   ]
-  for flags, devices, expected in cases:
-    line = _error_line(_train(tmp_path / "e", *flags, devices=devices, check=False))
+  config = f"--config={ROOT}/tests/train/tiny.py:text"  # both command lines in one process start
+  results = cli_runs.run([("experiments.train", [config, f"--workdir={tmp_path / 'e'}", *flags], devices)
+                          for flags, devices, _ in cases])
+  for (flags, _, expected), result in zip(cases, results):
+    line = _error_line(result)
     assert expected in line, (flags, line)
   # Every other setup problem is a ConfigError too (the same path to that one line), checked in this process.
   cases = [({"mesh.data": 3}, "do not multiply to 1 devices"),

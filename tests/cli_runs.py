@@ -1,8 +1,8 @@
 """Several command-line runs for the price of one process start: `run(cases)` starts `python -m tests.cli_runs` once,
 which imports what the CLIs import (jax, flax, orbax, the trainer; ~3 s of CPU per start) and then runs each case
-(`python -m <module> <flags>` on <devices> fake CPU devices) in a child forked from it, as a fresh process would run
-it: its own absl flags, stdout, stderr and exit code. Meant for runs that end early (a bad input, one line on stderr):
-no backend is started before the fork, so every child starts its own with its own device count."""
+(`python -m <module> <flags>` on <devices> fake CPU devices) in a child forked from it, one after another, as a fresh
+process would run it: its own absl flags, backend (no backend is started before the fork, so each child starts one
+with its own device count), stdout, stderr and exit code."""
 import json
 import os
 import runpy

@@ -11,6 +11,7 @@ from array_record.python import array_record_module
 
 from mesanet_jax.data import pipeline, prepare, readers, shards, text
 from mesanet_jax.train.config import base_config
+from tests import cli_runs
 
 DOCS = text.read_documents(text.DEFAULT_CORPUS)[:40]
 
@@ -200,17 +201,13 @@ def test_bad_inputs_and_tokenizers_are_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_command_line(tmp_path):
-  import subprocess
-  import sys
   inputs = _write_inputs(tmp_path)
-  command = [sys.executable, "-m", "experiments.prepare", f"--input={inputs[0]},{inputs[2]}", "--workers=0",
-             "--progress=false", f"--out={tmp_path / 'out'}"]
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  run = lambda args: subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
-  done = run(command)
+  flags = [f"--input={inputs[0]},{inputs[2]}", "--workers=0", "--progress=false"]
+  # The three command lines in one process start, one after another (tests/cli_runs.py).
+  done, again, bad = cli_runs.run([("experiments.prepare", flags + [f"--out={tmp_path / 'out'}"], 1),
+                                   ("experiments.prepare", flags + ["--slice=1/2", f"--out={tmp_path / 'out'}"], 1),
+                                   ("experiments.prepare", flags, 1)])
   assert done.returncode == 0, done.stderr
   assert "2 shards written, 0 already done; 20 documents" in done.stdout and "manifest: " in done.stdout
-  again = run(command[:-1] + ["--slice=1/2", f"--out={tmp_path / 'out'}"])
   assert "0 shards written, 1 already done" in again.stdout
-  bad = run(command[:-1])
   assert bad.returncode == 2 and bad.stderr.strip() == "mesanet-prepare: error: --out is required"

@@ -1,9 +1,8 @@
-"""mesanet-eval, mesanet-export and mesanet-generate end to end (subprocesses) on tiny runs trained once per module:
-an fla-compatible MesaNet and a Transformer baseline (MAD: tests/mad)."""
+"""mesanet-eval, mesanet-export and mesanet-generate end to end (as processes of their own, forked by one subprocess:
+tests/cli_runs.py) on tiny runs trained once per module: an fla-compatible MesaNet and a Transformer baseline (MAD:
+tests/mad)."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,10 @@ from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.eval import hf_export, losses, runs
 from mesanet_jax.train.trainer import train_and_evaluate
-from tests.environment import subprocess_env
+from tests import cli_runs
 from tests.train import tiny
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("eval_cli")]  # subprocesses; one worker trains the runs
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cli(module: str, *flags, devices: int = 1) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *flags], cwd=ROOT,
-                        env=subprocess_env(devices, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240)
-
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("eval_cli")]  # a subprocess; one worker trains the runs
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
@@ -39,11 +31,31 @@ def trained(tmp_path_factory) -> Path:
   return root
 
 
-def test_evaluate_writes_json_and_plots(trained):
-  # Trained on one device, evaluated on a 2 × 2 × 2 mesh of 8 (the params restored onto it).
-  result = _cli("evaluate", f"--workdir={trained / 'mesa'}", f"--baseline_workdir={trained / 'transformer'}",
-                "--num_batches=1", "--cg_steps=1,4", "--cg_tols=1e-3",
-                "--cg_warm_start", "--mesh=2,2,2", devices=8)
+@pytest.fixture(scope="module")
+def cli(trained, tmp_path_factory) -> dict:
+  """Every command line below, run in one process start (tests/cli_runs.py: each a fresh child, in this order): the
+  8-device evaluation, the export and the same export again, generation, an export fla cannot express, and each CLI on
+  a missing --workdir. "root": a directory for their outputs."""
+  root, mesa = tmp_path_factory.mktemp("cli"), trained / "mesa"
+  missing = f"--workdir={root / 'missing'}"
+  cases = {
+      # Trained on one device, evaluated on a 2 × 2 × 2 mesh of 8 (the params restored onto it).
+      "evaluate": ("experiments.evaluate", [f"--workdir={mesa}", f"--baseline_workdir={trained / 'transformer'}",
+                                            "--num_batches=1", "--cg_steps=1,4", "--cg_tols=1e-3", "--cg_warm_start",
+                                            "--mesh=2,2,2"], 8),
+      "export": ("experiments.export", [f"--workdir={mesa}", f"--out={root / 'export'}"], 1),
+      "export again": ("experiments.export", [f"--workdir={mesa}", f"--out={root / 'export'}", "--format=params"], 1),
+      "generate": ("experiments.generate", [f"--workdir={mesa}", "--prompt=The ", "--max_new_tokens=8",
+                                            "--cg_tol=1e-3"], 1),
+      "fla": ("experiments.export", [f"--workdir={trained / 'transformer'}", f"--out={root / 'x'}"], 1),
+      "evaluate missing": ("experiments.evaluate", [missing], 1),
+      "export missing": ("experiments.export", [missing, "--out=unused"], 1),
+      "generate missing": ("experiments.generate", [missing, "--prompt=x"], 1)}
+  return {"root": root, **dict(zip(cases, cli_runs.run(list(cases.values()), timeout=600)))}
+
+
+def test_evaluate_writes_json_and_plots(trained, cli):
+  result = cli["evaluate"]
   assert result.returncode == 0, result.stderr[-3000:]
   out = trained / "mesa" / "eval" / "step_6"
   report = json.loads((out / "eval.json").read_text())
@@ -70,9 +82,8 @@ def test_evaluate_writes_json_and_plots(trained):
   assert "| 1–1 |" in result.stdout
 
 
-def test_export_round_trip_and_hf_tensors(trained, tmp_path):
-  out = tmp_path / "export"
-  result = _cli("export", f"--workdir={trained / 'mesa'}", f"--out={out}")
+def test_export_round_trip_and_hf_tensors(trained, cli):
+  out, result = cli["root"] / "export", cli["export"]
   assert result.returncode == 0, result.stderr[-3000:]
   run = runs.load_run(str(trained / "mesa"))
   lm, params = runs.load_params_export(str(out))
@@ -84,18 +95,18 @@ def test_export_round_trip_and_hf_tensors(trained, tmp_path):
   assert tensors.keys() == expected.keys() and all(np.array_equal(tensors[k], expected[k]) for k in expected)
   assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 32
 
-  again = _cli("export", f"--workdir={trained / 'mesa'}", f"--out={out}", "--format=params")
+  again = cli["export again"]
   assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_export_refuses_what_fla_cannot_express(trained, tmp_path):
-  result = _cli("export", f"--workdir={trained / 'transformer'}", f"--out={tmp_path / 'x'}")
+def test_export_refuses_what_fla_cannot_express(cli):
+  result = cli["fla"]
   assert result.returncode == 2 and "mixers=" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-  assert not (tmp_path / "x").exists()
+  assert not (cli["root"] / "x").exists()
 
 
-def test_generate_streams_tokens_and_cg_steps(trained):
-  result = _cli("generate", f"--workdir={trained / 'mesa'}", "--prompt=The ", "--max_new_tokens=8", "--cg_tol=1e-3")
+def test_generate_streams_tokens_and_cg_steps(cli):
+  result = cli["generate"]
   assert result.returncode == 0, result.stderr[-3000:]
   text, summary, steps = result.stdout.rstrip("\n").rsplit("\n", 2)
   assert text.startswith("The ") and "CG steps per decoded token" in summary
@@ -103,9 +114,8 @@ def test_generate_streams_tokens_and_cg_steps(trained):
   assert len(steps.split()) == 7 and all(0 < float(s) <= 30 for s in steps.split())
 
 
-@pytest.mark.parametrize("module, flags", [
-    ("evaluate", []), ("export", ["--out=unused"]), ("generate", ["--prompt=x"])])
-def test_bad_workdir_is_one_line_and_exit_2(module, flags, tmp_path):
-  result = _cli(module, f"--workdir={tmp_path / 'missing'}", *flags)
+@pytest.mark.parametrize("module", ["evaluate", "export", "generate"])
+def test_bad_workdir_is_one_line_and_exit_2(module, cli):
+  result = cli[f"{module} missing"]
   assert result.returncode == 2
-  assert str(tmp_path / "missing") in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert str(cli["root"] / "missing") in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -55,18 +55,23 @@ def test_gates(gamma_cap):
   np.testing.assert_allclose(g, np.log(gamma_ref), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_core_matches_exact_solve():
-  layer, x = _layer(), _x()
+@nnx.jit
+def _core_and_exact(layer, x):
+  """The layer's inputs to the core, the core's output and state, mesa_exact's, the layer's output and the output of
+  mesa_exact's: one program instead of an eager compile per primitive."""
   (q, k, v, g, beta), out_gate, _ = layer._inputs(x, None)
-  np.testing.assert_allclose(jnp.linalg.norm(q, axis=-1), 1.0, rtol=1e-5)  # q, k are L2-normalised
   o, state = layer.mix(q, k, v, g, beta, None)
   o_exact, state_exact = mesa_exact(q, k, v, g, beta, layer.lam())
+  return q, (o, state), (o_exact, state_exact), layer(x)[0], layer._output(o_exact, out_gate)
+
+
+@pytest.mark.slow
+def test_core_matches_exact_solve():
+  q, (o, state), (o_exact, state_exact), y, y_exact = _core_and_exact(_layer(), _x())
+  np.testing.assert_allclose(jnp.linalg.norm(q, axis=-1), 1.0, rtol=1e-5)  # q, k are L2-normalised
   # Converged f32 CG vs an f32 dense solve; λ ≥ 0.25 and ‖k‖ = 1 keep cond(A) ≲ 4·T, so ~1e-6 of scale.
   assert max_abs(o, o_exact) < 1e-4 * scale(o_exact)
   assert max_abs(state, state_exact) < 1e-5 * scale(state_exact)
-  y, _ = layer(x)
-  y_exact = layer._output(o_exact, out_gate)
   assert max_abs(y, y_exact) < 1e-4 * scale(y_exact)
 
 
@@ -105,9 +110,9 @@ def test_unknown_impl_is_rejected():
 @pytest.mark.slow
 def test_pallas_impl_matches_xla():
   config = MesaConfig(num_heads=2, head_dim=16, chunk_size=16, cg_steps_train=20)
-  x = _x(20)
-  y_xla, _ = _layer(config)(x)
-  y_pallas, _ = _layer(dataclasses.replace(config, impl="pallas"))(x)
+  x, call = _x(20), nnx.jit(lambda layer, x: layer(x))  # jitted: one program per layer
+  y_xla, _ = call(_layer(config), x)
+  y_pallas, _ = call(_layer(dataclasses.replace(config, impl="pallas")), x)
   # The op outputs differ by f32 rounding on CPU (~3e-7, tests/pallas/test_mesa_cg.py) and by the kernel's 3-pass
   # bf16 dots on GPU (~1.5e-6); the per-head RMSNorm rescales heads with small outputs, which amplified that to
   # 3.6e-5 of scale on an H200.
@@ -120,12 +125,10 @@ def test_lambda_param_value():
 
 def test_cg_tol_stops_early_and_stays_accurate():
   layer, x = _layer(dataclasses.replace(CONFIG, cg_tol=1e-4)), _x()
-  (q, k, v, g, beta), _, _ = layer._inputs(x, None)
-  o, _ = layer.mix(q, k, v, g, beta, None)
-  o_exact, _ = mesa_exact(q, k, v, g, beta, layer.lam())
+  _, (o, _), (o_exact, _), _, _ = _core_and_exact(layer, x)
   # ‖r‖ ≤ 1e-4‖r₀‖ with cond(A) ≲ 1e2: ~1e-3 of scale at worst (measured 3e-5).
   assert max_abs(o, o_exact) < 1e-3 * scale(o_exact)
-  _, steps = layer.forward_with_cg_steps(x)
+  _, steps = nnx.jit(lambda layer, x: layer.forward_with_cg_steps(x))(layer, x)
   assert 1 < float(steps[0]) < CONFIG.cg_steps_train
 
 
@@ -141,17 +144,24 @@ def test_cg_steps_probe_reports_forward_and_adjoint_steps(impl, head_dim):
   reported = cg_steps_by_layer(probe_grads)
   assert reported.shape == (1, 4)
 
+  # Every part below jitted too (one program each instead of an eager compile per primitive).
+  layer_call = lambda method: jax.jit(lambda params, probes, *a: method(nnx.merge(graphdef, params, probes), *a))
   # Forward: an independent count, the dense CG of mesa_recurrent on the same systems.
-  (q, k, v, g, beta), out_gate, _ = layer._inputs(x, None)
+  (q, k, v, g, beta), out_gate, lam = layer_call(lambda layer: (*layer._inputs(x, None)[:2], layer.lam()))(
+      params, probes)
   recurrent = jax.jit(functools.partial(mesa_recurrent, cg_steps=24, tol=1e-4))
-  iters = np.asarray(recurrent(q, k, v, g, beta, layer.lam())[2], np.float64)
+  iters = np.asarray(recurrent(q, k, v, g, beta, lam)[2], np.float64)
   np.testing.assert_allclose(reported[0, :2], [iters.mean(), iters.max()], rtol=1e-6)
-  np.testing.assert_allclose(layer.forward_with_cg_steps(x)[1], reported[0, :2], rtol=1e-6)
+  forward_steps = layer_call(lambda layer: layer.forward_with_cg_steps(x)[1])(params, probes)
+  np.testing.assert_allclose(forward_steps, reported[0, :2], rtol=1e-6)
   # Adjoint: what the op reports for the cotangent the layer's output sends into o.
   op = functools.partial(mesa_chunked, chunk_size=16, cg_steps=24, cg_tol=1e-4, impl=impl)
-  o = op(q, k, v, g, beta, layer.lam())[0]
-  do = jax.grad(lambda o: jnp.sum(layer._output(o, out_gate) * weights))(o)
-  op_steps = cg_steps.measure(op, lambda outputs: jnp.sum(outputs[0] * do), q, k, v, g, beta, layer.lam())
+
+  def adjoint_steps(layer, *inputs):
+    o = op(*inputs, lam)[0]
+    do = jax.grad(lambda o: jnp.sum(layer._output(o, out_gate) * weights))(o)
+    return cg_steps.measure(op, lambda outputs: jnp.sum(outputs[0] * do), *inputs, lam)
+  op_steps = layer_call(adjoint_steps)(params, probes, q, k, v, g, beta)
   np.testing.assert_allclose(reported[0], op_steps, rtol=1e-6)
   assert 1 < float(reported[0, 2]) < 24
   # The probe changes no gradient.

@@ -1,4 +1,6 @@
 """The references themselves: mesa_exact against a plain numpy loop, mesa_recurrent against mesa_exact."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,14 @@ from jax.test_util import check_grads
 
 from mesanet_jax.ops import mesa_exact, mesa_recurrent
 from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
+
+# The ops are jitted: one compiled program per op and shape instead of an eager compile per primitive (the same math,
+# so the same tolerances).
+_exact = jax.jit(mesa_exact)
+
+
+def _recurrent(**options):
+  return jax.jit(functools.partial(mesa_recurrent, **options))
 
 
 def _numpy_mesa(q, k, v, g, beta, lam, state):
@@ -31,7 +41,7 @@ def _numpy_mesa(q, k, v, g, beta, lam, state):
 @pytest.mark.parametrize("with_state", [False, True])
 def test_exact_matches_numpy_definition(x64, with_state):
   args = as_f64(random_inputs(2, 9, 2, 6, 4, with_state=with_state))
-  o, state = mesa_exact(*args)
+  o, state = _exact(*args)
   o_np, state_np = _numpy_mesa(*args)
   # Both f64 direct solves of systems with condition number ≲ 50: agree to rounding.
   assert max_abs(o, o_np) < 1e-12
@@ -41,15 +51,15 @@ def test_exact_matches_numpy_definition(x64, with_state):
 @pytest.mark.slow
 def test_exact_gradients_match_finite_differences(x64):
   args = as_f64(random_inputs(1, 5, 2, 4, 3, with_state=True))
-  loss = lambda *a: jnp.sum(jnp.sin(mesa_exact(*a)[0]))
+  loss = jax.jit(lambda *a: jnp.sum(jnp.sin(mesa_exact(*a)[0])))
   check_grads(loss, args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cg_init", ["jacobi", "zero"])
 def test_recurrent_matches_exact(x64, cg_init):
   args = as_f64(random_inputs(2, 23, 3, 8, 5, with_state=True))
-  o, state, iters = mesa_recurrent(*args, cg_steps=24, cg_init=cg_init)
-  o_exact, state_exact = mesa_exact(*args)
+  o, state, iters = _recurrent(cg_steps=24, cg_init=cg_init)(*args)
+  o_exact, state_exact = _exact(*args)
   # 3·Dk CG steps in f64: CG has converged, what is left is rounding (scale ~3).
   assert max_abs(o, o_exact) < 1e-10
   assert max_abs(state, state_exact) < 1e-12
@@ -60,9 +70,9 @@ def test_recurrent_matches_exact(x64, cg_init):
 def test_recurrent_tolerance_stops_early_with_small_error():
   args = random_inputs(2, 64, 4, 32, 32, seed=3)
   q = args[0].at[:, 5].set(0.0)  # a zero query is solved by the zero vector in no step
-  o, _, iters = mesa_recurrent(q, *args[1:], cg_steps=30, tol=1e-4)
+  o, _, iters = _recurrent(cg_steps=30, tol=1e-4)(q, *args[1:])
   with jax.enable_x64(True):
-    o_exact, _ = mesa_exact(*as_f64((q, *args[1:])))
+    o_exact, _ = _exact(*as_f64((q, *args[1:])))
   assert iters.shape == (2, 64, 4) and iters.dtype == jnp.int32
   assert np.all(iters <= 30) and np.all(iters[:, 5] == 0)
   assert np.mean(iters) < 20  # measured ≈ 12: far fewer than the 30-step budget

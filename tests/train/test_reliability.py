@@ -15,6 +15,7 @@ import pytest
 from mesanet_jax.train import checkpoint, metrics
 from mesanet_jax.train.config import ConfigError, config_changes, lm_config, run_config_dict, save_run_config
 from mesanet_jax.train.lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+from tests import cli_runs
 from tests.environment import subprocess_env
 from tests.train import tiny
 
@@ -68,11 +69,6 @@ def test_params_check_names_missing_extra_and_reshaped():
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------------
-
-
-def _cli(module, *flags, cwd=ROOT):
-  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *flags], cwd=cwd, env=subprocess_env(),
-                        capture_output=True, text=True, timeout=300)
 
 
 def _one_line(result) -> str:
@@ -143,20 +139,25 @@ def test_bad_inputs_are_one_line(run, tmp_path):
   saved = json.loads((tmp_path / "other" / "config.json").read_text())
   saved["model"]["num_layers"] = 2
   (tmp_path / "other" / "config.json").write_text(json.dumps(saved))
-  line = _one_line(_cli("evaluate", f"--workdir={tmp_path / 'other'}", "--cg_steps=", "--cg_tols="))
-  assert "holds another model than its config.json describes: 17 of the model's params missing" in line
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  assert "cannot create --workdir" in _one_line(_cli("train", f"--config={ROOT}/tests/train/tiny.py:text",
-                                                     f"--workdir={blocker / 'run'}"))
-  assert "Not a directory" in _one_line(_cli("evaluate", f"--workdir={run}", f"--out={blocker / 'eval'}",
-                                             "--cg_steps=", "--cg_tols="))
-  assert "Not a directory" in _one_line(_cli("export", f"--workdir={run}", f"--out={blocker / 'export'}",
-                                             "--format=params"))
-  assert "unknown config key 'train.num_stepz'" in _one_line(_cli("train", "--config.train.num_stepz=30"))
-  assert "unknown config key 'train.num_stepz'" in _one_line(
-      _cli("train", f"--config={ROOT}/tests/train/tiny.py:text", "--config.train.num_stepz=30"))
-  assert "cannot load --config: [Errno 2] No such file" in _one_line(_cli("train", "--config=/nonexistent.py"))
+  tiny_text = f"--config={ROOT}/tests/train/tiny.py:text"
+  results = cli_runs.run([  # one process start for the seven command lines
+      ("experiments.evaluate", [f"--workdir={tmp_path / 'other'}", "--cg_steps=", "--cg_tols="], 1),
+      ("experiments.train", [tiny_text, f"--workdir={blocker / 'run'}"], 1),
+      ("experiments.evaluate", [f"--workdir={run}", f"--out={blocker / 'eval'}", "--cg_steps=", "--cg_tols="], 1),
+      ("experiments.export", [f"--workdir={run}", f"--out={blocker / 'export'}", "--format=params"], 1),
+      ("experiments.train", ["--config.train.num_stepz=30"], 1),
+      ("experiments.train", [tiny_text, "--config.train.num_stepz=30"], 1),
+      ("experiments.train", ["--config=/nonexistent.py"], 1)])
+  lines = [_one_line(result) for result in results]
+  assert "holds another model than its config.json describes: 17 of the model's params missing" in lines[0]
+  assert "cannot create --workdir" in lines[1]
+  assert "Not a directory" in lines[2]
+  assert "Not a directory" in lines[3]
+  assert "unknown config key 'train.num_stepz'" in lines[4]
+  assert "unknown config key 'train.num_stepz'" in lines[5]
+  assert "cannot load --config: [Errno 2] No such file" in lines[6]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""End-to-end trainer runs, each in a subprocess (`python -m experiments.train`) on the tiny test config:
-exact resume after SIGTERM, 8 fake devices ≡ 1 device (and restore onto another mesh, with impl="pallas" run per
-shard), 2 processes through jax.distributed on 127.0.0.1, and the one-line config errors.
+"""End-to-end trainer runs on the tiny test config, in a subprocess (`python -m experiments.train`) where the command
+line, a signal or the devices are what is tested, else in this process (`_train_here`): exact resume after SIGTERM,
+8 fake devices ≡ 1 device (and restore onto another mesh, with impl="pallas" run per shard), 2 processes through
+jax.distributed on 127.0.0.1, and the one-line config errors.
 
 One 1-device run of tiny.py:text (`reference`, 6 steps) serves as the default-outputs check and as the single-device
 losses the sharded and two-process runs are compared with. Runs share the session's compilation cache (conftest sets
@@ -22,6 +23,7 @@ from mesanet_jax.data import pipeline
 from mesanet_jax.eval import losses, runs
 from mesanet_jax.train.config import ConfigError
 from mesanet_jax.train.trainer import train_and_evaluate
+from tests import cli_runs
 from tests.environment import subprocess_env
 from tests.train import tiny
 
@@ -37,12 +39,19 @@ def _command(workdir, *flags, config=f"--config={ROOT}/tests/train/tiny.py:text"
   return [sys.executable, "-m", "experiments.train", config, f"--workdir={workdir}", *flags]
 
 
-def _train(workdir, *flags, devices: int = 1, config=f"--config={ROOT}/tests/train/tiny.py:text", check=True):
+def _train(workdir, *flags, devices: int = 1, config=f"--config={ROOT}/tests/train/tiny.py:text"):
   result = subprocess.run(_command(workdir, *flags, config=config), cwd=ROOT, env=_env(devices),
                           capture_output=True, text=True, timeout=240)
-  if check:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result
+
+
+def _train_here(workdir, **changes):
+  """The run `_train` starts, of tiny.py:text with `changes` (flattened keys: "train.num_steps"), in this process:
+  the same trainer without a process start (imports, backend) for runs whose command line is not what is tested."""
+  config = tiny.get_config()
+  config.update_from_flattened_dict(changes)
+  train_and_evaluate(config, str(workdir))
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -85,14 +94,14 @@ def test_default_outputs_and_metrics_schema(reference):
 def test_trains_on_a_prepared_tfds_dataset(tmp_path):
   from tests.data import tfds_fixture
   name = tfds_fixture.prepare(str(tmp_path / "tfds"))
-  _train(tmp_path / "run", "--config.data.source=tfds", f"--config.data.tfds_name={name}",
-         f"--config.data.tfds_data_dir={tmp_path / 'tfds'}")  # 6 steps: the reference run's compiled programs
+  _train_here(tmp_path / "run", **{"data.source": "tfds", "data.tfds_name": name,  # 6 steps: the reference run's
+                                   "data.tfds_data_dir": str(tmp_path / "tfds")})  # compiled programs
   assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
 
 
 def test_sigterm_then_resume_gives_identical_losses(tmp_path):
   steps = ["--config.train.num_steps=40"]
-  _train(tmp_path / "straight", *steps)
+  _train_here(tmp_path / "straight", **{"train.num_steps": 40})  # the same programs as the subprocesses below
   interrupted = tmp_path / "interrupted"
   own_cache = "--compilation_cache_dir=<workdir>/compilation_cache"  # checked below (not the session's cache)
   process = subprocess.Popen(_command(interrupted, *steps, own_cache), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -138,13 +147,13 @@ def test_sharded_8_devices_matches_1_device_and_restores_onto_another_mesh(tmp_p
 
 
 def test_scan_layers_with_remat_trains_and_resumes(tmp_path):
-  flags = ["--config.model.scan_layers=True", "--config.model.remat=True", "--config.model.num_layers=2",
-           "--config.train.num_steps=4", "--config.checkpoint.every_steps=2"]
-  _train(tmp_path / "run", *flags)
+  changes = {"model.scan_layers": True, "model.remat": "True", "model.num_layers": 2, "train.num_steps": 4,
+             "checkpoint.every_steps": 2}
+  _train_here(tmp_path / "run", **changes)
   first = _losses(tmp_path / "run")
   assert sorted(first) == [1, 2, 3, 4] and np.all(np.isfinite(list(first.values())))
   shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # resume the stacked-layout checkpoint of step 2
-  _train(tmp_path / "run", *flags)
+  _train_here(tmp_path / "run", **changes)
   assert _losses(tmp_path / "run") == first  # steps 3-4 again: the same programs from the same state
 
 
@@ -194,8 +203,8 @@ def test_adaptive_cg_logs_cg_steps_per_mesa_layer(tmp_path):
 
 
 def test_best_by_eval_keeps_the_lowest_eval_loss(tmp_path):
-  _train(tmp_path, "--config.train.num_steps=8", "--config.train.eval_every=2", "--config.checkpoint.every_steps=2",
-         "--config.checkpoint.keep=1", "--config.checkpoint.best_metric=eval_loss")
+  _train_here(tmp_path, **{"train.num_steps": 8, "train.eval_every": 2, "checkpoint.every_steps": 2,
+                           "checkpoint.keep": 1, "checkpoint.best_metric": "eval_loss"})
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
   assert sorted(evals) == [2, 4, 6, 8]
@@ -218,8 +227,11 @@ def test_config_errors_are_one_line(tmp_path, reference):
       (["--config.train.nonsense=1"], 1, "unknown config key 'train.nonsense'"),
       (["--config.mesh.fsdp=4", "--config.train.batch_size=6"], 4, "not divisible by the 4 data shards"),
   ]
-  for flags, devices, expected in cases:
-    line = _error_line(_train(tmp_path / "e", *flags, devices=devices, check=False))
+  config = f"--config={ROOT}/tests/train/tiny.py:text"  # both command lines in one process start
+  results = cli_runs.run([("experiments.train", [config, f"--workdir={tmp_path / 'e'}", *flags], devices)
+                          for flags, devices, _ in cases])
+  for (flags, _, expected), result in zip(cases, results):
+    line = _error_line(result)
     assert expected in line, (flags, line)
   # Every other setup problem is a ConfigError too (the same path to that one line), checked in this process.
   cases = [({"mesh.data": 3}, "do not multiply to 1 devices"),

@@ -19,6 +19,7 @@ from tests.train import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("eval_cli")]  # a subprocess; one worker trains the runs
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
   """<root>/mesa (fla-compatible), <root>/transformer: 6 steps each."""

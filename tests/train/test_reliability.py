@@ -141,14 +141,13 @@ def test_bad_inputs_are_one_line(run, tmp_path):
   (tmp_path / "other" / "config.json").write_text(json.dumps(saved))
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  tiny_text = f"--config={ROOT}/tests/train/tiny.py:text"
   results = cli_runs.run([  # one process start for the seven command lines
       ("experiments.evaluate", [f"--workdir={tmp_path / 'other'}", "--cg_steps=", "--cg_tols="], 1),
-      ("experiments.train", [tiny_text, f"--workdir={blocker / 'run'}"], 1),
+      ("experiments.train", [tiny.TEXT_FLAG, f"--workdir={blocker / 'run'}"], 1),
       ("experiments.evaluate", [f"--workdir={run}", f"--out={blocker / 'eval'}", "--cg_steps=", "--cg_tols="], 1),
       ("experiments.export", [f"--workdir={run}", f"--out={blocker / 'export'}", "--format=params"], 1),
       ("experiments.train", ["--config.train.num_stepz=30"], 1),
-      ("experiments.train", [tiny_text, "--config.train.num_stepz=30"], 1),
+      ("experiments.train", [tiny.TEXT_FLAG, "--config.train.num_stepz=30"], 1),
       ("experiments.train", ["--config=/nonexistent.py"], 1)])
   lines = [_one_line(result) for result in results]
   assert "holds another model than its config.json describes: 17 of the model's params missing" in lines[0]

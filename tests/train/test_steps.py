@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.configs import lm as lm_presets
 from mesanet_jax import sharding
 from mesanet_jax.data import pipeline
 from mesanet_jax.layers.mesa import cg_steps_by_layer
@@ -215,7 +216,6 @@ def test_unknown_mesa_options_are_refused_by_name(key, value):
 @pytest.mark.parametrize("architecture", ["mesanet", "gdn", "transformer", "swa", "hawk", "hawk_mesa", "hybrid"])
 def test_lm_presets_validate_as_written(architecture):
   """experiments/configs/lm.py passes validation with no overrides (the vocabulary left to the tokenizer's)."""
-  from experiments.configs import lm
-  config = lm.get_config(f"{architecture},small,15b")
+  config = lm_presets.get_config(f"{architecture},small,15b")
   train_config.validate(config)
   assert config.model.vocab_size is None and train_config.lm_config(config.model, 50_257).vocab_size == 50_257

@@ -35,11 +35,11 @@ def _env(devices: int = 1) -> dict:
   return subprocess_env(devices, PYTHONUNBUFFERED="1")
 
 
-def _command(workdir, *flags, config=f"--config={ROOT}/tests/train/tiny.py:text"):
+def _command(workdir, *flags, config=tiny.TEXT_FLAG):
   return [sys.executable, "-m", "experiments.train", config, f"--workdir={workdir}", *flags]
 
 
-def _train(workdir, *flags, devices: int = 1, config=f"--config={ROOT}/tests/train/tiny.py:text"):
+def _train(workdir, *flags, devices: int = 1, config=tiny.TEXT_FLAG):
   result = subprocess.run(_command(workdir, *flags, config=config), cwd=ROOT, env=_env(devices),
                           capture_output=True, text=True, timeout=240)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -227,8 +227,8 @@ def test_config_errors_are_one_line(tmp_path, reference):
       (["--config.train.nonsense=1"], 1, "unknown config key 'train.nonsense'"),
       (["--config.mesh.fsdp=4", "--config.train.batch_size=6"], 4, "not divisible by the 4 data shards"),
   ]
-  config = f"--config={ROOT}/tests/train/tiny.py:text"  # both command lines in one process start
-  results = cli_runs.run([("experiments.train", [config, f"--workdir={tmp_path / 'e'}", *flags], devices)
+  # Both command lines in one process start.
+  results = cli_runs.run([("experiments.train", [tiny.TEXT_FLAG, f"--workdir={tmp_path / 'e'}", *flags], devices)
                           for flags, devices, _ in cases])
   for (flags, _, expected), result in zip(cases, results):
     line = _error_line(result)

@@ -1,6 +1,10 @@
 """A seconds-long trainer config for tests: `--config=tests/train/tiny.py:text` (the default corpus) or `:mqar`."""
+import os
+
 from mesanet_jax.data.text import DEFAULT_CORPUS
 from mesanet_jax.train.config import base_config
+
+TEXT_FLAG = f"--config={os.path.abspath(__file__)}:text"  # the command-line flag of get_config("text")
 
 
 def get_config(source="text"):

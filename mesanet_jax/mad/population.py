@@ -94,11 +94,12 @@ class Population:
     return jnp.where(starts[:, None], fresh, slots.order)
 
   def _train(self, slots: Slots, data: dict, num_steps: int) -> tuple[Slots, jax.Array]:
-    """num_steps steps of every live slot; returns the slots and the mean training loss per slot [S]."""
+    """num_steps steps of every live slot; returns the slots and each slot's mean training loss over the steps it
+    took in this call [S] (0 for a slot that took none)."""
     batch = self.protocol.batch_size
 
     def step(carry, _):
-      slots, loss_sum = carry
+      slots, loss_sum, taken = carry
       live = slots.active & (slots.step < slots.total)
       position = slots.step % slots.per_epoch
       starts = live & (position == 0)
@@ -114,10 +115,11 @@ class Population:
       slots = dataclasses.replace(slots, params=jax.tree.map(keep, params, slots.params),
                                   opt_state=jax.tree.map(keep, opt_state, slots.opt_state),
                                   step=slots.step + live, order=order)
-      return (slots, loss_sum + jnp.where(live, value, 0.0)), None
+      return (slots, loss_sum + jnp.where(live, value, 0.0), taken + live), None
 
-    (slots, loss_sum), _ = jax.lax.scan(step, (slots, jnp.zeros(self.size)), None, length=num_steps)
-    return slots, loss_sum / num_steps
+    zeros = jnp.zeros(self.size)
+    (slots, loss_sum, taken), _ = jax.lax.scan(step, (slots, zeros, zeros), None, length=num_steps)
+    return slots, loss_sum / jnp.maximum(taken, 1)
 
   def _evaluate(self, slots: Slots, data: dict) -> dict:
     """Every slot on its variant's test set in batches of 32: {"accuracy" (mad-lab's batch-mean macro accuracy),

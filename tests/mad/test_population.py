@@ -50,32 +50,36 @@ def _data():
 
 
 def _run(population, data, jobs, steps):
-  """jobs: [(total steps, lr, key)] assigned to the slots in order; `steps` training steps."""
+  """jobs: [(total steps, lr, key)] assigned to the slots in order; `steps` training steps. Returns the slots and
+  each slot's mean training loss."""
   slots = population.init(64)
   column = lambda i: jnp.asarray([job[i] for job in jobs])
   slots = population.assign(slots, jnp.ones(len(jobs), bool), total=column(0), per_epoch=jnp.full(len(jobs), 2),
                             dataset=jnp.zeros(len(jobs), jnp.int32), vocab=jnp.full(len(jobs), 16), lr=column(1),
                             weight_decay=jnp.full(len(jobs), 0.1), keys=jnp.stack([job[2] for job in jobs]))
-  slots, _ = population.train(slots, data, num_steps=steps)
-  return slots
+  return population.train(slots, data, num_steps=steps)
 
 
 @pytest.mark.slow
 def test_slots_train_like_members_alone_and_freeze_when_done():
   a, b = (2, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))
-  pair = _run(_population(2), _data(), [a, b], 3)
+  pair, pair_loss = _run(_population(2), _data(), [a, b], 3)
   np.testing.assert_array_equal(pair.step, [2, 3])  # slot 0 reached its 2 steps and stayed there
   for index, job in enumerate([a, b]):
-    alone = _run(_population(1), _data(), [job], 3)
+    alone, alone_loss = _run(_population(1), _data(), [job], 3)
     for x, y in zip(jax.tree.leaves(pair.params), jax.tree.leaves(alone.params)):
       np.testing.assert_allclose(x[index], y[0], rtol=2e-5, atol=2e-6)  # f32: another batching of the same math
+    np.testing.assert_allclose(pair_loss[index], alone_loss[0], rtol=2e-5)
+  # The training loss is the mean over the steps a slot took: slot 0 took 2 of the call's 3, as in a call of 2.
+  _, two_steps_loss = _run(_population(1), _data(), [a], 2)
+  np.testing.assert_allclose(pair_loss[0], two_steps_loss[0], rtol=2e-5)
   metrics = _population(2).evaluate(pair, _data())
   assert metrics["accuracy"].shape == (2,) and np.all((0 <= metrics["accuracy"]) & (metrics["accuracy"] <= 1))
 
 
 def test_state_saved_and_restored(tmp_path):
   population = _population(2)
-  slots = _run(population, _data(), [(8, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))], 3)
+  slots, _ = _run(population, _data(), [(8, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))], 3)
   jobs = [training.Job("transformer", VARIANT, 1e-3, 0.1), training.Job("transformer", VARIANT, 3e-3, 0.1)]
   grid._save(str(tmp_path / "g.pkl"), slots, [jobs[0], None])
   queue = list(jobs)

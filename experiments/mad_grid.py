@@ -40,6 +40,9 @@ _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': 
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: FAST_MESA's for Mesa, 64 for GDN)")
 _PRECISION = flags.DEFINE_string("matmul_precision", "", "Mesa matmuls: highest | default ('': FAST_MESA's)")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "Mesa CG steps in training (0: the preset's, 30)")
+_TIE_EMBEDDINGS = flags.DEFINE_bool("tie_embeddings", True, "the language models' read-out tied to the input embedding "
+                                     "(the paper's backbone); false: its own matrix, as mad-lab's (write such runs to "
+                                     "their own --results)")
 _SEED = flags.DEFINE_integer("seed", 0, "data and init seed")
 _WORKERS = flags.DEFINE_integer("workers", 0, "data-generation processes (0: cores − 1)")
 
@@ -74,7 +77,8 @@ def main(argv):
         state_dir=_STATE_DIR.value or os.path.join(root, "state"), max_tokens=_MAX_TOKENS.value,
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value, eval_every=_EVAL_EVERY.value,
         time_limit=_TIME_LIMIT.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
-        matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, seed=_SEED.value, workers=_WORKERS.value)
+        matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, tie_embeddings=_TIE_EMBEDDINGS.value,
+        seed=_SEED.value, workers=_WORKERS.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
     finished = grid.run(settings, jobs)
   print(f"finished {finished} jobs; results in {_RESULTS.value}")

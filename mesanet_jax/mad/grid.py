@@ -39,6 +39,7 @@ class Settings:
   chunk_size: int = 0
   matmul_precision: str = ""
   cg_steps: int = 0  # 0: the preset's (30)
+  tie_embeddings: bool = True  # False: the LM read-out is its own matrix (mad-lab's backbone)
   seed: int = 0
   workers: int = 0  # data-generation processes (0: cores − 1)
 
@@ -129,7 +130,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   vocab = max(v.vocab_size for v in group_variants)
   size = population_size(settings, len(jobs), length)
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
-                             impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision)
+                             impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
+                             tie_embeddings=settings.tie_embeddings)
   population = Population(config, autoencoder, protocol, size)
   data = stack_datasets(datasets, length)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
@@ -178,6 +180,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                 "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                 "slots": size, "dtype": settings.dtype, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
                 "matmul_precision": config.mesa.matmul_precision, "cg_steps": config.mesa.cg_steps_train,
+                "tie_embeddings": config.tie_embeddings,
                 "finished_at": time.time()}
       with open(settings.results, "a") as f:
         f.write(json.dumps(record) + "\n")

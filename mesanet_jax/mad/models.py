@@ -27,13 +27,14 @@ OTHER_MESA = ("xla", 64, "highest")
 
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
-               cg_steps: int = 0, matmul_precision: str = "") -> LMConfig:
+               cg_steps: int = 0, matmul_precision: str = "", tie_embeddings: bool = True) -> LMConfig:
   """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
   Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
-  for the backend (GDN keeps the preset's chunk) and the preset's CG steps (30)."""
+  for the backend (GDN keeps the preset's chunk) and the preset's CG steps (30). tie_embeddings=False gives the
+  language model its own read-out matrix, as mad-lab's LanguageModel has (the paper's backbone ties them)."""
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-  config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype)
+  config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype, tie_embeddings=tie_embeddings)
   fast_impl, fast_chunk, fast_precision = FAST_MESA.get(jax.default_backend(), OTHER_MESA)
   mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or fast_chunk, impl=impl or fast_impl,
                              cg_steps_train=cg_steps or config.mesa.cg_steps_train,

@@ -33,6 +33,12 @@ def test_mesa_computation_defaults_per_backend_and_is_overridden():
   assert config.gdn.chunk_size == 16 and models.mad_config("gdn", 16).gdn.chunk_size == 64
 
 
+def test_untied_read_out_is_its_own_matrix():
+  tied, untied = models.mad_config("mesanet", 64), models.mad_config("mesanet", 64, tie_embeddings=False)
+  assert tied.tie_embeddings and not untied.tie_embeddings
+  assert count_params(untied) - count_params(tied) == 64 * 128  # a [d, V] read-out beside the [V, d] embedding
+
+
 @pytest.mark.slow
 def test_autoencoder_decodes_every_position_from_the_last_state():
   model = models.AutoEncoder(models.mad_config("transformer", 16), rngs=nnx.Rngs(0))

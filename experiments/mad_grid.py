@@ -32,8 +32,9 @@ _STATE_DIR = flags.DEFINE_string("state_dir", "", "populations in flight at the 
 _TIME_LIMIT = flags.DEFINE_float("time_limit", 0, "seconds after which to stop (0: none)")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1 << 20, "tokens per population step at most (slots × 32 × L)")
 _MAX_SLOTS = flags.DEFINE_integer("max_slots", 256, "population size at most")
-_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps per jitted call")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 400, "steps between test evaluations (early stopping at 99.9 %)")
+_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps per jitted call at most")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 400, "steps between test evaluations (early stopping at 99.9 %) "
+                                   "at most; also once per epoch of every job in flight, as mad-lab checks")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activation dtype (params stay f32)")
 _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': mesanet_jax/mad/models.py "
                             "FAST_MESA's for the backend)")

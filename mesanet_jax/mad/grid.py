@@ -31,8 +31,10 @@ class Settings:
   state_dir: str = ""  # in-flight populations at the time limit ("": not saved)
   max_tokens: int = 1 << 20  # tokens per population step (slots × batch × length) at most
   max_slots: int = 256
-  steps_per_call: int = 200  # steps per jitted call
-  eval_every: int = 400  # steps between test evaluations (early stopping), and at each job's end
+  steps_per_call: int = 200  # steps per jitted call at most
+  # Steps between test evaluations (early stopping) at most: also at least once per epoch of every job in flight
+  # (`check_interval`), as mad-lab checks its 99.9 % threshold after each epoch, and at each job's end.
+  eval_every: int = 400
   time_limit: float = 0.0  # seconds; 0: none
   dtype: str = "float32"
   impl: str = ""  # how Mesa computes: impl, chunk_size, matmul_precision ("" / 0: models.FAST_MESA's for the backend)
@@ -66,6 +68,13 @@ def population_steps(job_steps: list[int], slots: int) -> int:
   for steps in sorted(job_steps, reverse=True):
     heapq.heapreplace(loads, loads[0] + steps)
   return max(loads)
+
+
+def check_interval(settings: Settings, jobs_in_flight: list[training.Job]) -> tuple[int, int]:
+  """(steps between evaluations, steps per jitted call): evaluations at most `eval_every` steps apart and at least
+  once per epoch of each job in flight; calls of at most `steps_per_call` steps that end at each evaluation."""
+  every = min([settings.eval_every] + [j.steps_per_epoch(settings.protocol) for j in jobs_in_flight])
+  return every, min(settings.steps_per_call, every)
 
 
 def done_keys(path: str) -> set:
@@ -155,15 +164,16 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
       progress.note(f"{group_name(key)}: time limit; {sum(j is not None for j in slot_jobs)} jobs in flight "
                     + ("saved" if state_path else "dropped"))
       return finished
+    every, per_call = check_interval(settings, [j for j in slot_jobs if j is not None])
     before = np.asarray(slots.step)
-    slots, train_loss = population.train(slots, data, num_steps=settings.steps_per_call)
+    slots, train_loss = population.train(slots, data, num_steps=per_call)
     steps = np.asarray(slots.step)
     progress.advance(int(np.sum(steps - before)) * length)
     stepped += int(np.sum(steps - before))
-    since_eval += settings.steps_per_call
+    since_eval += per_call
     total = np.asarray(slots.total)
     ended = [i for i, j in enumerate(slot_jobs) if j is not None and steps[i] >= total[i]]
-    if since_eval < settings.eval_every and not ended:
+    if since_eval < every and not ended:
       continue
     since_eval = 0
     metrics = {k: np.asarray(v) for k, v in population.evaluate(slots, data).items()}
@@ -180,7 +190,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                 "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                 "slots": size, "dtype": settings.dtype, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
                 "matmul_precision": config.mesa.matmul_precision, "cg_steps": config.mesa.cg_steps_train,
-                "tie_embeddings": config.tie_embeddings,
+                "tie_embeddings": config.tie_embeddings, "eval_every": every,
                 "finished_at": time.time()}
       with open(settings.results, "a") as f:
         f.write(json.dumps(record) + "\n")

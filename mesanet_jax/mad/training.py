@@ -4,7 +4,8 @@ Training: 200 epochs of batch 32 over the variant's fixed training set (reshuffl
 0.98), lr warmed up linearly from 1e-7 over 750 steps then cosine to 1e-5; lr ∈ {3e-3, 1e-3, 5e-4, 1e-4} × weight
 decay ∈ {0.01, 0.1}; no gradient clipping (mad-lab sets none). Weight decay on matrices only (the paper's backbone,
 `mesanet_jax/train/optimizer.py: decay_mask`). Training stops early once the test accuracy reaches 99.9 % (mad-lab
-`train.py:165-172`, checked here every `eval_every` steps rather than every epoch).
+`train.py:165-172`, Lightning's EarlyStopping with stopping_threshold 0.999, checked after every epoch; here at least
+once per epoch of every job in flight, `grid.check_interval`).
 
 Loss: cross-entropy over the scored positions (targets ≠ IGNORE). Accuracy as mad-lab reports it: torchmetrics'
 `MulticlassAccuracy` (`mad/metrics.py`) with its default average="macro" — per class tp / (tp + fn), averaged over

@@ -99,6 +99,7 @@ def test_grid_writes_each_job_once_and_resumes(tmp_path):
   assert grid.run(settings, jobs) == 2
   records = table.read(settings.results)
   assert sorted(r["lr"] for r in records) == [1e-3, 3e-3] and {r["steps"] for r in records} == {2}
+  assert {r["eval_every"] for r in records} == {1}
   assert grid.run(settings, jobs) == 0  # everything done: skipped
 
 
@@ -109,6 +110,15 @@ def test_population_sizes_and_steps_as_the_grid_schedules():
   # Longest first, each to the slot free first: 5 | 4, then 3 after the 4 (7), then 3 after the 5 (8).
   assert grid.population_steps([3, 5, 3, 4], 2) == 8
   assert grid.population_steps([3, 5], 4) == 5  # more slots than jobs: the longest job
+
+
+def test_evaluations_at_least_once_per_epoch_of_every_job_in_flight():
+  settings = grid.Settings(results="")  # eval_every 400, steps_per_call 200
+  job = lambda examples: training.Job("mesanet", variants.shrunk(variants.find("compress", "baseline"), examples),
+                                      1e-3, 0.1)
+  assert grid.check_interval(settings, [job(12_800)]) == (400, 200)  # an epoch is 400 steps of 32
+  assert grid.check_interval(settings, [job(12_800), job(800)]) == (25, 25)  # mad-lab checks after each epoch
+  assert grid.check_interval(settings, []) == (400, 200)
 
 
 def test_table_scores_the_mad_lab_way_and_the_paper_way():

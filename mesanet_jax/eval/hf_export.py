@@ -3,7 +3,8 @@
 the model loads with `AutoModelForCausalLM.from_pretrained` after `import fla`.
 
 Mapping (ours → fla; torch Linear weights are [out, in], our kernels [in, out], hence the transposes):
-  embed [V, d] · √d                  → model.embeddings.weight (fla does not scale embeddings; we fold the √d in)
+  embed [V, d] · √d                  → model.embeddings.weight (fla does not scale embeddings; we fold the √d in;
+                                       1 instead of √d with LMConfig.embed_std)
   final_norm.scale                   → model.norm.weight (÷ √d when tied, which undoes the fold in the read-out)
   embed · √d (tied) / unembed.kernelᵀ → lm_head.weight
   blocks.i.mixer_norm / mlp_norm     → model.layers.i.attn_norm / mlp_norm .weight (a `scan_layers` model's stacked
@@ -21,14 +22,13 @@ refused: cg_init (fla's chunked kernels start CG at zero, its decoding at the Ja
 fixed steps), chunk_size (fla fixes 64). Train with `--config.model.fla_compatible=True` for an exportable model.
 """
 import json
-import math
 import os
 
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from mesanet_jax.models.config import LMConfig
+from mesanet_jax.models.config import LMConfig, embedding_init_and_scale
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,7 +129,7 @@ def hf_tensors(lm: LMConfig, params: nnx.State) -> dict[str, np.ndarray]:
   flat = {tuple(str(p) for p in path): np.asarray(v[...], np.float32) for path, v in nnx.to_flat_state(params)}
   if lm.scan_layers:
     flat = _unstacked(flat, lm.n_layers)
-  scale = math.sqrt(lm.d_model)
+  _, scale = embedding_init_and_scale(lm)
   embeddings = flat.pop(("embed",)) * np.float32(scale)
   norm = flat.pop(("final_norm", "scale"))
   tensors = {"model.embeddings.weight": embeddings}

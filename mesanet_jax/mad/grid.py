@@ -42,6 +42,7 @@ class Settings:
   matmul_precision: str = ""
   cg_steps: int = 0  # 0: the preset's (30)
   tie_embeddings: bool = True  # False: the LM read-out is its own matrix (mad-lab's backbone)
+  embed_std: float | None = None  # a number: the embedding's init std, no √d input scale (mad-lab's: 0.02)
   seed: int = 0
   workers: int = 0  # data-generation processes (0: cores − 1)
 
@@ -140,7 +141,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   size = population_size(settings, len(jobs), length)
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
                              impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
-                             tie_embeddings=settings.tie_embeddings)
+                             tie_embeddings=settings.tie_embeddings, embed_std=settings.embed_std)
   population = Population(config, autoencoder, protocol, size)
   data = stack_datasets(datasets, length)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
@@ -190,7 +191,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                 "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                 "slots": size, "dtype": settings.dtype, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
                 "matmul_precision": config.mesa.matmul_precision, "cg_steps": config.mesa.cg_steps_train,
-                "tie_embeddings": config.tie_embeddings, "eval_every": every,
+                "tie_embeddings": config.tie_embeddings, "embed_std": config.embed_std, "eval_every": every,
                 "finished_at": time.time()}
       with open(settings.results, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -15,7 +15,7 @@ from flax import nnx
 
 from mesanet_jax.layers.norm import RMSNorm
 from mesanet_jax.layers.params import linear, param
-from mesanet_jax.models.config import LMConfig, preset
+from mesanet_jax.models.config import LMConfig, embedding_init_and_scale, preset
 from mesanet_jax.models.lm import LanguageModel, make_blocks, train_blocks
 
 ARCHITECTURES = ("mesanet", "transformer", "gdn", "hawk", "hawk_mesa")
@@ -27,14 +27,17 @@ OTHER_MESA = ("xla", 64, "highest")
 
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
-               cg_steps: int = 0, matmul_precision: str = "", tie_embeddings: bool = True) -> LMConfig:
+               cg_steps: int = 0, matmul_precision: str = "", tie_embeddings: bool = True,
+               embed_std: float | None = None) -> LMConfig:
   """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
   Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
   for the backend (GDN keeps the preset's chunk) and the preset's CG steps (30). tie_embeddings=False gives the
-  language model its own read-out matrix, as mad-lab's LanguageModel has (the paper's backbone ties them)."""
+  language model its own read-out matrix and embed_std=0.02 an embedding of that std with no √d input scale, as
+  mad-lab's LanguageModel has (the paper's backbone ties them and scales; `LMConfig.embed_std`)."""
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-  config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype, tie_embeddings=tie_embeddings)
+  config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype, tie_embeddings=tie_embeddings,
+                  embed_std=embed_std)
   fast_impl, fast_chunk, fast_precision = FAST_MESA.get(jax.default_backend(), OTHER_MESA)
   mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or fast_chunk, impl=impl or fast_impl,
                              cg_steps_train=cg_steps or config.mesa.cg_steps_train,
@@ -57,7 +60,8 @@ class AutoEncoder(nnx.Module):
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
     self.config = config
     d, kw = config.d_model, dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
-    self.embed = param(rngs, nnx.initializers.normal(d ** -0.5), (config.vocab_size, d), config.param_dtype,
+    std, _ = embedding_init_and_scale(config)
+    self.embed = param(rngs, nnx.initializers.normal(std), (config.vocab_size, d), config.param_dtype,
                        ("vocab", "embed"))
     self.blocks = make_blocks(config, rngs)
     self.norms = nnx.List([RMSNorm(d, eps=config.norm_eps, **kw) for _ in range(3)])
@@ -66,7 +70,7 @@ class AutoEncoder(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     config = self.config
-    x = jnp.take(self.embed[...].astype(config.dtype), tokens, axis=0) * np.sqrt(config.d_model).astype(config.dtype)
+    x = jnp.take(self.embed[...].astype(config.dtype), tokens, axis=0) * np.asarray(embedding_init_and_scale(config)[1], config.dtype)
     x = train_blocks(config, self.blocks, x)
     x = x[:, -1:] + jnp.asarray(sincos(tokens.shape[1], config.d_model), config.dtype)  # [B, T, d]
     for norm, linear in zip(self.norms, self.hidden):

@@ -36,6 +36,9 @@ class LMConfig:
   """Decoder-only LM: pre-RMSNorm blocks `x += mixer(norm(x)); x += mlp(norm(x))`, SwiGLU MLP of width
   mlp_ratio·d_model, tied embedding scaled by √d_model on input, logits soft-capped at `logit_cap`.
 
+  embed_std: None is the paper's embedding (initial std 1/√d_model, multiplied by √d_model on input, G.2); a number
+  is that initial std with no input scale (mad-lab's and GPT-2's 0.02). `embedding_init_and_scale` gives both.
+
   dtype is the activation (compute) dtype, param_dtype the storage dtype; Mesa/GDN states and CG stay f32 always.
   remat: what the backward pass recomputes instead of storing (`REMAT_MODES`): "none"; "mixer" (each block's norm +
   mixer: Mesa's CG solve runs again); "mlp" (each block's norm + SwiGLU: the [B, T, 2·3d] hidden activations are not
@@ -49,6 +52,7 @@ class LMConfig:
   mixers: tuple[str, ...] = ("mesa",) * 14
   mlp_ratio: int = 3
   tie_embeddings: bool = True
+  embed_std: float | None = None
   logit_cap: float | None = 30.0
   norm_eps: float = 1e-6
   dtype: type = jnp.float32
@@ -65,6 +69,9 @@ class LMConfig:
     bad = [m for m in self.mixers if m not in MIXERS]
     if not self.mixers or bad:
       raise ValueError(f"mixers must be a non-empty tuple of {MIXERS}, got {self.mixers}")
+    if self.embed_std is not None and not self.embed_std > 0:
+      raise ValueError(f"embed_std must be a positive number or None (the paper's 1/√d_model with a √d_model input "
+                       f"scale), got {self.embed_std}")
     if self.scan_layers and len(set(self.mixers)) > 1:
       raise ValueError(f"scan_layers=True needs every block to use one mixer, got mixers={self.mixers} (the hybrid "
                        f"architecture): set scan_layers=False")
@@ -92,6 +99,13 @@ def mixer_pattern(architecture: str, n_layers: int, hybrid_every: int = 4) -> tu
     return tuple("lru" if i % 2 == 0 else "mesa" for i in range(n_layers))
   single = {"mesanet": "mesa", "gdn": "gdn", "transformer": "attention", "swa": "swa", "hawk": "lru"}[architecture]
   return (single,) * n_layers
+
+
+def embedding_init_and_scale(config: LMConfig) -> tuple[float, float]:
+  """(initial std of the embedding table, factor its rows are multiplied by on input)."""
+  if config.embed_std is None:
+    return config.d_model ** -0.5, config.d_model ** 0.5
+  return config.embed_std, 1.0
 
 
 def preset(size: str, architecture: str = "mesanet", *, hybrid_every: int = 4, **overrides) -> LMConfig:

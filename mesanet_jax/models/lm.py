@@ -2,7 +2,8 @@
 prefill (returns the decoding cache) and one-token decoding, plus the parameter counter.
 
 Init (paper G.2): fan-in normal everywhere; the mixer's output projection and the MLP's down-projection have their
-variance scaled by 2/N (N blocks); the embedding has std 1/√d and is multiplied by √d on input (unit variance).
+variance scaled by 2/N (N blocks); the embedding has std 1/√d and is multiplied by √d on input (unit variance), or with
+`LMConfig.embed_std` that std and no input scale.
 
 Block stack (`make_blocks`, `run_blocks`): an nnx.List of N Blocks run by a Python loop, or with `scan_layers` one
 Block whose params carry a leading "layers" axis, built by `nnx.vmap` and run by `jax.lax.scan` for training, prefill
@@ -23,7 +24,7 @@ from mesanet_jax.layers.mesa import MesaLayer
 from mesanet_jax.layers.mlp import SwiGLU
 from mesanet_jax.layers.norm import RMSNorm
 from mesanet_jax.layers.params import linear, param
-from mesanet_jax.models.config import LMConfig
+from mesanet_jax.models.config import LMConfig, embedding_init_and_scale
 
 
 def _make_mixer(config: LMConfig, name: str, rngs: nnx.Rngs):
@@ -161,7 +162,8 @@ class LanguageModel(nnx.Module):
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
     self.config = config
     d = config.d_model
-    self.embed = param(rngs, nnx.initializers.normal(d ** -0.5), (config.vocab_size, d), config.param_dtype,
+    std, _ = embedding_init_and_scale(config)
+    self.embed = param(rngs, nnx.initializers.normal(std), (config.vocab_size, d), config.param_dtype,
                        ("vocab", "embed"))
     self.blocks = make_blocks(config, rngs)
     self.final_norm = RMSNorm(d, eps=config.norm_eps, rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
@@ -170,7 +172,7 @@ class LanguageModel(nnx.Module):
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     table = self.embed[...].astype(self.config.dtype)
-    return _on_batch(jnp.take(table, tokens, axis=0) * np.sqrt(self.config.d_model).astype(self.config.dtype))
+    return _on_batch(jnp.take(table, tokens, axis=0) * np.asarray(embedding_init_and_scale(self.config)[1], self.config.dtype))
 
   def readout_weights(self) -> jax.Array:
     """The read-out matrix [V, D] in the compute dtype: the tied embedding, or the untied kernel transposed."""

@@ -144,6 +144,15 @@ def test_refuses_what_fla_cannot_express(change, message):
     hf_export.hf_config(change(fla_compatible(preset("tiny"))), bos_token_id=0, eos_token_id=0)
 
 
+def test_unscaled_embedding_exports_as_it_is():
+  lm = dataclasses.replace(fla_compatible(preset("tiny")), embed_std=0.02)  # no √d to fold in
+  model = LanguageModel(lm, rngs=nnx.Rngs(0))
+  tensors = hf_export.hf_tensors(lm, nnx.state(model, nnx.Param))
+  np.testing.assert_array_equal(tensors["model.embeddings.weight"], model.embed[...])
+  np.testing.assert_array_equal(tensors["lm_head.weight"], model.embed[...])
+  np.testing.assert_array_equal(tensors["model.norm.weight"], model.final_norm.scale[...])
+
+
 def test_scanned_model_exports_the_same_tensors():
   model = LanguageModel(fla_compatible(preset("tiny")), rngs=nnx.Rngs(0))
   scanned = same_weights(model, scan_layers=True)

@@ -33,10 +33,11 @@ def test_mesa_computation_defaults_per_backend_and_is_overridden():
   assert config.gdn.chunk_size == 16 and models.mad_config("gdn", 16).gdn.chunk_size == 64
 
 
-def test_untied_read_out_is_its_own_matrix():
+def test_mad_lab_backbone_switches():
   tied, untied = models.mad_config("mesanet", 64), models.mad_config("mesanet", 64, tie_embeddings=False)
   assert tied.tie_embeddings and not untied.tie_embeddings
   assert count_params(untied) - count_params(tied) == 64 * 128  # a [d, V] read-out beside the [V, d] embedding
+  assert models.mad_config("mesanet", 64, embed_std=0.02).embed_std == 0.02 and tied.embed_std is None
 
 
 @pytest.mark.slow

@@ -98,6 +98,20 @@ def test_stream_draws_what_generate_draws_and_memory_does_not_grow_with_steps():
   np.testing.assert_array_equal(np.stack(streamed, axis=1), generated)
 
 
+@pytest.mark.parametrize("embed_std", [None, 0.02])
+def test_embedding_init_and_input_scale(embed_std):
+  config = preset("tiny", "mesanet", vocab_size=4096, embed_std=embed_std)
+  model = LanguageModel(config, rngs=nnx.Rngs(0))
+  d = config.d_model
+  std, scale = (d ** -0.5, d ** 0.5) if embed_std is None else (0.02, 1.0)  # the paper's (G.2) or mad-lab's
+  table = np.asarray(model.embed[...])
+  assert abs(table.std() / std - 1) < 0.05  # 4096·d draws: the sample std is within ~1 % of the true one
+  tokens = jnp.array([[3, 7, 4095]])
+  np.testing.assert_allclose(model._embed(tokens)[0], table[[3, 7, 4095]] * scale, rtol=1e-6)
+  with pytest.raises(ValueError, match="embed_std must be a positive number or None"):
+    preset("tiny", embed_std=0.0)
+
+
 def test_init_is_deterministic_per_seed():
   config = preset("tiny", "hybrid")
   leaves = lambda seed: jax.tree.leaves(nnx.state(LanguageModel(config, rngs=nnx.Rngs(seed)), nnx.Param))

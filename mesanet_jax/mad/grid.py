@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesanet_jax.mad import models, training, variants
+from mesanet_jax.mad import models, table, training, variants
 from mesanet_jax.mad.population import Population, stack_datasets
 
 
@@ -78,12 +78,28 @@ def check_interval(settings: Settings, jobs_in_flight: list[training.Job]) -> tu
   return every, min(settings.steps_per_call, every)
 
 
-def done_keys(path: str) -> set:
-  if not os.path.exists(path):
+def protocol_settings(settings: Settings) -> dict:
+  """The values of `table.PROTOCOL`'s settings (those that change the model or its training) this run records."""
+  config = models.mad_config("mesanet", 16, cg_steps=settings.cg_steps, tie_embeddings=settings.tie_embeddings,
+                             embed_std=settings.embed_std)
+  return {"dtype": settings.dtype, "tie_embeddings": config.tie_embeddings, "embed_std": config.embed_std,
+          "cg_steps": config.mesa.cg_steps_train}
+
+
+def done_keys(settings: Settings, architectures) -> set:
+  """The keys of the jobs settings.results holds; a ValueError if it holds jobs of these architectures run with other
+  `protocol_settings` (they would be skipped as done)."""
+  if not os.path.exists(settings.results):
     return set()
-  with open(path) as f:
-    return {tuple(r[k] for k in ("architecture", "task", "variant", "lr", "weight_decay"))
-            for r in map(json.loads, filter(str.strip, f))}
+  records = table.read(settings.results)
+  ours = protocol_settings(settings)
+  for r in records:
+    differs = [k for k, default in table.PROTOCOL.items() if r.get(k, default) != ours[k]]
+    if r["architecture"] in architectures and differs:
+      k = differs[0]
+      raise ValueError(f"{settings.results} holds {r['architecture']} jobs run with {k}={r.get(k, table.PROTOCOL[k])}"
+                       f", this run has {k}={ours[k]}: they would count as done; give this run its own --results")
+  return {tuple(r[k] for k in ("architecture", "task", "variant", "lr", "weight_decay")) for r in records}
 
 
 class _Progress:
@@ -105,7 +121,7 @@ class _Progress:
 def run(settings: Settings, all_jobs: list[training.Job]) -> int:
   """Trains every job not yet in settings.results; returns the number of jobs finished by this run."""
   start = time.time()
-  done = done_keys(settings.results)
+  done = done_keys(settings, {j.architecture for j in all_jobs})
   pending = [j for j in all_jobs if j.key not in done]
   groups: dict[tuple, list] = {}
   for job in pending:
@@ -189,9 +205,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                 "accuracy_micro": float(metrics["accuracy_micro"][i]), "test_loss": float(metrics["loss"][i]),
                 "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
                 "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
-                "slots": size, "dtype": settings.dtype, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
-                "matmul_precision": config.mesa.matmul_precision, "cg_steps": config.mesa.cg_steps_train,
-                "tie_embeddings": config.tie_embeddings, "embed_std": config.embed_std, "eval_every": every,
+                "slots": size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
+                "matmul_precision": config.mesa.matmul_precision, **protocol_settings(settings), "eval_every": every,
                 "finished_at": time.time()}
       with open(settings.results, "a") as f:
         f.write(json.dumps(record) + "\n")

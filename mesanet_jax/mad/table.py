@@ -25,9 +25,25 @@ PAPER = {
 }
 
 
+# Job settings that change the model or its training (not only how it computes): one table holds one value of each
+# per architecture. A record written before a setting existed had its default.
+PROTOCOL = {"dtype": "float32", "tie_embeddings": True, "embed_std": None, "cg_steps": 30}
+
+
 def read(path: str) -> list[dict]:
+  """The grid's records; a ValueError if one architecture's records mix values of a `PROTOCOL` setting."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in f if line.strip()]
+  for key, default in PROTOCOL.items():
+    values = collections.defaultdict(collections.Counter)
+    for r in records:
+      values[r["architecture"]][json.dumps(r.get(key, default))] += 1
+    for architecture, counts in values.items():
+      if len(counts) > 1:
+        found = ", ".join(f"{value} ({count} jobs)" for value, count in counts.items())
+        raise ValueError(f"{path}: the {architecture} jobs mix {key} = {found}; keep runs of different settings "
+                         f"in separate --results files")
+  return records
 
 
 def task_scores(records: list[dict], expected: dict, metric: str = "accuracy") -> dict:

@@ -1,7 +1,9 @@
 """The population trainer: mad-lab's accuracy and the paper's schedule; slots train exactly as members alone (per-slot
 lr, own data order, frozen when done); in-flight state saved and restored; the grid's results resume; Table 9 scored
 both ways."""
+import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +103,9 @@ def test_grid_writes_each_job_once_and_resumes(tmp_path):
   assert sorted(r["lr"] for r in records) == [1e-3, 3e-3] and {r["steps"] for r in records} == {2}
   assert {r["eval_every"] for r in records} == {1}
   assert grid.run(settings, jobs) == 0  # everything done: skipped
+  assert all(set(table.PROTOCOL) <= set(r) for r in records)
+  with pytest.raises(ValueError, match="transformer jobs run with dtype=float32, this run has dtype=bfloat16"):
+    grid.run(dataclasses.replace(settings, dtype="bfloat16"), jobs)  # not skipped as done under other settings
 
 
 def test_population_sizes_and_steps_as_the_grid_schedules():
@@ -119,6 +124,18 @@ def test_evaluations_at_least_once_per_epoch_of_every_job_in_flight():
   assert grid.check_interval(settings, [job(12_800)]) == (400, 200)  # an epoch is 400 steps of 32
   assert grid.check_interval(settings, [job(12_800), job(800)]) == (25, 25)  # mad-lab checks after each epoch
   assert grid.check_interval(settings, []) == (400, 200)
+
+
+def test_table_refuses_results_that_mix_settings(tmp_path):
+  path = tmp_path / "results.jsonl"
+  job = {"architecture": "mesanet", "task": "memorize", "variant": "baseline", "lr": 1e-3, "weight_decay": 0.1,
+         "accuracy": 0.5}
+  path.write_text("".join(json.dumps(r) + "\n" for r in [job, {**job, "lr": 3e-3, "dtype": "float32"}]))
+  assert len(table.read(str(path))) == 2  # a record without dtype was written in f32, the default then
+  with open(path, "a") as f:
+    f.write(json.dumps({**job, "lr": 1e-4, "dtype": "bfloat16"}) + "\n")
+  with pytest.raises(ValueError, match=r"mesanet jobs mix dtype = \"float32\" \(2 jobs\), \"bfloat16\" \(1 jobs\)"):
+    table.read(str(path))
 
 
 def test_table_scores_the_mad_lab_way_and_the_paper_way():

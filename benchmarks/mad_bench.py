@@ -188,7 +188,7 @@ def main():
   parser.add_argument("--mesa", default="", help="Mesa impl:chunk[:precision] settings, comma-separated (other "
                       "archs use the first's chunk); '': models.FAST_MESA's for the backend")
   parser.add_argument("--dtypes", default="float32")
-  parser.add_argument("--cg_steps", type=int, default=0, help="0: the preset's (30)")
+  parser.add_argument("--cg_steps", type=int, default=0, help="0: models.exact_cg_steps (16)")
   parser.add_argument("--steps", type=int, default=10, help="steps per call at most")
   parser.add_argument("--call_tokens", type=int, default=1 << 23, help="tokens per call at most (fewer steps)")
   parser.add_argument("--calls", type=int, default=2, help="timed calls at least")

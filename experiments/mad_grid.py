@@ -40,7 +40,9 @@ _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': 
                             "FAST_MESA's for the backend)")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: FAST_MESA's for Mesa, 64 for GDN)")
 _PRECISION = flags.DEFINE_string("matmul_precision", "", "Mesa matmuls: highest | default ('': FAST_MESA's)")
-_CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "Mesa CG steps in training (0: the preset's, 30)")
+_CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "Mesa CG steps in training (0: the head size, 16, which gives "
+                                 "the paper's 30 steps' result to f32 rounding; mesanet_jax/mad/models.py: "
+                                 "exact_cg_steps)")
 _TIE_EMBEDDINGS = flags.DEFINE_bool("tie_embeddings", True, "the language models' read-out tied to the input embedding "
                                      "(the paper's backbone); false: its own matrix, as mad-lab's (write such runs to "
                                      "their own --results)")

@@ -40,7 +40,7 @@ class Settings:
   impl: str = ""  # how Mesa computes: impl, chunk_size, matmul_precision ("" / 0: models.FAST_MESA's for the backend)
   chunk_size: int = 0
   matmul_precision: str = ""
-  cg_steps: int = 0  # 0: the preset's (30)
+  cg_steps: int = 0  # 0: models.exact_cg_steps (16 at the MAD heads' Dk = 16)
   tie_embeddings: bool = True  # False: the LM read-out is its own matrix (mad-lab's backbone)
   embed_std: float | None = None  # a number: the embedding's init std, no √d input scale (mad-lab's: 0.02)
   seed: int = 0

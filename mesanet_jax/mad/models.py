@@ -26,12 +26,20 @@ FAST_MESA = {"gpu": ("pallas", 32, "highest")}
 OTHER_MESA = ("xla", 64, "highest")
 
 
+def exact_cg_steps(mesa) -> int:
+  """The preset's CG steps (the paper's 30), or the head size where that is fewer: CG solves a Dk-dimensional system
+  exactly in Dk steps, and at the MAD heads' Dk = 16 the f32 output and gradients after 16 steps are those after 30
+  to 2e-8 of their scale, i.e. f32 rounding (`tests/mad/test_models.py`; 12 steps: 4e-7, 8 steps: 5e-5), at ~22 %
+  less MesaNet step time (benchmarks/RESULTS.md "MAD population step")."""
+  return min(mesa.cg_steps_train, mesa.head_dim)
+
+
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
                cg_steps: int = 0, matmul_precision: str = "", tie_embeddings: bool = True,
                embed_std: float | None = None) -> LMConfig:
   """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
   Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
-  for the backend (GDN keeps the preset's chunk) and the preset's CG steps (30). tie_embeddings=False gives the
+  for the backend (GDN keeps the preset's chunk) and `exact_cg_steps`. tie_embeddings=False gives the
   language model its own read-out matrix and embed_std=0.02 an embedding of that std with no √d input scale, as
   mad-lab's LanguageModel has (the paper's backbone ties them and scales; `LMConfig.embed_std`)."""
   if architecture not in ARCHITECTURES:
@@ -40,7 +48,7 @@ def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_s
                   embed_std=embed_std)
   fast_impl, fast_chunk, fast_precision = FAST_MESA.get(jax.default_backend(), OTHER_MESA)
   mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or fast_chunk, impl=impl or fast_impl,
-                             cg_steps_train=cg_steps or config.mesa.cg_steps_train,
+                             cg_steps_train=cg_steps or exact_cg_steps(config.mesa),
                              matmul_precision=matmul_precision or fast_precision)
   gdn = dataclasses.replace(config.gdn, chunk_size=chunk_size or config.gdn.chunk_size)
   return dataclasses.replace(config, mesa=mesa, gdn=gdn)

@@ -1,4 +1,6 @@
 """The MAD models: the paper's sizes for every architecture and mad-lab's compression autoencoder."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,8 @@ from flax import nnx
 
 from mesanet_jax.mad import models
 from mesanet_jax.models.lm import count_params
+from mesanet_jax.ops import mesa_chunked
+from tests.ops.mesa_inputs import max_abs, random_inputs, scale
 
 
 def test_sincos_is_mad_labs_position_embedding():
@@ -38,6 +42,22 @@ def test_mad_lab_backbone_switches():
   assert tied.tie_embeddings and not untied.tie_embeddings
   assert count_params(untied) - count_params(tied) == 64 * 128  # a [d, V] read-out beside the [V, d] embedding
   assert models.mad_config("mesanet", 64, embed_std=0.02).embed_std == 0.02 and tied.embed_std is None
+
+
+def test_cg_steps_default_to_the_head_size_which_gives_the_result_of_30():
+  assert models.mad_config("mesanet", 16).mesa.cg_steps_train == 16 == models.mad_config("hawk_mesa", 16).mesa.head_dim
+  # Slow decay (γ ≈ 0.998) over 2 × 96 tokens, so the systems are the worst conditioned in the test inputs' range.
+  inputs = random_inputs(2, 192, 4, 16, 16, seed=3, decay_bias=6.0)[:6]
+  weights = jax.random.normal(jax.random.key(4), inputs[2].shape)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def output_and_gradients(steps, *args):
+    loss = lambda *a: jnp.sum(weights * mesa_chunked(*a, chunk_size=32, cg_steps=steps)[0])
+    return mesa_chunked(*args, chunk_size=32, cg_steps=steps)[0], jax.grad(loss, argnums=range(6))(*args)
+  sixteen, thirty = output_and_gradients(16, *inputs), output_and_gradients(30, *inputs)
+  # Measured (output and all six gradients): 16 steps 2.4e-8 of the scale (f32 rounding), 12 steps 3.8e-7, 8 steps
+  # 4.8e-5: the bound passes a converged solve with 4× margin and fails one that stopped early.
+  assert max_abs(sixteen, thirty) <= 1e-7 * scale(thirty)
 
 
 @pytest.mark.slow

@@ -79,9 +79,10 @@ def gated_delta_chunked(q, k, v, g, beta, state=None, *, chunk_size: int = 64):
   strict = decay * ~jnp.eye(chunk_size, dtype=bool)
   lower = jnp.einsum("...sd,...rd->...sr", k_beta, k_c, precision=_HIGHEST) * strict  # L
   eye = jnp.eye(chunk_size, dtype=dtype)
-  solve = lambda rhs: jax.scipy.linalg.solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
-  w = solve(k_beta * jnp.exp(log_decay)[..., None])  # T (β e^G K)
-  u0 = solve(v_c * beta_c[..., None])  # T βV
+  # T (β e^G K) and T βV as one triangular solve of both right-hand sides side by side (one batched solve, not two).
+  rhs = jnp.concatenate([k_beta * jnp.exp(log_decay)[..., None], v_c * beta_c[..., None]], axis=-1)
+  w, u0 = jnp.split(jax.scipy.linalg.solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True), [key_dim],
+                    axis=-1)
   scores = jnp.einsum("...td,...sd->...ts", q_c, k_c, precision=_HIGHEST) * decay
   q_decayed = q_c * jnp.exp(log_decay)[..., None]
   to_end = jnp.exp(log_decay[..., -1:] - log_decay)[..., None]

@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -18,9 +19,10 @@ from mesanet_jax.models.lm import LanguageModel
 
 
 def sharded(make_model, mesh) -> LanguageModel:
-  """make_model()'s model with every param placed by `sharding.shardings` (the trainer's rule)."""
+  """make_model()'s model with every param placed by `sharding.shardings` (the trainer's rule); placed from host
+  copies, which are sliced in numpy (a device array's slicing compiles a program per shape and sharding)."""
   graphdef, state = nnx.split(make_model())
-  return nnx.merge(graphdef, jax.device_put(state, sharding.shardings(state, mesh)))
+  return nnx.merge(graphdef, jax.device_put(jax.tree.map(np.asarray, state), sharding.shardings(state, mesh)))
 
 
 def jitted_forward(model):

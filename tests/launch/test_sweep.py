@@ -1,6 +1,6 @@
 """launch/sweep.py: grid expansion into workdirs and flags, the skip/re-run rule, launch commands, one-line errors
-(its `main` in this process), and a real 2-point sweep on the tiny config, run as a script, that a second call
-skips."""
+(its `main` in this process), and a real 2-point sweep on the tiny config, run as a script, that a second call (its
+`main` again) skips."""
 import importlib.util
 import json
 import os
@@ -96,7 +96,7 @@ def test_spec_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow  # two trainer runs
-def test_runs_in_sequence_then_skips_them(tmp_path):
+def test_runs_in_sequence_then_skips_them(tmp_path, capsys):
   # Over the data seed: both runs compile the same programs, so the second finds them in the session's cache.
   spec = _spec_file(tmp_path, 'CONFIG = "tests/train/tiny.py:mqar"\n'
                     'GRID = {"data.seed": [0, 1]}\nFIXED = {"train.num_steps": 2, "train.progress_bar": False}\n')
@@ -106,5 +106,5 @@ def test_runs_in_sequence_then_skips_them(tmp_path):
     metrics = tmp_path / "r" / f"data.seed={seed}" / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-  again = _sweep_script(spec, f"--root={tmp_path / 'r'}")
+  again = _sweep(capsys, spec, f"--root={tmp_path / 'r'}")  # in this process: a process start (~2 s) less
   assert again.returncode == 0 and again.stderr.count("# skip") == 2 and "[1/" not in again.stderr, again.stderr

@@ -159,6 +159,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                              impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
                              tie_embeddings=settings.tie_embeddings, embed_std=settings.embed_std)
   population = Population(config, autoencoder, protocol, size)
+  recorded = protocol_settings(settings)
   data = stack_datasets(datasets, length)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
   slot_jobs: list = [None] * size
@@ -206,7 +207,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                 "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
                 "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                 "slots": size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
-                "matmul_precision": config.mesa.matmul_precision, **protocol_settings(settings), "eval_every": every,
+                "matmul_precision": config.mesa.matmul_precision, **recorded, "eval_every": every,
                 "finished_at": time.time()}
       with open(settings.results, "a") as f:
         f.write(json.dumps(record) + "\n")

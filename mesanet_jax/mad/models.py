@@ -14,9 +14,9 @@ import numpy as np
 from flax import nnx
 
 from mesanet_jax.layers.norm import RMSNorm
-from mesanet_jax.layers.params import linear, param
-from mesanet_jax.models.config import LMConfig, embedding_init_and_scale, preset
-from mesanet_jax.models.lm import LanguageModel, make_blocks, train_blocks
+from mesanet_jax.layers.params import linear
+from mesanet_jax.models.config import LMConfig, preset
+from mesanet_jax.models.lm import LanguageModel, embed_tokens, embedding_table, make_blocks, train_blocks
 
 ARCHITECTURES = ("mesanet", "transformer", "gdn", "hawk", "hawk_mesa")
 # How the MAD models compute Mesa when nothing else is asked for (mad_config, the grid, mad_bench): per JAX backend,
@@ -68,9 +68,7 @@ class AutoEncoder(nnx.Module):
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
     self.config = config
     d, kw = config.d_model, dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
-    std, _ = embedding_init_and_scale(config)
-    self.embed = param(rngs, nnx.initializers.normal(std), (config.vocab_size, d), config.param_dtype,
-                       ("vocab", "embed"))
+    self.embed = embedding_table(config, rngs)
     self.blocks = make_blocks(config, rngs)
     self.norms = nnx.List([RMSNorm(d, eps=config.norm_eps, **kw) for _ in range(3)])
     self.hidden = nnx.List([linear(d, d, axes=("embed", "mlp"), use_bias=True, **kw) for _ in range(2)])
@@ -78,7 +76,7 @@ class AutoEncoder(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     config = self.config
-    x = jnp.take(self.embed[...].astype(config.dtype), tokens, axis=0) * np.asarray(embedding_init_and_scale(config)[1], config.dtype)
+    x = embed_tokens(config, self.embed, tokens)
     x = train_blocks(config, self.blocks, x)
     x = x[:, -1:] + jnp.asarray(sincos(tokens.shape[1], config.d_model), config.dtype)  # [B, T, d]
     for norm, linear in zip(self.norms, self.hidden):

@@ -154,6 +154,19 @@ def blocks_with_cg_steps(config: LMConfig, blocks: nnx.Module, x: jax.Array) -> 
   return x, jnp.concatenate(rows) if rows else None
 
 
+def embedding_table(config: LMConfig, rngs: nnx.Rngs) -> nnx.Param:
+  """The [V, d] token embedding, initialised as `embedding_init_and_scale` says."""
+  std, _ = embedding_init_and_scale(config)
+  return param(rngs, nnx.initializers.normal(std), (config.vocab_size, config.d_model), config.param_dtype,
+               ("vocab", "embed"))
+
+
+def embed_tokens(config: LMConfig, table: nnx.Param, tokens: jax.Array) -> jax.Array:
+  """tokens [B, T] -> their rows of `table` times the input scale, [B, T, d] in the compute dtype."""
+  _, scale = embedding_init_and_scale(config)
+  return jnp.take(table[...].astype(config.dtype), tokens, axis=0) * np.asarray(scale, config.dtype)
+
+
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] f32. The cache is a tuple with one entry per block: RecurrentCache
   (conv states + MesaState or GDN state) for Mesa / GDN, HawkCache for the LRU, KVCache for attention; with `scan_layers` it is one
@@ -162,17 +175,14 @@ class LanguageModel(nnx.Module):
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
     self.config = config
     d = config.d_model
-    std, _ = embedding_init_and_scale(config)
-    self.embed = param(rngs, nnx.initializers.normal(std), (config.vocab_size, d), config.param_dtype,
-                       ("vocab", "embed"))
+    self.embed = embedding_table(config, rngs)
     self.blocks = make_blocks(config, rngs)
     self.final_norm = RMSNorm(d, eps=config.norm_eps, rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     self.unembed = None if config.tie_embeddings else linear(
         d, config.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
-    table = self.embed[...].astype(self.config.dtype)
-    return _on_batch(jnp.take(table, tokens, axis=0) * np.asarray(embedding_init_and_scale(self.config)[1], self.config.dtype))
+    return _on_batch(embed_tokens(self.config, self.embed, tokens))
 
   def readout_weights(self) -> jax.Array:
     """The read-out matrix [V, D] in the compute dtype: the tied embedding, or the untied kernel transposed."""

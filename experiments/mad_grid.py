@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli
+from . import cli
 
 _RESULTS = flags.DEFINE_string("results", "runs/mad/results.jsonl", "JSONL of finished jobs (appended; resumed)")
 _ARCHITECTURES = flags.DEFINE_list("architectures", ["mesanet", "gdn", "transformer", "hawk", "hawk_mesa"],

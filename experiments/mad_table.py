@@ -11,7 +11,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli
+from . import cli
 
 _RESULTS = flags.DEFINE_string("results", "runs/mad/results.jsonl", "the grid's JSONL (mesanet-mad-grid --results)")
 _OUT = flags.DEFINE_string("out", "", "output directory (default: the results file's)")

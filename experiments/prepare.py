@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from experiments import cli
+from . import cli
 
 _INPUT = flags.DEFINE_list("input", [], "text files, directories or globs: .jsonl/.json (JSON lines), .txt, .cor, "
                            ".parquet; .gz or .zst compressed (not Parquet)")

@@ -22,9 +22,8 @@ from pallas_kernels.mesa_cg.chunk import chunk_spec, decay_mask, dots, flat, gat
 from pallas_kernels.mesa_cg.params import compiler_params, dot_precision, use_interpret
 
 
-# Triton warps: this kernel holds two f32 Dk×Dk state gradients and five row blocks; with 4 warps it spills far more
-# than with 8 at C=32 and C=64 (ptxas report of the Triton-compiled kernel for sm_90).
-GRADIENTS_WARPS = 8
+# Triton warps: this kernel holds two f32 Dk×Dk state gradients and five row blocks, so it asks for the warps of rows
+# twice as wide (`default_warps`): 8 at Dk = 128, C = 32 and 64, where 4 spill far more (ptxas report for sm_90).
 
 
 def _gradients_kernel(k_ref, v_ref, x_ref, y_ref, do_ref, decay_col_ref, decay_row_ref, beta_col_ref,
@@ -70,7 +69,7 @@ def chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bounds_kv,
                 chunk_spec(size, key_dim), chunk_spec(size, value_dim), chunk_spec(size, 1), chunk_spec(1, size),
                 chunk_spec(size, 1), chunk_spec(key_dim, key_dim, shift=1), chunk_spec(key_dim, value_dim, shift=1)],
       out_specs=[chunk_spec(size, key_dim), chunk_spec(size, value_dim), chunk_spec(size, 1)],
-      compiler_params=compiler_params(size, num_warps or GRADIENTS_WARPS, num_stages),
+      compiler_params=compiler_params(size, 2 * max(key_dim, value_dim), num_warps, num_stages),
       interpret=use_interpret(),
       name="mesa_chunk_gradients",
   )(flat(k), flat(v), flat(x), flat(y), flat(do), decay_col, decay_row, flat(beta[..., None]), flat(d_bounds_kk_t),

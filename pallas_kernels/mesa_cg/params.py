@@ -56,15 +56,20 @@ def use_interpret() -> bool:
   return target() == "cpu"
 
 
-def compiler_params(chunk_size: int, num_warps: int | None = None, num_stages: int = 1):
-  """Explicit compiler params for the target backend (the GPU lowering is chosen by their type: Triton).
+def default_warps(chunk_size: int, width: int) -> int:
+  """Triton warps for a program whose row blocks are [C, width] (width: its widest row, Dk or Dv) and whose masks
+  are [C, C]: one warp per 1,024 elements of the larger, 1 to 8. Measured on an H200 (benchmarks/RESULTS.md, solve
+  kernel sweeps): at Dk = 128, 4 for C = 32 and 8 for C = 64; at Dk = 16, 1 for C = 16 and 32 (2x faster than 4) and
+  4 for C = 64."""
+  return max(1, min(8, chunk_size * max(chunk_size, width) // 1024))
 
-  num_warps defaults to the fastest measured on an H200 at Dk=128: 4 for C ≤ 32, 8 for C = 64.
-  """
+
+def compiler_params(chunk_size: int, width: int, num_warps: int | None = None, num_stages: int = 1):
+  """Explicit compiler params for the target backend (the GPU lowering is chosen by their type: Triton); num_warps
+  defaults to `default_warps(chunk_size, width)`."""
   backend = target()
   if backend == "gpu":
-    num_warps = num_warps or (4 if chunk_size <= 32 else 8)
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pltriton.CompilerParams(num_warps=num_warps or default_warps(chunk_size, width), num_stages=num_stages)
   if backend == "tpu":
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
   return None

@@ -46,7 +46,7 @@ def causal_read(x, keys, values, states, log_decay, beta, *, transpose_states: b
       in_specs=[chunk_spec(size, dim), chunk_spec(size, dim), chunk_spec(size, width), *gate_specs(size),
                 chunk_spec(*states.shape[-2:])],
       out_specs=chunk_spec(size, width),
-      compiler_params=compiler_params(size, num_warps, num_stages),
+      compiler_params=compiler_params(size, max(dim, width), num_warps, num_stages),
       interpret=use_interpret(),
       name="mesa_causal_read",
   )(flat(x), flat(keys), flat(values), *gate_operands(log_decay, beta), flat(states))

@@ -72,7 +72,7 @@ def chunked_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int
       in_specs=[chunk_spec(size, key_dim), chunk_spec(size, key_dim), *gate_specs(size),
                 pl.BlockSpec((None, 1, key_dim), lambda i, n: (i, 0, 0)), chunk_spec(key_dim, key_dim)],
       out_specs=[chunk_spec(size, key_dim), *steps_spec],
-      compiler_params=compiler_params(size, num_warps, num_stages),
+      compiler_params=compiler_params(size, key_dim, num_warps, num_stages),
       interpret=use_interpret(),
       name="mesa_cg_solve",
   )(flat(rhs), flat(k), *gate_operands(log_decay, beta), lam_rows, flat(states_kk_t))

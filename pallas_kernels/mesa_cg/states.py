@@ -56,7 +56,7 @@ def chunk_states(a, b, weights, chunk_decay, initial, *, reverse: bool = False,
       in_specs=[per_head(num_chunks, size, dim), per_block(num_chunks, size, block), per_head(num_chunks, size, 1),
                 per_head(num_chunks, 1, 1), per_block(dim, block)],
       out_specs=per_block(num_chunks + 1, dim, block),
-      compiler_params=compiler_params(size, num_warps, num_stages),
+      compiler_params=compiler_params(size, max(dim, block), num_warps, num_stages),
       interpret=use_interpret(),
       name="mesa_chunk_states_reverse" if reverse else "mesa_chunk_states",
   )(flat(a), flat(b), flat(weights[..., None]), flat(chunk_decay[..., None, None]), flat(initial))

@@ -1,6 +1,7 @@
 """impl="pallas" forward and backward lower for TPU (Mosaic) and GPU (Triton) on this CPU host, through jax.export:
 Pallas' own lowering runs (block shapes, loads and stores, dot forms, loops); the backend compilers do not. Likewise the
 Hopper solve (Mosaic GPU)."""
+import collections
 import functools
 import re
 
@@ -76,3 +77,16 @@ def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision
   solve = functools.partial(hopper_cg_solve, cg_steps=3, cg_init=cg_init, cg_tol=cg_tol, precision=precision,
                             lhs_in_registers=lhs_in_registers)
   assert export_for("gpu", solve, *args).mlir_module().count("custom_call @mosaic_gpu_v2(") == 1
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+@pytest.mark.parametrize("chunk_size, dim, warps", [
+    (32, 16, {1: 10}),  # the MAD heads: one warp per program, 2x faster solves than 4 (RESULTS.md)
+    (32, 128, {4: 7, 8: 1}),  # the LM heads: as measured before; the gradients kernel 8, the solves Mosaic GPU
+])
+def test_triton_warps_follow_the_tile_size(chunk_size, dim, warps):
+  """The Triton kernels of forward + backward on an abstract H200 get `params.default_warps` of their tiles."""
+  args = random_inputs(1, 2 * chunk_size, 1, dim, dim, seed=13)[:6]
+  op = lambda *a: mesa_chunked(*a, chunk_size=chunk_size, cg_steps=2, impl="pallas")
+  module = export_for("gpu", jax.grad(lambda *a: jnp.sum(op(*a)[0]), argnums=range(6)), *args).mlir_module()
+  assert collections.Counter(int(n) for n in re.findall(r"num_warps = (\d+)", module)) == warps

@@ -42,7 +42,7 @@ class Settings:
   matmul_precision: str = ""
   cg_steps: int = 0  # 0: models.exact_cg_steps (16 at the MAD heads' Dk = 16)
   tie_embeddings: bool = True  # False: the LM read-out is its own matrix (mad-lab's backbone)
-  embed_std: float | None = None  # a number: the embedding's init std, no √d input scale (mad-lab's: 0.02)
+  embed_std: float | None = models.EMBED_STD  # the embedding's init std, no √d input scale; None: 1/√d, scaled by √d
   seed: int = 0
   workers: int = 0  # data-generation processes (0: cores − 1)
 

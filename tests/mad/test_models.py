@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mesanet_jax.mad import models
+from mesanet_jax.mad import grid, models
 from mesanet_jax.models.lm import count_params
 from mesanet_jax.ops import mesa_chunked
 from tests.ops.mesa_inputs import max_abs, random_inputs, scale
@@ -41,7 +41,9 @@ def test_mad_lab_backbone_switches():
   tied, untied = models.mad_config("mesanet", 64), models.mad_config("mesanet", 64, tie_embeddings=False)
   assert tied.tie_embeddings and not untied.tie_embeddings
   assert count_params(untied) - count_params(tied) == 64 * 128  # a [d, V] read-out beside the [V, d] embedding
-  assert models.mad_config("mesanet", 64, embed_std=0.02).embed_std == 0.02 and tied.embed_std is None
+  assert tied.embed_std == models.EMBED_STD == 0.02  # mad-lab's embedding by default
+  assert models.mad_config("mesanet", 64, embed_std=None).embed_std is None  # the paper's LM embedding
+  assert grid.protocol_settings(grid.Settings(results=""))["embed_std"] == 0.02  # what the grid runs and records
 
 
 def test_cg_steps_default_to_the_head_size_which_gives_the_result_of_30():

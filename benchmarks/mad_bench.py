@@ -183,7 +183,8 @@ def _mesa_settings(text: str) -> list[tuple]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--archs", default="mesanet,gdn,transformer,hawk,hawk_mesa",
-                      help="architectures; arch@impl:chunk[:precision] gives one its own Mesa setting")
+                      help="architectures; arch@impl:chunk[:precision] gives one its own Mesa setting (GDN: its "
+                      "chunk, e.g. gdn@:32,gdn@:16)")
   parser.add_argument("--shapes", default="128x64", help="length x slots cases, comma-separated")
   parser.add_argument("--mesa", default="", help="Mesa impl:chunk[:precision] settings, comma-separated (other "
                       "archs use the first's chunk); '': models.FAST_MESA's for the backend")
@@ -205,7 +206,7 @@ def main():
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     for item in args.archs.split(","):
       arch, _, own = item.partition("@")
-      for impl, chunk, precision in (_mesa_settings(own) if own else mesa) if "mesa" in arch else [mesa[0]]:
+      for impl, chunk, precision in _mesa_settings(own) if own else mesa if "mesa" in arch else mesa[:1]:
         for length, slots in shapes:
           for dtype in args.dtypes.split(","):
             if slots * 32 * length > args.max_tokens:

@@ -206,7 +206,7 @@ def main():
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     for item in args.archs.split(","):
       arch, _, own = item.partition("@")
-      for impl, chunk, precision in _mesa_settings(own) if own else mesa if "mesa" in arch else mesa[:1]:
+      for impl, chunk, precision in _mesa_settings(own) if own else (mesa if "mesa" in arch else mesa[:1]):
         for length, slots in shapes:
           for dtype in args.dtypes.split(","):
             if slots * 32 * length > args.max_tokens:

@@ -22,10 +22,6 @@ from pallas_kernels.mesa_cg.chunk import chunk_spec, decay_mask, dots, flat, gat
 from pallas_kernels.mesa_cg.params import compiler_params, dot_precision, use_interpret
 
 
-# Triton warps: this kernel holds two f32 Dk×Dk state gradients and five row blocks, so it asks for the warps of rows
-# twice as wide (`default_warps`): 8 at Dk = 128, C = 32 and 64, where 4 spill far more (ptxas report for sm_90).
-
-
 def _gradients_kernel(k_ref, v_ref, x_ref, y_ref, do_ref, decay_col_ref, decay_row_ref, beta_col_ref,
                       dkk_t_next_ref, dkv_next_ref, dk_ref, dv_ref, dbeta_ref, *, precision: lax.Precision):
   """One chunk: k, x, y [C, Dk]; v, do [C, Dv]; log-decay G as column [C, 1] and row [1, C]; β as a column [C, 1];
@@ -69,6 +65,8 @@ def chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bounds_kv,
                 chunk_spec(size, key_dim), chunk_spec(size, value_dim), chunk_spec(size, 1), chunk_spec(1, size),
                 chunk_spec(size, 1), chunk_spec(key_dim, key_dim, shift=1), chunk_spec(key_dim, value_dim, shift=1)],
       out_specs=[chunk_spec(size, key_dim), chunk_spec(size, value_dim), chunk_spec(size, 1)],
+      # Two f32 Dk×Dk state gradients and five row blocks: the warps of rows twice as wide (`default_warps`), 8 at
+      # Dk = 128, C = 32 and 64, where 4 spill far more (ptxas report for sm_90).
       compiler_params=compiler_params(size, 2 * max(key_dim, value_dim), num_warps, num_stages),
       interpret=use_interpret(),
       name="mesa_chunk_gradients",

@@ -66,8 +66,9 @@ def check_pallas_runs_per_shard(mesh):
   tokens = jax.random.randint(jax.random.key(2), (8, 24), 0, base.vocab_size)
   with jax.set_mesh(mesh):
     sharded_tokens = jax.device_put(tokens, sharding.batch_shardings(tokens, mesh))
-    assert "shard_map" in str(jax.make_jaxpr(forward)(state, sharded_tokens))
-    logits = forward(state, sharded_tokens)
+    traced = forward.trace(state, sharded_tokens)  # one trace for the jaxpr check and the run
+    assert "shard_map" in str(traced.jaxpr)
+    logits = traced.lower().compile()(state, sharded_tokens)
   # Activations pinned by sharding.constrain: logits [B, T, V] split over batch shards and vocab over tensor.
   assert logits.sharding.spec == P("fsdp", None, "tensor"), logits.sharding
   forward, state = jitted_forward(LanguageModel(base, rngs=nnx.Rngs(0)))
@@ -92,8 +93,9 @@ def check_scanned_pallas(mesh):
   step = jax.jit(jax.value_and_grad(lambda s, t: loss(nnx.merge(graphdef, s), t)))
   with jax.set_mesh(mesh):
     sharded_tokens = jax.device_put(tokens, sharding.batch_shardings(tokens, mesh))
-    assert "shard_map" in str(jax.make_jaxpr(step)(state, sharded_tokens))
-    value, grads = step(state, sharded_tokens)
+    traced = step.trace(state, sharded_tokens)
+    assert "shard_map" in str(traced.jaxpr)
+    value, grads = traced.lower().compile()(state, sharded_tokens)
   finite = jax.jit(lambda g: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(g)])))
   assert bool(finite(grads))  # one program, not two eager ops per gradient shape
   reference = float(loss(LanguageModel(base, rngs=nnx.Rngs(0)), tokens))  # impl="xla", one device, same init
@@ -131,8 +133,9 @@ def check_pallas_decode_per_shard(mesh):
   run, state = decoder(sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh))
   with jax.set_mesh(mesh):
     sharded_tokens = jax.device_put(tokens, sharding.batch_shardings(tokens, mesh))
-    assert str(jax.make_jaxpr(run)(state, sharded_tokens)).count("shard_map") >= 4  # 2 prefills, 2 decode steps
-    logits = run(state, sharded_tokens)
+    traced = run.trace(state, sharded_tokens)
+    assert str(traced.jaxpr).count("shard_map") >= 4  # 2 prefills, 2 decode steps
+    logits = traced.lower().compile()(state, sharded_tokens)
   run_xla, state_xla = decoder(LanguageModel(base, rngs=nnx.Rngs(0)))  # impl="xla", one device, same init
   error = float(jnp.max(jnp.abs(logits - run_xla(state_xla, tokens))))
   assert error < 1e-3, error  # tol = 1e-4 CG on both paths: ~1e-4 of logits of scale ~5 (f32 rounding sets the steps)

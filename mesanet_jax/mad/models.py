@@ -29,7 +29,7 @@ OTHER_MESA = ("xla", 64, "highest")
 # The MAD models' embedding: mad-lab's (initial std 0.02, no √d input scale), which the paper's MAD runs follow
 # (Table 6: "we follow Poli et al. precisely"). On memorize V 2048-8192 it gives MesaNet 92.3 / 41.5 / 27.1 and the
 # Transformer 96.9 / 49.3 / 21.0 against 73.5 / 15.9 / 6.1 and 94.7 / 30.4 / 6.3 with the paper's LM embedding
-# (1/√d, scaled by √d on input), which puts both within reach of Table 9 (benchmarks/RESULTS.md "MAD grid").
+# (1/√d, scaled by √d on input), which puts both within reach of Table 9 (benchmarks/RESULTS.md "MAD memorize").
 EMBED_STD = 0.02
 
 

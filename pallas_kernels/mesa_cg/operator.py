@@ -15,6 +15,7 @@ from mesanet_jax.ops.cg import rowdot
 from mesanet_jax.ops.inputs import MesaState
 from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, register
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
+from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients, use_hopper_gradients
 from pallas_kernels.mesa_cg.params import unsupported_reason
 from pallas_kernels.mesa_cg.read import causal_read
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
@@ -63,11 +64,13 @@ class PallasOperator(ChunkedSequence):
         chunk_states(x, do, weights, chunk_decay, d_final.h_kv, reverse=True, precision=self.precision))
 
   def token_gradients(self, x, y, do, u, d_states: BoundaryStates):
-    """dk, dv (kernel), dβ (kernel) and d log-decay: the scaling of everything decayed up to t (through the causal
-    read H_kk[t] x_t) minus what token t added itself, plus, at a chunk's last row, the scaling of the state handed
-    on, ⟨D_next, S_next⟩ (`xla_operator.XlaOperator.token_gradients` derives the same)."""
-    dk, dv, dbeta = chunk_gradients(self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states,
-                                    precision=self.precision)
+    """dk, dv, dβ (one kernel: Mosaic GPU on sm_90 where it takes the sizes, else Triton / Mosaic TPU / interpreted)
+    and d log-decay: the scaling of everything decayed up to t (through the causal read H_kk[t] x_t) minus what token
+    t added itself, plus, at a chunk's last row, the scaling of the state handed on, ⟨D_next, S_next⟩
+    (`xla_operator.XlaOperator.token_gradients` derives the same)."""
+    hopper = use_hopper_gradients(x.shape[3], x.shape[4], do.shape[4], self.precision)
+    gradients = hopper_chunk_gradients if hopper else chunk_gradients
+    dk, dv, dbeta = gradients(self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states, precision=self.precision)
     read_kk = causal_read(x, self.k, self.k, self.states.kk_t, self.log_decay, self.beta, precision=self.precision)
     d_log_decay = -rowdot(y, read_kk) + rowdot(x, u) - self.beta * dbeta
     handed_on = (jnp.sum(d_states.kk_t[:, :, 1:] * self.states.kk_t[:, :, 1:], axis=(-2, -1))

@@ -2,7 +2,7 @@
 
 Same contract as `solve.chunked_cg_solve`: x_t = (H_kk[t] + Λ)⁻¹ rhs_t for every token, with the chunked matvec of
 DESIGN.md §1. A CTA of one warpgroup takes 64 tokens (a chunk of 64, or two chunks of 32 on the first one's start
-state: `_pair_chunks`), stages their Sᵀ and K in shared memory once as fp16 parts (`chunk.SplitDot`: 3 passes
+state: `hopper.pair_chunks`), stages their Sᵀ and K in shared memory once as fp16 parts (`chunk.SplitDot`: 3 passes
 f32-accurate, 1 pass TF32-class) and runs every CG step on chip. The CG vectors are [64, Dk] arrays in the wgmma
 accumulator layout (row t = token t), so `mesanet_jax.ops.cg.conjugate_gradient` is traced as it is: its row dots
 reduce within a quad of lanes, with no shared memory and no barrier. A matvec is two rounds of wgmma whose left
@@ -33,32 +33,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.inputs import initial_guess
-from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE, SplitDot
+from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
+from pallas_kernels.mesa_cg.hopper import (
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pair_chunks, pass_pairs,
+    per_col, per_row, split_passes, staged_lhs, store_parts)
 from pallas_kernels.mesa_cg.params import target, use_interpret
-
-ROWS = 64  # systems (and keys) per chunk as the kernel holds them: one wgmma M group
-# Every fp16 operand is scaled to max |·| ≤ T = 2^15: the parts of its small entries (lo ≈ 2^-11 hi) stay normal.
-TOP = 2.0 ** 15
-_WGMMA = plgpu.Layout.WGMMA
-_ROW, _COL = _WGMMA.reduce(1), _WGMMA.reduce(0)  # a value per row (system) / per column (feature or key)
-_F16_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # every wgmma operand: 128-byte rows
-_F32_TILES = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-# The kernel orders its own shared memory accesses (commit_smem before a wgmma or TMA reads what threads wrote): Pallas'
-# automatic barriers around every shared-memory load and store would put barriers inside the CG loop.
-_COMPILER_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, reduction_scratch_bytes=64)
-
-
-def split_passes(precision) -> int:
-  """fp16 passes per product: 3 ("highest"/"high", f32-accurate) or 1 ("default", TF32-class)."""
-  if isinstance(precision, SplitDot) and precision.dtype == jnp.float16:
-    return precision.passes
-  if precision in (lax.Precision.HIGHEST, lax.Precision.HIGH):
-    return 3
-  if precision == lax.Precision.DEFAULT:
-    return 1
-  raise ValueError(f"precision must be a lax.Precision or SplitDot(jnp.float16, 1 | 3) for the Hopper solve, "
-                   f"got {precision!r}")
-
 
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
   """Why the Hopper solve cannot take these sizes, or None."""
@@ -71,60 +50,10 @@ def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
   return None
 
 
-def is_hopper(device=None) -> bool:
-  """Whether `device` (default: the abstract mesh's device when exporting, else JAX's first) is sm_90 (H100, H200):
-  wgmma is sm_90a only. An abstract device has no compute capability: its kind decides."""
-  device = device or jax.sharding.get_abstract_mesh().abstract_device or jax.devices()[0]
-  capability = getattr(device, "compute_capability", None)
-  if capability is not None:
-    return capability == "9.0"
-  return device.device_kind.startswith(("NVIDIA H100", "NVIDIA H200", "NVIDIA H800", "NVIDIA GH200"))
-
-
 def use_hopper_solve(chunk_size: int, key_dim: int, dtype) -> bool:
   """Whether the kernels' target takes this solve (else `solve.chunked_cg_solve`): GPU kernels built for sm_90,
   sizes and dtype as `unsupported_reason` allows."""
   return target() == "gpu" and is_hopper() and unsupported_reason(chunk_size, key_dim, dtype) is None
-
-
-def _parts(x, passes: int):
-  """fp16(x) and, for 3 passes, fp16(x − fp16(x)), for x already scaled into fp16's range."""
-  hi = x.astype(jnp.float16)
-  return (hi,) if passes == 1 else (hi, (x - hi.astype(jnp.float32)).astype(jnp.float16))
-
-
-def _store_parts(ref, x, passes: int):
-  for i, part in enumerate(_parts(x, passes)):
-    ref[i] = part
-
-
-def _lhs(x, passes: int, staging):
-  """The fp16 parts of x as a wgmma left operand: in registers, or (staging, a shared-memory ref) stored there."""
-  if staging is None:
-    return _parts(x, passes)
-  _store_parts(staging, x, passes)
-  plgpu.commit_smem()
-  return [staging.at[i] for i in range(passes // 2 + 1)]
-
-
-def _pass_pairs(passes: int):
-  """(a part, b part) of each fp16 product: hi·hi, and for 3 passes lo·hi and hi·lo."""
-  return [(0, 0)] if passes == 1 else [(0, 0), (1, 0), (0, 1)]
-
-
-def _max_abs(x):
-  """max |x| over a whole [64, D] array, floored at SMALLEST_SCALE (a scalar)."""
-  return jnp.maximum(jnp.max(jnp.max(jnp.abs(x), axis=1)), SMALLEST_SCALE)
-
-
-def _rows(v, shape):
-  """A per-row [64] value broadcast along the columns of `shape`."""
-  return lax.broadcast_in_dim(v, shape, [0])
-
-
-def _cols(v, shape):
-  """A per-column value broadcast along the rows of `shape`."""
-  return lax.broadcast_in_dim(v, shape, [1])
 
 
 def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *refs,
@@ -137,32 +66,32 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
   lhs_smem, z_smem = staging if staging else (None, None)
   st_parts, (x_smem, steps_smem), k2_parts = (list(union) + [None])[:3]  # k2_parts only with Jacobi
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
-  key_dim, pairs = x_gmem.shape[-1], _pass_pairs(passes)
+  key_dim, pairs = x_gmem.shape[-1], pass_pairs(passes)
   # λ per column (Dk / 4 registers a thread; ptxas spills it or not: read from shared memory in the loop instead, it
   # spilled as much and took another KiB).
-  load_lam = lambda: plgpu.load(features_gmem.at[bh, n, 0], layout=_COL, optimized=False)
+  load_lam = lambda: plgpu.load(features_gmem.at[bh, n, 0], layout=COL, optimized=False)
 
-  keys = plgpu.load(k_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk]
-  sigma_k = _max_abs(keys)
+  keys = plgpu.load(k_gmem.at[bh, n], layout=WGMMA, optimized=False)  # [64, Dk]
+  sigma_k = max_abs(keys)
   keys = keys * (1.0 / sigma_k)
-  _store_parts(k_parts, keys * TOP, passes)  # K̃
+  store_parts(k_parts, keys * TOP, passes)  # K̃
   if jacobi:
-    _store_parts(k2_parts, keys * keys * TOP, passes)
+    store_parts(k2_parts, keys * keys * TOP, passes)
 
   # Per system t (rows): G_t; per key s (columns): G_s, β_s.
-  log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0], layout=_ROW, optimized=False)
-  log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], layout=_COL, optimized=False) for j in (1, 2))
+  log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0], layout=ROW, optimized=False)
+  log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], layout=COL, optimized=False) for j in (1, 2))
   shape = (ROWS, ROWS)
-  keep = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA)
-          >= plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA))
-  diff = _rows(log_decay_t, shape) - _cols(log_decay_s, shape)
-  mask = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0) * _cols(beta_s, shape)  # M = e^{G_t−G_s} β_s [s ≤ t]
+  keep = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
+          >= plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA))
+  diff = per_row(log_decay_t, shape) - per_col(log_decay_s, shape)
+  mask = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0) * per_col(beta_s, shape)  # M = e^{G_t−G_s} β_s [s ≤ t]
   mask_max = jnp.maximum(jnp.max(mask, axis=1), SMALLEST_SCALE)
   plgpu.commit_smem()  # K̃ and (K / σ_K)² visible to the wgmma
 
   diagonal = None
   if jacobi:  # diag(A_t)_i = e^{G_t} S_ii + Σ_s M_ts K_si² + λ_i, the middle term a product with (K / σ_K)²
-    scaled_mask = _lhs(mask * _rows(TOP / mask_max, shape), passes, z_smem)
+    scaled_mask = staged_lhs(mask * per_row(TOP / mask_max, shape), passes, z_smem)
 
     def squares(acc):
       for a, b in pairs:
@@ -171,18 +100,18 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
 
     out = (ROWS, key_dim)
     squared = pl.run_scoped(squares, plgpu.ACC(out, jnp.float32))
-    diagonal = (_rows(sigma_k * sigma_k * mask_max / TOP ** 2, out) * squared
-                + _cols(load_lam(), out))
+    diagonal = (per_row(sigma_k * sigma_k * mask_max / TOP ** 2, out) * squared
+                + per_col(load_lam(), out))
 
   # Sᵀ in blocks of 64 rows j, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed).
-  blocks = [plgpu.load(states_gmem.at[bh, n, pl.ds(64 * h, 64)], layout=_WGMMA, optimized=False)
+  blocks = [plgpu.load(states_gmem.at[bh, n, pl.ds(64 * h, 64)], layout=WGMMA, optimized=False)
             for h in range(key_dim // 64)]
-  sigma_s = functools.reduce(jnp.maximum, [_max_abs(block) for block in blocks])
+  sigma_s = functools.reduce(jnp.maximum, [max_abs(block) for block in blocks])
   for h, block in enumerate(blocks):
-    _store_parts(st_parts.at[:, pl.ds(64 * h, 64)], block * (TOP / sigma_s), passes)  # S̃ᵀ
+    store_parts(st_parts.at[:, pl.ds(64 * h, 64)], block * (TOP / sigma_s), passes)  # S̃ᵀ
   if jacobi:
-    state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=_COL, optimized=False)
-    diagonal = diagonal + _rows(jnp.exp(log_decay_t), diagonal.shape) * _cols(state_diagonal, diagonal.shape)
+    state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=COL, optimized=False)
+    diagonal = diagonal + per_row(jnp.exp(log_decay_t), diagonal.shape) * per_col(state_diagonal, diagonal.shape)
   plgpu.commit_smem()
 
   # Round 2 computes κ_t (A_t − Λ) p_t with κ_t = T² τ_t / σ_P,t: τ_t puts the larger of its two terms, e^{G_t} σ_S and
@@ -190,15 +119,15 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
   state_term = jnp.exp(log_decay_t) * sigma_s
   inverse_tau = jnp.maximum(jnp.maximum(state_term, (sigma_k * sigma_k * key_dim) * mask_max), SMALLEST_SCALE)
   state_factor = TOP * state_term / inverse_tau
-  weights_smem[...] = mask * _rows((sigma_k * sigma_k / TOP) / inverse_tau, shape)  # W = τ σ_K² M / T
+  weights_smem[...] = mask * per_row((sigma_k * sigma_k / TOP) / inverse_tau, shape)  # W = τ σ_K² M / T
   plgpu.commit_smem()
 
   def matvec(p):  # [64, Dk] -> A p, row t by A_t
     sigma_p = jnp.maximum(jnp.max(jnp.abs(p), axis=1), SMALLEST_SCALE)
     inverse_sigma_p = 1.0 / sigma_p
-    p_parts = _lhs(p * _rows(TOP * inverse_sigma_p, p.shape), passes, lhs_smem)  # p̂ = T p / σ_P
+    p_parts = staged_lhs(p * per_row(TOP * inverse_sigma_p, p.shape), passes, lhs_smem)  # p̂ = T p / σ_P
 
-    state = lambda: _lhs(p * _rows(state_factor * inverse_sigma_p, p.shape), passes, lhs_smem)  # T τ e^G σ_S p / σ_P
+    state = lambda: staged_lhs(p * per_row(state_factor * inverse_sigma_p, p.shape), passes, lhs_smem)  # T τ e^G σ_S p / σ_P
 
     def scores_round(acc):  # p̂ K̃ᵀ; in registers, the state term's operand is made while the tensor cores work
       for a, b in pairs:
@@ -207,7 +136,7 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
 
     scores, state_parts = pl.run_scoped(scores_round, plgpu.ACC((ROWS, ROWS), jnp.float32))
     state_parts = state_parts or state()  # staged: in p̂'s memory, which the scores round has read
-    z_parts = _lhs(scores * plgpu.load(weights_smem, layout=_WGMMA), passes, z_smem)  # W ⊙ p̂ K̃ᵀ
+    z_parts = staged_lhs(scores * plgpu.load(weights_smem, layout=WGMMA), passes, z_smem)  # W ⊙ p̂ K̃ᵀ
 
     def matvec_round(acc):
       for a, b in pairs:
@@ -217,10 +146,10 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
       return acc[...]
 
     scaled = pl.run_scoped(matvec_round, plgpu.ACC(p.shape, jnp.float32))  # κ (A − Λ) p
-    return (scaled * _rows(sigma_p * (inverse_tau / TOP ** 2), p.shape)
-            + _cols(load_lam(), p.shape) * p)
+    return (scaled * per_row(sigma_p * (inverse_tau / TOP ** 2), p.shape)
+            + per_col(load_lam(), p.shape) * p)
 
-  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=_WGMMA, optimized=False)  # [64, Dk]
+  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=WGMMA, optimized=False)  # [64, Dk]
   x, steps = conjugate_gradient(matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
 
   x_smem[...] = x  # Sᵀ's memory: every wgmma has completed
@@ -255,30 +184,32 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
   states_kk_t = states_kk_t.astype(jnp.float32)
   if size < ROWS:
-    rhs, k, log_decay, beta, states_kk_t = _pair_chunks(rhs, k, log_decay, beta, states_kk_t)
+    # A_t depends on the tokens before t alone: a pair runs on its first chunk's start state.
+    (rhs, k, beta), log_decay = pair_chunks([rhs, k, beta], log_decay)
+    states_kk_t = states_kk_t[:, :, 0:2 * rhs.shape[2]:2]
   programs = rhs.shape[2]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
   # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
   gates = jnp.stack([log_decay, log_decay, beta], axis=3)  # [B, H, N, 3, 64]
-  parts = lambda rows: plgpu.SMEM((passes // 2 + 1, rows, key_dim), jnp.float16, transforms=_F16_TILES)
+  parts = lambda rows: plgpu.SMEM((passes // 2 + 1, rows, key_dim), jnp.float16, transforms=F16_TILES)
   union = [parts(key_dim),  # Sᵀ; before it (K̃)² (Jacobi), after it x and the steps
-           (plgpu.SMEM((ROWS, key_dim), jnp.float32, transforms=_F32_TILES), plgpu.SMEM((ROWS,), jnp.int32))]
+           (plgpu.SMEM((ROWS, key_dim), jnp.float32, transforms=F32_TILES), plgpu.SMEM((ROWS,), jnp.int32))]
   if jacobi:
     union.append(parts(ROWS))
   scratch = [
       plgpu.RefUnion(*union),
       parts(ROWS),  # K̃
-      plgpu.SMEM((ROWS, ROWS), jnp.float32, transforms=_F32_TILES),  # W
+      plgpu.SMEM((ROWS, ROWS), jnp.float32, transforms=F32_TILES),  # W
   ]
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
-    scratch += [parts(ROWS), plgpu.SMEM((passes // 2 + 1, ROWS, ROWS), jnp.float16, transforms=_F16_TILES)]
+    scratch += [parts(ROWS), plgpu.SMEM((passes // 2 + 1, ROWS, ROWS), jnp.float16, transforms=F16_TILES)]
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   kernel = plgpu.kernel(
       functools.partial(_kernel, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
-      compiler_params=_COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
+      compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
   states_kk_t = states_kk_t[:, :, :programs]
   # Per program: λ and diag(S) (for the Jacobi start; a gather here, where the kernel would reduce across warps).
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
@@ -287,17 +218,3 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
   steps = unpair(steps[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
   return unpair(x), steps
-
-
-def _pair_chunks(rhs, k, log_decay, beta, states_kk_t):
-  """Chunks of 32 as chunks of 64: A_t depends on the tokens before t alone, so chunks 2m and 2m + 1 are one chunk
-  with chunk 2m's start state and G continued across the pair (an odd count gets an empty last chunk)."""
-  num_chunks = rhs.shape[2]
-  pairs = -(-num_chunks // 2)
-  two = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, 2 * pairs - num_chunks)] + [(0, 0)] * (x.ndim - 3)).reshape(
-      *x.shape[:2], pairs, 2, *x.shape[3:])
-  log_decay = two(log_decay)
-  log_decay = log_decay.at[:, :, :, 1].add(log_decay[:, :, :, 0, -1:])
-  merge = lambda x: x.reshape(*x.shape[:3], 2 * x.shape[4], *x.shape[5:])
-  return (merge(two(rhs)), merge(two(k)), merge(log_decay), merge(two(beta)),
-          states_kk_t[:, :, 0:2 * pairs:2])

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from mesanet_jax.ops import mesa_chunked
+from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients
 from pallas_kernels.mesa_cg.params import EXPORT_PLATFORMS, export_for
 from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
 from tests.ops.mesa_inputs import random_inputs
@@ -37,16 +38,16 @@ def test_forward_and_backward_lower(backend, cg_tol):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
-def test_hopper_solve_is_dispatched_on_sm90():
-  """On an (abstract) H200 the forward and the adjoint solve of impl="pallas" run the Mosaic GPU kernel where it takes
-  the sizes (C=32, Dk=64), the other stages stay Triton kernels."""
+def test_hopper_kernels_are_dispatched_on_sm90():
+  """On an (abstract) H200 the forward and the adjoint solve and the token gradients of impl="pallas" run Mosaic GPU
+  kernels where they take the sizes (C=32, Dk=64), the other stages stay Triton kernels."""
   args = random_inputs(1, 64, 1, 64, 64, seed=12)[:6]
   op = lambda *a: mesa_chunked(*a, chunk_size=32, cg_steps=2, impl="pallas")
   loss = lambda *a: jnp.sum(op(*a)[0])
   module = export_for("gpu", jax.grad(loss, argnums=range(6)), *args).mlir_module()
-  assert module.count("custom_call @mosaic_gpu_v2(") == 2
+  assert module.count("custom_call @mosaic_gpu_v2(") == 3
   triton_kernels = set(re.findall(r'name = "(mesa_\w+)"', module))
-  assert triton_kernels == set(KERNELS) - {"mesa_cg_solve"}, triton_kernels
+  assert triton_kernels == set(KERNELS) - {"mesa_cg_solve", "mesa_chunk_gradients"}, triton_kernels
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -77,6 +78,20 @@ def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision
   solve = functools.partial(hopper_cg_solve, cg_steps=3, cg_init=cg_init, cg_tol=cg_tol, precision=precision,
                             lhs_in_registers=lhs_in_registers)
   assert export_for("gpu", solve, *args).mlir_module().count("custom_call @mosaic_gpu_v2(") == 1
+
+
+@pytest.mark.parametrize("chunk, key_dim, value_dim, precision", [
+    (32, 128, 128, jax.lax.Precision.DEFAULT),  # pairs of chunks; the GPU default
+    (64, 64, 128, jax.lax.Precision.HIGHEST),
+])
+def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision):
+  """Mosaic GPU's own lowering of the token-gradients kernel runs for sm_90; ptxas does not."""
+  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, value_dim), rows(1, 2, 3, chunk, key_dim),
+          rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, value_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
+          rows(1, 2, 4, key_dim, key_dim), rows(1, 2, 4, key_dim, value_dim))
+  gradients = functools.partial(hopper_chunk_gradients, precision=precision)
+  assert export_for("gpu", gradients, *args).mlir_module().count("custom_call @mosaic_gpu_v2(") == 1
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

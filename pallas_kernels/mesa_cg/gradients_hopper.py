@@ -1,0 +1,197 @@
+"""dk, dv and dβ of every token on Hopper (sm_90): Pallas Mosaic GPU, one warpgroup per 64 tokens.
+
+Same contract and math as `gradients.chunk_gradients` (its docstring derives the three row blocks): per program of
+64 rows (a chunk of 64, or two chunks of 32 as one chunk of 64 with the state gradients after the pair, which the
+chunkwise identity allows for any chunking), with e = e^{G_last − G} per row and Wᵀ_ts = e^{G_s − G_t} [s ≥ t],
+
+    Q = ((v doᵀ) − (k yᵀ)) ⊙ Wᵀ,  S = (k xᵀ) ⊙ Wᵀ               (three [64, 64] products)
+    Z = (k e) D_kkᵀ + (v e) D_kvᵀ + Q x,  dβ = k·Z                (one round of three products)
+    dk = β ((k e) D_kk − S y + Z),  dv = β ((k e) D_kv + S do)    (a round of two products each)
+
+(D_kkᵀ is the stored gradient; a product with D_kk reads it transposed.) Every product runs on the tensor cores as
+the Hopper solve's do (`solve_hopper`): operands scaled to the top of fp16's range (T = 2^15 over their max |·|) and
+split in 1 or 3 fp16 parts; the terms of one round share an accumulator, so each term's left operand also carries
+its factor over the round's largest, and the smaller terms lose only what lies below fp16's range. The right operands
+(x̃, ỹ, d̃o and both state gradients) are staged in shared memory once, the left ones in turn; the outputs leave
+through the state gradients' memory once their last product has read it.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mesa_cg.hopper import (
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pair_chunks, pass_pairs,
+    per_col, per_row, split_passes, staged_lhs, store_parts)
+from pallas_kernels.mesa_cg.params import target, use_interpret
+
+SHARED_MEMORY = 227 * 1024  # bytes a CTA may take on sm_90
+
+
+def _shared_bytes(key_dim: int, value_dim: int, passes: int) -> int:
+  """The kernel's shared memory: fp16 parts (2 bytes, 1 or 2 parts) of every staged operand, and dβ."""
+  fp16 = 2 * (passes // 2 + 1)
+  states = sum(max(fp16 * key_dim * width, 4 * ROWS * width) for width in (key_dim, value_dim))  # D̃_kkᵀ, D̃_kv
+  # (each shares its memory with an f32 [64, D] output: dk, dv)
+  rows = fp16 * ROWS * (2 * key_dim + value_dim)  # x̃, ỹ, d̃o
+  lhs = fp16 * ROWS * (key_dim + value_dim + ROWS)  # the left operands: k-, v- and [64, 64]-shaped
+  return states + rows + lhs + 4 * ROWS
+
+
+def use_hopper_gradients(chunk_size: int, key_dim: int, value_dim: int, precision) -> bool:
+  """Whether the kernels' target takes these gradients (else `gradients.chunk_gradients`): GPU kernels built for
+  sm_90, a lax.Precision, sizes as `unsupported_reason` allows."""
+  return (target() == "gpu" and is_hopper() and isinstance(precision, lax.Precision)
+          and unsupported_reason(chunk_size, key_dim, value_dim, split_passes(precision)) is None)
+
+
+def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int, passes: int) -> str | None:
+  """Why the Hopper gradients kernel cannot take these sizes, or None."""
+  if chunk_size not in (32, 64):
+    return f"chunk_size={chunk_size}: the Hopper gradients take 32 or 64 (64 tokens a warpgroup: one chunk or two)"
+  if key_dim not in (64, 128) or value_dim not in (64, 128):
+    return f"key_dim={key_dim}, value_dim={value_dim}: the Hopper gradients take 64 or 128 (128-byte fp16 rows)"
+  if (needed := _shared_bytes(key_dim, value_dim, passes)) > SHARED_MEMORY:
+    return (f"{passes} fp16 passes at key_dim={key_dim}, value_dim={value_dim} need {needed // 1024} KiB of shared "
+            f"memory, more than sm_90's {SHARED_MEMORY // 1024}")
+  return None
+
+
+def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv_gmem,
+            dk_gmem, dv_gmem, dbeta_gmem,
+            kk_union, kv_union, x_parts, y_parts, do_parts, lhs_k, lhs_v, lhs_square, dbeta_smem, *, passes: int):
+  """The CTA of (batch·head, 64 rows): rows [64, D] f32, gates [4, 64] (G as rows, G as columns, β, e), state
+  gradients after the rows [Dk, Dk] (D_kkᵀ) and [Dk, Dv] (D_kv). Writes dk [64, Dk], dv [64, Dv], dβ [64]."""
+  bh, m = lax.axis_index("bh"), lax.axis_index("chunk")
+  pairs = pass_pairs(passes)
+  dkk_t_parts, dk_smem = kk_union
+  dkv_parts, dv_smem = kv_union
+  load = lambda ref: plgpu.load(ref.at[bh, m], layout=WGMMA, optimized=False)  # a [64, D] row block
+  gate = lambda j, layout: plgpu.load(gates_gmem.at[bh, m, j], layout=layout, optimized=False)
+
+  def stage_state(gmem, parts):  # D / max |D| · T as fp16 parts, in blocks of 64 rows; returns max |D|
+    blocks = [plgpu.load(gmem.at[bh, m, pl.ds(64 * h, 64)], layout=WGMMA, optimized=False)
+              for h in range(gmem.shape[2] // 64)]
+    sigma = functools.reduce(jnp.maximum, [max_abs(block) for block in blocks])
+    for h, block in enumerate(blocks):
+      store_parts(parts.at[:, pl.ds(64 * h, 64)], block * (TOP / sigma), passes)
+    return sigma
+
+  def stage_rows(gmem, parts):
+    rows = load(gmem)
+    sigma = max_abs(rows)
+    store_parts(parts, rows * (TOP / sigma), passes)
+    return sigma
+
+  sigma_kk, sigma_kv = stage_state(dkk_t_gmem, dkk_t_parts), stage_state(dkv_gmem, dkv_parts)
+  sigma_x, sigma_y, sigma_do = (stage_rows(g, p) for g, p in ((x_gmem, x_parts), (y_gmem, y_parts),
+                                                               (do_gmem, do_parts)))
+  plgpu.commit_smem()
+
+  def tensor_cores(terms, shape):  # Σ lhs @ rhs over the terms: (left parts, right parts as a function of the part)
+    def round_(acc):
+      for lhs, rhs in terms:
+        for a, b in pairs:
+          plgpu.wgmma(acc, lhs[a], rhs(b))
+      return acc[...]
+    return pl.run_scoped(round_, plgpu.ACC(shape, jnp.float32))
+
+  square = (ROWS, ROWS)
+  keep = (plgpu.broadcasted_iota(jnp.int32, square, 0, layout=WGMMA)
+          <= plgpu.broadcasted_iota(jnp.int32, square, 1, layout=WGMMA))
+  mask_t = jnp.where(keep, jnp.exp(jnp.where(keep, per_col(gate(1, COL), square) - per_row(gate(0, ROW), square), 0.0)),
+                     0.0)  # Wᵀ_ts = e^{G_s − G_t} [s ≥ t]
+
+  # Q and S: [64, 64] products of k̂ = T k / σ_k and v̂ with the staged rows, transposed.
+  k, v = load(k_gmem), load(v_gmem)
+  sigma_k, sigma_v = max_abs(k), max_abs(v)
+  k_hat = staged_lhs(k * (TOP / sigma_k), passes, lhs_k)
+  v_hat = staged_lhs(v * (TOP / sigma_v), passes, lhs_v)
+  k_y = tensor_cores([(k_hat, lambda b: y_parts.at[b].T)], square) * (sigma_k * sigma_y / TOP ** 2)
+  k_x = tensor_cores([(k_hat, lambda b: x_parts.at[b].T)], square) * (sigma_k * sigma_x / TOP ** 2)
+  v_do = tensor_cores([(v_hat, lambda b: do_parts.at[b].T)], square) * (sigma_v * sigma_do / TOP ** 2)
+  q = (v_do - k_y) * mask_t
+  s = k_x * mask_t
+  sigma_q, sigma_s = max_abs(q), max_abs(s)
+
+  to_end = gate(3, ROW)
+  k_end = load(k_gmem) * per_row(to_end * (TOP / sigma_k), k.shape)  # T (k e) / σ_k
+  v_end = load(v_gmem) * per_row(to_end * (TOP / sigma_v), v.shape)
+
+  def scaled_round(terms, shape):
+    """terms: (left operand at T scale, its staging ref, its true factor, right parts); the round's sum of
+    factor · left @ right, each left operand staged times its factor over the largest."""
+    largest = functools.reduce(jnp.maximum, [factor for _, _, factor, _ in terms])
+    staged = [(staged_lhs(lhs * (factor / largest), passes, ref), rhs) for lhs, ref, factor, rhs in terms]
+    return tensor_cores(staged, shape) * largest
+
+  key_dim, value_dim = k.shape[1], v.shape[1]
+  z = scaled_round([(k_end, lhs_k, sigma_k * sigma_kk / TOP ** 2, lambda b: dkk_t_parts.at[b].T),
+                    (v_end, lhs_v, sigma_v * sigma_kv / TOP ** 2, lambda b: dkv_parts.at[b].T),
+                    (q * (TOP / sigma_q), lhs_square, sigma_q * sigma_x / TOP ** 2, lambda b: x_parts.at[b])],
+                   (ROWS, key_dim))
+  beta = gate(2, ROW)
+  dk = scaled_round([(k_end, lhs_k, sigma_k * sigma_kk / TOP ** 2, lambda b: dkk_t_parts.at[b]),
+                     (-s * (TOP / sigma_s), lhs_square, sigma_s * sigma_y / TOP ** 2, lambda b: y_parts.at[b])],
+                    (ROWS, key_dim))
+  dk_smem[...] = per_row(beta, z.shape) * (dk + z)  # D_kkᵀ's memory: its last product has completed
+  dbeta_smem[...] = jnp.sum(load(k_gmem) * z, axis=1)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dk_smem, dk_gmem.at[bh, m])
+  plgpu.copy_smem_to_gmem(dbeta_smem, dbeta_gmem.at[bh, m])
+  dv = scaled_round([(k_end, lhs_k, sigma_k * sigma_kv / TOP ** 2, lambda b: dkv_parts.at[b]),
+                     (s * (TOP / sigma_s), lhs_square, sigma_s * sigma_do / TOP ** 2, lambda b: do_parts.at[b])],
+                    (ROWS, value_dim))
+  dv_smem[...] = per_row(beta, dv.shape) * dv
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dv_smem, dv_gmem.at[bh, m])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bounds_kv, *, precision):
+  """`gradients.chunk_gradients` on Hopper tensor cores (same arguments and results).
+
+  Args: k, x, y: [B, H, N, C, Dk]; v, do: [B, H, N, C, Dv]; log_decay, beta: [B, H, N, C]; d_bounds_kk_t,
+  d_bounds_kv: the gradients w.r.t. H_kkᵀ and H_kv at every chunk boundary, [B, H, N+1, Dk, Dk | Dv].
+  precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
+  Returns dk [B, H, N, C, Dk], dv [B, H, N, C, Dv] (in k's and v's dtypes) and dbeta [B, H, N, C] (f32).
+  """
+  batch, heads, num_chunks, size, key_dim = k.shape
+  value_dim = v.shape[-1]
+  passes = split_passes(precision)
+  if (reason := unsupported_reason(size, key_dim, value_dim, passes)) is not None:
+    raise ValueError(reason)
+  rows = [a.astype(jnp.float32) for a in (k, v, x, y, do)]
+  log_decay, beta = log_decay.astype(jnp.float32), beta.astype(jnp.float32)
+  after = jnp.arange(1, num_chunks + 1)  # the boundary after each program's rows
+  if size < ROWS:  # a pair reads the state gradients after it (an odd count's empty last chunk: the final ones)
+    (*rows, beta), log_decay = pair_chunks([*rows, beta], log_decay)
+    after = jnp.minimum(2 * jnp.arange(1, rows[0].shape[2] + 1), num_chunks)
+  programs = rows[0].shape[2]
+  to_end = jnp.exp(log_decay[..., -1:] - log_decay)
+  gates = jnp.stack([log_decay, log_decay, beta, to_end], axis=3)  # [B, H, P, 4, 64]
+  flat = lambda a: a.reshape(batch * heads, *a.shape[2:]).astype(jnp.float32)
+  parts = lambda r, c: plgpu.SMEM((passes // 2 + 1, r, c), jnp.float16, transforms=F16_TILES)
+  f32_rows = lambda c: plgpu.SMEM((ROWS, c), jnp.float32, transforms=F32_TILES)
+  scratch = [
+      plgpu.RefUnion(parts(key_dim, key_dim), f32_rows(key_dim)),  # D̃_kkᵀ, then dk
+      plgpu.RefUnion(parts(key_dim, value_dim), f32_rows(value_dim)),  # D̃_kv, then dv
+      parts(ROWS, key_dim), parts(ROWS, key_dim), parts(ROWS, value_dim),  # x̃, ỹ, d̃o
+      parts(ROWS, key_dim), parts(ROWS, value_dim), parts(ROWS, ROWS),  # left operands
+      plgpu.SMEM((ROWS,), jnp.float32),  # dβ
+  ]
+  out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32),
+              jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), jnp.float32),
+              jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.float32)]
+  kernel = plgpu.kernel(
+      functools.partial(_kernel, passes=passes), out_type=out_type, scratch_types=scratch,
+      grid=(batch * heads, programs), grid_names=("bh", "chunk"), compiler_params=COMPILER_PARAMS,
+      interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
+  dk, dv, dbeta = kernel(*map(flat, rows), flat(gates), flat(d_bounds_kk_t[:, :, after]),
+                         flat(d_bounds_kv[:, :, after]))
+  unpair = lambda a: a.reshape(batch, heads, -1, size, *a.shape[3:])[:, :, :num_chunks]
+  return unpair(dk).astype(k.dtype), unpair(dv).astype(v.dtype), unpair(dbeta)
+

@@ -1,0 +1,100 @@
+"""What the Hopper (sm_90, Pallas Mosaic GPU) kernels share: 64-row warpgroup blocks in the wgmma accumulator layout,
+f32 products as 1 or 3 fp16 passes of operands scaled to the top of fp16's range, and chunks of 32 paired into 64 rows.
+
+`solve_hopper` (the CG solve) and `gradients_hopper` (dk, dv, dβ) are built on these; `solve_hopper`'s docstring
+explains the scaling.
+"""
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE, SplitDot
+
+ROWS = 64  # systems (and keys) per chunk as the kernel holds them: one wgmma M group
+# Every fp16 operand is scaled to max |·| ≤ T = 2^15: the parts of its small entries (lo ≈ 2^-11 hi) stay normal.
+TOP = 2.0 ** 15
+WGMMA = plgpu.Layout.WGMMA
+ROW, COL = WGMMA.reduce(1), WGMMA.reduce(0)  # a value per row (system) / per column (feature or key)
+F16_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # every wgmma operand: 128-byte rows
+F32_TILES = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+# The kernel orders its own shared memory accesses (commit_smem before a wgmma or TMA reads what threads wrote): Pallas'
+# automatic barriers around every shared-memory load and store would put barriers inside the CG loop.
+COMPILER_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, reduction_scratch_bytes=64)
+
+
+def split_passes(precision) -> int:
+  """fp16 passes per product: 3 ("highest"/"high", f32-accurate) or 1 ("default", TF32-class)."""
+  if isinstance(precision, SplitDot) and precision.dtype == jnp.float16:
+    return precision.passes
+  if precision in (lax.Precision.HIGHEST, lax.Precision.HIGH):
+    return 3
+  if precision == lax.Precision.DEFAULT:
+    return 1
+  raise ValueError(f"precision must be a lax.Precision or SplitDot(jnp.float16, 1 | 3) for the Hopper kernels, "
+                   f"got {precision!r}")
+
+
+def is_hopper(device=None) -> bool:
+  """Whether `device` (default: the abstract mesh's device when exporting, else JAX's first) is sm_90 (H100, H200):
+  wgmma is sm_90a only. An abstract device has no compute capability: its kind decides."""
+  device = device or jax.sharding.get_abstract_mesh().abstract_device or jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if capability is not None:
+    return capability == "9.0"
+  return device.device_kind.startswith(("NVIDIA H100", "NVIDIA H200", "NVIDIA H800", "NVIDIA GH200"))
+
+
+def fp16_parts(x, passes: int):
+  """fp16(x) and, for 3 passes, fp16(x − fp16(x)), for x already scaled into fp16's range."""
+  hi = x.astype(jnp.float16)
+  return (hi,) if passes == 1 else (hi, (x - hi.astype(jnp.float32)).astype(jnp.float16))
+
+
+def store_parts(ref, x, passes: int):
+  for i, part in enumerate(fp16_parts(x, passes)):
+    ref[i] = part
+
+
+def staged_lhs(x, passes: int, staging):
+  """The fp16 parts of x as a wgmma left operand: in registers, or (staging, a shared-memory ref) stored there."""
+  if staging is None:
+    return fp16_parts(x, passes)
+  store_parts(staging, x, passes)
+  plgpu.commit_smem()
+  return [staging.at[i] for i in range(passes // 2 + 1)]
+
+
+def pass_pairs(passes: int):
+  """(a part, b part) of each fp16 product: hi·hi, and for 3 passes lo·hi and hi·lo."""
+  return [(0, 0)] if passes == 1 else [(0, 0), (1, 0), (0, 1)]
+
+
+def max_abs(x):
+  """max |x| over a whole [64, D] array, floored at SMALLEST_SCALE (a scalar)."""
+  return jnp.maximum(jnp.max(jnp.max(jnp.abs(x), axis=1)), SMALLEST_SCALE)
+
+
+def per_row(v, shape):
+  """A per-row [64] value broadcast along the columns of `shape`."""
+  return lax.broadcast_in_dim(v, shape, [0])
+
+
+def per_col(v, shape):
+  """A per-column value broadcast along the rows of `shape`."""
+  return lax.broadcast_in_dim(v, shape, [1])
+
+
+def pair_chunks(rows: list, log_decay):
+  """Chunks of 32 as chunks of 64 rows: chunks 2m and 2m + 1 as one, with G continued across the pair (an odd count
+  gets an empty last chunk: zero rows, G flat). rows: arrays [B, H, N, 32, ...]; log_decay: [B, H, N, 32] (G within
+  each chunk). Returns the rows [B, H, ⌈N/2⌉, 64, ...] and G [B, H, ⌈N/2⌉, 64]; the caller picks each pair's states
+  (the solve: the first chunk's start; the gradients: the boundary after the pair)."""
+  num_chunks = log_decay.shape[2]
+  pairs = -(-num_chunks // 2)
+  two = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, 2 * pairs - num_chunks)] + [(0, 0)] * (x.ndim - 3)).reshape(
+      *x.shape[:2], pairs, 2, *x.shape[3:])
+  merge = lambda x: x.reshape(*x.shape[:3], 2 * x.shape[4], *x.shape[5:])
+  log_decay = two(log_decay)
+  log_decay = log_decay.at[:, :, :, 1].add(log_decay[:, :, :, 0, -1:])
+  return [merge(two(x)) for x in rows], merge(log_decay)

@@ -118,6 +118,7 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
   sigma_q, sigma_s = max_abs(q), max_abs(s)
 
   to_end = gate(3, ROW)
+  # k and v again from global memory (L2) rather than kept live in registers across the three rounds above.
   k_end = load(k_gmem) * per_row(to_end * (TOP / sigma_k), k.shape)  # T (k e) / σ_k
   v_end = load(v_gmem) * per_row(to_end * (TOP / sigma_v), v.shape)
 

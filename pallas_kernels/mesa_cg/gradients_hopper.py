@@ -1,8 +1,7 @@
 """dk, dv and dβ of every token on Hopper (sm_90): Pallas Mosaic GPU, one warpgroup per 64 tokens.
 
 Same contract and math as `gradients.chunk_gradients` (its docstring derives the three row blocks): per program of
-64 rows (a chunk of 64, or two chunks of 32 as one chunk of 64 with the state gradients after the pair, which the
-chunkwise identity allows for any chunking), with e = e^{G_last − G} per row and Wᵀ_ts = e^{G_s − G_t} [s ≥ t],
+one chunk of 64 rows, with e = e^{G_last − G} per row and Wᵀ_ts = e^{G_s − G_t} [s ≥ t],
 
     Q = ((v doᵀ) − (k yᵀ)) ⊙ Wᵀ,  S = (k xᵀ) ⊙ Wᵀ               (three [64, 64] products)
     Z = (k e) D_kkᵀ + (v e) D_kvᵀ + Q x,  dβ = k·Z                (one round of three products)
@@ -24,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pair_chunks, pass_pairs,
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
     per_col, per_row, split_passes, staged_lhs, store_parts)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
@@ -50,8 +49,9 @@ def use_hopper_gradients(chunk_size: int, key_dim: int, value_dim: int, precisio
 
 def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int, passes: int) -> str | None:
   """Why the Hopper gradients kernel cannot take these sizes, or None."""
-  if chunk_size not in (32, 64):
-    return f"chunk_size={chunk_size}: the Hopper gradients take 32 or 64 (64 tokens a warpgroup: one chunk or two)"
+  if chunk_size != ROWS:
+    return (f"chunk_size={chunk_size}: the Hopper gradients take 64 (a chunk a warpgroup; at 32 the Triton kernel "
+            f"measured faster and more accurate on an H200, benchmarks/RESULTS.md)")
   if key_dim not in (64, 128) or value_dim not in (64, 128):
     return f"key_dim={key_dim}, value_dim={value_dim}: the Hopper gradients take 64 or 128 (128-byte fp16 rows)"
   if (needed := _shared_bytes(key_dim, value_dim, passes)) > SHARED_MEMORY:
@@ -167,13 +167,8 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
     raise ValueError(reason)
   rows = [a.astype(jnp.float32) for a in (k, v, x, y, do)]
   log_decay, beta = log_decay.astype(jnp.float32), beta.astype(jnp.float32)
-  after = jnp.arange(1, num_chunks + 1)  # the boundary after each program's rows
-  if size < ROWS:  # a pair reads the state gradients after it (an odd count's empty last chunk: the final ones)
-    (*rows, beta), log_decay = pair_chunks([*rows, beta], log_decay)
-    after = jnp.minimum(2 * jnp.arange(1, rows[0].shape[2] + 1), num_chunks)
-  programs = rows[0].shape[2]
   to_end = jnp.exp(log_decay[..., -1:] - log_decay)
-  gates = jnp.stack([log_decay, log_decay, beta, to_end], axis=3)  # [B, H, P, 4, 64]
+  gates = jnp.stack([log_decay, log_decay, beta, to_end], axis=3)  # [B, H, N, 4, 64]
   flat = lambda a: a.reshape(batch * heads, *a.shape[2:]).astype(jnp.float32)
   parts = lambda r, c: plgpu.SMEM((passes // 2 + 1, r, c), jnp.float16, transforms=F16_TILES)
   f32_rows = lambda c: plgpu.SMEM((ROWS, c), jnp.float32, transforms=F32_TILES)
@@ -184,15 +179,14 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
       parts(ROWS, key_dim), parts(ROWS, value_dim), parts(ROWS, ROWS),  # left operands
       plgpu.SMEM((ROWS,), jnp.float32),  # dβ
   ]
-  out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32),
-              jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), jnp.float32),
-              jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.float32)]
+  out_type = [jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, key_dim), jnp.float32),
+              jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, value_dim), jnp.float32),
+              jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS), jnp.float32)]
   kernel = plgpu.kernel(
       functools.partial(_kernel, passes=passes), out_type=out_type, scratch_types=scratch,
-      grid=(batch * heads, programs), grid_names=("bh", "chunk"), compiler_params=COMPILER_PARAMS,
+      grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"), compiler_params=COMPILER_PARAMS,
       interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  dk, dv, dbeta = kernel(*map(flat, rows), flat(gates), flat(d_bounds_kk_t[:, :, after]),
-                         flat(d_bounds_kv[:, :, after]))
-  unpair = lambda a: a.reshape(batch, heads, -1, size, *a.shape[3:])[:, :, :num_chunks]
-  return unpair(dk).astype(k.dtype), unpair(dv).astype(v.dtype), unpair(dbeta)
+  dk, dv, dbeta = kernel(*map(flat, rows), flat(gates), flat(d_bounds_kk_t[:, :, 1:]), flat(d_bounds_kv[:, :, 1:]))
+  unflat = lambda a: a.reshape(batch, heads, *a.shape[1:])
+  return unflat(dk).astype(k.dtype), unflat(dv).astype(v.dtype), unflat(dbeta)
 

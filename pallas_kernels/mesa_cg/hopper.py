@@ -1,5 +1,5 @@
 """What the Hopper (sm_90, Pallas Mosaic GPU) kernels share: 64-row warpgroup blocks in the wgmma accumulator layout,
-f32 products as 1 or 3 fp16 passes of operands scaled to the top of fp16's range, and chunks of 32 paired into 64 rows.
+f32 products as 1 or 3 fp16 passes of operands scaled to the top of fp16's range.
 
 `solve_hopper` (the CG solve) and `gradients_hopper` (dk, dv, dβ) are built on these; `solve_hopper`'s docstring
 explains the scaling.
@@ -83,18 +83,3 @@ def per_row(v, shape):
 def per_col(v, shape):
   """A per-column value broadcast along the rows of `shape`."""
   return lax.broadcast_in_dim(v, shape, [1])
-
-
-def pair_chunks(rows: list, log_decay):
-  """Chunks of 32 as chunks of 64 rows: chunks 2m and 2m + 1 as one, with G continued across the pair (an odd count
-  gets an empty last chunk: zero rows, G flat). rows: arrays [B, H, N, 32, ...]; log_decay: [B, H, N, 32] (G within
-  each chunk). Returns the rows [B, H, ⌈N/2⌉, 64, ...] and G [B, H, ⌈N/2⌉, 64]; the caller picks each pair's states
-  (the solve: the first chunk's start; the gradients: the boundary after the pair)."""
-  num_chunks = log_decay.shape[2]
-  pairs = -(-num_chunks // 2)
-  two = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, 2 * pairs - num_chunks)] + [(0, 0)] * (x.ndim - 3)).reshape(
-      *x.shape[:2], pairs, 2, *x.shape[3:])
-  merge = lambda x: x.reshape(*x.shape[:3], 2 * x.shape[4], *x.shape[5:])
-  log_decay = two(log_decay)
-  log_decay = log_decay.at[:, :, :, 1].add(log_decay[:, :, :, 0, -1:])
-  return [merge(two(x)) for x in rows], merge(log_decay)

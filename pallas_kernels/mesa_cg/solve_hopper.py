@@ -2,7 +2,7 @@
 
 Same contract as `solve.chunked_cg_solve`: x_t = (H_kk[t] + Λ)⁻¹ rhs_t for every token, with the chunked matvec of
 DESIGN.md §1. A CTA of one warpgroup takes 64 tokens (a chunk of 64, or two chunks of 32 on the first one's start
-state: `hopper.pair_chunks`), stages their Sᵀ and K in shared memory once as fp16 parts (`chunk.SplitDot`: 3 passes
+state: `_pair_chunks`), stages their Sᵀ and K in shared memory once as fp16 parts (`chunk.SplitDot`: 3 passes
 f32-accurate, 1 pass TF32-class) and runs every CG step on chip. The CG vectors are [64, Dk] arrays in the wgmma
 accumulator layout (row t = token t), so `mesanet_jax.ops.cg.conjugate_gradient` is traced as it is: its row dots
 reduce within a quad of lanes, with no shared memory and no barrier. A matvec is two rounds of wgmma whose left
@@ -35,7 +35,7 @@ from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.inputs import initial_guess
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pair_chunks, pass_pairs,
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
     per_col, per_row, split_passes, staged_lhs, store_parts)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
@@ -185,7 +185,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   states_kk_t = states_kk_t.astype(jnp.float32)
   if size < ROWS:
     # A_t depends on the tokens before t alone: a pair runs on its first chunk's start state.
-    (rhs, k, beta), log_decay = pair_chunks([rhs, k, beta], log_decay)
+    (rhs, k, beta), log_decay = _pair_chunks([rhs, k, beta], log_decay)
     states_kk_t = states_kk_t[:, :, 0:2 * rhs.shape[2]:2]
   programs = rhs.shape[2]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
@@ -218,3 +218,18 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
   steps = unpair(steps[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
   return unpair(x), steps
+
+
+def _pair_chunks(rows: list, log_decay):
+  """Chunks of 32 as chunks of 64 rows: chunks 2m and 2m + 1 as one, with G continued across the pair (an odd count
+  gets an empty last chunk: zero rows, G flat). rows: arrays [B, H, N, 32, ...]; log_decay: [B, H, N, 32] (G within
+  each chunk). Returns the rows [B, H, ⌈N/2⌉, 64, ...] and G [B, H, ⌈N/2⌉, 64]; a pair starts from its first
+  chunk's start state."""
+  num_chunks = log_decay.shape[2]
+  pairs = -(-num_chunks // 2)
+  two = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, 2 * pairs - num_chunks)] + [(0, 0)] * (x.ndim - 3)).reshape(
+      *x.shape[:2], pairs, 2, *x.shape[3:])
+  merge = lambda x: x.reshape(*x.shape[:3], 2 * x.shape[4], *x.shape[5:])
+  log_decay = two(log_decay)
+  log_decay = log_decay.at[:, :, :, 1].add(log_decay[:, :, :, 0, -1:])
+  return [merge(two(x)) for x in rows], merge(log_decay)

@@ -33,9 +33,10 @@ from mesanet_jax.ops.inputs import zero_state
 from pallas_kernels.mesa_cg import chunked_cg_solve
 from pallas_kernels.mesa_cg.chunk import SplitDot
 
-flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision[:cg_tol] entries timed side by side, e.g. "
-                    "xla:64:highest,pallas:64:highest,pallas:32:default:1e-4 (empty: xla and pallas at the flags' "
-                    "setting; no tol: --cg_tol); agreement is reported against the first")
+flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision[:cg_tol][:save] entries timed side by side, "
+                    "e.g. xla:64:highest,pallas:64:highest,pallas:32:default:1e-4:save (empty: xla and pallas at the "
+                    "flags' setting; no tol: --cg_tol; save: the backward reuses the forward's chunk states); "
+                    "agreement is reported against the first")
 flags.DEFINE_bool("fla", True, "also time flash-linear-attention's chunk_mesa_net if it imports")
 flags.DEFINE_bool("stages", True, "also time every stage of the operator alone, XLA next to Pallas")
 flags.DEFINE_string("sweep_chunks", "", "chunk sizes for a sweep of the solve kernel alone (empty: no sweep)")
@@ -224,14 +225,16 @@ def time_fla(args, w):
 
 
 def parse_variants(text):
-  """"impl:chunk:precision[:tol],..." -> [(impl, chunk_size, matmul_precision, cg_tol or None)]; empty: the flags'
-  own setting, xla and pallas."""
+  """"impl:chunk:precision[:tol][:save],..." -> [(impl, chunk_size, matmul_precision, cg_tol or None, save_states)]
+  ("save": `mesa_chunked(save_states=True)`); empty: the flags' own setting, xla and pallas."""
   if not text:
-    return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision, cg_tol()) for impl in ("xla", "pallas")]
+    return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision, cg_tol(), False) for impl in ("xla", "pallas")]
   variants = []
   for entry in text.split(","):
-    impl, chunk, precision, *tol = entry.split(":")
-    variants.append((impl, int(chunk), precision, float(tol[0]) if tol else cg_tol()))
+    impl, chunk, precision, *rest = entry.split(":")
+    save = "save" in rest
+    tol = [field for field in rest if field != "save"]
+    variants.append((impl, int(chunk), precision, float(tol[0]) if tol else cg_tol(), save))
   return variants
 
 
@@ -239,10 +242,10 @@ def main(argv):
   del argv
   args, w, tokens, flops = setup_from_flags()
   results = {}
-  for impl, chunk_size, precision, tol in parse_variants(FLAGS.variants):
-    name = f"{impl} C={chunk_size} {precision}" + (f" tol={tol:g}" if tol else "")
+  for impl, chunk_size, precision, tol, save in parse_variants(FLAGS.variants):
+    name = f"{impl} C={chunk_size} {precision}" + (f" tol={tol:g}" if tol else "") + (" saved" if save else "")
     op = functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=FLAGS.cg_steps, cg_tol=tol, impl=impl,
-                           cg_init=FLAGS.cg_init, matmul_precision=precision)
+                           cg_init=FLAGS.cg_init, matmul_precision=precision, save_states=save)
     fwd, fwd_bwd = jax.jit(op), forward_and_backward(op)
     try:
       fwd_ms, fwd_bwd_ms = time_ms(fwd, *args), time_ms(fwd_bwd, w, *args)

@@ -4,7 +4,8 @@
   python benchmarks/train_step_bench.py --out=$OUT/train_step_bench.json          # the device run, ~8 min
   python benchmarks/train_step_bench.py --tiny --variants=ours,ours@full,gdn,fla  # CPU smoke run
 
-Variants (`--variants`, run in this order until `--budget_s` is spent; `name@remat` sets model.remat):
+Variants (`--variants`, run in this order until `--budget_s` is spent; `name@remat` sets model.remat, a `+states`
+suffix model.save_mesa_states, e.g. `ours@none+states`):
 - ours: fla's ~125M shape (d 768, 12 Mesa blocks, 6 × 128 heads, SwiGLU 2,304, vocab 32,000, tied) through the
   trainer's own pieces (`train/config.py` defaults: no Mesa flags, so impl="auto"; `train/state.py`, `train/steps.py`:
   fused chunked cross-entropy, AdamW with clipping), bf16 activations, f32 params, donated state.
@@ -33,8 +34,8 @@ from absl import app, flags
 
 _VARIANTS = flags.DEFINE_list("variants", ["ours", "fla", "ours@none", "ours@full", "ours@mixer", "small", "medium",
                                            "transformer", "gdn", "fla_linear_ce"],
-                              "variants in priority order, name[@remat]: ours, small, medium, transformer, gdn, fla, "
-                              "fla_linear_ce")
+                              "variants in priority order, name[@remat][+states]: ours, small, medium, transformer, "
+                              "gdn, fla, fla_linear_ce")
 _BATCH = flags.DEFINE_integer("batch", 8, "sequences per step")
 _LENGTH = flags.DEFINE_integer("length", 2048, "tokens per sequence")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed steps per variant (median)")
@@ -54,16 +55,20 @@ OURS = {
 FLA = {"fla": False, "fla_linear_ce": True}  # name: fuse_linear_cross_entropy
 
 
-def _parse(variant: str) -> tuple[str, str | None]:
-  name, _, remat = variant.partition("@")
+def _parse(variant: str) -> tuple[str, str | None, bool]:
+  """"name[@remat][+states]" -> (name, remat or None, save_mesa_states)."""
+  base, plus, suffix = variant.partition("+")
+  if plus and suffix != "states":
+    raise ValueError(f"--variants: {variant!r}: the only suffix is +states")
+  name, _, remat = base.partition("@")
   if name not in OURS and name not in FLA:
     raise ValueError(f"--variants: unknown variant {name!r}; known: {sorted(OURS) + sorted(FLA)}")
-  if remat and name in FLA:
-    raise ValueError(f"--variants: {variant!r}: @remat applies to our models only")
-  return name, remat or None
+  if (remat or plus) and name in FLA:
+    raise ValueError(f"--variants: {variant!r}: @remat and +states apply to our models only")
+  return name, remat or None, bool(plus)
 
 
-def _ours_config(name: str, remat: str | None, batch: int, length: int, tiny: bool):
+def _ours_config(name: str, remat: str | None, save_states: bool, batch: int, length: int, tiny: bool):
   from mesanet_jax.train import config as train_config
   size, architecture, overrides = OURS[name]
   config = train_config.base_config()
@@ -71,6 +76,7 @@ def _ours_config(name: str, remat: str | None, batch: int, length: int, tiny: bo
                       **({} if tiny else overrides))
   if remat:
     config.model.remat = remat
+  config.model.save_mesa_states = save_states
   config.train.batch_size = batch
   config.data.seq_len = length
   train_config.validate(config)
@@ -93,7 +99,8 @@ def _timed(step, repeats: int, before_timing=lambda: None) -> tuple[float, float
   return first, statistics.median(times)
 
 
-def run_ours(name: str, remat: str | None, batch: int, length: int, repeats: int, tiny: bool) -> dict:
+def run_ours(name: str, remat: str | None, save_states: bool, batch: int, length: int, repeats: int,
+             tiny: bool) -> dict:
   import jax
   import numpy as np
   jax.config.update("jax_threefry_gpu_kernel_lowering", True)  # as the trainer: fast parameter init on GPU
@@ -102,7 +109,7 @@ def run_ours(name: str, remat: str | None, batch: int, length: int, repeats: int
   from mesanet_jax.train import config as train_config, metrics, steps
   from mesanet_jax.train.state import init_state, setup
 
-  config = _ours_config(name, remat, batch, length, tiny)
+  config = _ours_config(name, remat, save_states, batch, length, tiny)
   lm = train_config.lm_config(config.model)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   graphdef, tx, abstract, state_sh, probes = setup(config, lm, mesh)
@@ -129,7 +136,8 @@ def run_ours(name: str, remat: str | None, batch: int, length: int, repeats: int
   return {"params": num_params, "compile_s": first, "ms_per_step": seconds * 1e3, "flops_per_step": flops,
           "mfu": flops / seconds / peak if peak else None,
           "peak_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-          "loss": float(out["metrics"]["loss"]), "remat": lm.remat, **fast_path.describe(lm)}
+          "loss": float(out["metrics"]["loss"]), "remat": lm.remat, "save_mesa_states": lm.mesa.save_states,
+          **fast_path.describe(lm)}
 
 
 def run_fla(name: str, batch: int, length: int, repeats: int, tiny: bool) -> dict:
@@ -180,12 +188,12 @@ def run_fla(name: str, batch: int, length: int, repeats: int, tiny: bool) -> dic
 
 
 def worker(variant: str) -> None:
-  name, remat = _parse(variant)
+  name, remat, save_states = _parse(variant)
   batch, length = (2, 64) if _TINY.value else (_BATCH.value, _LENGTH.value)
   if name in FLA:
     row = run_fla(name, batch, length, _REPEATS.value, _TINY.value)
   else:
-    row = run_ours(name, remat, batch, length, _REPEATS.value, _TINY.value)
+    row = run_ours(name, remat, save_states, batch, length, _REPEATS.value, _TINY.value)
   row.update(variant=variant, batch=batch, length=length, tokens_per_s=batch * length / row["ms_per_step"] * 1e3)
   with open(_OUT.value, "w") as f:
     json.dump(row, f)
@@ -199,6 +207,7 @@ def _table(rows: list[dict]) -> str:
       continue
     path = f"{r.get('mesa_impl')} C={r.get('mesa_chunk_size')} {r.get('mesa_matmul_precision', '')} " \
            f"tol={r.get('mesa_cg_tol')} remat={r.get('remat', '-')}"
+    path += " states saved" if r.get("save_mesa_states") else ""
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
     peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
     lines.append(f"| {r['variant']} | {r['params'] / 1e6:.1f}M | {r['ms_per_step']:.1f} | "
@@ -219,7 +228,7 @@ def main(argv):
     if left < 10:
       rows.append({"variant": variant, "error": "not started: --budget_s spent"})
       continue
-    result = f"{_OUT.value}.{variant.replace('@', '_')}.part"
+    result = f"{_OUT.value}.{variant.replace('@', '_').replace('+', '_')}.part"
     command = [sys.executable, os.path.abspath(__file__), f"--worker={variant}", f"--out={result}",
                f"--batch={_BATCH.value}", f"--length={_LENGTH.value}", f"--repeats={_REPEATS.value}",
                f"--tiny={_TINY.value}"]

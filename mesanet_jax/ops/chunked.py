@@ -31,13 +31,15 @@ class _Static(NamedTuple):
   precision: lax.Precision
   impl: str
   length: int  # T before padding: the steps statistics skip the padded tokens
+  save_states: bool  # the backward reuses the forward's operator (its chunk states) instead of rebuilding it
 
 
 def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
   op = operator_class(static.impl).build(k, v, log_decay, beta, lam, state, static.precision)
   x, steps = op.solve(q, static.cg_steps, static.cg_init, static.cg_tol)
   forward_steps = step_stats(steps, static.length)
-  return (op.output(x), op.states.at(-1), forward_steps), (k, v, log_decay, beta, lam, state, probe, x, forward_steps)
+  operator = op if static.save_states else (k, v, log_decay, beta, lam, state)
+  return (op.output(x), op.states.at(-1), forward_steps), (operator, probe, x, forward_steps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -48,9 +50,9 @@ def _chunked_core(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
 
 
 def _core_backward(static: _Static, residuals, cotangents):
-  k, v, log_decay, beta, lam, state, probe, x, forward_steps = residuals
+  operator, probe, x, forward_steps = residuals
   do, d_final, _ = cotangents
-  op = operator_class(static.impl).build(k, v, log_decay, beta, lam, state, static.precision)
+  op = operator if static.save_states else operator_class(static.impl).build(*operator, static.precision)
   u = op.adjoint_rhs(do)
   y, adjoint_steps = op.solve(u, static.cg_steps, static.cg_init, static.cg_tol)
   d_states = op.state_gradients(x, y, do, d_final)
@@ -82,6 +84,7 @@ def mesa_chunked(
     matmul_precision: str = "highest",
     cg_probe: jax.Array | None = None,
     return_cg_steps: bool = False,
+    save_states: bool = False,
 ):
   """Mesa layer over a whole sequence by chunkwise-parallel CG, with an implicit (adjoint CG) custom VJP.
 
@@ -101,11 +104,15 @@ def mesa_chunked(
     cg_probe: optional zeros, f32 [B, H, 4], never read: the gradient of a loss w.r.t. it is the CG steps taken per
       batch element and head, (forward mean, forward max, adjoint mean, adjoint max) over the tokens (cg_steps.py).
     return_cg_steps: also return the forward solve's steps per batch element and head, (mean, max) f32 [B, H, 2].
+    save_states: keep the forward's chunk states (both, at every chunk boundary: 4·B·H·(N+1)·Dk·(Dk+Dv) bytes in
+      f32) for the backward, which otherwise computes them again (on the GPU the chunk-state scans are ~1 ms of a
+      ~8 ms forward+backward at B=8 T=2048 H=16 D=128, benchmarks/RESULTS.md). The gradients are the same.
 
   Returns:
     o: [B, T, H, Dv] in q's dtype; the final MesaState in the compute dtype (f32 for f32/bf16 inputs); with
     return_cg_steps, the forward steps statistics as a third output.
-    Gradients flow to q, k, v, g, beta, lam and the initial state; memory is O(B·H·(T·D + T/C·D²)).
+    Gradients flow to q, k, v, g, beta, lam and the initial state; memory is O(B·H·(T·D + T/C·D²)) (the T/C·D²
+    term saved for the backward only with save_states).
   """
   batch, length, heads, key_dim, value_dim = check_inputs(q, k, v, g, beta, lam, state, per_token=True)
   check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, **({} if state is None else state._asdict()))
@@ -114,6 +121,8 @@ def mesa_chunked(
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if not isinstance(save_states, bool):
+    raise ValueError(f"save_states must be a bool, got {save_states!r}")
   if reason := operator_class(impl).unsupported_reason(chunk_size, key_dim, value_dim):
     raise ValueError(f"impl={impl!r} cannot run this input: {reason}; use impl='xla'")
   if matmul_precision not in PRECISIONS:
@@ -135,7 +144,7 @@ def mesa_chunked(
     return x.reshape(batch, heads, num_chunks, chunk_size, *x.shape[3:])
 
   static = _Static(cg_steps, cg_init, None if cg_tol is None else float(cg_tol), lax.Precision(matmul_precision),
-                   impl, length)
+                   impl, length, save_states)
   log_decay = jnp.cumsum(to_chunks(g), axis=-1)
   o, final, forward_steps = _chunked_core(
       to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_probe, static)

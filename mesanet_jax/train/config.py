@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       # what the backward pass recomputes instead of storing: none | mixer | mlp | full (LMConfig.remat; True/False
       # = full/none). "mlp": the SwiGLU activations, cheap to recompute (to confirm by benchmarks/train_step_bench.py)
       remat="mlp",
+      save_mesa_states=False,  # Mesa's backward reuses the forward's chunk states (MesaConfig.save_states)
       scan_layers=False))  # one scanned block with params stacked on a "layers" axis (compile time flat in depth)
 
   c.data = ml_collections.ConfigDict(dict(
@@ -106,7 +107,8 @@ def lm_config(model, data_vocab: int | None = None) -> LMConfig:
   set_only = lambda **values: {key: value for key, value in values.items() if value is not None}
   mesa = fast_path.resolve_mesa(dataclasses.replace(lm.mesa, **set_only(impl=model.impl)))
   mesa = dataclasses.replace(mesa, **set_only(cg_steps_train=model.cg_steps, chunk_size=model.chunk_size,
-                                              matmul_precision=model.matmul_precision))
+                                              matmul_precision=model.matmul_precision),
+                             save_states=model.save_mesa_states)
   if model.cg_tol is not None:  # 0: fixed steps
     mesa = dataclasses.replace(mesa, cg_tol=model.cg_tol or None)
   gdn = dataclasses.replace(lm.gdn, **set_only(chunk_size=model.chunk_size))
@@ -122,6 +124,7 @@ def lm_config(model, data_vocab: int | None = None) -> LMConfig:
 RESUMABLE = ("train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.progress_bar",
              "checkpoint.every_steps", "checkpoint.keep", "checkpoint.use_async", "data.num_threads",
              "data.num_workers", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.impl", "model.remat",
+             "model.save_mesa_states",
              "train.loss_chunk_size")
 
 

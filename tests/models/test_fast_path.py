@@ -60,6 +60,8 @@ def test_on_cpu_auto_is_xla_with_the_presets_settings():
   line = fast_path.summary_line(lm)
   assert line.startswith("Mesa path: impl=xla chunk_size=16 matmul_precision=highest fixed steps") and "cpu" in line
   assert fast_path.describe(lm)["mesa_impl"] == "xla"
+  assert not lm.mesa.save_states  # the backward computes the chunk states again unless asked
+  assert train_config.lm_config(_model(size="tiny", save_mesa_states=True)).mesa.save_states
 
 
 def test_the_run_config_records_the_path_and_reads_back_without_it(tmp_path):

@@ -30,7 +30,7 @@ def test_sliced_exact_reference_equals_the_whole(x64):
 @pytest.mark.slow  # a subprocess compiling the op and the reference
 def test_kernel_bench_reports_errors_against_the_sliced_exact_solve():
   flags = ["--batch=2", "--length=32", "--heads=2", "--head_dim=8", "--chunk_size=16", "--cg_steps=16",
-           "--variants=xla:16:highest", "--nofla", "--nostages", "--compare_exact", "--exact_slice=3", "--repeats=1",
+           "--variants=xla:16:highest,xla:16:highest:save", "--nofla", "--nostages", "--compare_exact", "--exact_slice=3", "--repeats=1",
            "--dtype=float32"]
   result = subprocess.run([sys.executable, "benchmarks/kernel_bench.py", *flags], cwd=ROOT, capture_output=True,
                           text=True, env=subprocess_env(1, PYTHONPATH=str(ROOT)), timeout=240)
@@ -41,3 +41,6 @@ def test_kernel_bench_reports_errors_against_the_sliced_exact_solve():
   assert sorted(errors) == sorted(["o", "dq", "dk", "dv", "dg", "dbeta", "dlam"]), row
   # 16 CG steps on 8-dimensional systems: converged; f32 rounding of the chunked op vs the exact solve (~1e-6).
   assert all(float(e) < 1e-4 for e in errors.values()), row
+  saved = next(line for line in lines if line.strip().startswith("xla C=16 highest saved: fwd"))
+  agreement = dict(item.split("=") for item in saved.split(";", 1)[1].split())  # the same op, states kept
+  assert len(agreement) == 7 and all(float(e) < 1e-6 for e in agreement.values()), saved

@@ -1,5 +1,6 @@
 """mesa_chunked against the exact dense solve: outputs, final state and the gradients of every input."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,22 @@ def test_jit_and_chunk_size_do_not_change_the_result(x64):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_saved_states_give_the_gradients_of_rebuilt_ones(impl):
+  """save_states=True: the backward takes the forward's chunk states instead of computing them again. f32 (the
+  Pallas kernels interpreted): the same sums in another program may round differently, by ~1e-7 of scale."""
+  args = random_inputs(2, 40, 2, 16, 16, with_state=True, seed=8)
+  saved, rebuilt = (_gradients(_chunked(16, 6, impl=impl, save_states=save), args) for save in (True, False))
+  for name, got, want in zip(ARGNAMES, saved, rebuilt):
+    assert max_abs(got, want) <= 1e-6 * scale(want), name
+  if impl == "pallas":  # the forward scans (H_kk and H_kv) run once, not again in the backward
+    for save, scans in ((True, 2), (False, 4)):
+      loss = lambda *a: jnp.sum(mesa_chunked(*a, chunk_size=16, cg_steps=2, impl=impl, save_states=save)[0])
+      jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=range(7)))(*args))
+      assert re.findall(r"name=(mesa_\w+)", jaxpr).count("mesa_chunk_states") == scans, save
+
+
+@pytest.mark.slow
 def test_final_state_continues_the_sequence(x64):
   args = as_f64(random_inputs(2, 40, 2, 8, 6, seed=7))
   op = _chunked(8, 24)
@@ -197,6 +214,7 @@ def test_stress_inputs_stay_finite_and_accurate(name):
     ({"impl": "cuda"}, r"impl must be one of"),
     ({"matmul_precision": "tf32"}, r"matmul_precision must be one of"),
     ({"cg_tol": 0.0}, r"cg_tol must be a positive float or None"),
+    ({"save_states": "yes"}, r"save_states must be a bool, got 'yes'"),
     ({"cg_probe": np.zeros((2, 3))}, r"cg_probe must be a float array of shape \[B, H, 4\] = \(2, 3, 4\)"),
 ])
 def test_bad_arguments_raise_clear_errors(bad, message):

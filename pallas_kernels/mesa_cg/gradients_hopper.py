@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
     COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
-    per_col, per_row, split_passes, staged_lhs, store_parts)
+    per_col, per_row, split_passes, stage_scaled, staged_lhs)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 SHARED_MEMORY = 227 * 1024  # bytes a CTA may take on sm_90
@@ -72,23 +72,10 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
   load = lambda ref: plgpu.load(ref.at[bh, m], layout=WGMMA, optimized=False)  # a [64, D] row block
   gate = lambda j, layout: plgpu.load(gates_gmem.at[bh, m, j], layout=layout, optimized=False)
 
-  def stage_state(gmem, parts):  # D / max |D| · T as fp16 parts, in blocks of 64 rows; returns max |D|
-    blocks = [plgpu.load(gmem.at[bh, m, pl.ds(64 * h, 64)], layout=WGMMA, optimized=False)
-              for h in range(gmem.shape[2] // 64)]
-    sigma = functools.reduce(jnp.maximum, [max_abs(block) for block in blocks])
-    for h, block in enumerate(blocks):
-      store_parts(parts.at[:, pl.ds(64 * h, 64)], block * (TOP / sigma), passes)
-    return sigma
-
-  def stage_rows(gmem, parts):
-    rows = load(gmem)
-    sigma = max_abs(rows)
-    store_parts(parts, rows * (TOP / sigma), passes)
-    return sigma
-
-  sigma_kk, sigma_kv = stage_state(dkk_t_gmem, dkk_t_parts), stage_state(dkv_gmem, dkv_parts)
-  sigma_x, sigma_y, sigma_do = (stage_rows(g, p) for g, p in ((x_gmem, x_parts), (y_gmem, y_parts),
-                                                               (do_gmem, do_parts)))
+  # D̃_kkᵀ, D̃_kv, x̃, ỹ, d̃o: each scaled by its max |·|
+  sigma_kk, sigma_kv, sigma_x, sigma_y, sigma_do = (
+      stage_scaled(gmem, (bh, m), parts, passes) for gmem, parts in (
+          (dkk_t_gmem, dkk_t_parts), (dkv_gmem, dkv_parts), (x_gmem, x_parts), (y_gmem, y_parts), (do_gmem, do_parts)))
   plgpu.commit_smem()
 
   def tensor_cores(terms, shape):  # Σ lhs @ rhs over the terms: (left parts, right parts as a function of the part)

@@ -4,9 +4,12 @@ f32 products as 1 or 3 fp16 passes of operands scaled to the top of fp16's range
 `solve_hopper` (the CG solve) and `gradients_hopper` (dk, dv, dβ) are built on these; `solve_hopper`'s docstring
 explains the scaling.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE, SplitDot
@@ -54,6 +57,17 @@ def fp16_parts(x, passes: int):
 def store_parts(ref, x, passes: int):
   for i, part in enumerate(fp16_parts(x, passes)):
     ref[i] = part
+
+
+def stage_scaled(gmem, index: tuple, parts, passes: int):
+  """Stages gmem[index] ([R, D] in global memory, R a multiple of 64) in `parts` as the fp16 parts of
+  T · gmem[index] / max |gmem[index]|, loaded in blocks of 64 rows; returns that max |·| (a scalar, floored)."""
+  blocks = [plgpu.load(gmem.at[(*index, pl.ds(ROWS * h, ROWS))], layout=WGMMA, optimized=False)
+            for h in range(gmem.shape[len(index)] // ROWS)]
+  sigma = functools.reduce(jnp.maximum, [max_abs(block) for block in blocks])
+  for h, block in enumerate(blocks):
+    store_parts(parts.at[:, pl.ds(ROWS * h, ROWS)], block * (TOP / sigma), passes)
+  return sigma
 
 
 def staged_lhs(x, passes: int, staging):

@@ -36,7 +36,7 @@ from mesanet_jax.ops.inputs import initial_guess
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
     COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
-    per_col, per_row, split_passes, staged_lhs, store_parts)
+    per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
@@ -103,12 +103,8 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
     diagonal = (per_row(sigma_k * sigma_k * mask_max / TOP ** 2, out) * squared
                 + per_col(load_lam(), out))
 
-  # Sᵀ in blocks of 64 rows j, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed).
-  blocks = [plgpu.load(states_gmem.at[bh, n, pl.ds(64 * h, 64)], layout=WGMMA, optimized=False)
-            for h in range(key_dim // 64)]
-  sigma_s = functools.reduce(jnp.maximum, [max_abs(block) for block in blocks])
-  for h, block in enumerate(blocks):
-    store_parts(st_parts.at[:, pl.ds(64 * h, 64)], block * (TOP / sigma_s), passes)  # S̃ᵀ
+  # S̃ᵀ, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed).
+  sigma_s = stage_scaled(states_gmem, (bh, n), st_parts, passes)
   if jacobi:
     state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=COL, optimized=False)
     diagonal = diagonal + per_row(jnp.exp(log_decay_t), diagonal.shape) * per_col(state_diagonal, diagonal.shape)

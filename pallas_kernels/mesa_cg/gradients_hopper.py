@@ -152,11 +152,10 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
   passes = split_passes(precision)
   if (reason := unsupported_reason(size, key_dim, value_dim, passes)) is not None:
     raise ValueError(reason)
-  rows = [a.astype(jnp.float32) for a in (k, v, x, y, do)]
   log_decay, beta = log_decay.astype(jnp.float32), beta.astype(jnp.float32)
   to_end = jnp.exp(log_decay[..., -1:] - log_decay)
   gates = jnp.stack([log_decay, log_decay, beta, to_end], axis=3)  # [B, H, N, 4, 64]
-  flat = lambda a: a.reshape(batch * heads, *a.shape[2:]).astype(jnp.float32)
+  flat = lambda a: a.reshape(batch * heads, *a.shape[2:]).astype(jnp.float32)  # every operand f32
   parts = lambda r, c: plgpu.SMEM((passes // 2 + 1, r, c), jnp.float16, transforms=F16_TILES)
   f32_rows = lambda c: plgpu.SMEM((ROWS, c), jnp.float32, transforms=F32_TILES)
   scratch = [
@@ -173,7 +172,8 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
       functools.partial(_kernel, passes=passes), out_type=out_type, scratch_types=scratch,
       grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"), compiler_params=COMPILER_PARAMS,
       interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  dk, dv, dbeta = kernel(*map(flat, rows), flat(gates), flat(d_bounds_kk_t[:, :, 1:]), flat(d_bounds_kv[:, :, 1:]))
+  dk, dv, dbeta = kernel(*map(flat, (k, v, x, y, do)), flat(gates), flat(d_bounds_kk_t[:, :, 1:]),
+                         flat(d_bounds_kv[:, :, 1:]))
   unflat = lambda a: a.reshape(batch, heads, *a.shape[1:])
   return unflat(dk).astype(k.dtype), unflat(dv).astype(v.dtype), unflat(dbeta)
 

@@ -4,8 +4,8 @@
   python benchmarks/train_step_bench.py --out=$OUT/train_step_bench.json          # the device run, ~8 min
   python benchmarks/train_step_bench.py --tiny --variants=ours,ours@full,gdn,fla  # CPU smoke run
 
-Variants (`--variants`, run in this order until `--budget_s` is spent; `name@remat` sets model.remat, a `+states`
-suffix model.save_mesa_states, e.g. `ours@none+states`):
+Variants (`--variants`, run in this order until `--budget_s` is spent; `name@remat` sets model.remat, a `+states` /
+`-states` suffix sets model.save_mesa_states to True / False (else the fast path's), e.g. `ours@none-states`):
 - ours: fla's ~125M shape (d 768, 12 Mesa blocks, 6 × 128 heads, SwiGLU 2,304, vocab 32,000, tied) through the
   trainer's own pieces (`train/config.py` defaults: no Mesa flags, so impl="auto"; `train/state.py`, `train/steps.py`:
   fused chunked cross-entropy, AdamW with clipping), bf16 activations, f32 params, donated state.
@@ -34,7 +34,8 @@ from absl import app, flags
 
 _VARIANTS = flags.DEFINE_list("variants", ["ours", "fla", "ours@none", "ours@full", "ours@mixer", "small", "medium",
                                            "transformer", "gdn", "fla_linear_ce"],
-                              "variants in priority order, name[@remat][+states]: ours, small, medium, transformer, "
+                              "variants in priority order, name[@remat][+states|-states]: ours, small, medium, "
+                              "transformer, "
                               "gdn, fla, fla_linear_ce")
 _BATCH = flags.DEFINE_integer("batch", 8, "sequences per step")
 _LENGTH = flags.DEFINE_integer("length", 2048, "tokens per sequence")
@@ -55,20 +56,26 @@ OURS = {
 FLA = {"fla": False, "fla_linear_ce": True}  # name: fuse_linear_cross_entropy
 
 
-def _parse(variant: str) -> tuple[str, str | None, bool]:
-  """"name[@remat][+states]" -> (name, remat or None, save_mesa_states)."""
-  base, plus, suffix = variant.partition("+")
-  if plus and suffix != "states":
-    raise ValueError(f"--variants: {variant!r}: the only suffix is +states")
+STATES_SUFFIXES = {"+states": True, "-states": False}  # model.save_mesa_states
+
+
+def _parse(variant: str) -> tuple[str, str | None, bool | None]:
+  """"name[@remat][+states|-states]" -> (name, remat or None, save_mesa_states or None)."""
+  base, save_states = variant, None
+  for suffix, value in STATES_SUFFIXES.items():
+    if variant.endswith(suffix):
+      base, save_states = variant.removesuffix(suffix), value
+  if "+" in base or "-" in base:
+    raise ValueError(f"--variants: {variant!r}: the only suffixes are +states and -states")
   name, _, remat = base.partition("@")
   if name not in OURS and name not in FLA:
     raise ValueError(f"--variants: unknown variant {name!r}; known: {sorted(OURS) + sorted(FLA)}")
-  if (remat or plus) and name in FLA:
-    raise ValueError(f"--variants: {variant!r}: @remat and +states apply to our models only")
-  return name, remat or None, bool(plus)
+  if (remat or save_states is not None) and name in FLA:
+    raise ValueError(f"--variants: {variant!r}: @remat and ±states apply to our models only")
+  return name, remat or None, save_states
 
 
-def _ours_config(name: str, remat: str | None, save_states: bool, batch: int, length: int, tiny: bool):
+def _ours_config(name: str, remat: str | None, save_states: bool | None, batch: int, length: int, tiny: bool):
   from mesanet_jax.train import config as train_config
   size, architecture, overrides = OURS[name]
   config = train_config.base_config()
@@ -76,7 +83,8 @@ def _ours_config(name: str, remat: str | None, save_states: bool, batch: int, le
                       **({} if tiny else overrides))
   if remat:
     config.model.remat = remat
-  config.model.save_mesa_states = save_states
+  if save_states is not None:
+    config.model.save_mesa_states = save_states
   config.train.batch_size = batch
   config.data.seq_len = length
   train_config.validate(config)
@@ -99,7 +107,7 @@ def _timed(step, repeats: int, before_timing=lambda: None) -> tuple[float, float
   return first, statistics.median(times)
 
 
-def run_ours(name: str, remat: str | None, save_states: bool, batch: int, length: int, repeats: int,
+def run_ours(name: str, remat: str | None, save_states: bool | None, batch: int, length: int, repeats: int,
              tiny: bool) -> dict:
   import jax
   import numpy as np

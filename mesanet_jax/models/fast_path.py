@@ -1,17 +1,20 @@
-"""`MesaConfig.impl="auto"`: how Mesa computes on this backend (impl, chunk size, matmul precision, CG tolerance).
+"""`MesaConfig.impl="auto"`: how Mesa computes on this backend (impl, chunk size, matmul precision, CG tolerance,
+whether the backward keeps the forward's chunk states).
 
 Per JAX backend (benchmarks/RESULTS.md):
-- GPU: the Pallas kernels at C = 32, one-pass "default" products, CG stopping at ‖r‖ ≤ 1e-4·‖r₀‖ (at most the
-  preset's steps). On a trained model's Mesa inputs, one H200: 2.53 / 7.76 ms forward / forward+backward against
-  flash-linear-attention's 3.92 / 11.82 and the XLA path's ~35 / 72 ms; 500-step quality runs with these settings
-  equal 30 fixed "highest" steps within the seed noise. On sm_90 `PallasOperator.solve` runs the Mosaic GPU (Hopper)
-  solve, elsewhere every stage is a Triton kernel.
+- GPU: the Pallas kernels with one-pass "default" products, CG stopping at ‖r‖ ≤ 1e-4·‖r₀‖ (at most the preset's
+  steps), and the forward's chunk states kept for the backward (`mesa_chunked`'s save_states: 4·B·H·(T/C+1)·Dk·(Dk+Dv)
+  bytes per Mesa layer, e.g. 2.6 GiB more peak memory for the small preset at 8 × 2048 tokens and C = 64). The chunk
+  size is the kernels' measured fastest (`PallasOperator.fastest_chunk_size`): 64 on sm_90 with Dk, Dv ∈ {64, 128}
+  (the Hopper solve and token gradients), else 32. On one H200 at B=8 T=2048 H=16 D=128: 2.77 / 6.37 ms forward /
+  forward+backward (C = 64) against flash-linear-attention's 3.78 / 11.77 and the XLA path's ~35 / 72 ms. 500-step
+  quality runs with these settings equal 30 fixed "highest" steps within the seed noise.
 - TPU: the Pallas kernels (they lower for Mosaic TPU, `tests/pallas/test_lowering.py`) with the preset's chunk size,
   precision and fixed steps: never timed on a TPU, so nothing else is changed.
 - CPU and anything else: the XLA path with the preset's chunk size, precision and steps (Pallas only interprets).
 Sizes the kernels cannot take (`unsupported_reason`: powers of two >= 16) fall back to the CPU choice.
 
-`resolve` turns "auto" into concrete values once; a MesaConfig whose impl is not "auto" is left alone, so naming an
+`resolve_mesa` turns "auto" into concrete values once; a MesaConfig whose impl is not "auto" is left alone, so naming an
 impl keeps every other field as given. The trainer applies its explicit overrides after resolving (train/config.py).
 """
 import dataclasses
@@ -23,7 +26,7 @@ from mesanet_jax.ops.operator import operator_class
 AUTO = "auto"
 # backend: the fields "auto" sets (the rest keep the preset's values).
 FAST_PATHS = {
-    "gpu": dict(impl="pallas", chunk_size=32, matmul_precision="default", cg_tol=1e-4),
+    "gpu": dict(impl="pallas", matmul_precision="default", cg_tol=1e-4, save_states=True),
     "tpu": dict(impl="pallas"),
 }
 FALLBACK = dict(impl="xla")
@@ -34,30 +37,33 @@ def backend_and_device() -> tuple[str, str]:
   return jax.default_backend(), jax.devices()[0].device_kind
 
 
-def resolve_mesa(mesa, backend: str | None = None):
-  """`mesa` (a MesaConfig) with impl="auto" replaced by the choice for `backend` (default: JAX's); other impls unchanged."""
+def resolve_mesa(mesa, backend: str | None = None, device_kind: str | None = None):
+  """`mesa` (a MesaConfig) with impl="auto" replaced by the choice for `backend` and `device_kind` (default: JAX's
+  and its first device's); other impls unchanged."""
   if mesa.impl != AUTO:
     return mesa
-  choice = FAST_PATHS.get(backend or jax.default_backend(), FALLBACK)
-  fast = dataclasses.replace(mesa, **choice)
-  if fast.impl != "xla" and operator_class(fast.impl).unsupported_reason(fast.chunk_size, fast.head_dim,
-                                                                         fast.head_dim):
+  backend = backend or jax.default_backend()
+  device_kind = device_kind or jax.devices()[0].device_kind
+  fast = dataclasses.replace(mesa, **FAST_PATHS.get(backend, FALLBACK))
+  if fast.impl == "xla":
+    return fast
+  operator = operator_class(fast.impl)
+  chunk_size = operator.fastest_chunk_size(backend, device_kind, fast.head_dim, fast.head_dim, fast.matmul_precision)
+  fast = dataclasses.replace(fast, chunk_size=chunk_size or fast.chunk_size)
+  if operator.unsupported_reason(fast.chunk_size, fast.head_dim, fast.head_dim):
     return dataclasses.replace(mesa, **FALLBACK)
   return fast
 
 
-def resolve(config, backend: str | None = None):
-  """An LMConfig with its Mesa options resolved (`resolve_mesa`)."""
-  return dataclasses.replace(config, mesa=resolve_mesa(config.mesa, backend))
-
-
 def describe(config) -> dict:
   """What a run records of its (resolved) Mesa path: backend, device kind, impl, chunk size, precision, CG tol and
-  steps. For config.json, the first metrics line and the one line every entry point prints."""
+  steps, whether the backward keeps the chunk states. For config.json, the first metrics line and the one line every
+  entry point prints."""
   backend, device = backend_and_device()
   m = config.mesa
   return {"backend": backend, "device_kind": device, "mesa_impl": m.impl, "mesa_chunk_size": m.chunk_size,
-          "mesa_matmul_precision": m.matmul_precision, "mesa_cg_tol": m.cg_tol, "mesa_cg_steps": m.cg_steps_train}
+          "mesa_matmul_precision": m.matmul_precision, "mesa_cg_tol": m.cg_tol, "mesa_cg_steps": m.cg_steps_train,
+          "mesa_save_states": m.save_states}
 
 
 def summary_line(config) -> str:
@@ -68,4 +74,4 @@ def summary_line(config) -> str:
   tol = "fixed steps" if d["mesa_cg_tol"] is None else f"cg_tol {d['mesa_cg_tol']:g}"
   return (f"Mesa path: impl={d['mesa_impl']} chunk_size={d['mesa_chunk_size']} "
           f"matmul_precision={d['mesa_matmul_precision']} {tol} (at most {d['mesa_cg_steps']} CG steps) on "
-          f"{d['backend']} ({d['device_kind']})")
+          f"{d['backend']} ({d['device_kind']}){', chunk states saved' if d['mesa_save_states'] else ''}")

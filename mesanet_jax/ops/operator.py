@@ -75,6 +75,13 @@ class ChunkedOperator(Protocol):
   def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | None:
     """Why this implementation cannot take these sizes (one plain sentence), or None."""
 
+  @staticmethod
+  def fastest_chunk_size(backend: str, device_kind: str, key_dim: int, value_dim: int,
+                         precision: str) -> int | None:
+    """The chunk size this implementation measured fastest at on `backend` ("gpu", "tpu", ...) and `device_kind`
+    (`jax.Device.device_kind`) for these head sizes and matmul precision (benchmarks/RESULTS.md), or None where it
+    has not been measured; `models/fast_path.py` picks it for impl="auto"."""
+
   def solve(self, rhs: jax.Array, cg_steps: int, cg_init: str, cg_tol: float | None) -> tuple[jax.Array, jax.Array]:
     """x_t = A_t⁻¹ rhs_t for every row by `mesanet_jax.ops.cg.conjugate_gradient`: at most cg_steps steps, each
     row stopping once ‖r‖ ≤ cg_tol·‖r₀‖ (None: exactly cg_steps). Returns x [B, H, N, C, Dk] and the steps each

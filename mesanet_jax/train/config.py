@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
       # what the backward pass recomputes instead of storing: none | mixer | mlp | full (LMConfig.remat; True/False
       # = full/none). "mlp": the SwiGLU activations, cheap to recompute (to confirm by benchmarks/train_step_bench.py)
       remat="mlp",
-      save_mesa_states=False,  # Mesa's backward reuses the forward's chunk states (MesaConfig.save_states)
+      # Mesa's backward reuses the forward's chunk states (MesaConfig.save_states); unset: the fast path's (on GPU
+      # True), else False
+      save_mesa_states=placeholder(bool),
       scan_layers=False))  # one scanned block with params stacked on a "layers" axis (compile time flat in depth)
 
   c.data = ml_collections.ConfigDict(dict(
@@ -98,17 +100,17 @@ def lm_config(model, data_vocab: int | None = None) -> LMConfig:
   flash-linear-attention compatible when `model.fla_compatible`. The vocabulary is model.vocab_size when set (at
   least `data_vocab`, the tokenizer's or synthetic task's), else `data_vocab`, else the preset's (regression).
 
-  Mesa's impl unset (or "auto") is resolved here for JAX's backend (`models/fast_path.py`: on GPU the Pallas kernels,
-  chunk 32, "default" precision, cg_tol 1e-4); chunk_size, matmul_precision and cg_tol overrides that are set are
-  applied after it, so they always win."""
+  Mesa's impl unset (or "auto") is resolved here for JAX's backend (`models/fast_path.py`: on GPU the Pallas kernels
+  at their fastest chunk size, "default" precision, cg_tol 1e-4, chunk states saved); chunk_size, matmul_precision,
+  cg_tol and save_mesa_states overrides that are set are applied after it, so they always win."""
   if model.vocab_size is not None and data_vocab is not None and model.vocab_size < data_vocab:
     raise ValueError(f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary {data_vocab}")
   lm = preset(model.size, model.architecture)
   set_only = lambda **values: {key: value for key, value in values.items() if value is not None}
   mesa = fast_path.resolve_mesa(dataclasses.replace(lm.mesa, **set_only(impl=model.impl)))
   mesa = dataclasses.replace(mesa, **set_only(cg_steps_train=model.cg_steps, chunk_size=model.chunk_size,
-                                              matmul_precision=model.matmul_precision),
-                             save_states=model.save_mesa_states)
+                                              matmul_precision=model.matmul_precision,
+                                              save_states=model.save_mesa_states))
   if model.cg_tol is not None:  # 0: fixed steps
     mesa = dataclasses.replace(mesa, cg_tol=model.cg_tol or None)
   gdn = dataclasses.replace(lm.gdn, **set_only(chunk_size=model.chunk_size))

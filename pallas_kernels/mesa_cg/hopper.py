@@ -45,7 +45,12 @@ def is_hopper(device=None) -> bool:
   capability = getattr(device, "compute_capability", None)
   if capability is not None:
     return capability == "9.0"
-  return device.device_kind.startswith(("NVIDIA H100", "NVIDIA H200", "NVIDIA H800", "NVIDIA GH200"))
+  return is_hopper_kind(device.device_kind)
+
+
+def is_hopper_kind(device_kind: str) -> bool:
+  """Whether a device kind (e.g. "NVIDIA H200", `jax.Device.device_kind`) names an sm_90 GPU."""
+  return device_kind.startswith(("NVIDIA H100", "NVIDIA H200", "NVIDIA H800", "NVIDIA GH200"))
 
 
 def fp16_parts(x, passes: int):

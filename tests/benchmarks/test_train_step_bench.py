@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from benchmarks.train_step_bench import _parse
 from tests.environment import subprocess_env
 
 SCRIPT = "benchmarks/train_step_bench.py"
@@ -30,4 +31,14 @@ def test_unknown_variant_is_refused():
   assert done.returncode != 0 and "unknown variant 'flash'" in done.stderr
   done = subprocess.run([sys.executable, SCRIPT, "--variants=ours+saved"], env=subprocess_env(), capture_output=True,
                         text=True, timeout=300)
-  assert done.returncode != 0 and "the only suffix is +states" in done.stderr
+  assert done.returncode != 0 and "the only suffixes are +states and -states" in done.stderr
+
+
+@pytest.mark.parametrize("variant, parsed", [
+    ("ours", ("ours", None, None)),  # the chunk states as the fast path sets them
+    ("ours@none+states", ("ours", "none", True)),
+    ("small-states", ("small", None, False)),
+    ("fla_linear_ce", ("fla_linear_ce", None, None)),
+])
+def test_variant_names(variant, parsed):
+  assert _parse(variant) == parsed

@@ -32,8 +32,8 @@ import time
 
 from absl import app, flags
 
-_VARIANTS = flags.DEFINE_list("variants", ["ours", "fla", "ours@none", "ours@full", "ours@mixer", "small", "medium",
-                                           "transformer", "gdn", "fla_linear_ce"],
+_VARIANTS = flags.DEFINE_list("variants", ["ours", "fla", "ours-states", "ours@none", "ours@full", "ours@mixer",
+                                           "small", "medium", "transformer", "gdn", "fla_linear_ce"],
                               "variants in priority order, name[@remat][+states|-states]: ours, small, medium, "
                               "transformer, "
                               "gdn, fla, fla_linear_ce")

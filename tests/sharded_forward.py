@@ -80,11 +80,12 @@ def check_pallas_runs_per_shard(mesh):
 
 
 def check_scanned_pallas(mesh):
-  """scan_layers + remat with impl="pallas": stacked params sharded with the layer axis whole, the per-shard kernel
-  inside the scanned, rematerialised block, the loss of impl="xla" on one device and a finite gradient."""
+  """scan_layers + remat with impl="pallas" and the chunk states saved for the backward (as the GPU fast path runs
+  it): stacked params sharded with the layer axis whole, the per-shard kernel inside the scanned, rematerialised
+  block, the loss of impl="xla" on one device and a finite gradient."""
   base = preset("tiny", scan_layers=True, remat=True)
   base = dataclasses.replace(base, mixers=base.mixers[:2], mesa=dataclasses.replace(base.mesa, cg_steps_train=8))
-  pallas = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl="pallas"))
+  pallas = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl="pallas", save_states=True))
   model = sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh)
   assert model.blocks.mixer.q_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
   tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, base.vocab_size)

@@ -123,6 +123,7 @@ def test_lambda_param_value():
   assert math.isclose(float(_layer().lam_param[0, 0]), math.log(math.exp(0.75) - 1), rel_tol=1e-6)
 
 
+@pytest.mark.slow  # compiles over ~8 s on one core
 def test_cg_tol_stops_early_and_stays_accurate():
   layer, x = _layer(dataclasses.replace(CONFIG, cg_tol=1e-4)), _x()
   _, (o, _), (o_exact, _), _, _ = _core_and_exact(layer, x)

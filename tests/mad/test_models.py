@@ -46,6 +46,7 @@ def test_mad_lab_backbone_switches():
   assert grid.protocol_settings(grid.Settings(results=""))["embed_std"] == 0.02  # what the grid runs and records
 
 
+@pytest.mark.slow  # compiles over ~8 s on one core
 def test_cg_steps_default_to_the_head_size_which_gives_the_result_of_30():
   assert models.mad_config("mesanet", 16).mesa.cg_steps_train == 16 == models.mad_config("hawk_mesa", 16).mesa.head_dim
   # Slow decay (γ ≈ 0.998) over 2 × 96 tokens, so the systems are the worst conditioned in the test inputs' range.

@@ -79,6 +79,7 @@ def test_slots_train_like_members_alone_and_freeze_when_done():
   assert metrics["accuracy"].shape == (2,) and np.all((0 <= metrics["accuracy"]) & (metrics["accuracy"] <= 1))
 
 
+@pytest.mark.slow  # compiles over ~8 s on one core
 def test_state_saved_and_restored(tmp_path):
   population = _population(2)
   slots, _ = _run(population, _data(), [(8, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))], 3)

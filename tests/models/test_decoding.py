@@ -76,6 +76,7 @@ def _fused_as_stored(model: LanguageModel) -> LanguageModel:
   return model
 
 
+@pytest.mark.slow  # compiles over ~8 s on one core
 @pytest.mark.parametrize("architecture, scan_layers", [("mesanet", False), ("mesanet", True), ("transformer", False),
                                                        ("transformer", True), ("gdn", False), ("hawk_mesa", False)])
 def test_decoding_with_cast_weights_is_bit_identical(architecture, scan_layers):
@@ -116,6 +117,7 @@ def _each_on_its_own(module, group, x):
   return tuple(layer(x) for name in module.FUSED[group] if (layer := getattr(module, name)) is not None)
 
 
+@pytest.mark.slow  # compiles over ~8 s on one core
 @pytest.mark.parametrize("architecture, scan_layers", [("mesanet", False), ("mesanet", True), ("transformer", False),
                                                        ("gdn", False), ("hawk_mesa", False)])
 def test_fused_projections_decode_as_the_layers_one_by_one(architecture, scan_layers, monkeypatch):
@@ -132,6 +134,7 @@ def test_fused_projections_decode_as_the_layers_one_by_one(architecture, scan_la
   assert float(jnp.max(jnp.abs(logits - expected_logits))) <= 2 ** -7 * scale
 
 
+@pytest.mark.slow  # compiles over ~8 s on one core
 def test_fused_linear_matches_the_layers_and_rejects_mixed_layers():
   rngs = nnx.Rngs(0)
   layers = [nnx.Linear(48, n, use_bias=True, dtype=jnp.bfloat16, bias_init=nnx.initializers.normal(1.0), rngs=rngs)

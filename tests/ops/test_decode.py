@@ -121,6 +121,7 @@ def test_warm_start_needs_fewer_steps_on_slowly_varying_input():
   assert steps["previous"] < 0.8 * min(steps["jacobi"], steps["zero"]), steps
 
 
+@pytest.mark.slow  # compiles over ~8 s on one core
 def test_warm_start_converges_to_the_same_solution_f64(x64):
   args = as_f64(random_inputs(2, 24, 3, 8, 6, with_state=True, seed=5))
   o_exact, state_exact = _exact(*args)

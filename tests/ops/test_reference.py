@@ -55,6 +55,7 @@ def test_exact_gradients_match_finite_differences(x64):
   check_grads(loss, args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow  # compiles over ~8 s on one core
 @pytest.mark.parametrize("cg_init", ["jacobi", "zero"])
 def test_recurrent_matches_exact(x64, cg_init):
   args = as_f64(random_inputs(2, 23, 3, 8, 5, with_state=True))

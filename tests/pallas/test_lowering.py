@@ -103,6 +103,7 @@ def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision):
     (32, 16, {1: 10}),  # the MAD heads: one warp per program, 2x faster solves than 4 (RESULTS.md)
     (32, 128, {4: 7, 8: 1}),  # the LM heads: as measured before; the gradients kernel 8, the solves Mosaic GPU
 ])
+@pytest.mark.slow  # compiles over ~8 s on one core
 def test_triton_warps_follow_the_tile_size(chunk_size, dim, warps):
   """The Triton kernels of forward + backward on an abstract H200 get `params.default_warps` of their tiles."""
   args = random_inputs(1, 2 * chunk_size, 1, dim, dim, seed=13)[:6]

@@ -110,6 +110,7 @@ def test_chunks_of_32_in_pairs():
     (-4.0, False),  # γ ≈ 0.02: e^{G_t} underflows within the chunk, the state term vanishes beside the keys'
     (3.0, True),  # a state 10^6 times the keys' term
 ])
+@pytest.mark.slow  # compiles over ~8 s on one core
 def test_scaling_holds_when_one_term_dominates(decay_bias, big_state):
   """Round 2 puts the larger of the state and key terms at fp16's top: the smaller one must not overflow or lose
   the larger one's accuracy."""

@@ -35,8 +35,7 @@ from absl import app, flags
 _VARIANTS = flags.DEFINE_list("variants", ["ours", "fla", "ours-states", "ours@none", "ours@full", "ours@mixer",
                                            "small", "medium", "transformer", "gdn", "fla_linear_ce"],
                               "variants in priority order, name[@remat][+states|-states]: ours, small, medium, "
-                              "transformer, "
-                              "gdn, fla, fla_linear_ce")
+                              "transformer, gdn, fla, fla_linear_ce")
 _BATCH = flags.DEFINE_integer("batch", 8, "sequences per step")
 _LENGTH = flags.DEFINE_integer("length", 2048, "tokens per sequence")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed steps per variant (median)")

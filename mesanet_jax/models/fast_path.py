@@ -42,8 +42,8 @@ def resolve_mesa(mesa, backend: str | None = None, device_kind: str | None = Non
   and its first device's); other impls unchanged."""
   if mesa.impl != AUTO:
     return mesa
-  backend = backend or jax.default_backend()
-  device_kind = device_kind or jax.devices()[0].device_kind
+  default_backend, default_kind = backend_and_device()
+  backend, device_kind = backend or default_backend, device_kind or default_kind
   fast = dataclasses.replace(mesa, **FAST_PATHS.get(backend, FALLBACK))
   if fast.impl == "xla":
     return fast

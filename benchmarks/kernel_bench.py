@@ -226,7 +226,8 @@ def time_fla(args, w):
 
 def parse_variants(text):
   """"impl:chunk:precision[:tol][:save],..." -> [(impl, chunk_size, matmul_precision, cg_tol or None, save_states)]
-  ("save": `mesa_chunked(save_states=True)`); empty: the flags' own setting, xla and pallas."""
+  (tol 0: fixed --cg_steps whatever --cg_tol says; "save": `mesa_chunked(save_states=True)`); empty: the flags' own
+  setting, xla and pallas."""
   if not text:
     return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision, cg_tol(), False) for impl in ("xla", "pallas")]
   variants = []
@@ -234,7 +235,7 @@ def parse_variants(text):
     impl, chunk, precision, *rest = entry.split(":")
     save = "save" in rest
     tol = [field for field in rest if field != "save"]
-    variants.append((impl, int(chunk), precision, float(tol[0]) if tol else cg_tol(), save))
+    variants.append((impl, int(chunk), precision, (float(tol[0]) or None) if tol else cg_tol(), save))
   return variants
 
 

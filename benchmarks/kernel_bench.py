@@ -30,7 +30,7 @@ from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
 from mesanet_jax.ops.operator import operator_class
 from mesanet_jax.ops.inputs import zero_state
-from pallas_kernels.mesa_cg import chunked_cg_solve
+from pallas_kernels.mesa_cg import chunk_states, chunked_cg_solve
 from pallas_kernels.mesa_cg.chunk import SplitDot
 
 flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision[:cg_tol][:save] entries timed side by side, "
@@ -41,6 +41,8 @@ flags.DEFINE_bool("fla", True, "also time flash-linear-attention's chunk_mesa_ne
 flags.DEFINE_bool("stages", True, "also time every stage of the operator alone, XLA next to Pallas")
 flags.DEFINE_string("sweep_chunks", "", "chunk sizes for a sweep of the solve kernel alone (empty: no sweep)")
 flags.DEFINE_string("sweep_warps", "4,8", "Triton num_warps values of the sweep")
+flags.DEFINE_string("sweep_states", "", "rows:block:warps:stages entries (0: the kernel's default) for a sweep of the "
+                    "forward chunk-state scans alone (H_kk and H_kv) at --chunk_size (empty: no sweep)")
 flags.DEFINE_string("sweep_precisions", "tf32x3,tf32,ieee",
                     "dot algorithms of the sweep: tf32x3, tf32, bf16x3, bf16, ieee, f16x3, f16x1 (f16: scaled split)")
 FLAGS = flags.FLAGS
@@ -186,6 +188,34 @@ def sweep_solve_kernel(args, tokens):
         report(f"solve C={chunk_size} warps={num_warps} {name} (err {error:.1e})", ms, tokens)
 
 
+def sweep_state_scans(args):
+  """Times the forward's two chunk-state scans (H_kkᵀ and H_kv, as `PallasOperator.build` runs them) per program
+  tiling and Triton setting; every setting's states must equal the kernel defaults' (the tiling changes no sum)."""
+  _, k, v, log_decay, beta, _ = chunk_major(args, FLAGS.chunk_size)
+  to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
+  chunk_decay = jnp.exp(log_decay[..., -1])
+  batch, heads, _, _, dim = k.shape
+  zeros = lambda width: jnp.zeros((batch, heads, dim, width), jnp.float32)
+  precision = jax.lax.Precision(FLAGS.matmul_precision)
+  reference = None
+  for entry in FLAGS.sweep_states.split(","):
+    rows, block, warps, stages = (int(field) or None for field in entry.split(":"))
+    scans = jax.jit(lambda k, v, to_end, chunk_decay: tuple(
+        chunk_states(k, b, to_end, chunk_decay, zeros(b.shape[-1]), precision=precision, row_block=rows, block=block,
+                     num_warps=warps, num_stages=stages) for b in (k, v)))
+    try:
+      ms = time_ms(scans, k, v, to_end, chunk_decay)
+    except jax.errors.JaxRuntimeError as error:
+      failed(f"state scans {entry}", error)
+      continue
+    states = scans(k, v, to_end, chunk_decay)
+    reference = reference or states
+    error = max(rel_diff(a, b) for a, b in zip(states, reference))
+    moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)["chunk states"]
+    print(f"state scans rows:block:warps:stages={entry:<12} {ms:8.3f} ms {moved / ms / 1e6:7.0f} GB/s "
+          f"(vs first: {error:.1e})", flush=True)
+
+
 def time_fla(args, w):
   """chunk_mesa_net forward and forward+backward on the same inputs; returns (fwd ms, fwd+bwd ms, o, grads)."""
   import torch
@@ -265,6 +295,8 @@ def main(argv):
     print_stages(args)
   if FLAGS.sweep_chunks:
     sweep_solve_kernel(args, tokens)
+  if FLAGS.sweep_states:
+    sweep_state_scans(args)
   if FLAGS.fla:
     try:
       results["fla"] = time_fla(args, w)

@@ -64,14 +64,15 @@ def default_warps(chunk_size: int, width: int) -> int:
   return max(1, min(8, chunk_size * max(chunk_size, width) // 1024))
 
 
-def compiler_params(chunk_size: int, width: int, num_warps: int | None = None, num_stages: int = 1):
+def compiler_params(chunk_size: int, width: int, num_warps: int | None = None, num_stages: int = 1, *,
+                    grid_rank: int = 2):
   """Explicit compiler params for the target backend (the GPU lowering is chosen by their type: Triton); num_warps
-  defaults to `default_warps(chunk_size, width)`."""
+  defaults to `default_warps(chunk_size, width)`; every one of the grid's `grid_rank` axes is parallel."""
   backend = target()
   if backend == "gpu":
     return pltriton.CompilerParams(num_warps=num_warps or default_warps(chunk_size, width), num_stages=num_stages)
   if backend == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
   return None
 
 
@@ -86,12 +87,17 @@ def decode_compiler_params(num_warps: int | None = None):
   return None
 
 
-def value_block(width: int) -> int:
-  """Value-dim block of one chunk-state scan program (`states.chunk_states`); the scan over chunks is sequential,
-  so smaller blocks give more programs. TPU blocks are the full dim or multiples of 128; Triton's powers of two."""
+def state_scan_tiling(key_dim: int, value_dim: int) -> tuple[int, int, int | None, int]:
+  """(key-dim block, value-dim block, Triton warps, pipeline stages) of one chunk-state scan program
+  (`states.chunk_states`). The scan over chunks is sequential, so smaller tiles give more programs. On GPU: tiles of
+  at most 64 × 64, one warp per 1,024 carry entries (4 at 64 × 64, 1 for the MAD heads' 16 × 16), loads 3 chunks
+  ahead; the forward's two scans took 0.57-0.60 ms against 0.78 ms with 128 × 64 tiles, 8 warps and no pipelining
+  (H200, B=8 T=2048 H=16 D=128, C=64, "default"; at B=2 T=8192, 0.62-0.78 against 1.09 ms; benchmarks/RESULTS.md).
+  TPU blocks are the full dim or multiples of 128."""
   if target() == "tpu":
-    return min(width, 128)
-  return min(width, 64)
+    return key_dim, min(value_dim, 128), None, 1
+  rows, columns = min(key_dim, 64), min(value_dim, 64)
+  return rows, columns, max(1, min(8, rows * columns // 1024)), 3
 
 
 def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | None:

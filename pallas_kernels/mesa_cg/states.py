@@ -2,10 +2,12 @@
 
     carry ← d_n · carry + Σ_{s in chunk n} w_s a_s b_sᵀ          (over n = 0..N−1, or N−1..0 if reversed)
 
-One program per (batch·head, block of the value dim) walks the chunks in a loop with the carry on-chip (f32, or
-f64 for f64 inputs) and writes it at every boundary. The forward states (w = e^{G_last − G} β, a = k, b = k or v)
+One program per (batch·head, block of the key dim, block of the value dim) walks the chunks in a loop with its
+carry tile on-chip (f32, or f64 for f64 inputs) and writes it at every boundary: the rows and columns of the carry
+are independent, so tiling both only adds programs to a scan that is sequential over chunks. The forward states (w = e^{G_last − G} β, a = k, b = k or v)
 and the backward's state gradients (w = ∓e^G, reversed) are this one scan, as `chunked._scan_chunks` is for XLA.
-A program's blocks hold its whole sequence (a, b: T×D; the N+1 states: N·D×block), which bounds T on TPU by VMEM.
+A program's blocks hold its whole sequence (a, b: T×block; the N+1 states: N·block×block), which bounds T on TPU by
+VMEM.
 """
 import functools
 
@@ -14,13 +16,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.mesa_cg.chunk import dots, flat
-from pallas_kernels.mesa_cg.params import compiler_params, dot_precision, use_interpret, value_block
+from pallas_kernels.mesa_cg.params import compiler_params, dot_precision, state_scan_tiling, use_interpret
 
 
 def _states_kernel(a_ref, b_ref, weight_ref, decay_ref, initial_ref, bounds_ref, *, reverse: bool,
                    precision: lax.Precision):
-  """One batch·head and value block: a [N, C, D]; b [N, C, E]; weight [N, C, 1]; decay [N, 1, 1]; initial [D, E].
-  Writes bounds [N+1, D, E]."""
+  """One batch·head, key block and value block: a [N, C, D']; b [N, C, E']; weight [N, C, 1]; decay [N, 1, 1];
+  initial [D', E']. Writes bounds [N+1, D', E']."""
   num_chunks = a_ref.shape[0]
   mm = dots(precision, bounds_ref.dtype)
 
@@ -34,29 +36,33 @@ def _states_kernel(a_ref, b_ref, weight_ref, decay_ref, initial_ref, bounds_ref,
 
 
 def chunk_states(a, b, weights, chunk_decay, initial, *, reverse: bool = False,
-                 precision: lax.Precision | lax.DotAlgorithmPreset, block: int | None = None,
-                 num_warps: int | None = None, num_stages: int = 1):
+                 precision: lax.Precision | lax.DotAlgorithmPreset, row_block: int | None = None,
+                 block: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
   """The carry of carry ← chunk_decay·carry + Σ_s weights_s a_s b_sᵀ at every chunk boundary.
 
   Args: a: [B, H, N, C, D]; b: [B, H, N, C, E]; weights: [B, H, N, C]; chunk_decay: [B, H, N]; initial: [B, H, D, E];
-  reverse: scan from the last chunk to the first; block: value-dim block per program (default `value_block`).
+  reverse: scan from the last chunk to the first; row_block, block: key-dim and value-dim block per program;
+  num_warps, num_stages: Triton's (every setting None takes `state_scan_tiling`'s).
   Returns [B, H, N+1, D, E]: entry n is the carry at the boundary before chunk n, i.e. initial plus chunks < n
   (entry 0 = initial, entry N = final), or, reversed, initial plus chunks ≥ n (entry N = initial, entry 0 = final).
   """
   batch, heads, num_chunks, size, dim = a.shape
   width = b.shape[-1]
-  block = block or value_block(width)
-  per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, j: (i, *(0,) * len(shape)))
-  per_block = lambda *shape: pl.BlockSpec((None, *shape), lambda i, j: (i, *(0,) * (len(shape) - 1), j))
+  tiling = zip((row_block, block, num_warps, num_stages), state_scan_tiling(dim, width))
+  row_block, block, num_warps, num_stages = (given or default for given, default in tiling)
+  per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, r, j: (i, *(0,) * len(shape)))
+  by_rows = lambda *shape: pl.BlockSpec((None, *shape), lambda i, r, j: (i, *(0,) * (len(shape) - 1), r))
+  by_columns = lambda *shape: pl.BlockSpec((None, *shape), lambda i, r, j: (i, *(0,) * (len(shape) - 1), j))
+  by_tile = lambda *shape: pl.BlockSpec((None, *shape), lambda i, r, j: (i, *(0,) * (len(shape) - 2), r, j))
   kernel = functools.partial(_states_kernel, reverse=reverse, precision=dot_precision(precision, initial.dtype))
   bounds = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((batch * heads, num_chunks + 1, dim, width), initial.dtype),
-      grid=(batch * heads, width // block),
-      in_specs=[per_head(num_chunks, size, dim), per_block(num_chunks, size, block), per_head(num_chunks, size, 1),
-                per_head(num_chunks, 1, 1), per_block(dim, block)],
-      out_specs=per_block(num_chunks + 1, dim, block),
-      compiler_params=compiler_params(size, max(dim, block), num_warps, num_stages),
+      grid=(batch * heads, dim // row_block, width // block),
+      in_specs=[by_rows(num_chunks, size, row_block), by_columns(num_chunks, size, block),
+                per_head(num_chunks, size, 1), per_head(num_chunks, 1, 1), by_tile(row_block, block)],
+      out_specs=by_tile(num_chunks + 1, row_block, block),
+      compiler_params=compiler_params(size, max(row_block, block), num_warps, num_stages, grid_rank=3),
       interpret=use_interpret(),
       name="mesa_chunk_states_reverse" if reverse else "mesa_chunk_states",
   )(flat(a), flat(b), flat(weights[..., None]), flat(chunk_decay[..., None, None]), flat(initial))

@@ -47,16 +47,19 @@ def _close(a, b, dtype):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_chunk_states_match_xla_scan(dtype, reverse):
+@pytest.mark.parametrize("row_block", [None, 16])
+def test_chunk_states_match_xla_scan(dtype, reverse, row_block):
   keys = jax.random.split(jax.random.key(0), 5)
-  a, b = (jax.random.normal(key, (2, 1, 3, CHUNK, dim), dtype) for key, dim in zip(keys, (16, 32)))
+  a, b = (jax.random.normal(key, (2, 1, 3, CHUNK, 32), dtype) for key in keys[:2])
   weights = jax.random.normal(keys[2], (2, 1, 3, CHUNK), dtype)
   decay = jax.random.uniform(keys[3], (2, 1, 3), dtype)
-  initial = jax.random.normal(keys[4], (2, 1, 16, 32), dtype)
+  initial = jax.random.normal(keys[4], (2, 1, 32, 32), dtype)
   increments = jnp.einsum("bhncd,bhnce->bhnde", a * weights[..., None], b, precision="highest")
   expected = scan_chunks(increments, decay, initial, reverse=reverse)
-  # block=16 < E=32: two programs per batch·head, each scanning its half of the value dim.
-  bounds = chunk_states(a, b, weights, decay, initial, reverse=reverse, precision=jax.lax.Precision.HIGHEST, block=16)
+  # block=16 < E=32: two programs per batch·head, each scanning its half of the value dim; row_block=16 < D=32
+  # splits the key dim too (four programs, each its quarter of the carry).
+  bounds = chunk_states(a, b, weights, decay, initial, reverse=reverse, precision=jax.lax.Precision.HIGHEST,
+                        row_block=row_block, block=16)
   assert _close(bounds, expected, dtype)
 
 

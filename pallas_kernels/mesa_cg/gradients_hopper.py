@@ -64,7 +64,8 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
             dk_gmem, dv_gmem, dbeta_gmem,
             kk_union, kv_union, x_parts, y_parts, do_parts, lhs_k, lhs_v, lhs_square, dbeta_smem, *, passes: int):
   """The CTA of (batch·head, 64 rows): rows [64, D] f32, gates [4, 64] (G as rows, G as columns, β, e), state
-  gradients after the rows [Dk, Dk] (D_kkᵀ) and [Dk, Dv] (D_kv). Writes dk [64, Dk], dv [64, Dv], dβ [64]."""
+  gradients after the rows [Dk, Dk] (D_kkᵀ) and [Dk, Dv] (D_kv): boundary m + 1 of the whole boundary arrays, read in
+  place (a slice [1:] outside would copy both). Writes dk [64, Dk], dv [64, Dv], dβ [64]."""
   bh, m = lax.axis_index("bh"), lax.axis_index("chunk")
   pairs = pass_pairs(passes)
   dkk_t_parts, dk_smem = kk_union
@@ -74,8 +75,9 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
 
   # D̃_kkᵀ, D̃_kv, x̃, ỹ, d̃o: each scaled by its max |·|
   sigma_kk, sigma_kv, sigma_x, sigma_y, sigma_do = (
-      stage_scaled(gmem, (bh, m), parts, passes) for gmem, parts in (
-          (dkk_t_gmem, dkk_t_parts), (dkv_gmem, dkv_parts), (x_gmem, x_parts), (y_gmem, y_parts), (do_gmem, do_parts)))
+      stage_scaled(gmem, (bh, index), parts, passes) for gmem, index, parts in (
+          (dkk_t_gmem, m + 1, dkk_t_parts), (dkv_gmem, m + 1, dkv_parts), (x_gmem, m, x_parts), (y_gmem, m, y_parts),
+          (do_gmem, m, do_parts)))
   plgpu.commit_smem()
 
   def tensor_cores(terms, shape):  # Σ lhs @ rhs over the terms: (left parts, right parts as a function of the part)
@@ -172,8 +174,7 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
       functools.partial(_kernel, passes=passes), out_type=out_type, scratch_types=scratch,
       grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"), compiler_params=COMPILER_PARAMS,
       interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  dk, dv, dbeta = kernel(*map(flat, (k, v, x, y, do)), flat(gates), flat(d_bounds_kk_t[:, :, 1:]),
-                         flat(d_bounds_kv[:, :, 1:]))
+  dk, dv, dbeta = kernel(*map(flat, (k, v, x, y, do, gates, d_bounds_kk_t, d_bounds_kv)))
   unflat = lambda a: a.reshape(batch, heads, *a.shape[1:])
   return unflat(dk).astype(k.dtype), unflat(dv).astype(v.dtype), unflat(dbeta)
 

@@ -57,9 +57,10 @@ def use_hopper_solve(chunk_size: int, key_dim: int, dtype) -> bool:
 
 
 def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *refs,
-            cg_steps: int, cg_init: str, cg_tol: float | None, passes: int):
-  """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance). With
-  `staging` refs the wgmma left operands go through shared memory."""
+            cg_steps: int, cg_init: str, cg_tol: float | None, passes: int, state_stride: int):
+  """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance). The
+  chunk's start state is entry state_stride · chunk of the boundary states, read in place (a slice outside would copy
+  them all). With `staging` refs the wgmma left operands go through shared memory."""
   counted, jacobi = cg_tol is not None, cg_init == "jacobi"
   steps_gmem = refs[0] if counted else None
   union, k_parts, weights_smem, *staging = refs[counted:]
@@ -104,7 +105,7 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
                 + per_col(load_lam(), out))
 
   # S̃ᵀ, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed).
-  sigma_s = stage_scaled(states_gmem, (bh, n), st_parts, passes)
+  sigma_s = stage_scaled(states_gmem, (bh, n * state_stride), st_parts, passes)
   if jacobi:
     state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=COL, optimized=False)
     diagonal = diagonal + per_row(jnp.exp(log_decay_t), diagonal.shape) * per_col(state_diagonal, diagonal.shape)
@@ -179,10 +180,11 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   counted, jacobi = cg_tol is not None, cg_init == "jacobi"
   rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
   states_kk_t = states_kk_t.astype(jnp.float32)
+  state_stride = 1
   if size < ROWS:
     # A_t depends on the tokens before t alone: a pair runs on its first chunk's start state.
     (rhs, k, beta), log_decay = _pair_chunks([rhs, k, beta], log_decay)
-    states_kk_t = states_kk_t[:, :, 0:2 * rhs.shape[2]:2]
+    state_stride = 2
   programs = rhs.shape[2]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
   # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
@@ -203,13 +205,14 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   kernel = plgpu.kernel(
-      functools.partial(_kernel, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes),
+      functools.partial(_kernel, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes,
+                        state_stride=state_stride),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  states_kk_t = states_kk_t[:, :, :programs]
   # Per program: λ and diag(S) (for the Jacobi start; a gather here, where the kernel would reduce across warps).
+  start_states = states_kk_t[:, :, 0:state_stride * programs:state_stride]  # read by the gather alone, not copied
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
-                        jnp.diagonal(states_kk_t, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
+                        jnp.diagonal(start_states, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
   x, *steps = kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t))
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
   steps = unpair(steps[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)

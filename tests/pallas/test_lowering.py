@@ -81,7 +81,10 @@ def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision
           rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim))
   solve = functools.partial(hopper_cg_solve, cg_steps=3, cg_init=cg_init, cg_tol=cg_tol, precision=precision,
                             lhs_in_registers=lhs_in_registers)
-  assert export_for("gpu", solve, *args).mlir_module().count("custom_call @mosaic_gpu_v2(") == 1
+  kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", solve, *args).mlir_module())
+  assert len(kernel_operands) == 1
+  # The 4 boundary states go in whole (the kernel reads chunk n's in place: a slice would copy them all).
+  assert f"tensor<2x4x{key_dim}x{key_dim}xf32>" in kernel_operands[0]
 
 
 @pytest.mark.parametrize("chunk, key_dim, value_dim, precision", [
@@ -95,7 +98,17 @@ def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision):
           rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, value_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
           rows(1, 2, 4, key_dim, key_dim), rows(1, 2, 4, key_dim, value_dim))
   gradients = functools.partial(hopper_chunk_gradients, precision=precision)
-  assert export_for("gpu", gradients, *args).mlir_module().count("custom_call @mosaic_gpu_v2(") == 1
+  kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", gradients, *args).mlir_module())
+  assert len(kernel_operands) == 1
+  # Both state gradients go in whole, all 4 boundaries (the kernel reads entry m + 1 in place: [1:] would copy).
+  assert f"tensor<2x4x{key_dim}x{key_dim}xf32>" in kernel_operands[0]
+  assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]
+
+
+def _mosaic_gpu_operand_types(module: str) -> list[str]:
+  """The operand types, "(tensor<...>, ...)", of every Mosaic GPU call in an exported module's text."""
+  calls = [line for line in module.splitlines() if "custom_call @mosaic_gpu_v2(" in line]
+  return [re.search(r"\} : (\(.*?\)) ->", line).group(1) for line in calls]
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

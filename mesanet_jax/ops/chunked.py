@@ -36,10 +36,10 @@ class _Static(NamedTuple):
 
 def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
   op = operator_class(static.impl).build(k, v, log_decay, beta, lam, state, static.precision)
-  x, steps = op.solve(q, static.cg_steps, static.cg_init, static.cg_tol)
+  x, o, steps = op.solve_and_output(q, static.cg_steps, static.cg_init, static.cg_tol)
   forward_steps = step_stats(steps, static.length)
   operator = op if static.save_states else (k, v, log_decay, beta, lam, state)
-  return (op.output(x), op.states.at(-1), forward_steps), (operator, probe, x, forward_steps)
+  return (o, op.states.at(-1), forward_steps), (operator, probe, x, forward_steps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))

@@ -51,6 +51,11 @@ class ChunkedSequence:
   states: BoundaryStates
   precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
 
+  def solve_and_output(self, rhs: jax.Array, cg_steps: int, cg_init: str, cg_tol: float | None):
+    """The forward's x, o and steps: `solve`, then `output` (an implementation may make o inside its solve)."""
+    x, steps = self.solve(rhs, cg_steps, cg_init, cg_tol)
+    return x, self.output(x), steps
+
 
 Operator = TypeVar("Operator", bound="ChunkedOperator")
 
@@ -89,6 +94,10 @@ class ChunkedOperator(Protocol):
 
   def output(self, x: jax.Array) -> jax.Array:
     """o_t = H_kv[t]ᵀ x_t, [B, H, N, C, Dv]."""
+
+  def solve_and_output(self, rhs: jax.Array, cg_steps: int, cg_init: str,
+                       cg_tol: float | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`solve` and `output` of its x: x, o and the steps (`ChunkedSequence` provides it as the two stages)."""
 
   def adjoint_rhs(self, do: jax.Array) -> jax.Array:
     """u_t = H_kv[t] do_t, the adjoint solve's right-hand side, [B, H, N, C, Dk]."""

@@ -21,7 +21,7 @@ from pallas_kernels.mesa_cg.hopper import ROWS, is_hopper_kind, split_passes
 from pallas_kernels.mesa_cg.params import unsupported_reason
 from pallas_kernels.mesa_cg.read import causal_read
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
-from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve, use_hopper_solve
+from pallas_kernels.mesa_cg.solve_hopper import fuses_read, hopper_cg_solve, use_hopper_solve
 from pallas_kernels.mesa_cg.states import chunk_states
 
 
@@ -55,16 +55,26 @@ class PallasOperator(ChunkedSequence):
         chunk_states(k, v, to_end, chunk_decay, state.h_kv, precision=precision))
     return cls(k, v, log_decay, beta, lam, states, precision)
 
+  def _uses_hopper_solve(self, rhs) -> bool:
+    return isinstance(self.precision, lax.Precision) and use_hopper_solve(rhs.shape[3], rhs.shape[4], rhs.dtype)
+
   def solve(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
     """The Hopper (Mosaic GPU) solve on sm_90 where it takes the sizes (1.3-1.5x the Triton kernel's speed on an
     H200, benchmarks/RESULTS.md), else the Triton / Mosaic TPU / interpreted one."""
-    hopper = isinstance(self.precision, lax.Precision) and use_hopper_solve(rhs.shape[3], rhs.shape[4], rhs.dtype)
-    solve = hopper_cg_solve if hopper else chunked_cg_solve
+    solve = hopper_cg_solve if self._uses_hopper_solve(rhs) else chunked_cg_solve
     return solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, cg_steps=cg_steps,
                  cg_init=cg_init, cg_tol=cg_tol, precision=self.precision)
 
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)
+
+  def solve_and_output(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
+    """The Hopper solve makes o from x on chip where it fuses the read (one fp16 pass, `solve_hopper.fuses_read`),
+    instead of the read kernel loading x, k, v and the gates again; else solve, then the read kernel."""
+    if not (self._uses_hopper_solve(rhs) and fuses_read(self.v.shape[-1], self.precision)):
+      return super().solve_and_output(rhs, cg_steps, cg_init, cg_tol)
+    return hopper_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, cg_steps=cg_steps,
+                           cg_init=cg_init, cg_tol=cg_tol, precision=self.precision, read=(self.v, self.states.kv))
 
   def adjoint_rhs(self, do):
     return causal_read(do, self.v, self.k, self.states.kv, self.log_decay, self.beta, transpose_states=True,

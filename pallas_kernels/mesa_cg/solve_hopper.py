@@ -56,16 +56,31 @@ def use_hopper_solve(chunk_size: int, key_dim: int, dtype) -> bool:
   return target() == "gpu" and is_hopper() and unsupported_reason(chunk_size, key_dim, dtype) is None
 
 
-def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *refs,
-            cg_steps: int, cg_init: str, cg_tol: float | None, passes: int, state_stride: int):
-  """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance). The
-  chunk's start state is entry state_stride · chunk of the boundary states, read in place (a slice outside would copy
-  them all). With `staging` refs the wgmma left operands go through shared memory."""
+def fuses_read(value_dim: int, precision) -> bool:
+  """Whether `hopper_cg_solve(read=...)` takes these: one fp16 pass (Ṽ's part takes W's memory, free after the CG
+  loop, so the CTA's shared memory stays as without the read) and Dv 64 or 128."""
+  return split_passes(precision) == 1 and value_dim in (64, 128)
+
+
+def _kernel(*refs, cg_steps: int, cg_init: str, cg_tol: float | None, passes: int, state_stride: int, read: bool):
+  """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance; and,
+  with `read`, the causal read o of x). The chunk's start states are entry state_stride · chunk of the boundary
+  states, read in place (a slice outside would copy them all). With `staging` refs the wgmma left operands go through
+  shared memory.
+
+  refs: inputs rhs, k, gates, features, Sᵀ (and V, S_kv with `read`); outputs x (steps with a tolerance; o with
+  `read`); scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`; (K / σ_K)² with Jacobi), K̃,
+  W (a union with Ṽ's part with `read`), and the staged left operands if any."""
   counted, jacobi = cg_tol is not None, cg_init == "jacobi"
-  steps_gmem = refs[0] if counted else None
-  union, k_parts, weights_smem, *staging = refs[counted:]
+  num_inputs = 7 if read else 5
+  (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
+  x_gmem, steps_gmem, o_gmem = refs[0], refs[1] if counted else None, refs[1 + counted] if read else None
+  union, k_parts, weights, *staging = refs[1 + counted + read:]
+  weights_smem, v_parts = weights if read else (weights, None)
   lhs_smem, z_smem = staging if staging else (None, None)
-  st_parts, (x_smem, steps_smem), k2_parts = (list(union) + [None])[:3]  # k2_parts only with Jacobi
+  st_parts, (x_smem, steps_smem), *rest = union
+  kv_parts, o_smem = rest[:2] if read else (None, None)
+  k2_parts = rest[-1] if jacobi else None
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
   key_dim, pairs = x_gmem.shape[-1], pass_pairs(passes)
   # λ per column (Dk / 4 registers a thread; ptxas spills it or not: read from shared memory in the loop instead, it
@@ -79,14 +94,18 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
   if jacobi:
     store_parts(k2_parts, keys * keys * TOP, passes)
 
-  # Per system t (rows): G_t; per key s (columns): G_s, β_s.
-  log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0], layout=ROW, optimized=False)
-  log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], layout=COL, optimized=False) for j in (1, 2))
   shape = (ROWS, ROWS)
-  keep = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
-          >= plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA))
-  diff = per_row(log_decay_t, shape) - per_col(log_decay_s, shape)
-  mask = jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0) * per_col(beta_s, shape)  # M = e^{G_t−G_s} β_s [s ≤ t]
+
+  def causal_mask():
+    """M [64, 64], M_ts = e^{G_t − G_s} β_s [s ≤ t], and G_t per row (G_t per system t, G_s and β_s per key s)."""
+    log_decay_t = plgpu.load(gates_gmem.at[bh, n, 0], layout=ROW, optimized=False)
+    log_decay_s, beta_s = (plgpu.load(gates_gmem.at[bh, n, j], layout=COL, optimized=False) for j in (1, 2))
+    keep = (plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
+            >= plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA))
+    diff = per_row(log_decay_t, shape) - per_col(log_decay_s, shape)
+    return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0) * per_col(beta_s, shape), log_decay_t
+
+  mask, log_decay_t = causal_mask()
   mask_max = jnp.maximum(jnp.max(mask, axis=1), SMALLEST_SCALE)
   plgpu.commit_smem()  # K̃ and (K / σ_K)² visible to the wgmma
 
@@ -156,11 +175,47 @@ def _kernel(rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, x_gmem, *r
   plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[bh, n])
   if counted:
     plgpu.copy_smem_to_gmem(steps_smem, steps_gmem.at[bh, n])
+  plgpu.wait_smem_to_gmem(0, wait_read_only=read)  # with the read: x's memory is staged again below
+  if not read:
+    return
+
+  # o = e^{G_t} x_t S_kv + Σ_s M_ts (x_t·k_s) v_s (`read.causal_read`) from x on chip: S̃_kv = T S_kv / σ_kv in the
+  # union (x has been copied out), Ṽ = T V / σ_V in W's memory, x̂ = T x / σ_x per row; the products
+  # x̂ K̃ᵀ = T² x Kᵀ / (σ_x σ_K), x̂ S̃_kv = T² x S_kv / (σ_x σ_kv) and, with Z = x̂ K̃ᵀ ⊙ M and Ẑ = T Z / σ_Z per row,
+  # Ẑ Ṽ = T² Z V / (σ_Z σ_V).
+  values_gmem, kv_gmem = read_gmem
+  value_dim = o_gmem.shape[-1]
+  sigma_kv = stage_scaled(kv_gmem, (bh, n * state_stride), kv_parts, passes)
+  sigma_v = stage_scaled(values_gmem, (bh, n), v_parts, passes)
+  plgpu.commit_smem()
+  sigma_x = jnp.maximum(jnp.max(jnp.abs(x), axis=1), SMALLEST_SCALE)
+  x_parts = staged_lhs(x * per_row(TOP / sigma_x, x.shape), passes, lhs_smem)
+  out = (ROWS, value_dim)
+
+  def product(lhs_parts, rhs_part, shape):  # Σ over the fp16 pass pairs, rhs_part(b) a staged operand
+    def round_(acc):
+      for a, b in pairs:
+        plgpu.wgmma(acc, lhs_parts[a], rhs_part(b))
+      return acc[...]
+    return pl.run_scoped(round_, plgpu.ACC(shape, jnp.float32))
+
+  scores = product(x_parts, lambda b: k_parts.at[b].T, shape)
+  state_term = product(x_parts, lambda b: kv_parts.at[b], out)
+  mask, log_decay_t = causal_mask()  # again: kept through the CG loop, M would take 32 registers a thread
+  z = scores * mask
+  sigma_z = jnp.maximum(jnp.max(jnp.abs(z), axis=1), SMALLEST_SCALE)
+  z_parts = staged_lhs(z * per_row(TOP / sigma_z, shape), passes, z_smem)
+  intra_term = product(z_parts, lambda b: v_parts.at[b], out)
+  state_scale = jnp.exp(log_decay_t) * (sigma_x / TOP) * (sigma_kv / TOP)
+  intra_scale = ((sigma_z / TOP) * (sigma_x / TOP)) * ((sigma_v / TOP) * (sigma_k / TOP))
+  o_smem[...] = state_term * per_row(state_scale, out) + intra_term * per_row(intra_scale, out)  # S̃_kv read
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bh, n])
   plgpu.wait_smem_to_gmem(0)
 
 
 def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
-                    cg_tol: float | None = None, precision, lhs_in_registers: bool | None = None):
+                    cg_tol: float | None = None, precision, lhs_in_registers: bool | None = None, read=None):
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32; log_decay (within-chunk cumulative log
@@ -169,53 +224,69 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   its rows have. precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
   lhs_in_registers: wgmma left operands in registers (default on GPU at one pass; three passes stage them in shared
   memory, which spills less; Mosaic GPU's interpreter takes them only from shared memory).
-  Returns x: [B, H, N, C, Dk] and the steps each row took, int32 [B, H, N, C].
+  read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
+  kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
+  `fuses_read` allows).
+  Returns x: [B, H, N, C, Dk], with `read` o: [B, H, N, C, Dv] (f32), and the steps each row took, int32 [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = rhs.shape
   if (reason := unsupported_reason(size, key_dim, rhs.dtype)) is not None:
     raise ValueError(reason)
   passes = split_passes(precision)
+  values, states_kv = read if read is not None else (None, None)
+  if read is not None and not fuses_read(values.shape[-1], precision):
+    raise ValueError(f"read: the Hopper solve fuses the read at one fp16 pass and Dv 64 or 128, got {passes} passes "
+                     f"and Dv={values.shape[-1]}")
   if lhs_in_registers is None:  # fastest on an H200 (RESULTS.md): registers at 1 pass, staged at 3 (fewer spills)
     lhs_in_registers = not use_interpret() and passes == 1
   counted, jacobi = cg_tol is not None, cg_init == "jacobi"
   rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
   states_kk_t = states_kk_t.astype(jnp.float32)
+  by_token = [rhs, k, beta] + ([values.astype(jnp.float32)] if read is not None else [])
   state_stride = 1
   if size < ROWS:
-    # A_t depends on the tokens before t alone: a pair runs on its first chunk's start state.
-    (rhs, k, beta), log_decay = _pair_chunks([rhs, k, beta], log_decay)
+    # A_t (and the read) depends on the tokens before t alone: a pair runs on its first chunk's start state.
+    by_token, log_decay = _pair_chunks(by_token, log_decay)
     state_stride = 2
+  rhs, k, beta, *values = by_token
   programs = rhs.shape[2]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
   # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
   gates = jnp.stack([log_decay, log_decay, beta], axis=3)  # [B, H, N, 3, 64]
-  parts = lambda rows: plgpu.SMEM((passes // 2 + 1, rows, key_dim), jnp.float16, transforms=F16_TILES)
-  union = [parts(key_dim),  # Sᵀ; before it (K̃)² (Jacobi), after it x and the steps
-           (plgpu.SMEM((ROWS, key_dim), jnp.float32, transforms=F32_TILES), plgpu.SMEM((ROWS,), jnp.int32))]
+  f32_rows = lambda cols: plgpu.SMEM((ROWS, cols), jnp.float32, transforms=F32_TILES)
+  parts = lambda rows, cols=key_dim: plgpu.SMEM((passes // 2 + 1, rows, cols), jnp.float16, transforms=F16_TILES)
+  union = [parts(key_dim),  # Sᵀ; before it (K̃)² (Jacobi), after it x and the steps, then S̃_kv, then o
+           (f32_rows(key_dim), plgpu.SMEM((ROWS,), jnp.int32))]
+  weights = f32_rows(ROWS)  # W
+  if read is not None:
+    value_dim = states_kv.shape[-1]
+    union += [parts(key_dim, value_dim), f32_rows(value_dim)]
+    weights = plgpu.RefUnion(weights, parts(ROWS, value_dim))  # W, then Ṽ
   if jacobi:
     union.append(parts(ROWS))
-  scratch = [
-      plgpu.RefUnion(*union),
-      parts(ROWS),  # K̃
-      plgpu.SMEM((ROWS, ROWS), jnp.float32, transforms=F32_TILES),  # W
-  ]
+  scratch = [plgpu.RefUnion(*union), parts(ROWS), weights]  # ..., K̃, W
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
-    scratch += [parts(ROWS), plgpu.SMEM((passes // 2 + 1, ROWS, ROWS), jnp.float16, transforms=F16_TILES)]
+    scratch += [parts(ROWS), parts(ROWS, ROWS)]
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
+  if read is not None:
+    out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), jnp.float32))
   kernel = plgpu.kernel(
       functools.partial(_kernel, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes,
-                        state_stride=state_stride),
+                        state_stride=state_stride, read=read is not None),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
   # Per program: λ and diag(S) (for the Jacobi start; a gather here, where the kernel would reduce across warps).
   start_states = states_kk_t[:, :, 0:state_stride * programs:state_stride]  # read by the gather alone, not copied
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
                         jnp.diagonal(start_states, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
-  x, *steps = kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t))
+  read_operands = [flat(values[0]), flat(states_kv.astype(jnp.float32))] if read is not None else []
+  x, *outputs = kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t), *read_operands)
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
-  steps = unpair(steps[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
+  steps = unpair(outputs[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
+  if read is not None:
+    return unpair(x), unpair(outputs[-1]), steps
   return unpair(x), steps
 
 

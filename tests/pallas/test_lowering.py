@@ -55,6 +55,21 @@ def test_hopper_kernels_are_dispatched_on_sm90(chunk_size, mosaic_kernels):
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_forward_read_comes_out_of_the_hopper_solve_at_one_pass():
+  """At "default" (one fp16 pass) on an (abstract) H200 the forward's o is made by the Hopper solve: the causal-read
+  kernel runs twice in forward + backward (the adjoint's right-hand side and H_kk·x), at "highest" three times.
+  Dv ≠ Dk, so that no two reads have the same operand shapes (the module would hold one function for both)."""
+  args = random_inputs(1, 64, 1, 64, 128, seed=12)[:6]
+
+  def read_kernels(precision):
+    op = lambda *a: mesa_chunked(*a, chunk_size=64, cg_steps=2, impl="pallas", matmul_precision=precision)
+    loss_and_grads = jax.value_and_grad(lambda *a: jnp.sum(op(*a)[0]), argnums=range(6))  # o is used, not DCE'd
+    return len(re.findall(r'name = "mesa_causal_read"', export_for("gpu", loss_and_grads, *args).mlir_module()))
+  assert read_kernels("default") == 2
+  assert read_kernels("highest") == 3
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 def test_vmapped_kernels_take_the_population_axis_into_their_grid():
   """The MAD population vmaps every member's step over its S slots (`mad/population.py`): pallas_call's batching rule
   must make the slot axis a grid axis of each kernel (one launch, results [S, ...]), not a loop of S launches."""
@@ -85,6 +100,24 @@ def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision
   assert len(kernel_operands) == 1
   # The 4 boundary states go in whole (the kernel reads chunk n's in place: a slice would copy them all).
   assert f"tensor<2x4x{key_dim}x{key_dim}xf32>" in kernel_operands[0]
+
+
+@pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers", [
+    (64, 128, 128, True),  # the GPU default: left operands (x̂, Ẑ) in registers
+    (32, 64, 64, False),  # pairs of chunks, staged left operands
+])
+def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, lhs_in_registers):
+  """The solve that also makes o (`read=`) through Mosaic GPU's lowering for sm_90, with the boundary states whole."""
+  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
+          rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim), rows(1, 2, 3, chunk, value_dim),
+          rows(1, 2, 4, key_dim, value_dim))
+  solve = lambda *a: hopper_cg_solve(*a[:6], cg_steps=3, cg_init="jacobi", cg_tol=1e-4,
+                                     precision=jax.lax.Precision.DEFAULT, lhs_in_registers=lhs_in_registers,
+                                     read=a[6:])
+  kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", solve, *args).mlir_module())
+  assert len(kernel_operands) == 1
+  assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]
 
 
 @pytest.mark.parametrize("chunk, key_dim, value_dim, precision", [

@@ -13,7 +13,7 @@ from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.operator import operator_class
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.params import lowering_for
-from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve, unsupported_reason, use_hopper_solve
+from pallas_kernels.mesa_cg.solve_hopper import fuses_read, hopper_cg_solve, unsupported_reason, use_hopper_solve
 from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
 
 HIGHEST, DEFAULT = lax.Precision.HIGHEST, lax.Precision.DEFAULT
@@ -104,6 +104,39 @@ def test_chunks_of_32_in_pairs():
   triton, _ = chunked_cg_solve(*args, cg_steps=4, cg_init="jacobi", precision=HIGHEST)
   np.testing.assert_array_equal(steps, np.full(args[0].shape[:-1], 4))
   assert max_abs(x, triton) <= TOLERANCE[HIGHEST] * scale(triton)
+
+
+@pytest.mark.parametrize("chunk, chunks, key_dim, value_dim, cg_tol", [
+    (64, 2, 64, 128, None),  # two chunks: the second reads a nonzero start state
+    (32, 3, 64, 64, 1e-3),  # pairs of chunks of 32 (the second program starts at boundary 2), counted steps
+])
+@pytest.mark.slow
+def test_read_from_x_on_chip_equals_the_causal_read(chunk, chunks, key_dim, value_dim, cg_tol):
+  """read=(V, S_kv): the same x and steps as without it, and o = the causal read of that x (the XLA operator's output
+  stage in f32), to one fp16 pass's rounding."""
+  q, k, v, g, beta, lam, state = random_inputs(1, chunks * chunk, 2, key_dim, value_dim, with_state=True, seed=5)
+  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, chunks, chunk, *x.shape[3:])
+  q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
+  log_decay = jnp.cumsum(g, axis=-1)
+  op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
+  args = (q, k, log_decay, beta, lam, op.states.kk_t)
+  solve = lambda **read: hopper_cg_solve(*args, cg_steps=4, cg_init="jacobi", cg_tol=cg_tol, precision=DEFAULT,
+                                         **read)
+  x, o, steps = solve(read=(v, op.states.kv))
+  x_alone, steps_alone = solve()
+  np.testing.assert_array_equal(x, x_alone)
+  np.testing.assert_array_equal(steps, steps_alone)
+  expected = op.output(x)
+  assert max_abs(o, expected) <= TOLERANCE[DEFAULT] * scale(expected)
+
+
+def test_read_refused_where_it_does_not_fit():
+  args, _ = problem(64, 64)
+  values = jnp.zeros(args[0].shape[:-1] + (32,))
+  states_kv = jnp.zeros(args[-1].shape[:-1] + (32,))
+  assert fuses_read(128, DEFAULT) and not fuses_read(128, HIGHEST) and not fuses_read(32, DEFAULT)
+  with pytest.raises(ValueError, match="Dv=32"):
+    hopper_cg_solve(*args, cg_steps=1, cg_init="zero", precision=DEFAULT, read=(values, states_kv))
 
 
 @pytest.mark.parametrize("decay_bias, big_state", [

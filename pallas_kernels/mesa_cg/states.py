@@ -4,8 +4,9 @@
 
 One program per (batch·head, block of the key dim, block of the value dim) walks the chunks in a loop with its
 carry tile on-chip (f32, or f64 for f64 inputs) and writes it at every boundary: the rows and columns of the carry
-are independent, so tiling both only adds programs to a scan that is sequential over chunks. The forward states (w = e^{G_last − G} β, a = k, b = k or v)
-and the backward's state gradients (w = ∓e^G, reversed) are this one scan, as `chunked._scan_chunks` is for XLA.
+are independent, so tiling both only adds programs to a scan that is sequential over chunks. The forward states
+(w = e^{G_last − G} β, a = k, b = k or v) and the backward's state gradients (w = ∓e^G, reversed) are this one scan,
+as `chunked._scan_chunks` is for XLA.
 A program's blocks hold its whole sequence (a, b: T×block; the N+1 states: N·block×block), which bounds T on TPU by
 VMEM.
 """

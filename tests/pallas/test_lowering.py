@@ -54,6 +54,7 @@ def test_hopper_kernels_are_dispatched_on_sm90(chunk_size, mosaic_kernels):
   assert triton_kernels == set(KERNELS) - mosaic_kernels, triton_kernels
 
 
+@pytest.mark.slow  # two exports of forward + backward, ~19 s on one core
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 def test_forward_read_comes_out_of_the_hopper_solve_at_one_pass():
   """At "default" (one fp16 pass) on an (abstract) H200 the forward's o is made by the Hopper solve: the causal-read

@@ -131,9 +131,9 @@ def test_read_from_x_on_chip_equals_the_causal_read(chunk, chunks, key_dim, valu
 
 
 def test_read_refused_where_it_does_not_fit():
-  args, _ = problem(64, 64)
-  values = jnp.zeros(args[0].shape[:-1] + (32,))
-  states_kv = jnp.zeros(args[-1].shape[:-1] + (32,))
+  rows = lambda *shape: jnp.zeros((1, 2, 1, 64, *shape))  # refused before anything is traced: zeros will do
+  args = (rows(64), rows(64), rows(), rows(), jnp.ones((2, 64)), jnp.zeros((1, 2, 2, 64, 64)))
+  values, states_kv = rows(32), jnp.zeros((1, 2, 2, 64, 32))
   assert fuses_read(128, DEFAULT) and not fuses_read(128, HIGHEST) and not fuses_read(32, DEFAULT)
   with pytest.raises(ValueError, match="Dv=32"):
     hopper_cg_solve(*args, cg_steps=1, cg_init="zero", precision=DEFAULT, read=(values, states_kv))

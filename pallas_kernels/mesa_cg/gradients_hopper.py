@@ -19,12 +19,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
-    per_col, per_row, split_passes, stage_scaled, staged_lhs)
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, per_col, per_row,
+    split_passes, stage_scaled, staged_lhs, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 SHARED_MEMORY = 227 * 1024  # bytes a CTA may take on sm_90
@@ -67,7 +66,6 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
   gradients after the rows [Dk, Dk] (D_kkᵀ) and [Dk, Dv] (D_kv): boundary m + 1 of the whole boundary arrays, read in
   place (a slice [1:] outside would copy both). Writes dk [64, Dk], dv [64, Dv], dβ [64]."""
   bh, m = lax.axis_index("bh"), lax.axis_index("chunk")
-  pairs = pass_pairs(passes)
   dkk_t_parts, dk_smem = kk_union
   dkv_parts, dv_smem = kv_union
   load = lambda ref: plgpu.load(ref.at[bh, m], layout=WGMMA, optimized=False)  # a [64, D] row block
@@ -80,14 +78,6 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
           (do_gmem, m, do_parts)))
   plgpu.commit_smem()
 
-  def tensor_cores(terms, shape):  # Σ lhs @ rhs over the terms: (left parts, right parts as a function of the part)
-    def round_(acc):
-      for lhs, rhs in terms:
-        for a, b in pairs:
-          plgpu.wgmma(acc, lhs[a], rhs(b))
-      return acc[...]
-    return pl.run_scoped(round_, plgpu.ACC(shape, jnp.float32))
-
   square = (ROWS, ROWS)
   keep = (plgpu.broadcasted_iota(jnp.int32, square, 0, layout=WGMMA)
           <= plgpu.broadcasted_iota(jnp.int32, square, 1, layout=WGMMA))
@@ -99,9 +89,9 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
   sigma_k, sigma_v = max_abs(k), max_abs(v)
   k_hat = staged_lhs(k * (TOP / sigma_k), passes, lhs_k)
   v_hat = staged_lhs(v * (TOP / sigma_v), passes, lhs_v)
-  k_y = tensor_cores([(k_hat, lambda b: y_parts.at[b].T)], square) * (sigma_k * sigma_y / TOP ** 2)
-  k_x = tensor_cores([(k_hat, lambda b: x_parts.at[b].T)], square) * (sigma_k * sigma_x / TOP ** 2)
-  v_do = tensor_cores([(v_hat, lambda b: do_parts.at[b].T)], square) * (sigma_v * sigma_do / TOP ** 2)
+  k_y = wgmma_sum([(k_hat, lambda b: y_parts.at[b].T)], square, passes) * (sigma_k * sigma_y / TOP ** 2)
+  k_x = wgmma_sum([(k_hat, lambda b: x_parts.at[b].T)], square, passes) * (sigma_k * sigma_x / TOP ** 2)
+  v_do = wgmma_sum([(v_hat, lambda b: do_parts.at[b].T)], square, passes) * (sigma_v * sigma_do / TOP ** 2)
   q = (v_do - k_y) * mask_t
   s = k_x * mask_t
   sigma_q, sigma_s = max_abs(q), max_abs(s)
@@ -116,7 +106,7 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
     factor · left @ right, each left operand staged times its factor over the largest."""
     largest = functools.reduce(jnp.maximum, [factor for _, _, factor, _ in terms])
     staged = [(staged_lhs(lhs * (factor / largest), passes, ref), rhs) for lhs, ref, factor, rhs in terms]
-    return tensor_cores(staged, shape) * largest
+    return wgmma_sum(staged, shape, passes) * largest
 
   key_dim, value_dim = k.shape[1], v.shape[1]
   z = scaled_round([(k_end, lhs_k, sigma_k * sigma_kk / TOP ** 2, lambda b: dkk_t_parts.at[b].T),

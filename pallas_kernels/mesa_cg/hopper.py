@@ -89,6 +89,17 @@ def pass_pairs(passes: int):
   return [(0, 0)] if passes == 1 else [(0, 0), (1, 0), (0, 1)]
 
 
+def wgmma_sum(terms, shape, passes: int):
+  """Σ lhs @ rhs over the terms and the fp16 pass pairs, in a fresh f32 accumulator of `shape`. terms: (left
+  operand's parts, in registers or staged; right operand's staged part as a function of the part index)."""
+  def round_(acc):
+    for lhs, rhs in terms:
+      for a, b in pass_pairs(passes):
+        plgpu.wgmma(acc, lhs[a], rhs(b))
+    return acc[...]
+  return pl.run_scoped(round_, plgpu.ACC(shape, jnp.float32))
+
+
 def max_abs(x):
   """max |x| over a whole [64, D] array, floored at SMALLEST_SCALE (a scalar)."""
   return jnp.maximum(jnp.max(jnp.max(jnp.abs(x), axis=1)), SMALLEST_SCALE)

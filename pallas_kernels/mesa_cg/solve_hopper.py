@@ -36,7 +36,7 @@ from mesanet_jax.ops.inputs import initial_guess
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
     COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
-    per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts)
+    per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
@@ -192,20 +192,13 @@ def _kernel(*refs, cg_steps: int, cg_init: str, cg_tol: float | None, passes: in
   x_parts = staged_lhs(x * per_row(TOP / sigma_x, x.shape), passes, lhs_smem)
   out = (ROWS, value_dim)
 
-  def product(lhs_parts, rhs_part, shape):  # Σ over the fp16 pass pairs, rhs_part(b) a staged operand
-    def round_(acc):
-      for a, b in pairs:
-        plgpu.wgmma(acc, lhs_parts[a], rhs_part(b))
-      return acc[...]
-    return pl.run_scoped(round_, plgpu.ACC(shape, jnp.float32))
-
-  scores = product(x_parts, lambda b: k_parts.at[b].T, shape)
-  state_term = product(x_parts, lambda b: kv_parts.at[b], out)
+  scores = wgmma_sum([(x_parts, lambda b: k_parts.at[b].T)], shape, passes)
+  state_term = wgmma_sum([(x_parts, lambda b: kv_parts.at[b])], out, passes)
   mask, log_decay_t = causal_mask()  # again: kept through the CG loop, M would take 32 registers a thread
   z = scores * mask
   sigma_z = jnp.maximum(jnp.max(jnp.abs(z), axis=1), SMALLEST_SCALE)
   z_parts = staged_lhs(z * per_row(TOP / sigma_z, shape), passes, z_smem)
-  intra_term = product(z_parts, lambda b: v_parts.at[b], out)
+  intra_term = wgmma_sum([(z_parts, lambda b: v_parts.at[b])], out, passes)
   state_scale = jnp.exp(log_decay_t) * (sigma_x / TOP) * (sigma_kv / TOP)
   intra_scale = ((sigma_z / TOP) * (sigma_x / TOP)) * ((sigma_v / TOP) * (sigma_k / TOP))
   o_smem[...] = state_term * per_row(state_scale, out) + intra_term * per_row(intra_scale, out)  # S̃_kv read
@@ -248,7 +241,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     # A_t (and the read) depends on the tokens before t alone: a pair runs on its first chunk's start state.
     by_token, log_decay = _pair_chunks(by_token, log_decay)
     state_stride = 2
-  rhs, k, beta, *values = by_token
+  rhs, k, beta, *value_rows = by_token  # value_rows: [V] with the read, else []
   programs = rhs.shape[2]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
   # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
@@ -281,7 +274,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   start_states = states_kk_t[:, :, 0:state_stride * programs:state_stride]  # read by the gather alone, not copied
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
                         jnp.diagonal(start_states, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
-  read_operands = [flat(values[0]), flat(states_kv.astype(jnp.float32))] if read is not None else []
+  read_operands = [flat(value_rows[0]), flat(states_kv.astype(jnp.float32))] if read is not None else []
   x, *outputs = kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t), *read_operands)
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
   steps = unpair(outputs[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)

@@ -208,6 +208,7 @@ def sweep_state_scans(args):
   batch, heads, _, _, dim = k.shape
   zeros = lambda width: jnp.zeros((batch, heads, dim, width), jnp.float32)
   precision = jax.lax.Precision(FLAGS.matmul_precision)
+  moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)["chunk states"]
   reference = None
   for entry in FLAGS.sweep_states.split(","):
     rows, block, warps, stages = (int(field) or None for field in entry.split(":"))
@@ -222,7 +223,6 @@ def sweep_state_scans(args):
     states = scans(k, v, to_end, chunk_decay)
     reference = reference or states
     error = max(rel_diff(a, b) for a, b in zip(states, reference))
-    moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)["chunk states"]
     print(f"state scans rows:block:warps:stages={entry:<12} {ms:8.3f} ms {moved / ms / 1e6:7.0f} GB/s "
           f"(vs first: {error:.1e})", flush=True)
 

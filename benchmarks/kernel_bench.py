@@ -29,14 +29,15 @@ from benchmarks.ops_bench import (cg_steps_used, cg_tol, exact_forward_and_backw
 from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
 from mesanet_jax.ops.operator import operator_class
-from mesanet_jax.ops.inputs import zero_state
+from mesanet_jax.ops.inputs import CGOptions, zero_state
 from pallas_kernels.mesa_cg import chunk_states, chunked_cg_solve
 from pallas_kernels.mesa_cg.chunk import SplitDot
 
-flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision[:cg_tol][:save] entries timed side by side, "
-                    "e.g. xla:64:highest,pallas:64:highest,pallas:32:default:1e-4:save (empty: xla and pallas at the "
-                    "flags' setting; no tol: --cg_tol; save: the backward reuses the forward's chunk states); "
-                    "agreement is reported against the first")
+flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision[:cg_tol][:save][:pcg] entries timed side by "
+                    "side, e.g. xla:64:highest,pallas:64:highest,pallas:32:default:1e-4:save (empty: xla and pallas "
+                    "at the flags' setting; no tol: --cg_tol; save: the backward reuses the forward's chunk states; "
+                    "pcg: CG preconditioned by diag(A), else --cg_preconditioner); agreement is reported against "
+                    "the first")
 flags.DEFINE_bool("fla", True, "also time flash-linear-attention's chunk_mesa_net if it imports")
 flags.DEFINE_bool("stages", True, "also time every stage of the operator alone, XLA next to Pallas")
 flags.DEFINE_string("sweep_chunks", "", "chunk sizes for a sweep of the solve kernel alone (empty: no sweep)")
@@ -126,6 +127,7 @@ def stage_times(args, impl):
                                                                     (q, q, q, v)))
   state = zero_state(batch, heads, dim, v.shape[-1])
   precision = jax.lax.Precision(FLAGS.matmul_precision)
+  cg = CGOptions(FLAGS.cg_steps, FLAGS.cg_init, cg_tol(), FLAGS.cg_preconditioner)
   build = jax.jit(lambda *a: operator_class(impl).build(*a, precision))
 
   @jax.jit
@@ -142,9 +144,8 @@ def stage_times(args, impl):
     return {}
   stages = {
       "chunk states": (computed_by_build, k, v, log_decay, beta, lam, state),
-      "solve": (jax.jit(lambda op, rhs: op.solve(rhs, FLAGS.cg_steps, FLAGS.cg_init, cg_tol())), op, q),
-      "solve_and_output": (jax.jit(lambda op, rhs: op.solve_and_output(rhs, FLAGS.cg_steps, FLAGS.cg_init,
-                                                                       cg_tol())), op, q),
+      "solve": (jax.jit(lambda op, rhs: op.solve(rhs, cg)), op, q),
+      "solve_and_output": (jax.jit(lambda op, rhs: op.solve_and_output(rhs, cg)), op, q),
       "output read": (jax.jit(lambda op, x: op.output(x)), op, x),
       "adjoint rhs read": (jax.jit(lambda op, do: op.adjoint_rhs(do)), op, do),
       "state-gradient scans": (state_gradients, op, x, y, do, state),
@@ -200,31 +201,39 @@ def sweep_solve_kernel(args, tokens):
 
 
 def sweep_state_scans(args):
-  """Times the forward's two chunk-state scans (H_kkᵀ and H_kv, as `PallasOperator.build` runs them) per program
-  tiling and Triton setting; every setting's states must equal the kernel defaults' (the tiling changes no sum)."""
-  _, k, v, log_decay, beta, _ = chunk_major(args, FLAGS.chunk_size)
+  """Times the forward's two chunk-state scans (H_kkᵀ and H_kv, as `PallasOperator.build` runs them) and the
+  backward's two reversed ones (`PallasOperator.state_gradients`: x with y and with do; q and v stand in for them,
+  the shapes and dtypes are the backward's) per program tiling and Triton setting; every setting's states must equal
+  the first entry's (the tiling changes no sum)."""
+  q, k, v, log_decay, beta, _ = chunk_major(args, FLAGS.chunk_size)
   to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
+  decay = jnp.exp(log_decay)
   chunk_decay = jnp.exp(log_decay[..., -1])
   batch, heads, _, _, dim = k.shape
   zeros = lambda width: jnp.zeros((batch, heads, dim, width), jnp.float32)
   precision = jax.lax.Precision(FLAGS.matmul_precision)
-  moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)["chunk states"]
-  reference = None
+  moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)
+  operands = {"forward": ((k, k, to_end), (k, v, to_end)), "reversed": ((q, k, -decay), (q, v, decay))}
+  stage = {"forward": "chunk states", "reversed": "state-gradient scans"}
+  references = {}
   for entry in FLAGS.sweep_states.split(","):
     rows, block, warps, stages = (int(field) or None for field in entry.split(":"))
-    scans = jax.jit(lambda k, v, to_end, chunk_decay: tuple(
-        chunk_states(k, b, to_end, chunk_decay, zeros(b.shape[-1]), precision=precision, row_block=rows, block=block,
-                     num_warps=warps, num_stages=stages) for b in (k, v)))
-    try:
-      ms = time_ms(scans, k, v, to_end, chunk_decay)
-    except jax.errors.JaxRuntimeError as error:
-      failed(f"state scans {entry}", error)
-      continue
-    states = scans(k, v, to_end, chunk_decay)
-    reference = reference or states
-    error = max(rel_diff(a, b) for a, b in zip(states, reference))
-    print(f"state scans rows:block:warps:stages={entry:<12} {ms:8.3f} ms {moved / ms / 1e6:7.0f} GB/s "
-          f"(vs first: {error:.1e})", flush=True)
+    for direction, pairs in operands.items():
+      scans = jax.jit(functools.partial(
+          lambda pairs, chunk_decay, reverse: tuple(
+              chunk_states(a, b, weights, chunk_decay, zeros(b.shape[-1]), reverse=reverse, precision=precision,
+                           row_block=rows, block=block, num_warps=warps, num_stages=stages)
+              for a, b, weights in pairs), reverse=direction == "reversed"))
+      try:
+        ms = time_ms(scans, pairs, chunk_decay)
+      except jax.errors.JaxRuntimeError as error:
+        failed(f"{direction} state scans {entry}", error)
+        continue
+      states = scans(pairs, chunk_decay)
+      reference = references.setdefault(direction, states)
+      error = max(rel_diff(a, b) for a, b in zip(states, reference))
+      print(f"{direction:>8} state scans rows:block:warps:stages={entry:<12} {ms:8.3f} ms "
+            f"{moved[stage[direction]] / ms / 1e6:7.0f} GB/s (vs first: {error:.1e})", flush=True)
 
 
 def time_fla(args, w):
@@ -266,17 +275,19 @@ def time_fla(args, w):
 
 
 def parse_variants(text):
-  """"impl:chunk:precision[:tol][:save],..." -> [(impl, chunk_size, matmul_precision, cg_tol or None, save_states)]
-  (tol 0: fixed --cg_steps whatever --cg_tol says; "save": `mesa_chunked(save_states=True)`); empty: the flags' own
-  setting, xla and pallas."""
+  """"impl:chunk:precision[:tol][:save][:pcg],..." -> [(impl, chunk_size, matmul_precision, cg_tol or None,
+  save_states, cg_preconditioner)] (tol 0: fixed --cg_steps whatever --cg_tol says; "save":
+  `mesa_chunked(save_states=True)`; "pcg": cg_preconditioner="jacobi", else --cg_preconditioner); empty: the flags'
+  own setting, xla and pallas."""
   if not text:
-    return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision, cg_tol(), False) for impl in ("xla", "pallas")]
+    return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision, cg_tol(), False, FLAGS.cg_preconditioner)
+            for impl in ("xla", "pallas")]
   variants = []
   for entry in text.split(","):
     impl, chunk, precision, *rest = entry.split(":")
-    save = "save" in rest
-    tol = [field for field in rest if field != "save"]
-    variants.append((impl, int(chunk), precision, (float(tol[0]) or None) if tol else cg_tol(), save))
+    tol = [field for field in rest if field not in ("save", "pcg")]
+    variants.append((impl, int(chunk), precision, (float(tol[0]) or None) if tol else cg_tol(), "save" in rest,
+                     "jacobi" if "pcg" in rest else FLAGS.cg_preconditioner))
   return variants
 
 
@@ -284,10 +295,12 @@ def main(argv):
   del argv
   args, w, tokens, flops = setup_from_flags()
   results = {}
-  for impl, chunk_size, precision, tol, save in parse_variants(FLAGS.variants):
-    name = f"{impl} C={chunk_size} {precision}" + (f" tol={tol:g}" if tol else "") + (" saved" if save else "")
+  for impl, chunk_size, precision, tol, save, preconditioner in parse_variants(FLAGS.variants):
+    name = (f"{impl} C={chunk_size} {precision}" + (f" tol={tol:g}" if tol else "") + (" saved" if save else "")
+            + (" pcg" if preconditioner == "jacobi" else ""))
     op = functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=FLAGS.cg_steps, cg_tol=tol, impl=impl,
-                           cg_init=FLAGS.cg_init, matmul_precision=precision, save_states=save)
+                           cg_init=FLAGS.cg_init, cg_preconditioner=preconditioner, matmul_precision=precision,
+                           save_states=save)
     fwd, fwd_bwd = jax.jit(op), forward_and_backward(op)
     try:
       fwd_ms, fwd_bwd_ms = time_ms(fwd, *args), time_ms(fwd_bwd, w, *args)

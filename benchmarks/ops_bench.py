@@ -26,6 +26,8 @@ _CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps, forward and adjoint"
 _CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each forward and adjoint system once ‖r‖ ≤ tol·‖r₀‖, at most "
                              "--cg_steps steps (0: fixed --cg_steps)")
 _CG_INIT = flags.DEFINE_enum("cg_init", "jacobi", ["jacobi", "zero"], "CG initial guess")
+_CG_PRECONDITIONER = flags.DEFINE_enum("cg_preconditioner", "none", ["none", "jacobi"],
+                                       "plain CG, or CG preconditioned by diag(A_t)")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"],
                                 "precision of the chunked op's matmuls (default = TF32 on GPU)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of q, k, v")
@@ -142,7 +144,7 @@ def setup_from_flags():
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; inputs: "
         f"{_INPUTS.value or 'random'}")
   print(f"shape: B={batch} T={length} H={heads} Dk=Dv={dim} C={_CHUNK.value} cg_steps={_CG_STEPS.value} "
-        f"cg_tol={cg_tol()} cg_init={_CG_INIT.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
+        f"cg_tol={cg_tol()} cg_init={_CG_INIT.value} cg_preconditioner={_CG_PRECONDITIONER.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
   return args, w, batch * length, flops
 
 
@@ -150,7 +152,8 @@ def main(argv):
   del argv
   args, w, tokens, flops = setup_from_flags()
   chunked = functools.partial(mesa_chunked, chunk_size=_CHUNK.value, cg_steps=_CG_STEPS.value, cg_tol=cg_tol(),
-                              cg_init=_CG_INIT.value, matmul_precision=_PRECISION.value)
+                              cg_init=_CG_INIT.value, cg_preconditioner=_CG_PRECONDITIONER.value,
+                              matmul_precision=_PRECISION.value)
   chunked_fwd, chunked_fwd_bwd = jax.jit(chunked), forward_and_backward(chunked)
   adaptive = cg_tol() is not None  # flops count --cg_steps per solve: with a tolerance TFLOP/s would overstate
   report("chunked (xla) forward", time_ms(chunked_fwd, *args), tokens, None if adaptive else flops())

@@ -44,8 +44,10 @@ class MesaConfig:
   once ‖r‖ ≤ decode_tol·‖r₀‖ (at most cg_steps_decode steps); the paper's ε = 1e-4 by default (teacher-forced on a
   trained model: ΔNLL 2e-7 against 30 fixed steps at ~4 steps per token, benchmarks/RESULTS.md); None: fixed steps.
   cg_tol: None for exactly cg_steps_train steps in training; else each forward and adjoint system stops once
-  ‖r‖ ≤ cg_tol·‖r₀‖ (at most cg_steps_train steps). save_states: the backward reuses the forward's chunk states
-  instead of computing them again (`mesa_chunked`'s save_states: more memory, less time)."""
+  ‖r‖ ≤ cg_tol·‖r₀‖ (at most cg_steps_train steps). cg_preconditioner: training's and prefill's CG, "none" (plain,
+  the paper's) or "jacobi" (preconditioned by diag(A_t): fewer steps where the diagonal spreads; decoding runs plain
+  CG). save_states: the backward reuses the forward's chunk states instead of computing them again
+  (`mesa_chunked`'s save_states: more memory, less time)."""
   num_heads: int = 6
   head_dim: int = 128
   conv_size: int = 4
@@ -60,6 +62,7 @@ class MesaConfig:
   impl: str = "auto"
   matmul_precision: str = "highest"
   cg_init: str = "jacobi"
+  cg_preconditioner: str = "none"
   save_states: bool = False
   decode_warm_start: bool = False
   use_output_gate: bool = False
@@ -148,7 +151,8 @@ class MesaLayer(RecurrentMixer):
 
     def op(q, k, v, g, beta, lam, state, probe):
       return mesa_chunked(q, k, v, g, beta, lam, state, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train,
-                          cg_tol=c.cg_tol, impl=c.impl, cg_init=c.cg_init, matmul_precision=c.matmul_precision,
+                          cg_tol=c.cg_tol, impl=c.impl, cg_init=c.cg_init, cg_preconditioner=c.cg_preconditioner,
+                          matmul_precision=c.matmul_precision,
                           cg_probe=probe, return_cg_steps=return_cg_steps, save_states=c.save_states)
     if state is None:
       state = self.zero_state(batch)

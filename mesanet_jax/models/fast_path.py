@@ -63,7 +63,7 @@ def describe(config) -> dict:
   m = config.mesa
   return {"backend": backend, "device_kind": device, "mesa_impl": m.impl, "mesa_chunk_size": m.chunk_size,
           "mesa_matmul_precision": m.matmul_precision, "mesa_cg_tol": m.cg_tol, "mesa_cg_steps": m.cg_steps_train,
-          "mesa_save_states": m.save_states}
+          "mesa_cg_preconditioner": m.cg_preconditioner, "mesa_save_states": m.save_states}
 
 
 def summary_line(config) -> str:
@@ -72,6 +72,8 @@ def summary_line(config) -> str:
   if "mesa" not in config.mixers:
     return f"Mesa path: none (no Mesa layers) on {d['backend']} ({d['device_kind']})"
   tol = "fixed steps" if d["mesa_cg_tol"] is None else f"cg_tol {d['mesa_cg_tol']:g}"
+  if d["mesa_cg_preconditioner"] != "none":
+    tol += f", {d['mesa_cg_preconditioner']}-preconditioned"
   return (f"Mesa path: impl={d['mesa_impl']} chunk_size={d['mesa_chunk_size']} "
           f"matmul_precision={d['mesa_matmul_precision']} {tol} (at most {d['mesa_cg_steps']} CG steps) on "
           f"{d['backend']} ({d['device_kind']}){', chunk states saved' if d['mesa_save_states'] else ''}")

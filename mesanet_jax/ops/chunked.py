@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from mesanet_jax.ops.cg_steps import step_stats
-from mesanet_jax.ops.inputs import (MesaState, check_cg_options, check_inputs, check_values, compute_dtype,
-                                    zero_state)
+from mesanet_jax.ops.inputs import (CGOptions, MesaState, check_cg_options, check_inputs, check_values,
+                                    compute_dtype, zero_state)
 from mesanet_jax.ops.operator import IMPLEMENTATIONS, operator_class
 
 IMPLS = tuple(IMPLEMENTATIONS)
@@ -25,9 +25,7 @@ PRECISIONS = ("highest", "high", "default")
 
 class _Static(NamedTuple):
   """The core's static arguments (hashable)."""
-  cg_steps: int
-  cg_init: str
-  cg_tol: float | None
+  cg: CGOptions
   precision: lax.Precision
   impl: str
   length: int  # T before padding: the steps statistics skip the padded tokens
@@ -36,7 +34,7 @@ class _Static(NamedTuple):
 
 def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
   op = operator_class(static.impl).build(k, v, log_decay, beta, lam, state, static.precision)
-  x, o, steps = op.solve_and_output(q, static.cg_steps, static.cg_init, static.cg_tol)
+  x, o, steps = op.solve_and_output(q, static.cg)
   forward_steps = step_stats(steps, static.length)
   operator = op if static.save_states else (k, v, log_decay, beta, lam, state)
   return (o, op.states.at(-1), forward_steps), (operator, probe, x, forward_steps)
@@ -54,7 +52,7 @@ def _core_backward(static: _Static, residuals, cotangents):
   do, d_final, _ = cotangents
   op = operator if static.save_states else operator_class(static.impl).build(*operator, static.precision)
   u = op.adjoint_rhs(do)
-  y, adjoint_steps = op.solve(u, static.cg_steps, static.cg_init, static.cg_tol)
+  y, adjoint_steps = op.solve(u, static.cg)
   d_states = op.state_gradients(x, y, do, d_final)
   dk, dv, d_log_decay, dbeta = op.token_gradients(x, y, do, u, d_states)
   dlam = -jnp.sum(y * x, axis=(0, 2, 3))
@@ -81,6 +79,7 @@ def mesa_chunked(
     cg_tol: float | None = None,
     impl: str = "xla",
     cg_init: str = "jacobi",
+    cg_preconditioner: str = "none",
     matmul_precision: str = "highest",
     cg_probe: jax.Array | None = None,
     return_cg_steps: bool = False,
@@ -99,6 +98,9 @@ def mesa_chunked(
       gradient accumulation) runs as a Pallas kernel (Triton on GPU, Mosaic on TPU, interpret mode on CPU); needs
       C, Dk, Dv powers of two >= 16.
     cg_init: "jacobi" (x0 = q / diag(A_t), the paper's choice) or "zero" (flash-linear-attention's training kernels).
+    cg_preconditioner: "none" (plain CG, the paper's and fla's) or "jacobi" (CG preconditioned by diag(A_t): the same
+      solution, fewer steps where A_t's diagonal varies, e.g. λ or key scales spread over the dims; the stopping rule
+      still reads ‖r‖).
     matmul_precision: `lax.Precision` name of every matmul: "highest" keeps them f32 as the paper does; "default"
       lets XLA use TF32 on GPU and bf16 passes on TPU (faster, ~1e-3 relative error).
     cg_probe: optional zeros, f32 [B, H, 4], never read: the gradient of a loss w.r.t. it is the CG steps taken per
@@ -116,7 +118,7 @@ def mesa_chunked(
   """
   batch, length, heads, key_dim, value_dim = check_inputs(q, k, v, g, beta, lam, state, per_token=True)
   check_values(q=q, k=k, v=v, g=g, beta=beta, lam=lam, **({} if state is None else state._asdict()))
-  check_cg_options(cg_steps, cg_init, cg_tol, tol_name="cg_tol")
+  check_cg_options(cg_steps, cg_init, cg_tol, tol_name="cg_tol", preconditioner=cg_preconditioner)
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   if impl not in IMPLS:
@@ -143,8 +145,8 @@ def mesa_chunked(
     x = jnp.moveaxis(x, 2, 1)
     return x.reshape(batch, heads, num_chunks, chunk_size, *x.shape[3:])
 
-  static = _Static(cg_steps, cg_init, None if cg_tol is None else float(cg_tol), lax.Precision(matmul_precision),
-                   impl, length, save_states)
+  cg = CGOptions(cg_steps, cg_init, None if cg_tol is None else float(cg_tol), cg_preconditioner)
+  static = _Static(cg, lax.Precision(matmul_precision), impl, length, save_states)
   log_decay = jnp.cumsum(to_chunks(g), axis=-1)
   o, final, forward_steps = _chunked_core(
       to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_probe, static)

@@ -14,8 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from mesanet_jax.ops.cg import conjugate_gradient
+
 CG_INITS = ("jacobi", "zero")
+CG_PRECONDITIONERS = ("none", "jacobi")
 _DIAGONAL_FLOOR = 1e-6
+
+
+class CGOptions(NamedTuple):
+  """How every solve of a chunked sequence runs (static and hashable; `check_cg_options` validates the fields)."""
+  steps: int  # CG steps of every solve (the cap when tol is set)
+  init: str = "jacobi"  # x0: "jacobi" (rhs / diag(A), the paper's) or "zero" (fla's training kernels)
+  tol: float | None = None  # None: exactly `steps`; else each system stops once ‖r‖ ≤ tol·‖r₀‖
+  preconditioner: str = "none"  # "none" (plain CG, the paper's) or "jacobi" (z = r / diag(A))
 
 
 class MesaState(NamedTuple):
@@ -123,13 +134,16 @@ def check_values(**arrays) -> None:
       raise ValueError(f"{name} must be {what}, got values in [{x.min():g}, {x.max():g}]")
 
 
-def check_cg_options(cg_steps: int, cg_init: str, tol: float | None = None, *, tol_name: str = "tol") -> None:
+def check_cg_options(cg_steps: int, cg_init: str, tol: float | None = None, *, tol_name: str = "tol",
+                     preconditioner: str = "none") -> None:
   if not isinstance(cg_steps, int) or cg_steps < 0:
     raise ValueError(f"cg_steps must be a non-negative int, got {cg_steps!r}")
   if cg_init not in CG_INITS:
     raise ValueError(f"cg_init must be one of {CG_INITS}, got {cg_init!r}")
   if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
     raise ValueError(f"{tol_name} must be a positive float or None, got {tol!r}")
+  if preconditioner not in CG_PRECONDITIONERS:
+    raise ValueError(f"cg_preconditioner must be one of {CG_PRECONDITIONERS}, got {preconditioner!r}")
 
 
 def initial_guess(rhs: jax.Array, diagonal: jax.Array, cg_init: str) -> jax.Array:
@@ -138,3 +152,21 @@ def initial_guess(rhs: jax.Array, diagonal: jax.Array, cg_init: str) -> jax.Arra
     return jnp.zeros_like(rhs)
   # diag(A) ≥ λ > 0 for valid input; the floor only keeps invalid input (λ = 0 with an empty state) finite.
   return rhs / jnp.maximum(diagonal, _DIAGONAL_FLOOR)
+
+
+def inverse_diagonal(diagonal: jax.Array) -> jax.Array:
+  """1 / diag(A), floored as `initial_guess`'s: Jacobi's preconditioner M⁻¹."""
+  return 1 / jnp.maximum(diagonal, _DIAGONAL_FLOOR)
+
+
+def solve_from_diagonal(matvec, rhs: jax.Array, diagonal: jax.Array, options: CGOptions,
+                        preconditioner=None) -> tuple[jax.Array, jax.Array]:
+  """`cg.conjugate_gradient` as `options` say, given diag(A) (same shape as rhs): the start from `initial_guess`,
+  Jacobi's preconditioner r ↦ r / diag(A) if asked (`preconditioner` overrides how it is applied, e.g. a kernel's
+  r ↦ r · (1 / diag(A) kept in shared memory)). Returns x and the steps each row took."""
+  if options.preconditioner == "jacobi" and preconditioner is None:
+    inverse = inverse_diagonal(diagonal)
+    preconditioner = lambda r: r * inverse
+  return conjugate_gradient(matvec, rhs, initial_guess(rhs, diagonal, options.init), steps=options.steps,
+                            tol=options.tol, preconditioner=preconditioner if options.preconditioner == "jacobi"
+                            else None)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mesanet_jax.ops.inputs import MesaState
+from mesanet_jax.ops.inputs import CGOptions, MesaState
 
 # impl name -> the module whose import registers its operator class.
 IMPLEMENTATIONS = {"xla": "mesanet_jax.ops.xla_operator", "pallas": "pallas_kernels.mesa_cg"}
@@ -51,9 +51,9 @@ class ChunkedSequence:
   states: BoundaryStates
   precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
 
-  def solve_and_output(self, rhs: jax.Array, cg_steps: int, cg_init: str, cg_tol: float | None):
+  def solve_and_output(self, rhs: jax.Array, cg: CGOptions):
     """The forward's x, o and steps: `solve`, then `output` (an implementation may make o inside its solve)."""
-    x, steps = self.solve(rhs, cg_steps, cg_init, cg_tol)
+    x, steps = self.solve(rhs, cg)
     return x, self.output(x), steps
 
 
@@ -87,16 +87,16 @@ class ChunkedOperator(Protocol):
     (`jax.Device.device_kind`) for these head sizes and matmul precision (benchmarks/RESULTS.md), or None where it
     has not been measured; `models/fast_path.py` picks it for impl="auto"."""
 
-  def solve(self, rhs: jax.Array, cg_steps: int, cg_init: str, cg_tol: float | None) -> tuple[jax.Array, jax.Array]:
-    """x_t = A_t⁻¹ rhs_t for every row by `mesanet_jax.ops.cg.conjugate_gradient`: at most cg_steps steps, each
-    row stopping once ‖r‖ ≤ cg_tol·‖r₀‖ (None: exactly cg_steps). Returns x [B, H, N, C, Dk] and the steps each
-    row took, int32 [B, H, N, C]."""
+  def solve(self, rhs: jax.Array, cg: CGOptions) -> tuple[jax.Array, jax.Array]:
+    """x_t = A_t⁻¹ rhs_t for every row by `mesanet_jax.ops.cg.conjugate_gradient` as `cg` says (`inputs.
+    solve_from_diagonal`): at most cg.steps steps, each row stopping once ‖r‖ ≤ cg.tol·‖r₀‖ (None: exactly
+    cg.steps), from cg.init's start, preconditioned as cg.preconditioner. Returns x [B, H, N, C, Dk] and the steps
+    each row took, int32 [B, H, N, C]."""
 
   def output(self, x: jax.Array) -> jax.Array:
     """o_t = H_kv[t]ᵀ x_t, [B, H, N, C, Dv]."""
 
-  def solve_and_output(self, rhs: jax.Array, cg_steps: int, cg_init: str,
-                       cg_tol: float | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def solve_and_output(self, rhs: jax.Array, cg: CGOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`solve` and `output` of its x: x, o and the steps (`ChunkedSequence` provides it as the two stages)."""
 
   def adjoint_rhs(self, do: jax.Array) -> jax.Array:

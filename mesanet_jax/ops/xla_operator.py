@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mesanet_jax.ops.cg import conjugate_gradient, rowdot
-from mesanet_jax.ops.inputs import MesaState, initial_guess
+from mesanet_jax.ops.cg import rowdot
+from mesanet_jax.ops.inputs import CGOptions, MesaState, solve_from_diagonal
 from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, register
 
 
@@ -130,13 +130,14 @@ class XlaOperator(ChunkedSequence):
   def matvec(self, x):
     return self.read_kk(x) + self.lam[:, None, None, :] * x
 
-  def solve(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
+  def solve(self, rhs, cg: CGOptions):
     """x_t = A_t⁻¹ rhs_t for all rows by one CG (one loop over every row; it runs until the slowest row stops),
-    starting from the Jacobi guess or zero. Returns x and the steps each row took."""
+    starting from the Jacobi guess or zero, preconditioned by diag(A_t) or not. Returns x and the steps each row
+    took."""
     diag_states = jnp.diagonal(_starts(self.states.kk_t), axis1=-2, axis2=-1)[..., None, :]
     in_chunk = jnp.einsum("bhnts,bhnsd->bhntd", self.mask, self.k * self.k, precision=self.precision)
     diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + in_chunk + self.lam[:, None, None, :]
-    return conjugate_gradient(self.matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
+    return solve_from_diagonal(self.matvec, rhs, diagonal, cg)
 
   def output(self, x):
     return self.read(x, self.k, self.v, _starts(self.states.kv))

@@ -18,6 +18,7 @@ from ml_collections.config_dict import placeholder
 from mesanet_jax.models import fast_path
 from mesanet_jax.models.config import ARCHITECTURES, SIZES, LMConfig, fla_compatible, preset, remat_mode
 from mesanet_jax.ops.chunked import IMPLS, PRECISIONS
+from mesanet_jax.ops.inputs import CG_PRECONDITIONERS
 
 
 RUN_CONFIG = "config.json"
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
       cg_tol=placeholder(float),  # > 0: each forward and adjoint CG system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (at most
       # cg_steps); 0: fixed cg_steps
       matmul_precision=placeholder(str),  # Mesa's chunked matmuls: "highest" or "default" (TF32-class, faster on GPU)
+      cg_preconditioner=placeholder(str),  # training's CG: "none" (plain, the paper's) or "jacobi" (by diag(A_t))
       fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
       # what the backward pass recomputes instead of storing: none | mixer | mlp | full (LMConfig.remat; True/False
       # = full/none). "mlp": the SwiGLU activations, cheap to recompute (to confirm by benchmarks/train_step_bench.py)
@@ -92,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-OVERRIDES = ("vocab_size", "num_layers", "cg_steps", "chunk_size", "impl", "matmul_precision", "cg_tol")
+OVERRIDES = ("vocab_size", "num_layers", "cg_steps", "chunk_size", "impl", "matmul_precision", "cg_tol",
+             "cg_preconditioner")
 
 
 def lm_config(model, data_vocab: int | None = None) -> LMConfig:
@@ -110,6 +113,7 @@ def lm_config(model, data_vocab: int | None = None) -> LMConfig:
   mesa = fast_path.resolve_mesa(dataclasses.replace(lm.mesa, **set_only(impl=model.impl)))
   mesa = dataclasses.replace(mesa, **set_only(cg_steps_train=model.cg_steps, chunk_size=model.chunk_size,
                                               matmul_precision=model.matmul_precision,
+                                              cg_preconditioner=model.cg_preconditioner,
                                               save_states=model.save_mesa_states))
   if model.cg_tol is not None:  # 0: fixed steps
     mesa = dataclasses.replace(mesa, cg_tol=model.cg_tol or None)
@@ -200,7 +204,8 @@ def validate(c) -> None:
     raise ValueError(f"model.{e}") from None
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
-  for key, allowed in (("impl", (fast_path.AUTO, *IMPLS)), ("matmul_precision", PRECISIONS)):
+  for key, allowed in (("impl", (fast_path.AUTO, *IMPLS)), ("matmul_precision", PRECISIONS),
+                       ("cg_preconditioner", CG_PRECONDITIONERS)):
     if c.model[key] not in (None, *allowed):
       raise ValueError(f"model.{key} must be one of {allowed} (or unset: auto), got {c.model[key]!r}")
   for key in ("vocab_size", "num_layers", "cg_steps", "chunk_size"):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mesanet_jax.ops.cg import rowdot
-from mesanet_jax.ops.inputs import MesaState
+from mesanet_jax.ops.inputs import CGOptions, MesaState
 from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, register
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
 from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients, use_hopper_gradients
@@ -24,6 +24,11 @@ from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.solve_hopper import fuses_read, hopper_cg_solve, use_hopper_solve
 from pallas_kernels.mesa_cg.states import chunk_states
 
+
+
+def _kernel_options(cg: CGOptions) -> dict:
+  """The solve kernels' keyword arguments for `cg`."""
+  return dict(cg_steps=cg.steps, cg_init=cg.init, cg_tol=cg.tol, cg_preconditioner=cg.preconditioner)
 
 @register("pallas", "operator")
 @jax.tree_util.register_dataclass
@@ -58,23 +63,23 @@ class PallasOperator(ChunkedSequence):
   def _uses_hopper_solve(self, rhs) -> bool:
     return isinstance(self.precision, lax.Precision) and use_hopper_solve(rhs.shape[3], rhs.shape[4], rhs.dtype)
 
-  def solve(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
+  def solve(self, rhs, cg: CGOptions):
     """The Hopper (Mosaic GPU) solve on sm_90 where it takes the sizes (1.3-1.5x the Triton kernel's speed on an
     H200, benchmarks/RESULTS.md), else the Triton / Mosaic TPU / interpreted one."""
     solve = hopper_cg_solve if self._uses_hopper_solve(rhs) else chunked_cg_solve
-    return solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, cg_steps=cg_steps,
-                 cg_init=cg_init, cg_tol=cg_tol, precision=self.precision)
+    return solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, **_kernel_options(cg),
+                 precision=self.precision)
 
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)
 
-  def solve_and_output(self, rhs, cg_steps: int, cg_init: str, cg_tol: float | None):
+  def solve_and_output(self, rhs, cg: CGOptions):
     """The Hopper solve makes o from x on chip where it fuses the read (one fp16 pass, `solve_hopper.fuses_read`),
     instead of the read kernel loading x, k, v and the gates again; else solve, then the read kernel."""
     if not (self._uses_hopper_solve(rhs) and fuses_read(self.v.shape[-1], self.precision)):
-      return super().solve_and_output(rhs, cg_steps, cg_init, cg_tol)
-    return hopper_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, cg_steps=cg_steps,
-                           cg_init=cg_init, cg_tol=cg_tol, precision=self.precision, read=(self.v, self.states.kv))
+      return super().solve_and_output(rhs, cg)
+    return hopper_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t,
+                           **_kernel_options(cg), precision=self.precision, read=(self.v, self.states.kv))
 
   def adjoint_rhs(self, do):
     return causal_read(do, self.v, self.k, self.states.kv, self.log_decay, self.beta, transpose_states=True,

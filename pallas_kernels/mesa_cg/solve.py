@@ -14,14 +14,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mesanet_jax.ops.cg import conjugate_gradient
-from mesanet_jax.ops.inputs import initial_guess
+from mesanet_jax.ops.inputs import CGOptions, solve_from_diagonal
 from pallas_kernels.mesa_cg.chunk import causal_product, chunk_spec, decay_mask, dots, flat, gate_operands, gate_specs
 from pallas_kernels.mesa_cg.params import compiler_params, dot_precision, use_interpret
 
 
 def _solve_kernel(rhs_ref, k_ref, decay_col_ref, decay_row_ref, beta_row_ref, lam_ref, states_t_ref, x_ref, *steps_ref,
-                  cg_steps: int, cg_init: str, cg_tol: float | None, precision: lax.Precision):
+                  cg: CGOptions, precision: lax.Precision):
   """One chunk: rhs, k [C, Dk]; decay_col [C, 1] and decay_row, beta_row [1, C] (log-decay G and β as column and
   row, so no in-kernel transposes); lam [1, Dk]; states_t [Dk, Dk] = Sᵀ. Writes x [C, Dk] and, with a tolerance,
   the steps each row took [C, 1] (the loop ends once every row of the chunk has stopped)."""
@@ -38,14 +37,15 @@ def _solve_kernel(rhs_ref, k_ref, decay_col_ref, decay_row_ref, beta_row_ref, la
   eye = lax.broadcasted_iota(jnp.int32, (dk, dk), 0) == lax.broadcasted_iota(jnp.int32, (dk, dk), 1)
   state_diagonal = jnp.sum(jnp.where(eye, states_t, 0.0), axis=0, keepdims=True)
   diagonal = to_chunk_start * state_diagonal + mm.nn(mask, k * k) + lam
-  x, steps = conjugate_gradient(matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
+  x, steps = solve_from_diagonal(matvec, rhs, diagonal, cg)
   x_ref[...] = x.astype(x_ref.dtype)
   if steps_ref:
     steps_ref[0][...] = steps[:, None]
 
 
 def chunked_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
-                     cg_tol: float | None = None, precision: lax.Precision | lax.DotAlgorithmPreset,
+                     cg_tol: float | None = None, cg_preconditioner: str = "none",
+                     precision: lax.Precision | lax.DotAlgorithmPreset,
                      num_warps: int | None = None, num_stages: int = 1):
   """Solves (H_kk[t] + Λ) x_t = rhs_t for all tokens with a fused Pallas kernel.
 
@@ -53,13 +53,13 @@ def chunked_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int
   decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or more), Dk, Dk] the transposed chunk start
   states Sᵀ (entry n is read for chunk n, so the boundary states of `chunk_states` serve as they are).
   cg_tol: None for exactly cg_steps steps; else each row stops once ‖r‖ ≤ cg_tol·‖r₀‖ and a program's loop ends when
-  all of its chunk's rows have.
+  all of its chunk's rows have. cg_preconditioner: "none" or "jacobi" (`mesa_chunked`'s).
   precision: a lax.Precision, mapped per backend by `dot_precision`, or an explicit DotAlgorithmPreset.
   Returns x: [B, H, N, C, Dk] and the steps each row took, int32 [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = rhs.shape
   lam_rows = jnp.broadcast_to(lam[None, :, None, :], (batch, heads, 1, key_dim)).reshape(batch * heads, 1, key_dim)
-  kernel = functools.partial(_solve_kernel, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol,
+  kernel = functools.partial(_solve_kernel, cg=CGOptions(cg_steps, cg_init, cg_tol, cg_preconditioner),
                              precision=dot_precision(precision, rhs.dtype))
   rows = lambda width, dtype: jax.ShapeDtypeStruct((batch * heads, num_chunks, size, width), dtype)
   # With fixed steps every row takes cg_steps: the kernel then writes x only.

@@ -31,8 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mesanet_jax.ops.cg import conjugate_gradient
-from mesanet_jax.ops.inputs import initial_guess
+from mesanet_jax.ops.inputs import CGOptions, inverse_diagonal, solve_from_diagonal
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
     COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
@@ -62,25 +61,28 @@ def fuses_read(value_dim: int, precision) -> bool:
   return split_passes(precision) == 1 and value_dim in (64, 128)
 
 
-def _kernel(*refs, cg_steps: int, cg_init: str, cg_tol: float | None, passes: int, state_stride: int, read: bool):
+def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
   """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance; and,
   with `read`, the causal read o of x). The chunk's start states are entry state_stride · chunk of the boundary
   states, read in place (a slice outside would copy them all). With `staging` refs the wgmma left operands go through
   shared memory.
 
   refs: inputs rhs, k, gates, features, Sᵀ (and V, S_kv with `read`); outputs x (steps with a tolerance; o with
-  `read`); scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`; (K / σ_K)² with Jacobi), K̃,
-  W (a union with Ṽ's part with `read`), and the staged left operands if any."""
-  counted, jacobi = cg_tol is not None, cg_init == "jacobi"
+  `read`); scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`; (K / σ_K)² where diag(A)
+  is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's preconditioner, and the staged
+  left operands if any."""
+  counted, preconditioned = cg.tol is not None, cg.preconditioner == "jacobi"
+  needs_diagonal = cg.init == "jacobi" or preconditioned
   num_inputs = 7 if read else 5
   (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
   x_gmem, steps_gmem, o_gmem = refs[0], refs[1] if counted else None, refs[1 + counted] if read else None
   union, k_parts, weights, *staging = refs[1 + counted + read:]
+  inverse_smem = staging.pop(0) if preconditioned else None  # 1 / diag(A), [64, Dk] f32
   weights_smem, v_parts = weights if read else (weights, None)
   lhs_smem, z_smem = staging if staging else (None, None)
   st_parts, (x_smem, steps_smem), *rest = union
   kv_parts, o_smem = rest[:2] if read else (None, None)
-  k2_parts = rest[-1] if jacobi else None
+  k2_parts = rest[-1] if needs_diagonal else None
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
   key_dim, pairs = x_gmem.shape[-1], pass_pairs(passes)
   # λ per column (Dk / 4 registers a thread; ptxas spills it or not: read from shared memory in the loop instead, it
@@ -91,7 +93,7 @@ def _kernel(*refs, cg_steps: int, cg_init: str, cg_tol: float | None, passes: in
   sigma_k = max_abs(keys)
   keys = keys * (1.0 / sigma_k)
   store_parts(k_parts, keys * TOP, passes)  # K̃
-  if jacobi:
+  if needs_diagonal:
     store_parts(k2_parts, keys * keys * TOP, passes)
 
   shape = (ROWS, ROWS)
@@ -110,7 +112,7 @@ def _kernel(*refs, cg_steps: int, cg_init: str, cg_tol: float | None, passes: in
   plgpu.commit_smem()  # K̃ and (K / σ_K)² visible to the wgmma
 
   diagonal = None
-  if jacobi:  # diag(A_t)_i = e^{G_t} S_ii + Σ_s M_ts K_si² + λ_i, the middle term a product with (K / σ_K)²
+  if needs_diagonal:  # diag(A_t)_i = e^{G_t} S_ii + Σ_s M_ts K_si² + λ_i, the middle term a product with (K / σ_K)²
     scaled_mask = staged_lhs(mask * per_row(TOP / mask_max, shape), passes, z_smem)
 
     def squares(acc):
@@ -125,7 +127,7 @@ def _kernel(*refs, cg_steps: int, cg_init: str, cg_tol: float | None, passes: in
 
   # S̃ᵀ, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed).
   sigma_s = stage_scaled(states_gmem, (bh, n * state_stride), st_parts, passes)
-  if jacobi:
+  if needs_diagonal:
     state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=COL, optimized=False)
     diagonal = diagonal + per_row(jnp.exp(log_decay_t), diagonal.shape) * per_col(state_diagonal, diagonal.shape)
   plgpu.commit_smem()
@@ -165,8 +167,12 @@ def _kernel(*refs, cg_steps: int, cg_init: str, cg_tol: float | None, passes: in
     return (scaled * per_row(sigma_p * (inverse_tau / TOP ** 2), p.shape)
             + per_col(load_lam(), p.shape) * p)
 
+  preconditioner = None
+  if preconditioned:  # 1 / diag(A) in shared memory: in registers it would take another 64 a thread through the loop
+    inverse_smem[...] = inverse_diagonal(diagonal)
+    preconditioner = lambda r: r * plgpu.load(inverse_smem, layout=WGMMA)
   rhs = plgpu.load(rhs_gmem.at[bh, n], layout=WGMMA, optimized=False)  # [64, Dk]
-  x, steps = conjugate_gradient(matvec, rhs, initial_guess(rhs, diagonal, cg_init), steps=cg_steps, tol=cg_tol)
+  x, steps = solve_from_diagonal(matvec, rhs, diagonal, cg, preconditioner)
 
   x_smem[...] = x  # Sᵀ's memory: every wgmma has completed
   if counted:
@@ -208,13 +214,15 @@ def _kernel(*refs, cg_steps: int, cg_init: str, cg_tol: float | None, passes: in
 
 
 def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
-                    cg_tol: float | None = None, precision, lhs_in_registers: bool | None = None, read=None):
+                    cg_tol: float | None = None, cg_preconditioner: str = "none", precision,
+                    lhs_in_registers: bool | None = None, read=None):
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32; log_decay (within-chunk cumulative log
   decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or more), Dk, Dk] = Sᵀ (entry n for chunk n).
   cg_tol: None for exactly cg_steps steps; else each row stops once ‖r‖ ≤ cg_tol·‖r₀‖, and a chunk's loop ends when
-  its rows have. precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
+  its rows have. cg_preconditioner: "none" or "jacobi" (1 / diag(A) kept in shared memory, 32 KiB at Dk = 128).
+  precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
   lhs_in_registers: wgmma left operands in registers (default on GPU at one pass; three passes stage them in shared
   memory, which spills less; Mosaic GPU's interpreter takes them only from shared memory).
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
@@ -232,7 +240,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
                      f"and Dv={values.shape[-1]}")
   if lhs_in_registers is None:  # fastest on an H200 (RESULTS.md): registers at 1 pass, staged at 3 (fewer spills)
     lhs_in_registers = not use_interpret() and passes == 1
-  counted, jacobi = cg_tol is not None, cg_init == "jacobi"
+  cg = CGOptions(cg_steps, cg_init, cg_tol, cg_preconditioner)
+  counted, preconditioned = cg_tol is not None, cg_preconditioner == "jacobi"
   rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
   states_kk_t = states_kk_t.astype(jnp.float32)
   by_token = [rhs, k, beta] + ([values.astype(jnp.float32)] if read is not None else [])
@@ -255,9 +264,11 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     value_dim = states_kv.shape[-1]
     union += [parts(key_dim, value_dim), f32_rows(value_dim)]
     weights = plgpu.RefUnion(weights, parts(ROWS, value_dim))  # W, then Ṽ
-  if jacobi:
+  if cg_init == "jacobi" or preconditioned:  # (K / σ_K)² for diag(A)
     union.append(parts(ROWS))
   scratch = [plgpu.RefUnion(*union), parts(ROWS), weights]  # ..., K̃, W
+  if preconditioned:
+    scratch.append(f32_rows(key_dim))  # 1 / diag(A)
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS, ROWS)]
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
@@ -266,7 +277,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if read is not None:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), jnp.float32))
   kernel = plgpu.kernel(
-      functools.partial(_kernel, cg_steps=cg_steps, cg_init=cg_init, cg_tol=cg_tol, passes=passes,
+      functools.partial(_kernel, cg=cg, passes=passes,
                         state_stride=state_stride, read=read is not None),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)

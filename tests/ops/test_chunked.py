@@ -211,6 +211,7 @@ def test_stress_inputs_stay_finite_and_accurate(name):
     ({"chunk_size": 0}, r"chunk_size must be a positive int"),
     ({"cg_steps": -1}, r"cg_steps must be a non-negative int"),
     ({"cg_init": "ones"}, r"cg_init must be one of"),
+    ({"cg_preconditioner": "ilu"}, r"cg_preconditioner must be one of \('none', 'jacobi'\), got 'ilu'"),
     ({"impl": "cuda"}, r"impl must be one of"),
     ({"matmul_precision": "tf32"}, r"matmul_precision must be one of"),
     ({"cg_tol": 0.0}, r"cg_tol must be a positive float or None"),

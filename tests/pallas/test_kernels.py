@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 from mesanet_jax.ops import MesaState
+from mesanet_jax.ops.inputs import CGOptions
 from mesanet_jax.ops.operator import ChunkedOperator, operator_class
 from mesanet_jax.ops.xla_operator import scan_chunks
 from pallas_kernels.mesa_cg import chunk_states
@@ -77,9 +78,12 @@ def test_operator_stages_match_xla(dtype):
   def stages(op):
     u = op.adjoint_rhs(do)
     d_states = op.state_gradients(x, y, do, d_final)
-    adaptive_x, adaptive_steps = op.solve(q, 16, "jacobi", 1e-3)
-    return dict(states=op.states, final=op.states.at(-1), solve=op.solve(q, 16, "jacobi", None)[0],
-                adaptive_solve=adaptive_x, adaptive_steps=adaptive_steps.astype(dtype), output=op.output(x), adjoint_rhs=u, d_states=d_states, d_initial=d_states.at(0),
+    adaptive_x, adaptive_steps = op.solve(q, CGOptions(16, "jacobi", 1e-3))
+    preconditioned_x, preconditioned_steps = op.solve(q, CGOptions(16, "zero", 1e-3, "jacobi"))
+    return dict(states=op.states, final=op.states.at(-1), solve=op.solve(q, CGOptions(16, "jacobi"))[0],
+                adaptive_solve=adaptive_x, adaptive_steps=adaptive_steps.astype(dtype),
+                preconditioned_solve=preconditioned_x, preconditioned_steps=preconditioned_steps.astype(dtype),
+                output=op.output(x), adjoint_rhs=u, d_states=d_states, d_initial=d_states.at(0),
                 token_gradients=op.token_gradients(x, y, do, u, d_states))
 
   stages = [jax.jit(stages)(op) for op in ops]

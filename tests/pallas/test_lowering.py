@@ -86,36 +86,39 @@ def test_vmapped_kernels_take_the_population_axis_into_their_grid():
     assert f"grid_z = {slots} : i32" in call and re.search(rf"-> \(?tensor<{slots}x{2 * 2}x", call), call[-300:]
 
 
-@pytest.mark.parametrize("chunk, key_dim, cg_init, cg_tol, precision, lhs_in_registers", [
-    (32, 128, "jacobi", None, jax.lax.Precision.HIGHEST, True),  # C padded to 64 rows; the GPU default
-    (64, 64, "zero", 1e-4, jax.lax.Precision.DEFAULT, False),  # a while loop; the steps written out
+@pytest.mark.parametrize("chunk, key_dim, cg_init, cg_tol, precision, lhs_in_registers, cg_preconditioner", [
+    (32, 128, "jacobi", None, jax.lax.Precision.HIGHEST, True, "none"),  # C padded to 64 rows; the GPU default
+    (64, 64, "zero", 1e-4, jax.lax.Precision.DEFAULT, False, "none"),  # a while loop; the steps written out
+    (64, 128, "zero", 1e-4, jax.lax.Precision.DEFAULT, True, "jacobi"),  # 1 / diag(A) from shared memory per step
 ])
-def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision, lhs_in_registers):
+def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision, lhs_in_registers,
+                                      cg_preconditioner):
   """Mosaic GPU's own lowering (layout inference, wgmma, TMA, barriers) runs for sm_90; ptxas does not."""
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
           rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim))
   solve = functools.partial(hopper_cg_solve, cg_steps=3, cg_init=cg_init, cg_tol=cg_tol, precision=precision,
-                            lhs_in_registers=lhs_in_registers)
+                            lhs_in_registers=lhs_in_registers, cg_preconditioner=cg_preconditioner)
   kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", solve, *args).mlir_module())
   assert len(kernel_operands) == 1
   # The 4 boundary states go in whole (the kernel reads chunk n's in place: a slice would copy them all).
   assert f"tensor<2x4x{key_dim}x{key_dim}xf32>" in kernel_operands[0]
 
 
-@pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers", [
-    (64, 128, 128, True),  # the GPU default: left operands (x̂, Ẑ) in registers
-    (32, 64, 64, False),  # pairs of chunks, staged left operands
+@pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner", [
+    (64, 128, 128, True, "none"),  # the GPU default: left operands (x̂, Ẑ) in registers
+    (64, 128, 128, True, "jacobi"),  # and 1 / diag(A) in shared memory beside the read's operands
+    (32, 64, 64, False, "none"),  # pairs of chunks, staged left operands
 ])
-def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, lhs_in_registers):
+def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner):
   """The solve that also makes o (`read=`) through Mosaic GPU's lowering for sm_90, with the boundary states whole."""
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
           rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim), rows(1, 2, 3, chunk, value_dim),
           rows(1, 2, 4, key_dim, value_dim))
   solve = lambda *a: hopper_cg_solve(*a[:6], cg_steps=3, cg_init="jacobi", cg_tol=1e-4,
-                                     precision=jax.lax.Precision.DEFAULT, lhs_in_registers=lhs_in_registers,
-                                     read=a[6:])
+                                     cg_preconditioner=cg_preconditioner, precision=jax.lax.Precision.DEFAULT,
+                                     lhs_in_registers=lhs_in_registers, read=a[6:])
   kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", solve, *args).mlir_module())
   assert len(kernel_operands) == 1
   assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]

@@ -10,6 +10,7 @@ from jax import lax
 
 from mesanet_jax.ops import MesaState
 from mesanet_jax.ops.cg import conjugate_gradient
+from mesanet_jax.ops.inputs import CGOptions
 from mesanet_jax.ops.operator import operator_class
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.params import lowering_for
@@ -56,7 +57,7 @@ def test_matches_triton_kernel_and_f64_cg(chunk, key_dim, cg_init, precision):
   x, steps = hopper_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=precision)
   triton, _ = chunked_cg_solve(*args, cg_steps=4, cg_init=cg_init, precision=HIGHEST)
   with jax.enable_x64(True):
-    exact_steps, _ = op.solve(as_f64(args[0]), 4, cg_init, None)
+    exact_steps, _ = op.solve(as_f64(args[0]), CGOptions(4, cg_init))
   np.testing.assert_array_equal(steps, 4)
   assert max_abs(x, triton) <= TOLERANCE[precision] * scale(triton)
   assert max_abs(x, exact_steps) <= TOLERANCE[precision] * scale(exact_steps)
@@ -73,6 +74,23 @@ def test_tolerance_stops_rows_as_conjugate_gradient(x64):
   np.testing.assert_array_equal(steps, steps_ref)
   assert int(jnp.max(steps)) < 12
   assert max_abs(x, x_ref) <= TOLERANCE[HIGHEST] * scale(x_ref)
+
+
+@pytest.mark.slow
+def test_jacobi_preconditioner_as_conjugate_gradient(x64):
+  """cg_preconditioner="jacobi" (1 / diag(A) kept in shared memory): the steps per row and x of the f64 XLA solve
+  with the same options, and the Triton-path kernel's x."""
+  args, op = problem(64, 64, seed=3)
+  options = dict(cg_steps=12, cg_init="zero", cg_tol=1e-3, cg_preconditioner="jacobi")
+  with jax.enable_x64(False):
+    x, steps = hopper_cg_solve(*args, **options, precision=HIGHEST)
+    triton, triton_steps = chunked_cg_solve(*args, **options, precision=HIGHEST)
+  x_ref, steps_ref = op.solve(as_f64(args[0]), CGOptions(12, "zero", 1e-3, "jacobi"))
+  np.testing.assert_array_equal(steps, steps_ref)
+  np.testing.assert_array_equal(triton_steps, steps_ref)
+  assert int(jnp.max(steps)) < 12
+  assert max_abs(x, x_ref) <= TOLERANCE[HIGHEST] * scale(x_ref)
+  assert max_abs(triton, x_ref) <= TOLERANCE[HIGHEST] * scale(x_ref)
 
 
 @pytest.mark.slow
@@ -150,7 +168,7 @@ def test_scaling_holds_when_one_term_dominates(decay_bias, big_state):
   args, op = problem(32, 64, seed=7, decay_bias=decay_bias, big_state=big_state)
   x, _ = hopper_cg_solve(*args, cg_steps=4, cg_init="jacobi", precision=HIGHEST)
   with jax.enable_x64(True):
-    exact_steps, _ = op.solve(as_f64(args[0]), 4, "jacobi", None)
+    exact_steps, _ = op.solve(as_f64(args[0]), CGOptions(4, "jacobi"))
   assert max_abs(x, exact_steps) <= TOLERANCE[HIGHEST] * scale(exact_steps)
 
 

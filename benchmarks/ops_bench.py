@@ -144,7 +144,8 @@ def setup_from_flags():
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; inputs: "
         f"{_INPUTS.value or 'random'}")
   print(f"shape: B={batch} T={length} H={heads} Dk=Dv={dim} C={_CHUNK.value} cg_steps={_CG_STEPS.value} "
-        f"cg_tol={cg_tol()} cg_init={_CG_INIT.value} cg_preconditioner={_CG_PRECONDITIONER.value} matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
+        f"cg_tol={cg_tol()} cg_init={_CG_INIT.value} cg_preconditioner={_CG_PRECONDITIONER.value} "
+        f"matmul_precision={_PRECISION.value} dtype={_DTYPE.value}")
   return args, w, batch * length, flops
 
 

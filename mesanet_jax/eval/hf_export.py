@@ -19,7 +19,8 @@ Mapping (ours → fla; torch Linear weights are [out, in], our kernels [in, out]
 Refused (fla cannot express them): non-Mesa mixers, a logit soft-cap, the paper's γ cap, a Mesa output-norm eps
 other than the model's norm_eps (fla uses one eps), head_dim > 128 (fla's kernels assert it). Not weights, so not
 refused: cg_init (fla's chunked kernels start CG at zero, its decoding at the Jacobi guess), cg_preconditioner (fla
-runs plain CG), decode_tol (fla has fixed steps), chunk_size (fla fixes 64). Train with `--config.model.fla_compatible=True` for an exportable model.
+runs plain CG), decode_tol (fla has fixed steps), chunk_size (fla fixes 64). Train with
+`--config.model.fla_compatible=True` for an exportable model.
 """
 import json
 import os

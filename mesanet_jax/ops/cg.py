@@ -55,8 +55,8 @@ def conjugate_gradient(
       differentiable by unrolling).
     relative_to: what tol is relative to: "start", ‖r_0‖ (the paper's rule), or "rhs", ‖rhs‖ (independent of x0, so a
       better start stops sooner: with "start" a start k times closer asks for a k times smaller residual).
-    preconditioner: None (plain CG), or r ↦ M⁻¹ r row by row for an SPD M fixed over the steps (`inputs.
-      jacobi_preconditioner`): preconditioned CG, the same solution in fewer steps where M captures A's scales.
+    preconditioner: None (plain CG), or r ↦ M⁻¹ r row by row for an SPD M fixed over the steps (Jacobi's r / diag(A):
+      `inputs.solve_from_diagonal`): preconditioned CG, the same solution in fewer steps where M captures A's scales.
 
   Returns:
     x: [..., D] the solution estimate; iters: [...] int32, the steps each system took.

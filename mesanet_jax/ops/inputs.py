@@ -28,6 +28,15 @@ class CGOptions(NamedTuple):
   tol: float | None = None  # None: exactly `steps`; else each system stops once ‖r‖ ≤ tol·‖r₀‖
   preconditioner: str = "none"  # "none" (plain CG, the paper's) or "jacobi" (z = r / diag(A))
 
+  @property
+  def preconditioned(self) -> bool:
+    return self.preconditioner == "jacobi"
+
+  @property
+  def uses_diagonal(self) -> bool:
+    """Whether the start or the preconditioner reads diag(A)."""
+    return self.init == "jacobi" or self.preconditioned
+
 
 class MesaState(NamedTuple):
   """Decayed sums of one Mesa layer; always held in the compute dtype (f32, or f64 under x64)."""
@@ -164,9 +173,10 @@ def solve_from_diagonal(matvec, rhs: jax.Array, diagonal: jax.Array, options: CG
   """`cg.conjugate_gradient` as `options` say, given diag(A) (same shape as rhs): the start from `initial_guess`,
   Jacobi's preconditioner r ↦ r / diag(A) if asked (`preconditioner` overrides how it is applied, e.g. a kernel's
   r ↦ r · (1 / diag(A) kept in shared memory)). Returns x and the steps each row took."""
-  if options.preconditioner == "jacobi" and preconditioner is None:
+  if not options.preconditioned:
+    preconditioner = None
+  elif preconditioner is None:
     inverse = inverse_diagonal(diagonal)
     preconditioner = lambda r: r * inverse
   return conjugate_gradient(matvec, rhs, initial_guess(rhs, diagonal, options.init), steps=options.steps,
-                            tol=options.tol, preconditioner=preconditioner if options.preconditioner == "jacobi"
-                            else None)
+                            tol=options.tol, preconditioner=preconditioner)

@@ -204,10 +204,10 @@ def validate(c) -> None:
     raise ValueError(f"model.{e}") from None
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
-  for key, allowed in (("impl", (fast_path.AUTO, *IMPLS)), ("matmul_precision", PRECISIONS),
-                       ("cg_preconditioner", CG_PRECONDITIONERS)):
+  for key, allowed, unset in (("impl", (fast_path.AUTO, *IMPLS), "auto"), ("matmul_precision", PRECISIONS, "auto"),
+                               ("cg_preconditioner", CG_PRECONDITIONERS, "the preset's")):
     if c.model[key] not in (None, *allowed):
-      raise ValueError(f"model.{key} must be one of {allowed} (or unset: auto), got {c.model[key]!r}")
+      raise ValueError(f"model.{key} must be one of {allowed} (or unset: {unset}), got {c.model[key]!r}")
   for key in ("vocab_size", "num_layers", "cg_steps", "chunk_size"):
     if c.model[key] is not None and c.model[key] < 1:
       raise ValueError(f"model.{key} must be >= 1 (or unset: the preset's), got {c.model[key]}")

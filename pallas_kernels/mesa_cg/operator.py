@@ -25,10 +25,10 @@ from pallas_kernels.mesa_cg.solve_hopper import fuses_read, hopper_cg_solve, use
 from pallas_kernels.mesa_cg.states import chunk_states
 
 
-
 def _kernel_options(cg: CGOptions) -> dict:
   """The solve kernels' keyword arguments for `cg`."""
   return dict(cg_steps=cg.steps, cg_init=cg.init, cg_tol=cg.tol, cg_preconditioner=cg.preconditioner)
+
 
 @register("pallas", "operator")
 @jax.tree_util.register_dataclass

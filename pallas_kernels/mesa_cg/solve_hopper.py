@@ -71,8 +71,7 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
   `read`); scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`; (K / σ_K)² where diag(A)
   is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's preconditioner, and the staged
   left operands if any."""
-  counted, preconditioned = cg.tol is not None, cg.preconditioner == "jacobi"
-  needs_diagonal = cg.init == "jacobi" or preconditioned
+  counted, preconditioned, needs_diagonal = cg.tol is not None, cg.preconditioned, cg.uses_diagonal
   num_inputs = 7 if read else 5
   (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
   x_gmem, steps_gmem, o_gmem = refs[0], refs[1] if counted else None, refs[1 + counted] if read else None
@@ -241,7 +240,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if lhs_in_registers is None:  # fastest on an H200 (RESULTS.md): registers at 1 pass, staged at 3 (fewer spills)
     lhs_in_registers = not use_interpret() and passes == 1
   cg = CGOptions(cg_steps, cg_init, cg_tol, cg_preconditioner)
-  counted, preconditioned = cg_tol is not None, cg_preconditioner == "jacobi"
+  counted = cg_tol is not None
   rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
   states_kk_t = states_kk_t.astype(jnp.float32)
   by_token = [rhs, k, beta] + ([values.astype(jnp.float32)] if read is not None else [])
@@ -264,10 +263,10 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     value_dim = states_kv.shape[-1]
     union += [parts(key_dim, value_dim), f32_rows(value_dim)]
     weights = plgpu.RefUnion(weights, parts(ROWS, value_dim))  # W, then Ṽ
-  if cg_init == "jacobi" or preconditioned:  # (K / σ_K)² for diag(A)
+  if cg.uses_diagonal:  # (K / σ_K)²
     union.append(parts(ROWS))
   scratch = [plgpu.RefUnion(*union), parts(ROWS), weights]  # ..., K̃, W
-  if preconditioned:
+  if cg.preconditioned:
     scratch.append(f32_rows(key_dim))  # 1 / diag(A)
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS, ROWS)]
@@ -277,8 +276,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if read is not None:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), jnp.float32))
   kernel = plgpu.kernel(
-      functools.partial(_kernel, cg=cg, passes=passes,
-                        state_stride=state_stride, read=read is not None),
+      functools.partial(_kernel, cg=cg, passes=passes, state_stride=state_stride, read=read is not None),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
   # Per program: λ and diag(S) (for the Jacobi start; a gather here, where the kernel would reduce across warps).

@@ -7,6 +7,7 @@ under `jax.default_matmul_precision("highest")` (XLA uses TF32 on GPU otherwise)
   python benchmarks/pallas_check.py                      # B=2 T=2048 H=4 D=128, C=64, 30 CG steps
   python benchmarks/pallas_check.py --matmul_precision=default
   python benchmarks/pallas_check.py --cg_tol=1e-4         # adaptive CG (at most --cg_steps) in both chunked paths
+  python benchmarks/pallas_check.py --cg_tol=1e-4 --cg_preconditioner=jacobi   # CG preconditioned by diag(A)
 
 It also prints the CG steps each chunked path's solves took (mean, max; forward and adjoint): with --cg_tol the
 Pallas kernels stop per program and the XLA path per row within one loop, so the two should agree.
@@ -27,6 +28,7 @@ _CHUNK = flags.DEFINE_integer("chunk_size", 64, "C")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"], "of both chunked paths")
 _CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each system once ‖r‖ ≤ tol·‖r₀‖ (0: fixed --cg_steps)")
+_CG_PRECONDITIONER = flags.DEFINE_enum("cg_preconditioner", "none", ["none", "jacobi"], "of both chunked paths")
 
 # Relative to the reference's max |entry|. "highest": both paths are f32-accurate CGs (the kernel's dots keep ≥ 16
 # mantissa bits, tests/pallas/precision.py), amplified by the solve's conditioning; vs exact, the 30-step CG's own
@@ -51,14 +53,15 @@ def main(argv):
   args = random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=11)
   tol = _CG_TOL.value or None
   chunked = lambda impl: functools.partial(mesa_chunked, chunk_size=_CHUNK.value, cg_steps=_CG_STEPS.value,
-                                           cg_tol=tol, impl=impl, matmul_precision=_PRECISION.value)
+                                           cg_tol=tol, cg_preconditioner=_CG_PRECONDITIONER.value, impl=impl,
+                                           matmul_precision=_PRECISION.value)
   with jax.default_matmul_precision("highest"):
     weights = loss_weights(*mesa_exact(*args))
     references = {"exact": outputs_and_grads(mesa_exact, args, weights),
                   "xla": outputs_and_grads(chunked("xla"), args, weights)}
   pallas = outputs_and_grads(chunked("pallas"), args, weights)
   print(f"B={batch} T={length} H={heads} Dk={key_dim} Dv={value_dim} C={_CHUNK.value} steps={_CG_STEPS.value} "
-        f"tol={tol} precision={_PRECISION.value} backend={jax.default_backend()}")
+        f"tol={tol} preconditioner={_CG_PRECONDITIONER.value} precision={_PRECISION.value} backend={jax.default_backend()}")
   loss = lambda outputs: sum(jnp.sum(w * x) for w, x in zip(weights, (outputs[0], *outputs[1])))
   for impl in ("xla", "pallas"):
     with jax.default_matmul_precision("highest"):

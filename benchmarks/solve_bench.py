@@ -8,9 +8,13 @@ for "default"), and max |x − x_ref| / max |x_ref| against an f32 "highest" XLA
 (einsums, `conjugate_gradient`); at the first precision and chunk size, then each `rows` kernel with a tolerance
 (steps taken, mean and max). A kernel that fails to compile or run is reported in one line here and in full in
 --error_log, and the rest goes on. With MOSAIC_GPU_DUMP_PTXAS=1 in the environment ptxas reports each Mosaic kernel's
-registers and spills as it compiles (after the kernel's "---" line).
+registers and spills as it compiles (after the kernel's "---" line). --cg_preconditioner=jacobi runs the kernels and the
+reference preconditioned by diag(A). --step_sweep=4,8,16,30 then times each kernel at the first precision and chunk
+size at those fixed step counts and fits ms = fixed + per-step · steps (what a step costs, what adaptive CG can save).
 
   python benchmarks/solve_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --chunks=64,32 --cg_steps=30
+  python benchmarks/solve_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --chunks=64 --kernels=rows \
+      --precisions=default --hopper_tol=0 --step_sweep=2,4,8,16,30 --cg_preconditioner=jacobi
 """
 import functools
 import sys
@@ -23,8 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.ops_bench import make_inputs, time_ms
-from mesanet_jax.ops.cg import conjugate_gradient
-from mesanet_jax.ops.inputs import initial_guess
+from mesanet_jax.ops.inputs import CGOptions, solve_from_diagonal
 from pallas_kernels.mesa_cg import chunked_cg_solve
 from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
 
@@ -32,6 +35,7 @@ flags.DEFINE_string("chunks", "64,32", "chunk sizes, in this order")
 flags.DEFINE_string("kernels", "rows,rows_smem,triton", "solve kernels to time, in this order")
 flags.DEFINE_string("precisions", "default,highest", "matmul precisions, in this order")
 flags.DEFINE_float("hopper_tol", 1e-4, "tolerance of one more run of the rows kernels at the first chunk size (0: none)")
+flags.DEFINE_list("step_sweep", [], "fixed CG step counts timed per kernel at the first precision and chunk size")
 flags.DEFINE_string("error_log", "", "file for the full tracebacks of kernels that failed (default: stderr)")
 FLAGS = flags.FLAGS
 PASSES = {"highest": 3, "high": 3, "default": 1}
@@ -64,8 +68,8 @@ def chunk_states(k, log_decay, beta):
   return jnp.moveaxis(states, 0, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "cg_init"))
-def reference_solve(q, k, log_decay, beta, lam, states, *, steps, cg_init):
+@functools.partial(jax.jit, static_argnames=("steps", "cg_init", "cg_preconditioner"))
+def reference_solve(q, k, log_decay, beta, lam, states, *, steps, cg_init, cg_preconditioner):
   """f32 "highest" XLA CG of the chunked matvec, A_t = e^{G_t} S + Σ_{s ≤ t} e^{G_t − G_s} β_s k_s k_sᵀ + Λ."""
   size = q.shape[-2]
   causal = jnp.tril(jnp.ones((size, size), bool))
@@ -81,7 +85,7 @@ def reference_solve(q, k, log_decay, beta, lam, states, *, steps, cg_init):
 
   diagonal = (to_start * jnp.diagonal(states, axis1=-2, axis2=-1)[..., None, :]
               + jnp.einsum("bhnts,bhnsi->bhnti", weights, k * k, precision=HIGHEST) + lam_rows)
-  return conjugate_gradient(matvec, q, initial_guess(q, diagonal, cg_init), steps=steps)[0]
+  return solve_from_diagonal(matvec, q, diagonal, CGOptions(steps, cg_init, None, cg_preconditioner))[0]
 
 
 def log_failure(name, error):
@@ -131,18 +135,23 @@ def problem(inputs, chunk_size):
   q, k, log_decay, beta = chunk_major(q, k, g, beta, chunk_size)
   states = chunk_states(k, log_decay, beta)
   reference = np.asarray(reference_solve(q, k, log_decay, beta, lam, states, steps=FLAGS.cg_steps,
-                                         cg_init=FLAGS.cg_init))
+                                         cg_init=FLAGS.cg_init, cg_preconditioner=FLAGS.cg_preconditioner))
   batch, heads, num_chunks, _, dim = q.shape
   flop_per_pass = batch * heads * num_chunks * FLAGS.cg_steps * (2 * chunk_size * dim ** 2 + 4 * chunk_size ** 2 * dim)
   return (q, k, log_decay, beta, lam, jnp.matrix_transpose(states)), reference, flop_per_pass
+
+
+def kernel_solve(kernel, precision, steps, tol=None):
+  """The jitted solve `kernel` at this precision, steps and tolerance, with the flags' start and preconditioner."""
+  return jax.jit(functools.partial(KERNELS[kernel], cg_steps=steps, cg_init=FLAGS.cg_init, cg_tol=tol,
+                                   cg_preconditioner=FLAGS.cg_preconditioner, precision=jax.lax.Precision(precision)))
 
 
 def bench(operands, reference, flop_per_pass, name, precision, rows, with_tol):
   """Every kernel on one problem at one precision; with_tol: then the rows kernels with a tolerance."""
   solutions = {}
   for kernel in FLAGS.kernels.split(","):
-    solve = jax.jit(functools.partial(KERNELS[kernel], cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
-                                      precision=jax.lax.Precision(precision)))
+    solve = kernel_solve(kernel, precision, FLAGS.cg_steps)
     x = run(f"{kernel} {name} {precision}", solve, operands, reference, rows, flop_per_pass * PASSES[precision])
     if x is not None:
       solutions[kernel] = x
@@ -151,16 +160,33 @@ def bench(operands, reference, flop_per_pass, name, precision, rows, with_tol):
                                     if kernel != "triton"), flush=True)
   for kernel in FLAGS.kernels.split(",") if with_tol else ():
     if kernel.startswith("rows"):
-      solve = jax.jit(functools.partial(KERNELS[kernel], cg_steps=FLAGS.cg_steps, cg_init=FLAGS.cg_init,
-                                        cg_tol=FLAGS.hopper_tol, precision=jax.lax.Precision(precision)))
+      solve = kernel_solve(kernel, precision, FLAGS.cg_steps, FLAGS.hopper_tol)
       run(f"{kernel} {name} {precision} tol={FLAGS.hopper_tol:g}", solve, operands, reference, rows)
+
+
+def step_sweep(operands, name, precision):
+  """Each kernel at the --step_sweep fixed step counts, and the least-squares line ms = fixed + per-step · steps."""
+  counts = [int(n) for n in FLAGS.step_sweep]
+  for kernel in FLAGS.kernels.split(","):
+    times = []
+    for steps in counts:
+      try:
+        times.append(time_ms(kernel_solve(kernel, precision, steps), *operands))
+      except Exception as error:  # reported like the main runs' failures; the sweep of this kernel stops
+        log_failure(f"{kernel} {name} {precision} steps={steps}", error)
+        break
+      print(f"{kernel} {name} {precision} steps={steps:<3} {times[-1]:9.3f} ms", flush=True)
+    if len(times) >= 2:
+      per_step, fixed = np.polyfit(counts[:len(times)], times, 1)
+      print(f"{kernel} {name} {precision} preconditioner={FLAGS.cg_preconditioner}: ms ≈ {fixed:.3f} fixed + "
+            f"{per_step:.4f} per step", flush=True)
 
 
 def main(argv):
   del argv
   batch, length, heads, dim = FLAGS.batch, FLAGS.length, FLAGS.heads, FLAGS.head_dim
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} H={heads} Dk={dim} "
-        f"cg_steps={FLAGS.cg_steps} cg_init={FLAGS.cg_init}, f32 inputs, median of {FLAGS.repeats}", flush=True)
+        f"cg_steps={FLAGS.cg_steps} cg_init={FLAGS.cg_init} cg_preconditioner={FLAGS.cg_preconditioner}, f32 inputs, median of {FLAGS.repeats}", flush=True)
   inputs = make_inputs(batch, length, heads, dim, jnp.float32)
   problems, rows = {}, []
   # Precision outermost: the first one at every chunk size before the next one (a run cut short keeps those).
@@ -170,6 +196,8 @@ def main(argv):
         if chunk_size not in problems:
           problems[chunk_size] = problem(inputs, chunk_size)
         bench(*problems[chunk_size], f"C={chunk_size}", precision, rows, with_tol=i == j == 0 and FLAGS.hopper_tol > 0)
+        if i == j == 0 and FLAGS.step_sweep:
+          step_sweep(problems[chunk_size][0], f"C={chunk_size}", precision)
       except Exception as error:  # e.g. the reference itself: go on with the next chunk size
         log_failure(f"C={chunk_size}", error)
   print("\n| kernel | ms | tensor TFLOP/s | max err / max |x_ref| | CG steps |\n|---|---|---|---|---|")

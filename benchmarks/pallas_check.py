@@ -61,7 +61,8 @@ def main(argv):
                   "xla": outputs_and_grads(chunked("xla"), args, weights)}
   pallas = outputs_and_grads(chunked("pallas"), args, weights)
   print(f"B={batch} T={length} H={heads} Dk={key_dim} Dv={value_dim} C={_CHUNK.value} steps={_CG_STEPS.value} "
-        f"tol={tol} preconditioner={_CG_PRECONDITIONER.value} precision={_PRECISION.value} backend={jax.default_backend()}")
+        f"tol={tol} preconditioner={_CG_PRECONDITIONER.value} precision={_PRECISION.value} "
+        f"backend={jax.default_backend()}")
   loss = lambda outputs: sum(jnp.sum(w * x) for w, x in zip(weights, (outputs[0], *outputs[1])))
   for impl in ("xla", "pallas"):
     with jax.default_matmul_precision("highest"):

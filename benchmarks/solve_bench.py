@@ -2,15 +2,16 @@
 
 One process, identical f32 inputs (q as right-hand sides, unit keys, the chunk start states of the keys). Kernels:
 `rows` (solve_hopper: one warpgroup per 64 tokens, systems as rows, wgmma left operands in registers), `rows_smem`
-(the same with the left operands staged in shared memory) and `triton` (solve.chunked_cg_solve). Per precision ("default" first, at every chunk size) and chunk size: ms (median),
-tensor-core TFLOP/s of the matvecs (per step and chunk 2·C·Dk² + 4·C²·Dk, times the fp16 passes: 3 for "highest", 1
-for "default"), and max |x − x_ref| / max |x_ref| against an f32 "highest" XLA CG of the same steps written here
-(einsums, `conjugate_gradient`); at the first precision and chunk size, then each `rows` kernel with a tolerance
-(steps taken, mean and max). A kernel that fails to compile or run is reported in one line here and in full in
---error_log, and the rest goes on. With MOSAIC_GPU_DUMP_PTXAS=1 in the environment ptxas reports each Mosaic kernel's
-registers and spills as it compiles (after the kernel's "---" line). --cg_preconditioner=jacobi runs the kernels and the
-reference preconditioned by diag(A). --step_sweep=4,8,16,30 then times each kernel at the first precision and chunk
-size at those fixed step counts and fits ms = fixed + per-step · steps (what a step costs, what adaptive CG can save).
+(the same with the left operands staged in shared memory) and `triton` (solve.chunked_cg_solve). Per precision
+("default" first, at every chunk size) and chunk size: ms (median), tensor-core TFLOP/s of the matvecs (per step and
+chunk 2·C·Dk² + 4·C²·Dk, times the fp16 passes: 3 for "highest", 1 for "default"), and max |x − x_ref| / max |x_ref|
+against an f32 "highest" XLA CG of the same steps written here (einsums, `inputs.solve_from_diagonal`); at the first
+precision and chunk size, then each `rows` kernel with a tolerance (steps taken, mean and max). A kernel that fails to
+compile or run is reported in one line here and in full in --error_log, and the rest goes on. With
+MOSAIC_GPU_DUMP_PTXAS=1 in the environment ptxas reports each Mosaic kernel's registers and spills as it compiles
+(after the kernel's "---" line). --cg_preconditioner=jacobi runs the kernels and the reference preconditioned by
+diag(A). --step_sweep=4,8,16,30 then times each kernel at the first precision and chunk size at those fixed step
+counts and fits ms = fixed + per-step · steps (what a step costs, what adaptive CG can save).
 
   python benchmarks/solve_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --chunks=64,32 --cg_steps=30
   python benchmarks/solve_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --chunks=64 --kernels=rows \
@@ -186,7 +187,8 @@ def main(argv):
   del argv
   batch, length, heads, dim = FLAGS.batch, FLAGS.length, FLAGS.heads, FLAGS.head_dim
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; B={batch} T={length} H={heads} Dk={dim} "
-        f"cg_steps={FLAGS.cg_steps} cg_init={FLAGS.cg_init} cg_preconditioner={FLAGS.cg_preconditioner}, f32 inputs, median of {FLAGS.repeats}", flush=True)
+        f"cg_steps={FLAGS.cg_steps} cg_init={FLAGS.cg_init} cg_preconditioner={FLAGS.cg_preconditioner}, f32 inputs, "
+        f"median of {FLAGS.repeats}", flush=True)
   inputs = make_inputs(batch, length, heads, dim, jnp.float32)
   problems, rows = {}, []
   # Precision outermost: the first one at every chunk size before the next one (a run cut short keeps those).

@@ -10,27 +10,29 @@ def random_inputs(batch=2, length=37, heads=3, key_dim=8, value_dim=5, *, seed=0
                   with_state=False, decay_bias=3.0):
   """q, k unit-norm; v ~ N(0, 1); γ = σ(N(decay_bias, 1)); β = σ(N(0, 1)); λ = 0.25 + softplus(N(0, 1)).
 
-  The optional initial state is a genuine Mesa state: decayed sums over 6 earlier random tokens.
+  The optional initial state is a genuine Mesa state: decayed sums over 6 earlier random tokens. Drawn with numpy in
+  f64 and cast to `dtype`: eager jax.random and jnp ops would compile once per shape (~0.5–1.5 s a new shape).
   Returns (q, k, v, g, beta, lam, state).
   """
-  keys = jax.random.split(jax.random.key(seed), 8)
-  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  q = unit(jax.random.normal(keys[0], (batch, length, heads, key_dim), dtype))
-  k = unit(jax.random.normal(keys[1], (batch, length, heads, key_dim), dtype))
-  v = jax.random.normal(keys[2], (batch, length, heads, value_dim), dtype)
-  g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (batch, length, heads), dtype) + decay_bias)
-  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (batch, length, heads), dtype))
-  lam = 0.25 + jax.nn.softplus(jax.random.normal(keys[5], (heads, key_dim), dtype))
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  softplus = lambda x: np.logaddexp(0.0, x)
+  q = unit(normal(batch, length, heads, key_dim))
+  k = unit(normal(batch, length, heads, key_dim))
+  v = normal(batch, length, heads, value_dim)
+  g = -softplus(-(normal(batch, length, heads) + decay_bias))  # log σ(x) = −softplus(−x)
+  beta = np.exp(-softplus(-normal(batch, length, heads)))
+  lam = 0.25 + softplus(normal(heads, key_dim))
+  cast = lambda *arrays: tuple(jnp.asarray(np.asarray(x, np.float64).astype(dtype)) for x in arrays)
   state = None
   if with_state:
-    past_k = unit(jax.random.normal(keys[6], (batch, heads, 6, key_dim), dtype))
-    past_v = jax.random.normal(keys[7], (batch, heads, 6, value_dim), dtype)
-    h_kk = jnp.einsum("bhrk,bhrl->bhkl", past_k, past_k)
-    # Symmetric to the last bit, as every Mesa state is: the einsum's rounding can differ between (k, l) and (l, k)
-    # (by CPU kernel), and CG's implicit gradient assumes A = Aᵀ while the dense solve's differentiates A as given.
-    h_kk = (h_kk + jnp.matrix_transpose(h_kk)) / 2
-    state = MesaState(h_kk, jnp.einsum("bhrk,bhrv->bhkv", past_k, past_v))
-  return q, k, v, g, beta, lam, state
+    past_k, past_v = unit(normal(batch, heads, 6, key_dim)), normal(batch, heads, 6, value_dim)
+    h_kk, h_kv = cast(np.einsum("bhrk,bhrl->bhkl", past_k, past_k), np.einsum("bhrk,bhrv->bhkv", past_k, past_v))
+    # Symmetric to the last bit, as every Mesa state is (CG's implicit gradient assumes A = Aᵀ while the dense solve's
+    # differentiates A as given); in f64 the product is, and the cast keeps it.
+    state = MesaState(h_kk, h_kv)
+  return (*cast(q, k, v, g, beta, lam), state)
 
 
 def as_f64(tree):
@@ -58,6 +60,8 @@ def weighted_sum_loss(op, weights):
 
 
 def loss_weights(o, state, seed=123):
-  keys = jax.random.split(jax.random.key(seed), 3)
-  # Drawn in f32 whatever the dtype of o, so that f32 and f64 runs weigh their outputs identically.
-  return tuple(jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype) for key, x in zip(keys, (o, state.h_kk, state.h_kv)))
+  """Normal weights shaped as o, h_kk and h_kv, drawn in f32 with numpy whatever their dtype, so that f32 and f64 runs
+  weigh their outputs identically."""
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(x.shape, np.float32).astype(x.dtype))
+               for x in (o, state.h_kk, state.h_kv))

@@ -3,6 +3,7 @@
 `mesa_chunked`'s backward against the XLA path; lowered for CUDA in test_lowering.py."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
@@ -23,14 +24,14 @@ TOLERANCE = {HIGHEST: 3e-6, DEFAULT: 2e-3}
 def problem(chunk, key_dim, value_dim, chunks, seed=0, state_scale=1.0, row_scale=1.0):
   """The kernels' arguments (B=1, H=2, N=chunks, f32): k, v, x, y, do, cumulative log-decay, β and the state
   gradients at every boundary from the XLA operator's reverse scan of a random final gradient."""
-  keys = jax.random.split(jax.random.key(seed), 8)
-  rows = lambda i, width: row_scale * jax.random.normal(keys[i], (1, 2, chunks, chunk, width))
-  k, v, x, y, do = rows(0, key_dim), rows(1, value_dim), rows(2, key_dim), rows(3, key_dim), rows(4, value_dim)
-  log_decay = jnp.cumsum(-jax.nn.softplus(jax.random.normal(keys[5], (1, 2, chunks, chunk)) - 2.0), axis=-1)
-  beta = jax.nn.sigmoid(jax.random.normal(keys[6], (1, 2, chunks, chunk)))
+  rng = np.random.default_rng(seed)  # numpy: eager jax.random would compile once per shape
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  rows = lambda width: f32(row_scale * rng.standard_normal((1, 2, chunks, chunk, width)))
+  k, v, x, y, do = rows(key_dim), rows(value_dim), rows(key_dim), rows(key_dim), rows(value_dim)
+  log_decay = f32(np.cumsum(-np.logaddexp(0.0, rng.standard_normal((1, 2, chunks, chunk)) - 2.0), axis=-1))
+  beta = f32(1 / (1 + np.exp(-rng.standard_normal((1, 2, chunks, chunk)))))
   zero = MesaState(jnp.zeros((1, 2, key_dim, key_dim)), jnp.zeros((1, 2, key_dim, value_dim)))
-  final = MesaState(*(state_scale * jax.random.normal(key, shape.shape) for key, shape in zip(
-      jax.random.split(keys[7]), zero)))
+  final = MesaState(*(f32(state_scale * rng.standard_normal(shape.shape)) for shape in zero))
   op = operator_class("xla").build(k, v, log_decay, beta, jnp.ones((2, key_dim)), zero, HIGHEST)
   return (k, v, x, y, do, log_decay, beta, *op.state_gradients(x, y, do, final))
 

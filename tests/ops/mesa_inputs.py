@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import expit, log_expit
 
 from mesanet_jax.ops import MesaState
 
@@ -17,21 +18,21 @@ def random_inputs(batch=2, length=37, heads=3, key_dim=8, value_dim=5, *, seed=0
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-  softplus = lambda x: np.logaddexp(0.0, x)
   q = unit(normal(batch, length, heads, key_dim))
   k = unit(normal(batch, length, heads, key_dim))
   v = normal(batch, length, heads, value_dim)
-  g = -softplus(-(normal(batch, length, heads) + decay_bias))  # log σ(x) = −softplus(−x)
-  beta = np.exp(-softplus(-normal(batch, length, heads)))
-  lam = 0.25 + softplus(normal(heads, key_dim))
-  cast = lambda *arrays: tuple(jnp.asarray(np.asarray(x, np.float64).astype(dtype)) for x in arrays)
+  g = log_expit(normal(batch, length, heads) + decay_bias)
+  beta = expit(normal(batch, length, heads))
+  lam = 0.25 + np.logaddexp(0.0, normal(heads, key_dim))  # softplus
+  cast = lambda *arrays: tuple(jnp.asarray(x.astype(dtype)) for x in arrays)
   state = None
   if with_state:
     past_k, past_v = unit(normal(batch, heads, 6, key_dim)), normal(batch, heads, 6, value_dim)
-    h_kk, h_kv = cast(np.einsum("bhrk,bhrl->bhkl", past_k, past_k), np.einsum("bhrk,bhrv->bhkv", past_k, past_v))
-    # Symmetric to the last bit, as every Mesa state is (CG's implicit gradient assumes A = Aᵀ while the dense solve's
-    # differentiates A as given); in f64 the product is, and the cast keeps it.
-    state = MesaState(h_kk, h_kv)
+    h_kk = np.einsum("bhrk,bhrl->bhkl", past_k, past_k)
+    # Symmetric to the last bit, as every Mesa state is (the cast keeps it): a product's rounding can differ between
+    # (k, l) and (l, k), and CG's implicit gradient assumes A = Aᵀ while the dense solve's differentiates A as given.
+    h_kk = (h_kk + np.swapaxes(h_kk, -1, -2)) / 2
+    state = MesaState(*cast(h_kk, np.einsum("bhrk,bhrv->bhkv", past_k, past_v)))
   return (*cast(q, k, v, g, beta, lam), state)
 
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from scipy.special import expit
 
 from mesanet_jax.ops import MesaState, mesa_chunked
 from mesanet_jax.ops.operator import operator_class
@@ -29,7 +30,7 @@ def problem(chunk, key_dim, value_dim, chunks, seed=0, state_scale=1.0, row_scal
   rows = lambda width: f32(row_scale * rng.standard_normal((1, 2, chunks, chunk, width)))
   k, v, x, y, do = rows(key_dim), rows(value_dim), rows(key_dim), rows(key_dim), rows(value_dim)
   log_decay = f32(np.cumsum(-np.logaddexp(0.0, rng.standard_normal((1, 2, chunks, chunk)) - 2.0), axis=-1))
-  beta = f32(1 / (1 + np.exp(-rng.standard_normal((1, 2, chunks, chunk)))))
+  beta = f32(expit(rng.standard_normal((1, 2, chunks, chunk))))
   zero = MesaState(jnp.zeros((1, 2, key_dim, key_dim)), jnp.zeros((1, 2, key_dim, value_dim)))
   final = MesaState(*(f32(state_scale * rng.standard_normal(shape.shape)) for shape in zero))
   op = operator_class("xla").build(k, v, log_decay, beta, jnp.ones((2, key_dim)), zero, HIGHEST)

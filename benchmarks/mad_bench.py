@@ -30,6 +30,7 @@ import numpy as np
 
 from mesanet_jax.mad import grid, models, training, variants
 from mesanet_jax.mad.population import Population
+from mesanet_jax.ops.gated_delta_rule import TRIANGULAR
 
 _COMPILES = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -63,8 +64,10 @@ def kernel_times(trace_dir: str, steps: int, top: int = 12) -> dict:
 
 def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
   impl, chunk, precision = mesa
-  config = models.mad_config(arch, args.vocab, dtype=jnp.dtype(dtype).type, chunk_size=chunk, impl=impl,
-                             cg_steps=args.cg_steps, matmul_precision=precision)
+  triangular = impl if impl in TRIANGULAR else ""  # gdn@inverse:64: GDN's solve, not a Mesa impl
+  config = models.mad_config(arch, args.vocab, dtype=jnp.dtype(dtype).type, chunk_size=chunk,
+                             impl="" if triangular else impl, cg_steps=args.cg_steps, matmul_precision=precision,
+                             gdn_triangular=triangular)
   population = Population(config, False, training.Protocol(), slots)
   steps = max(1, min(args.steps, args.call_tokens // (slots * 32 * length)))
   data = _data(length, args.vocab, 4096)
@@ -98,7 +101,7 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   if "mesa" in config.mixers:
     mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train}
   else:
-    mixer = {"chunk": config.gdn.chunk_size} if "gdn" in config.mixers else {}
+    mixer = {"chunk": config.gdn.chunk_size, "triangular": config.gdn.triangular} if "gdn" in config.mixers else {}
   return {"arch": arch, "length": length, "slots": slots, **mixer, "dtype": dtype, "steps_per_call": steps,
           "calls": calls, "ms_per_step": 1e3 * per_step, "ms_per_member_step": 1e3 * per_step / slots,
           "tokens_per_s": slots * 32 * length / per_step, "compile_s": compile_s,
@@ -108,11 +111,11 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
 
 def setting(row: dict) -> tuple:
   """What a row measured besides the shape: architecture, mixer settings (Mesa's impl:chunk:precision:CG steps,
-  GDN's chunk), dtype."""
+  GDN's chunk and triangular solve), dtype."""
   if "impl" in row:
     mixer = f"{row['impl']}:{row['chunk']}:{row['precision']}:{row['cg_steps']}"
   else:
-    mixer = f"chunk {row['chunk']}" if "chunk" in row else "-"
+    mixer = f"chunk {row['chunk']} {row.get('triangular', 'solve')}" if "chunk" in row else "-"
   return row["arch"], mixer, row["dtype"]
 
 
@@ -157,7 +160,7 @@ def estimate(rows: list[dict], settings: grid.Settings) -> list[tuple]:
 
 def report(rows: list[dict], settings: grid.Settings):
   rows = [r for r in rows if "error" not in r]
-  print("\n| arch | mixer (Mesa impl:chunk:precision:CG steps; GDN chunk) | dtype | L | slots | ms/step | "
+  print("\n| arch | mixer (Mesa impl:chunk:precision:CG steps; GDN chunk, triangular solve) | dtype | L | slots | ms/step | "
         "ms/member-step | compile s | warm-up ms/step | compiles timed |\n|---|---|---|---|---|---|---|---|---|---|")
   for r in sorted(rows, key=lambda r: (setting(r), r["length"], r["slots"])):
     arch, mesa, dtype = setting(r)
@@ -184,7 +187,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--archs", default="mesanet,gdn,transformer,hawk,hawk_mesa",
                       help="architectures; arch@impl:chunk[:precision] gives one its own Mesa setting (GDN: its "
-                      "chunk, e.g. gdn@:32,gdn@:16)")
+                      "triangular solve and chunk, e.g. gdn@:32,gdn@inverse:64)")
   parser.add_argument("--shapes", default="128x64", help="length x slots cases, comma-separated")
   parser.add_argument("--mesa", default="", help="Mesa impl:chunk[:precision] settings, comma-separated (other "
                       "archs use the first's chunk); '': models.FAST_MESA's for the backend")

@@ -8,7 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from mesanet_jax.ops.gated_delta_rule import gated_delta_chunked, gated_delta_step
+from mesanet_jax.ops.gated_delta_rule import TRIANGULAR, gated_delta_chunked, gated_delta_step
 from mesanet_jax.layers.recurrent import RecurrentMixer
 
 
@@ -18,8 +18,13 @@ class GatedDeltaNetConfig:
   head_dim: int = 128
   conv_size: int = 4
   chunk_size: int = 64
+  triangular: str = "solve"  # how each chunk's triangular system is solved: ops/gated_delta_rule.TRIANGULAR
   use_output_gate: bool = True
   norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    if self.triangular not in TRIANGULAR:
+      raise ValueError(f"gdn.triangular must be one of {TRIANGULAR}, got {self.triangular!r}")
 
 
 class GatedDeltaNet(RecurrentMixer):
@@ -33,7 +38,8 @@ class GatedDeltaNet(RecurrentMixer):
     self.config = config
 
   def mix(self, q, k, v, g, beta, state):
-    return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=self.config.chunk_size)
+    return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=self.config.chunk_size,
+                               triangular=self.config.triangular)
 
   def mix_token(self, q, k, v, g, beta, state):
     return (*gated_delta_step(q, k, v, g, beta, state), None)

@@ -42,11 +42,12 @@ def exact_cg_steps(mesa) -> int:
 
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
-               cg_steps: int = 0, matmul_precision: str = "", tie_embeddings: bool = True,
+               cg_steps: int = 0, matmul_precision: str = "", gdn_triangular: str = "", tie_embeddings: bool = True,
                embed_std: float | None = EMBED_STD) -> LMConfig:
   """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
   Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
-  for the backend (GDN keeps the preset's chunk) and `exact_cg_steps`. tie_embeddings=False gives the
+  for the backend (GDN keeps the preset's chunk) and `exact_cg_steps`; gdn_triangular ("" the preset's) how GDN solves
+  its chunks' triangular systems (`GatedDeltaNetConfig.triangular`). tie_embeddings=False gives the
   language model its own read-out matrix; embed_std is the embedding's initial std with no √d input scale (`EMBED_STD`,
   mad-lab's), None the paper's LM embedding (1/√d, scaled by √d on input; `LMConfig.embed_std`)."""
   if architecture not in ARCHITECTURES:
@@ -57,7 +58,8 @@ def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_s
   mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or fast_chunk, impl=impl or fast_impl,
                              cg_steps_train=cg_steps or exact_cg_steps(config.mesa),
                              matmul_precision=matmul_precision or fast_precision)
-  gdn = dataclasses.replace(config.gdn, chunk_size=chunk_size or config.gdn.chunk_size)
+  gdn = dataclasses.replace(config.gdn, chunk_size=chunk_size or config.gdn.chunk_size,
+                            triangular=gdn_triangular or config.gdn.triangular)
   return dataclasses.replace(config, mesa=mesa, gdn=gdn)
 
 

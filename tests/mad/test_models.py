@@ -35,6 +35,10 @@ def test_mesa_computation_defaults_per_backend_and_is_overridden():
   assert (config.mesa.impl, config.mesa.chunk_size, config.mesa.cg_steps_train, config.mesa.matmul_precision) == (
       "pallas", 16, 8, "default")
   assert config.gdn.chunk_size == 16 and models.mad_config("gdn", 16).gdn.chunk_size == 64
+  assert models.mad_config("gdn", 16).gdn.triangular == "solve"
+  assert models.mad_config("gdn", 16, gdn_triangular="inverse").gdn.triangular == "inverse"
+  with pytest.raises(ValueError, match="gdn.triangular must be one of"):
+    models.mad_config("gdn", 16, gdn_triangular="lu")
 
 
 def test_mad_lab_backbone_switches():

@@ -49,6 +49,9 @@ _TIE_EMBEDDINGS = flags.DEFINE_bool("tie_embeddings", True, "the language models
 _EMBED_STD = flags.DEFINE_float("embed_std", None, "the embedding's initial std with no √d input scale (unset: "
                                 "mad-lab's 0.02, which the paper's MAD runs follow; mesanet_jax/mad/models.py: "
                                 "EMBED_STD); 0: the paper's LM embedding (1/√d, multiplied by √d on input)")
+_LINEAR_INIT_VARIANCE = flags.DEFINE_float("linear_init_variance", None, "multiplies the linear layers' initial "
+                                           "variance (unset: mad-lab's 1/3, that of PyTorch's nn.Linear default; "
+                                           "mesanet_jax/mad/models.py: LINEAR_INIT_VARIANCE); 1: ours, N(0, 1/fan_in)")
 _SEED = flags.DEFINE_integer("seed", 0, "data and init seed")
 _WORKERS = flags.DEFINE_integer("workers", 0, "data-generation processes (0: cores − 1)")
 
@@ -84,8 +87,9 @@ def main(argv):
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value, eval_every=_EVAL_EVERY.value,
         time_limit=_TIME_LIMIT.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
         matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, tie_embeddings=_TIE_EMBEDDINGS.value,
-        embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None, seed=_SEED.value,
-        workers=_WORKERS.value)
+        embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None,
+        linear_init_variance=(models.LINEAR_INIT_VARIANCE if _LINEAR_INIT_VARIANCE.value is None
+                              else _LINEAR_INIT_VARIANCE.value), seed=_SEED.value, workers=_WORKERS.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
     finished = grid.run(settings, jobs)
   print(f"finished {finished} jobs; results in {_RESULTS.value}")

@@ -34,3 +34,13 @@ def linear(in_features: int, out_features: int, *, axes: tuple[str | None, str |
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=init, kernel_metadata=logical(axes),
                     bias_metadata=logical(axes[1:]), rngs=rngs)
+
+
+def scale_linear_init(module: nnx.Module, variance: float) -> None:
+  """Multiplies the initial variance of every `nnx.Linear` kernel inside `module` by `variance` (in place; kernels
+  only: biases start at 0, other parameters keep their own inits). Used on a freshly built model."""
+  if variance == 1.0:
+    return
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.Linear):
+      node.kernel[...] = node.kernel[...] * jnp.asarray(variance ** 0.5, node.kernel[...].dtype)

@@ -43,6 +43,7 @@ class Settings:
   cg_steps: int = 0  # 0: models.exact_cg_steps (16 at the MAD heads' Dk = 16)
   tie_embeddings: bool = True  # False: the LM read-out is its own matrix (mad-lab's backbone)
   embed_std: float | None = models.EMBED_STD  # the embedding's init std, no √d input scale; None: 1/√d, scaled by √d
+  linear_init_variance: float = models.LINEAR_INIT_VARIANCE  # × the linear layers' initial variance (1: ours)
   seed: int = 0
   workers: int = 0  # data-generation processes (0: cores − 1)
 
@@ -81,9 +82,9 @@ def check_interval(settings: Settings, jobs_in_flight: list[training.Job]) -> tu
 def protocol_settings(settings: Settings) -> dict:
   """The values of `table.PROTOCOL`'s settings (those that change the model or its training) this run records."""
   config = models.mad_config("mesanet", 16, cg_steps=settings.cg_steps, tie_embeddings=settings.tie_embeddings,
-                             embed_std=settings.embed_std)
+                             embed_std=settings.embed_std, linear_init_variance=settings.linear_init_variance)
   return {"dtype": settings.dtype, "tie_embeddings": config.tie_embeddings, "embed_std": config.embed_std,
-          "cg_steps": config.mesa.cg_steps_train}
+          "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train}
 
 
 def done_keys(settings: Settings, architectures) -> set:
@@ -157,7 +158,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   size = population_size(settings, len(jobs), length)
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
                              impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
-                             tie_embeddings=settings.tie_embeddings, embed_std=settings.embed_std)
+                             tie_embeddings=settings.tie_embeddings, embed_std=settings.embed_std,
+                             linear_init_variance=settings.linear_init_variance)
   population = Population(config, autoencoder, protocol, size)
   recorded = protocol_settings(settings)
   data = stack_datasets(datasets, length)

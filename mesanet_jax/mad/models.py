@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mesanet_jax.layers.norm import RMSNorm
-from mesanet_jax.layers.params import linear
+from mesanet_jax.layers.params import linear, scale_linear_init
 from mesanet_jax.models.config import LMConfig, preset
 from mesanet_jax.models.lm import LanguageModel, embed_tokens, embedding_table, make_blocks, train_blocks
 
@@ -31,6 +31,10 @@ OTHER_MESA = ("xla", 64, "highest")
 # Transformer 96.9 / 49.3 / 21.0 against 73.5 / 15.9 / 6.1 and 94.7 / 30.4 / 6.3 with the paper's LM embedding
 # (1/√d, scaled by √d on input), which puts both within reach of Table 9 (benchmarks/RESULTS.md "MAD memorize").
 EMBED_STD = 0.02
+# The MAD models' linear layers: the variance of PyTorch's nn.Linear default init (U(±1/√fan_in): 1/(3 fan_in)), which
+# mad-lab's models have, instead of our N(0, 1/fan_in). The Transformer's memorize V 4096 (lr 3e-3, wd 0.1, CPU):
+# 85.8 % against 49.4 % (benchmarks/RESULTS.md "MAD memorize: the linear layers' init").
+LINEAR_INIT_VARIANCE = 1 / 3
 
 
 def exact_cg_steps(mesa) -> int:
@@ -43,17 +47,18 @@ def exact_cg_steps(mesa) -> int:
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
                cg_steps: int = 0, matmul_precision: str = "", gdn_triangular: str = "", tie_embeddings: bool = True,
-               embed_std: float | None = EMBED_STD) -> LMConfig:
+               embed_std: float | None = EMBED_STD, linear_init_variance: float = LINEAR_INIT_VARIANCE) -> LMConfig:
   """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
   Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
   for the backend (GDN keeps the preset's chunk) and `exact_cg_steps`; gdn_triangular ("" the preset's) how GDN solves
   its chunks' triangular systems (`GatedDeltaNetConfig.triangular`). tie_embeddings=False gives the
   language model its own read-out matrix; embed_std is the embedding's initial std with no √d input scale (`EMBED_STD`,
-  mad-lab's), None the paper's LM embedding (1/√d, scaled by √d on input; `LMConfig.embed_std`)."""
+  mad-lab's), None the paper's LM embedding (1/√d, scaled by √d on input; `LMConfig.embed_std`);
+  linear_init_variance multiplies the linear layers' initial variance (`LINEAR_INIT_VARIANCE`, mad-lab's; 1: ours)."""
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
   config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype, tie_embeddings=tie_embeddings,
-                  embed_std=embed_std)
+                  embed_std=embed_std, linear_init_variance=linear_init_variance)
   fast_impl, fast_chunk, fast_precision = FAST_MESA.get(jax.default_backend(), OTHER_MESA)
   mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or fast_chunk, impl=impl or fast_impl,
                              cg_steps_train=cg_steps or exact_cg_steps(config.mesa),
@@ -82,6 +87,7 @@ class AutoEncoder(nnx.Module):
     self.norms = nnx.List([RMSNorm(d, eps=config.norm_eps, **kw) for _ in range(3)])
     self.hidden = nnx.List([linear(d, d, axes=("embed", "mlp"), use_bias=True, **kw) for _ in range(2)])
     self.readout = linear(d, config.vocab_size, axes=("embed", "vocab"), use_bias=True, **kw)
+    scale_linear_init(self, config.linear_init_variance)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     config = self.config

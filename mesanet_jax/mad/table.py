@@ -27,7 +27,7 @@ PAPER = {
 
 # Job settings that change the model or its training (not only how it computes): one table holds one value of each
 # per architecture. A record written before a setting existed had its default.
-PROTOCOL = {"dtype": "float32", "tie_embeddings": True, "embed_std": None, "cg_steps": 30}
+PROTOCOL = {"dtype": "float32", "tie_embeddings": True, "embed_std": None, "linear_init_variance": 1.0, "cg_steps": 30}
 
 
 def read(path: str) -> list[dict]:

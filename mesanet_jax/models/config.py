@@ -38,6 +38,8 @@ class LMConfig:
 
   embed_std: None is the paper's embedding (initial std 1/√d_model, multiplied by √d_model on input, G.2); a number
   is that initial std with no input scale (mad-lab's and GPT-2's 0.02). `embedding_init_and_scale` gives both.
+  linear_init_variance multiplies every linear layer's initial kernel variance (N(0, 1/fan_in), output projections
+  also × 2/n_layers): 1 ours; 1/3 that of PyTorch's nn.Linear default U(±1/√fan_in), which mad-lab's models use.
 
   dtype is the activation (compute) dtype, param_dtype the storage dtype; Mesa/GDN states and CG stay f32 always.
   remat: what the backward pass recomputes instead of storing (`REMAT_MODES`): "none"; "mixer" (each block's norm +
@@ -53,6 +55,7 @@ class LMConfig:
   mlp_ratio: int = 3
   tie_embeddings: bool = True
   embed_std: float | None = None
+  linear_init_variance: float = 1.0
   logit_cap: float | None = 30.0
   norm_eps: float = 1e-6
   dtype: type = jnp.float32
@@ -72,6 +75,8 @@ class LMConfig:
     if self.embed_std is not None and not self.embed_std > 0:
       raise ValueError(f"embed_std must be a positive number or None (the paper's 1/√d_model with a √d_model input "
                        f"scale), got {self.embed_std}")
+    if not self.linear_init_variance > 0:
+      raise ValueError(f"linear_init_variance must be a positive number, got {self.linear_init_variance}")
     if self.scan_layers and len(set(self.mixers)) > 1:
       raise ValueError(f"scan_layers=True needs every block to use one mixer, got mixers={self.mixers} (the hybrid "
                        f"architecture): set scan_layers=False")

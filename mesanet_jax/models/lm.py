@@ -23,7 +23,7 @@ from mesanet_jax.layers.hawk import HawkLayer
 from mesanet_jax.layers.mesa import MesaLayer
 from mesanet_jax.layers.mlp import SwiGLU
 from mesanet_jax.layers.norm import RMSNorm
-from mesanet_jax.layers.params import linear, param
+from mesanet_jax.layers.params import linear, param, scale_linear_init
 from mesanet_jax.models.config import LMConfig, embedding_init_and_scale
 
 
@@ -180,6 +180,7 @@ class LanguageModel(nnx.Module):
     self.final_norm = RMSNorm(d, eps=config.norm_eps, rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     self.unembed = None if config.tie_embeddings else linear(
         d, config.vocab_size, axes=("embed", "vocab"), rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+    scale_linear_init(self, config.linear_init_variance)
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     return _on_batch(embed_tokens(self.config, self.embed, tokens))

@@ -48,6 +48,25 @@ def test_mad_lab_backbone_switches():
   assert tied.embed_std == models.EMBED_STD == 0.02  # mad-lab's embedding by default
   assert models.mad_config("mesanet", 64, embed_std=None).embed_std is None  # the paper's LM embedding
   assert grid.protocol_settings(grid.Settings(results=""))["embed_std"] == 0.02  # what the grid runs and records
+  assert tied.linear_init_variance == models.LINEAR_INIT_VARIANCE == 1 / 3  # PyTorch's nn.Linear default variance
+  assert grid.protocol_settings(grid.Settings(results=""))["linear_init_variance"] == 1 / 3
+
+
+@pytest.mark.parametrize("model_class", [models.LanguageModel, models.AutoEncoder])
+def test_linear_init_variance_scales_every_linear_kernel_and_nothing_else(model_class):
+  """The same seed with variance 1 and 1/4: every nnx.Linear kernel halves (exactly: a power of two), every other
+  parameter (embedding, norms, biases, gates, convolutions) is unchanged."""
+  make = lambda variance: nnx.state(model_class(models.mad_config("hawk_mesa", 16, linear_init_variance=variance),
+                                                rngs=nnx.Rngs(0)), nnx.Param)
+  ours, quarter = make(1.0), make(0.25)
+  kernels = 0
+  for (path, a), (_, b) in zip(nnx.to_flat_state(ours), nnx.to_flat_state(quarter)):
+    linear_kernel = path[-1] == "kernel" and a[...].ndim == 2 and "conv" not in str(path[-2])
+    np.testing.assert_array_equal(np.asarray(b[...]), np.asarray(a[...]) * (0.5 if linear_kernel else 1.0), path)
+    kernels += linear_kernel
+  assert kernels >= 10, kernels
+  with pytest.raises(ValueError, match="linear_init_variance must be a positive number"):
+    models.mad_config("mesanet", 16, linear_init_variance=0.0)
 
 
 @pytest.mark.slow  # compiles over ~8 s on one core

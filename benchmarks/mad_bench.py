@@ -160,8 +160,9 @@ def estimate(rows: list[dict], settings: grid.Settings) -> list[tuple]:
 
 def report(rows: list[dict], settings: grid.Settings):
   rows = [r for r in rows if "error" not in r]
-  print("\n| arch | mixer (Mesa impl:chunk:precision:CG steps; GDN chunk, triangular solve) | dtype | L | slots | ms/step | "
-        "ms/member-step | compile s | warm-up ms/step | compiles timed |\n|---|---|---|---|---|---|---|---|---|---|")
+  print("\n| arch | mixer (Mesa impl:chunk:precision:CG steps; GDN chunk, triangular solve) | dtype | L | slots | "
+        "ms/step | ms/member-step | compile s | warm-up ms/step | compiles timed |\n"
+        "|---|---|---|---|---|---|---|---|---|---|")
   for r in sorted(rows, key=lambda r: (setting(r), r["length"], r["slots"])):
     arch, mesa, dtype = setting(r)
     print(f"| {arch} | {mesa} | {dtype} | {r['length']} | {r['slots']} | {r['ms_per_step']:.4g} | "

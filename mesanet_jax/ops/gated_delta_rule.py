@@ -13,8 +13,8 @@ solve a unit lower-triangular system (I + L) U = βV − (β e^G K) S_0 with L_s
 with D_ts = e^{G_t−G_s} [s ≤ t]. Everything but the S-dependent products runs for all chunks in parallel; a `lax.scan`
 carries S. The triangular system is solved one of two ways (`triangular=`): "solve" (`solve_triangular`: cuBLAS's
 batched trsm on GPU, XLA's blocked expansion elsewhere) or "inverse" (T formed by `unit_lower_inverse`, matmuls only,
-as flash-linear-attention forms it; then U takes two matmuls). All math is f32 (f64 under x64 for f64 inputs); outputs are returned in q's dtype. Plain XLA,
-differentiated by autodiff.
+as flash-linear-attention forms it; then U takes two matmuls). All math is f32 (f64 under x64 for f64 inputs);
+outputs are returned in q's dtype. Plain XLA, differentiated by autodiff.
 """
 import jax
 import jax.numpy as jnp

@@ -11,6 +11,15 @@ from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale
 # Jitted: one compiled program per op and shape instead of an eager compile per primitive.
 gated_delta_chunked = jax.jit(gated_delta_rule.gated_delta_chunked, static_argnames=("chunk_size", "triangular"))
 gated_delta_recurrent = jax.jit(gated_delta_rule.gated_delta_recurrent)
+unit_lower_inverse = jax.jit(gated_delta_rule.unit_lower_inverse)
+
+
+@jax.jit
+def _solved_both_ways(lower, rhs):
+  """(I + lower)⁻¹ rhs by the explicit inverse and by the triangular solve."""
+  by_inverse = jnp.matmul(gated_delta_rule.unit_lower_inverse(lower), rhs, precision="highest")
+  unit = jnp.eye(lower.shape[-1], dtype=lower.dtype)
+  return by_inverse, jax.scipy.linalg.solve_triangular(unit + lower, rhs, lower=True, unit_diagonal=True)
 
 
 def _inputs(length=29, seed=0):
@@ -70,7 +79,7 @@ def _delta_rule_lower(rng, batch: int, size: int) -> np.ndarray:
 @pytest.mark.parametrize("size", [1, 2, 5, 16, 37, 64])  # powers of two and sizes padded to the next one
 def test_unit_lower_inverse_is_the_inverse_f64(x64, size):
   lower = _delta_rule_lower(np.random.default_rng(size), 3, size)
-  inverse = np.asarray(gated_delta_rule.unit_lower_inverse(jnp.asarray(lower)))
+  inverse = np.asarray(unit_lower_inverse(jnp.asarray(lower)))
   exact = np.linalg.inv(np.eye(size) + lower)
   assert np.abs(inverse - exact).max() < 1e-13 * np.abs(exact).max()  # f64 rounding (measured ≤ 3e-16 relative)
   assert np.all(np.triu(inverse, 1) == 0)
@@ -86,9 +95,7 @@ def test_unit_lower_inverse_in_f32_is_as_accurate_as_the_triangular_solve(case):
            "alternating": np.tril(np.full((2, 64, 64), -0.99), -1)}[case]
   rhs = rng.normal(size=lower.shape[:-1] + (32,))
   exact = np.linalg.solve(np.eye(64) + lower, rhs)
-  lower32, rhs32 = jnp.asarray(lower, jnp.float32), jnp.asarray(rhs, jnp.float32)
-  by_inverse = jnp.matmul(gated_delta_rule.unit_lower_inverse(lower32), rhs32, precision="highest")
-  by_solve = jax.scipy.linalg.solve_triangular(jnp.eye(64) + lower32, rhs32, lower=True, unit_diagonal=True)
+  by_inverse, by_solve = _solved_both_ways(jnp.asarray(lower, jnp.float32), jnp.asarray(rhs, jnp.float32))
   error = lambda x: np.abs(np.asarray(x, np.float64) - exact).max() / np.abs(exact).max()
   # Measured: inverse 8e-8 / 5e-8 / 5e-7, solve 2e-7 / 8e-8 / 6e-7 of the solution's scale.
   assert error(by_inverse) < max(2 * error(by_solve), 1e-6), (error(by_inverse), error(by_solve))

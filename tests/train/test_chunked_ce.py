@@ -1,6 +1,8 @@
 """The fused chunked read-out + cross-entropy equals the unfused path (whole logits, optax's cross-entropy, logsumexp
 for the z-loss): values, argmax and gradients w.r.t. the hidden states and the read-out weights, with and without
 the soft-cap, T not divisible by the chunk, f64 (tight) and bf16 activations; and the train loss through a model."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,14 @@ def _objective(ce_fn, mask, z_loss):
   return objective
 
 
+def _values_and_grads(ce_fn, z_loss):
+  """ce_fn's (ce, lse, argmax) and the gradients of `_objective` w.r.t. (x, w), one jitted program per function."""
+  def values_and_grads(x, w, targets, mask):
+    return ce_fn(x, w, targets), jax.grad(_objective(ce_fn, mask, z_loss), argnums=(0, 1))(x, w, targets)
+  return jax.jit(values_and_grads)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("length",))  # one program, not an eager op each
 def _inputs(dtype, batch=2, length=37, dim=16, vocab=50, seed=0):
   kx, kw, kt, km = jax.random.split(jax.random.key(seed), 4)
   x = (3.0 * jax.random.normal(kx, (batch, length, dim))).astype(dtype)  # logits of a few units: the cap bends
@@ -44,11 +54,11 @@ def _inputs(dtype, batch=2, length=37, dim=16, vocab=50, seed=0):
 def test_values_and_gradients_equal_the_unfused_path_in_f64(x64, cap):
   x, w, targets, mask = _inputs(jnp.float64)
   fused = lambda x, w, t: chunked_cross_entropy(x, w, t, cap, 8)  # 37 = 4 chunks of 8 + 5: padding is exercised
-  for got, want in zip(fused(x, w, targets), _unfused(x, w, targets, cap)):
+  (values, grads), (want_values, want_grads) = [_values_and_grads(f, 1e-2)(x, w, targets, mask)
+                                                for f in (fused, lambda x, w, t: _unfused(x, w, t, cap))]
+  for got, want in zip(values, want_values):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)  # same f64 math, another summation order
-  grads = [jax.grad(_objective(f, mask, 1e-2), argnums=(0, 1))(x, w, targets)
-           for f in (fused, lambda x, w, t: _unfused(x, w, t, cap))]
-  for got, want in zip(*grads):
+  for got, want in zip(grads, want_grads):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -59,11 +69,10 @@ def test_bf16_activations_match_the_unfused_path():
   x, w, targets, mask = _inputs(jnp.bfloat16, length=64)
   fused = lambda x, w, t: chunked_cross_entropy(x, w, t, 30.0, 16)
   unfused = lambda x, w, t: _unfused(x, w, t, 30.0)
-  got, want = fused(x, w, targets), unfused(x, w, targets)
+  (got, grads), (want, want_grads) = [_values_and_grads(f, 1e-4)(x, w, targets, mask) for f in (fused, unfused)]
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)  # f32 logits from the same bf16 products
   np.testing.assert_array_equal(got[2], want[2])
-  grads = [jax.grad(_objective(f, mask, 1e-4), argnums=(0, 1))(x, w, targets) for f in (fused, unfused)]
-  for got, want in zip(*grads):
+  for got, want in zip(grads, want_grads):
     scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
     np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=2e-2 * scale)
 

@@ -104,7 +104,7 @@ def test_reported_steps_equal_an_independent_count(x64, shape):
 
 def test_fixed_steps_report_the_step_count():
   args = random_inputs(1, 20, 2, 8, 8, seed=4)
-  _, _, steps = mesa_chunked(*args, chunk_size=8, cg_steps=7, return_cg_steps=True)
+  _, _, steps = _adaptive(8, 7, None)(*args, return_cg_steps=True)  # cg_tol None: the fixed steps
   np.testing.assert_array_equal(steps, np.full((1, 2, 2), 7.0))
 
 

@@ -128,8 +128,8 @@ def _read_sidecar(path: str, unit: readers.Unit, settings: Settings) -> dict | N
 def prepare(units: list[readers.Unit], out: str, settings: Settings, workers: int = 1,
             slice_: tuple[int, int] = (0, 1), progress: bool = True) -> dict:
   """Prepares this slice's missing shards of `units` into `out`, in `workers` processes (0: in this one).
-  Returns {"written", "skipped", "documents", "tokens", "seconds", "manifest" (its path, or None while other
-  slices' shards are missing)}."""
+  Returns {"written", "skipped", "documents", "tokens" (of the shards written, from their sidecars), "seconds",
+  "manifest" (its path, or None while other slices' shards are missing)}."""
   index, count = slice_
   if not 0 <= index < count:
     raise ValueError(f"--slice must be i/n with 0 <= i < n, got {index}/{count}")
@@ -137,7 +137,8 @@ def prepare(units: list[readers.Unit], out: str, settings: Settings, workers: in
   paths = [os.path.join(out, shards.shard_name(k, len(units))) for k in range(len(units))]
   mine = [k for k in range(len(units)) if k % count == index]
   todo = [k for k in mine if _read_sidecar(paths[k], units[k], settings) is None]
-  done = {"documents": 0, "tokens": 0}
+  done = {"documents": 0, "tokens": 0}  # for the progress bar only: the workers' queue may still hold some at the end
+  written = []  # the sidecars of the shards written here
   start = time.perf_counter()
   bar = None
   if progress and todo:
@@ -153,9 +154,9 @@ def prepare(units: list[readers.Unit], out: str, settings: Settings, workers: in
 
   if todo and workers == 0:  # in this process, one shard after another
     for k in todo:
-      sidecar = prepare_shard(units[k], paths[k], settings)
-      done["documents"] += sidecar["documents"]
-      done["tokens"] += sidecar["tokens"]
+      written.append(prepare_shard(units[k], paths[k], settings))
+      done["documents"] += written[-1]["documents"]
+      done["tokens"] += written[-1]["tokens"]
       show(1)
   elif todo:
     context = multiprocessing.get_context("spawn")  # no fork of a process that imported jax
@@ -170,13 +171,13 @@ def prepare(units: list[readers.Unit], out: str, settings: Settings, workers: in
           documents, tokens = queue.get()
           done["documents"] += documents
           done["tokens"] += tokens
-        for future in finished:
-          future.result()  # a worker's error stops the run
+        written += [future.result() for future in finished]  # a worker's error stops the run
         show(len(finished))
   if bar is not None:
     bar.close()
   seconds = time.perf_counter() - start
-  return {"written": len(todo), "skipped": len(mine) - len(todo), **done, "seconds": seconds,
+  totals = {key: sum(sidecar[key] for sidecar in written) for key in ("documents", "tokens")}
+  return {"written": len(todo), "skipped": len(mine) - len(todo), **totals, "seconds": seconds,
           "manifest": write_manifest(units, out, paths, settings)}
 
 

@@ -39,7 +39,7 @@ def _values_and_grads(ce_fn, z_loss):
   return jax.jit(values_and_grads)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("length",))  # one program, not an eager op each
+@functools.partial(jax.jit, static_argnames=("dtype", "batch", "length", "dim", "vocab"))  # one program, not eager ops
 def _inputs(dtype, batch=2, length=37, dim=16, vocab=50, seed=0):
   kx, kw, kt, km = jax.random.split(jax.random.key(seed), 4)
   x = (3.0 * jax.random.normal(kx, (batch, length, dim))).astype(dtype)  # logits of a few units: the cap bends

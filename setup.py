@@ -38,7 +38,7 @@ setup(
     ],
     extras_require={
         # pytest < 9.2: pytest-xdist 3.8's --dist loadgroup (pytest.ini) sets item._nodeid, which 9.2 no longer reads
-        "test": ["pytest>=8,<9.2", "pytest-xdist", "portpicker", "tensorflow-datasets==4.9.10", "importlib_resources",
+        "test": ["pytest>=8,<9.2", "pytest-xdist", "tensorflow-datasets==4.9.10", "importlib_resources",
                  "sentencepiece>=0.2", "datasets>=3.0"],
         "data": ["tensorflow-datasets==4.9.10", "sentencepiece>=0.2", "datasets>=3.0"],
         "gpu": [f"jax[cuda13]=={JAX_VERSION}"],

@@ -1,6 +1,6 @@
-"""launch/local.sh runs 2 trainer processes for real; the TPU and SLURM launchers are checked through --dry-run
-(gcloud, sbatch, srun are not installed here), with a fake `scontrol` on PATH."""
-import json
+"""launch/local.sh's real two-process run is tests/train/test_trainer.py's jax.distributed test; here its failure
+path runs for real. The TPU and SLURM launchers are checked through --dry-run (gcloud, sbatch, srun are not
+installed here), with a fake `scontrol` on PATH."""
 import os
 import shlex
 import subprocess
@@ -23,17 +23,6 @@ def _bash(*args, env=None, timeout=60):
 def _one_line_error(result, expected):
   assert result.returncode == 2, result.stdout + result.stderr
   assert result.stderr.strip().splitlines() == [result.stderr.strip()] and expected in result.stderr, result.stderr
-
-
-@pytest.mark.slow
-def test_local_runs_two_processes_with_logs(tmp_path):
-  result = _bash("launch/local.sh", "2", TINY, f"--workdir={tmp_path}", "--config.train.num_steps=2", timeout=180)
-  assert result.returncode == 0, result.stdout + result.stderr
-  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2]
-  assert (tmp_path / "checkpoints" / "2").is_dir()
-  assert "2 process(es)" in (tmp_path / "logs" / "process_0.log").read_text()
-  assert (tmp_path / "logs" / "process_1.log").stat().st_size > 0
 
 
 @pytest.mark.slow

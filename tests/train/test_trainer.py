@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import portpicker
 import pytest
 
 from mesanet_jax import sharding
@@ -158,23 +157,25 @@ def test_scan_layers_with_remat_trains_and_resumes(tmp_path):
 
 
 @pytest.mark.xdist_group("reference")
-def test_two_processes_with_jax_distributed(tmp_path, reference):
-  port = portpicker.pick_unused_port()
-  flags = ["--num_processes=2", f"--coordinator_address=127.0.0.1:{port}", "--config.train.num_steps=3"]
-  processes = [subprocess.Popen(_command(tmp_path / "two", *flags, f"--process_id={i}"), cwd=ROOT, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=240)[0] for p in processes]
-  for p, out in zip(processes, outputs):
-    assert p.returncode == 0, out[-3000:]
-  assert "2 process(es)" in outputs[0]
-  two = _losses(tmp_path / "two")
+def test_two_processes_with_jax_distributed_through_the_local_launcher(tmp_path, reference):
+  """launch/local.sh starts 2 trainer processes joined by jax.distributed (also the launcher's real run: one
+  two-process run checks both, as each costs ~25 s of CPU)."""
+  workdir = tmp_path / "two"
+  result = subprocess.run(["bash", "launch/local.sh", "2", tiny.TEXT_FLAG, f"--workdir={workdir}",
+                           "--config.train.num_steps=3"], cwd=ROOT, env=_env() | {"PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=240)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "launch/local.sh: 2 processes finished" in result.stdout
+  assert "2 process(es)" in (workdir / "logs" / "process_0.log").read_text()
+  assert (workdir / "logs" / "process_1.log").stat().st_size > 0
+  two = _losses(workdir)
   assert sorted(two) == [1, 2, 3]
   # Process i reads examples i, i+2, …: together the same global batch as one process, in another row order.
   # One process's first 3 losses: the reference's (6 steps; the losses of steps 1-3 come from the updates of steps
   # 1-2, whose learning rates lie in the 2-step warmup, the same for any num_steps >= 3).
   one = _losses(reference)
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=2e-5)
-  assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
+  assert (workdir / "checkpoints" / "3").is_dir()
 
 
 def test_adaptive_cg_logs_cg_steps_per_mesa_layer(tmp_path):

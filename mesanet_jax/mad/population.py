@@ -50,6 +50,7 @@ class Population:
     self.train = jax.jit(self._train, static_argnames="num_steps", donate_argnums=0)
     self.evaluate = jax.jit(self._evaluate)
     self.assign = jax.jit(self._assign)
+    self._fresh_members = jax.jit(jax.vmap(self._fresh))  # one program per population, not per `init` call
 
   def _fresh(self, key: jax.Array):
     """(params, optimiser state) of one new member."""
@@ -59,7 +60,7 @@ class Population:
   def init(self, num_examples: int, seed: int = 0) -> Slots:
     """S inactive slots (params initialised, nothing to train yet)."""
     keys = jax.random.split(jax.random.key(seed), self.size)
-    params, opt_state = jax.jit(jax.vmap(self._fresh))(keys)
+    params, opt_state = self._fresh_members(keys)
     zeros = jnp.zeros(self.size, jnp.int32)
     return Slots(params, opt_state, zeros, zeros + 1, zeros + 1, zeros, zeros + 1,
                  jnp.zeros(self.size), jnp.zeros(self.size), jnp.zeros(self.size, bool),

@@ -23,27 +23,6 @@ def _bf16_model(architecture: str, **overrides) -> LanguageModel:
   return LanguageModel(config, rngs=nnx.Rngs(0))
 
 
-def _decode(model: LanguageModel, tokens: jax.Array, prompt_len: int):
-  """Prefill tokens[:, :P], then teacher-forced decode steps over the rest: (logits [B, T − P + 1, V], their
-  greedy tokens)."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, tokens):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(tokens[:, :prompt_len], max_len=tokens.shape[1], last_only=True)
-
-    def step(cache, token):
-      logits, cache, _ = model.decode_step(token, cache)
-      return cache, logits
-
-    _, decoded = jax.lax.scan(step, cache, tokens[:, prompt_len:].T)
-    logits = jnp.concatenate([logits[:, None], jnp.moveaxis(decoded, 0, 1)], axis=1)
-    return logits, jnp.argmax(logits, axis=-1)
-
-  return run(state, tokens)
-
-
 def _dtypes(model: nnx.Module) -> dict:
   return {".".join(map(str, path)): v.get_value().dtype for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -76,21 +55,6 @@ def _fused_as_stored(model: LanguageModel) -> LanguageModel:
   return model
 
 
-@pytest.mark.slow  # compiles over ~8 s on one core
-@pytest.mark.parametrize("architecture, scan_layers", [("mesanet", False), ("mesanet", True), ("transformer", False),
-                                                       ("transformer", True), ("gdn", False), ("hawk_mesa", False)])
-def test_decoding_with_cast_weights_is_bit_identical(architecture, scan_layers):
-  # The cast is the one each module does on every call, so logits and tokens are equal, not merely close. (Against
-  # the same projections in the same layout: the decode layout itself may change summation order, which
-  # test_fused_projections_decode_as_the_layers_one_by_one bounds.)
-  model = _bf16_model(architecture, scan_layers=scan_layers)
-  tokens = _tokens((2, 14))
-  logits, greedy = _decode(_fused_as_stored(model), tokens, 6)
-  cast_logits, cast_greedy = _decode(for_decoding(model), tokens, 6)
-  np.testing.assert_array_equal(np.asarray(cast_logits), np.asarray(logits))
-  np.testing.assert_array_equal(np.asarray(cast_greedy), np.asarray(greedy))
-
-
 def _greedy(model: LanguageModel, prompt: jax.Array, steps: int):
   """Prefill, then `steps` greedy decode steps each fed its own token: (tokens [B, steps], logits [B, steps, V])."""
   graphdef, state = nnx.split(model)
@@ -117,15 +81,23 @@ def _each_on_its_own(module, group, x):
   return tuple(layer(x) for name in module.FUSED[group] if (layer := getattr(module, name)) is not None)
 
 
-@pytest.mark.slow  # compiles over ~8 s on one core
+@pytest.mark.slow  # compiles three decoding programs (~8 s on one core)
 @pytest.mark.parametrize("architecture, scan_layers", [("mesanet", False), ("mesanet", True), ("transformer", False),
-                                                       ("gdn", False), ("hawk_mesa", False)])
-def test_fused_projections_decode_as_the_layers_one_by_one(architecture, scan_layers, monkeypatch):
-  model = for_decoding(_bf16_model(architecture, scan_layers=scan_layers))
+                                                       ("transformer", True), ("gdn", False), ("hawk_mesa", False)])
+def test_cast_weights_decode_bit_identically_and_fused_projections_as_the_layers(architecture, scan_layers,
+                                                                                  monkeypatch):
+  model = _bf16_model(architecture, scan_layers=scan_layers)
+  prepared = for_decoding(model)
   prompt = _tokens((2, 6)).astype(jnp.int32)
-  tokens, logits = _greedy(model, prompt, 32)
+  tokens, logits = _greedy(prepared, prompt, 32)
+  # The cast is the one each module does on every call, so logits and tokens are equal, not merely close (against the
+  # same projections in the same layout, stored in f32).
+  stored_tokens, stored_logits = _greedy(_fused_as_stored(model), prompt, 32)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(stored_logits))
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(stored_tokens))
+  # The decode layout itself (projections fused) against the layers one by one.
   monkeypatch.setattr(FusedProjections, "fused", _each_on_its_own)
-  expected_tokens, expected_logits = _greedy(model, prompt, 32)
+  expected_tokens, expected_logits = _greedy(prepared, prompt, 32)
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(expected_tokens))
   # A fused product may be summed in another order (measured on CPU: equal in the loop, Δ 7e-3 on logits up to 6
   # under scan_layers); rounded to bf16 that is at most one bf16 ulp of a projection, which stays about one ulp

@@ -13,8 +13,7 @@ from flax import nnx
 from mesanet_jax.layers.mesa import CGStepsProbe, add_cg_steps_probes, cg_steps_by_layer
 from mesanet_jax.models.lm import LanguageModel
 from tests.models.stacking import same_weights
-from tests.models.test_lm import _tokens
-from tests.models.test_scan_remat import small
+from tests.models.test_lm import _tokens, small
 
 
 def _loss_and_steps(model: LanguageModel, tokens: jax.Array):

@@ -13,8 +13,8 @@ from mesanet_jax.eval import hf_export
 from mesanet_jax.layers.hawk import HawkConfig, HawkLayer, linear_recurrence, sqrt_bounded_derivative
 from mesanet_jax.models.config import preset
 from mesanet_jax.models.lm import LanguageModel
-from tests.models.test_lm import _prefill_then_decode, _tokens
-from tests.models.test_scan_remat import assert_same_math, small
+from tests.models.test_lm import _prefill_then_decode, _tokens, small
+from tests.models.test_scan_remat import assert_same_math
 
 
 def test_associative_scan_equals_the_sequential_recurrence(x64):

@@ -15,14 +15,7 @@ from mesanet_jax import sharding
 from mesanet_jax.models.config import ARCHITECTURES, preset
 from mesanet_jax.models.lm import LanguageModel, count_params
 from tests.models.stacking import same_weights, stacked
-from tests.models.test_lm import _prefill_then_decode, _tokens
-
-
-def small(architecture: str, **overrides):
-  """The tiny preset cut to 2 blocks and 10 CG steps (compile time)."""
-  config = preset("tiny", architecture, **overrides)
-  return dataclasses.replace(config, mixers=config.mixers[:2],
-                             mesa=dataclasses.replace(config.mesa, cg_steps_train=10))
+from tests.models.test_lm import _prefill_then_decode, _tokens, small
 
 
 def loss_and_grads(model: LanguageModel, tokens: jax.Array):

@@ -145,24 +145,24 @@ def test_cg_steps_probe_reports_forward_and_adjoint_steps(impl, head_dim):
   reported = cg_steps_by_layer(probe_grads)
   assert reported.shape == (1, 4)
 
-  # Every part below jitted too (one program each instead of an eager compile per primitive).
-  layer_call = lambda method: jax.jit(lambda params, probes, *a: method(nnx.merge(graphdef, params, probes), *a))
-  # Forward: an independent count, the dense CG of mesa_recurrent on the same systems.
-  (q, k, v, g, beta), out_gate, lam = layer_call(lambda layer: (*layer._inputs(x, None)[:2], layer.lam()))(
-      params, probes)
-  recurrent = jax.jit(functools.partial(mesa_recurrent, cg_steps=24, tol=1e-4))
-  iters = np.asarray(recurrent(q, k, v, g, beta, lam)[2], np.float64)
-  np.testing.assert_allclose(reported[0, :2], [iters.mean(), iters.max()], rtol=1e-6)
-  forward_steps = layer_call(lambda layer: layer.forward_with_cg_steps(x)[1])(params, probes)
-  np.testing.assert_allclose(forward_steps, reported[0, :2], rtol=1e-6)
-  # Adjoint: what the op reports for the cotangent the layer's output sends into o.
+  # Independent counts of the same systems, all in one jitted program (the layer's projections compile once).
   op = functools.partial(mesa_chunked, chunk_size=16, cg_steps=24, cg_tol=1e-4, impl=impl)
 
-  def adjoint_steps(layer, *inputs):
-    o = op(*inputs, lam)[0]
+  def independent_counts(params, probes):
+    layer = nnx.merge(graphdef, params, probes)
+    (q, k, v, g, beta), out_gate = layer._inputs(x, None)[:2]
+    lam = layer.lam()
+    # Forward: the dense CG of mesa_recurrent, token by token.
+    iters = mesa_recurrent(q, k, v, g, beta, lam, cg_steps=24, tol=1e-4)[2]
+    forward_steps = layer.forward_with_cg_steps(x)[1]
+    # Adjoint: what the op reports for the cotangent the layer's output sends into o.
+    o = op(q, k, v, g, beta, lam)[0]
     do = jax.grad(lambda o: jnp.sum(layer._output(o, out_gate) * weights))(o)
-    return cg_steps.measure(op, lambda outputs: jnp.sum(outputs[0] * do), *inputs, lam)
-  op_steps = layer_call(adjoint_steps)(params, probes, q, k, v, g, beta)
+    return iters, forward_steps, cg_steps.measure(op, lambda outputs: jnp.sum(outputs[0] * do), q, k, v, g, beta, lam)
+  iters, forward_steps, op_steps = jax.jit(independent_counts)(params, probes)
+  iters = np.asarray(iters, np.float64)
+  np.testing.assert_allclose(reported[0, :2], [iters.mean(), iters.max()], rtol=1e-6)
+  np.testing.assert_allclose(forward_steps, reported[0, :2], rtol=1e-6)
   np.testing.assert_allclose(reported[0], op_steps, rtol=1e-6)
   assert 1 < float(reported[0, 2]) < 24
   # The probe changes no gradient.

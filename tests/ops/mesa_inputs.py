@@ -61,8 +61,20 @@ def weighted_sum_loss(op, weights):
 
 
 def loss_weights(o, state, seed=123):
-  """Normal weights shaped as o, h_kk and h_kv, drawn in f32 with numpy whatever their dtype, so that f32 and f64 runs
-  weigh their outputs identically."""
+  """Normal weights shaped as o, h_kk and h_kv (arrays or jax.ShapeDtypeStructs), drawn in f32 with numpy whatever
+  their dtype, so that f32 and f64 runs weigh their outputs identically."""
   rng = np.random.default_rng(seed)
   return tuple(jnp.asarray(rng.standard_normal(x.shape, np.float32).astype(x.dtype))
                for x in (o, state.h_kk, state.h_kv))
+
+
+def output_weights(op, args):
+  """loss_weights shaped as the outputs of op(*args), from their shapes alone (nothing is compiled or run)."""
+  return loss_weights(*jax.eval_shape(op, *args)[:2])
+
+
+def value_and_gradients(op, args, weights):
+  """(op(*args), the gradients of weighted_sum_loss(op, weights) w.r.t. the seven inputs) from one jitted program:
+  the forward compiles once, where a forward program and a gradient program would each compile it."""
+  loss = weighted_sum_loss(op, weights)
+  return jax.jit(lambda *args: (op(*args), jax.grad(loss, argnums=range(7))(*args)))(*args)

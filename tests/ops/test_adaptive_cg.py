@@ -9,7 +9,8 @@ import pytest
 from jax.test_util import check_grads
 
 from mesanet_jax.ops import cg_steps, mesa_chunked, mesa_exact, mesa_recurrent
-from tests.ops.mesa_inputs import as_f64, loss_weights, max_abs, random_inputs, scale, weighted_sum_loss
+from tests.ops.mesa_inputs import (as_f64, max_abs, output_weights, random_inputs, scale, value_and_gradients,
+                                  weighted_sum_loss)
 from tests.ops.test_chunked import ARGNAMES, F64_TOL
 
 # (B, T, H, Dk, Dv, C): T not a multiple of C with Dk ≠ Dv (padded tokens), T a multiple of C.
@@ -26,10 +27,6 @@ _exact = jax.jit(mesa_exact)
 _recurrent = jax.jit(mesa_recurrent, static_argnames=("cg_steps", "tol"))
 
 
-def _gradients(op, args, weights):
-  return jax.jit(jax.grad(weighted_sum_loss(op, weights), argnums=range(7)))(*args)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_tight_tolerance_matches_exact_in_f64(x64, shape):
@@ -37,14 +34,19 @@ def test_tight_tolerance_matches_exact_in_f64(x64, shape):
   args = as_f64(random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=1))
   # ‖r‖ ≤ 1e-13‖r₀‖ with cond(A) ≲ 1e2 leaves errors ~1e-11 of scale, inside F64_TOL (the fixed-step tests' bound);
   # 3·Dk steps is only the cap.
-  op = _adaptive(chunk, 3 * key_dim, 1e-13)
-  o, state, forward_steps = op(*args, return_cg_steps=True)
-  o_exact, state_exact = _exact(*args)
+  _assert_matches_exact(args, _adaptive(chunk, 3 * key_dim, 1e-13, return_cg_steps=True), key_dim)
+
+
+def _assert_matches_exact(args, op, key_dim):
+  """op (returning its CG steps) against the exact solve in f64: outputs, final state, every gradient; every system
+  stopped before the cap of 3·Dk steps."""
+  weights = output_weights(mesa_exact, args)
+  (o, state, forward_steps), grads = value_and_gradients(op, args, weights)
+  (o_exact, state_exact), grads_exact = value_and_gradients(_exact, args, weights)
   assert max_abs(o, o_exact) < F64_TOL * scale(o_exact)
   assert max_abs(state, state_exact) < F64_TOL * scale(state_exact)
   assert float(cg_steps.combine(forward_steps)[1]) < 3 * key_dim  # every system stopped before the cap
-  weights = loss_weights(o_exact, state_exact)
-  for name, grad, grad_exact in zip(ARGNAMES, _gradients(op, args, weights), _gradients(_exact, args, weights)):
+  for name, grad, grad_exact in zip(ARGNAMES, grads, grads_exact):
     assert max_abs(grad, grad_exact) < F64_TOL * scale(grad_exact), name
 
 
@@ -82,7 +84,7 @@ def test_reported_steps_equal_an_independent_count(x64, shape):
   args = as_f64(random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=3))
   tol, cap = 1e-6, 3 * key_dim
   op = _adaptive(chunk, cap, tol)
-  weights = loss_weights(*_exact(*args))
+  weights = output_weights(mesa_exact, args)
   q, k, v, g, beta, lam, state = args
   forward_iters = _recurrent(*args, cg_steps=cap, tol=tol)[2]
   u = jnp.einsum("bthkv,bthv->bthk", _token_h_kv(k, v, g, beta, state), weights[0])  # do = ∂loss/∂o = weights[0]
@@ -112,7 +114,8 @@ def test_fixed_steps_report_the_step_count():
 def test_steps_and_error_fall_and_rise_with_the_tolerance(x64):
   args = as_f64(random_inputs(2, 64, 2, 16, 16, seed=8))
   o_exact, _ = _exact(*args)
-  runs = [_adaptive(16, 48, tol)(*args, return_cg_steps=True) for tol in (1e-2, 1e-4, 1e-6, 1e-8)]
+  runs = jax.jit(lambda *args: [mesa_chunked(*args, chunk_size=16, cg_steps=48, cg_tol=tol, return_cg_steps=True)
+                                for tol in (1e-2, 1e-4, 1e-6, 1e-8)])(*args)  # one program: chunk sums compile once
   errors = [max_abs(o, o_exact) for o, _, _ in runs]
   steps = [float(cg_steps.combine(s)[0]) for _, _, s in runs]
   assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
@@ -128,17 +131,12 @@ def test_jacobi_preconditioner_matches_exact_in_fewer_steps(x64):
   over the dims as in the kernel benchmark's random inputs."""
   batch, length, heads, key_dim, value_dim, chunk = SHAPES[1]
   args = as_f64(random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=1))
-  op = _adaptive(chunk, 3 * key_dim, 1e-13, cg_preconditioner="jacobi")
-  o, state, forward_steps = op(*args, return_cg_steps=True)
-  o_exact, state_exact = _exact(*args)
-  assert max_abs(o, o_exact) < F64_TOL * scale(o_exact)
-  assert max_abs(state, state_exact) < F64_TOL * scale(state_exact)
-  assert float(cg_steps.combine(forward_steps)[1]) < 3 * key_dim
-  weights = loss_weights(o_exact, state_exact)
-  for name, grad, grad_exact in zip(ARGNAMES, _gradients(op, args, weights), _gradients(_exact, args, weights)):
-    assert max_abs(grad, grad_exact) < F64_TOL * scale(grad_exact), name
-  mean_steps = {preconditioner: float(cg_steps.combine(_adaptive(chunk, 3 * key_dim, 1e-4, cg_preconditioner=(
-      preconditioner))(*args, return_cg_steps=True)[2])[0]) for preconditioner in ("none", "jacobi")}
+  _assert_matches_exact(args, _adaptive(chunk, 3 * key_dim, 1e-13, cg_preconditioner="jacobi", return_cg_steps=True),
+                        key_dim)
+  steps = jax.jit(lambda *args: {preconditioner: mesa_chunked(  # one program: the chunk sums compile once
+      *args, chunk_size=chunk, cg_steps=3 * key_dim, cg_tol=1e-4, cg_preconditioner=preconditioner,
+      return_cg_steps=True)[2] for preconditioner in ("none", "jacobi")})(*args)
+  mean_steps = {preconditioner: float(cg_steps.combine(s)[0]) for preconditioner, s in steps.items()}
   # Measured: 8.9 plain, 6.3 preconditioned (Dk = 16; at Dk = 128 on kernel_bench's inputs 12.6 and 5.8, computed
   # densely in numpy).
   assert mean_steps["jacobi"] < 0.8 * mean_steps["none"], mean_steps

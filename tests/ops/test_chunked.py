@@ -9,7 +9,8 @@ import pytest
 from jax.test_util import check_grads
 
 from mesanet_jax.ops import MesaState, mesa_chunked, mesa_exact
-from tests.ops.mesa_inputs import as_f64, loss_weights, max_abs, random_inputs, scale, weighted_sum_loss
+from tests.ops.mesa_inputs import (as_f64, max_abs, output_weights, random_inputs, scale, value_and_gradients,
+                                  weighted_sum_loss)
 
 # (B, T, H, Dk, Dv, C): T = 1, T < C, T not a multiple of C with Dk ≠ Dv, T a multiple of C, C = 1, Dv > Dk.
 SHAPES = [
@@ -33,8 +34,7 @@ _exact = jax.jit(mesa_exact)
 
 
 def _gradients(op, args):
-  weights = loss_weights(*_exact(*args))
-  return jax.jit(jax.grad(weighted_sum_loss(op, weights), argnums=range(7)))(*args)
+  return jax.jit(jax.grad(weighted_sum_loss(op, output_weights(mesa_exact, args)), argnums=range(7)))(*args)
 
 
 # In f64, 3·Dk CG steps converge the systems here (condition numbers ≲ 1e2) to rounding, so the chunked path must
@@ -79,13 +79,10 @@ def test_gradients_match_finite_differences(x64):
 def test_f32_accuracy_at_training_settings():
   """f32 inputs, 30 CG steps (the paper's training setting), Dk = 32, errors vs the f64 exact solve."""
   args = random_inputs(2, 200, 2, 32, 32, with_state=True, seed=4)
-  op = _chunked(16, 30)
-  o, state = op(*args)
+  (o, state), grads = value_and_gradients(_chunked(16, 30), args, output_weights(mesa_exact, args))
   with jax.enable_x64(True):
     args64 = as_f64(args)
-    o_exact, state_exact = _exact(*args64)
-    grads_exact = _gradients(_exact, args64)
-  grads = _gradients(op, args)
+    (o_exact, state_exact), grads_exact = value_and_gradients(_exact, args64, output_weights(mesa_exact, args64))
   # CG stops at relative residual ~1e-6 after 30 steps on these well-conditioned systems; f32 rounding of the
   # chunk sums adds ~1e-6 of scale. Measured: output 3e-6, gradients ≤ 3e-5 of scale.
   assert max_abs(o, o_exact) < 1e-4 * scale(o_exact)
@@ -99,13 +96,12 @@ def test_bf16_inputs_compute_in_f32():
   args = random_inputs(2, 40, 2, 16, 16, with_state=True, seed=5)
   args_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), args)
   op = _chunked(16, 30)
-  o, state = op(*args_bf16)
+  (o, state), grads = value_and_gradients(op, args_bf16, output_weights(mesa_exact, args_bf16))
   assert o.dtype == jnp.bfloat16 and state.h_kk.dtype == jnp.float32 and state.h_kv.dtype == jnp.float32
   o_f32, state_f32 = op(*jax.tree.map(lambda x: x.astype(jnp.float32), args_bf16))
   # The same (bf16-rounded) inputs computed in f32: only the final rounding of o to bf16 differs (≤ 2⁻⁹ relative).
   assert max_abs(o, o_f32) <= 2.0**-8 * scale(o_f32)
   assert max_abs(state, state_f32) == 0.0
-  grads = _gradients(op, args_bf16)
   for name, grad, arg in zip(ARGNAMES, grads, args_bf16):
     for leaf_grad, leaf in zip(jax.tree.leaves(grad), jax.tree.leaves(arg)):
       assert leaf_grad.dtype == leaf.dtype and bool(jnp.all(jnp.isfinite(leaf_grad))), name
@@ -148,12 +144,15 @@ def test_final_state_continues_the_sequence(x64):
   assert max_abs(state_second, state_full) < 1e-12
 
 
-@pytest.mark.slow  # compile-heavy (~10 s on 2 cores)
+@pytest.mark.slow
 def test_cg_error_decreases_with_steps(x64):
   args = as_f64(random_inputs(2, 64, 2, 16, 16, seed=8))
   o_exact, _ = _exact(*args)
-  errors = {init: [max_abs(_chunked(16, steps, cg_init=init)(*args)[0], o_exact) for steps in (1, 2, 4, 8, 16, 32)]
-            for init in ("jacobi", "zero")}
+  # Every budget in one program: the chunk sums they share compile once (~5x less compile time than one program
+  # per budget).
+  outputs = jax.jit(lambda *args: {init: [mesa_chunked(*args, chunk_size=16, cg_steps=steps, cg_init=init)[0]
+                                          for steps in (1, 2, 4, 8, 16, 32)] for init in ("jacobi", "zero")})(*args)
+  errors = {init: [max_abs(o, o_exact) for o in outs] for init, outs in outputs.items()}
   for init, err in errors.items():
     assert all(later < earlier for earlier, later in zip(err, err[1:])), (init, err)
     assert err[-1] < 1e-10, (init, err)

@@ -7,7 +7,8 @@ import pytest
 
 from mesanet_jax.ops import mesa_chunked, mesa_exact
 from tests.pallas.precision import F32_PRODUCT_ERROR
-from tests.ops.mesa_inputs import as_f64, loss_weights, max_abs, random_inputs, scale, weighted_sum_loss
+from tests.ops.mesa_inputs import (as_f64, max_abs, output_weights, random_inputs, scale, value_and_gradients,
+                                  weighted_sum_loss)
 
 # (B, T, H, Dk, Dv, C): T a multiple of C; T not a multiple of C with Dv > Dk.
 SHAPES = [(1, 32, 2, 16, 16, 16), (2, 21, 1, 16, 32, 16)]
@@ -18,25 +19,15 @@ def _op(impl, chunk_size, cg_steps, **kwargs):
   return jax.jit(functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, impl=impl, **kwargs))
 
 
-def _value_and_grads(op, args, weights):
-  loss = weighted_sum_loss(op, weights)
-  return jax.jit(op)(*args), jax.jit(jax.grad(loss, argnums=range(7)))(*args)
-
-
-def _weights(args, reference, **kwargs):
-  """loss_weights (the loss's random direction) shaped as the outputs of `reference(*args, **kwargs)`."""
-  return loss_weights(*jax.jit(functools.partial(reference, **kwargs))(*args))
-
-
 @pytest.mark.slow  # every kernel interpreted, forward and backward
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("cg_init", ["jacobi", "zero"])
 def test_pallas_matches_xla_in_f32(shape, cg_init):
   batch, length, heads, key_dim, value_dim, chunk = shape
   args = random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=3)
-  weights = _weights(args, mesa_chunked, chunk_size=chunk)
-  (o, state), grads = _value_and_grads(_op("pallas", chunk, 20, cg_init=cg_init), args, weights)
-  (o_xla, state_xla), grads_xla = _value_and_grads(_op("xla", chunk, 20, cg_init=cg_init), args, weights)
+  weights = output_weights(mesa_exact, args)
+  (o, state), grads = value_and_gradients(_op("pallas", chunk, 20, cg_init=cg_init), args, weights)
+  (o_xla, state_xla), grads_xla = value_and_gradients(_op("xla", chunk, 20, cg_init=cg_init), args, weights)
   # The same CG with the products rounded differently (tests/pallas/precision.py), amplified by at most
   # cond(A) ≲ 1e2 through the solve, far less in practice. Measured on CPU: ≤ 5e-7 of scale.
   assert max_abs(o, o_xla) < 10 * F32_PRODUCT_ERROR * scale(o_xla)
@@ -48,9 +39,9 @@ def test_pallas_matches_xla_in_f32(shape, cg_init):
 @pytest.mark.slow  # every kernel interpreted, forward and backward
 def test_pallas_is_exact_cg_in_f64(x64):
   args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
-  weights = _weights(args, mesa_exact)
-  (o, _), grads = _value_and_grads(_op("pallas", 16, 48), args, weights)
-  (o_exact, _), grads_exact = _value_and_grads(mesa_exact, args, weights)
+  weights = output_weights(mesa_exact, args)
+  (o, _), grads = value_and_gradients(_op("pallas", 16, 48), args, weights)
+  (o_exact, _), grads_exact = value_and_gradients(mesa_exact, args, weights)
   # 3·Dk CG steps in f64: converged to rounding, as the XLA path (tests/ops/test_chunked.py).
   assert max_abs(o, o_exact) < 1e-9 * scale(o_exact)
   for grad, grad_exact in zip(grads, grads_exact):
@@ -62,7 +53,7 @@ def test_adaptive_pallas_matches_xla_in_f32():
   """With cg_tol both paths stop every row at the same step (the kernels end a program's loop once its rows have
   stopped, the XLA path runs one loop over all rows): same outputs, gradients and step counts."""
   args = random_inputs(2, 21, 1, 16, 32, with_state=True, seed=3)
-  weights = _weights(args, mesa_chunked, chunk_size=16)
+  weights = output_weights(mesa_exact, args)
   probe = jax.numpy.zeros((2, 1, 4))
   results = []
   for impl in ("pallas", "xla"):
@@ -82,9 +73,9 @@ def test_adaptive_pallas_matches_xla_in_f32():
 @pytest.mark.slow
 def test_adaptive_pallas_is_exact_in_f64(x64):
   args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
-  weights = _weights(args, mesa_exact)
-  (o, _), grads = _value_and_grads(_op("pallas", 16, 48, cg_tol=1e-13), args, weights)
-  (o_exact, _), grads_exact = _value_and_grads(mesa_exact, args, weights)
+  weights = output_weights(mesa_exact, args)
+  (o, _), grads = value_and_gradients(_op("pallas", 16, 48, cg_tol=1e-13), args, weights)
+  (o_exact, _), grads_exact = value_and_gradients(mesa_exact, args, weights)
   # As the fixed-step f64 test: a relative residual of 1e-13 leaves ~1e-11 of scale (tests/ops/test_adaptive_cg.py).
   assert max_abs(o, o_exact) < 1e-9 * scale(o_exact)
   for grad, grad_exact in zip(grads, grads_exact):

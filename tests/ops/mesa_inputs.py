@@ -1,4 +1,6 @@
 """Random Mesa inputs in the layer's ranges, shared by the operator tests."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,8 +75,9 @@ def output_weights(op, args):
   return loss_weights(*jax.eval_shape(op, *args)[:2])
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def value_and_gradients(op, args, weights):
-  """(op(*args), the gradients of weighted_sum_loss(op, weights) w.r.t. the seven inputs) from one jitted program:
-  the forward compiles once, where a forward program and a gradient program would each compile it."""
-  loss = weighted_sum_loss(op, weights)
-  return jax.jit(lambda *args: (op(*args), jax.grad(loss, argnums=range(7))(*args)))(*args)
+  """(op(*args), the gradients of weighted_sum_loss(op, weights) w.r.t. the seven inputs) from one program per op
+  and shapes: the forward compiles once, where a forward program and a gradient program would each compile it. `op`
+  is a static argument: pass the same object for the same op (e.g. a cached partial) to reuse the program."""
+  return op(*args), jax.grad(weighted_sum_loss(op, weights), argnums=range(7))(*args)

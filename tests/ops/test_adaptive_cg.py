@@ -17,7 +17,9 @@ from tests.ops.test_chunked import ARGNAMES, F64_TOL
 SHAPES = [(2, 37, 3, 8, 5, 8), (1, 48, 2, 16, 16, 16)]
 
 
-# Jitted, as in test_chunked.py: one compiled program per op and shape instead of an eager compile per primitive.
+# Jitted and cached, as in test_chunked.py: one compiled program per op and shape instead of an eager compile per
+# primitive.
+@functools.cache
 def _adaptive(chunk_size, cg_steps, cg_tol, **kwargs):
   return jax.jit(functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, cg_tol=cg_tol, **kwargs),
                  static_argnames="return_cg_steps")

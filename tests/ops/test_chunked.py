@@ -25,7 +25,8 @@ ARGNAMES = ("q", "k", "v", "g", "beta", "lam", "state")
 
 
 # Every op below is jitted: one compiled program per op and shape instead of an eager compile per primitive (about
-# half the compile time; the same math, so the same tolerances).
+# half the compile time; the same math, so the same tolerances). Cached: tests of one op and shape share programs.
+@functools.cache
 def _chunked(chunk_size, cg_steps, **kwargs):
   return jax.jit(functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, **kwargs))
 
@@ -34,7 +35,7 @@ _exact = jax.jit(mesa_exact)
 
 
 def _gradients(op, args):
-  return jax.jit(jax.grad(weighted_sum_loss(op, output_weights(mesa_exact, args)), argnums=range(7)))(*args)
+  return value_and_gradients(op, args, output_weights(mesa_exact, args))[1]
 
 
 # In f64, 3·Dk CG steps converge the systems here (condition numbers ≲ 1e2) to rounding, so the chunked path must
@@ -184,12 +185,10 @@ def _stress_case(name):
 def test_stress_inputs_stay_finite_and_accurate(name):
   args = _stress_case(name)
   op = _chunked(64, 2 * args[0].shape[-1] + 8)
-  o, state = op(*args)
+  (o, state), grads = value_and_gradients(op, args, output_weights(mesa_exact, args))
   with jax.enable_x64(True):
     args64 = as_f64(args)
-    o_exact, _ = _exact(*args64)
-    grads_exact = _gradients(_exact, args64)
-  grads = _gradients(op, args)
+    (o_exact, _), grads_exact = value_and_gradients(_exact, args64, output_weights(mesa_exact, args64))
   assert bool(jnp.all(jnp.isfinite(o))) and all(bool(jnp.all(jnp.isfinite(x))) for x in state)
   assert max_abs(o, o_exact) < 1e-3 * scale(o_exact)
   for argname, grad, grad_exact in zip(ARGNAMES[:6], grads[:6], grads_exact[:6]):

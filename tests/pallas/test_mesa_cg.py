@@ -14,7 +14,9 @@ from tests.ops.mesa_inputs import (as_f64, max_abs, output_weights, random_input
 SHAPES = [(1, 32, 2, 16, 16, 16), (2, 21, 1, 16, 32, 16)]
 
 
-# Every op below is jitted: one compiled program per op and shape instead of an eager compile per primitive.
+# Every op below is jitted and cached: one compiled program per op and shape instead of an eager compile per
+# primitive.
+@functools.cache
 def _op(impl, chunk_size, cg_steps, **kwargs):
   return jax.jit(functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=cg_steps, impl=impl, **kwargs))
 
@@ -59,7 +61,7 @@ def test_adaptive_pallas_matches_xla_in_f32():
   for impl in ("pallas", "xla"):
     op = _op(impl, 16, 20, cg_tol=1e-4)
     loss = lambda probe, *a: weighted_sum_loss(functools.partial(op, cg_probe=probe), weights)(*a)
-    results.append((op(*args), jax.jit(jax.grad(loss, argnums=range(8)))(probe, *args)))
+    results.append(jax.jit(lambda probe, *a: (op(*a), jax.grad(loss, argnums=range(8))(probe, *a)))(probe, *args))
   ((o, state), (steps, *grads)), ((o_xla, state_xla), (steps_xla, *grads_xla)) = results
   # As test_pallas_matches_xla_in_f32; a row whose residual sat within rounding of the threshold could stop a step
   # apart, which this input does not have (the counts are equal).

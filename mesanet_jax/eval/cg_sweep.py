@@ -38,8 +38,9 @@ class Budget:
     return label + "+warm" if self.warm_start else label
 
 
-def decode_losses(model, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Teacher-forced decoding of inputs [B, T]: NLL, CG steps per token and the most likely token, each [B, T]."""
+def decode_losses(model, batches: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Teacher-forced decoding of each batch's "inputs" [B, T] (one program for batches of one shape): NLL, CG steps
+  per token and the most likely token of its "targets", each [N, T] over the batches."""
   graphdef, params = nnx.split(model)
 
   @jax.jit
@@ -56,7 +57,8 @@ def decode_losses(model, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.nd
     _, outputs = jax.lax.scan(step, cache, (inputs.T, targets.T))
     return tuple(x.T for x in outputs)
 
-  return jax.device_get(run(params, jnp.asarray(inputs), jnp.asarray(targets)))
+  outputs = [jax.device_get(run(params, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]))) for b in batches]
+  return tuple(np.concatenate(x) for x in zip(*outputs))
 
 
 def _paired(nll, top, reference_nll, reference_top, mask) -> dict:
@@ -80,8 +82,7 @@ def sweep(lm: LMConfig, params, batches: list[dict], budgets: list[Budget],
     mesa = dataclasses.replace(lm.mesa, cg_steps_decode=budget.steps, decode_tol=budget.tol,
                                decode_warm_start=budget.warm_start)
     model = model_from(dataclasses.replace(lm, mesa=mesa), params)
-    nll, cg_steps, top = (np.concatenate(x) for x in zip(*(decode_losses(model, b["inputs"], b["targets"])
-                                                           for b in batches)))
+    nll, cg_steps, top = decode_losses(model, batches)
     loss = losses_lib.masked_mean(nll, mask)
     row = {"budget": budget.label, "max_steps": budget.steps, "tol": budget.tol, "warm_start": budget.warm_start,
            "loss": loss, "ppl": losses_lib.perplexity(loss), "mean_cg_steps": float(cg_steps.mean()),

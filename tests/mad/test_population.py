@@ -13,6 +13,8 @@ import pytest
 from mesanet_jax.mad import grid, models, table, training, variants
 from mesanet_jax.mad.population import Population, stack_datasets
 
+pytestmark = pytest.mark.xdist_group("population")  # one worker: the cached populations' programs compile once
+
 I = -100
 
 

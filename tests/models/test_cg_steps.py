@@ -15,6 +15,8 @@ from mesanet_jax.models.lm import LanguageModel
 from tests.models.stacking import same_weights
 from tests.models.test_lm import _tokens, small
 
+pytestmark = pytest.mark.xdist_group("cg_steps")  # one worker: the cached loop model's steps compile once
+
 
 def _loss_and_steps(model: LanguageModel, tokens: jax.Array):
   """(loss, param gradients as {path: array}, per-layer probe gradients [L, 4]), one jitted call."""

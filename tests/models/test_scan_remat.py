@@ -17,6 +17,8 @@ from mesanet_jax.models.lm import LanguageModel, count_params
 from tests.models.stacking import same_weights, stacked
 from tests.models.test_lm import _prefill_then_decode, _tokens, small
 
+pytestmark = pytest.mark.xdist_group("scan_remat")  # one worker: the cached reference models' gradients compile once
+
 
 def loss_and_grads(model: LanguageModel, tokens: jax.Array):
   """((mean next-token cross-entropy, logits), gradient w.r.t. every param as {path: array}), one jitted call."""

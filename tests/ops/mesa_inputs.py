@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import expit, log_expit
 
-from mesanet_jax.ops import MesaState
+from mesanet_jax.ops import MesaState, mesa_exact
 
 
 def random_inputs(batch=2, length=37, heads=3, key_dim=8, value_dim=5, *, seed=0, dtype=jnp.float32,
@@ -75,9 +75,14 @@ def output_weights(op, args):
   return loss_weights(*jax.eval_shape(op, *args)[:2])
 
 
+def value_and_gradients(op, args):
+  """(op(*args), the gradients w.r.t. the seven inputs of weighted_sum_loss with the weights `output_weights` draws
+  for args' shapes: the same for every op given the same inputs). One program per op and shapes: the forward compiles
+  once, where a forward program and a gradient program would each compile it. Pass the same object for the same op
+  (e.g. a cached partial) to reuse the program."""
+  return _value_and_gradients(op, args, output_weights(mesa_exact, args))
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def value_and_gradients(op, args, weights):
-  """(op(*args), the gradients of weighted_sum_loss(op, weights) w.r.t. the seven inputs) from one program per op
-  and shapes: the forward compiles once, where a forward program and a gradient program would each compile it. `op`
-  is a static argument: pass the same object for the same op (e.g. a cached partial) to reuse the program."""
+def _value_and_gradients(op, args, weights):
   return op(*args), jax.grad(weighted_sum_loss(op, weights), argnums=range(7))(*args)

@@ -36,15 +36,15 @@ def test_tight_tolerance_matches_exact_in_f64(x64, shape):
   args = as_f64(random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=1))
   # ‖r‖ ≤ 1e-13‖r₀‖ with cond(A) ≲ 1e2 leaves errors ~1e-11 of scale, inside F64_TOL (the fixed-step tests' bound);
   # 3·Dk steps is only the cap.
-  _assert_matches_exact(args, _adaptive(chunk, 3 * key_dim, 1e-13, return_cg_steps=True), key_dim)
+  _assert_matches_exact(args, _adaptive(chunk, 3 * key_dim, 1e-13, return_cg_steps=True))
 
 
-def _assert_matches_exact(args, op, key_dim):
+def _assert_matches_exact(args, op):
   """op (returning its CG steps) against the exact solve in f64: outputs, final state, every gradient; every system
   stopped before the cap of 3·Dk steps."""
-  weights = output_weights(mesa_exact, args)
-  (o, state, forward_steps), grads = value_and_gradients(op, args, weights)
-  (o_exact, state_exact), grads_exact = value_and_gradients(_exact, args, weights)
+  key_dim = args[0].shape[-1]
+  (o, state, forward_steps), grads = value_and_gradients(op, args)
+  (o_exact, state_exact), grads_exact = value_and_gradients(_exact, args)
   assert max_abs(o, o_exact) < F64_TOL * scale(o_exact)
   assert max_abs(state, state_exact) < F64_TOL * scale(state_exact)
   assert float(cg_steps.combine(forward_steps)[1]) < 3 * key_dim  # every system stopped before the cap
@@ -133,8 +133,7 @@ def test_jacobi_preconditioner_matches_exact_in_fewer_steps(x64):
   over the dims as in the kernel benchmark's random inputs."""
   batch, length, heads, key_dim, value_dim, chunk = SHAPES[1]
   args = as_f64(random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=1))
-  _assert_matches_exact(args, _adaptive(chunk, 3 * key_dim, 1e-13, cg_preconditioner="jacobi", return_cg_steps=True),
-                        key_dim)
+  _assert_matches_exact(args, _adaptive(chunk, 3 * key_dim, 1e-13, cg_preconditioner="jacobi", return_cg_steps=True))
   steps = jax.jit(lambda *args: {preconditioner: mesa_chunked(  # one program: the chunk sums compile once
       *args, chunk_size=chunk, cg_steps=3 * key_dim, cg_tol=1e-4, cg_preconditioner=preconditioner,
       return_cg_steps=True)[2] for preconditioner in ("none", "jacobi")})(*args)

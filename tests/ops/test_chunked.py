@@ -9,8 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from mesanet_jax.ops import MesaState, mesa_chunked, mesa_exact
-from tests.ops.mesa_inputs import (as_f64, max_abs, output_weights, random_inputs, scale, value_and_gradients,
-                                  weighted_sum_loss)
+from tests.ops.mesa_inputs import as_f64, max_abs, random_inputs, scale, value_and_gradients
 
 # (B, T, H, Dk, Dv, C): T = 1, T < C, T not a multiple of C with Dk ≠ Dv, T a multiple of C, C = 1, Dv > Dk.
 SHAPES = [
@@ -35,7 +34,7 @@ _exact = jax.jit(mesa_exact)
 
 
 def _gradients(op, args):
-  return value_and_gradients(op, args, output_weights(mesa_exact, args))[1]
+  return value_and_gradients(op, args)[1]
 
 
 # In f64, 3·Dk CG steps converge the systems here (condition numbers ≲ 1e2) to rounding, so the chunked path must
@@ -80,10 +79,10 @@ def test_gradients_match_finite_differences(x64):
 def test_f32_accuracy_at_training_settings():
   """f32 inputs, 30 CG steps (the paper's training setting), Dk = 32, errors vs the f64 exact solve."""
   args = random_inputs(2, 200, 2, 32, 32, with_state=True, seed=4)
-  (o, state), grads = value_and_gradients(_chunked(16, 30), args, output_weights(mesa_exact, args))
+  (o, state), grads = value_and_gradients(_chunked(16, 30), args)
   with jax.enable_x64(True):
     args64 = as_f64(args)
-    (o_exact, state_exact), grads_exact = value_and_gradients(_exact, args64, output_weights(mesa_exact, args64))
+    (o_exact, state_exact), grads_exact = value_and_gradients(_exact, args64)
   # CG stops at relative residual ~1e-6 after 30 steps on these well-conditioned systems; f32 rounding of the
   # chunk sums adds ~1e-6 of scale. Measured: output 3e-6, gradients ≤ 3e-5 of scale.
   assert max_abs(o, o_exact) < 1e-4 * scale(o_exact)
@@ -97,7 +96,7 @@ def test_bf16_inputs_compute_in_f32():
   args = random_inputs(2, 40, 2, 16, 16, with_state=True, seed=5)
   args_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), args)
   op = _chunked(16, 30)
-  (o, state), grads = value_and_gradients(op, args_bf16, output_weights(mesa_exact, args_bf16))
+  (o, state), grads = value_and_gradients(op, args_bf16)
   assert o.dtype == jnp.bfloat16 and state.h_kk.dtype == jnp.float32 and state.h_kv.dtype == jnp.float32
   o_f32, state_f32 = op(*jax.tree.map(lambda x: x.astype(jnp.float32), args_bf16))
   # The same (bf16-rounded) inputs computed in f32: only the final rounding of o to bf16 differs (≤ 2⁻⁹ relative).
@@ -185,10 +184,10 @@ def _stress_case(name):
 def test_stress_inputs_stay_finite_and_accurate(name):
   args = _stress_case(name)
   op = _chunked(64, 2 * args[0].shape[-1] + 8)
-  (o, state), grads = value_and_gradients(op, args, output_weights(mesa_exact, args))
+  (o, state), grads = value_and_gradients(op, args)
   with jax.enable_x64(True):
     args64 = as_f64(args)
-    (o_exact, _), grads_exact = value_and_gradients(_exact, args64, output_weights(mesa_exact, args64))
+    (o_exact, _), grads_exact = value_and_gradients(_exact, args64)
   assert bool(jnp.all(jnp.isfinite(o))) and all(bool(jnp.all(jnp.isfinite(x))) for x in state)
   assert max_abs(o, o_exact) < 1e-3 * scale(o_exact)
   for argname, grad, grad_exact in zip(ARGNAMES[:6], grads[:6], grads_exact[:6]):

@@ -27,9 +27,8 @@ def _op(impl, chunk_size, cg_steps, **kwargs):
 def test_pallas_matches_xla_in_f32(shape, cg_init):
   batch, length, heads, key_dim, value_dim, chunk = shape
   args = random_inputs(batch, length, heads, key_dim, value_dim, with_state=True, seed=3)
-  weights = output_weights(mesa_exact, args)
-  (o, state), grads = value_and_gradients(_op("pallas", chunk, 20, cg_init=cg_init), args, weights)
-  (o_xla, state_xla), grads_xla = value_and_gradients(_op("xla", chunk, 20, cg_init=cg_init), args, weights)
+  (o, state), grads = value_and_gradients(_op("pallas", chunk, 20, cg_init=cg_init), args)
+  (o_xla, state_xla), grads_xla = value_and_gradients(_op("xla", chunk, 20, cg_init=cg_init), args)
   # The same CG with the products rounded differently (tests/pallas/precision.py), amplified by at most
   # cond(A) ≲ 1e2 through the solve, far less in practice. Measured on CPU: ≤ 5e-7 of scale.
   assert max_abs(o, o_xla) < 10 * F32_PRODUCT_ERROR * scale(o_xla)
@@ -41,9 +40,8 @@ def test_pallas_matches_xla_in_f32(shape, cg_init):
 @pytest.mark.slow  # every kernel interpreted, forward and backward
 def test_pallas_is_exact_cg_in_f64(x64):
   args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
-  weights = output_weights(mesa_exact, args)
-  (o, _), grads = value_and_gradients(_op("pallas", 16, 48), args, weights)
-  (o_exact, _), grads_exact = value_and_gradients(mesa_exact, args, weights)
+  (o, _), grads = value_and_gradients(_op("pallas", 16, 48), args)
+  (o_exact, _), grads_exact = value_and_gradients(mesa_exact, args)
   # 3·Dk CG steps in f64: converged to rounding, as the XLA path (tests/ops/test_chunked.py).
   assert max_abs(o, o_exact) < 1e-9 * scale(o_exact)
   for grad, grad_exact in zip(grads, grads_exact):
@@ -75,9 +73,8 @@ def test_adaptive_pallas_matches_xla_in_f32():
 @pytest.mark.slow
 def test_adaptive_pallas_is_exact_in_f64(x64):
   args = as_f64(random_inputs(1, 40, 2, 16, 16, with_state=True, seed=4))
-  weights = output_weights(mesa_exact, args)
-  (o, _), grads = value_and_gradients(_op("pallas", 16, 48, cg_tol=1e-13), args, weights)
-  (o_exact, _), grads_exact = value_and_gradients(mesa_exact, args, weights)
+  (o, _), grads = value_and_gradients(_op("pallas", 16, 48, cg_tol=1e-13), args)
+  (o_exact, _), grads_exact = value_and_gradients(mesa_exact, args)
   # As the fixed-step f64 test: a relative residual of 1e-13 leaves ~1e-11 of scale (tests/ops/test_adaptive_cg.py).
   assert max_abs(o, o_exact) < 1e-9 * scale(o_exact)
   for grad, grad_exact in zip(grads, grads_exact):

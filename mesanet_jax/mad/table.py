@@ -61,11 +61,12 @@ def task_scores(records: list[dict], expected: dict, metric: str = "accuracy") -
     for (variant, lr, wd), accuracy in points.items():
       by_variant[variant][(lr, wd)] = accuracy
       by_point[(lr, wd)][variant] = accuracy
-    missing = len(names) * grid_size - sum(len(by_variant[v]) for v in names)
+    missing = sum(max(0, grid_size - len(by_variant[v])) for v in names)
     best = {v: max((acc, lr, wd) for (lr, wd), acc in by_variant[v].items()) for v in names if by_variant[v]}
     complete = missing == 0
     madlab = sum(best[v][0] for v in names) / len(names) if complete else None
-    paper = max(sum(p[v] for v in names) / len(names) for p in by_point.values()) if complete else None
+    full_points = [p for p in by_point.values() if all(v in p for v in names)]
+    paper = max(sum(p[v] for v in names) / len(names) for p in full_points) if complete and full_points else None
     partial = sum(b[0] for b in best.values()) / len(best) if best else None  # mad-lab's, over what is there
     out[(arch, task)] = {"madlab": madlab, "paper": paper, "partial": partial, "missing": missing, "best": best}
   return out

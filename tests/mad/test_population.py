@@ -157,3 +157,9 @@ def test_table_scores_the_mad_lab_way_and_the_paper_way():
   assert "| MesaNet (ours, mad-lab score) | 75.0 | — | 85.0 |" in table.markdown(table.table9(scores))
   incomplete = table.task_scores(records[:3], expected)[("mesanet", "memorize")]
   assert incomplete["madlab"] is None and incomplete["missing"] == 1 and incomplete["partial"] == pytest.approx(55)
+  # more points than --grid_points asks for: complete, never a negative count; the paper's way over full points only
+  one_point = table.task_scores(records, {**expected, "memorize": (["a", "b"], 1)})[("mesanet", "memorize")]
+  assert one_point["missing"] == 0 and one_point["madlab"] == pytest.approx(85)
+  assert one_point["paper"] == pytest.approx(55)
+  lone = table.task_scores(records[:3], {**expected, "memorize": (["a", "b"], 1)})[("mesanet", "memorize")]
+  assert lone["madlab"] == pytest.approx(55) and lone["paper"] == pytest.approx(55)

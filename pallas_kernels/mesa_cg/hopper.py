@@ -64,12 +64,18 @@ def store_parts(ref, x, passes: int):
     ref[i] = part
 
 
-def stage_scaled(gmem, index: tuple, parts, passes: int):
+def stage_scaled(gmem, index: tuple, parts, passes: int, sigma=None):
   """Stages gmem[index] ([R, D] in global memory, R a multiple of 64) in `parts` as the fp16 parts of
-  T · gmem[index] / max |gmem[index]|, loaded in blocks of 64 rows; returns that max |·| (a scalar, floored)."""
-  blocks = [plgpu.load(gmem.at[(*index, pl.ds(ROWS * h, ROWS))], layout=WGMMA, optimized=False)
-            for h in range(gmem.shape[len(index)] // ROWS)]
-  sigma = functools.reduce(jnp.maximum, [max_abs(block) for block in blocks])
+  T · gmem[index] / σ, loaded in blocks of 64 rows; returns σ. σ: max |gmem[index]| (a scalar, floored), or the
+  `sigma` given, a bound on it known beforehand: then each block is stored as it arrives (64 registers a thread for
+  any R, and no reduction over the whole array)."""
+  load = lambda h: plgpu.load(gmem.at[(*index, pl.ds(ROWS * h, ROWS))], layout=WGMMA, optimized=False)
+  count = gmem.shape[len(index)] // ROWS
+  if sigma is None:
+    blocks = [load(h) for h in range(count)]
+    sigma = functools.reduce(jnp.maximum, [max_abs(block) for block in blocks])
+  else:
+    blocks = map(load, range(count))
   for h, block in enumerate(blocks):
     store_parts(parts.at[:, pl.ds(ROWS * h, ROWS)], block * (TOP / sigma), passes)
   return sigma

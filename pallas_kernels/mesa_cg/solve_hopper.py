@@ -124,10 +124,12 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
     diagonal = (per_row(sigma_k * sigma_k * mask_max / TOP ** 2, out) * squared
                 + per_col(load_lam(), out))
 
-  # S̃ᵀ, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed).
-  sigma_s = stage_scaled(states_gmem, (bh, n * state_stride), st_parts, passes)
+  # S̃ᵀ, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed). S is positive
+  # semidefinite, as every Mesa state is, so max |S_ij| = max_i S_ii: σ_S comes from the diagonal and S streams in.
+  state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=COL, optimized=False)
+  sigma_s = stage_scaled(states_gmem, (bh, n * state_stride), st_parts, passes,
+                         sigma=jnp.maximum(jnp.max(state_diagonal), SMALLEST_SCALE))
   if needs_diagonal:
-    state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=COL, optimized=False)
     diagonal = diagonal + per_row(jnp.exp(log_decay_t), diagonal.shape) * per_col(state_diagonal, diagonal.shape)
   plgpu.commit_smem()
 
@@ -218,7 +220,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32; log_decay (within-chunk cumulative log
-  decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or more), Dk, Dk] = Sᵀ (entry n for chunk n).
+  decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or more), Dk, Dk] = Sᵀ (entry n for chunk n),
+  positive semidefinite as every Mesa state (its scale is read from its diagonal).
   cg_tol: None for exactly cg_steps steps; else each row stops once ‖r‖ ≤ cg_tol·‖r₀‖, and a chunk's loop ends when
   its rows have. cg_preconditioner: "none" or "jacobi" (1 / diag(A) kept in shared memory, 32 KiB at Dk = 128).
   precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
@@ -279,7 +282,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
       functools.partial(_kernel, cg=cg, passes=passes, state_stride=state_stride, read=read is not None),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  # Per program: λ and diag(S) (for the Jacobi start; a gather here, where the kernel would reduce across warps).
+  # Per program: λ and diag(S) (S's scale and the Jacobi start; a gather here, where the kernel would reduce across
+  # warps).
   start_states = states_kk_t[:, :, 0:state_stride * programs:state_stride]  # read by the gather alone, not copied
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
                         jnp.diagonal(start_states, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]

@@ -24,15 +24,18 @@ HIGHEST, DEFAULT = lax.Precision.HIGHEST, lax.Precision.DEFAULT
 TOLERANCE = {HIGHEST: 3e-6, DEFAULT: 1e-3}
 
 
-def problem(chunk, key_dim, *, chunks=1, symmetric=True, seed=0, decay_bias=3.0, big_state=False):
+def problem(chunk, key_dim, *, chunks=1, symmetric=True, seed=0, decay_bias=3.0, big_state=False, rank_one=False):
   """Chunk-major rhs, k, log_decay (cumulative), beta, lam, Sᵀ at every chunk start (B=1, H=2, N=chunks), f32, and the
   XLA operator of the same system in f64. A non-symmetric initial state (unless `symmetric`) checks that the kernel
   reads Sᵀ, not S; `decay_bias` sets the decays (as random_inputs); `big_state` makes the initial state 10^6 (S + I),
-  which outweighs the keys' term and keeps A well conditioned."""
+  which outweighs the keys' term and keeps A well conditioned; `rank_one` makes it 0.1 · 1 1ᵀ, every entry as large
+  as the largest diagonal one."""
   q, k, _, g, beta, lam, state = random_inputs(1, chunks * chunk, 2, key_dim, 1, with_state=True, seed=seed,
                                                decay_bias=decay_bias)
   if big_state:
     state = MesaState(1e6 * (state.h_kk + jnp.eye(key_dim)), state.h_kv)
+  if rank_one:
+    state = MesaState(jnp.full_like(state.h_kk, 0.1), state.h_kv)
   if not symmetric:
     noise = jax.random.normal(jax.random.key(seed + 1), state.h_kk.shape)
     state = MesaState(state.h_kk + 0.1 * noise, state.h_kv)
@@ -169,6 +172,17 @@ def test_scaling_holds_when_one_term_dominates(decay_bias, big_state):
   x, _ = hopper_cg_solve(*args, cg_steps=4, cg_init="jacobi", precision=HIGHEST)
   with jax.enable_x64(True):
     exact_steps, _ = op.solve(as_f64(args[0]), CGOptions(4, "jacobi"))
+  assert max_abs(x, exact_steps) <= TOLERANCE[HIGHEST] * scale(exact_steps)
+
+
+@pytest.mark.slow  # compiles over ~8 s on one core
+def test_state_scale_from_the_diagonal_bounds_every_entry(x64):
+  """S's fp16 scale is max_i S_ii (S is positive semidefinite, so no entry is larger): a rank-one state whose every
+  entry reaches that bound is staged at fp16's top without overflow and solved as the f64 CG solves it."""
+  args, op = problem(64, 64, seed=5, rank_one=True)
+  x, _ = hopper_cg_solve(*args, cg_steps=4, cg_init="jacobi", precision=HIGHEST)
+  exact_steps, _ = op.solve(as_f64(args[0]), CGOptions(4, "jacobi"))
+  assert bool(jnp.all(jnp.isfinite(x)))
   assert max_abs(x, exact_steps) <= TOLERANCE[HIGHEST] * scale(exact_steps)
 
 

@@ -129,7 +129,9 @@ def nearest(measured: dict, length: int, slots: int) -> tuple[int, int]:
 ESTIMATE = ("GPU-h = Σ_groups steps_g · S_g · t(L_g, S_g) / 3.6e6. Groups: the grid's (architecture, read-out, "
             "length L_g) of all 66 variants × 8 (lr, wd); S_g = grid.population_size (≤ max_slots, ≤ max_tokens / "
             "(32 L_g)); steps_g = grid.population_steps: a freed slot takes the longest queued job, 200 epochs each, "
-            "no early stop (mad-lab stops at 99.9 %: an upper bound); every slot computes each step. t(L, S) = ms "
+            "no early stop (mad-lab stops at 99.9 %: an upper bound); every slot computes each step (a population "
+            "shrinks once its queue is empty, grid.compacted_size: the cost lies between this and 'perfectly "
+            "packed'). t(L, S) = ms "
             "per member-step measured at the nearest (L', S') (length first, log scale) × L / L'. Evaluation (~3 %) "
             "and compiles (~10 s per group) not included; the autoencoder groups are costed as the LM.")
 

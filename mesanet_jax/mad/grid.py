@@ -1,6 +1,8 @@
 """Runs the MAD grid: jobs grouped by the model shapes they share, each group trained as one population whose slots
 are refilled from the group's queue (longest jobs first) as jobs finish, results appended to a JSONL file as each
-job finishes, so an interrupted grid resumes and skips what is done.
+job finishes, so an interrupted grid resumes and skips what is done. Once the queue is empty, a population whose
+jobs in flight fill at most half its slots shrinks to them (`compacted_size`): a finished slot still computes every
+step, and with early stopping most of a group's slots finish long before its last job.
 
 A group's in-flight slots are saved to `state_dir` when the time limit stops the run, and resumed from there by the
 next run with the same settings (e.g. the next call on the same machine); otherwise their jobs start over.
@@ -46,6 +48,10 @@ class Settings:
   linear_init_variance: float = models.LINEAR_INIT_VARIANCE  # × the linear layers' initial variance (1: ours)
   seed: int = 0
   workers: int = 0  # data-generation processes (0: cores − 1)
+  # Shrink a population once its queue is empty and its jobs fill at most half its slots, if the longest of them has
+  # at least this many steps left (a shrink compiles the population's programs again: ~10-15 s for MesaNet on an
+  # H200, repaid within a few hundred steps of a population of 64 or more); None: never.
+  compact_min_steps: int | None = 1000
 
 
 def group_key(job: training.Job) -> tuple:
@@ -70,6 +76,13 @@ def population_steps(job_steps: list[int], slots: int) -> int:
   for steps in sorted(job_steps, reverse=True):
     heapq.heapreplace(loads, loads[0] + steps)
   return max(loads)
+
+
+def compacted_size(in_flight: int, size: int) -> int | None:
+  """The slots to shrink a population of `size` to when `in_flight` jobs remain and none is queued: the smallest
+  power of two that holds them (few distinct sizes, so few compiles), if that is at most half of `size`; else None."""
+  smaller = 1 << max(in_flight - 1, 0).bit_length()
+  return smaller if in_flight and 2 * smaller <= size else None
 
 
 def check_interval(settings: Settings, jobs_in_flight: list[training.Job]) -> tuple[int, int]:
@@ -155,7 +168,9 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
   datasets = [futures[v].result() for v in group_variants]
   vocab = max(v.vocab_size for v in group_variants)
-  size = population_size(settings, len(jobs), length)
+  state_path = settings.state_dir and os.path.join(settings.state_dir, group_name(key) + ".pkl")
+  saved = _load(state_path) if state_path and os.path.exists(state_path) else None
+  size = len(saved["jobs"]) if saved else population_size(settings, len(jobs), length)  # saved: maybe compacted
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
                              impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
                              tie_embeddings=settings.tie_embeddings, embed_std=settings.embed_std,
@@ -166,9 +181,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
   slot_jobs: list = [None] * size
   slots = population.init(int(data["train_inputs"].shape[1]), settings.seed)
-  state_path = settings.state_dir and os.path.join(settings.state_dir, group_name(key) + ".pkl")
-  if state_path and os.path.exists(state_path):
-    slots, slot_jobs = _restore(state_path, slots, slot_jobs, queue)
+  if saved:
+    slots, slot_jobs = _restore(saved, slots, slot_jobs, queue)
   progress.note(f"{group_name(key)}: {len(jobs)} jobs, {size} slots, vocab {vocab}, "
                 f"{sum(j is not None for j in slot_jobs)} resumed")
   finished, since_eval, tick, stepped = 0, 0, time.time(), 0
@@ -208,7 +222,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                 "accuracy_micro": float(metrics["accuracy_micro"][i]), "test_loss": float(metrics["loss"][i]),
                 "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
                 "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
-                "slots": size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
+                "slots": population.size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
                 "matmul_precision": config.mesa.matmul_precision, **recorded, "eval_every": every,
                 "finished_at": time.time()}
       with open(settings.results, "a") as f:
@@ -222,9 +236,25 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                     f"({1e3 / max(rate, 1e-9):.4g} ms per member-step, evaluation included)")
       tick, stepped = time.time(), 0
     slots = dataclasses.replace(slots, active=jnp.asarray([j is not None for j in slot_jobs]))
+    in_flight = [i for i, j in enumerate(slot_jobs) if j is not None]
+    smaller = None if queue or settings.compact_min_steps is None else compacted_size(len(in_flight), population.size)
+    if smaller and max(total[i] - steps[i] for i in in_flight) >= settings.compact_min_steps:
+      population = Population(config, autoencoder, protocol, smaller)
+      slots, slot_jobs = _compact(slots, slot_jobs, smaller)
+      progress.note(f"{group_name(key)}: {len(in_flight)} jobs in flight, the population shrinks to {smaller} slots")
   if state_path and os.path.exists(state_path):
     os.remove(state_path)
   return finished
+
+
+def _compact(slots, slot_jobs: list, size: int):
+  """The slots in flight gathered into the first of `size` slots (each keeps its member, optimiser state, step and
+  epoch order); the rest are copies of a finished slot, inactive."""
+  in_flight = [i for i, j in enumerate(slot_jobs) if j is not None]
+  idle = slot_jobs.index(None)
+  index = jnp.asarray(in_flight + [idle] * (size - len(in_flight)))
+  return (jax.tree.map(lambda x: x[index], slots),
+          [slot_jobs[i] for i in in_flight] + [None] * (size - len(in_flight)))
 
 
 def _fill(population, slots, slot_jobs, free, queue, group_variants, seed):
@@ -260,10 +290,14 @@ def _save(path: str, slots, slot_jobs):
   os.replace(path + ".tmp", path)
 
 
-def _restore(path: str, slots, slot_jobs, queue):
-  """The saved slots whose jobs are still queued (the others are emptied)."""
+def _load(path: str) -> dict:
+  """What `_save` wrote: {"jobs": the slots' job keys (None where idle), "leaves": the slots' arrays}."""
   with open(path, "rb") as f:
-    saved = pickle.load(f)
+    return pickle.load(f)
+
+
+def _restore(saved: dict, slots, slot_jobs, queue):
+  """The saved slots (`_load`) whose jobs are still queued (the others are emptied)."""
   template, treedef = jax.tree.flatten(slots)
   if len(saved["jobs"]) != len(slot_jobs) or [_host(t).shape for t in template] != [x.shape for x in saved["leaves"]]:
     return slots, slot_jobs  # saved with other settings: start over

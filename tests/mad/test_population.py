@@ -88,7 +88,7 @@ def test_state_saved_and_restored(tmp_path):
   jobs = [training.Job("transformer", VARIANT, 1e-3, 0.1), training.Job("transformer", VARIANT, 3e-3, 0.1)]
   grid._save(str(tmp_path / "g.pkl"), slots, [jobs[0], None])
   queue = list(jobs)
-  restored, slot_jobs = grid._restore(str(tmp_path / "g.pkl"), population.init(64), [None, None], queue)
+  restored, slot_jobs = grid._restore(grid._load(str(tmp_path / "g.pkl")), population.init(64), [None, None], queue)
   assert slot_jobs == [jobs[0], None] and queue == [jobs[1]]
   np.testing.assert_array_equal(restored.active, [True, False])
   for x, y in zip(jax.tree.leaves(restored.params), jax.tree.leaves(slots.params)):
@@ -118,6 +118,54 @@ def test_population_sizes_and_steps_as_the_grid_schedules():
   # Longest first, each to the slot free first: 5 | 4, then 3 after the 4 (7), then 3 after the 5 (8).
   assert grid.population_steps([3, 5, 3, 4], 2) == 8
   assert grid.population_steps([3, 5], 4) == 5  # more slots than jobs: the longest job
+
+
+def test_compacted_size_is_the_power_of_two_that_holds_the_jobs_in_flight():
+  assert [grid.compacted_size(n, 64) for n in (1, 2, 3, 17, 32, 33, 0)] == [1, 2, 4, 32, 32, None, None]
+  assert grid.compacted_size(5, 8) is None and grid.compacted_size(2, 4) == 2 and grid.compacted_size(1, 1) is None
+
+
+@pytest.mark.slow
+def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path):
+  """Two short and two long jobs in 4 slots: once the short ones finish (and nothing is queued) the long ones go on
+  in a population of 2, with the results of a run that never shrinks (f32: another batching of the same math)."""
+  memorize = variants.find("memorize", "baseline")
+  short, long = variants.shrunk(memorize, 32), dataclasses.replace(variants.shrunk(memorize, 96), name="long")
+  jobs = training.jobs(["transformer"], [short, long], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "shrunk.jsonl"), protocol=training.Protocol(epochs=2),
+                           steps_per_call=1, eval_every=1, workers=1, compact_min_steps=1)
+  assert [j.steps(settings.protocol) for j in jobs] == [2, 2, 6, 6]
+  assert grid.run(settings, jobs) == 4
+  kept = dataclasses.replace(settings, results=str(tmp_path / "kept.jsonl"), compact_min_steps=None)
+  assert grid.run(kept, jobs) == 4
+  by_key = lambda path: {(r["variant"], r["lr"]): r for r in table.read(path)}
+  shrunk_runs, kept_runs = by_key(settings.results), by_key(kept.results)
+  assert {k: r["slots"] for k, r in shrunk_runs.items()} == {("baseline", 1e-3): 4, ("baseline", 3e-3): 4,
+                                                            ("long", 1e-3): 2, ("long", 3e-3): 2}
+  assert {r["slots"] for r in kept_runs.values()} == {4}
+  for k, r in shrunk_runs.items():
+    assert r["steps"] == kept_runs[k]["steps"]
+    np.testing.assert_allclose([r["test_loss"], r["train_loss"]], [kept_runs[k]["test_loss"],
+                                                                   kept_runs[k]["train_loss"]], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_a_shrunk_population_saved_at_the_time_limit_resumes_at_its_size(tmp_path):
+  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
+  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3, 5e-4), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
+                           state_dir=str(tmp_path / "state"), steps_per_call=1, eval_every=1, workers=1)
+  population = Population(models.mad_config("transformer", variant.vocab_size), False, settings.protocol, 4)
+  slot_jobs, queue = [None] * 4, list(jobs[:2])
+  slots = grid._fill(population, population.init(32), slot_jobs, [1, 3], queue, [variant], settings.seed)
+  slots, slot_jobs = grid._compact(slots, slot_jobs, 2)
+  assert slot_jobs == jobs[:2] and np.asarray(slots.total).tolist() == [2, 2]
+  path = tmp_path / "state" / (grid.group_name(grid.group_key(jobs[0])) + ".pkl")
+  grid._save(str(path), slots, slot_jobs)
+  assert grid.run(settings, jobs) == 3  # the two resumed in 2 slots, then the third in a freed one
+  assert [(r["lr"], r["slots"], r["steps"]) for r in table.read(settings.results)] == [
+      (1e-3, 2, 2), (3e-3, 2, 2), (5e-4, 2, 2)]
+  assert not path.exists()
 
 
 def test_evaluations_at_least_once_per_epoch_of_every_job_in_flight():

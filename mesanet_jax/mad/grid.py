@@ -185,7 +185,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
     slots, slot_jobs = _restore(saved, slots, slot_jobs, queue)
   progress.note(f"{group_name(key)}: {len(jobs)} jobs, {size} slots, vocab {vocab}, "
                 f"{sum(j is not None for j in slot_jobs)} resumed")
-  finished, since_eval, tick, stepped = 0, 0, time.time(), 0
+  finished, since_eval, tick, stepped, calls_stepped = 0, 0, time.time(), 0, 0  # member-steps, population steps
   while True:
     free = [i for i, j in enumerate(slot_jobs) if j is None]
     if free and queue:
@@ -204,6 +204,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
     steps = np.asarray(slots.step)
     progress.advance(int(np.sum(steps - before)) * length)
     stepped += int(np.sum(steps - before))
+    calls_stepped += per_call
     since_eval += per_call
     total = np.asarray(slots.total)
     ended = [i for i, j in enumerate(slot_jobs) if j is not None and steps[i] >= total[i]]
@@ -231,10 +232,17 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
       slot_jobs[i] = None
       finished += 1
     if finished_now := sum(j is None for j in slot_jobs) - sum(j is None for j in before_jobs):
-      rate = stepped / max(time.time() - tick, 1e-9)
+      seconds = max(time.time() - tick, 1e-9)
+      rate = stepped / seconds
+      # At most this long at this size (no early stop; a shrink makes the steps cheaper): the population's steps
+      # for what is left, queued jobs into freed slots longest first, at this window's seconds per step.
+      left = [int(total[i] - steps[i]) for i, j in enumerate(slot_jobs) if j is not None]
+      left += [j.steps(protocol) for j in queue]
+      minutes = population_steps(left, population.size) * seconds / max(calls_stepped, 1) / 60 if left else 0.0
       progress.note(f"{group_name(key)}: {finished}/{len(jobs)} done (+{finished_now}), {rate:.4g} member-steps/s "
-                    f"({1e3 / max(rate, 1e-9):.4g} ms per member-step, evaluation included)")
-      tick, stepped = time.time(), 0
+                    f"({1e3 / max(rate, 1e-9):.4g} ms per member-step, evaluation included), at most "
+                    f"{minutes:.3g} min left")
+      tick, stepped, calls_stepped = time.time(), 0, 0
     slots = dataclasses.replace(slots, active=jnp.asarray([j is not None for j in slot_jobs]))
     in_flight = [i for i, j in enumerate(slot_jobs) if j is not None]
     smaller = None if queue or settings.compact_min_steps is None else compacted_size(len(in_flight), population.size)

@@ -126,7 +126,7 @@ def test_compacted_size_is_the_power_of_two_that_holds_the_jobs_in_flight():
 
 
 @pytest.mark.slow
-def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path):
+def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsys):
   """Two short and two long jobs in 4 slots: once the short ones finish (and nothing is queued) the long ones go on
   in a population of 2, with the results of a run that never shrinks (f32: another batching of the same math)."""
   memorize = variants.find("memorize", "baseline")
@@ -136,6 +136,9 @@ def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path):
                            steps_per_call=1, eval_every=1, workers=1, compact_min_steps=1)
   assert [j.steps(settings.protocol) for j in jobs] == [2, 2, 6, 6]
   assert grid.run(settings, jobs) == 4
+  notes = capsys.readouterr().out
+  assert "transformer.lm.L32: 2 jobs in flight, the population shrinks to 2 slots" in notes
+  assert "2/4 done (+2)" in notes and "min left" in notes  # the two long jobs' 4 steps to go, at the rate seen
   kept = dataclasses.replace(settings, results=str(tmp_path / "kept.jsonl"), compact_min_steps=None)
   assert grid.run(kept, jobs) == 4
   by_key = lambda path: {(r["variant"], r["lr"]): r for r in table.read(path)}

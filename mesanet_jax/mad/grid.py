@@ -307,7 +307,7 @@ def _load(path: str) -> dict:
 def _restore(saved: dict, slots, slot_jobs, queue):
   """The saved slots (`_load`) whose jobs are still queued (the others are emptied)."""
   template, treedef = jax.tree.flatten(slots)
-  if len(saved["jobs"]) != len(slot_jobs) or [_host(t).shape for t in template] != [x.shape for x in saved["leaves"]]:
+  if [_host(t).shape for t in template] != [x.shape for x in saved["leaves"]]:  # leading axis: the slots
     return slots, slot_jobs  # saved with other settings: start over
   leaves = [jax.random.wrap_key_data(jnp.asarray(x)) if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
             else jnp.asarray(x, t.dtype) for t, x in zip(template, saved["leaves"])]

@@ -59,9 +59,11 @@ def main():
 
 
 def check_pallas_runs_per_shard(mesh):
-  """impl="pallas" under `jax.set_mesh`: the kernel runs inside a shard_map over (batch, heads), same logits."""
-  base = dataclasses.replace(preset("tiny"), mixers=("mesa", "mesa"))
-  pallas = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl="pallas"))
+  """impl="pallas" under `jax.set_mesh`: Mesa's and Gated DeltaNet's kernels run inside a shard_map over (batch,
+  heads), same logits."""
+  base = dataclasses.replace(preset("tiny"), mixers=("mesa", "gdn"))
+  pallas = dataclasses.replace(base, mesa=dataclasses.replace(base.mesa, impl="pallas"),
+                               gdn=dataclasses.replace(base.gdn, impl="pallas"))
   forward, state = jitted_forward(sharded(lambda: LanguageModel(pallas, rngs=nnx.Rngs(0)), mesh))
   tokens = jax.random.randint(jax.random.key(2), (8, 24), 0, base.vocab_size)
   with jax.set_mesh(mesh):

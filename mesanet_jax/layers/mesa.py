@@ -122,6 +122,10 @@ class MesaLayer(RecurrentMixer):
                      gamma_cap=config.gamma_cap, use_output_gate=config.use_output_gate, norm_eps=config.norm_eps,
                      out_scale=out_scale, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.config = config = resolve_mesa(config)
+    # Import the implementation now, not inside the first trace: an import that registers jax config options (the
+    # Pallas backends do) changes the tracing context, and every jitted function first traced before it is traced and
+    # compiled again on its next call.
+    implementation(config.impl, "operator")
     start = math.log(math.expm1(config.lambda_init - config.lambda_lower_bound))  # softplus⁻¹(λ_init − λ_min)
     self.lam_param = param(rngs, nnx.initializers.constant(start), (config.num_heads, config.head_dim), param_dtype,
                            ("heads", "kv"), kind=NoDecayParam)

@@ -2,10 +2,10 @@
 that `mesa_chunked(impl=...)` dispatches through.
 
 An implementation ("xla": `xla_operator.XlaOperator`; "pallas": `pallas_kernels.mesa_cg.PallasOperator`, one
-Pallas kernel per stage) is a pytree dataclass extending `ChunkedSequence` with the methods of `ChunkedOperator`. `IMPLEMENTATIONS` is the one place
-that says which module provides each name; importing that module registers its operator class and its decode step
-(`register`), so a caller never imports an implementation to use it, and the kernels package depends on this one,
-never the reverse.
+Pallas kernel per stage) is a pytree dataclass extending `ChunkedSequence` with the methods of `ChunkedOperator`.
+`IMPLEMENTATIONS` is the one place that says which module provides each name; importing that module registers its
+operator class, its decode step and (Pallas) its gated delta rule (`register`), so a caller never imports an
+implementation to use it, and the kernels package depends on this one, never the reverse.
 """
 import dataclasses
 import importlib
@@ -18,8 +18,8 @@ from jax import lax
 from mesanet_jax.ops.inputs import CGOptions, MesaState
 
 # impl name -> the module whose import registers its operator class.
-IMPLEMENTATIONS = {"xla": "mesanet_jax.ops.xla_operator", "pallas": "pallas_kernels.mesa_cg"}
-ROLES = ("operator", "decode_step")
+IMPLEMENTATIONS = {"xla": "mesanet_jax.ops.xla_operator", "pallas": "pallas_kernels"}
+ROLES = ("operator", "decode_step", "gated_delta")
 _REGISTERED: dict[tuple[str, str], object] = {}  # (impl, role) -> class or function
 
 
@@ -113,8 +113,9 @@ class ChunkedOperator(Protocol):
 
 def register(impl: str, role: str) -> Callable:
   """Decorator: makes the decorated class or function the `role` of `impl` (a name of `IMPLEMENTATIONS`). Roles:
-  "operator" (a `ChunkedOperator` class, `mesa_chunked`'s stages) and "decode_step" (a function with the signature
-  of `ops.decode.mesa_decode_step`)."""
+  "operator" (a `ChunkedOperator` class, `mesa_chunked`'s stages), "decode_step" (a function with the signature
+  of `ops.decode.mesa_decode_step`) and "gated_delta" (one with that of `ops.gated_delta_rule.gated_delta_recurrent`,
+  Gated DeltaNet's operator; the XLA side is the chunked form, called directly)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impl {impl!r} is not declared in mesanet_jax.ops.operator.IMPLEMENTATIONS")
   if role not in ROLES:

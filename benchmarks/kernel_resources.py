@@ -9,6 +9,7 @@ the Triton that jaxlib bundles, so the numbers guide; the device's timings decid
   python -m pip install triton==3.6.0          # any venv; pass it with --triton_python
   python benchmarks/kernel_resources.py --chunk_size=64 --num_warps=8 [--matmul_precision=default]
   python benchmarks/kernel_resources.py --decode --num_warps=8       # the fused decode kernel (tolerance, warm start)
+  python benchmarks/kernel_resources.py --gated_delta --head_dim=16 --num_warps=1   # GDN's recurrent kernels
 
 The Triton IR is taken from jax 0.11's Pallas-Triton lowering (`lower_jaxpr_to_triton_module`, a private hook).
 """
@@ -24,6 +25,7 @@ from absl import app, flags
 from jax._src.pallas.triton import pallas_call_registration
 
 from mesanet_jax.ops import MesaState, mesa_chunked
+from pallas_kernels.gated_delta import gated_delta_fused
 from pallas_kernels.mesa_cg.decode import mesa_decode_fused
 from pallas_kernels.mesa_cg.params import export_for
 
@@ -33,6 +35,8 @@ _WARPS = flags.DEFINE_integer("num_warps", 8, "Triton warps the IR is compiled w
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"], "of mesa_chunked")
 _TRITON_PYTHON = flags.DEFINE_string("triton_python", sys.executable, "a Python that can import triton")
 _DECODE = flags.DEFINE_bool("decode", False, "the fused decode kernel (30 steps, tol 1e-4, warm start) instead")
+_GATED_DELTA = flags.DEFINE_bool("gated_delta", False, "Gated DeltaNet's recurrent kernels (forward, backward; "
+                                 "--chunk_size is their interval) instead")
 
 # Runs under --triton_python: compiles one TTIR file for sm_90, writes the cubin, prints the shared memory.
 _COMPILE = """
@@ -44,9 +48,9 @@ print(kernel.metadata.shared)
 """
 
 
-def kernel_irs(chunk_size, dim, precision, decode: bool) -> dict[str, str]:
-  """Kernel name -> Triton IR text of every pallas_call in mesa_chunked's forward and backward for GPU, or of the
-  fused decode kernel (B = 1, H = 6)."""
+def kernel_irs(chunk_size, dim, precision, decode: bool, gated_delta: bool) -> dict[str, str]:
+  """Kernel name -> Triton IR text of every pallas_call in mesa_chunked's forward and backward for GPU, of the
+  fused decode kernel (B = 1, H = 6) or of the gated delta rule's forward and backward (B = 1, H = 6, T = 128)."""
   irs = {}
   lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
 
@@ -66,6 +70,10 @@ def kernel_irs(chunk_size, dim, precision, decode: bool) -> dict[str, str]:
     token = (shape(1, 6, dim), shape(1, 6, dim), shape(1, 6, dim), shape(1, 6), shape(1, 6), shape(6, dim))
     args = (*token, MesaState(shape(1, 6, dim, dim), shape(1, 6, dim, dim)), shape(1, 6, dim))
     fn = lambda *a: mesa_decode_fused(*a[:-1], cg_steps=30, tol=1e-4, previous=a[-1], num_warps=_WARPS.value)
+  if gated_delta:
+    args = (shape(1, 128, 6, dim), shape(1, 128, 6, dim), shape(1, 128, 6, dim), shape(1, 128, 6), shape(1, 128, 6))
+    loss = lambda *a: jnp.sum(gated_delta_fused(*a, interval=chunk_size, num_warps=_WARPS.value)[0])
+    fn = jax.grad(loss, argnums=range(5))
   pallas_call_registration.lowering.lower_jaxpr_to_triton_module = keep
   try:
     export_for("gpu", fn, *args)
@@ -90,12 +98,12 @@ def sass_counts(sass: str) -> str:
 
 def main(argv):
   del argv
-  irs = kernel_irs(_CHUNK.value, _DIM.value, _PRECISION.value, _DECODE.value)
+  irs = kernel_irs(_CHUNK.value, _DIM.value, _PRECISION.value, _DECODE.value, _GATED_DELTA.value)
   find_triton = "import triton, os; print(os.path.dirname(triton.__file__))"
   triton_dir = subprocess.run([_TRITON_PYTHON.value, "-c", find_triton], capture_output=True, text=True,
                               check=True).stdout.strip()
   cuobjdump = os.path.join(triton_dir, "backends", "nvidia", "bin", "cuobjdump")
-  shape = "decode" if _DECODE.value else f"C={_CHUNK.value}"
+  shape = "decode" if _DECODE.value else f"interval={_CHUNK.value}" if _GATED_DELTA.value else f"C={_CHUNK.value}"
   print(f"{shape} D={_DIM.value} num_warps={_WARPS.value} precision={_PRECISION.value}, sm_90")
   with tempfile.TemporaryDirectory() as tmp:
     for name, ir in sorted(irs.items()):

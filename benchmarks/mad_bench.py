@@ -64,10 +64,12 @@ def kernel_times(trace_dir: str, steps: int, top: int = 12) -> dict:
 
 def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
   impl, chunk, precision = mesa
-  triangular = impl if impl in TRIANGULAR else ""  # gdn@inverse:64: GDN's solve, not a Mesa impl
+  # gdn@inverse:64, gdn@pallas: GDN's triangular solve or implementation, not a Mesa impl
+  gdn_impl = "pallas" if arch == "gdn" and impl == "pallas" else ""
+  triangular = impl if impl in TRIANGULAR else ""
   config = models.mad_config(arch, args.vocab, dtype=jnp.dtype(dtype).type, chunk_size=chunk,
-                             impl="" if triangular else impl, cg_steps=args.cg_steps, matmul_precision=precision,
-                             gdn_triangular=triangular)
+                             impl="" if arch == "gdn" else impl, cg_steps=args.cg_steps, matmul_precision=precision,
+                             gdn_triangular=triangular, gdn_impl=gdn_impl)
   population = Population(config, False, training.Protocol(), slots)
   steps = max(1, min(args.steps, args.call_tokens // (slots * 32 * length)))
   data = _data(length, args.vocab, 4096)
@@ -101,7 +103,8 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   if "mesa" in config.mixers:
     mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train}
   else:
-    mixer = {"chunk": config.gdn.chunk_size, "triangular": config.gdn.triangular} if "gdn" in config.mixers else {}
+    mixer = ({"gdn_impl": config.gdn.impl, "chunk": config.gdn.chunk_size, "triangular": config.gdn.triangular}
+             if "gdn" in config.mixers else {})
   return {"arch": arch, "length": length, "slots": slots, **mixer, "dtype": dtype, "steps_per_call": steps,
           "calls": calls, "ms_per_step": 1e3 * per_step, "ms_per_member_step": 1e3 * per_step / slots,
           "tokens_per_s": slots * 32 * length / per_step, "compile_s": compile_s,
@@ -111,9 +114,11 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
 
 def setting(row: dict) -> tuple:
   """What a row measured besides the shape: architecture, mixer settings (Mesa's impl:chunk:precision:CG steps,
-  GDN's chunk and triangular solve), dtype."""
+  GDN's chunk and triangular solve, or its recurrent Pallas kernels), dtype."""
   if "impl" in row:
     mixer = f"{row['impl']}:{row['chunk']}:{row['precision']}:{row['cg_steps']}"
+  elif row.get("gdn_impl") == "pallas":
+    mixer = "recurrent pallas"
   else:
     mixer = f"chunk {row['chunk']} {row.get('triangular', 'solve')}" if "chunk" in row else "-"
   return row["arch"], mixer, row["dtype"]
@@ -181,16 +186,17 @@ def report(rows: list[dict], settings: grid.Settings):
 
 
 def _mesa_settings(text: str) -> list[tuple]:
-  """"impl:chunk[:precision],..." -> [(impl, chunk, precision)]; "" -> [("", 0, "")] (FAST_MESA's)."""
-  parts = [s.split(":") for s in text.split(",")] if text else [["", "0"]]
-  return [(p[0], int(p[1]), p[2] if len(p) > 2 else "") for p in parts]
+  """"impl[:chunk[:precision]],..." -> [(impl, chunk, precision)] (chunk 0 where not given); "" -> [("", 0, "")]
+  (FAST_MESA's)."""
+  parts = [s.split(":") for s in text.split(",")] if text else [[""]]
+  return [(p[0], int(p[1]) if len(p) > 1 and p[1] else 0, p[2] if len(p) > 2 else "") for p in parts]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--archs", default="mesanet,gdn,transformer,hawk,hawk_mesa",
                       help="architectures; arch@impl:chunk[:precision] gives one its own Mesa setting (GDN: its "
-                      "triangular solve and chunk, e.g. gdn@:32,gdn@inverse:64)")
+                      "triangular solve and chunk, e.g. gdn@:32,gdn@inverse:64, or its recurrent kernels, gdn@pallas)")
   parser.add_argument("--shapes", default="128x64", help="length x slots cases, comma-separated")
   parser.add_argument("--mesa", default="", help="Mesa impl:chunk[:precision] settings, comma-separated (other "
                       "archs use the first's chunk); '': models.FAST_MESA's for the backend")

@@ -43,6 +43,7 @@ class Settings:
   chunk_size: int = 0
   matmul_precision: str = ""
   cg_steps: int = 0  # 0: models.exact_cg_steps (16 at the MAD heads' Dk = 16)
+  gdn_impl: str = ""  # how GDN's operator runs ("": models.FAST_GDN's for the backend)
   tie_embeddings: bool = True  # False: the LM read-out is its own matrix (mad-lab's backbone)
   embed_std: float | None = models.EMBED_STD  # the embedding's init std, no √d input scale; None: 1/√d, scaled by √d
   linear_init_variance: float = models.LINEAR_INIT_VARIANCE  # × the linear layers' initial variance (1: ours)
@@ -173,8 +174,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   size = len(saved["jobs"]) if saved else population_size(settings, len(jobs), length)  # saved: maybe compacted
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
                              impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
-                             tie_embeddings=settings.tie_embeddings, embed_std=settings.embed_std,
-                             linear_init_variance=settings.linear_init_variance)
+                             gdn_impl=settings.gdn_impl, tie_embeddings=settings.tie_embeddings,
+                             embed_std=settings.embed_std, linear_init_variance=settings.linear_init_variance)
   population = Population(config, autoencoder, protocol, size)
   recorded = protocol_settings(settings)
   data = stack_datasets(datasets, length)
@@ -224,7 +225,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                 "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
                 "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                 "slots": population.size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
-                "matmul_precision": config.mesa.matmul_precision, **recorded, "eval_every": every,
+                "matmul_precision": config.mesa.matmul_precision, "gdn_impl": config.gdn.impl, **recorded,
+                "eval_every": every,
                 "finished_at": time.time()}
       with open(settings.results, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -39,6 +39,10 @@ def test_mesa_computation_defaults_per_backend_and_is_overridden():
   assert models.mad_config("gdn", 16, gdn_triangular="inverse").gdn.triangular == "inverse"
   with pytest.raises(ValueError, match="gdn.triangular must be one of"):
     models.mad_config("gdn", 16, gdn_triangular="lu")
+  assert models.mad_config("gdn", 16).gdn.impl == models.FAST_GDN.get(jax.default_backend(), "xla")
+  assert models.mad_config("gdn", 16, gdn_impl="pallas").gdn.impl == "pallas"
+  with pytest.raises(ValueError, match="gdn.impl must be one of"):
+    models.mad_config("gdn", 16, gdn_impl="cuda")
 
 
 def test_mad_lab_backbone_switches():

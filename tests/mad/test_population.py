@@ -104,7 +104,7 @@ def test_grid_writes_each_job_once_and_resumes(tmp_path):
   assert grid.run(settings, jobs) == 2
   records = table.read(settings.results)
   assert sorted(r["lr"] for r in records) == [1e-3, 3e-3] and {r["steps"] for r in records} == {2}
-  assert {r["eval_every"] for r in records} == {1}
+  assert {r["eval_every"] for r in records} == {1} and {r["gdn_impl"] for r in records} == {"xla"}
   assert grid.run(settings, jobs) == 0  # everything done: skipped
   assert all(set(table.PROTOCOL) <= set(r) for r in records)
   with pytest.raises(ValueError, match="transformer jobs run with dtype=float32, this run has dtype=bfloat16"):

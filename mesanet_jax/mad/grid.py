@@ -4,6 +4,9 @@ job finishes, so an interrupted grid resumes and skips what is done. Once the qu
 jobs in flight fill at most half its slots shrinks to them (`compacted_size`): a finished slot still computes every
 step, and with early stopping most of a group's slots finish long before its last job.
 
+A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
+compiled train step fits in the device's memory (`fit_to_memory`).
+
 A group's in-flight slots are saved to `state_dir` when the time limit stops the run, and resumed from there by the
 next run with the same settings (e.g. the next call on the same machine); otherwise their jobs start over.
 """
@@ -49,6 +52,10 @@ class Settings:
   linear_init_variance: float = models.LINEAR_INIT_VARIANCE  # × the linear layers' initial variance (1: ours)
   seed: int = 0
   workers: int = 0  # data-generation processes (0: cores − 1)
+  # Share of the device memory left after the group's datasets that a population's train step may plan to use; a
+  # larger population is halved until its compiled step fits (`fit_to_memory`). Devices that report no memory limit
+  # (CPU) are not checked.
+  memory_fraction: float = 0.9
   # Shrink a population once its queue is empty and its jobs fill at most half its slots, if the longest of them has
   # at least this many steps left (a shrink compiles the population's programs again: ~10-15 s for MesaNet on an
   # H200, repaid within a few hundred steps of a population of 64 or more); None: never.
@@ -77,6 +84,36 @@ def population_steps(job_steps: list[int], slots: int) -> int:
   for steps in sorted(job_steps, reverse=True):
     heapq.heapreplace(loads, loads[0] + steps)
   return max(loads)
+
+
+def memory_budget(fraction: float) -> int | None:
+  """Bytes a population's train step may take on the default device: `fraction` of what its allocator has left, or
+  None where the device reports no limit (CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+
+
+def train_step_bytes(population: Population, data: dict, num_steps: int) -> int:
+  """Device bytes one `population.train` call on `data` plans to use: arguments, outputs not aliased to them, and
+  temporaries, as the compiler's buffer assignment has them (compiled from abstract slots; nothing is allocated)."""
+  slots = jax.eval_shape(lambda: population.init(int(data["train_inputs"].shape[1])))
+  memory = population.train.lower(slots, data, num_steps=num_steps).compile().memory_analysis()
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+          + memory.temp_size_in_bytes)
+
+
+def fit_to_memory(size: int, step_bytes, budget: int) -> int:
+  """The largest of size, size / 2, size / 4, ... whose `step_bytes(slots)` is within `budget`; a ValueError if not
+  even one slot fits. E.g. the Transformer at L 1024 materialises [32, 8, 1024, 1024] f32 attention scores per slot
+  and layer: 32 slots plan ~240 GiB (CPU buffer assignment), more than an H200 has."""
+  while (needed := step_bytes(size)) > budget:
+    if size == 1:
+      raise ValueError(f"one slot's train step needs {needed / 2**30:.1f} GiB, more than the {budget / 2**30:.1f} GiB "
+                       f"left on the device")
+    size //= 2
+  return size
 
 
 def compacted_size(in_flight: int, size: int) -> int | None:
@@ -172,14 +209,23 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   state_path = settings.state_dir and os.path.join(settings.state_dir, group_name(key) + ".pkl")
   saved = _load(state_path) if state_path and os.path.exists(state_path) else None
   size = len(saved["jobs"]) if saved else population_size(settings, len(jobs), length)  # saved: maybe compacted
+  data = stack_datasets(datasets, length)
+  queue = sorted(jobs, key=lambda j: -j.steps(protocol))
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
                              impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
                              gdn_impl=settings.gdn_impl, tie_embeddings=settings.tie_embeddings,
                              embed_std=settings.embed_std, linear_init_variance=settings.linear_init_variance)
-  population = Population(config, autoencoder, protocol, size)
+  populations = {}  # slots -> Population: the one whose step was compiled for the memory check runs (no recompile)
+  population_of = lambda slots: populations.setdefault(slots, Population(config, autoencoder, protocol, slots))
+  budget = None if saved else memory_budget(settings.memory_fraction)
+  if budget is not None:  # compiled at the first call's steps, as the run will call it
+    step_bytes = lambda slots: train_step_bytes(population_of(slots), data, check_interval(settings, queue[:slots])[1])
+    if (fitted := fit_to_memory(size, step_bytes, budget)) != size:
+      progress.note(f"{group_name(key)}: the train step of {size} slots would not fit in device memory, of {fitted} "
+                    f"it does")
+      size = fitted
+  population = population_of(size)
   recorded = protocol_settings(settings)
-  data = stack_datasets(datasets, length)
-  queue = sorted(jobs, key=lambda j: -j.steps(protocol))
   slot_jobs: list = [None] * size
   slots = population.init(int(data["train_inputs"].shape[1]), settings.seed)
   if saved:

@@ -120,6 +120,43 @@ def test_population_sizes_and_steps_as_the_grid_schedules():
   assert grid.population_steps([3, 5], 4) == 5  # more slots than jobs: the longest job
 
 
+def test_fit_to_memory_halves_the_population_until_its_step_fits():
+  assert grid.fit_to_memory(16, lambda slots: 10 * slots, 35) == 2
+  assert grid.fit_to_memory(8, lambda slots: 10 * slots, 80) == 8
+  with pytest.raises(ValueError, match="one slot's train step needs 5.0 GiB, more than the 1.0 GiB left"):
+    grid.fit_to_memory(4, lambda slots: 5 * 2**30, 2**30)
+
+
+@pytest.mark.slow
+def test_train_step_bytes_grow_with_the_slots_and_the_checked_step_runs_without_compiling():
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+  config = models.mad_config("transformer", 16)
+  three, five = (Population(config, False, training.Protocol(), slots) for slots in (3, 5))  # sizes no test caches
+  assert 0 < grid.train_step_bytes(three, _data(), 2) < grid.train_step_bytes(five, _data(), 2)
+  slots = three.assign(three.init(64), jnp.ones(3, bool), total=jnp.full(3, 8), per_epoch=jnp.full(3, 2),
+                       dataset=jnp.zeros(3, jnp.int32), vocab=jnp.full(3, 16), lr=jnp.full(3, 1e-3),
+                       weight_decay=jnp.full(3, 0.1), keys=jax.random.split(jax.random.key(0), 3))
+  before = len(compiles)
+  jax.block_until_ready(three.train(slots, _data(), num_steps=2))
+  assert len(compiles) == before  # the step compiled for the memory check is the one that runs
+
+
+@pytest.mark.slow
+def test_grid_runs_a_population_that_fits_the_device_memory(tmp_path, capsys, monkeypatch):
+  """A device whose memory holds one slot's step but not two: the group of two jobs runs in one slot."""
+  monkeypatch.setattr(grid, "memory_budget", lambda fraction: 150)
+  monkeypatch.setattr(grid, "train_step_bytes", lambda population, data, num_steps: 100 * population.size)
+  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
+  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=1),
+                           steps_per_call=1, eval_every=1, workers=1)
+  assert grid.run(settings, jobs) == 2
+  assert "the train step of 2 slots would not fit in device memory, of 1 it does" in capsys.readouterr().out
+  assert {r["slots"] for r in table.read(settings.results)} == {1}
+
+
 def test_compacted_size_is_the_power_of_two_that_holds_the_jobs_in_flight():
   assert [grid.compacted_size(n, 64) for n in (1, 2, 3, 17, 32, 33, 0)] == [1, 2, 4, 32, 32, None, None]
   assert grid.compacted_size(5, 8) is None and grid.compacted_size(2, 4) == 2 and grid.compacted_size(1, 1) is None

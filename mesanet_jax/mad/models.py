@@ -100,8 +100,8 @@ class AutoEncoder(nnx.Module):
     x = embed_tokens(config, self.embed, tokens)
     x = train_blocks(config, self.blocks, x)
     x = x[:, -1:] + jnp.asarray(sincos(tokens.shape[1], config.d_model), config.dtype)  # [B, T, d]
-    for norm, linear in zip(self.norms, self.hidden):
-      x = jax.nn.gelu(linear(norm(x)), approximate=False)
+    for norm, layer in zip(self.norms, self.hidden):
+      x = jax.nn.gelu(layer(norm(x)), approximate=False)
     return self.readout(self.norms[2](x)).astype(jnp.float32)
 
 

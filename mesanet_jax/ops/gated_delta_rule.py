@@ -91,6 +91,8 @@ def gated_delta_chunked(q, k, v, g, beta, state=None, *, chunk_size: int = 64, t
   if triangular not in TRIANGULAR:
     raise ValueError(f"triangular must be one of {TRIANGULAR}, got {triangular!r}")
   batch, length, heads, key_dim = q.shape
+  if length == 0:
+    raise ValueError(f"expected at least one token, got q of shape {q.shape}")
   dtype = compute_dtype(q, k, v, g, beta, state)
   state = _zero_state(q, v) if state is None else state.astype(dtype)
   pad = -length % chunk_size

@@ -231,8 +231,10 @@ def gated_delta_fused(q, k, v, g, beta, state=None, *, interval: int = 16, num_w
   if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or g.shape != q.shape[:3] or beta.shape != g.shape:
     raise ValueError(f"expected q, k [B, T, H, Dk], v [B, T, H, Dv], g, beta [B, T, H]; got q {q.shape}, k {k.shape},"
                      f" v {v.shape}, g {g.shape}, beta {beta.shape}")
-  batch, _, heads, key_dim = q.shape
+  batch, length, heads, key_dim = q.shape
   value_dim = v.shape[-1]
+  if length == 0:
+    raise ValueError(f"expected at least one token, got q of shape {q.shape}")
   if reason := unsupported_reason(key_dim, value_dim):
     raise ValueError(f"impl='pallas' cannot run this gated delta rule: {reason}")
   if not isinstance(interval, int) or interval < 1:

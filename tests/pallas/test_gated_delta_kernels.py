@@ -176,5 +176,8 @@ def test_refuses_bad_arguments():
     gated_delta_fused(q, k, v, g, beta, state[:1])
   with pytest.raises(ValueError, match="interval"):
     gated_delta_fused(q, k, v, g, beta, interval=0)
+  for op in (gated_delta_fused, gated_delta_rule.gated_delta_chunked):
+    with pytest.raises(ValueError, match="at least one token"):
+      op(q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0])
   with pytest.raises(ValueError, match="gdn.impl"):
     GatedDeltaNetConfig(impl="triton")

@@ -35,6 +35,9 @@ _MAX_SLOTS = flags.DEFINE_integer("max_slots", 256, "population size at most")
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps per jitted call at most")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 400, "steps between test evaluations (early stopping at 99.9 %) "
                                    "at most; also once per epoch of every job in flight, as mad-lab checks")
+_SCREEN = flags.DEFINE_bool("screen_evaluations", True, "at a check where no job ends, evaluate the first test "
+                            "batch and the whole test set only if a job could still stop early (the same stops; "
+                            "mesanet_jax/mad/grid.py); false: the whole test set at every check")
 _MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "share of the device memory left after the datasets "
                                       "that a population's compiled train step may use; larger populations are "
                                       "halved until it fits (devices that report no limit, e.g. CPU: unchecked)")
@@ -99,7 +102,7 @@ def main(argv):
         embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None,
         linear_init_variance=(models.LINEAR_INIT_VARIANCE if _LINEAR_INIT_VARIANCE.value is None
                               else _LINEAR_INIT_VARIANCE.value), seed=_SEED.value, workers=_WORKERS.value,
-        memory_fraction=_MEMORY_FRACTION.value, compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value)
+        screen_evaluations=_SCREEN.value, memory_fraction=_MEMORY_FRACTION.value, compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
     finished = grid.run(settings, jobs)
   print(f"finished {finished} jobs; results in {_RESULTS.value}")

@@ -96,6 +96,13 @@ def loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.sum(ce * scored) / jnp.maximum(jnp.sum(scored), 1)
 
 
+def batch_bound(num_batches: int, stop_accuracy: float) -> float:
+  """The least accuracy one of `num_batches` test batches must have for their mean (each at most 1) to reach
+  `stop_accuracy`: 1 − n (1 − τ), e.g. 0.96 for 40 batches at 99.9 %. A job with any batch below it cannot stop
+  early at this evaluation."""
+  return 1.0 - num_batches * (1.0 - stop_accuracy)
+
+
 def batch_accuracy(predictions: jax.Array, targets: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
   """(macro accuracy as torchmetrics computes it, number of correct scored tokens) of one batch [B, L]."""
   scored = (targets != tasks.IGNORE).reshape(-1)

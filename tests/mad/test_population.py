@@ -120,6 +120,51 @@ def test_population_sizes_and_steps_as_the_grid_schedules():
   assert grid.population_steps([3, 5], 4) == 5  # more slots than jobs: the longest job
 
 
+def test_batch_bound_is_the_least_batch_accuracy_that_lets_the_mean_reach_the_threshold():
+  assert training.batch_bound(40, 0.999) == pytest.approx(0.96)
+  bound = training.batch_bound(7, 0.99)
+  assert np.mean([bound] + [1.0] * 6) == pytest.approx(0.99)
+  assert np.mean([bound - 1e-6] + [1.0] * 6) < 0.99
+
+
+@pytest.mark.slow
+def test_screen_is_the_first_test_batch_of_evaluate():
+  slots, _ = _run(_population(2), _data(), [(8, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))], 3)
+  first_batch = {**_data(), "test_inputs": _data()["test_inputs"][:, :32],
+                 "test_targets": _data()["test_targets"][:, :32]}
+  np.testing.assert_allclose(_population(2).screen(slots, _data()),
+                             _population(2).evaluate(slots, first_batch)["accuracy"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_screened_evaluations_give_the_records_of_full_ones(tmp_path, monkeypatch):
+  """Jobs far from 99.9 %: the screen skips the whole test set at the check where no job ends (one evaluation, at the
+  end, instead of two), and every record equals that of a run evaluating the whole test set at every check."""
+  calls = []
+
+  class Counting(Population):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      evaluate = self.evaluate
+      self.evaluate = lambda *a: calls.append(1) or evaluate(*a)
+
+  monkeypatch.setattr(grid, "Population", Counting)
+  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
+  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
+  records = {}
+  for screen in (True, False):
+    settings = grid.Settings(results=str(tmp_path / f"screen_{screen}.jsonl"), protocol=training.Protocol(epochs=2),
+                             steps_per_call=1, eval_every=1, workers=1, screen_evaluations=screen)
+    calls.clear()
+    assert grid.run(settings, jobs) == 2
+    records[screen] = ({r["lr"]: r for r in table.read(settings.results)}, len(calls))
+  (screened, screened_calls), (full, full_calls) = records[True], records[False]
+  assert (screened_calls, full_calls) == (1, 2)
+  for lr, record in screened.items():
+    for field in ("accuracy", "accuracy_micro", "test_loss", "train_loss", "steps", "early_stopped"):
+      assert record[field] == full[lr][field], (lr, field)
+
+
 def test_fit_to_memory_halves_the_population_until_its_step_fits():
   assert grid.fit_to_memory(16, lambda slots: 10 * slots, 35) == 2
   assert grid.fit_to_memory(8, lambda slots: 10 * slots, 80) == 8

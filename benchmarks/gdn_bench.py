@@ -48,7 +48,9 @@ def operator(variant: str):
 
 def forward_and_backward(op, weights):
   """jit of (o, the gradients of Σ o · w w.r.t. q, k, v, g, beta)."""
-  loss = lambda *a: (jnp.sum(op(*a)[0] * weights), op(*a)[0])
+  def loss(*args):
+    o = op(*args)[0]
+    return jnp.sum(o * weights), o
   return jax.jit(jax.grad(loss, argnums=range(5), has_aux=True))
 
 

@@ -309,7 +309,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
     in_flight = [i for i, j in enumerate(slot_jobs) if j is not None]
     smaller = None if queue or settings.compact_min_steps is None else compacted_size(len(in_flight), population.size)
     if smaller and max(total[i] - steps[i] for i in in_flight) >= settings.compact_min_steps:
-      population = Population(config, autoencoder, protocol, smaller)
+      population = population_of(smaller)  # compiled already if the memory check tried this size
       slots, slot_jobs = _compact(slots, slot_jobs, smaller)
       progress.note(f"{group_name(key)}: {len(in_flight)} jobs in flight, the population shrinks to {smaller} slots")
   if state_path and os.path.exists(state_path):

@@ -102,7 +102,8 @@ def main(argv):
         embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None,
         linear_init_variance=(models.LINEAR_INIT_VARIANCE if _LINEAR_INIT_VARIANCE.value is None
                               else _LINEAR_INIT_VARIANCE.value), seed=_SEED.value, workers=_WORKERS.value,
-        screen_evaluations=_SCREEN.value, memory_fraction=_MEMORY_FRACTION.value, compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value)
+        screen_evaluations=_SCREEN.value, memory_fraction=_MEMORY_FRACTION.value,
+        compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
     finished = grid.run(settings, jobs)
   print(f"finished {finished} jobs; results in {_RESULTS.value}")

@@ -119,11 +119,24 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, checkpoint_ref, do_re
   dstate_ref[...] = lax.fori_loop(0, pl.cdiv(length, interval), span, dfinal_ref[...])
 
 
-def _warps(key_dim: int, value_dim: int, num_warps: int | None):
-  """Triton compiler params on the GPU (one warp per 1,024 state entries: 1 at 16 × 16), None elsewhere."""
-  if target() != "gpu":
-    return None
-  return pltriton.CompilerParams(num_warps=num_warps or max(1, min(8, key_dim * value_dim // 1024)), num_stages=1)
+def _per_head_call(kernel, name: str, operands: list, in_blocks: list, out_blocks: list, *, num_warps: int | None):
+  """pallas_call of `kernel` with one program per (batch, head). Blocks are (kind, shape) as `_spec` takes them;
+  out_blocks pairs each with its dtype. Triton warps on the GPU: one per 1,024 state entries (1 at 16 × 16)."""
+  batch, _, heads, key_dim = operands[0].shape[:4]
+  value_dim = operands[2].shape[-1]
+  params = None
+  if target() == "gpu":
+    params = pltriton.CompilerParams(num_warps=num_warps or max(1, min(8, key_dim * value_dim // 1024)), num_stages=1)
+  return pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct(_shape(kind, shape, batch, heads), dtype) for (kind, shape), dtype in out_blocks],
+      grid=(batch, heads),
+      in_specs=[_spec(*block) for block in in_blocks],
+      out_specs=[_spec(*block) for block, _ in out_blocks],
+      compiler_params=params,
+      interpret=use_interpret(),
+      name=name,
+  )(*operands)
 
 
 def _spec(kind: str, shape: tuple) -> pl.BlockSpec:
@@ -141,58 +154,39 @@ def _shape(kind: str, shape: tuple, batch: int, heads: int) -> tuple:
   return (batch, heads, *shape)
 
 
-def _layouts(q, k, v, g, beta):
-  """The kernels' views of the inputs: q, k [B, T, H, Dk, 1]; v [B, T, H, 1, Dv]; g, beta [B, T, H, 1, 1]."""
-  return q[..., None], k[..., None], v[..., None, :], g[..., None, None], beta[..., None, None]
+def _inputs(q, k, v, g, beta):
+  """The kernels' views of the inputs (free reshapes) and their blocks: q, k [B, T, H, Dk, 1]; v [B, T, H, 1, Dv];
+  g, beta [B, T, H, 1, 1]."""
+  length, key_dim, value_dim = q.shape[1], q.shape[3], v.shape[3]
+  operands = [q[..., None], k[..., None], v[..., None, :], g[..., None, None], beta[..., None, None]]
+  blocks = [("token", (length, key_dim, 1))] * 2 + [("token", (length, 1, value_dim))] + [("token", (length, 1, 1))] * 2
+  return operands, blocks
 
 
 def _forward(q, k, v, g, beta, state, interval, num_warps, save_checkpoints):
-  batch, length, heads, key_dim = q.shape
-  value_dim = v.shape[-1]
-  spans = -(-length // interval)
-  token = lambda *shape: ("token", (length, *shape))
-  head = lambda *shape: ("head", shape)
-  outputs = [(token(1, value_dim), q.dtype), (head(key_dim, value_dim), state.dtype)]
+  length, key_dim, value_dim = q.shape[1], q.shape[3], v.shape[3]
+  operands, blocks = _inputs(q, k, v, g, beta)
+  state_block = ("head", (key_dim, value_dim))
+  outputs = [(("token", (length, 1, value_dim)), q.dtype), (state_block, state.dtype)]
   if save_checkpoints:
-    outputs.append((head(spans, key_dim, value_dim), state.dtype))
+    outputs.append((("head", (-(-length // interval), key_dim, value_dim)), state.dtype))
   kernel = functools.partial(_forward_kernel, interval=interval, scale=1.0 / math.sqrt(key_dim))
-  results = pl.pallas_call(
-      kernel,
-      out_shape=[jax.ShapeDtypeStruct(_shape(kind, shape, batch, heads), dtype) for (kind, shape), dtype in outputs],
-      grid=(batch, heads),
-      in_specs=[_spec(*s) for s in (token(key_dim, 1), token(key_dim, 1), token(1, value_dim), token(1, 1),
-                                     token(1, 1), head(key_dim, value_dim))],
-      out_specs=[_spec(*s) for s, _ in outputs],
-      compiler_params=_warps(key_dim, value_dim, num_warps),
-      interpret=use_interpret(),
-      name="gated_delta_forward",
-  )(*_layouts(q, k, v, g, beta), state)
-  o = results[0].reshape(batch, length, heads, value_dim)
-  return o, results[1], (results[2] if save_checkpoints else None)
+  results = _per_head_call(kernel, "gated_delta_forward", operands + [state], blocks + [state_block], outputs,
+                           num_warps=num_warps)
+  return results[0][..., 0, :], results[1], (results[2] if save_checkpoints else None)
 
 
 def _backward(q, k, v, g, beta, checkpoints, do, dfinal, interval, num_warps):
-  batch, length, heads, key_dim = q.shape
-  value_dim = v.shape[-1]
-  dtype = dfinal.dtype
-  token = lambda *shape: ("token", (length, *shape))
-  head = lambda *shape: ("head", shape)
-  outputs = [(token(key_dim, 1), q.dtype), (token(key_dim, 1), k.dtype), (token(1, value_dim), v.dtype),
-             (token(1, 1), g.dtype), (token(1, 1), beta.dtype), (head(key_dim, value_dim), dtype),
-             (head(interval, key_dim, value_dim), dtype)]
+  length, key_dim, value_dim = q.shape[1], q.shape[3], v.shape[3]
+  operands, blocks = _inputs(q, k, v, g, beta)
+  state_block, dtype = ("head", (key_dim, value_dim)), dfinal.dtype
+  outputs = [(block, x.dtype) for block, x in zip(blocks, (q, k, v, g, beta))]
+  outputs += [(state_block, dtype), (("head", (interval, key_dim, value_dim)), dtype)]
   kernel = functools.partial(_backward_kernel, interval=interval, scale=1.0 / math.sqrt(key_dim))
-  dq, dk, dv, dg, dbeta, dstate, _ = pl.pallas_call(
-      kernel,
-      out_shape=[jax.ShapeDtypeStruct(_shape(kind, shape, batch, heads), dt) for (kind, shape), dt in outputs],
-      grid=(batch, heads),
-      in_specs=[_spec(*s) for s in (token(key_dim, 1), token(key_dim, 1), token(1, value_dim), token(1, 1),
-                                     token(1, 1), head(*checkpoints.shape[2:]), token(1, value_dim),
-                                     head(key_dim, value_dim))],
-      out_specs=[_spec(*s) for s, _ in outputs],
-      compiler_params=_warps(key_dim, value_dim, num_warps),
-      interpret=use_interpret(),
-      name="gated_delta_backward",
-  )(*_layouts(q, k, v, g, beta), checkpoints, do[..., None, :], dfinal)
+  dq, dk, dv, dg, dbeta, dstate, _ = _per_head_call(
+      kernel, "gated_delta_backward", operands + [checkpoints, do[..., None, :], dfinal],
+      blocks + [("head", checkpoints.shape[2:]), ("token", (length, 1, value_dim)), state_block], outputs,
+      num_warps=num_warps)
   return (dq[..., 0], dk[..., 0], dv[..., 0, :], dg[..., 0, 0], dbeta[..., 0, 0], dstate)
 
 

@@ -7,7 +7,8 @@
 Each (architecture, task, variant, lr, weight decay) is trained for 200 epochs (mesanet_jax/mad/training.py), all
 jobs sharing model shapes at once as one population (mesanet_jax/mad/population.py), and appended to --results as
 it finishes; a rerun skips the finished ones. With --time_limit the run stops before that many seconds, saving the
-populations in flight under --state_dir for the next run. Table: `mesanet-mad-table --results=...`.
+populations in flight under --state_dir for the next run (in files of at most 16 MiB; --state_budget_mib bounds
+them, keeping the slots furthest along). Table: `mesanet-mad-table --results=...`.
 """
 import dataclasses
 import os
@@ -29,6 +30,9 @@ _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "> 0: at most this many 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "dataset cache (default: <results dir>/data)")
 _STATE_DIR = flags.DEFINE_string("state_dir", "", "populations in flight at the time limit (default: "
                                  "<results dir>/state)")
+_STATE_BUDGET = flags.DEFINE_float("state_budget_mib", 0, "MiB of in-flight slots a group saves at the time limit "
+                                   "at most, those furthest along first; the others start over (0: all). A device "
+                                   "call returns at most 64 MiB: ~11 MAD slots of ~5.3 MB")
 _TIME_LIMIT = flags.DEFINE_float("time_limit", 0, "seconds after which to stop (0: none)")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1 << 20, "tokens per population step at most (slots × 32 × L)")
 _MAX_SLOTS = flags.DEFINE_integer("max_slots", 256, "population size at most")
@@ -89,12 +93,15 @@ def main(argv):
       if _NUM_EXAMPLES.value % 32:
         raise ValueError(f"--num_examples must be a multiple of 32 (the batch), got {_NUM_EXAMPLES.value}")
       chosen = [variants.shrunk(v, _NUM_EXAMPLES.value) for v in chosen]
+    if _STATE_BUDGET.value < 0:
+      raise ValueError(f"--state_budget_mib must be ≥ 0 (0: every slot in flight), got {_STATE_BUDGET.value}")
     root = os.path.dirname(os.path.abspath(_RESULTS.value))
     os.makedirs(root, exist_ok=True)
     settings = grid.Settings(
         results=_RESULTS.value, protocol=dataclasses.replace(training.Protocol(), epochs=_EPOCHS.value),
         data_dir=_DATA_DIR.value or os.path.join(root, "data"),
-        state_dir=_STATE_DIR.value or os.path.join(root, "state"), max_tokens=_MAX_TOKENS.value,
+        state_dir=_STATE_DIR.value or os.path.join(root, "state"), state_budget=int(_STATE_BUDGET.value * 2**20),
+        max_tokens=_MAX_TOKENS.value,
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value, eval_every=_EVAL_EVERY.value,
         time_limit=_TIME_LIMIT.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
         matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, gdn_impl=_GDN_IMPL.value,

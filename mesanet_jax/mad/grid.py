@@ -7,8 +7,10 @@ step, and with early stopping most of a group's slots finish long before its las
 A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
 compiled train step fits in the device's memory (`fit_to_memory`).
 
-A group's in-flight slots are saved to `state_dir` when the time limit stops the run, and resumed from there by the
-next run with the same settings (e.g. the next call on the same machine); otherwise their jobs start over.
+A group's in-flight slots are saved to `state_dir` when the time limit stops the run (`slot_state`: in parts of at
+most 16 MiB, the slots furthest along first within `state_budget`), and resumed from there by the next run with the
+same settings, in a population of the usual size or of the saved slots if more; the jobs of slots not saved start
+over.
 """
 import concurrent.futures
 import dataclasses
@@ -16,7 +18,6 @@ import heapq
 import json
 import multiprocessing
 import os
-import pickle
 import time
 import zlib
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesanet_jax.mad import models, table, training, variants
+from mesanet_jax.mad import models, slot_state, table, training, variants
 from mesanet_jax.mad.population import Population, stack_datasets
 
 
@@ -34,6 +35,9 @@ class Settings:
   protocol: training.Protocol = training.Protocol()
   data_dir: str = ""  # dataset cache ("": none)
   state_dir: str = ""  # in-flight populations at the time limit ("": not saved)
+  # Bytes of slots a group saves at the time limit at most, those furthest along first (0: every slot in flight): what
+  # the next run can be given, e.g. the files a device call returns; ~5.3 MB per MAD slot.
+  state_budget: int = 0
   max_tokens: int = 1 << 20  # tokens per population step (slots × batch × length) at most
   max_slots: int = 256
   steps_per_call: int = 200  # steps per jitted call at most
@@ -179,6 +183,14 @@ class _Progress:
     self.bar.write(text)
 
 
+def group_order(settings: Settings, groups: dict[tuple, list], architectures: list[str]) -> list[tuple]:
+  """The order to train groups ({group key: jobs}) in: those saved at an earlier run's time limit first (their slots
+  are furthest along), then by architecture as given, then cheapest first (job steps × sequence length)."""
+  saved = lambda key: bool(settings.state_dir) and slot_state.exists(settings.state_dir, group_name(key))
+  cost = lambda key: sum(j.steps(settings.protocol) for j in groups[key]) * key[2]
+  return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]), cost(k)))
+
+
 def run(settings: Settings, all_jobs: list[training.Job]) -> int:
   """Trains every job not yet in settings.results; returns the number of jobs finished by this run."""
   start = time.time()
@@ -187,9 +199,7 @@ def run(settings: Settings, all_jobs: list[training.Job]) -> int:
   groups: dict[tuple, list] = {}
   for job in pending:
     groups.setdefault(group_key(job), []).append(job)
-  order = {a: i for i, a in enumerate(dict.fromkeys(j.architecture for j in all_jobs))}
-  cost = lambda key: sum(j.steps(settings.protocol) for j in groups[key]) * key[2]
-  keys = sorted(groups, key=lambda k: (order[k[0]], cost(k)))
+  keys = group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs)))
   protocol = settings.protocol
   progress = _Progress(sum(j.steps(protocol) * j.variant.seq_len for j in pending))
   progress.note(f"{len(pending)} jobs to train ({len(all_jobs) - len(pending)} done) in {len(keys)} groups")
@@ -215,9 +225,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
   datasets = [futures[v].result() for v in group_variants]
   vocab = max(v.vocab_size for v in group_variants)
-  state_path = settings.state_dir and os.path.join(settings.state_dir, group_name(key) + ".pkl")
-  saved = _load(state_path) if state_path and os.path.exists(state_path) else None
-  size = len(saved["jobs"]) if saved else population_size(settings, len(jobs), length)  # saved: maybe compacted
+  saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
+  size = max(population_size(settings, len(jobs), length), len(saved["jobs"]) if saved else 0)
   data = stack_datasets(datasets, length)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
@@ -226,7 +235,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                              embed_std=settings.embed_std, linear_init_variance=settings.linear_init_variance)
   populations = {}  # slots -> Population: the one whose step was compiled for the memory check runs (no recompile)
   population_of = lambda slots: populations.setdefault(slots, Population(config, autoencoder, protocol, slots))
-  budget = None if saved else memory_budget(settings.memory_fraction)
+  budget = memory_budget(settings.memory_fraction)
   if budget is not None:  # compiled at the first call's steps, as the run will call it
     step_bytes = lambda slots: train_step_bytes(population_of(slots), data, check_interval(settings, queue[:slots])[1])
     if (fitted := fit_to_memory(size, step_bytes, budget)) != size:
@@ -250,10 +259,13 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
     if all(j is None for j in slot_jobs):
       break
     if settings.time_limit and time.time() - start > settings.time_limit:
-      if state_path:
-        _save(state_path, slots, slot_jobs)
-      progress.note(f"{group_name(key)}: time limit; {sum(j is not None for j in slot_jobs)} jobs in flight "
-                    + ("saved" if state_path else "dropped"))
+      in_flight = sum(j is not None for j in slot_jobs)
+      if settings.state_dir:
+        kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs, settings.state_budget)
+        progress.note(f"{group_name(key)}: time limit; of {in_flight} jobs in flight {len(kept)} saved "
+                      f"({len(kept) * slot_state.slot_bytes(slots) / 2**20:.1f} MiB), {len(dropped)} start over")
+      else:
+        progress.note(f"{group_name(key)}: time limit; {in_flight} jobs in flight dropped (no state_dir)")
       return finished
     every, per_call = check_interval(settings, [j for j in slot_jobs if j is not None])
     before = np.asarray(slots.step)
@@ -312,8 +324,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
       population = population_of(smaller)  # compiled already if the memory check tried this size
       slots, slot_jobs = _compact(slots, slot_jobs, smaller)
       progress.note(f"{group_name(key)}: {len(in_flight)} jobs in flight, the population shrinks to {smaller} slots")
-  if state_path and os.path.exists(state_path):
-    os.remove(state_path)
+  if settings.state_dir:
+    slot_state.remove(settings.state_dir, group_name(key))
   return finished
 
 
@@ -348,34 +360,19 @@ def _fill(population, slots, slot_jobs, free, queue, group_variants, seed):
                            keys=jnp.stack(keys))
 
 
-def _host(x) -> np.ndarray:
-  return np.asarray(jax.random.key_data(x)) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)
-
-
-def _save(path: str, slots, slot_jobs):
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  leaves = [_host(x) for x in jax.tree.leaves(slots)]
-  with open(path + ".tmp", "wb") as f:
-    pickle.dump({"jobs": [None if j is None else j.key for j in slot_jobs], "leaves": leaves}, f)
-  os.replace(path + ".tmp", path)
-
-
-def _load(path: str) -> dict:
-  """What `_save` wrote: {"jobs": the slots' job keys (None where idle), "leaves": the slots' arrays}."""
-  with open(path, "rb") as f:
-    return pickle.load(f)
-
-
 def _restore(saved: dict, slots, slot_jobs, queue):
-  """The saved slots (`_load`) whose jobs are still queued (the others are emptied)."""
+  """The saved slots (`slot_state.load`: furthest along first) in the first slots, as many as the population holds
+  (the jobs of the others stay queued and start over); a saved slot whose job is no longer queued is emptied."""
   template, treedef = jax.tree.flatten(slots)
-  if [_host(t).shape for t in template] != [x.shape for x in saved["leaves"]]:  # leading axis: the slots
+  if [slot_state.host_array(t).shape[1:] for t in template] != [x.shape[1:] for x in saved["leaves"]]:
     return slots, slot_jobs  # saved with other settings: start over
-  leaves = [jax.random.wrap_key_data(jnp.asarray(x)) if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
-            else jnp.asarray(x, t.dtype) for t, x in zip(template, saved["leaves"])]
+  resumed = min(len(saved["jobs"]), len(slot_jobs))
+  as_leaf = lambda t, x: (jax.random.wrap_key_data(jnp.asarray(x)) if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
+                          else jnp.asarray(x, t.dtype))
+  leaves = [jnp.concatenate([as_leaf(t, x[:resumed]), t[resumed:]]) for t, x in zip(template, saved["leaves"])]
   slots = jax.tree.unflatten(treedef, leaves)
   by_key = {j.key: j for j in queue}
-  for i, key in enumerate(saved["jobs"]):
+  for i, key in enumerate(saved["jobs"][:resumed]):
     job = by_key.get(tuple(key) if key else None)
     slot_jobs[i] = job
     if job is not None:

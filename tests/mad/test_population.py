@@ -4,13 +4,14 @@ both ways."""
 import dataclasses
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesanet_jax.mad import grid, models, table, training, variants
+from mesanet_jax.mad import grid, models, slot_state, table, training, variants
 from mesanet_jax.mad.population import Population, stack_datasets
 
 pytestmark = pytest.mark.xdist_group("population")  # one worker: the cached populations' programs compile once
@@ -86,13 +87,17 @@ def test_state_saved_and_restored(tmp_path):
   population = _population(2)
   slots, _ = _run(population, _data(), [(8, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))], 3)
   jobs = [training.Job("transformer", VARIANT, 1e-3, 0.1), training.Job("transformer", VARIANT, 3e-3, 0.1)]
-  grid._save(str(tmp_path / "g.pkl"), slots, [jobs[0], None])
+  slot_state.save(str(tmp_path), "g", slots, [None, jobs[0]])
   queue = list(jobs)
-  restored, slot_jobs = grid._restore(grid._load(str(tmp_path / "g.pkl")), population.init(64), [None, None], queue)
+  saved = slot_state.load(str(tmp_path), "g")
+  fresh = population.init(64)
+  restored, slot_jobs = grid._restore(saved, fresh, [None, None], queue)  # into the first of two slots
   assert slot_jobs == [jobs[0], None] and queue == [jobs[1]]
   np.testing.assert_array_equal(restored.active, [True, False])
-  for x, y in zip(jax.tree.leaves(restored.params), jax.tree.leaves(slots.params)):
-    np.testing.assert_array_equal(x, y)
+  host = slot_state.host_array
+  for x, y, z in zip(jax.tree.leaves(restored), jax.tree.leaves(slots), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(host(x)[0], host(y)[1])  # the saved slot's params, optimiser state, step, key
+    np.testing.assert_array_equal(host(x)[1], host(z)[1])  # the other as it was
 
 
 @pytest.mark.slow
@@ -235,7 +240,7 @@ def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_a_shrunk_population_saved_at_the_time_limit_resumes_at_its_size(tmp_path):
+def test_a_shrunk_population_saved_at_the_time_limit_resumes_beside_the_queued_jobs(tmp_path):
   variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
   jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3, 5e-4), weight_decays=(0.1,))
   settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
@@ -245,12 +250,47 @@ def test_a_shrunk_population_saved_at_the_time_limit_resumes_at_its_size(tmp_pat
   slots = grid._fill(population, population.init(32), slot_jobs, [1, 3], queue, [variant], settings.seed)
   slots, slot_jobs = grid._compact(slots, slot_jobs, 2)
   assert slot_jobs == jobs[:2] and np.asarray(slots.total).tolist() == [2, 2]
-  path = tmp_path / "state" / (grid.group_name(grid.group_key(jobs[0])) + ".pkl")
-  grid._save(str(path), slots, slot_jobs)
-  assert grid.run(settings, jobs) == 3  # the two resumed in 2 slots, then the third in a freed one
+  group = grid.group_name(grid.group_key(jobs[0]))
+  slot_state.save(settings.state_dir, group, slots, slot_jobs)
+  assert grid.run(settings, jobs) == 3  # a population of 3: the two resumed and the queued one
+  assert sorted((r["lr"], r["slots"], r["steps"]) for r in table.read(settings.results)) == [
+      (5e-4, 3, 2), (1e-3, 3, 2), (3e-3, 3, 2)]
+  assert not os.listdir(settings.state_dir)  # the group's state removed once its jobs are done
+
+
+class _Clock:
+  """Stands in for the `time` module in mesanet_jax.mad.grid: one second passes at each reading."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def time(self) -> float:
+    self.now += 1.0
+    return self.now
+
+
+@pytest.mark.slow
+def test_the_time_limit_saves_the_slots_within_the_budget_and_the_rest_start_over(tmp_path, monkeypatch):
+  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
+  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3, 5e-4), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
+                           state_dir=str(tmp_path / "state"), steps_per_call=1, eval_every=1, workers=1,
+                           max_slots=2, time_limit=2.5)
+  group = grid.group_name(grid.group_key(jobs[0]))
+  population = Population(models.mad_config("transformer", variant.vocab_size), False, settings.protocol, 1)
+  one_slot = slot_state.slot_bytes(jax.eval_shape(lambda: population.init(32)))
+  # Readings: the run's start (1 s), before the group (2 s), the group's first tick (3 s), its first time check (4 s):
+  # the limit stops it with two jobs in flight and room for one.
+  monkeypatch.setattr(grid, "time", _Clock())
+  assert grid.run(dataclasses.replace(settings, state_budget=one_slot + 100), jobs) == 0
+  monkeypatch.undo()
+  saved = slot_state.load(settings.state_dir, group)
+  assert saved["jobs"] == [jobs[0].key] and saved["leaves"][0].shape[0] == 1
+  # The saved job resumed in the first slot, the two others queued (the longest first: equal, so in grid order).
+  assert grid.run(dataclasses.replace(settings, time_limit=0), jobs) == 3
   assert [(r["lr"], r["slots"], r["steps"]) for r in table.read(settings.results)] == [
       (1e-3, 2, 2), (3e-3, 2, 2), (5e-4, 2, 2)]
-  assert not path.exists()
+  assert not os.listdir(settings.state_dir)
 
 
 def test_evaluations_at_least_once_per_epoch_of_every_job_in_flight():

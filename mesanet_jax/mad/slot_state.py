@@ -1,0 +1,107 @@
+"""A population's slots in flight, saved at the grid's time limit in parts small enough to travel, and loaded back.
+
+A save writes the slots as files `<group>.<save id>.<part>-of-<parts>.pkl`, each at most `part_bytes` and
+self-contained (the job keys and arrays of its slots, leading axis = those slots). With a `budget_bytes`, the slots
+furthest along are kept, as many as fit, and the others dropped (their jobs start over in the next run): e.g. a call
+that returns at most 64 MiB of files can carry ~11 MAD slots of ~5.3 MB (params and two Adam moments of ~440 k f32
+each) to the next call or session. The state does not compress: lossless compressors saved 8-15 % of a trained
+MesaNet population's bytes (zlib; zstd after a byte shuffle), so the parts are plain pickles of numpy arrays.
+
+Each part is written to a temporary name and renamed; the previous save's parts are removed only after all of the
+new ones exist, and `load` reads the newest save whose parts are all there, so a run killed mid-save leaves the
+previous save or the new one, never a mix.
+"""
+import os
+import pickle
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_PART = re.compile(r"(?P<save>\d+)\.(?P<part>\d+)-of-(?P<parts>\d+)\.pkl(?P<tmp>\.tmp)?")
+_MARGIN = 1 << 16  # bytes of a part that are not array data (pickle framing, shapes, job keys), at most
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+  """x on the host; PRNG keys as their raw key data."""
+  return np.asarray(jax.random.key_data(x)) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)
+
+
+def slot_bytes(slots) -> int:
+  """Bytes a save takes per slot (every leaf has the slots as its leading axis); slots may be abstract."""
+  def nbytes(x) -> int:
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.eval_shape(jax.random.key_data, x)
+    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+  leaves = jax.tree.leaves(slots)
+  return sum(nbytes(x) for x in leaves) // leaves[0].shape[0]
+
+
+def _files(state_dir: str, group: str) -> list[tuple[str, re.Match]]:
+  """The group's part files (temporary ones included), with their parsed names."""
+  if not os.path.isdir(state_dir):
+    return []
+  matches = [(name, name.startswith(group + ".") and _PART.fullmatch(name[len(group) + 1:]))
+             for name in os.listdir(state_dir)]
+  return [(os.path.join(state_dir, name), match) for name, match in matches if match]
+
+
+def _complete_saves(state_dir: str, group: str) -> dict[int, list[str]]:
+  """{save id: its part paths in order} of the saves whose parts are all there."""
+  saves: dict[int, dict[int, tuple[str, int]]] = {}
+  for path, match in _files(state_dir, group):
+    if not match["tmp"]:
+      saves.setdefault(int(match["save"]), {})[int(match["part"])] = (path, int(match["parts"]))
+  return {save: [parts[k][0] for k in range(len(parts))] for save, parts in saves.items()
+          if set(parts) == set(range(len(parts))) and all(count == len(parts) for _, count in parts.values())}
+
+
+def save(state_dir: str, group: str, slots, slot_jobs: list, budget_bytes: int = 0,
+         part_bytes: int = 16 << 20) -> tuple[list, list]:
+  """Saves the slots whose job is set (slot_jobs[i] not None), furthest along first, within `budget_bytes` (0: all),
+  in parts of at most `part_bytes` (at least one slot each); returns (jobs saved, jobs dropped)."""
+  per_slot = slot_bytes(slots)
+  steps = np.asarray(slots.step)
+  in_flight = sorted((i for i, j in enumerate(slot_jobs) if j is not None), key=lambda i: (-steps[i], i))
+  kept = in_flight[:budget_bytes // per_slot] if budget_bytes else in_flight
+  leaves = [host_array(x) for x in jax.tree.leaves(slots)]
+  per_part = max(1, (part_bytes - _MARGIN) // per_slot)
+  chunks = [kept[k:k + per_part] for k in range(0, len(kept), per_part)]
+  os.makedirs(state_dir, exist_ok=True)
+  previous = _files(state_dir, group)
+  save_id = max([time.time_ns()] + [int(match["save"]) + 1 for _, match in previous])
+  for k, chunk in enumerate(chunks):
+    path = os.path.join(state_dir, f"{group}.{save_id}.{k}-of-{len(chunks)}.pkl")
+    with open(path + ".tmp", "wb") as f:
+      pickle.dump({"jobs": [slot_jobs[i].key for i in chunk], "leaves": [x[chunk] for x in leaves]}, f)
+    os.replace(path + ".tmp", path)
+  for path, _ in previous:
+    os.remove(path)
+  return [slot_jobs[i] for i in kept], [slot_jobs[i] for i in in_flight[len(kept):]]
+
+
+def exists(state_dir: str, group: str) -> bool:
+  """Whether the group has a complete save to load."""
+  return bool(_complete_saves(state_dir, group))
+
+
+def load(state_dir: str, group: str) -> dict | None:
+  """The group's newest complete save: {"jobs": job keys, "leaves": arrays with the saved slots as leading axis}, or
+  None if there is none."""
+  saves = _complete_saves(state_dir, group)
+  if not saves:
+    return None
+  loaded = []
+  for path in saves[max(saves)]:
+    with open(path, "rb") as f:
+      loaded.append(pickle.load(f))
+  return {"jobs": [key for part in loaded for key in part["jobs"]],
+          "leaves": [np.concatenate(xs) for xs in zip(*(part["leaves"] for part in loaded))]}
+
+
+def remove(state_dir: str, group: str):
+  """Removes every save of the group (its jobs are done), incomplete ones too."""
+  for path, _ in _files(state_dir, group):
+    os.remove(path)

@@ -1,0 +1,107 @@
+"""Saved slots: parts within their size, the slots furthest along kept within a budget, the newest complete save
+loaded (a save cut short leaves the previous one), one group's files never another's; a saved group trains first."""
+import os
+
+import jax
+import numpy as np
+
+from mesanet_jax.mad import grid, slot_state, training, variants
+from mesanet_jax.mad.population import Slots
+
+VARIANT = variants.Variant("in_context_recall", "tiny", 0, vocab_size=16, seq_len=16, num_train_examples=64,
+                           num_test_examples=32)
+PARAM_BYTES = 3 * 1000 * 4  # per slot: params and two Adam moments of 1,000 f32 each
+
+
+def _slots(steps: list[int], offset: float = 0.0) -> Slots:
+  """Slots of numpy arrays (what a save reads) with one PRNG key per slot; slot i's params hold i + offset."""
+  n = len(steps)
+  values = np.arange(n, dtype=np.float32)[:, None] + offset
+  params = {"w": np.broadcast_to(values, (n, 1000)).copy()}
+  opt_state = ({"mu": params["w"] * 2}, {"nu": params["w"] * 3})
+  ints = lambda v: np.full(n, v, np.int32)
+  return Slots(params, opt_state, np.asarray(steps, np.int32), ints(100), ints(2), ints(0), ints(16),
+               np.full(n, 1e-3, np.float32), np.full(n, 0.1, np.float32), np.ones(n, bool),
+               np.zeros((n, 64), np.int32), jax.random.split(jax.random.key(0), n))
+
+
+def _jobs(n: int) -> list:
+  return [training.Job("mesanet", VARIANT, lr, 0.1) for lr in (3e-3, 1e-3, 5e-4, 1e-4)[:n]]
+
+
+def test_every_slot_in_flight_saved_in_parts_and_loaded_back(tmp_path):
+  slots, jobs = _slots([5, 7, 0, 6]), _jobs(4)
+  per_slot = slot_state.slot_bytes(slots)
+  assert PARAM_BYTES < per_slot < PARAM_BYTES + 64 * 4 + 100  # + the epoch order and a few scalars
+  part_bytes = 2 * per_slot + (1 << 16)  # two slots a part
+  kept, dropped = slot_state.save(str(tmp_path), "mesanet.lm.L16", slots, [jobs[0], None, jobs[2], jobs[3]],
+                                  part_bytes=part_bytes)
+  assert kept == [jobs[3], jobs[0], jobs[2]] and dropped == []  # steps 6, 5, 0: furthest along first
+  files = sorted(os.listdir(tmp_path))
+  assert len(files) == 2 and all(os.path.getsize(tmp_path / f) <= part_bytes for f in files)
+  saved = slot_state.load(str(tmp_path), "mesanet.lm.L16")
+  assert saved["jobs"] == [j.key for j in kept]
+  for x, y in zip(saved["leaves"], jax.tree.leaves(slots)):
+    np.testing.assert_array_equal(x, slot_state.host_array(y)[[3, 0, 2]])
+  assert slot_state.load(str(tmp_path), "mesanet.lm.L1") is None  # another group's name: a prefix of this one
+  slot_state.remove(str(tmp_path), "mesanet.lm.L1")
+  assert len(os.listdir(tmp_path)) == 2
+  slot_state.remove(str(tmp_path), "mesanet.lm.L16")
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_budget_keeps_the_slots_furthest_along(tmp_path):
+  slots, jobs = _slots([5, 7, 1, 6]), _jobs(4)
+  budget = 2 * slot_state.slot_bytes(slots) + 100
+  kept, dropped = slot_state.save(str(tmp_path), "g", slots, jobs, budget_bytes=budget)
+  assert kept == [jobs[1], jobs[3]] and dropped == [jobs[0], jobs[2]]
+  np.testing.assert_array_equal(slot_state.load(str(tmp_path), "g")["leaves"][0][:, 0], [1, 3])  # slots 1 and 3
+  assert slot_state.save(str(tmp_path), "g", slots, jobs, budget_bytes=100) == ([], [jobs[1], jobs[3], jobs[0],
+                                                                                      jobs[2]])
+  assert slot_state.load(str(tmp_path), "g") is None  # nothing fit: the previous save is gone too
+
+
+def test_the_newest_complete_save_is_loaded(tmp_path):
+  jobs = _jobs(4)
+  slot_state.save(str(tmp_path), "g", _slots([1, 1, 1, 1]), jobs)
+  part_bytes = slot_state.slot_bytes(_slots([1])) + (1 << 16)  # one slot a part
+  slot_state.save(str(tmp_path), "g", _slots([2, 2, 2, 2], offset=10), jobs, part_bytes=part_bytes)
+  files = sorted(os.listdir(tmp_path))
+  assert len(files) == 4  # the first save's file removed once the second's four exist
+  np.testing.assert_array_equal(slot_state.load(str(tmp_path), "g")["leaves"][0][:, 0], [10, 11, 12, 13])
+  # A save cut short after two of its parts: the earlier complete save stands; a part still being written is ignored.
+  newer = int(files[0].split(".")[1]) + 1
+  for k in range(2):
+    os.link(tmp_path / files[k], tmp_path / f"g.{newer}.{k}-of-4.pkl")
+  os.link(tmp_path / files[2], tmp_path / f"g.{newer}.2-of-4.pkl.tmp")
+  np.testing.assert_array_equal(slot_state.load(str(tmp_path), "g")["leaves"][0][:, 0], [10, 11, 12, 13])
+  slot_state.save(str(tmp_path), "g", _slots([3], offset=20), jobs[:1])  # the next save removes every older file
+  assert len(os.listdir(tmp_path)) == 1
+  assert slot_state.load(str(tmp_path), "g")["leaves"][0][:, 0].tolist() == [20]
+
+
+def test_parts_of_a_save_with_a_part_missing_are_not_loaded(tmp_path):
+  part_bytes = slot_state.slot_bytes(_slots([1])) + (1 << 16)
+  slot_state.save(str(tmp_path), "g", _slots([1, 1]), _jobs(2), part_bytes=part_bytes)
+  os.remove(tmp_path / sorted(os.listdir(tmp_path))[1])
+  assert slot_state.load(str(tmp_path), "g") is None
+
+
+def test_slot_bytes_is_what_a_save_writes(tmp_path):
+  slots = _slots([1, 2, 3])
+  slot_state.save(str(tmp_path), "g", slots, _jobs(3))
+  written = sum(os.path.getsize(tmp_path / f) for f in os.listdir(tmp_path))
+  assert 3 * slot_state.slot_bytes(slots) <= written <= 3 * slot_state.slot_bytes(slots) + (1 << 16)
+
+
+def test_a_saved_group_trains_first(tmp_path):
+  jobs = training.jobs(["mesanet", "gdn"], [variants.find("memorize", "baseline"), variants.find("compress",
+                                                                                                  "baseline")])
+  groups = {}
+  for job in jobs:
+    groups.setdefault(grid.group_key(job), []).append(job)
+  settings = grid.Settings(results="", state_dir=str(tmp_path))
+  names = lambda: [grid.group_name(k) for k in grid.group_order(settings, groups, ["gdn", "mesanet"])]
+  assert names() == ["gdn.lm.L32", "gdn.autoencoder.L32", "mesanet.lm.L32", "mesanet.autoencoder.L32"]
+  slot_state.save(str(tmp_path), "mesanet.autoencoder.L32", _slots([3]), _jobs(1))
+  assert names() == ["mesanet.autoencoder.L32", "gdn.lm.L32", "gdn.autoencoder.L32", "mesanet.lm.L32"]

@@ -6,7 +6,7 @@
 
 Each (architecture, task, variant, lr, weight decay) is trained for 200 epochs (mesanet_jax/mad/training.py), all
 jobs sharing model shapes at once as one population (mesanet_jax/mad/population.py), and appended to --results as
-it finishes; a rerun skips the finished ones. With --time_limit the run stops before that many seconds, saving the
+it finishes; a rerun skips the finished ones. With --time_limit (or at a SIGTERM) the run stops, saving the
 populations in flight under --state_dir for the next run (in files of at most 16 MiB; --state_budget_mib bounds
 them, keeping the slots furthest along). Table: `mesanet-mad-table --results=...`.
 """
@@ -15,7 +15,11 @@ import os
 
 from absl import app, flags
 
+from mesanet_jax.train.sigterm import SigtermFlag
+
 from . import cli
+
+SIGTERM = SigtermFlag()  # before the slow imports: a SIGTERM saves the population in flight and exits 0
 
 _RESULTS = flags.DEFINE_string("results", "runs/mad/results.jsonl", "JSONL of finished jobs (appended; resumed)")
 _ARCHITECTURES = flags.DEFINE_list("architectures", ["mesanet", "gdn", "transformer", "hawk", "hawk_mesa"],
@@ -112,7 +116,7 @@ def main(argv):
         screen_evaluations=_SCREEN.value, memory_fraction=_MEMORY_FRACTION.value,
         compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
-    finished = grid.run(settings, jobs)
+    finished = grid.run(settings, jobs, SIGTERM)
   print(f"finished {finished} jobs; results in {_RESULTS.value}")
 
 

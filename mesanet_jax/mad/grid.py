@@ -191,9 +191,16 @@ def group_order(settings: Settings, groups: dict[tuple, list], architectures: li
   return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]), cost(k)))
 
 
-def run(settings: Settings, all_jobs: list[training.Job]) -> int:
-  """Trains every job not yet in settings.results; returns the number of jobs finished by this run."""
+def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
+  """Trains every job not yet in settings.results; returns the number of jobs finished by this run. It stops, saving
+  the slots in flight, at the time limit or once `sigterm.raised` (a `train.sigterm.SigtermFlag`) is set."""
   start = time.time()
+
+  def stop_reason() -> str:
+    if sigterm is not None and sigterm.raised:
+      return "SIGTERM"
+    return "time limit" if settings.time_limit and time.time() - start > settings.time_limit else ""
+
   done = done_keys(settings, {j.architecture for j in all_jobs})
   pending = [j for j in all_jobs if j.key not in done]
   groups: dict[tuple, list] = {}
@@ -210,16 +217,16 @@ def run(settings: Settings, all_jobs: list[training.Job]) -> int:
   finished = 0
   try:
     for key in keys:
-      if settings.time_limit and time.time() - start > settings.time_limit:
+      if stop_reason():
         break
-      finished += _run_group(settings, key, groups[key], futures, progress, start)
+      finished += _run_group(settings, key, groups[key], futures, progress, stop_reason)
   finally:
     pool.shutdown(cancel_futures=True)
     progress.bar.close()
   return finished
 
 
-def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, start: float) -> int:
+def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, stop_reason) -> int:
   architecture, autoencoder, length = key
   protocol = settings.protocol
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
@@ -258,14 +265,14 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
       slots = _fill(population, slots, slot_jobs, free, queue, group_variants, settings.seed)
     if all(j is None for j in slot_jobs):
       break
-    if settings.time_limit and time.time() - start > settings.time_limit:
+    if reason := stop_reason():
       in_flight = sum(j is not None for j in slot_jobs)
       if settings.state_dir:
         kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs, settings.state_budget)
-        progress.note(f"{group_name(key)}: time limit; of {in_flight} jobs in flight {len(kept)} saved "
+        progress.note(f"{group_name(key)}: {reason}; of {in_flight} jobs in flight {len(kept)} saved "
                       f"({len(kept) * slot_state.slot_bytes(slots) / 2**20:.1f} MiB), {len(dropped)} start over")
       else:
-        progress.note(f"{group_name(key)}: time limit; {in_flight} jobs in flight dropped (no state_dir)")
+        progress.note(f"{group_name(key)}: {reason}; {in_flight} jobs in flight dropped (no state_dir)")
       return finished
     every, per_call = check_interval(settings, [j for j in slot_jobs if j is not None])
     before = np.asarray(slots.step)

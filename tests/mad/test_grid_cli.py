@@ -1,7 +1,14 @@
-"""mesanet-mad-grid refuses bad flags in one line naming the flag, before any data or model is built."""
+"""mesanet-mad-grid refuses bad flags in one line naming the flag, before any data or model is built; a SIGTERM
+saves the population in flight and exits 0."""
+import signal
+import subprocess
+import sys
+
 import pytest
 
+from mesanet_jax.mad import slot_state
 from tests import cli_runs
+from tests.environment import subprocess_env
 
 
 @pytest.mark.slow  # one subprocess start
@@ -17,3 +24,28 @@ def test_bad_flags_are_refused_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("mesanet-mad-grid: error: ")
     assert message in result.stderr
   assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.slow  # a subprocess trains until it is stopped
+def test_sigterm_saves_the_population_in_flight_and_exits_0(tmp_path):
+  flags = [f"--results={tmp_path / 'r.jsonl'}", f"--state_dir={tmp_path / 'state'}", "--architectures=transformer",
+           "--tasks=memorize", "--variants=baseline", "--num_examples=32", "--epochs=100000", "--lrs=1e-3",
+           "--weight_decays=0.1", "--workers=1"]
+  process = subprocess.Popen([sys.executable, "-m", "experiments.mad_grid", *flags], cwd=cli_runs.ROOT,
+                             env=subprocess_env(1, PYTHONPATH=str(cli_runs.ROOT), PYTHONUNBUFFERED="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    lines = []
+    for line in process.stdout:  # the group's line comes once its population is built: training follows
+      lines.append(line)
+      if "1 jobs, 1 slots" in line:
+        break
+    process.send_signal(signal.SIGTERM)
+    out = "".join(lines) + process.communicate(timeout=120)[0]
+  finally:
+    process.kill()
+  assert process.returncode == 0, out
+  assert "transformer.lm.L32: SIGTERM; of 1 jobs in flight 1 saved" in out and "finished 0 jobs" in out
+  saved = slot_state.load(str(tmp_path / "state"), "transformer.lm.L32")
+  assert saved["jobs"] == [("transformer", "memorize", "baseline", 1e-3, 0.1)]
+  assert not (tmp_path / "r.jsonl").exists() or not (tmp_path / "r.jsonl").read_text()

@@ -211,8 +211,11 @@ def main():
   parser.add_argument("--trace_dir", default="", help="profile one more call per case there (kernel times)")
   parser.add_argument("--report", action="store_true", help="only the table and estimate of the rows in --out")
   parser.add_argument("--out", default="mad_bench.jsonl")
+  parser.add_argument("--max_slots", type=int, default=grid.Settings.max_slots,
+                      help="the estimate's populations hold at most this many slots (e.g. 10: the grid in pieces "
+                           "whose saved slots travel between device calls, WORKSPACE 'Grid pieces')")
   args = parser.parse_args()
-  settings = grid.Settings(results="")
+  settings = grid.Settings(results="", max_slots=args.max_slots)
   if not args.report:
     mesa = _mesa_settings(args.mesa)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]

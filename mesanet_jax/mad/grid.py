@@ -210,7 +210,7 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
   protocol = settings.protocol
   progress = _Progress(sum(j.steps(protocol) * j.variant.seq_len for j in pending))
   progress.note(f"{len(pending)} jobs to train ({len(all_jobs) - len(pending)} done) in {len(keys)} groups")
-  needed = list(dict.fromkeys(j.variant for j in pending))
+  needed = list(dict.fromkeys(j.variant for key in keys for j in groups[key]))  # generated in the order they train
   pool = concurrent.futures.ProcessPoolExecutor(settings.workers or max(os.cpu_count() - 1, 1),
                                                 mp_context=multiprocessing.get_context("spawn"))
   futures = {v: pool.submit(variants.load, v, settings.seed, settings.data_dir) for v in needed}

@@ -67,7 +67,12 @@ def in_context_recall(rng: np.random.Generator, *, vocab_size: int, seq_len: int
 def _distinct(rng: np.random.Generator, vocab: np.ndarray, size: int) -> tuple:
   """A uniform random ordered tuple of `size` distinct tokens: what rng.choice over the shuffled list of all
   permutations draws (instances.py:11-26, 296)."""
-  return tuple(int(t) for t in vocab[rng.permutation(len(vocab))[:size]])
+  return tuple(vocab[rng.permutation(len(vocab))[:size]].tolist())
+
+
+def _pick(rng: np.random.Generator, options: np.ndarray) -> int:
+  """rng.choice(options): the same draw from the same stream, ~6× faster (fuzzy recall draws ~300 a sequence)."""
+  return int(options[rng.integers(len(options))])
 
 
 def fuzzy_recall(rng: np.random.Generator, *, vocab_size: int, seq_len: int, training: bool, k_motif_size: int = 3,
@@ -77,8 +82,8 @@ def fuzzy_recall(rng: np.random.Generator, *, vocab_size: int, seq_len: int, tra
   pad = vocab_size - 1  # instances.py:223
   key_sizes = np.arange(1, k_motif_size + 1) if training else np.array([k_motif_size])
   value_sizes = np.arange(1, v_motif_size + 1)
-  probe_key = _distinct(rng, keys, rng.choice(key_sizes))  # instances.py:253-256
-  probe_value = _distinct(rng, values, rng.choice(value_sizes))
+  probe_key = _distinct(rng, keys, _pick(rng, key_sizes))  # instances.py:253-256
+  probe_value = _distinct(rng, values, _pick(rng, value_sizes))
   probe_len = len(probe_key) + len(probe_value)
   probe_at = rng.integers(seq_len - 2 * probe_len)  # instances.py:258
   probe_added = False
@@ -90,12 +95,12 @@ def fuzzy_recall(rng: np.random.Generator, *, vocab_size: int, seq_len: int, tra
       key_value[probe_key] = probe_value
       probe_added = True
       continue
-    key = _distinct(rng, keys, rng.choice(key_sizes))
+    key = _distinct(rng, keys, _pick(rng, key_sizes))
     presented = key in key_value
     if key == probe_key:  # instances.py:300-302
       key_value[key], probe_added = probe_value, True
     elif not presented:
-      key_value[key] = _distinct(rng, values, rng.choice(value_sizes))
+      key_value[key] = _distinct(rng, values, _pick(rng, value_sizes))
     value = key_value[key]
     inputs += key + value
     targets += [IGNORE] * len(key) + (list(value) if presented else [IGNORE] * len(value))  # 311-317

@@ -64,10 +64,11 @@ def test_fuzzy_recall_example_by_hand():
   # V=8: pad 7, keys 0..2, values 3..6 (instances.py:223-227); test keys have 3 tokens (240). Probe key (2,0,1),
   # value (4,), probe_idx 11 (253-258). Loop (267): key (0,1,2) -> new value (6,5); key (0,1,2) again -> scored.
   # The loop stops at length 10 < probe_idx, so the probe is never inserted, yet the final probe is scored (320-330).
-  rng = Scripted(("choice", 3), ("permutation", [2, 0, 1]), ("choice", 1), ("permutation", [1, 0, 2, 3]),
+  # Motif sizes are drawn as rng.choice draws them, an index into the sizes (test keys: [3]; values: [1, 2, 3]).
+  rng = Scripted(("integers", 0), ("permutation", [2, 0, 1]), ("integers", 0), ("permutation", [1, 0, 2, 3]),
                  ("integers", 11),
-                 ("choice", 3), ("permutation", [0, 1, 2]), ("choice", 2), ("permutation", [3, 2, 0, 1]),
-                 ("choice", 3), ("permutation", [0, 1, 2]))
+                 ("integers", 0), ("permutation", [0, 1, 2]), ("integers", 1), ("permutation", [3, 2, 0, 1]),
+                 ("integers", 0), ("permutation", [0, 1, 2]))
   inputs, targets = tasks.fuzzy_recall(rng, vocab_size=8, seq_len=20, training=False)
   full = [7] * 7 + [0, 1, 2, 6, 5] + [0, 1, 2, 6, 5] + [2, 0, 1, 4]  # left-padded to seq_len + 1 (337-341)
   np.testing.assert_array_equal(inputs, full[:-1])
@@ -177,3 +178,12 @@ def test_compress_reconstructs_the_input_and_datasets_are_fixed(tmp_path):
   np.testing.assert_array_equal(first["test"]["inputs"], first["test"]["targets"])
   assert np.all(first["test"]["inputs"][:, -1] == variant.vocab_size - 1)
   assert not np.array_equal(first["train"]["inputs"], first["test"]["inputs"])
+
+
+def test_pick_draws_what_rng_choice_draws():
+  # Fuzzy recall's motif sizes: the same values from the same stream as rng.choice, so the datasets (and the results
+  # recorded on them) are those of the generator before `_pick`.
+  for options in (np.arange(1, 4), np.array([3]), np.arange(7)):
+    a, b = np.random.default_rng(11), np.random.default_rng(11)
+    assert [tasks._pick(a, options) for _ in range(500)] == [int(b.choice(options)) for _ in range(500)]
+    assert a.integers(1 << 62) == b.integers(1 << 62)

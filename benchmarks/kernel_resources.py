@@ -11,7 +11,7 @@ the Triton that jaxlib bundles, so the numbers guide; the device's timings decid
   python benchmarks/kernel_resources.py --decode --num_warps=8       # the fused decode kernel (tolerance, warm start)
   python benchmarks/kernel_resources.py --gated_delta --head_dim=16 --num_warps=1   # GDN's recurrent kernels
 
-The Triton IR is taken from jax 0.11's Pallas-Triton lowering (`lower_jaxpr_to_triton_module`, a private hook).
+The Triton IR is taken from jax 0.11's Pallas-Triton lowering (`params.triton_irs`, through a private hook).
 """
 import os
 import re
@@ -22,17 +22,16 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from jax._src.pallas.triton import pallas_call_registration
 
 from mesanet_jax.ops import MesaState, mesa_chunked
 from pallas_kernels.gated_delta import gated_delta_fused
 from pallas_kernels.mesa_cg.decode import mesa_decode_fused
-from pallas_kernels.mesa_cg.params import export_for
+from pallas_kernels.mesa_cg.params import triton_irs
 
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "C")
 _DIM = flags.DEFINE_integer("head_dim", 128, "Dk = Dv")
 _WARPS = flags.DEFINE_integer("num_warps", 8, "Triton warps the IR is compiled with")
-_PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"], "of mesa_chunked")
+_PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"], "of mesa_chunked")
 _TRITON_PYTHON = flags.DEFINE_string("triton_python", sys.executable, "a Python that can import triton")
 _DECODE = flags.DEFINE_bool("decode", False, "the fused decode kernel (30 steps, tol 1e-4, warm start) instead")
 _GATED_DELTA = flags.DEFINE_bool("gated_delta", False, "Gated DeltaNet's recurrent kernels (forward, backward; "
@@ -51,15 +50,6 @@ print(kernel.metadata.shared)
 def kernel_irs(chunk_size, dim, precision, decode: bool, gated_delta: bool) -> dict[str, str]:
   """Kernel name -> Triton IR text of every pallas_call in mesa_chunked's forward and backward for GPU, of the
   fused decode kernel (B = 1, H = 6) or of the gated delta rule's forward and backward (B = 1, H = 6, T = 128)."""
-  irs = {}
-  lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
-
-  def keep(*args, **kwargs):
-    result = lower(*args, **kwargs)
-    text = result.module.operation.get_asm(enable_debug_info=False)
-    irs[re.search(r"tt\.func public @(\w+)", text).group(1)] = text
-    return result
-
   shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)
   length = 4 * chunk_size
   args = (shape(1, length, 1, dim), shape(1, length, 1, dim), shape(1, length, 1, dim), shape(1, length, 1),
@@ -74,12 +64,7 @@ def kernel_irs(chunk_size, dim, precision, decode: bool, gated_delta: bool) -> d
     args = (shape(1, 128, 6, dim), shape(1, 128, 6, dim), shape(1, 128, 6, dim), shape(1, 128, 6), shape(1, 128, 6))
     loss = lambda *a: jnp.sum(gated_delta_fused(*a, interval=chunk_size, num_warps=_WARPS.value)[0])
     fn = jax.grad(loss, argnums=range(5))
-  pallas_call_registration.lowering.lower_jaxpr_to_triton_module = keep
-  try:
-    export_for("gpu", fn, *args)
-  finally:
-    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
-  return irs
+  return triton_irs(fn, *args)
 
 
 def sass_counts(sass: str) -> str:

@@ -26,14 +26,17 @@ from tests.ops.mesa_inputs import loss_weights, max_abs, random_inputs, scale, w
 _SHAPE = flags.DEFINE_list("shape", ["2", "2048", "4", "128", "128"], "B, T, H, Dk, Dv")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "C")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps")
-_PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"], "of both chunked paths")
+_PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"], "of both chunked paths")
 _CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each system once ‖r‖ ≤ tol·‖r₀‖ (0: fixed --cg_steps)")
 _CG_PRECONDITIONER = flags.DEFINE_enum("cg_preconditioner", "none", ["none", "jacobi"], "of both chunked paths")
 
 # Relative to the reference's max |entry|. "highest": both paths are f32-accurate CGs (the kernel's dots keep ≥ 16
 # mantissa bits, tests/pallas/precision.py), amplified by the solve's conditioning; vs exact, the 30-step CG's own
 # truncation (measured on an H200: ≤ 1.5e-6 for the XLA path) dominates. "default": TF32-class dots (10-11 bits).
-BOUNDS = {"highest": {"xla": 1e-4, "exact": 1e-4}, "default": {"xla": 2e-2, "exact": 2e-2}}
+# "high": the Pallas kernels' three bf16 passes are f32-class (~1.7e-6 a product), so against the exact solve it is held
+# to "highest"'s bound; the XLA path's "high" is XLA's own choice for the backend (TF32-class on some GPUs).
+BOUNDS = {"highest": {"xla": 1e-4, "exact": 1e-4}, "high": {"xla": 2e-2, "exact": 1e-4},
+          "default": {"xla": 2e-2, "exact": 2e-2}}
 # With a tolerance, every solution is off by up to cond(A)·tol, and a row near the threshold may stop one step apart
 # in the two paths. Measured on CPU (--shape=1,512,2,64,64 --cg_tol=1e-4): vs exact ≤ 2.1e-4 (dh_kk; dq 1.3e-4), vs
 # XLA ≤ 5e-7, both paths 11.5 forward steps on average; the bound, 20·tol, leaves 10x.

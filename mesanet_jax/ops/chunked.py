@@ -102,7 +102,8 @@ def mesa_chunked(
       solution, fewer steps where A_t's diagonal varies, e.g. λ or key scales spread over the dims; the stopping rule
       still reads ‖r‖).
     matmul_precision: `lax.Precision` name of every matmul: "highest" keeps them f32 as the paper does; "default"
-      lets XLA use TF32 on GPU and bf16 passes on TPU (faster, ~1e-3 relative error).
+      lets XLA use TF32 on GPU and bf16 passes on TPU (faster, ~1e-3 relative error); "high" is JAX's bf16_3x (the
+      GPU Pallas kernels: three bf16 passes with no operand scaling, ~1.7e-6, `pallas_kernels/mesa_cg/params.py`).
     cg_probe: optional zeros, f32 [B, H, 4], never read: the gradient of a loss w.r.t. it is the CG steps taken per
       batch element and head, (forward mean, forward max, adjoint mean, adjoint max) over the tokens (cg_steps.py).
     return_cg_steps: also return the forward solve's steps per batch element and head, (mean, max) f32 [B, H, 2].

@@ -1,6 +1,7 @@
 """Per-backend choices for the Mesa CG kernels: interpret mode on CPU, Triton on GPU, Mosaic on TPU."""
 import contextlib
 import contextvars
+import re
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,28 @@ def export_for(backend: str, fn, *args, mesh_axes: tuple[str, ...] = ()):
   with lowering_for(backend), jax.sharding.use_abstract_mesh(mesh):
     return export.export(jax.jit(fn), platforms=[platform],
                          disabled_checks=[export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
+
+
+def triton_irs(fn, *args) -> dict[str, str]:
+  """Kernel name -> Triton IR text of every Pallas-Triton kernel in jit(fn)(*args), as exported for an (abstract) H200:
+  what the kernels hand to Triton's compiler (dot operand types, loops), read on any host. Through jax 0.11's private
+  hook `lower_jaxpr_to_triton_module`."""
+  from jax._src.pallas.triton import pallas_call_registration
+  lowering = pallas_call_registration.lowering
+  lower, irs = lowering.lower_jaxpr_to_triton_module, {}
+
+  def keep(*lower_args, **lower_kwargs):
+    result = lower(*lower_args, **lower_kwargs)
+    text = result.module.operation.get_asm(enable_debug_info=False)
+    irs[re.search(r"tt\.func public @(\w+)", text).group(1)] = text
+    return result
+
+  lowering.lower_jaxpr_to_triton_module = keep
+  try:
+    export_for("gpu", fn, *args)
+  finally:
+    lowering.lower_jaxpr_to_triton_module = lower
+  return irs
 
 
 def use_interpret() -> bool:
@@ -113,10 +136,14 @@ def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | N
 # parts after scaling it to max |·| = 1 (`chunk.SplitDot`; fp16 has 11 mantissa bits, bf16 8, at the same tensor-core
 # rate). Measured on an H200 (benchmarks/RESULTS.md, solve kernel, error vs the true-f32 CG): three fp16 passes 2.4e-7
 # (three bf16 passes: 1.7e-6) at the same speed; one fp16 pass 7.0e-5, as accurate as one TF32 pass (7.1e-5) and 2.2x
-# faster. Interpret mode (CPU) and Mosaic TPU take lax.Precision as is.
+# faster. "high" (JAX's bf16_3x) is Triton's own three bf16 passes: bf16 keeps f32's exponent range, so no operand is
+# scaled, which at the MAD heads' Dk = 16 is most of a CG step's work: the solve's SASS issues 745 instructions a step
+# instead of 1,054 at C = 32 (304 instead of 433 at C = 16; `kernel_resources.py --matmul_precision=high`), at
+# 1.7e-6 instead of 2.4e-7. The Hopper kernels (fp16 wgmma) run three fp16 passes for it, as for "highest".
+# Interpret mode (CPU) and Mosaic TPU take lax.Precision as is.
 _GPU_SPLITS = {
     lax.Precision.HIGHEST: SplitDot(jnp.float16, 3),
-    lax.Precision.HIGH: SplitDot(jnp.float16, 3),
+    lax.Precision.HIGH: lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
     lax.Precision.DEFAULT: SplitDot(jnp.float16, 1),
 }
 

@@ -11,7 +11,7 @@ import pytest
 
 from mesanet_jax.ops import mesa_chunked
 from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients
-from pallas_kernels.mesa_cg.params import EXPORT_PLATFORMS, export_for
+from pallas_kernels.mesa_cg.params import EXPORT_PLATFORMS, export_for, triton_irs
 from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
 from tests.ops.mesa_inputs import random_inputs
 
@@ -146,6 +146,27 @@ def _mosaic_gpu_operand_types(module: str) -> list[str]:
   """The operand types, "(tensor<...>, ...)", of every Mosaic GPU call in an exported module's text."""
   calls = [line for line in module.splitlines() if "custom_call @mosaic_gpu_v2(" in line]
   return [re.search(r"\} : (\(.*?\)) ->", line).group(1) for line in calls]
+
+
+@pytest.mark.slow  # three exports of forward + backward, ~7 s on one core
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_gpu_dots_take_the_precisions_operands():
+  """f32 dots in the Triton kernels (abstract H200): "highest" and "default" as scaled fp16 parts (three and one
+  pass, `chunk.SplitDot`), "high" as Triton's three bf16 passes (no scaling)."""
+  args = random_inputs(1, 32, 1, 16, 16, seed=13)[:6]
+
+  def operand_types(precision):
+    op = lambda *a: mesa_chunked(*a, chunk_size=16, cg_steps=2, impl="pallas", matmul_precision=precision)
+    irs = triton_irs(jax.grad(lambda *a: jnp.sum(op(*a)[0]), argnums=range(6)), *args)
+    assert set(irs) == set(KERNELS)
+    dots = [re.findall(r"tt\.dot [^\n]*: tensor<\w+x(\w+)>", ir) for ir in irs.values()]
+    assert all(dots), "every kernel has dots"
+    return {operand for kernel in dots for operand in kernel}, sum(map(len, dots))
+
+  (highest, highest_dots), (high, high_dots), (default, default_dots) = map(operand_types, ["highest", "high",
+                                                                                           "default"])
+  assert highest == {"f16"} and high == {"bf16"} and default == {"f16"}
+  assert highest_dots == high_dots == 3 * default_dots  # three passes against one
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

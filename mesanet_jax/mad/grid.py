@@ -255,6 +255,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   slots = population.init(int(data["train_inputs"].shape[1]), settings.seed)
   if saved:
     slots, slot_jobs = _restore(saved, slots, slot_jobs, queue)
+    progress.advance(int(sum(np.asarray(slots.step)[i] for i, j in enumerate(slot_jobs) if j)) * length)  # done before
   progress.note(f"{group_name(key)}: {len(jobs)} jobs, {size} slots, vocab {vocab}, "
                 f"{sum(j is not None for j in slot_jobs)} resumed")
   finished, since_eval, tick, stepped, calls_stepped = 0, 0, time.time(), 0, 0  # member-steps, population steps

@@ -71,6 +71,8 @@ _EMBED_STD = flags.DEFINE_float("embed_std", None, "the embedding's initial std 
 _LINEAR_INIT_VARIANCE = flags.DEFINE_float("linear_init_variance", None, "multiplies the linear layers' initial "
                                            "variance (unset: mad-lab's 1/3, that of PyTorch's nn.Linear default; "
                                            "mesanet_jax/mad/models.py: LINEAR_INIT_VARIANCE); 1: ours, N(0, 1/fan_in)")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the groups this run would train, in order (jobs left, the "
+                              "population's slots and steps without early stopping, saved slots), and train nothing")
 _SEED = flags.DEFINE_integer("seed", 0, "data and init seed")
 _WORKERS = flags.DEFINE_integer("workers", 0, "data-generation processes (0: cores − 1)")
 
@@ -116,6 +118,15 @@ def main(argv):
         screen_evaluations=_SCREEN.value, memory_fraction=_MEMORY_FRACTION.value,
         compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
+    if _DRY_RUN.value:
+      rows = grid.plan(settings, jobs)
+      print("| group | jobs left | longest job (steps) | slots | population steps (no early stop) | saved slots |\n"
+            "|---|---|---|---|---|---|")
+      for r in rows:
+        print(f"| {r['group']} | {r['jobs']} | {r['longest']} | {r['slots']} | {r['population_steps']} | "
+              f"{r['saved']} |")
+      print(f"{sum(r['jobs'] for r in rows)} jobs left in {len(rows)} groups")
+      return
     finished = grid.run(settings, jobs, SIGTERM)
   print(f"finished {finished} jobs; results in {_RESULTS.value}")
 

@@ -191,6 +191,25 @@ def group_order(settings: Settings, groups: dict[tuple, list], architectures: li
   return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]), cost(k)))
 
 
+def plan(settings: Settings, all_jobs: list[training.Job]) -> list[dict]:
+  """What `run` would train, group by group in its order, without training: the group, its jobs not yet in
+  settings.results, the longest one's steps, the population's slots (before the memory fit) and its steps when no
+  job stops early (`population_steps`: an upper bound), and the slots saved in `state_dir` that it would resume."""
+  done = done_keys(settings, {j.architecture for j in all_jobs})
+  groups: dict[tuple, list] = {}
+  for job in all_jobs:
+    if job.key not in done:
+      groups.setdefault(group_key(job), []).append(job)
+  rows = []
+  for key in group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs))):
+    steps = [j.steps(settings.protocol) for j in groups[key]]
+    saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
+    slots = max(population_size(settings, len(steps), key[2]), len(saved["jobs"]) if saved else 0)
+    rows.append({"group": group_name(key), "jobs": len(steps), "longest": max(steps), "slots": slots,
+                 "population_steps": population_steps(steps, slots), "saved": len(saved["jobs"]) if saved else 0})
+  return rows
+
+
 def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
   """Trains every job not yet in settings.results; returns the number of jobs finished by this run. It stops, saving
   the slots in flight, at the time limit or once `sigterm.raised` (a `train.sigterm.SigtermFlag`) is set."""

@@ -1,5 +1,5 @@
-"""mesanet-mad-grid refuses bad flags in one line naming the flag, before any data or model is built; a SIGTERM
-saves the population in flight and exits 0."""
+"""mesanet-mad-grid refuses bad flags in one line naming the flag, before any data or model is built; a dry run
+prints the plan; a SIGTERM saves the population in flight and exits 0."""
 import signal
 import subprocess
 import sys
@@ -12,10 +12,15 @@ from tests.environment import subprocess_env
 
 
 @pytest.mark.slow  # one subprocess start
-def test_bad_flags_are_refused_in_one_line(tmp_path):
-  results = cli_runs.run([("experiments.mad_grid", [f"--results={tmp_path / 'r.jsonl'}", *flags], 1) for flags in (
-      ["--architectures=mesanet,mamba"], ["--tasks=memorize", "--num_examples=40"], ["--state_budget_mib=-1"],
-      ["--tasks=memorize", "--variants=nonesuch"], ["--lrs=1e-3,fast"])])
+def test_bad_flags_are_refused_in_one_line_and_a_dry_run_prints_the_plan(tmp_path):
+  *results, dry_run = cli_runs.run([("experiments.mad_grid", [f"--results={tmp_path / 'r.jsonl'}", *flags], 1)
+                                    for flags in (["--architectures=mesanet,mamba"],
+                                                  ["--tasks=memorize", "--num_examples=40"], ["--state_budget_mib=-1"],
+                                                  ["--tasks=memorize", "--variants=nonesuch"], ["--lrs=1e-3,fast"],
+                                                  ["--tasks=memorize,compress", "--architectures=gdn", "--dry_run"])])
+  assert dry_run.returncode == 0, dry_run.stderr[-2000:]
+  assert "| gdn.lm.L32 | 48 | 1600 | 48 | 1600 | 0 |" in dry_run.stdout  # memorize's 6 variants × 8 points
+  assert dry_run.stdout.strip().endswith("136 jobs left in 5 groups")  # + compress: 11 variants in 4 lengths
   expected = ["--architectures: 'mamba' is not one of", "--num_examples must be a multiple of 32 (the batch), got 40",
               "--state_budget_mib must be ≥ 0", "--variants ['nonesuch'] match no variant",
               "--lrs must be a comma-separated list of numbers, got '1e-3,fast'"]

@@ -1,5 +1,7 @@
 """Saved slots: parts within their size, the slots furthest along kept within a budget, the newest complete save
-loaded (a save cut short leaves the previous one), one group's files never another's; a saved group trains first."""
+loaded (a save cut short leaves the previous one), one group's files never another's; a saved group trains first
+(and the dry run's plan lists it first)."""
+import json
 import os
 
 import jax
@@ -105,3 +107,17 @@ def test_a_saved_group_trains_first(tmp_path):
   assert names() == ["gdn.lm.L32", "gdn.autoencoder.L32", "mesanet.lm.L32", "mesanet.autoencoder.L32"]
   slot_state.save(str(tmp_path), "mesanet.autoencoder.L32", _slots([3]), _jobs(1))
   assert names() == ["mesanet.autoencoder.L32", "gdn.lm.L32", "gdn.autoencoder.L32", "mesanet.lm.L32"]
+
+
+def test_the_dry_run_plan_lists_the_groups_in_training_order(tmp_path):
+  chosen = [variants.find("memorize", "baseline"), variants.find("compress", "baseline")]
+  jobs = training.jobs(["mesanet"], chosen, lrs=(1e-3, 3e-3), weight_decays=(0.1,))
+  results = tmp_path / "results.jsonl"
+  settings = grid.Settings(results=str(results), state_dir=str(tmp_path / "state"), max_slots=4)
+  results.write_text(json.dumps({"architecture": "mesanet", "task": "memorize", "variant": "baseline", "lr": 1e-3,
+                                 "weight_decay": 0.1, "accuracy": 0.5, **grid.protocol_settings(settings)}) + "\n")
+  slot_state.save(settings.state_dir, "mesanet.autoencoder.L32", _slots([3]), _jobs(1))
+  assert grid.plan(settings, jobs) == [
+      {"group": "mesanet.autoencoder.L32", "jobs": 2, "longest": 80_000, "slots": 2, "population_steps": 80_000,
+       "saved": 1},
+      {"group": "mesanet.lm.L32", "jobs": 1, "longest": 1_600, "slots": 1, "population_steps": 1_600, "saved": 0}]

@@ -191,17 +191,23 @@ def group_order(settings: Settings, groups: dict[tuple, list], architectures: li
   return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]), cost(k)))
 
 
-def plan(settings: Settings, all_jobs: list[training.Job]) -> list[dict]:
-  """What `run` would train, group by group in its order, without training: the group, its jobs not yet in
-  settings.results, the longest one's steps, the population's slots (before the memory fit) and its steps when no
-  job stops early (`population_steps`: an upper bound), and the slots saved in `state_dir` that it would resume."""
+def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[dict[tuple, list], list[tuple]]:
+  """The jobs not yet in settings.results by group, and the groups in the order to train them (`group_order`)."""
   done = done_keys(settings, {j.architecture for j in all_jobs})
   groups: dict[tuple, list] = {}
   for job in all_jobs:
     if job.key not in done:
       groups.setdefault(group_key(job), []).append(job)
+  return groups, group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs)))
+
+
+def plan(settings: Settings, all_jobs: list[training.Job]) -> list[dict]:
+  """What `run` would train, group by group in its order, without training: the group, its jobs not yet in
+  settings.results, the longest one's steps, the population's slots (before the memory fit) and its steps when no
+  job stops early (`population_steps`: an upper bound), and the slots saved in `state_dir` that it would resume."""
+  groups, keys = _pending_groups(settings, all_jobs)
   rows = []
-  for key in group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs))):
+  for key in keys:
     steps = [j.steps(settings.protocol) for j in groups[key]]
     saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
     slots = max(population_size(settings, len(steps), key[2]), len(saved["jobs"]) if saved else 0)
@@ -220,16 +226,12 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
       return "SIGTERM"
     return "time limit" if settings.time_limit and time.time() - start > settings.time_limit else ""
 
-  done = done_keys(settings, {j.architecture for j in all_jobs})
-  pending = [j for j in all_jobs if j.key not in done]
-  groups: dict[tuple, list] = {}
-  for job in pending:
-    groups.setdefault(group_key(job), []).append(job)
-  keys = group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs)))
+  groups, keys = _pending_groups(settings, all_jobs)
+  pending = [j for key in keys for j in groups[key]]
   protocol = settings.protocol
   progress = _Progress(sum(j.steps(protocol) * j.variant.seq_len for j in pending))
   progress.note(f"{len(pending)} jobs to train ({len(all_jobs) - len(pending)} done) in {len(keys)} groups")
-  needed = list(dict.fromkeys(j.variant for key in keys for j in groups[key]))  # generated in the order they train
+  needed = list(dict.fromkeys(j.variant for j in pending))  # generated in the order their groups train
   pool = concurrent.futures.ProcessPoolExecutor(settings.workers or max(os.cpu_count() - 1, 1),
                                                 mp_context=multiprocessing.get_context("spawn"))
   futures = {v: pool.submit(variants.load, v, settings.seed, settings.data_dir) for v in needed}

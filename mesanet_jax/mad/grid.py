@@ -277,8 +277,11 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   if saved:
     slots, slot_jobs = _restore(saved, slots, slot_jobs, queue)
     progress.advance(int(sum(np.asarray(slots.step)[i] for i, j in enumerate(slot_jobs) if j)) * length)  # done before
+  savable = settings.state_budget // slot_state.slot_bytes(slots) if settings.state_budget else size
   progress.note(f"{group_name(key)}: {len(jobs)} jobs, {size} slots, vocab {vocab}, "
-                f"{sum(j is not None for j in slot_jobs)} resumed")
+                f"{sum(j is not None for j in slot_jobs)} resumed"
+                + (f"; at the time limit the state budget saves {savable} of them, the others start over unless "
+                   f"done (--max_slots={savable} keeps all)" if settings.time_limit and savable < size else ""))
   finished, since_eval, tick, stepped, calls_stepped = 0, 0, time.time(), 0, 0  # member-steps, population steps
   bound = training.batch_bound(int(data["test_inputs"].shape[1]) // protocol.batch_size, protocol.stop_accuracy)
   while True:

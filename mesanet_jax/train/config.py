@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_layers=placeholder(int), cg_steps=placeholder(int), chunk_size=placeholder(int), impl=placeholder(str),
       cg_tol=placeholder(float),  # > 0: each forward and adjoint CG system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (at most
       # cg_steps); 0: fixed cg_steps
-      matmul_precision=placeholder(str),  # Mesa's chunked matmuls: "highest" or "default" (TF32-class, faster on GPU)
+      matmul_precision=placeholder(str),  # Mesa's chunked matmuls: "highest", "high" or "default" (TF32-class)
       cg_preconditioner=placeholder(str),  # training's CG: "none" (plain, the paper's) or "jacobi" (by diag(A_t))
       fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
       # what the backward pass recomputes instead of storing: none | mixer | mlp | full (LMConfig.remat; True/False

@@ -56,8 +56,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activat
 _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': mesanet_jax/mad/models.py "
                             "FAST_MESA's for the backend)")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: FAST_MESA's for Mesa, 64 for GDN)")
-_PRECISION = flags.DEFINE_string("matmul_precision", "", "Mesa matmuls: highest | high (GPU Pallas: three unscaled bf16 "
-                                 "passes) | default ('': FAST_MESA's)")
+_PRECISION = flags.DEFINE_string("matmul_precision", "", "Mesa matmuls: highest | high (GPU Pallas: three unscaled "
+                                 "bf16 passes) | default ('': FAST_MESA's)")
 _GDN_IMPL = flags.DEFINE_enum("gdn_impl", "", ["", "xla", "pallas"], "Gated DeltaNet's operator: xla (chunked) | "
                               "pallas (recurrent kernels) ('': mesanet_jax/mad/models.py FAST_GDN's for the backend)")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "Mesa CG steps in training (0: the head size, 16, which gives "

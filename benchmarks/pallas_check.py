@@ -8,10 +8,13 @@ under `jax.default_matmul_precision("highest")` (XLA uses TF32 on GPU otherwise)
   python benchmarks/pallas_check.py --matmul_precision=default
   python benchmarks/pallas_check.py --cg_tol=1e-4         # adaptive CG (at most --cg_steps) in both chunked paths
   python benchmarks/pallas_check.py --cg_tol=1e-4 --cg_preconditioner=jacobi   # CG preconditioned by diag(A)
+  python benchmarks/pallas_check.py --shape=2,128,8,16,16 --chunk_size=16 --cg_steps=16 --matmul_precision=high \
+      --emulate_gpu_dots                                  # on CPU: the GPU's products, emulated (its accuracy)
 
 It also prints the CG steps each chunked path's solves took (mean, max; forward and adjoint): with --cg_tol the
 Pallas kernels stop per program and the XLA path per row within one loop, so the two should agree.
 """
+import contextlib
 import functools
 import sys
 
@@ -21,6 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from mesanet_jax.ops import cg_steps, mesa_chunked, mesa_exact
+from pallas_kernels.mesa_cg import params
 from tests.ops.mesa_inputs import loss_weights, max_abs, random_inputs, scale, weighted_sum_loss
 
 _SHAPE = flags.DEFINE_list("shape", ["2", "2048", "4", "128", "128"], "B, T, H, Dk, Dv")
@@ -28,6 +32,8 @@ _CHUNK = flags.DEFINE_integer("chunk_size", 64, "C")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 30, "CG steps")
 _PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "high", "default"], "of both chunked paths")
 _CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each system once ‖r‖ ≤ tol·‖r₀‖ (0: fixed --cg_steps)")
+_EMULATE = flags.DEFINE_bool("emulate_gpu_dots", False, "on CPU: the kernels' products as the GPU computes them at "
+                              "--matmul_precision (params.emulating_gpu_dots), to see the GPU's accuracy here")
 _CG_PRECONDITIONER = flags.DEFINE_enum("cg_preconditioner", "none", ["none", "jacobi"], "of both chunked paths")
 
 # Relative to the reference's max |entry|. "highest": both paths are f32-accurate CGs (the kernel's dots keep ≥ 16
@@ -62,9 +68,11 @@ def main(argv):
     weights = loss_weights(*mesa_exact(*args))
     references = {"exact": outputs_and_grads(mesa_exact, args, weights),
                   "xla": outputs_and_grads(chunked("xla"), args, weights)}
-  pallas = outputs_and_grads(chunked("pallas"), args, weights)
+  with params.emulating_gpu_dots() if _EMULATE.value else contextlib.nullcontext():
+    pallas = outputs_and_grads(chunked("pallas"), args, weights)
   print(f"B={batch} T={length} H={heads} Dk={key_dim} Dv={value_dim} C={_CHUNK.value} steps={_CG_STEPS.value} "
-        f"tol={tol} preconditioner={_CG_PRECONDITIONER.value} precision={_PRECISION.value} "
+        f"tol={tol} preconditioner={_CG_PRECONDITIONER.value} precision={_PRECISION.value}"
+        f"{' (GPU products emulated)' if _EMULATE.value else ''} "
         f"backend={jax.default_backend()}")
   loss = lambda outputs: sum(jnp.sum(w * x) for w, x in zip(weights, (outputs[0], *outputs[1])))
   for impl in ("xla", "pallas"):

@@ -31,6 +31,22 @@ def lowering_for(backend: str):
     _TARGET.reset(token)
 
 
+_EMULATE_GPU_DOTS = contextvars.ContextVar("mesa_cg_emulate_gpu_dots", default=False)
+
+
+@contextlib.contextmanager
+def emulating_gpu_dots():
+  """Interpret mode (CPU) computes the kernels' f32 products as the GPU kernels do at each precision, so that a CPU
+  run shows the GPU's accuracy: the fp16 splits as they are; "high"'s three bf16 passes (a DotAlgorithmPreset, which
+  XLA:CPU computes in f32) as `SplitDot` bf16 parts, the same ~16 bits. Trace inside the block, as for
+  `lowering_for`."""
+  token = _EMULATE_GPU_DOTS.set(True)
+  try:
+    yield
+  finally:
+    _EMULATE_GPU_DOTS.reset(token)
+
+
 # Per kernel backend: the jax.export platform and the custom call that carries a kernel there.
 EXPORT_PLATFORMS = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
 
@@ -149,11 +165,16 @@ _GPU_SPLITS = {
 
 
 def dot_precision(precision: lax.Precision | lax.DotAlgorithmPreset | SplitDot, dtype):
-  """The in-kernel dot precision for `mesa_chunked`'s matmul_precision, for f32 (or f64) operands.
+  """The in-kernel dot precision for `mesa_chunked`'s matmul_precision, for f32 (or f64) operands: on the GPU (and in
+  interpret mode inside `emulating_gpu_dots`) the GPU kernels' products for the lax.Precision (`_GPU_SPLITS`).
 
   A DotAlgorithmPreset or SplitDot passes through unchanged (benchmarks use them to compare algorithms); f64 keeps
   its precision.
   """
-  if isinstance(precision, lax.Precision) and target() == "gpu" and dtype == jnp.float32:
-    return _GPU_SPLITS[precision]
+  if isinstance(precision, lax.Precision) and dtype == jnp.float32:
+    if target() == "gpu":
+      return _GPU_SPLITS[precision]
+    if _EMULATE_GPU_DOTS.get():
+      split = _GPU_SPLITS[precision]
+      return SplitDot(jnp.bfloat16, 3) if split == lax.DotAlgorithmPreset.BF16_BF16_F32_X3 else split
   return precision

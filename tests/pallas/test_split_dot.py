@@ -1,15 +1,21 @@
 """chunk.SplitDot, the GPU kernels' f32 products as fp16 tensor-core passes: accuracy against f64 over a wide range
-of magnitudes (the scaling keeps fp16 in range), and the solve kernel built on it against the exact solve.
+of magnitudes (the scaling keeps fp16 in range), the solve kernel built on it against the exact solve, and the whole
+op with the GPU's products emulated at each precision.
 
 On CPU the kernels run in interpret mode, where XLA computes the same fp16 parts and f32 sums the GPU does.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mesanet_jax.ops import mesa_chunked, mesa_exact
 from pallas_kernels.mesa_cg.chunk import SplitDot, dots
+from pallas_kernels.mesa_cg.params import emulating_gpu_dots
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
+from tests.ops.mesa_inputs import max_abs, random_inputs, scale, value_and_gradients
 
 # Worst-case error of one product term relative to max|a|·max|b| (after scaling both are ≤ 1): three fp16 passes drop
 # lo·lo and round each part to 2^-11 of the one before, ~3·2^-22; one pass rounds both operands, ~2·2^-11. The bound
@@ -93,3 +99,22 @@ def test_split_solve_matches_exact_across_scales(passes, bound):
   x, _ = chunked_cg_solve(*operands, cg_steps=64, cg_init="jacobi", precision=SplitDot(jnp.float16, passes))
   error = np.max(np.abs(np.asarray(x, np.float64) - solution)) / np.max(np.abs(solution))
   assert error <= bound
+
+
+@pytest.mark.slow  # three interpreted forward + backward programs, ~10 s on one core
+def test_gpu_precisions_emulated_at_the_mad_heads():
+  # `params.emulating_gpu_dots`: the GPU kernels' products, computed here. The whole op (output and every gradient)
+  # at the MAD heads (Dk = 16, C = 16, 16 CG steps) against the exact solve. Measured here: "highest" (three fp16
+  # passes) 7.9e-7, "high" (three bf16) 1.4e-5, "default" (one fp16) 6.0e-4 (at B=2 T=128 H=8, `pallas_check.py
+  # --emulate_gpu_dots`: 5.5e-7, 9.6e-6, 7.1e-4); the bounds leave 6-17x, and "high" sits between the others.
+  args = random_inputs(1, 32, 2, 16, 16, seed=21, with_state=True)
+  with jax.default_matmul_precision("highest"):
+    exact = jax.tree.leaves(value_and_gradients(mesa_exact, args))
+  errors = {}
+  for precision in ("highest", "high", "default"):
+    op = functools.partial(mesa_chunked, chunk_size=16, cg_steps=16, impl="pallas", matmul_precision=precision)
+    with emulating_gpu_dots():
+      got = jax.tree.leaves(value_and_gradients(op, args))
+    errors[precision] = max(max_abs(g, e) / scale(e) for g, e in zip(got, exact))
+  assert errors["highest"] <= 5e-6 and errors["high"] <= 1e-4 and errors["default"] <= 1e-2
+  assert 3 * errors["highest"] <= errors["high"] <= errors["default"] / 3  # the emulation is on: three tiers

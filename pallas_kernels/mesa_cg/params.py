@@ -155,7 +155,8 @@ def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | N
 # faster. "high" (JAX's bf16_3x) is Triton's own three bf16 passes: bf16 keeps f32's exponent range, so no operand is
 # scaled, which at the MAD heads' Dk = 16 is most of a CG step's work: the solve's SASS issues 745 instructions a step
 # instead of 1,054 at C = 32 (304 instead of 433 at C = 16; `kernel_resources.py --matmul_precision=high`), at
-# 1.7e-6 instead of 2.4e-7. The Hopper kernels (fp16 wgmma) run three fp16 passes for it, as for "highest".
+# 1.7e-6 instead of 2.4e-7 a product (the whole op at Dk = 16, `emulating_gpu_dots`: 9.6e-6 instead of 5.5e-7 of the
+# exact solve). The Hopper kernels (fp16 wgmma) run three fp16 passes for it, as for "highest".
 # Interpret mode (CPU) and Mosaic TPU take lax.Precision as is.
 _GPU_SPLITS = {
     lax.Precision.HIGHEST: SplitDot(jnp.float16, 3),

@@ -396,7 +396,7 @@ def _restore(saved: dict, slots, slot_jobs, queue):
   """The saved slots (`slot_state.load`: furthest along first) in the first slots, as many as the population holds
   (the jobs of the others stay queued and start over); a saved slot whose job is no longer queued is emptied."""
   template, treedef = jax.tree.flatten(slots)
-  if [slot_state.host_array(t).shape[1:] for t in template] != [x.shape[1:] for x in saved["leaves"]]:
+  if [slot_state.host_shape(t).shape[1:] for t in template] != [x.shape[1:] for x in saved["leaves"]]:
     return slots, slot_jobs  # saved with other settings: start over
   resumed = min(len(saved["jobs"]), len(slot_jobs))
   as_leaf = lambda t, x: (jax.random.wrap_key_data(jnp.asarray(x)) if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)

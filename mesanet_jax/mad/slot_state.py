@@ -29,14 +29,17 @@ def host_array(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.random.key_data(x)) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)
 
 
+def host_shape(x) -> jax.ShapeDtypeStruct:
+  """Shape and dtype of `host_array(x)`, without moving anything; x may be abstract."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.eval_shape(jax.random.key_data, x)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
 def slot_bytes(slots) -> int:
   """Bytes a save takes per slot (every leaf has the slots as its leading axis); slots may be abstract."""
-  def nbytes(x) -> int:
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.eval_shape(jax.random.key_data, x)
-    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-  leaves = jax.tree.leaves(slots)
-  return sum(nbytes(x) for x in leaves) // leaves[0].shape[0]
+  leaves = [host_shape(x) for x in jax.tree.leaves(slots)]
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves) // leaves[0].shape[0]
 
 
 def _files(state_dir: str, group: str) -> list[tuple[str, re.Match]]:

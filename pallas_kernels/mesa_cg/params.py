@@ -20,31 +20,31 @@ def target() -> str:
 
 
 @contextlib.contextmanager
+def _scoped(variable: contextvars.ContextVar, value):
+  """`variable` set to `value` inside the block."""
+  token = variable.set(value)
+  try:
+    yield
+  finally:
+    variable.reset(token)
+
+
 def lowering_for(backend: str):
   """Builds the kernels traced inside for `backend` ("gpu" or "tpu") on any host, e.g. to `jax.export` them for
   another platform from a CPU host. Trace inside the block: JAX may reuse a trace made outside it for the same
   shapes."""
-  token = _TARGET.set(backend)
-  try:
-    yield
-  finally:
-    _TARGET.reset(token)
+  return _scoped(_TARGET, backend)
 
 
 _EMULATE_GPU_DOTS = contextvars.ContextVar("mesa_cg_emulate_gpu_dots", default=False)
 
 
-@contextlib.contextmanager
 def emulating_gpu_dots():
   """Interpret mode (CPU) computes the kernels' f32 products as the GPU kernels do at each precision, so that a CPU
   run shows the GPU's accuracy: the fp16 splits as they are; "high"'s three bf16 passes (a DotAlgorithmPreset, which
   XLA:CPU computes in f32) as `SplitDot` bf16 parts, the same ~16 bits. Trace inside the block, as for
   `lowering_for`."""
-  token = _EMULATE_GPU_DOTS.set(True)
-  try:
-    yield
-  finally:
-    _EMULATE_GPU_DOTS.reset(token)
+  return _scoped(_EMULATE_GPU_DOTS, True)
 
 
 # Per kernel backend: the jax.export platform and the custom call that carries a kernel there.

@@ -16,6 +16,7 @@ Every variant also reports the CG steps its solves took (forward and adjoint, me
 """
 import functools
 import os
+from typing import NamedTuple
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch in the same process
 
@@ -33,11 +34,12 @@ from mesanet_jax.ops.inputs import CGOptions, zero_state
 from pallas_kernels.mesa_cg import chunk_states, chunked_cg_solve
 from pallas_kernels.mesa_cg.chunk import SplitDot
 
-flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision[:cg_tol][:save][:pcg] entries timed side by "
-                    "side, e.g. xla:64:highest,pallas:64:highest,pallas:32:default:1e-4:save (empty: xla and pallas "
-                    "at the flags' setting; no tol: --cg_tol; save: the backward reuses the forward's chunk states; "
-                    "pcg: CG preconditioned by diag(A), else --cg_preconditioner); agreement is reported against "
-                    "the first")
+flags.DEFINE_string("variants", "", "impl:chunk_size:matmul_precision[/solve_precision][:cg_tol][:save][:pcg] "
+                    "entries timed side by side, e.g. xla:64:highest,pallas:64:highest,pallas:32:default:1e-4:save, "
+                    "pallas:64:highest/default:1e-3 (empty: xla and pallas at the flags' setting; /solve_precision: "
+                    "the solves at it, refined once, mesa_chunked(solve_precision=); no tol: --cg_tol; save: the "
+                    "backward reuses the forward's chunk states; pcg: CG preconditioned by diag(A), else "
+                    "--cg_preconditioner); agreement is reported against the first")
 flags.DEFINE_bool("fla", True, "also time flash-linear-attention's chunk_mesa_net if it imports")
 flags.DEFINE_bool("stages", True, "also time every stage of the operator alone, XLA next to Pallas")
 flags.DEFINE_string("sweep_chunks", "", "chunk sizes for a sweep of the solve kernel alone (empty: no sweep)")
@@ -274,20 +276,39 @@ def time_fla(args, w):
   return fwd_ms, time_torch(forward_backward), as_numpy(o), [as_numpy(x) for x in grads]
 
 
-def parse_variants(text):
-  """"impl:chunk:precision[:tol][:save][:pcg],..." -> [(impl, chunk_size, matmul_precision, cg_tol or None,
-  save_states, cg_preconditioner)] (tol 0: fixed --cg_steps whatever --cg_tol says; "save":
-  `mesa_chunked(save_states=True)`; "pcg": cg_preconditioner="jacobi", else --cg_preconditioner); empty: the flags'
-  own setting, xla and pallas."""
+class Variant(NamedTuple):
+  """One timed setting of `mesa_chunked`."""
+  impl: str
+  chunk_size: int
+  matmul_precision: str
+  solve_precision: str | None  # None: the solves at matmul_precision; else refined (mesa_chunked's solve_precision)
+  cg_tol: float | None
+  save_states: bool
+  cg_preconditioner: str
+
+  @property
+  def name(self) -> str:
+    return (f"{self.impl} C={self.chunk_size} {self.matmul_precision}"
+            + (f"/{self.solve_precision} refined" if self.solve_precision else "")
+            + (f" tol={self.cg_tol:g}" if self.cg_tol else "") + (" saved" if self.save_states else "")
+            + (" pcg" if self.cg_preconditioner == "jacobi" else ""))
+
+
+def parse_variants(text) -> list[Variant]:
+  """"impl:chunk:precision[/solve_precision][:tol][:save][:pcg],..." -> Variants (tol 0: fixed --cg_steps whatever
+  --cg_tol says; "save": `mesa_chunked(save_states=True)`; "pcg": cg_preconditioner="jacobi", else
+  --cg_preconditioner); empty: the flags' own setting, xla and pallas."""
   if not text:
-    return [(impl, FLAGS.chunk_size, FLAGS.matmul_precision, cg_tol(), False, FLAGS.cg_preconditioner)
+    return [Variant(impl, FLAGS.chunk_size, FLAGS.matmul_precision, None, cg_tol(), False, FLAGS.cg_preconditioner)
             for impl in ("xla", "pallas")]
   variants = []
   for entry in text.split(","):
-    impl, chunk, precision, *rest = entry.split(":")
+    impl, chunk, precisions, *rest = entry.split(":")
+    precision, _, solve_precision = precisions.partition("/")
     tol = [field for field in rest if field not in ("save", "pcg")]
-    variants.append((impl, int(chunk), precision, (float(tol[0]) or None) if tol else cg_tol(), "save" in rest,
-                     "jacobi" if "pcg" in rest else FLAGS.cg_preconditioner))
+    variants.append(Variant(impl, int(chunk), precision, solve_precision or None,
+                            (float(tol[0]) or None) if tol else cg_tol(), "save" in rest,
+                            "jacobi" if "pcg" in rest else FLAGS.cg_preconditioner))
   return variants
 
 
@@ -295,12 +316,12 @@ def main(argv):
   del argv
   args, w, tokens, flops = setup_from_flags()
   results = {}
-  for impl, chunk_size, precision, tol, save, preconditioner in parse_variants(FLAGS.variants):
-    name = (f"{impl} C={chunk_size} {precision}" + (f" tol={tol:g}" if tol else "") + (" saved" if save else "")
-            + (" pcg" if preconditioner == "jacobi" else ""))
-    op = functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=FLAGS.cg_steps, cg_tol=tol, impl=impl,
-                           cg_init=FLAGS.cg_init, cg_preconditioner=preconditioner, matmul_precision=precision,
-                           save_states=save)
+  for variant in parse_variants(FLAGS.variants):
+    name, tol, chunk_size = variant.name, variant.cg_tol, variant.chunk_size
+    op = functools.partial(mesa_chunked, chunk_size=chunk_size, cg_steps=FLAGS.cg_steps, cg_tol=tol,
+                           impl=variant.impl, cg_init=FLAGS.cg_init, cg_preconditioner=variant.cg_preconditioner,
+                           matmul_precision=variant.matmul_precision, solve_precision=variant.solve_precision,
+                           save_states=variant.save_states)
     fwd, fwd_bwd = jax.jit(op), forward_and_backward(op)
     try:
       fwd_ms, fwd_bwd_ms = time_ms(fwd, *args), time_ms(fwd_bwd, w, *args)
@@ -308,9 +329,10 @@ def main(argv):
     except Exception as error:  # e.g. a kernel that does not compile here: report it, go on with the rest
       failed(name, error)
       continue
-    # Flops count --cg_steps steps per solve: with a tolerance, TFLOP/s would overstate, so it is left out.
-    report(f"{name} forward", fwd_ms, tokens, None if tol else flops(chunk_size=chunk_size))
-    report(f"{name} fwd+bwd", fwd_bwd_ms, tokens, None if tol else flops(chunk_size=chunk_size, backward=True))
+    # Flops count one solve of --cg_steps steps: with a tolerance or refined solves TFLOP/s would mislead: left out.
+    counted = not (tol or variant.solve_precision)
+    report(f"{name} forward", fwd_ms, tokens, flops(chunk_size=chunk_size) if counted else None)
+    report(f"{name} fwd+bwd", fwd_bwd_ms, tokens, flops(chunk_size=chunk_size, backward=True) if counted else None)
     print(f"{name} CG steps: forward mean {steps[0]:.2f} max {steps[1]:.0f}, adjoint mean {steps[2]:.2f} "
           f"max {steps[3]:.0f}", flush=True)
     grads, o = fwd_bwd(w, *args)

@@ -8,6 +8,7 @@ under `jax.default_matmul_precision("highest")` (XLA uses TF32 on GPU otherwise)
   python benchmarks/pallas_check.py --matmul_precision=default
   python benchmarks/pallas_check.py --cg_tol=1e-4         # adaptive CG (at most --cg_steps) in both chunked paths
   python benchmarks/pallas_check.py --cg_tol=1e-4 --cg_preconditioner=jacobi   # CG preconditioned by diag(A)
+  python benchmarks/pallas_check.py --solve_precision=default  # one-pass solves refined against "highest" residuals
   python benchmarks/pallas_check.py --shape=2,128,8,16,16 --chunk_size=16 --cg_steps=16 --matmul_precision=high \
       --emulate_gpu_dots                                  # on CPU: the GPU's products, emulated (its accuracy)
 
@@ -35,6 +36,9 @@ _CG_TOL = flags.DEFINE_float("cg_tol", 0.0, "stop each system once ‖r‖ ≤ t
 _EMULATE = flags.DEFINE_bool("emulate_gpu_dots", False, "on CPU: the kernels' products as the GPU computes them at "
                               "--matmul_precision (params.emulating_gpu_dots), to see the GPU's accuracy here")
 _CG_PRECONDITIONER = flags.DEFINE_enum("cg_preconditioner", "none", ["none", "jacobi"], "of both chunked paths")
+_SOLVE_PRECISION = flags.DEFINE_enum("solve_precision", "", ["", "highest", "high", "default"],
+                                     "both chunked paths' solves at this precision, each refined once (mesa_chunked's "
+                                     "solve_precision; '': at --matmul_precision); held to --matmul_precision's bounds")
 
 # Relative to the reference's max |entry|. "highest": both paths are f32-accurate CGs (the kernel's dots keep ≥ 16
 # mantissa bits, tests/pallas/precision.py), amplified by the solve's conditioning; vs exact, the 30-step CG's own
@@ -63,7 +67,8 @@ def main(argv):
   tol = _CG_TOL.value or None
   chunked = lambda impl: functools.partial(mesa_chunked, chunk_size=_CHUNK.value, cg_steps=_CG_STEPS.value,
                                            cg_tol=tol, cg_preconditioner=_CG_PRECONDITIONER.value, impl=impl,
-                                           matmul_precision=_PRECISION.value)
+                                           matmul_precision=_PRECISION.value,
+                                           solve_precision=_SOLVE_PRECISION.value or None)
   with jax.default_matmul_precision("highest"):
     weights = loss_weights(*mesa_exact(*args))
     references = {"exact": outputs_and_grads(mesa_exact, args, weights),
@@ -72,6 +77,7 @@ def main(argv):
     pallas = outputs_and_grads(chunked("pallas"), args, weights)
   print(f"B={batch} T={length} H={heads} Dk={key_dim} Dv={value_dim} C={_CHUNK.value} steps={_CG_STEPS.value} "
         f"tol={tol} preconditioner={_CG_PRECONDITIONER.value} precision={_PRECISION.value}"
+        f"{f' solves at {_SOLVE_PRECISION.value}, refined' if _SOLVE_PRECISION.value else ''}"
         f"{' (GPU products emulated)' if _EMULATE.value else ''} "
         f"backend={jax.default_backend()}")
   loss = lambda outputs: sum(jnp.sum(w * x) for w, x in zip(weights, (outputs[0], *outputs[1])))

@@ -39,7 +39,8 @@ class MesaConfig:
   size, precision and CG tolerance measured for it (`models/fast_path.py`; resolved when the layer is built, or once
   per run by the entry points); matmul_precision: the chunked matmuls ("highest":
   f32-accurate; "high": three bf16 passes, ~1.7e-6, cheaper than "highest" at small heads on GPU; "default":
-  TF32-class, ~1e-3, faster on GPU; decoding is f32 always). decode_warm_start: each decoded
+  TF32-class, ~1e-3, faster on GPU; decoding is f32 always); solve_precision: None, or the CG solves' lower
+  precision, each solve then refined once to matmul_precision's accuracy (`mesa_chunked`'s). decode_warm_start: each decoded
   token's CG starts from the previous token's solution (scaled; the first after a prefill from cg_init's guess) and
   decode_tol is then relative to ‖q‖ (`ops.decode.solve_token`). decode_tol: each decoded token's CG stops per head
   once ‖r‖ ≤ decode_tol·‖r₀‖ (at most cg_steps_decode steps); the paper's ε = 1e-4 by default (teacher-forced on a
@@ -62,6 +63,7 @@ class MesaConfig:
   chunk_size: int = 64
   impl: str = "auto"
   matmul_precision: str = "highest"
+  solve_precision: str | None = None
   cg_init: str = "jacobi"
   cg_preconditioner: str = "none"
   save_states: bool = False
@@ -157,7 +159,7 @@ class MesaLayer(RecurrentMixer):
     def op(q, k, v, g, beta, lam, state, probe):
       return mesa_chunked(q, k, v, g, beta, lam, state, chunk_size=c.chunk_size, cg_steps=c.cg_steps_train,
                           cg_tol=c.cg_tol, impl=c.impl, cg_init=c.cg_init, cg_preconditioner=c.cg_preconditioner,
-                          matmul_precision=c.matmul_precision,
+                          matmul_precision=c.matmul_precision, solve_precision=c.solve_precision,
                           cg_probe=probe, return_cg_steps=return_cg_steps, save_states=c.save_states)
     if state is None:
       state = self.zero_state(batch)

@@ -62,7 +62,8 @@ def describe(config) -> dict:
   backend, device = backend_and_device()
   m = config.mesa
   return {"backend": backend, "device_kind": device, "mesa_impl": m.impl, "mesa_chunk_size": m.chunk_size,
-          "mesa_matmul_precision": m.matmul_precision, "mesa_cg_tol": m.cg_tol, "mesa_cg_steps": m.cg_steps_train,
+          "mesa_matmul_precision": m.matmul_precision, "mesa_solve_precision": m.solve_precision,
+          "mesa_cg_tol": m.cg_tol, "mesa_cg_steps": m.cg_steps_train,
           "mesa_cg_preconditioner": m.cg_preconditioner, "mesa_save_states": m.save_states}
 
 
@@ -72,6 +73,8 @@ def summary_line(config) -> str:
   if "mesa" not in config.mixers:
     return f"Mesa path: none (no Mesa layers) on {d['backend']} ({d['device_kind']})"
   tol = "fixed steps" if d["mesa_cg_tol"] is None else f"cg_tol {d['mesa_cg_tol']:g}"
+  if d["mesa_solve_precision"] is not None:
+    tol += f", solves at {d['mesa_solve_precision']} refined once"
   if d["mesa_cg_preconditioner"] != "none":
     tol += f", {d['mesa_cg_preconditioner']}-preconditioned"
   return (f"Mesa path: impl={d['mesa_impl']} chunk_size={d['mesa_chunk_size']} "

@@ -5,8 +5,10 @@ Pallas kernels) builds the chunk states and runs the stages. Forward: x = A⁻¹
 adjoint systems A_t y_t = H_kv[t] do_t by the same CG, the state gradients scanned backwards over chunks, and the input
 gradients from them. No CG iterate is stored: the residuals are the inputs and x. With `cg_tol` every system (forward
 and adjoint) stops once ‖r‖ ≤ cg_tol·‖r₀‖; the gradient is the implicit one, i.e. that of the exact solution at the
-accuracy the solves reached. DESIGN.md §1 derives the formulas; `xla_operator.py` has the chunked forms.
+accuracy the solves reached. With `solve_precision` every solve is two cheaper solves and one round of iterative
+refinement (`_solve`). DESIGN.md §1 derives the formulas; `xla_operator.py` has the chunked forms.
 """
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -27,14 +29,39 @@ class _Static(NamedTuple):
   """The core's static arguments (hashable)."""
   cg: CGOptions
   precision: lax.Precision
+  solve_precision: lax.Precision | None  # None: the solves at `precision`; else refined (`_solve`)
   impl: str
   length: int  # T before padding: the steps statistics skip the padded tokens
   save_states: bool  # the backward reuses the forward's operator (its chunk states) instead of rebuilding it
 
 
+def _solve(op, rhs: jax.Array, static: _Static) -> tuple[jax.Array, jax.Array]:
+  """x = A⁻¹ rhs and the steps each row took, [B, H, N, C, Dk] and int32 [B, H, N, C].
+
+  With a solve precision, one round of mixed-precision iterative refinement: x₀ by CG with the products at the
+  solve precision, the residual r = rhs − A x₀ at the operator's, the correction A d = r at the solve precision
+  again, x = x₀ + d. A solve's relative error ε (~4e-4 at one fp16 pass) becomes ~ε² · cond(A), so two cheap solves
+  and one accurate matvec stand in for an accurate solve. r is scaled to max |r_t| = 1 per row first (each row is its
+  own system), which keeps its small entries in fp16's range. The steps are those of both solves.
+  """
+  if static.solve_precision is None:
+    return op.solve(rhs, static.cg)
+  cheap = dataclasses.replace(op, precision=static.solve_precision)
+  x, steps = cheap.solve(rhs, static.cg)
+  residual = rhs - op.matvec(x)
+  scale = jnp.max(jnp.abs(residual), axis=-1, keepdims=True)
+  scale = jnp.where(scale > 0, scale, 1)
+  correction, more_steps = cheap.solve(residual / scale, static.cg)
+  return x + scale * correction, steps + more_steps
+
+
 def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
   op = operator_class(static.impl).build(k, v, log_decay, beta, lam, state, static.precision)
-  x, o, steps = op.solve_and_output(q, static.cg)
+  if static.solve_precision is None:
+    x, o, steps = op.solve_and_output(q, static.cg)
+  else:
+    x, steps = _solve(op, q, static)
+    o = op.output(x)
   forward_steps = step_stats(steps, static.length)
   operator = op if static.save_states else (k, v, log_decay, beta, lam, state)
   return (o, op.states.at(-1), forward_steps), (operator, probe, x, forward_steps)
@@ -52,7 +79,7 @@ def _core_backward(static: _Static, residuals, cotangents):
   do, d_final, _ = cotangents
   op = operator if static.save_states else operator_class(static.impl).build(*operator, static.precision)
   u = op.adjoint_rhs(do)
-  y, adjoint_steps = op.solve(u, static.cg)
+  y, adjoint_steps = _solve(op, u, static)
   d_states = op.state_gradients(x, y, do, d_final)
   dk, dv, d_log_decay, dbeta = op.token_gradients(x, y, do, u, d_states)
   dlam = -jnp.sum(y * x, axis=(0, 2, 3))
@@ -81,6 +108,7 @@ def mesa_chunked(
     cg_init: str = "jacobi",
     cg_preconditioner: str = "none",
     matmul_precision: str = "highest",
+    solve_precision: str | None = None,
     cg_probe: jax.Array | None = None,
     return_cg_steps: bool = False,
     save_states: bool = False,
@@ -104,6 +132,10 @@ def mesa_chunked(
     matmul_precision: `lax.Precision` name of every matmul: "highest" keeps them f32 as the paper does; "default"
       lets XLA use TF32 on GPU and bf16 passes on TPU (faster, ~1e-3 relative error); "high" is JAX's bf16_3x (the
       GPU Pallas kernels: three bf16 passes with no operand scaling, ~1.7e-6, `pallas_kernels/mesa_cg/params.py`).
+    solve_precision: None: the CG solves' products at matmul_precision. A lower one (e.g. "default" under
+      "highest") runs every solve, forward and adjoint, as two solves at it with one round of mixed-precision
+      iterative refinement between them (the residual at matmul_precision; `_solve`): matmul_precision's accuracy
+      from two one-pass solves and one accurate matvec. The steps reported are those of both solves.
     cg_probe: optional zeros, f32 [B, H, 4], never read: the gradient of a loss w.r.t. it is the CG steps taken per
       batch element and head, (forward mean, forward max, adjoint mean, adjoint max) over the tokens (cg_steps.py).
     return_cg_steps: also return the forward solve's steps per batch element and head, (mean, max) f32 [B, H, 2].
@@ -130,6 +162,8 @@ def mesa_chunked(
     raise ValueError(f"impl={impl!r} cannot run this input: {reason}; use impl='xla'")
   if matmul_precision not in PRECISIONS:
     raise ValueError(f"matmul_precision must be one of {PRECISIONS}, got {matmul_precision!r}")
+  if solve_precision is not None and solve_precision not in PRECISIONS:
+    raise ValueError(f"solve_precision must be None or one of {PRECISIONS}, got {solve_precision!r}")
   if cg_probe is not None and (getattr(cg_probe, "shape", None) != (batch, heads, 4)
                                or not jnp.issubdtype(cg_probe.dtype, jnp.floating)):
     raise ValueError(f"cg_probe must be a float array of shape [B, H, 4] = {(batch, heads, 4)}, got "
@@ -147,7 +181,8 @@ def mesa_chunked(
     return x.reshape(batch, heads, num_chunks, chunk_size, *x.shape[3:])
 
   cg = CGOptions(cg_steps, cg_init, None if cg_tol is None else float(cg_tol), cg_preconditioner)
-  static = _Static(cg, lax.Precision(matmul_precision), impl, length, save_states)
+  static = _Static(cg, lax.Precision(matmul_precision), None if solve_precision is None else
+                   lax.Precision(solve_precision), impl, length, save_states)
   log_decay = jnp.cumsum(to_chunks(g), axis=-1)
   o, final, forward_steps = _chunked_core(
       to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_probe, static)

@@ -93,6 +93,9 @@ class ChunkedOperator(Protocol):
     cg.steps), from cg.init's start, preconditioned as cg.preconditioner. Returns x [B, H, N, C, Dk] and the steps
     each row took, int32 [B, H, N, C]."""
 
+  def matvec(self, x: jax.Array) -> jax.Array:
+    """A_t x_t = H_kk[t] x_t + λ ⊙ x_t for every row, [B, H, N, C, Dk] (the residual of a refined solve)."""
+
   def output(self, x: jax.Array) -> jax.Array:
     """o_t = H_kv[t]ᵀ x_t, [B, H, N, C, Dv]."""
 

@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
       cg_tol=placeholder(float),  # > 0: each forward and adjoint CG system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (at most
       # cg_steps); 0: fixed cg_steps
       matmul_precision=placeholder(str),  # Mesa's chunked matmuls: "highest", "high" or "default" (TF32-class)
+      # a lower precision for Mesa's CG solves, each refined once to matmul_precision's accuracy (unset: the solves
+      # at matmul_precision; MesaConfig.solve_precision)
+      solve_precision=placeholder(str),
       cg_preconditioner=placeholder(str),  # training's CG: "none" (plain, the paper's) or "jacobi" (by diag(A_t))
       fla_compatible=False,  # True: flash-linear-attention's variant (no logit cap, no γ cap, CG from zero)
       # what the backward pass recomputes instead of storing: none | mixer | mlp | full (LMConfig.remat; True/False
@@ -94,7 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-OVERRIDES = ("vocab_size", "num_layers", "cg_steps", "chunk_size", "impl", "matmul_precision", "cg_tol",
+OVERRIDES = ("vocab_size", "num_layers", "cg_steps", "chunk_size", "impl", "matmul_precision", "solve_precision",
+             "cg_tol",
              "cg_preconditioner")
 
 
@@ -113,6 +117,7 @@ def lm_config(model, data_vocab: int | None = None) -> LMConfig:
   mesa = fast_path.resolve_mesa(dataclasses.replace(lm.mesa, **set_only(impl=model.impl)))
   mesa = dataclasses.replace(mesa, **set_only(cg_steps_train=model.cg_steps, chunk_size=model.chunk_size,
                                               matmul_precision=model.matmul_precision,
+                                              solve_precision=model.solve_precision,
                                               cg_preconditioner=model.cg_preconditioner,
                                               save_states=model.save_mesa_states))
   if model.cg_tol is not None:  # 0: fixed steps
@@ -205,6 +210,7 @@ def validate(c) -> None:
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
   for key, allowed, unset in (("impl", (fast_path.AUTO, *IMPLS), "auto"), ("matmul_precision", PRECISIONS, "auto"),
+                               ("solve_precision", PRECISIONS, "the solves at matmul_precision"),
                                ("cg_preconditioner", CG_PRECONDITIONERS, "the preset's")):
     if c.model[key] not in (None, *allowed):
       raise ValueError(f"model.{key} must be one of {allowed} (or unset: {unset}), got {c.model[key]!r}")

@@ -70,6 +70,13 @@ class PallasOperator(ChunkedSequence):
     return solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t, **_kernel_options(cg),
                  precision=self.precision)
 
+  def read_kk(self, x):
+    """H_kk[t] x_t for every row (the read kernel over the transposed H_kk states)."""
+    return causal_read(x, self.k, self.k, self.states.kk_t, self.log_decay, self.beta, precision=self.precision)
+
+  def matvec(self, x):
+    return self.read_kk(x) + self.lam[:, None, None, :] * x
+
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)
 
@@ -101,8 +108,7 @@ class PallasOperator(ChunkedSequence):
     hopper = use_hopper_gradients(x.shape[3], x.shape[4], do.shape[4], self.precision)
     gradients = hopper_chunk_gradients if hopper else chunk_gradients
     dk, dv, dbeta = gradients(self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states, precision=self.precision)
-    read_kk = causal_read(x, self.k, self.k, self.states.kk_t, self.log_decay, self.beta, precision=self.precision)
-    d_log_decay = -rowdot(y, read_kk) + rowdot(x, u) - self.beta * dbeta
+    d_log_decay = -rowdot(y, self.read_kk(x)) + rowdot(x, u) - self.beta * dbeta
     handed_on = (jnp.sum(d_states.kk_t[:, :, 1:] * self.states.kk_t[:, :, 1:], axis=(-2, -1))
                  + jnp.sum(d_states.kv[:, :, 1:] * self.states.kv[:, :, 1:], axis=(-2, -1)))
     return dk, dv, d_log_decay.at[..., -1].add(handed_on), dbeta

@@ -158,6 +158,26 @@ def test_cg_error_decreases_with_steps(x64):
     assert err[-1] < 1e-10, (init, err)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_refined_solves_correct_the_first_solves_error(x64, impl):
+  # solve_precision runs every solve (forward and adjoint) as two CG solves, the second on the first's residual
+  # (computed at matmul_precision). On the CPU every precision computes in f64 here, so what shows is the algebra:
+  # a refined solve of n steps is a CG restarted once, about as accurate as 2n plain steps (measured, worst of o, the
+  # final state and every gradient: 4 steps 2.2e-2 plain, 5.7e-4 refined; 16 steps 1e-13 plain, 8e-16 refined), and
+  # the steps reported are both solves'. tests/pallas/test_split_dot.py shows it correcting the GPU's one-pass dots.
+  args = as_f64(random_inputs(2, 64, 2, 16, 16, seed=8, with_state=True))
+  exact = jax.tree.leaves(value_and_gradients(_exact, args))
+  error = lambda op: max(max_abs(g, e) / scale(e) for g, e in zip(jax.tree.leaves(value_and_gradients(op, args)),
+                                                                  exact))
+  plain, refined = (_chunked(16, 4, impl=impl, solve_precision=p) for p in (None, "default"))
+  assert error(refined) < error(plain) / 10
+  assert error(_chunked(16, 16, impl=impl, solve_precision="default")) < 1e-12
+  steps = jax.jit(functools.partial(mesa_chunked, chunk_size=16, cg_steps=4, impl=impl, solve_precision="default",
+                                    return_cg_steps=True))(*args)[2]
+  np.testing.assert_array_equal(steps, 8)  # (mean, max) of 4 + 4 steps every row
+
+
 # Stress inputs, in f32 (the training precision) against the f64 exact solve. Each is near a boundary of the input
 # ranges; the bounds are loose multiples of what was measured, chosen to catch blow-ups, not rounding.
 def _stress_case(name):
@@ -211,6 +231,8 @@ def test_stress_inputs_stay_finite_and_accurate(name):
     ({"cg_preconditioner": "ilu"}, r"cg_preconditioner must be one of \('none', 'jacobi'\), got 'ilu'"),
     ({"impl": "cuda"}, r"impl must be one of"),
     ({"matmul_precision": "tf32"}, r"matmul_precision must be one of"),
+    ({"solve_precision": "fp16"}, r"solve_precision must be None or one of \('highest', 'high', 'default'\), "
+                                  r"got 'fp16'"),
     ({"cg_tol": 0.0}, r"cg_tol must be a positive float or None"),
     ({"save_states": "yes"}, r"save_states must be a bool, got 'yes'"),
     ({"cg_probe": np.zeros((2, 3))}, r"cg_probe must be a float array of shape \[B, H, 4\] = \(2, 3, 4\)"),

@@ -101,7 +101,7 @@ def test_split_solve_matches_exact_across_scales(passes, bound):
   assert error <= bound
 
 
-@pytest.mark.slow  # three interpreted forward + backward programs, ~10 s on one core
+@pytest.mark.slow  # four interpreted forward + backward programs, ~15 s on one core
 def test_gpu_precisions_emulated_at_the_mad_heads():
   # `params.emulating_gpu_dots`: the GPU kernels' products, computed here. The whole op (output and every gradient)
   # at the MAD heads (Dk = 16, C = 16, 16 CG steps) against the exact solve. Measured here: "highest" (three fp16
@@ -118,3 +118,10 @@ def test_gpu_precisions_emulated_at_the_mad_heads():
     errors[precision] = max(max_abs(g, e) / scale(e) for g, e in zip(got, exact))
   assert errors["highest"] <= 5e-6 and errors["high"] <= 1e-4 and errors["default"] <= 1e-2
   assert 3 * errors["highest"] <= errors["high"] <= errors["default"] / 3  # the emulation is on: three tiers
+  # One-pass solves refined once against a "highest" residual (`mesa_chunked(solve_precision=)`) are as accurate
+  # as "highest" throughout (measured 4.7e-7 against 4.9e-7; "default" alone 6.0e-4).
+  refined = functools.partial(mesa_chunked, chunk_size=16, cg_steps=16, impl="pallas", matmul_precision="highest",
+                              solve_precision="default")
+  with emulating_gpu_dots():
+    got = jax.tree.leaves(value_and_gradients(refined, args))
+  assert max(max_abs(g, e) / scale(e) for g, e in zip(got, exact)) <= 2 * errors["highest"]

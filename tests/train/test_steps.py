@@ -177,12 +177,13 @@ def test_only_adaptive_cg_gives_the_model_probes():
 def test_model_overrides_reach_the_mesa_config():
   config = get_config("mqar")
   base = train_config.lm_config(config.model).mesa
-  config.model.update(impl="pallas", chunk_size=32, matmul_precision="default", cg_steps=7,
-                      cg_preconditioner="jacobi")
+  config.model.update(impl="pallas", chunk_size=32, matmul_precision="highest", solve_precision="default",
+                      cg_steps=7, cg_preconditioner="jacobi")
   mesa = train_config.lm_config(config.model).mesa
-  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.cg_steps_train, mesa.cg_preconditioner) == (
-      "pallas", 32, "default", 7, "jacobi")
+  assert (mesa.impl, mesa.chunk_size, mesa.matmul_precision, mesa.solve_precision, mesa.cg_steps_train,
+          mesa.cg_preconditioner) == ("pallas", 32, "highest", "default", 7, "jacobi")
   assert (base.impl, base.matmul_precision) == ("xla", "highest")  # unset: auto, on CPU the XLA path
+  assert base.solve_precision is None  # unset: the solves at matmul_precision, not refined
   assert base.cg_preconditioner == "none"  # unset: the preset's, plain CG
 
 
@@ -209,7 +210,7 @@ def test_old_run_configs_with_zero_or_empty_overrides_still_load(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("impl", "triton"), ("matmul_precision", "tf32"),
-                                        ("cg_preconditioner", "ilu")])
+                                        ("solve_precision", "fp16"), ("cg_preconditioner", "ilu")])
 def test_unknown_mesa_options_are_refused_by_name(key, value):
   config = get_config("mqar")
   config.model[key] = value

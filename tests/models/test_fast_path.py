@@ -86,6 +86,9 @@ def test_on_cpu_auto_is_xla_with_the_presets_settings():
   assert not lm.mesa.save_states  # the backward computes the chunk states again unless asked
   saved = train_config.lm_config(_model(size="tiny", save_mesa_states=True))
   assert saved.mesa.save_states and fast_path.summary_line(saved).endswith(", chunk states saved")
+  refined = train_config.lm_config(_model(size="tiny", solve_precision="default"))
+  assert "fixed steps, solves at default refined once" in fast_path.summary_line(refined)
+  assert fast_path.describe(refined)["mesa_solve_precision"] == "default"
 
 
 def test_the_run_config_records_the_path_and_reads_back_without_it(tmp_path):

@@ -40,8 +40,8 @@ class MesaConfig:
   per run by the entry points); matmul_precision: the chunked matmuls ("highest":
   f32-accurate; "high": three bf16 passes, ~1.7e-6, cheaper than "highest" at small heads on GPU; "default":
   TF32-class, ~1e-3, faster on GPU; decoding is f32 always); solve_precision: None, or the CG solves' lower
-  precision, each solve then refined once to matmul_precision's accuracy (`mesa_chunked`'s). decode_warm_start: each decoded
-  token's CG starts from the previous token's solution (scaled; the first after a prefill from cg_init's guess) and
+  precision, each solve then refined once to matmul_precision's accuracy (`mesa_chunked`'s). decode_warm_start:
+  each decoded token's CG starts from the previous token's solution (scaled; the first after a prefill from cg_init's guess) and
   decode_tol is then relative to ‖q‖ (`ops.decode.solve_token`). decode_tol: each decoded token's CG stops per head
   once ‖r‖ ≤ decode_tol·‖r₀‖ (at most cg_steps_decode steps); the paper's ε = 1e-4 by default (teacher-forced on a
   trained model: ΔNLL 2e-7 against 30 fixed steps at ~4 steps per token, benchmarks/RESULTS.md); None: fixed steps.

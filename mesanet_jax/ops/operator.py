@@ -56,6 +56,10 @@ class ChunkedSequence:
     x, steps = self.solve(rhs, cg)
     return x, self.output(x), steps
 
+  def matvec(self, x: jax.Array) -> jax.Array:
+    """A_t x_t = H_kk[t] x_t + λ ⊙ x_t for every row: the implementation's `read_kk` plus the regulariser."""
+    return self.read_kk(x) + self.lam[:, None, None, :] * x
+
 
 Operator = TypeVar("Operator", bound="ChunkedOperator")
 
@@ -93,8 +97,12 @@ class ChunkedOperator(Protocol):
     cg.steps), from cg.init's start, preconditioned as cg.preconditioner. Returns x [B, H, N, C, Dk] and the steps
     each row took, int32 [B, H, N, C]."""
 
+  def read_kk(self, x: jax.Array) -> jax.Array:
+    """H_kk[t] x_t for every row, [B, H, N, C, Dk]."""
+
   def matvec(self, x: jax.Array) -> jax.Array:
-    """A_t x_t = H_kk[t] x_t + λ ⊙ x_t for every row, [B, H, N, C, Dk] (the residual of a refined solve)."""
+    """A_t x_t = H_kk[t] x_t + λ ⊙ x_t for every row, [B, H, N, C, Dk] (`ChunkedSequence` provides it from
+    `read_kk`: CG's product, and the residual of a refined solve)."""
 
   def output(self, x: jax.Array) -> jax.Array:
     """o_t = H_kv[t]ᵀ x_t, [B, H, N, C, Dv]."""

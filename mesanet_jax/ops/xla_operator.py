@@ -127,9 +127,6 @@ class XlaOperator(ChunkedSequence):
     """Time-reversed read with this operator's decays (see `_write`)."""
     return _write(z, keys, values, next_states, self.log_decay, self.decay_mask, self.precision)
 
-  def matvec(self, x):
-    return self.read_kk(x) + self.lam[:, None, None, :] * x
-
   def solve(self, rhs, cg: CGOptions):
     """x_t = A_t⁻¹ rhs_t for all rows by one CG (one loop over every row; it runs until the slowest row stops),
     starting from the Jacobi guess or zero, preconditioned by diag(A_t) or not. Returns x and the steps each row

@@ -74,9 +74,6 @@ class PallasOperator(ChunkedSequence):
     """H_kk[t] x_t for every row (the read kernel over the transposed H_kk states)."""
     return causal_read(x, self.k, self.k, self.states.kk_t, self.log_decay, self.beta, precision=self.precision)
 
-  def matvec(self, x):
-    return self.read_kk(x) + self.lam[:, None, None, :] * x
-
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)
 

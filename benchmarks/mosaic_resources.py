@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -59,11 +60,8 @@ def kernel_modules(name: str) -> list[str]:
           rows(1, 2, 4, dim, dim))
   solve = functools.partial(KERNELS[name], cg_steps=30, cg_init=FLAGS.cg_init, cg_tol=FLAGS.cg_tol or None,
                             precision=jax.lax.Precision(FLAGS.matmul_precision))
-  mosaic_core._run_serde_pass = keep
-  try:
+  with mock.patch.object(mosaic_core, "_run_serde_pass", keep):
     export_for("gpu", solve, *args)
-  finally:
-    mosaic_core._run_serde_pass = serialize
   return modules
 
 

@@ -2,6 +2,7 @@
 import contextlib
 import contextvars
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -82,11 +83,8 @@ def triton_irs(fn, *args) -> dict[str, str]:
     irs[re.search(r"tt\.func public @(\w+)", text).group(1)] = text
     return result
 
-  lowering.lower_jaxpr_to_triton_module = keep
-  try:
+  with mock.patch.object(lowering, "lower_jaxpr_to_triton_module", keep):
     export_for("gpu", fn, *args)
-  finally:
-    lowering.lower_jaxpr_to_triton_module = lower
   return irs
 
 

@@ -1,0 +1,35 @@
+#!/bin/bash
+# One resumable piece of the MAD grid (issue 18) for a device lent in short calls: trains for LIMIT seconds, saves the
+# slots in flight (at most BUDGET MiB, so they can travel back), and leaves results.jsonl and state/ in $OUT.
+#   ARCHS=gdn TASKS=in_context_recall bash benchmarks/mad_grid_piece.sh
+# Env: ARCHS, TASKS (default: all), SLOTS (10), LIMIT (500 s), BUDGET (56 MiB of saved slots), OUT (./runs/piece_out),
+# MESA (impl:chunk:precision; default models.FAST_MESA's), GDN_IMPL (default models.FAST_GDN's), EXTRA (more
+# mesanet-mad-grid flags), PIECE (/tmp/piece: the working copy). The first piece on a machine starts from the tracked
+# benchmarks/results/mad/results.jsonl and the slots saved in .madstate/; later pieces on the same machine continue from
+# $PIECE. Afterwards copy $OUT/results.jsonl over the tracked one and $OUT/state to .madstate/.
+set -uo pipefail
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; BUDGET=${BUDGET:-56}
+OUT=${OUT:-runs/piece_out}; PIECE=${PIECE:-/tmp/piece}; MESA=${MESA:-}; GDN_IMPL=${GDN_IMPL:-}; EXTRA=${EXTRA:-}
+mkdir -p "$OUT"
+if [ ! -f "$PIECE/results.jsonl" ]; then
+  mkdir -p "$PIECE"
+  cp benchmarks/results/mad/results.jsonl "$PIECE/results.jsonl"
+  if [ -d .madstate ]; then cp -r .madstate "$PIECE/state"; chmod -R u+w "$PIECE/state"; fi
+fi
+mesa_flags=()
+if [ -n "$MESA" ]; then
+  IFS=: read -r impl chunk precision <<< "$MESA"
+  mesa_flags=(--impl="$impl" --chunk_size="$chunk" ${precision:+--matmul_precision="$precision"})
+fi
+echo "ARCHS=$ARCHS TASKS=$TASKS SLOTS=$SLOTS LIMIT=$LIMIT MESA=$MESA GDN_IMPL=$GDN_IMPL EXTRA=$EXTRA" | tee "$OUT/piece.txt"
+# shellcheck disable=SC2086  # EXTRA holds several flags
+timeout $((LIMIT + 60)) python3 -m experiments.mad_grid --results="$PIECE/results.jsonl" --state_dir="$PIECE/state" \
+  --state_budget_mib="$BUDGET" --architectures="$ARCHS" ${TASKS:+--tasks="$TASKS"} --time_limit="$LIMIT" \
+  --max_slots="$SLOTS" "${mesa_flags[@]}" ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
+  | tr '\r' '\n' | grep --line-buffered -v ' it/s\|tok·step/s' > "$OUT/grid.log"
+echo "rc=${PIPESTATUS[0]}" >> "$OUT/grid.log"
+tail -25 "$OUT/grid.log"
+cp "$PIECE/results.jsonl" "$OUT/results.jsonl"
+rm -rf "$OUT/state"
+if [ -d "$PIECE/state" ]; then cp -r "$PIECE/state" "$OUT/state"; du -sh "$OUT/state"; fi

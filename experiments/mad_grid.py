@@ -60,6 +60,9 @@ _PRECISION = flags.DEFINE_string("matmul_precision", "", "Mesa matmuls: highest 
                                  "bf16 passes) | default ('': FAST_MESA's)")
 _GDN_IMPL = flags.DEFINE_enum("gdn_impl", "", ["", "xla", "pallas"], "Gated DeltaNet's operator: xla (chunked) | "
                               "pallas (recurrent kernels) ('': mesanet_jax/mad/models.py FAST_GDN's for the backend)")
+_ATTENTION = flags.DEFINE_enum("attention_kernel", "", ["", "auto", "xla", "pallas"], "the Transformer's attention: "
+                               "auto (cuDNN for bf16 on GPU, else XLA) | xla | pallas (jax's Pallas flash attention) "
+                               "('': mesanet_jax/mad/models.py FAST_ATTENTION's for the backend)")
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "Mesa CG steps in training (0: the head size, 16, which gives "
                                  "the paper's 30 steps' result to f32 rounding; mesanet_jax/mad/models.py: "
                                  "exact_cg_steps)")
@@ -112,6 +115,7 @@ def main(argv):
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value, eval_every=_EVAL_EVERY.value,
         time_limit=_TIME_LIMIT.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
         matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, gdn_impl=_GDN_IMPL.value,
+        attention_kernel=_ATTENTION.value,
         tie_embeddings=_TIE_EMBEDDINGS.value,
         embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None,
         linear_init_variance=(models.LINEAR_INIT_VARIANCE if _LINEAR_INIT_VARIANCE.value is None

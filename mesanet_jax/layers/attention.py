@@ -3,10 +3,12 @@
 The cache is a ring buffer of S slots (S = window for sliding-window layers, else the maximum length) that records
 the absolute position held in each slot, so decoding masks by position and sliding-window layers decode in constant
 memory. A full-attention cache that is run past S tokens keeps only the last S (it acts as a window of S).
-Training and prefill run `jax.nn.dot_product_attention` (causal, the window as `local_window_size`): cuDNN's fused
-flash attention on GPU for bf16/fp16 inputs with head_dim ≤ 128 and a multiple of 8, XLA otherwise (which forms the
-[T, T] scores; no Pallas TPU kernel yet). Decoding attends to the cache with an explicit position mask and runs the
-q, k, v projections as one matmul over their concatenated kernels (`FusedProjections`).
+Training and prefill (`AttentionConfig.kernel`, "auto") run `jax.nn.dot_product_attention` (causal, the window as
+`local_window_size`): cuDNN's fused flash attention on GPU for bf16/fp16 inputs with head_dim ≤ 128 and a multiple of
+8, XLA otherwise (which forms the [T, T] scores; no Pallas TPU kernel yet); "xla" always the latter; "pallas" jax's
+Pallas (Triton) flash attention in any float dtype (`pallas_kernels/flash_attention.py`; full causal layers only).
+Decoding attends to the cache with an explicit position mask and runs the q, k, v projections as one matmul over
+their concatenated kernels (`FusedProjections`).
 """
 import dataclasses
 from typing import NamedTuple
@@ -20,13 +22,22 @@ from mesanet_jax.layers.fused_linear import FusedProjections
 from mesanet_jax.layers.params import linear
 
 
+KERNELS = ("auto", "xla", "pallas")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """Multi-head attention options; `window` is the sliding window (in tokens, self included) of "swa" layers."""
+  """Multi-head attention options; `window` is the sliding window (in tokens, self included) of "swa" layers;
+  `kernel` (one of KERNELS) how training and prefill attend (module docstring)."""
   num_heads: int = 6
   head_dim: int = 128
   rope_theta: float = 10_000.0
   window: int = 1024
+  kernel: str = "auto"
+
+  def __post_init__(self):
+    if self.kernel not in KERNELS:
+      raise ValueError(f"attention.kernel must be one of {KERNELS}, got {self.kernel!r}")
 
 
 class KVCache(NamedTuple):
@@ -56,6 +67,12 @@ class Attention(FusedProjections, nnx.Module):
       raise ValueError(f"head_dim must be even for RoPE, got {config.head_dim}")
     if window is not None and window < 1:
       raise ValueError(f"window must be a positive int or None, got {window}")
+    self.flash = None
+    if config.kernel == "pallas":
+      if window is not None:
+        raise ValueError(f"attention.kernel='pallas' (flash attention) has no sliding window; this layer's is {window}")
+      from pallas_kernels.flash_attention import causal_attention  # when built, not first inside a trace
+      self.flash = causal_attention
     self.config, self.window, self.dtype = config, window, dtype
     width = config.num_heads * config.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -74,9 +91,12 @@ class Attention(FusedProjections, nnx.Module):
 
   def _attend_sequence(self, q, k, v):
     """Causal (windowed) attention of q, k, v [B, T, H, D] at positions 0..T−1, projected out: [B, T, d]."""
+    if self.flash is not None:
+      o = self.flash(q, k, v)
+      return self.o_proj(o.reshape(*o.shape[:2], -1))
     head_dim = q.shape[-1]
-    fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128
-             and head_dim % 8 == 0)
+    fused = (self.config.kernel == "auto" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+             and head_dim <= 128 and head_dim % 8 == 0)
     window = None if self.window is None else (self.window - 1, 0)  # keys t − (window − 1) .. t
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
                                      implementation="cudnn" if fused else "xla")

@@ -30,6 +30,9 @@ OTHER_MESA = ("xla", 64, "highest")
 # recurrent Pallas kernels, half the chunked XLA form's population step at L 128 and 1024 (H100, RESULTS.md "MAD
 # population step"); elsewhere the chunked XLA form.
 FAST_GDN = {"gpu": "pallas"}
+# How the Transformer attends when nothing else is asked for, per backend (`AttentionConfig.kernel`): "auto" (XLA in
+# f32) until jax's Pallas flash attention ("pallas") is measured against it in a MAD population on a GPU.
+FAST_ATTENTION: dict[str, str] = {}
 
 
 # The MAD models' embedding: mad-lab's (initial std 0.02, no √d input scale), which the paper's MAD runs follow
@@ -53,13 +56,14 @@ def exact_cg_steps(mesa) -> int:
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
                cg_steps: int = 0, matmul_precision: str = "", gdn_triangular: str = "", gdn_impl: str = "",
-               tie_embeddings: bool = True, embed_std: float | None = EMBED_STD,
+               attention_kernel: str = "", tie_embeddings: bool = True, embed_std: float | None = EMBED_STD,
                linear_init_variance: float = LINEAR_INIT_VARIANCE) -> LMConfig:
   """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
   Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
   for the backend (GDN keeps the preset's chunk) and `exact_cg_steps`; gdn_triangular ("" the preset's) how GDN solves
   its chunks' triangular systems (`GatedDeltaNetConfig.triangular`), gdn_impl ("" `FAST_GDN`'s for the backend, else
-  "xla") how GDN's operator runs (`GatedDeltaNetConfig.impl`). tie_embeddings=False gives the
+  "xla") how GDN's operator runs (`GatedDeltaNetConfig.impl`); attention_kernel ("" `FAST_ATTENTION`'s for the
+  backend, else "auto") how the Transformer attends (`AttentionConfig.kernel`). tie_embeddings=False gives the
   language model its own read-out matrix; embed_std is the embedding's initial std with no √d input scale (`EMBED_STD`,
   mad-lab's), None the paper's LM embedding (1/√d, scaled by √d on input; `LMConfig.embed_std`);
   linear_init_variance multiplies the linear layers' initial variance (`LINEAR_INIT_VARIANCE`, mad-lab's; 1: ours)."""
@@ -74,7 +78,9 @@ def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_s
   gdn = dataclasses.replace(config.gdn, chunk_size=chunk_size or config.gdn.chunk_size,
                             triangular=gdn_triangular or config.gdn.triangular,
                             impl=gdn_impl or FAST_GDN.get(jax.default_backend(), "xla"))
-  return dataclasses.replace(config, mesa=mesa, gdn=gdn)
+  attention = dataclasses.replace(config.attention,
+                                  kernel=attention_kernel or FAST_ATTENTION.get(jax.default_backend(), "auto"))
+  return dataclasses.replace(config, mesa=mesa, gdn=gdn, attention=attention)
 
 
 def sincos(length: int, dim: int) -> np.ndarray:

@@ -1,4 +1,6 @@
 """Attention: matches a direct numpy softmax with the (sliding) causal mask; RoPE depends on relative position only."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,3 +50,34 @@ def test_sequence_path_equals_the_masked_softmax(dtype, tolerance, window):
   y_ref = layer._attend(q, k, v, layer._in_window(positions[:, None], positions[None, :]))
   scale = float(jnp.max(jnp.abs(y_ref.astype(jnp.float32))))
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("length", [19, 200])  # padded to 32 (one block) and to 256 (two blocks of 128)
+def test_pallas_flash_attention_matches_xla_values_and_gradients(length):
+  """kernel="pallas" (jax's Pallas flash attention, interpreted here) against kernel="xla" on the same params, f32:
+  the output and the gradients of every parameter and of the input, under a population's vmap as in MAD."""
+  config = AttentionConfig(num_heads=2, head_dim=16)
+  xla = Attention(32, dataclasses.replace(config, kernel="xla"), window=None, rngs=nnx.Rngs(0))
+  flash = Attention(32, dataclasses.replace(config, kernel="pallas"), window=None, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(3), (2, 1, length, 32))  # [members, B, T, d]
+
+  def loss_and_grads(layer):
+    graphdef, params = nnx.split(layer)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x)[0] ** 2)
+    with jax.default_matmul_precision("highest"):
+      return jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)), in_axes=(None, 0))(params, x)
+
+  (loss_ref, grads_ref), (loss, grads) = loss_and_grads(xla), loss_and_grads(flash)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  for ref, got in zip(jax.tree.leaves(grads_ref), jax.tree.leaves(grads)):  # f32 sums in another order: ~1e-6
+    np.testing.assert_allclose(got, ref, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_attention_kernel_is_checked():
+  with pytest.raises(ValueError, match="attention.kernel must be one of"):
+    AttentionConfig(kernel="cudnn")
+  with pytest.raises(ValueError, match="no sliding window"):
+    Attention(16, AttentionConfig(num_heads=2, head_dim=16, kernel="pallas"), window=4, rngs=nnx.Rngs(0))
+  layer = Attention(16, AttentionConfig(num_heads=2, head_dim=8, kernel="pallas"), window=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="power of two >= 16"):
+    layer(jnp.zeros((1, 4, 16)))

@@ -43,6 +43,9 @@ def test_mesa_computation_defaults_per_backend_and_is_overridden():
   assert models.mad_config("gdn", 16, gdn_impl="pallas").gdn.impl == "pallas"
   with pytest.raises(ValueError, match="gdn.impl must be one of"):
     models.mad_config("gdn", 16, gdn_impl="cuda")
+  default_attention = models.FAST_ATTENTION.get(jax.default_backend(), "auto")
+  assert models.mad_config("transformer", 16).attention.kernel == default_attention
+  assert models.mad_config("transformer", 16, attention_kernel="pallas").attention.kernel == "pallas"
 
 
 def test_mad_lab_backbone_switches():

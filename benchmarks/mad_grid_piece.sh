@@ -2,9 +2,12 @@
 # One resumable piece of the MAD grid (issue 18) for a device lent in short calls: trains for LIMIT seconds, saves the
 # slots in flight (at most BUDGET MiB, so they can travel back), and leaves results.jsonl and state/ in $OUT.
 #   ARCHS=gdn TASKS=in_context_recall bash benchmarks/mad_grid_piece.sh
-# Env: ARCHS, TASKS (default: all), SLOTS (10), LIMIT (500 s), BUDGET (56 MiB of saved slots), OUT (./runs/piece_out),
-# MESA (impl:chunk:precision; default models.FAST_MESA's), GDN_IMPL (default models.FAST_GDN's), EXTRA (more
-# mesanet-mad-grid flags), PIECE (/tmp/piece: the working copy). The first piece on a machine starts from the tracked
+# Env: ARCHS, TASKS (default: all), SLOTS (10), LIMIT (500 s), BUDGET (56 MiB of saved slots, shared by the processes),
+# OUT (./runs/piece_out), MESA (impl:chunk:precision; default models.FAST_MESA's), GDN_IMPL (default models.FAST_GDN's),
+# EXTRA (more mesanet-mad-grid flags), PIECE (/tmp/piece: the working copy), SIDE_BY_SIDE (1: one process per
+# architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
+# leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable). The state directory travels whole: keep it
+# under a call's 64 MiB. The first piece on a machine starts from the tracked
 # benchmarks/results/mad/results.jsonl and the slots saved in .madstate/; later pieces on the same machine continue from
 # $PIECE. Afterwards copy $OUT/results.jsonl over the tracked one and $OUT/state to .madstate/.
 set -uo pipefail
@@ -22,14 +25,27 @@ if [ -n "$MESA" ]; then
   IFS=: read -r impl chunk precision <<< "$MESA"
   mesa_flags=(--impl="$impl" --chunk_size="$chunk" ${precision:+--matmul_precision="$precision"})
 fi
-echo "ARCHS=$ARCHS TASKS=$TASKS SLOTS=$SLOTS LIMIT=$LIMIT MESA=$MESA GDN_IMPL=$GDN_IMPL EXTRA=$EXTRA" | tee "$OUT/piece.txt"
-# shellcheck disable=SC2086  # EXTRA holds several flags
-timeout $((LIMIT + 60)) python3 -m experiments.mad_grid --results="$PIECE/results.jsonl" --state_dir="$PIECE/state" \
-  --state_budget_mib="$BUDGET" --architectures="$ARCHS" ${TASKS:+--tasks="$TASKS"} --time_limit="$LIMIT" \
-  --max_slots="$SLOTS" "${mesa_flags[@]}" ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
-  | tr '\r' '\n' | grep --line-buffered -v ' it/s\|tok·step/s' > "$OUT/grid.log"
-echo "rc=${PIPESTATUS[0]}" >> "$OUT/grid.log"
-tail -25 "$OUT/grid.log"
+echo "ARCHS=$ARCHS TASKS=$TASKS SLOTS=$SLOTS LIMIT=$LIMIT MESA=$MESA GDN_IMPL=$GDN_IMPL EXTRA=$EXTRA" \
+  "SIDE_BY_SIDE=${SIDE_BY_SIDE:-0}" | tee "$OUT/piece.txt"
+grid() {  # architectures, state budget (MiB), log name
+  # shellcheck disable=SC2086  # EXTRA holds several flags
+  timeout $((LIMIT + 60)) python3 -m experiments.mad_grid --results="$PIECE/results.jsonl" --state_dir="$PIECE/state" \
+    --state_budget_mib="$2" --architectures="$1" ${TASKS:+--tasks="$TASKS"} --time_limit="$LIMIT" \
+    --max_slots="$SLOTS" "${mesa_flags[@]}" ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
+    | tr '\r' '\n' | grep --line-buffered -v ' it/s\|tok·step/s' > "$OUT/$3.log"
+  echo "rc=${PIPESTATUS[0]}" >> "$OUT/$3.log"
+  tail -25 "$OUT/$3.log"
+}
+if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
+  IFS=, read -r -a archs <<< "$ARCHS"
+  share=$(python3 -c "print(f'{0.9 / ${#archs[@]}:.3f}')")
+  for arch in "${archs[@]}"; do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" $((BUDGET / ${#archs[@]})) "grid_$arch" &
+  done
+  wait
+else
+  grid "$ARCHS" "$BUDGET" grid
+fi
 cp "$PIECE/results.jsonl" "$OUT/results.jsonl"
 rm -rf "$OUT/state"
 if [ -d "$PIECE/state" ]; then cp -r "$PIECE/state" "$OUT/state"; du -sh "$OUT/state"; fi

@@ -121,7 +121,7 @@ def load(variant: Variant, seed: int = 0, cache_dir: str = "") -> dict:
   data = {split: generate(variant, split, seed) for split in ("train", "test")}
   if path:
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.{os.getpid()}.tmp.npz"  # per process: grids side by side may write the same variant at once
     np.savez(tmp, **{f"{s}_{k}": v for s, d in data.items() for k, v in d.items()})
     os.replace(tmp, path)
   return data

@@ -8,6 +8,8 @@ import pytest
 from flax import nnx
 
 from mesanet_jax.layers.attention import Attention, AttentionConfig, rope
+from pallas_kernels.flash_attention import causal_attention
+from pallas_kernels.mesa_cg import params
 
 CONFIG = AttentionConfig(num_heads=2, head_dim=8, window=3)
 
@@ -81,3 +83,5 @@ def test_attention_kernel_is_checked():
   layer = Attention(16, AttentionConfig(num_heads=2, head_dim=8, kernel="pallas"), window=None, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="power of two >= 16"):
     layer(jnp.zeros((1, 4, 16)))
+  with params.lowering_for("tpu"), pytest.raises(ValueError, match="GPU"):
+    causal_attention(*jnp.zeros((3, 1, 4, 2, 16)))

@@ -8,17 +8,19 @@
 # architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
 # leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable). The state directory travels whole: keep it
 # under a call's 64 MiB. The first piece on a machine starts from the tracked
-# benchmarks/results/mad/results.jsonl and the slots saved in .madstate/; later pieces on the same machine continue from
-# $PIECE. Afterwards copy $OUT/results.jsonl over the tracked one and $OUT/state to .madstate/.
+# benchmarks/results/mad/results.jsonl (RESULTS_IN) and the slots saved in .madstate/ (STATE_IN); later pieces on the
+# same machine continue from $PIECE. Afterwards copy $OUT/results.jsonl over the tracked one and $OUT/state to
+# .madstate/.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; BUDGET=${BUDGET:-56}
 OUT=${OUT:-runs/piece_out}; PIECE=${PIECE:-/tmp/piece}; MESA=${MESA:-}; GDN_IMPL=${GDN_IMPL:-}; EXTRA=${EXTRA:-}
+RESULTS_IN=${RESULTS_IN:-benchmarks/results/mad/results.jsonl}; STATE_IN=${STATE_IN:-.madstate}
 mkdir -p "$OUT"
 if [ ! -f "$PIECE/results.jsonl" ]; then
   mkdir -p "$PIECE"
-  cp benchmarks/results/mad/results.jsonl "$PIECE/results.jsonl"
-  if [ -d .madstate ]; then cp -r .madstate "$PIECE/state"; chmod -R u+w "$PIECE/state"; fi
+  cp "$RESULTS_IN" "$PIECE/results.jsonl"
+  if [ -d "$STATE_IN" ]; then cp -r "$STATE_IN" "$PIECE/state"; chmod -R u+w "$PIECE/state"; fi
 fi
 mesa_flags=()
 if [ -n "$MESA" ]; then

@@ -1,0 +1,39 @@
+"""benchmarks/mad_grid_piece.sh, the device calls' MAD driver: a piece starts from the given results and saved slots,
+stops at its time limit with the slots in flight saved under $OUT, and the next piece on the same machine continues
+from where the first stopped (its jobs are not trained again)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.cli_runs import ROOT
+from tests.environment import subprocess_env
+
+
+def _piece(tmp_path, out: str, limit: int, **env) -> subprocess.CompletedProcess:
+  env = subprocess_env(1, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", OUT=str(tmp_path / out),
+                       PIECE=str(tmp_path / "piece"), RESULTS_IN=str(tmp_path / "tracked.jsonl"),
+                       STATE_IN=str(tmp_path / "no_state"), ARCHS="transformer", TASKS="in_context_recall",
+                       LIMIT=str(limit), EXTRA="--variants=baseline --num_examples=64 --epochs=2 --workers=1 "
+                       f"--data_dir={tmp_path / 'data'} --steps_per_call=1", **env)
+  return subprocess.run(["bash", "benchmarks/mad_grid_piece.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow  # two grid processes
+def test_pieces_save_at_the_time_limit_and_chain_on_one_machine(tmp_path):
+  (tmp_path / "tracked.jsonl").write_text("")
+  first = _piece(tmp_path, "first", limit=1, SLOTS="4")  # stops after its first call: 4 of 8 jobs in flight
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  log = (tmp_path / "first" / "grid.log").read_text()
+  assert "rc=0" in log and "of 4 jobs in flight 4 saved" in log, log[-2000:]
+  assert len(os.listdir(tmp_path / "first" / "state")) >= 1
+  second = _piece(tmp_path, "second", limit=600, SLOTS="4")
+  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  log = (tmp_path / "second" / "grid.log").read_text()
+  assert "4 resumed" in log, log[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "second" / "results.jsonl").read_text().splitlines()]
+  assert sorted((r["lr"], r["weight_decay"]) for r in rows) == sorted(
+      (lr, wd) for lr in (3e-3, 1e-3, 5e-4, 1e-4) for wd in (0.01, 0.1))  # every job once, none trained twice

@@ -12,7 +12,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mesa_cg.params import target, use_interpret
+from pallas_kernels.mesa_cg.params import target, tile_size_reason, use_interpret
 
 with warnings.catch_warnings():
   warnings.simplefilter("ignore", DeprecationWarning)
@@ -26,11 +26,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """q, k, v [B, T, H, D] -> softmax(q kᵀ / √D, causal) v [B, T, H, D] in q's dtype. T is padded at the end to the
   kernels' block multiple (the padded keys follow every real query, so causality masks them); D must be a power of
   two ≥ 16 (Triton's smallest dot). GPU, or interpreted on CPU; not TPU."""
-  if target() == "tpu":
-    raise ValueError("attention.kernel='pallas' runs jax's GPU (Triton) flash attention: use 'auto' or 'xla' on TPU")
+  if target() not in ("gpu", "cpu"):
+    raise ValueError(f"attention.kernel='pallas' runs jax's GPU (Triton) flash attention, built for GPU and CPU "
+                     f"(interpreted), not {target()}: use 'auto' or 'xla' there")
   head_dim = q.shape[-1]
-  if head_dim < 16 or head_dim & (head_dim - 1):
-    raise ValueError(f"the Pallas flash attention needs a head_dim that is a power of two >= 16, got {head_dim}")
+  reason = tile_size_reason("head_dim", head_dim)
+  if reason:
+    raise ValueError(f"attention.kernel='pallas': {reason}")
   length = q.shape[1]
   multiple = _BLOCK if length > _BLOCK else _ROW_MULTIPLE
   padded = -(-length // multiple) * multiple

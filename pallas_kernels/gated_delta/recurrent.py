@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from mesanet_jax.ops.inputs import compute_dtype
 from mesanet_jax.ops.operator import register
-from pallas_kernels.mesa_cg.params import target, use_interpret
+from pallas_kernels.mesa_cg.params import target, tile_size_reason, use_interpret
 
 MAX_STATE = 64 * 64  # Dk · Dv: the backward keeps four [Dk, Dv] tiles live in registers
 
@@ -39,9 +39,9 @@ def unsupported_reason(key_dim: int, value_dim: int) -> str | None:
   """Why the kernels cannot take these head sizes on this backend, or None."""
   if target() not in ("gpu", "cpu"):
     return f"the recurrent gated delta kernels are built for GPU (Triton) and CPU (interpreted), not {target()}"
-  for name, size in (("key_dim", key_dim), ("value_dim", value_dim)):
-    if size < 16 or size & (size - 1):
-      return f"{name}={size}: the recurrent gated delta kernels need powers of two >= 16 (Triton tiles)"
+  for reason in (tile_size_reason("key_dim", key_dim), tile_size_reason("value_dim", value_dim)):
+    if reason:
+      return reason
   if key_dim * value_dim > MAX_STATE:
     return (f"key_dim · value_dim = {key_dim * value_dim} > {MAX_STATE}: the recurrent kernels hold the state in "
             f"registers; use the chunked form for heads this large")

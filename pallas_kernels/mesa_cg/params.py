@@ -137,12 +137,19 @@ def state_scan_tiling(key_dim: int, value_dim: int) -> tuple[int, int, int | Non
   return rows, columns, max(1, min(8, rows * columns // 1024)), 3
 
 
-def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | None:
-  """Why the kernels cannot take these sizes, or None. Triton tiles must be powers of two and dots at least 16."""
-  for name, size in (("chunk_size", chunk_size), ("key_dim", key_dim), ("value_dim", value_dim)):
-    if size < 16 or size & (size - 1):
-      return f"{name}={size}: the Pallas kernels need powers of two >= 16 (Triton tile and dot sizes)"
+def tile_size_reason(name: str, size: int) -> str | None:
+  """Why a Triton kernel cannot take `size` as a block dimension, or None: tiles must be powers of two and dots at
+  least 16."""
+  if size < 16 or size & (size - 1):
+    return f"{name}={size}: the Pallas kernels need powers of two >= 16 (Triton tile and dot sizes)"
   return None
+
+
+def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int) -> str | None:
+  """Why the kernels cannot take these sizes, or None (`tile_size_reason` of each)."""
+  reasons = (tile_size_reason(name, size)
+             for name, size in (("chunk_size", chunk_size), ("key_dim", key_dim), ("value_dim", value_dim)))
+  return next((reason for reason in reasons if reason), None)
 
 
 # On GPU, Triton runs a true f32 dot on CUDA cores, 50-100x slower than tensor cores here, and its three-pass TF32

@@ -64,10 +64,10 @@ def test_pallas_flash_attention_matches_xla_values_and_gradients(length):
   x = jax.random.normal(jax.random.key(3), (2, 1, length, 32))  # [members, B, T, d]
 
   def loss_and_grads(layer):
-    graphdef, params = nnx.split(layer)
+    graphdef, weights = nnx.split(layer)
     loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x)[0] ** 2)
     with jax.default_matmul_precision("highest"):
-      return jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)), in_axes=(None, 0))(params, x)
+      return jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)), in_axes=(None, 0))(weights, x)
 
   (loss_ref, grads_ref), (loss, grads) = loss_and_grads(xla), loss_and_grads(flash)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
@@ -81,7 +81,7 @@ def test_attention_kernel_is_checked():
   with pytest.raises(ValueError, match="no sliding window"):
     Attention(16, AttentionConfig(num_heads=2, head_dim=16, kernel="pallas"), window=4, rngs=nnx.Rngs(0))
   layer = Attention(16, AttentionConfig(num_heads=2, head_dim=8, kernel="pallas"), window=None, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="power of two >= 16"):
+  with pytest.raises(ValueError, match="head_dim=8: the Pallas kernels need powers of two >= 16"):
     layer(jnp.zeros((1, 4, 16)))
   with params.lowering_for("tpu"), pytest.raises(ValueError, match="GPU"):
     causal_attention(*jnp.zeros((3, 1, 4, 2, 16)))

@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.mesa_cg.chunk import dots, flat
 from pallas_kernels.mesa_cg.params import compiler_params, dot_precision, state_scan_tiling, use_interpret
+from pallas_kernels.mesa_cg.states_hopper import hopper_chunk_states, use_hopper_states
 
 
 def _states_kernel(a_ref, b_ref, weight_ref, decay_ref, initial_ref, bounds_ref, *, reverse: bool,
@@ -43,12 +44,16 @@ def chunk_states(a, b, weights, chunk_decay, initial, *, reverse: bool = False,
 
   Args: a: [B, H, N, C, D]; b: [B, H, N, C, E]; weights: [B, H, N, C]; chunk_decay: [B, H, N]; initial: [B, H, D, E];
   reverse: scan from the last chunk to the first; row_block, block: key-dim and value-dim block per program;
-  num_warps, num_stages: Triton's (every setting None takes `state_scan_tiling`'s).
+  num_warps, num_stages: Triton's (every setting None takes `state_scan_tiling`'s, or the Hopper scan,
+  `states_hopper.hopper_chunk_states`, on sm_90 where it takes the sizes: C = 64, dims multiples of 64, f32).
   Returns [B, H, N+1, D, E]: entry n is the carry at the boundary before chunk n, i.e. initial plus chunks < n
   (entry 0 = initial, entry N = final), or, reversed, initial plus chunks ≥ n (entry N = initial, entry 0 = final).
   """
   batch, heads, num_chunks, size, dim = a.shape
   width = b.shape[-1]
+  tiling_given = any(x is not None for x in (row_block, block, num_warps, num_stages))
+  if not tiling_given and use_hopper_states(size, dim, width, initial.dtype, precision):
+    return hopper_chunk_states(a, b, weights, chunk_decay, initial, reverse=reverse, precision=precision)
   tiling = zip((row_block, block, num_warps, num_stages), state_scan_tiling(dim, width))
   row_block, block, num_warps, num_stages = (given or default for given, default in tiling)
   per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, r, j: (i, *(0,) * len(shape)))

@@ -13,6 +13,7 @@ from mesanet_jax.ops import mesa_chunked
 from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients
 from pallas_kernels.mesa_cg.params import EXPORT_PLATFORMS, export_for, triton_irs
 from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
+from pallas_kernels.mesa_cg.states_hopper import hopper_chunk_states
 from tests.ops.mesa_inputs import random_inputs
 
 KERNELS = ["mesa_chunk_states", "mesa_cg_solve", "mesa_causal_read", "mesa_chunk_states_reverse",
@@ -38,18 +39,22 @@ def test_forward_and_backward_lower(backend, cg_tol):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
-@pytest.mark.parametrize("chunk_size, mosaic_kernels", [
-    (32, {"mesa_cg_solve"}),  # the token gradients stay Triton at C = 32 (faster there on an H200)
-    (64, {"mesa_cg_solve", "mesa_chunk_gradients"}),
+@pytest.mark.parametrize("chunk_size, mosaic_kernels, mosaic_calls", [
+    # the token gradients and the state scans stay Triton at C = 32 (faster there on an H200): the two solves
+    (32, {"mesa_cg_solve"}, 2),
+    # the solves, the gradients and the scans: the forward's H_kk scan (o is unused by the loss, so the H_kv scan and
+    # the read are dropped), the backward's rebuild of both and its two reversed scans
+    (64, {"mesa_cg_solve", "mesa_chunk_gradients", "mesa_chunk_states", "mesa_chunk_states_reverse"}, 8),
 ])
-def test_hopper_kernels_are_dispatched_on_sm90(chunk_size, mosaic_kernels):
-  """On an (abstract) H200 the forward and the adjoint solve (and at C = 64 the token gradients) of impl="pallas"
-  run Mosaic GPU kernels where they take the sizes (Dk = 64), the other stages stay Triton kernels."""
+def test_hopper_kernels_are_dispatched_on_sm90(chunk_size, mosaic_kernels, mosaic_calls):
+  """On an (abstract) H200 the forward and the adjoint solve (and at C = 64 the token gradients and every chunk-state
+  scan) of impl="pallas" run Mosaic GPU kernels where they take the sizes (Dk = 64), the other stages stay Triton
+  kernels."""
   args = random_inputs(1, 64, 1, 64, 64, seed=12)[:6]
   op = lambda *a: mesa_chunked(*a, chunk_size=chunk_size, cg_steps=2, impl="pallas")
   loss = lambda *a: jnp.sum(op(*a)[0])
   module = export_for("gpu", jax.grad(loss, argnums=range(6)), *args).mlir_module()
-  assert module.count("custom_call @mosaic_gpu_v2(") == 1 + len(mosaic_kernels)  # two solves, maybe the gradients
+  assert module.count("custom_call @mosaic_gpu_v2(") == mosaic_calls
   triton_kernels = set(re.findall(r'name = "(mesa_\w+)"', module))
   assert triton_kernels == set(KERNELS) - mosaic_kernels, triton_kernels
 
@@ -140,6 +145,22 @@ def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision):
   # Both state gradients go in whole, all 4 boundaries (the kernel reads entry m + 1 in place: [1:] would copy).
   assert f"tensor<2x4x{key_dim}x{key_dim}xf32>" in kernel_operands[0]
   assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]
+
+
+@pytest.mark.parametrize("key_dim, value_dim, block, stages, precision, reverse", [
+    (128, 128, 64, 2, jax.lax.Precision.DEFAULT, False),  # the default tiling at fla's head size
+    (64, 128, 128, 2, jax.lax.Precision.HIGHEST, True),  # three passes, the whole value dim a CTA, reversed
+])
+def test_hopper_state_scan_lowers_for_cuda(key_dim, value_dim, block, stages, precision, reverse):
+  """Mosaic GPU's own lowering of the chunk-state scan (TMA loads into landing slots, barriers, transposed wgmma
+  operand, TMA stores) runs for sm_90; ptxas does not."""
+  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  args = (rows(1, 2, 3, 64, key_dim), rows(1, 2, 3, 64, value_dim), rows(1, 2, 3, 64), rows(1, 2, 3),
+          rows(1, 2, key_dim, value_dim))
+  scan = functools.partial(hopper_chunk_states, precision=precision, block=block, stages=stages, reverse=reverse)
+  kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", scan, *args).mlir_module())
+  assert len(kernel_operands) == 1
+  assert f"tensor<2x3x64x{key_dim}xf32>" in kernel_operands[0]
 
 
 def _mosaic_gpu_operand_types(module: str) -> list[str]:

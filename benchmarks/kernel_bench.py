@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.ops_bench import (cg_steps_used, cg_tol, exact_forward_and_backward, forward_and_backward, report,
-                                  setup_from_flags, time_ms)
+                                  setup_from_flags, time_ms, warm_up)
 from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
 from mesanet_jax.ops.operator import operator_class
@@ -270,8 +270,7 @@ def time_fla(args, w):
     return o, grads
 
   def time_torch(fn):
-    fn()
-    torch.cuda.synchronize()
+    warm_up(lambda: (fn(), torch.cuda.synchronize()))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(FLAGS.repeats):

@@ -64,9 +64,22 @@ def load_inputs(path: str, dtype):
   return (*(a.astype(dtype) for a in arrays[:3]), *arrays[3:])
 
 
+# Seconds of back-to-back calls before timing: a GPU left idle while a variant compiles drops its clocks, and a few
+# short calls do not bring them back (on an H100 the first variant timed after a compile read up to 15 % slow).
+WARMUP_S = 0.3
+
+
+def warm_up(call):
+  """Runs call() (which must block until done) back to back for WARMUP_S seconds, at least twice."""
+  start, calls = time.perf_counter(), 0
+  while calls < 2 or time.perf_counter() - start < WARMUP_S:
+    call()
+    calls += 1
+
+
 def time_ms(fn, *args) -> float:
-  """Median wall time of fn(*args) in ms, after one compiling call."""
-  jax.block_until_ready(fn(*args))
+  """Median wall time of fn(*args) in ms, after one compiling call and `warm_up`."""
+  warm_up(lambda: jax.block_until_ready(fn(*args)))
   times = []
   for _ in range(_REPEATS.value):
     start = time.perf_counter()

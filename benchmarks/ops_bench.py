@@ -64,8 +64,9 @@ def load_inputs(path: str, dtype):
   return (*(a.astype(dtype) for a in arrays[:3]), *arrays[3:])
 
 
-# Seconds of back-to-back calls before timing: a GPU left idle while a variant compiles drops its clocks, and a few
-# short calls do not bring them back (on an H100 the first variant timed after a compile read up to 15 % slow).
+# Seconds of back-to-back calls before timing. On an H100 (12-06) the first variant of a process read up to 13 %
+# slower than the same variant timed first-but-later in another process; a GPU idle through a compile lowering its
+# clocks is the likely cause (not verified), which seven ~2 ms calls do not undo.
 WARMUP_S = 0.3
 
 

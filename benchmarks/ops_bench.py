@@ -64,8 +64,8 @@ def load_inputs(path: str, dtype):
   return (*(a.astype(dtype) for a in arrays[:3]), *arrays[3:])
 
 
-# Seconds of back-to-back calls before timing. On an H100 (12-06) the first variant of a process read up to 13 %
-# slower than the same variant timed first-but-later in another process; a GPU idle through a compile lowering its
+# Seconds of back-to-back calls before timing. On an H100 (12-06) the first variant timed in a process read up to
+# 13 % slower than in another process of the same build; a GPU idle through the compile lowering its
 # clocks is the likely cause (not verified), which seven ~2 ms calls do not undo.
 WARMUP_S = 0.3
 

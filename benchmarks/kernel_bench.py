@@ -47,9 +47,10 @@ flags.DEFINE_bool("stages", True, "also time every stage of the operator alone, 
 flags.DEFINE_string("sweep_chunks", "", "chunk sizes for a sweep of the solve kernel alone (empty: no sweep)")
 flags.DEFINE_string("sweep_warps", "4,8", "Triton num_warps values of the sweep")
 flags.DEFINE_string("sweep_states", "", "rows:block:warps:stages entries of the Triton scan (0: its default; "
-                    "0:0:0:0: the scan the operator picks, on sm_90 at C = 64 the Hopper one), or hopper:block:stages "
-                    "entries of the Hopper scan, for a sweep of the forward and backward chunk-state scans alone at "
-                    "--chunk_size (empty: no sweep)")
+                    "0:0:0:0: chunk_states' own pick, on sm_90 at C = 64 the Hopper kernel), hopper:block:stages "
+                    "(the Hopper kernel, one per scan) or shared:block:stages (0: the default stages; one Hopper "
+                    "kernel for both scans of a direction, as the operator runs them), for a sweep of the forward and "
+                    "backward chunk-state scans alone at --chunk_size (empty: no sweep)")
 flags.DEFINE_string("sweep_precisions", "tf32x3,tf32,ieee",
                     "dot algorithms of the sweep: tf32x3, tf32, bf16x3, bf16, ieee, f16x3, f16x1 (f16: scaled split)")
 FLAGS = flags.FLAGS
@@ -209,44 +210,51 @@ def sweep_solve_kernel(args, tokens):
         report(f"solve C={chunk_size} warps={num_warps} {name} (err {error:.1e})", ms, tokens)
 
 
+def state_scan_entry(entry: str, precision):
+  """A --sweep_states entry as scans(a, bs, weights, chunk_decay, initials, reverse) -> each scan's states."""
+  kind, *fields = entry.split(":")
+  if kind in ("hopper", "shared"):
+    block, stages = map(int, fields)
+    hopper = functools.partial(hopper_chunk_states, precision=precision, block=block, stages=stages or None)
+    if kind == "shared":
+      return lambda a, bs, weights, decay, initials, reverse: hopper(a, bs, weights, decay, initials, reverse=reverse)
+    return lambda a, bs, weights, decay, initials, reverse: tuple(
+        hopper(a, (b,), (w,), decay, (initial,), reverse=reverse)[0] for b, w, initial in zip(bs, weights, initials))
+  rows, block, warps, stages = (int(field) or None for field in entry.split(":"))
+  triton = functools.partial(chunk_states, precision=precision, row_block=rows, block=block, num_warps=warps,
+                             num_stages=stages)
+  return lambda a, bs, weights, decay, initials, reverse: tuple(
+      triton(a, b, w, decay, initial, reverse=reverse) for b, w, initial in zip(bs, weights, initials))
+
+
 def sweep_state_scans(args):
   """Times the forward's two chunk-state scans (H_kkᵀ and H_kv, as `PallasOperator.build` runs them) and the
   backward's two reversed ones (`PallasOperator.state_gradients`: x with y and with do; q and v stand in for them,
-  the shapes and dtypes are the backward's) per program tiling and Triton setting; every setting's states must equal
-  the first entry's (the tiling changes no sum)."""
+  the shapes and dtypes are the backward's) per kernel and tiling; every setting's states must equal the first
+  entry's (the tiling changes no sum; another fp16 tiling rounds differently)."""
   q, k, v, log_decay, beta, _ = chunk_major(args, FLAGS.chunk_size)
   to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
   decay = jnp.exp(log_decay)
   chunk_decay = jnp.exp(log_decay[..., -1])
   batch, heads, _, _, dim = k.shape
-  zeros = lambda width: jnp.zeros((batch, heads, dim, width), jnp.float32)
+  initials = tuple(jnp.zeros((batch, heads, dim, width), jnp.float32) for width in (dim, v.shape[-1]))
   precision = jax.lax.Precision(FLAGS.matmul_precision)
   moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)
-  operands = {"forward": ((k, k, to_end), (k, v, to_end)), "reversed": ((q, k, -decay), (q, v, decay))}
+  operands = {"forward": (k, (k, v), (to_end, to_end)), "reversed": (q, (k, v), (-decay, decay))}
   stage = {"forward": "chunk states", "reversed": "state-gradient scans"}
   references = {}
   for entry in FLAGS.sweep_states.split(","):
-    kind, *fields = entry.split(":")
-    if kind == "hopper":
-      block, stages = map(int, fields)
-      scan = functools.partial(hopper_chunk_states, precision=precision, block=block, stages=stages)
-    else:
-      rows, block, warps, stages = (int(field) or None for field in entry.split(":"))
-      scan = functools.partial(chunk_states, precision=precision, row_block=rows, block=block, num_warps=warps,
-                               num_stages=stages)
-    for direction, pairs in operands.items():
-      scans = jax.jit(functools.partial(
-          lambda pairs, chunk_decay, reverse: tuple(
-              scan(a, b, weights, chunk_decay, zeros(b.shape[-1]), reverse=reverse) for a, b, weights in pairs),
-          reverse=direction == "reversed"))
+    scans = state_scan_entry(entry, precision)
+    for direction, (a, bs, weights) in operands.items():
+      run = jax.jit(functools.partial(scans, reverse=direction == "reversed"))
       try:
-        ms = time_ms(scans, pairs, chunk_decay)
+        ms = time_ms(run, a, bs, weights, chunk_decay, initials)
       except (jax.errors.JaxRuntimeError, ValueError) as error:  # e.g. a Hopper tiling refused
         failed(f"{direction} state scans {entry}", error)
         continue
-      states = scans(pairs, chunk_decay)
+      states = run(a, bs, weights, chunk_decay, initials)
       reference = references.setdefault(direction, states)
-      error = max(rel_diff(a, b) for a, b in zip(states, reference))
+      error = max(rel_diff(x, y) for x, y in zip(states, reference))
       print(f"{direction:>8} state scans {entry:<16} {ms:8.3f} ms "
             f"{moved[stage[direction]] / ms / 1e6:7.0f} GB/s (vs first: {error:.1e})", flush=True)
 

@@ -22,7 +22,7 @@ from pallas_kernels.mesa_cg.params import unsupported_reason
 from pallas_kernels.mesa_cg.read import causal_read
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.solve_hopper import fuses_read, hopper_cg_solve, use_hopper_solve
-from pallas_kernels.mesa_cg.states import chunk_states
+from pallas_kernels.mesa_cg.states import chunk_states_sharing_a
 
 
 def _kernel_options(cg: CGOptions) -> dict:
@@ -55,9 +55,8 @@ class PallasOperator(ChunkedSequence):
   def build(cls, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision):
     to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
     chunk_decay = jnp.exp(log_decay[..., -1])
-    states = BoundaryStates(
-        chunk_states(k, k, to_end, chunk_decay, jnp.matrix_transpose(state.h_kk), precision=precision),
-        chunk_states(k, v, to_end, chunk_decay, state.h_kv, precision=precision))
+    states = BoundaryStates(*chunk_states_sharing_a(
+        k, (k, v), (to_end, to_end), chunk_decay, (jnp.matrix_transpose(state.h_kk), state.h_kv), precision=precision))
     return cls(k, v, log_decay, beta, lam, states, precision)
 
   def _uses_hopper_solve(self, rhs) -> bool:
@@ -92,10 +91,9 @@ class PallasOperator(ChunkedSequence):
   def state_gradients(self, x, y, do, d_final: MesaState) -> BoundaryStates:
     weights = jnp.exp(self.log_decay)
     chunk_decay = jnp.exp(self.log_decay[..., -1])
-    return BoundaryStates(
-        chunk_states(x, y, -weights, chunk_decay, jnp.matrix_transpose(d_final.h_kk), reverse=True,
-                     precision=self.precision),
-        chunk_states(x, do, weights, chunk_decay, d_final.h_kv, reverse=True, precision=self.precision))
+    return BoundaryStates(*chunk_states_sharing_a(
+        x, (y, do), (-weights, weights), chunk_decay, (jnp.matrix_transpose(d_final.h_kk), d_final.h_kv),
+        reverse=True, precision=self.precision))
 
   def token_gradients(self, x, y, do, u, d_states: BoundaryStates):
     """dk, dv, dβ (one kernel: Mosaic GPU on sm_90 where it takes the sizes, else Triton / Mosaic TPU / interpreted)

@@ -52,8 +52,8 @@ def chunk_states(a, b, weights, chunk_decay, initial, *, reverse: bool = False,
   batch, heads, num_chunks, size, dim = a.shape
   width = b.shape[-1]
   tiling_given = any(x is not None for x in (row_block, block, num_warps, num_stages))
-  if not tiling_given and use_hopper_states(size, dim, width, initial.dtype, precision):
-    return hopper_chunk_states(a, b, weights, chunk_decay, initial, reverse=reverse, precision=precision)
+  if not tiling_given and use_hopper_states(size, dim, (width,), initial.dtype, precision):
+    return hopper_chunk_states(a, (b,), (weights,), chunk_decay, (initial,), reverse=reverse, precision=precision)[0]
   tiling = zip((row_block, block, num_warps, num_stages), state_scan_tiling(dim, width))
   row_block, block, num_warps, num_stages = (given or default for given, default in tiling)
   per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, r, j: (i, *(0,) * len(shape)))
@@ -73,3 +73,15 @@ def chunk_states(a, b, weights, chunk_decay, initial, *, reverse: bool = False,
       name="mesa_chunk_states_reverse" if reverse else "mesa_chunk_states",
   )(flat(a), flat(b), flat(weights[..., None]), flat(chunk_decay[..., None, None]), flat(initial))
   return bounds.reshape(batch, heads, num_chunks + 1, dim, width)
+
+
+def chunk_states_sharing_a(a, bs, weights, chunk_decay, initials, *, reverse: bool = False,
+                           precision: lax.Precision | lax.DotAlgorithmPreset) -> tuple:
+  """`chunk_states(a, b, w, chunk_decay, initial)` for each (b, w, initial) of bs, weights, initials: the scans of
+  the forward (H_kkᵀ and H_kv, a = k) and of the backward (the two state gradients, a = x). On sm_90 where the sizes
+  allow, one Hopper kernel loads and stages each chunk of a once (`states_hopper`); else one scan each."""
+  if use_hopper_states(a.shape[3], a.shape[4], tuple(b.shape[-1] for b in bs), initials[0].dtype, precision):
+    return hopper_chunk_states(a, tuple(bs), tuple(weights), chunk_decay, tuple(initials), reverse=reverse,
+                               precision=precision)
+  return tuple(chunk_states(a, b, w, chunk_decay, initial, reverse=reverse, precision=precision)
+               for b, w, initial in zip(bs, weights, initials))

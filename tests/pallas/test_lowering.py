@@ -42,9 +42,9 @@ def test_forward_and_backward_lower(backend, cg_tol):
 @pytest.mark.parametrize("chunk_size, mosaic_kernels, mosaic_calls", [
     # the token gradients and the state scans stay Triton at C = 32 (faster there on an H200): the two solves
     (32, {"mesa_cg_solve"}, 2),
-    # the solves, the gradients and the scans: the forward's H_kk scan (o is unused by the loss, so the H_kv scan and
-    # the read are dropped), the backward's rebuild of both and its two reversed scans
-    (64, {"mesa_cg_solve", "mesa_chunk_gradients", "mesa_chunk_states", "mesa_chunk_states_reverse"}, 8),
+    # the two solves, the gradients and three scan kernels, each of two scans sharing a: the forward's H_kkᵀ and H_kv,
+    # the backward's rebuild of both, its two state gradients
+    (64, {"mesa_cg_solve", "mesa_chunk_gradients", "mesa_chunk_states", "mesa_chunk_states_reverse"}, 6),
 ])
 def test_hopper_kernels_are_dispatched_on_sm90(chunk_size, mosaic_kernels, mosaic_calls):
   """On an (abstract) H200 the forward and the adjoint solve (and at C = 64 the token gradients and every chunk-state
@@ -147,20 +147,21 @@ def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision):
   assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]
 
 
-@pytest.mark.parametrize("key_dim, value_dim, block, stages, precision, reverse", [
-    (128, 128, 64, 2, jax.lax.Precision.DEFAULT, False),  # the default tiling at fla's head size
-    (64, 128, 128, 2, jax.lax.Precision.HIGHEST, True),  # three passes, the whole value dim a CTA, reversed
+@pytest.mark.parametrize("key_dim, value_dim, scans, block, precision, reverse", [
+    (128, 128, 2, 64, jax.lax.Precision.DEFAULT, False),  # the forward's two scans at fla's head size, 3 stages
+    (64, 128, 1, 128, jax.lax.Precision.HIGHEST, True),  # three passes, the whole value dim a CTA, reversed
 ])
-def test_hopper_state_scan_lowers_for_cuda(key_dim, value_dim, block, stages, precision, reverse):
+def test_hopper_state_scan_lowers_for_cuda(key_dim, value_dim, scans, block, precision, reverse):
   """Mosaic GPU's own lowering of the chunk-state scan (TMA loads into landing slots, barriers, transposed wgmma
   operand, TMA stores) runs for sm_90; ptxas does not."""
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  args = (rows(1, 2, 3, 64, key_dim), rows(1, 2, 3, 64, value_dim), rows(1, 2, 3, 64), rows(1, 2, 3),
-          rows(1, 2, key_dim, value_dim))
-  scan = functools.partial(hopper_chunk_states, precision=precision, block=block, stages=stages, reverse=reverse)
+  args = (rows(1, 2, 3, 64, key_dim), (rows(1, 2, 3, 64, value_dim),) * scans, (rows(1, 2, 3, 64),) * scans,
+          rows(1, 2, 3), (rows(1, 2, key_dim, value_dim),) * scans)
+  scan = functools.partial(hopper_chunk_states, precision=precision, block=block, reverse=reverse)
   kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", scan, *args).mlir_module())
   assert len(kernel_operands) == 1
-  assert f"tensor<2x3x64x{key_dim}xf32>" in kernel_operands[0]
+  assert kernel_operands[0].count(f"tensor<2x3x64x{value_dim}xf32>") == scans + (key_dim == value_dim)  # b's, a
+  assert kernel_operands[0].count(f"tensor<2x{key_dim}x{value_dim}xf32>") == scans  # the initial states
 
 
 def _mosaic_gpu_operand_types(module: str) -> list[str]:

@@ -77,6 +77,10 @@ _LINEAR_INIT_VARIANCE = flags.DEFINE_float("linear_init_variance", None, "multip
                                            "mesanet_jax/mad/models.py: LINEAR_INIT_VARIANCE); 1: ours, N(0, 1/fan_in)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the groups this run would train, in order (jobs left, the "
                               "population's slots and steps without early stopping, saved slots), and train nothing")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", "<results dir>/compilation_cache"),
+    "JAX's persistent compilation cache, so the next piece of a grid (a resumed population, a group of the same "
+    "shapes) skips its compiles; default: $JAX_COMPILATION_CACHE_DIR if set, else beside --results; '' turns it off")
 _SEED = flags.DEFINE_integer("seed", 0, "data and init seed")
 _WORKERS = flags.DEFINE_integer("workers", 0, "data-generation processes (0: cores − 1)")
 
@@ -107,6 +111,7 @@ def main(argv):
       raise ValueError(f"--state_budget_mib must be ≥ 0 (0: every slot in flight), got {_STATE_BUDGET.value}")
     root = os.path.dirname(os.path.abspath(_RESULTS.value))
     os.makedirs(root, exist_ok=True)
+    cli.use_compilation_cache(_COMPILATION_CACHE.value.replace("<results dir>", root))
     settings = grid.Settings(
         results=_RESULTS.value, protocol=dataclasses.replace(training.Protocol(), epochs=_EPOCHS.value),
         data_dir=_DATA_DIR.value or os.path.join(root, "data"),

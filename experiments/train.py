@@ -73,9 +73,7 @@ def main(argv):
     # with the number of parameters (measured on an H200: the 146M model's init did not compile within 2 minutes;
     # with the kernel, the 434M model's whole train state initialises in ~20 s). No effect on CPU/TPU.
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
-  if _COMPILATION_CACHE.value:
-    jax.config.update("jax_compilation_cache_dir",
-                      _COMPILATION_CACHE.value.replace("<workdir>", os.path.abspath(_WORKDIR.value)))
+  cli.use_compilation_cache(_COMPILATION_CACHE.value.replace("<workdir>", os.path.abspath(_WORKDIR.value)))
   try:
     config = _CONFIG.value
     config.train  # a config file that failed to load raises on first use

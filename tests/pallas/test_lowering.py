@@ -149,6 +149,7 @@ def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision):
 
 @pytest.mark.parametrize("key_dim, value_dim, scans, block, precision, reverse", [
     (128, 128, 2, 64, jax.lax.Precision.DEFAULT, False),  # the forward's two scans at fla's head size, 3 stages
+    (128, 128, 2, 64, jax.lax.Precision.HIGHEST, True),  # the backward's two at three passes: 2 stages fit
     (64, 128, 1, 128, jax.lax.Precision.HIGHEST, True),  # three passes, the whole value dim a CTA, reversed
 ])
 def test_hopper_state_scan_lowers_for_cuda(key_dim, value_dim, scans, block, precision, reverse):

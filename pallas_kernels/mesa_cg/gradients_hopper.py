@@ -22,11 +22,9 @@ from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, Landing, is_hopper, max_abs, per_col, per_row,
-    split_passes, stage_scaled, staged_lhs, wgmma_sum)
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, Landing, is_hopper, max_abs,
+    per_col, per_row, split_passes, stage_scaled, staged_lhs, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
-
-SHARED_MEMORY = 227 * 1024  # bytes a CTA may take on sm_90
 
 
 def _shared_bytes(key_dim: int, value_dim: int, passes: int) -> int:
@@ -161,7 +159,7 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
       parts(ROWS, key_dim), parts(ROWS, key_dim), parts(ROWS, value_dim),  # x̃, ỹ, d̃o
       parts(ROWS, key_dim), parts(ROWS, value_dim), parts(ROWS, ROWS),  # left operands
       plgpu.SMEM((ROWS,), jnp.float32),  # dβ
-      plgpu.RefUnion(*(f32_rows(width) for width in sorted({key_dim, value_dim}))), plgpu.Barrier(),  # landing
+      *Landing.scratch(key_dim, value_dim),
   ]
   out_type = [jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, key_dim), jnp.float32),
               jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, value_dim), jnp.float32),

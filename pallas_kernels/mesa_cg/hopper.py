@@ -18,6 +18,7 @@ from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE, SplitDot
 ROWS = 64  # systems (and keys) per chunk as the kernel holds them: one wgmma M group
 # Every fp16 operand is scaled to max |·| ≤ T = 2^15: the parts of its small entries (lo ≈ 2^-11 hi) stay normal.
 TOP = 2.0 ** 15
+SHARED_MEMORY = 227 * 1024  # bytes a CTA may take on sm_90
 WGMMA = plgpu.Layout.WGMMA
 ROW, COL = WGMMA.reduce(1), WGMMA.reduce(0)  # a value per row (system) / per column (feature or key)
 F16_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # every wgmma operand: 128-byte rows
@@ -72,6 +73,12 @@ class Landing(NamedTuple):
   kernel does other work."""
   buffers: tuple
   barrier: object
+
+  @staticmethod
+  def scratch(*widths: int) -> list:
+    """The kernel scratch a Landing is made of (its two refs, in order), for operands of these widths."""
+    rows = lambda width: plgpu.SMEM((ROWS, width), jnp.float32, transforms=F32_TILES)
+    return [plgpu.RefUnion(*map(rows, sorted(set(widths)))), plgpu.Barrier()]
 
   def buffer(self, width: int):
     return next(buffer for buffer in self.buffers if buffer.shape[-1] == width)

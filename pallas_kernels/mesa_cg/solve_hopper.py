@@ -287,8 +287,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS, ROWS)]
   if uses_landing(passes, cg):  # f32 blocks of Sᵀ (and S_kv, V) on their way to the parts
-    widths = sorted({key_dim, states_kv.shape[-1]} if read is not None else {key_dim})
-    scratch += [plgpu.RefUnion(*(f32_rows(width) for width in widths)), plgpu.Barrier()]
+    scratch += Landing.scratch(key_dim, *([states_kv.shape[-1]] if read is not None else []))
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))

@@ -21,11 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
-    COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, per_row, split_passes,
-    store_parts, wgmma_sum)
+    COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, is_hopper, max_abs, per_row,
+    split_passes, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
-
-SHARED_MEMORY = 227 * 1024  # bytes a CTA may take on sm_90
 
 
 def _shared_bytes(block: int, passes: int, stages: int, scans: int) -> int:

@@ -22,21 +22,19 @@ from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, Landing, is_hopper, max_abs,
-    per_col, per_row, split_passes, stage_scaled, staged_lhs, wgmma_sum)
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, is_hopper, max_abs, per_col,
+    per_row, split_passes, stage_scaled, staged_lhs, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 
 def _shared_bytes(key_dim: int, value_dim: int, passes: int) -> int:
-  """The kernel's shared memory: fp16 parts (2 bytes, 1 or 2 parts) of every staged operand, dβ, and the f32 landing
-  buffer the staged operands arrive through (`hopper.Landing`, [64, max(Dk, Dv)])."""
+  """The kernel's shared memory: fp16 parts (2 bytes, 1 or 2 parts) of every staged operand, and dβ."""
   fp16 = 2 * (passes // 2 + 1)
   states = sum(max(fp16 * key_dim * width, 4 * ROWS * width) for width in (key_dim, value_dim))  # D̃_kkᵀ, D̃_kv
   # (each shares its memory with an f32 [64, D] output: dk, dv)
   rows = fp16 * ROWS * (2 * key_dim + value_dim)  # x̃, ỹ, d̃o
   lhs = fp16 * ROWS * (key_dim + value_dim + ROWS)  # the left operands: k-, v- and [64, 64]-shaped
-  landing = 4 * ROWS * max(key_dim, value_dim)
-  return states + rows + lhs + 4 * ROWS + landing
+  return states + rows + lhs + 4 * ROWS
 
 
 def use_hopper_gradients(chunk_size: int, key_dim: int, value_dim: int, precision) -> bool:
@@ -61,14 +59,11 @@ def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int, passes: in
 
 def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv_gmem,
             dk_gmem, dv_gmem, dbeta_gmem,
-            kk_union, kv_union, x_parts, y_parts, do_parts, lhs_k, lhs_v, lhs_square, dbeta_smem, landing_buffers,
-            landing_barrier, *, passes: int):
+            kk_union, kv_union, x_parts, y_parts, do_parts, lhs_k, lhs_v, lhs_square, dbeta_smem, *, passes: int):
   """The CTA of (batch·head, 64 rows): rows [64, D] f32, gates [4, 64] (G as rows, G as columns, β, e), state
   gradients after the rows [Dk, Dk] (D_kkᵀ) and [Dk, Dv] (D_kv): boundary m + 1 of the whole boundary arrays, read in
-  place (a slice [1:] outside would copy both). Writes dk [64, Dk], dv [64, Dv], dβ [64]. The staged operands
-  arrive by TMA through the landing buffers, one block of 64 rows after another."""
+  place (a slice [1:] outside would copy both). Writes dk [64, Dk], dv [64, Dv], dβ [64]."""
   bh, m = lax.axis_index("bh"), lax.axis_index("chunk")
-  landing = Landing(landing_buffers, landing_barrier)
   dkk_t_parts, dk_smem = kk_union
   dkv_parts, dv_smem = kv_union
   load = lambda ref: plgpu.load(ref.at[bh, m], layout=WGMMA, optimized=False)  # a [64, D] row block
@@ -76,7 +71,7 @@ def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv
 
   # D̃_kkᵀ, D̃_kv, x̃, ỹ, d̃o: each scaled by its max |·|
   sigma_kk, sigma_kv, sigma_x, sigma_y, sigma_do = (
-      stage_scaled(gmem, (bh, index), parts, passes, landing=landing) for gmem, index, parts in (
+      stage_scaled(gmem, (bh, index), parts, passes) for gmem, index, parts in (
           (dkk_t_gmem, m + 1, dkk_t_parts), (dkv_gmem, m + 1, dkv_parts), (x_gmem, m, x_parts), (y_gmem, m, y_parts),
           (do_gmem, m, do_parts)))
   plgpu.commit_smem()
@@ -159,7 +154,6 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
       parts(ROWS, key_dim), parts(ROWS, key_dim), parts(ROWS, value_dim),  # x̃, ỹ, d̃o
       parts(ROWS, key_dim), parts(ROWS, value_dim), parts(ROWS, ROWS),  # left operands
       plgpu.SMEM((ROWS,), jnp.float32),  # dβ
-      *Landing.scratch(key_dim, value_dim),
   ]
   out_type = [jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, key_dim), jnp.float32),
               jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, value_dim), jnp.float32),

@@ -5,7 +5,6 @@ f32 products as 1 or 3 fp16 passes of operands scaled to the top of fp16's range
 explains the scaling.
 """
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,54 +65,13 @@ def store_parts(ref, x, passes: int):
     ref[i] = part
 
 
-class Landing(NamedTuple):
-  """f32 [64, D] shared-memory buffers (one per operand width, sharing their memory) and a barrier: blocks of 64 rows
-  arrive there by TMA and go to registers from shared memory, instead of through `plgpu.load` from global memory (a
-  synchronous, uncoalesced path in the WGMMA layout). A block can be fetched early, so that it is in flight while the
-  kernel does other work."""
-  buffers: tuple
-  barrier: object
-
-  @staticmethod
-  def scratch(*widths: int) -> list:
-    """The kernel scratch a Landing is made of (its two refs, in order), for operands of these widths."""
-    rows = lambda width: plgpu.SMEM((ROWS, width), jnp.float32, transforms=F32_TILES)
-    return [plgpu.RefUnion(*map(rows, sorted(set(widths)))), plgpu.Barrier()]
-
-  def buffer(self, width: int):
-    return next(buffer for buffer in self.buffers if buffer.shape[-1] == width)
-
-  def fetch(self, gmem, index: tuple, h: int = 0):
-    """Starts the copy of rows [64h, 64h + 64) of gmem[index] into the buffer of its width, which must be free (every
-    thread past a `commit_smem` after its last read)."""
-    block = gmem.at[(*index, pl.ds(ROWS * h, ROWS))]
-    plgpu.copy_gmem_to_smem(block, self.buffer(block.shape[-1]), self.barrier)
-
-  def take(self, width: int):
-    """The block fetched last, in registers once it has arrived; its buffer is free after the next `commit_smem`."""
-    plgpu.barrier_wait(self.barrier)
-    return plgpu.load(self.buffer(width), layout=WGMMA)
-
-
-def stage_scaled(gmem, index: tuple, parts, passes: int, sigma=None, landing: Landing | None = None,
-                 fetched: bool = False):
+def stage_scaled(gmem, index: tuple, parts, passes: int, sigma=None):
   """Stages gmem[index] ([R, D] in global memory, R a multiple of 64) in `parts` as the fp16 parts of
   T · gmem[index] / σ, loaded in blocks of 64 rows; returns σ. σ: max |gmem[index]| (a scalar, floored), or the
   `sigma` given, a bound on it known beforehand: then each block is stored as it arrives (64 registers a thread for
-  any R, and no reduction over the whole array). With a `landing`, the blocks come by TMA through it, each fetched
-  as soon as the one before is in registers (`fetched`: the first one has been fetched already)."""
+  any R, and no reduction over the whole array)."""
+  load = lambda h: plgpu.load(gmem.at[(*index, pl.ds(ROWS * h, ROWS))], layout=WGMMA, optimized=False)
   count = gmem.shape[len(index)] // ROWS
-  if landing is None:
-    load = lambda h: plgpu.load(gmem.at[(*index, pl.ds(ROWS * h, ROWS))], layout=WGMMA, optimized=False)
-  else:
-    def load(h):
-      if h == 0 and not fetched:
-        landing.fetch(gmem, index)
-      block = landing.take(gmem.shape[-1])
-      plgpu.commit_smem()  # every thread has read the buffer: the next block may land there
-      if h + 1 < count:
-        landing.fetch(gmem, index, h + 1)  # in flight while this block is stored
-      return block
   if sigma is None:
     blocks = [load(h) for h in range(count)]
     sigma = functools.reduce(jnp.maximum, [max_abs(block) for block in blocks])

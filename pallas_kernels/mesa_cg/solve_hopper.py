@@ -34,7 +34,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from mesanet_jax.ops.inputs import CGOptions, inverse_diagonal, solve_from_diagonal
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, Landing, is_hopper, max_abs, pass_pairs,
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
     per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
@@ -61,13 +61,6 @@ def fuses_read(value_dim: int, precision) -> bool:
   return split_passes(precision) == 1 and value_dim in (64, 128)
 
 
-def uses_landing(passes: int, cg: CGOptions) -> bool:
-  """Whether Sᵀ (and S_kv, V for the read) arrive by TMA through an f32 landing buffer (`hopper.Landing`, 32 KiB at
-  Dk = 128): at one pass, without Jacobi's 1 / diag(A), the CTA's shared memory then stays within two CTAs an SM;
-  else they are loaded from global memory into registers."""
-  return passes == 1 and not cg.preconditioned
-
-
 def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
   """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance; and,
   with `read`, the causal read o of x). The chunk's start states are entry state_stride · chunk of the boundary
@@ -83,8 +76,6 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
   (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
   x_gmem, steps_gmem, o_gmem = refs[0], refs[1] if counted else None, refs[1 + counted] if read else None
   union, k_parts, weights, *staging = refs[1 + counted + read:]
-  landing = Landing(*staging[-2:]) if uses_landing(passes, cg) else None
-  staging = staging[:-2] if landing else staging
   inverse_smem = staging.pop(0) if preconditioned else None  # 1 / diag(A), [64, Dk] f32
   weights_smem, v_parts = weights if read else (weights, None)
   lhs_smem, z_smem = staging if staging else (None, None)
@@ -93,8 +84,6 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
   k2_parts = rest[-1] if needs_diagonal else None
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
   key_dim, pairs = x_gmem.shape[-1], pass_pairs(passes)
-  if landing:  # Sᵀ's first rows, in flight while K, the mask and the diagonal are made
-    landing.fetch(states_gmem, (bh, n * state_stride))
   # λ per column (Dk / 4 registers a thread; ptxas spills it or not: read from shared memory in the loop instead, it
   # spilled as much and took another KiB).
   load_lam = lambda: plgpu.load(features_gmem.at[bh, n, 0], layout=COL, optimized=False)
@@ -139,7 +128,7 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
   # semidefinite, as every Mesa state is, so max |S_ij| = max_i S_ii: σ_S comes from the diagonal and S streams in.
   state_diagonal = plgpu.load(features_gmem.at[bh, n, 1], layout=COL, optimized=False)
   sigma_s = stage_scaled(states_gmem, (bh, n * state_stride), st_parts, passes,
-                         sigma=jnp.maximum(jnp.max(state_diagonal), SMALLEST_SCALE), landing=landing, fetched=True)
+                         sigma=jnp.maximum(jnp.max(state_diagonal), SMALLEST_SCALE))
   if needs_diagonal:
     diagonal = diagonal + per_row(jnp.exp(log_decay_t), diagonal.shape) * per_col(state_diagonal, diagonal.shape)
   plgpu.commit_smem()
@@ -157,7 +146,8 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
     inverse_sigma_p = 1.0 / sigma_p
     p_parts = staged_lhs(p * per_row(TOP * inverse_sigma_p, p.shape), passes, lhs_smem)  # p̂ = T p / σ_P
 
-    state = lambda: staged_lhs(p * per_row(state_factor * inverse_sigma_p, p.shape), passes, lhs_smem)  # T τ e^G σ_S p / σ_P
+    # T τ e^G σ_S p / σ_P, the state term's left operand
+    state = lambda: staged_lhs(p * per_row(state_factor * inverse_sigma_p, p.shape), passes, lhs_smem)
 
     def scores_round(acc):  # p̂ K̃ᵀ; in registers, the state term's operand is made while the tensor cores work
       for a, b in pairs:
@@ -184,8 +174,6 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
     inverse_smem[...] = inverse_diagonal(diagonal)
     preconditioner = lambda r: r * plgpu.load(inverse_smem, layout=WGMMA)
   rhs = plgpu.load(rhs_gmem.at[bh, n], layout=WGMMA, optimized=False)  # [64, Dk]
-  if read and landing:  # S_kv's first rows, in flight through the CG loop
-    landing.fetch(read_gmem[1], (bh, n * state_stride))
   x, steps = solve_from_diagonal(matvec, rhs, diagonal, cg, preconditioner)
 
   x_smem[...] = x  # Sᵀ's memory: every wgmma has completed
@@ -205,8 +193,8 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
   # Ẑ Ṽ = T² Z V / (σ_Z σ_V).
   values_gmem, kv_gmem = read_gmem
   value_dim = o_gmem.shape[-1]
-  sigma_kv = stage_scaled(kv_gmem, (bh, n * state_stride), kv_parts, passes, landing=landing, fetched=True)
-  sigma_v = stage_scaled(values_gmem, (bh, n), v_parts, passes, landing=landing)
+  sigma_kv = stage_scaled(kv_gmem, (bh, n * state_stride), kv_parts, passes)
+  sigma_v = stage_scaled(values_gmem, (bh, n), v_parts, passes)
   plgpu.commit_smem()
   sigma_x = jnp.maximum(jnp.max(jnp.abs(x), axis=1), SMALLEST_SCALE)
   x_parts = staged_lhs(x * per_row(TOP / sigma_x, x.shape), passes, lhs_smem)
@@ -286,8 +274,6 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     scratch.append(f32_rows(key_dim))  # 1 / diag(A)
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS, ROWS)]
-  if uses_landing(passes, cg):  # f32 blocks of Sᵀ (and S_kv, V) on their way to the parts
-    scratch += Landing.scratch(key_dim, *([states_kv.shape[-1]] if read is not None else []))
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))

@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of the Hopper solve kernels (Pallas Mosaic GPU) on sm_90a, read on a CPU host.
+"""Registers, spills and shared memory of the Hopper kernels (Pallas Mosaic GPU) on sm_90a, read on a CPU host.
 
 jaxlib compiles a Mosaic GPU kernel to PTX inside the CUDA plugin, which needs a GPU. This script takes the kernel's
 MLIR as Mosaic GPU's Python lowering leaves it (before serialization), lowers it with upstream MLIR's own passes (the
@@ -11,6 +11,7 @@ spellings of jaxlib's newer MLIR are patched, so the numbers guide; the device's
   apt-get install mlir-22-tools llvm-22                       # Debian: mlir-opt 22 with the NVPTX target
   python -m pip install nvidia-cuda-nvcc-cu12 nvidia-cuda-nvdisasm  # ptxas, libdevice, nvdisasm
   python benchmarks/mosaic_resources.py --chunk_size=64 --head_dim=128 --matmul_precision=default --cg_tol=0
+  ... --mosaic_kernels=states,states_shared   # the chunk-state scan, one scan or two sharing a (forward)
 """
 import collections
 import functools
@@ -28,10 +29,13 @@ from jax.experimental.mosaic.gpu import core as mosaic_core
 
 from benchmarks.solve_bench import KERNELS
 from pallas_kernels.mesa_cg.params import export_for
+from pallas_kernels.mesa_cg.states_hopper import hopper_chunk_states
 
 # chunk_size, head_dim, matmul_precision, cg_init: ops_bench's flags; cg_tol (0: fixed steps): solve_bench's.
 FLAGS = flags.FLAGS
-_KERNELS = flags.DEFINE_string("mosaic_kernels", "rows,rows_smem", "Mosaic GPU solves (solve_bench's names)")
+_KERNELS = flags.DEFINE_string("mosaic_kernels", "rows,rows_smem", "Mosaic GPU solves (solve_bench's names), or "
+                               "states / states_shared: the chunk-state scan, one scan or two sharing a")
+SCANS = {"states": 1, "states_shared": 2}
 _MLIR_BIN = flags.DEFINE_string("mlir_bin", "/usr/lib/llvm-22/bin", "folder of mlir-opt")
 _NVIDIA = flags.DEFINE_string("nvidia", "", "folder of the pip `nvidia` packages (default: found by import)")
 
@@ -45,8 +49,25 @@ _PIPELINE = ("builtin.module(arith-expand,canonicalize,gpu-launch-sink-index-com
              "gpu-module-to-binary{format=isa})")
 
 
+def kernel_call(name: str) -> tuple:
+  """(function, abstract args) of the solve or scan `name` at the flags' sizes."""
+  size, dim = FLAGS.chunk_size, FLAGS.head_dim
+  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  precision = jax.lax.Precision(FLAGS.matmul_precision)
+  if name in SCANS:
+    each = lambda *shape: tuple(rows(*shape) for _ in range(SCANS[name]))
+    scan = functools.partial(hopper_chunk_states, precision=precision)
+    return scan, (rows(1, 2, 4, size, dim), each(1, 2, 4, size, dim), each(1, 2, 4, size), rows(1, 2, 4),
+                  each(1, 2, dim, dim))
+  solve = functools.partial(KERNELS[name], cg_steps=30, cg_init=FLAGS.cg_init, cg_tol=FLAGS.cg_tol or None,
+                            precision=precision)
+  return solve, (rows(1, 2, 3, size, dim), rows(1, 2, 3, size, dim), rows(1, 2, 3, size), rows(1, 2, 3, size),
+                 rows(2, dim), rows(1, 2, 4, dim, dim))
+
+
 def kernel_modules(name: str) -> list[str]:
-  """Generic-form MLIR of every Mosaic GPU kernel in the solve `name` at the flags' sizes, as lowered for CUDA."""
+  """Generic-form MLIR of every Mosaic GPU kernel in the solve or scan `name` at the flags' sizes, as lowered for
+  CUDA."""
   modules = []
   serialize = mosaic_core._run_serde_pass
 
@@ -54,14 +75,9 @@ def kernel_modules(name: str) -> list[str]:
     modules.append(module.operation.get_asm(enable_debug_info=False, print_generic_op_form=True))
     return serialize(module, **kwargs)
 
-  size, dim = FLAGS.chunk_size, FLAGS.head_dim
-  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  args = (rows(1, 2, 3, size, dim), rows(1, 2, 3, size, dim), rows(1, 2, 3, size), rows(1, 2, 3, size), rows(2, dim),
-          rows(1, 2, 4, dim, dim))
-  solve = functools.partial(KERNELS[name], cg_steps=30, cg_init=FLAGS.cg_init, cg_tol=FLAGS.cg_tol or None,
-                            precision=jax.lax.Precision(FLAGS.matmul_precision))
+  function, args = kernel_call(name)
   with mock.patch.object(mosaic_core, "_run_serde_pass", keep):
-    export_for("gpu", solve, *args)
+    export_for("gpu", function, *args)
   return modules
 
 
@@ -88,8 +104,9 @@ def shared_memory_bytes(text: str) -> int:
   return int(re.search(rf'{size} = "arith.constant"\(\) <\{{value = (\d+)', text).group(1))
 
 
-def loop_mix(sass: str) -> str:
-  """Instruction count and mix of the CG loop (the shortest backward branch around wgmma) of a SASS listing."""
+def loop_mix(sass: str, loop: str) -> str:
+  """Instruction count and mix of the innermost loop around wgmma (the shortest backward branch around HGMMA: a
+  solve's CG step, a scan's chunk) of a SASS listing, named `loop`."""
   instructions, labels, label = [], {}, None
   for line in sass.splitlines():
     if m := re.match(r"\s*\.(L_x_\d+):", line):
@@ -105,13 +122,13 @@ def loop_mix(sass: str) -> str:
   loops = [loop for loop in loops if "HGMMA" in opcodes(*loop)]
   if not loops:
     return "no loop with wgmma"
-  body = opcodes(*min(loops, key=lambda loop: loop[1] - loop[0]))  # the innermost: one warpgroup's CG loop
+  body = opcodes(*min(loops, key=lambda bounds: bounds[1] - bounds[0]))  # the innermost: one warpgroup's loop
   mix = collections.Counter(body)
   keys = ("HGMMA", "LDL", "STL", "BAR", "SHFL", "LDS", "STS", "STSM", "FFMA", "FMUL", "FMNMX", "MUFU")
-  return f"CG loop: {len(body)} instructions per step; " + ", ".join(f"{k} {mix[k]}" for k in keys if mix[k])
+  return f"{loop}: {len(body)} instructions per iteration; " + ", ".join(f"{k} {mix[k]}" for k in keys if mix[k])
 
 
-def compile_module(text: str, tools: dict, folder: str) -> str:
+def compile_module(text: str, tools: dict, folder: str, loop: str) -> str:
   path = lambda suffix: os.path.join(folder, f"kernel.{suffix}")
   with open(path("mlir"), "w") as f:
     f.write(upstream_mlir(text))
@@ -127,7 +144,7 @@ def compile_module(text: str, tools: dict, folder: str) -> str:
                           check=True, capture_output=True, text=True).stderr
   lines = [line.strip() for line in report.splitlines() if re.search(r"spill|registers|Performance|warning", line)]
   sass = subprocess.run([tools["nvdisasm"], "-c", path("cubin")], check=True, capture_output=True, text=True).stdout
-  return "\n  ".join(lines + [loop_mix(sass)])
+  return "\n  ".join(lines + [loop_mix(sass, loop)])
 
 
 def tools() -> dict:
@@ -146,7 +163,8 @@ def main(argv):
   for name in _KERNELS.value.split(","):
     for text in kernel_modules(name):
       with tempfile.TemporaryDirectory() as folder:
-        print(f"{name}: {shared_memory_bytes(text)} B shared memory\n  {compile_module(text, paths, folder)}",
+        loop = "chunk loop" if name in SCANS else "CG loop"
+        print(f"{name}: {shared_memory_bytes(text)} B shared memory\n  {compile_module(text, paths, folder, loop)}",
               flush=True)
 
 

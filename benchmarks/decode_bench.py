@@ -33,7 +33,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 
 import functools
 import json
-import statistics
 import time
 
 import jax
@@ -43,6 +42,7 @@ from absl import app, flags
 from flax import nnx
 
 from benchmarks.gpu_profile import kernel_times, launches_per_step
+from benchmarks.timing import median_ms
 from mesanet_jax.layers.mesa import MesaConfig
 from mesanet_jax.models.config import LMConfig
 from mesanet_jax.models.decoding import for_decoding
@@ -92,16 +92,6 @@ def lm_config(variant: str) -> LMConfig:
                   tie_embeddings=True, dtype=jnp.bfloat16, param_dtype=jnp.dtype(_PARAM_DTYPE.value).type, mesa=mesa)
 
 
-def timed(fn, *args, repeats: int) -> float:
-  """Median seconds of fn(*args) (already compiled) over `repeats` runs."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def footprint(compiled) -> int:
   """Bytes XLA reserves for an executable: arguments + outputs + temporaries − what outputs alias."""
   m = compiled.memory_analysis()
@@ -130,7 +120,7 @@ def step_alone(batch: int, step, reference=None, calls: int = 100) -> str:
   *token, state = step_inputs(batch)
   chain = jax.jit(lambda state: jax.lax.fori_loop(0, calls, lambda _, s: step(*token, s)[1], state))
   o, new_state, iters, _ = jax.jit(step)(*token, state)
-  text = f"{timed(chain, state, repeats=_REPEATS.value) / calls * 1e6:.1f} ({float(jnp.mean(iters)):.1f})"
+  text = f"{median_ms(chain, state, repeats=_REPEATS.value) / calls * 1e3:.1f} ({float(jnp.mean(iters)):.1f})"
   if reference is None:
     return text
   expected = reference(*token, state)
@@ -179,7 +169,7 @@ class Ours:
         return sample(logits, None, 0.0, None), cache
       self.prefills[impl, prompt.shape] = jax.jit(run).lower(self.params, prompt).compile()
     compiled = self.prefills[impl, prompt.shape]
-    seconds = timed(compiled, self.params, prompt, repeats=_REPEATS.value)
+    seconds = median_ms(compiled, self.params, prompt, repeats=_REPEATS.value) / 1e3
     token, cache = compiled(self.params, prompt)
     blocks = self.model(variant).blocks
     cache = tuple(c._replace(state=block.mixer.to_cache(c.state)) for block, c in zip(blocks, cache))
@@ -190,7 +180,7 @@ class Ours:
     records its kernels per step in `launches`."""
     compiled = self.compiled_decode(variant, token, cache, steps)
     _, cg_steps = compiled(self.params, token, cache)
-    seconds = timed(compiled, self.params, token, cache, repeats=_REPEATS.value)
+    seconds = median_ms(compiled, self.params, token, cache, repeats=_REPEATS.value) / 1e3
     return seconds, float(jnp.mean(cg_steps)), footprint(compiled)
 
   def compiled_decode(self, variant, token, cache, steps: int):

@@ -11,13 +11,12 @@ pallas:32,pallas:16:2 --out=$OUT/gdn_bench.jsonl
 """
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import median_ms
 from mesanet_jax.ops.gated_delta_rule import gated_delta_chunked, gated_delta_recurrent
 from mesanet_jax.ops.operator import implementation
 
@@ -54,17 +53,6 @@ def forward_and_backward(op, weights):
   return jax.jit(jax.grad(loss, argnums=range(5), has_aux=True))
 
 
-def time_ms(fn, args, repeats: int) -> float:
-  """Median wall time of fn(*args) in ms after a compiling call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(1e3 * (time.perf_counter() - start))
-  return statistics.median(times)
-
-
 def error(a, b) -> float:
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
@@ -91,7 +79,8 @@ def main():
       both = forward_and_backward(op, weights)
       grads, o = both(*inputs)
       row = {"batch": batch, "length": length, "heads": args.heads, "dim": args.dim, "variant": variant,
-             "fwd_ms": time_ms(forward, inputs, args.repeats), "fwd_bwd_ms": time_ms(both, inputs, args.repeats),
+             "fwd_ms": median_ms(forward, *inputs, repeats=args.repeats),
+             "fwd_bwd_ms": median_ms(both, *inputs, repeats=args.repeats),
              "o_error": error(o, o_ref), "grad_errors": [error(a, b) for a, b in zip(grads, grads_ref)],
              "device": jax.devices()[0].device_kind}
       print(f"| {batch} × {length} | {variant} | {row['fwd_ms']:.4g} | {row['fwd_bwd_ms']:.4g} | "

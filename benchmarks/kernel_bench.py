@@ -27,7 +27,8 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.ops_bench import (cg_steps_used, cg_tol, exact_forward_and_backward, forward_and_backward, report,
-                                  setup_from_flags, time_ms, warm_up)
+                                  setup_from_flags, time_ms)
+from benchmarks.timing import warm_up
 from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
 from mesanet_jax.ops.operator import operator_class

@@ -4,7 +4,6 @@ sees, for each Mesa implementation, on identical random tokens.
   python benchmarks/model_bench.py --size=small --arch=mesanet --batch=8 --length=2048 --impls=xla,pallas
 """
 import dataclasses
-import statistics
 import time
 
 import jax
@@ -13,6 +12,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from benchmarks.timing import median_ms
 from mesanet_jax.models.config import preset
 from mesanet_jax.models.lm import LanguageModel, count_params
 
@@ -50,12 +50,7 @@ def main(argv):
     start = time.perf_counter()
     loss, _ = jax.block_until_ready(grad_step(model, tokens))
     compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(_REPEATS.value):
-      start = time.perf_counter()
-      jax.block_until_ready(grad_step(model, tokens))
-      times.append((time.perf_counter() - start) * 1e3)
-    ms = statistics.median(times)
+    ms = median_ms(grad_step, model, tokens, repeats=_REPEATS.value)
     memory = jax.devices()[0].memory_stats() or {}
     peak = memory.get("peak_bytes_in_use")
     print(f"{entry:<18} loss {float(loss):.4f}  {ms:8.2f} ms/step  {_BATCH.value * _LENGTH.value / ms:9.1f} k tok/s"

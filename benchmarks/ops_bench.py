@@ -5,14 +5,13 @@ With no flags this is a CPU-sized demo. The reference shape for the device:
   python benchmarks/ops_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --cg_steps=30 --dtype=bfloat16
 """
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks.timing import median_ms
 from mesanet_jax.ops import mesa_chunked, mesa_exact
 from mesanet_jax.ops import cg_steps
 from mesanet_jax.ops.flops import mesa_chunked_flops
@@ -64,29 +63,9 @@ def load_inputs(path: str, dtype):
   return (*(a.astype(dtype) for a in arrays[:3]), *arrays[3:])
 
 
-# Seconds of back-to-back calls before timing. On an H100 (12-06) the first variant timed in a process read up to
-# 13 % slower than in another process of the same build; a GPU idle through the compile lowering its
-# clocks is the likely cause (not verified), which seven ~2 ms calls do not undo.
-WARMUP_S = 0.3
-
-
-def warm_up(call):
-  """Runs call() (which must block until done) back to back for WARMUP_S seconds, at least twice."""
-  start, calls = time.perf_counter(), 0
-  while calls < 2 or time.perf_counter() - start < WARMUP_S:
-    call()
-    calls += 1
-
-
 def time_ms(fn, *args) -> float:
-  """Median wall time of fn(*args) in ms, after one compiling call and `warm_up`."""
-  warm_up(lambda: jax.block_until_ready(fn(*args)))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+  """`timing.median_ms` of fn(*args) over --repeats calls."""
+  return median_ms(fn, *args, repeats=_REPEATS.value)
 
 
 def forward_and_backward(op):

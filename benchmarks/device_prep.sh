@@ -15,7 +15,7 @@ case "${1:-}" in
     python=${PYTHON:-python3}  # any pip: the wheels are picked for 3.12 by --python-version
     mkdir -p .whl .dev
     "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-      --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl grain==0.2.18 array_record dm-tree \
+      --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl grain==0.2.18 array_record dm-tree portpicker \
       ml_collections tensorboardX cloudpickle tokenizers zstandard flash-linear-attention==0.6.0 fla-core==0.6.0
     if [ ! -f .dev/pydocs_corpus.tar.gz ]; then
       work=$(mktemp -d)

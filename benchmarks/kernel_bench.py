@@ -28,7 +28,7 @@ from absl import app, flags
 
 from benchmarks.ops_bench import (cg_steps_used, cg_tol, exact_forward_and_backward, forward_and_backward, report,
                                   setup_from_flags, time_ms)
-from benchmarks.timing import warm_up
+from benchmarks.timing import sample_calls, warm_up
 from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
 from mesanet_jax.ops.operator import operator_class
@@ -278,16 +278,17 @@ def time_fla(args, w):
     grads = torch.autograd.grad((o.float() * weight).sum(), tensors)
     return o, grads
 
-  def time_torch(fn):
-    warm_up(lambda: (fn(), torch.cuda.synchronize()))
+  def time_torch(fn):  # timing.median_ms's rule, between CUDA events
+    calls = sample_calls(warm_up(lambda: (fn(), torch.cuda.synchronize())))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(FLAGS.repeats):
       start.record()
-      fn()
+      for _ in range(calls):
+        fn()
       end.record()
       torch.cuda.synchronize()
-      times.append(start.elapsed_time(end))
+      times.append(start.elapsed_time(end) / calls)
     return float(np.median(times))
 
   with torch.no_grad():

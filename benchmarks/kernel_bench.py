@@ -392,9 +392,10 @@ def main(argv):
                                                                       grads, base_grads))
     print(f"{name:>32}: fwd {fwd_ms / base_fwd:5.2f}x, fwd+bwd {fwd_bwd_ms / base_fwd_bwd:5.2f}x; "
           f"o={rel_diff(o, base_o):.1e} {diffs}")
-  if FLAGS.compare_exact:  # the dense solve per token, f32 "highest": the ground truth of every row above
-    exact_grads, exact_o = exact_forward_and_backward(w, *args, slice_size=FLAGS.exact_slice)
-    print("error against the exact solve: max |diff| / max |exact|")
+  if FLAGS.compare_exact:  # the dense solve per token (f64 unless --noexact_f64): the ground truth of every row above
+    exact_grads, exact_o = exact_forward_and_backward(w, *args, slice_size=FLAGS.exact_slice,
+                                                      float64=FLAGS.exact_f64)
+    print(f"error against the exact solve ({'f64' if FLAGS.exact_f64 else 'f32'}): max |diff| / max |exact|")
     for name, (*_, o, grads) in results.items():
       diffs = " ".join(f"d{n}={rel_diff(a, b):.1e}" for n, a, b in zip(("q", "k", "v", "g", "beta", "lam"), grads,
                                                                         exact_grads))

@@ -36,7 +36,9 @@ _INPUTS = flags.DEFINE_string("inputs", "", "an npz of recorded Mesa inputs (ben
 _COMPARE_EXACT = flags.DEFINE_bool("compare_exact", True, "also time mesa_exact and report errors against it")
 _EXACT_SLICE = flags.DEFINE_integer("exact_slice", 16, "(batch, head) pairs the exact reference solves at a time "
                                     "(0: all at once); its backward keeps a few T·Dk² floats per pair, ~0.5 GB at "
-                                    "T=2048 Dk=128")
+                                    "T=2048 Dk=128 (twice that with --exact_f64)")
+_EXACT_F64 = flags.DEFINE_bool("exact_f64", True, "solve the exact reference in f64 (an f32 solve errs by up to "
+                               "~cond · 6e-8: ~1e-4 on a trained model's heads with γ ≈ 1); f32 'highest' otherwise")
 
 
 def make_inputs(batch, length, heads, head_dim, dtype, seed=0):
@@ -89,10 +91,16 @@ def _exact_by_pairs(w, q, k, v, g, beta, lam, slice_size: int):
   return (*(unpair(d) for d in grads[:5]), d_lam), unpair(o)
 
 
-def exact_forward_and_backward(w, q, k, v, g, beta, lam, slice_size: int = 0):
+def exact_forward_and_backward(w, q, k, v, g, beta, lam, slice_size: int = 0, float64: bool = False):
   """`forward_and_backward(mesa_exact)` (grads of Σ o·w, o), f32 "highest" matmuls: the ground truth. With
   slice_size > 0 the (batch, head) pairs, which are independent, are solved `slice_size` at a time (`jax.lax.map`
-  with batch_size), so the reference fits on a device at any B·H; dλ [H, Dk] is the pairs' sum over the batch."""
+  with batch_size), so the reference fits on a device at any B·H; dλ [H, Dk] is the pairs' sum over the batch.
+  float64: every input cast to f64 and solved so (x64 switched on for this call only), results f64. An f32 solve
+  errs by up to ~cond(H_kk + Λ) · 6e-8, which a trained model's heads with γ ≈ 1 bring near 1e-4."""
+  if float64:
+    with jax.enable_x64(True):
+      wide = [jnp.asarray(x, jnp.float64) for x in (w, q, k, v, g, beta, lam)]
+      return exact_forward_and_backward(*wide, slice_size=slice_size)
   with jax.default_matmul_precision("highest"):  # the ground truth must not use TF32 on GPU
     if not slice_size:
       return forward_and_backward(mesa_exact)(w, q, k, v, g, beta, lam)
@@ -156,7 +164,8 @@ def main(argv):
         + " / ".join(f"{x:.2f}" for x in cg_steps_used(chunked, w, args)))
   if not _COMPARE_EXACT.value:
     return
-  exact_fwd_bwd = functools.partial(exact_forward_and_backward, slice_size=_EXACT_SLICE.value)
+  exact_fwd_bwd = functools.partial(exact_forward_and_backward, slice_size=_EXACT_SLICE.value,
+                                    float64=_EXACT_F64.value)
   with jax.default_matmul_precision("highest"):  # the ground truth must not use TF32 on GPU
     report("exact (dense solve) forward", time_ms(jax.jit(mesa_exact), *args), tokens)
   report("exact (dense solve) fwd+bwd", time_ms(exact_fwd_bwd, w, *args), tokens)

@@ -27,6 +27,18 @@ def test_sliced_exact_reference_equals_the_whole(x64):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=name)
 
 
+def test_float64_reference_from_f32_inputs_leaves_x64_off():
+  args = make_inputs(1, 6, 2, 4, np.float32)
+  w = jax.random.normal(jax.random.key(1), args[0].shape, np.float32)
+  grads, o = exact_forward_and_backward(w, *args)
+  wide_grads, wide_o = exact_forward_and_backward(w, *args, float64=True)
+  assert wide_o.dtype == np.float64 and all(g.dtype == np.float64 for g in wide_grads)
+  assert jax.numpy.zeros(1).dtype == np.float32  # x64 was switched on for the call only
+  np.testing.assert_allclose(wide_o, o, rtol=1e-4, atol=1e-5)  # f32 rounding of 4-dim solves: ~1e-6
+  for name, a, b in zip(("q", "k", "v", "g", "beta", "lam"), wide_grads, grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(a))), err_msg=name)
+
+
 @pytest.mark.slow  # a subprocess compiling the op and the reference
 def test_kernel_bench_reports_errors_against_the_sliced_exact_solve():
   flags = ["--batch=2", "--length=32", "--heads=2", "--head_dim=8", "--chunk_size=16", "--cg_steps=16",
@@ -36,7 +48,7 @@ def test_kernel_bench_reports_errors_against_the_sliced_exact_solve():
                           text=True, env=subprocess_env(1, PYTHONPATH=str(ROOT)), timeout=240)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
-  row = lines[lines.index("error against the exact solve: max |diff| / max |exact|") + 1]
+  row = lines[lines.index("error against the exact solve (f64): max |diff| / max |exact|") + 1]
   errors = dict(item.split("=") for item in row.split(":", 1)[1].split())
   assert sorted(errors) == sorted(["o", "dq", "dk", "dv", "dg", "dbeta", "dlam"]), row
   # 16 CG steps on 8-dimensional systems: converged; f32 rounding of the chunked op vs the exact solve (~1e-6).

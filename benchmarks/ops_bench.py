@@ -4,6 +4,7 @@ dense solve.
 With no flags this is a CPU-sized demo. The reference shape for the device:
   python benchmarks/ops_bench.py --batch=8 --length=2048 --heads=16 --head_dim=128 --cg_steps=30 --dtype=bfloat16
 """
+import contextlib
 import functools
 
 import jax
@@ -78,33 +79,41 @@ def forward_and_backward(op):
   return jax.jit(jax.grad(loss, argnums=range(1, 7), has_aux=True))
 
 
-@functools.partial(jax.jit, static_argnames="slice_size")
-def _exact_by_pairs(w, q, k, v, g, beta, lam, slice_size: int):
+def _exact_rounded_to(output_dtype):
+  """mesa_exact with o rounded to output_dtype, as the op under test returns it: a bf16 o also rounds the loss's
+  cotangent to bf16 (~2e-3), and the reference must share that rounding for its gradients to measure the solve."""
+  return lambda *args: (mesa_exact(*args)[0].astype(output_dtype),)
+
+
+@functools.partial(jax.jit, static_argnames=("slice_size", "output_dtype"))
+def _exact_by_pairs(w, q, k, v, g, beta, lam, slice_size: int, output_dtype):
   batch, length, heads, dim = q.shape
   # [B, T, H, ...] -> [B·H, 1, T, 1, ...]: one problem of batch 1 and one head per pair.
   pairs = lambda x: jnp.moveaxis(x, 2, 1).reshape(batch * heads, 1, length, 1, *x.shape[3:])
   unpair = lambda x: jnp.moveaxis(x.reshape(batch, heads, length, *x.shape[4:]), 1, 2)
   lam_pairs = jnp.broadcast_to(lam, (batch, heads, dim)).reshape(batch * heads, 1, dim)
   inputs = (*(pairs(x) for x in (w, q, k, v, g, beta)), lam_pairs)
-  grads, o = jax.lax.map(lambda x: forward_and_backward(mesa_exact)(*x), inputs, batch_size=slice_size)
+  exact = forward_and_backward(_exact_rounded_to(output_dtype))
+  grads, o = jax.lax.map(lambda x: exact(*x), inputs, batch_size=slice_size)
   d_lam = grads[5].reshape(batch, heads, dim).sum(0)
   return (*(unpair(d) for d in grads[:5]), d_lam), unpair(o)
 
 
 def exact_forward_and_backward(w, q, k, v, g, beta, lam, slice_size: int = 0, float64: bool = False):
-  """`forward_and_backward(mesa_exact)` (grads of Σ o·w, o), f32 "highest" matmuls: the ground truth. With
-  slice_size > 0 the (batch, head) pairs, which are independent, are solved `slice_size` at a time (`jax.lax.map`
-  with batch_size), so the reference fits on a device at any B·H; dλ [H, Dk] is the pairs' sum over the batch.
-  float64: every input cast to f64 and solved so (x64 switched on for this call only), results f64. An f32 solve
-  errs by up to ~cond(H_kk + Λ) · 6e-8, which a trained model's heads with γ ≈ 1 bring near 1e-4."""
-  if float64:
-    with jax.enable_x64(True):
-      wide = [jnp.asarray(x, jnp.float64) for x in (w, q, k, v, g, beta, lam)]
-      return exact_forward_and_backward(*wide, slice_size=slice_size)
-  with jax.default_matmul_precision("highest"):  # the ground truth must not use TF32 on GPU
+  """`forward_and_backward(mesa_exact)` (grads of Σ o·w, o in q's dtype), f32 "highest" matmuls: the ground truth.
+  With slice_size > 0 the (batch, head) pairs, which are independent, are solved `slice_size` at a time
+  (`jax.lax.map` with batch_size), so the reference fits on a device at any B·H; dλ [H, Dk] is the pairs' sum over
+  the batch. float64: every input cast to f64 and solved so (x64 switched on for this call only), gradients f64, o
+  rounded to q's dtype as before. An f32 solve errs by up to ~cond(H_kk + Λ) · 6e-8, which a trained model's heads
+  with γ ≈ 1 bring near 1e-4."""
+  output_dtype = jnp.dtype(q.dtype)
+  wide = jax.enable_x64(True) if float64 else contextlib.nullcontext()
+  with wide, jax.default_matmul_precision("highest"):  # no TF32 in the ground truth on GPU
+    if float64:
+      w, q, k, v, g, beta, lam = (jnp.asarray(x, jnp.float64) for x in (w, q, k, v, g, beta, lam))
     if not slice_size:
-      return forward_and_backward(mesa_exact)(w, q, k, v, g, beta, lam)
-    return _exact_by_pairs(w, q, k, v, g, beta, lam, slice_size=slice_size)
+      return forward_and_backward(_exact_rounded_to(output_dtype))(w, q, k, v, g, beta, lam)
+    return _exact_by_pairs(w, q, k, v, g, beta, lam, slice_size=slice_size, output_dtype=output_dtype)
 
 
 def rel_error(a, b) -> float:

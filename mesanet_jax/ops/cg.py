@@ -6,15 +6,26 @@ keeps its own step sizes, so rows never mix. Divisions are guarded: a system who
 stops moving, so finite input never gives NaN. With a preconditioner M (z = M⁻¹ r, e.g. Jacobi's r / diag(A)) the
 same recursion is preconditioned CG: its step sizes use rᵀz, its stopping rule still the residual ‖r‖.
 """
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 
+class Iterate(NamedTuple):
+  """Where CG keeps its iterate x: `start(x0)` gives what the loop carries, `add(carried, increment)` adds α·p to it.
+  `CARRIED` carries x itself. A kernel may keep x in memory of its own and carry a token, which frees x's registers
+  through the loop (x is written there, never read, until the loop ends)."""
+  start: Callable[[jax.Array], Any]
+  add: Callable[[Any, jax.Array], Any]
+
+
+CARRIED = Iterate(start=lambda x0: x0, add=lambda x, increment: x + increment)
+
+
 class _CGState(NamedTuple):
-  x: jax.Array  # [..., D] current iterate
+  x: Any  # [..., D] current iterate (or what `Iterate.start` made of it)
   r: jax.Array  # [..., D] residual b - A x
   p: jax.Array  # [..., D] search direction
   delta: jax.Array  # [...] rᵀ M⁻¹ r (the squared residual norm without a preconditioner)
@@ -42,7 +53,8 @@ def conjugate_gradient(
     tol: float | None = None,
     relative_to: str = "start",
     preconditioner: Callable[[jax.Array], jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    iterate: Iterate = CARRIED,
+) -> tuple[Any, jax.Array]:
   """Solves A x = rhs for every row of `rhs` with at most `steps` CG steps.
 
   Args:
@@ -57,9 +69,11 @@ def conjugate_gradient(
       better start stops sooner: with "start" a start k times closer asks for a k times smaller residual).
     preconditioner: None (plain CG), or r ↦ M⁻¹ r row by row for an SPD M fixed over the steps (Jacobi's r / diag(A):
       `inputs.solve_from_diagonal`): preconditioned CG, the same solution in fewer steps where M captures A's scales.
+    iterate: where x is kept (`Iterate`); by default the loop carries it.
 
   Returns:
-    x: [..., D] the solution estimate; iters: [...] int32, the steps each system took.
+    x: [..., D] the solution estimate (with another `iterate`, what it carries); iters: [...] int32, the steps each
+    system took.
   """
   if relative_to not in ("start", "rhs"):
     raise ValueError(f"relative_to must be 'start' or 'rhs', got {relative_to!r}")
@@ -68,7 +82,7 @@ def conjugate_gradient(
   z = precondition(r)
   delta = rowdot(r, z)
   residual = None if preconditioner is None else rowdot(r, r)
-  init = _CGState(x=x0, r=r, p=z, delta=delta, residual=residual, iters=jnp.zeros(delta.shape, jnp.int32))
+  init = _CGState(x=iterate.start(x0), r=r, p=z, delta=delta, residual=residual, iters=jnp.zeros(delta.shape, jnp.int32))
   squared_norm = lambda state: state.delta if state.residual is None else state.residual  # ‖r‖²
   # Squared form of the stopping rule: ‖r‖² ≤ tol²‖r_0‖² (or tol²‖rhs‖²).
   stop_below = None if tol is None else (tol * tol) * (
@@ -83,7 +97,7 @@ def conjugate_gradient(
     running = active(state)
     ap = matvec(state.p)
     alpha = jnp.where(running, safe_divide(state.delta, rowdot(state.p, ap)), 0)
-    x = state.x + alpha[..., None] * state.p
+    x = iterate.add(state.x, alpha[..., None] * state.p)
     r = state.r - alpha[..., None] * ap
     z = precondition(r)
     delta_new = rowdot(r, z)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from mesanet_jax.ops.cg import conjugate_gradient
+from mesanet_jax.ops.cg import CARRIED, Iterate, conjugate_gradient
 
 CG_INITS = ("jacobi", "zero")
 CG_PRECONDITIONERS = ("none", "jacobi")
@@ -169,14 +169,15 @@ def inverse_diagonal(diagonal: jax.Array) -> jax.Array:
 
 
 def solve_from_diagonal(matvec, rhs: jax.Array, diagonal: jax.Array, options: CGOptions,
-                        preconditioner=None) -> tuple[jax.Array, jax.Array]:
+                        preconditioner=None, iterate: Iterate = CARRIED) -> tuple[jax.Array, jax.Array]:
   """`cg.conjugate_gradient` as `options` say, given diag(A) (same shape as rhs): the start from `initial_guess`,
   Jacobi's preconditioner r ↦ r / diag(A) if asked (`preconditioner` overrides how it is applied, e.g. a kernel's
-  r ↦ r · (1 / diag(A) kept in shared memory)). Returns x and the steps each row took."""
+  r ↦ r · (1 / diag(A) kept in shared memory)); x kept as `iterate` says. Returns x (what `iterate` carries) and the
+  steps each row took."""
   if not options.preconditioned:
     preconditioner = None
   elif preconditioner is None:
     inverse = inverse_diagonal(diagonal)
     preconditioner = lambda r: r * inverse
   return conjugate_gradient(matvec, rhs, initial_guess(rhs, diagonal, options.init), steps=options.steps,
-                            tol=options.tol, preconditioner=preconditioner)
+                            tol=options.tol, preconditioner=preconditioner, iterate=iterate)

@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from mesanet_jax.ops.cg import CARRIED, Iterate
 from mesanet_jax.ops.inputs import CGOptions, inverse_diagonal, solve_from_diagonal
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
@@ -61,7 +62,7 @@ def fuses_read(value_dim: int, precision) -> bool:
   return split_passes(precision) == 1 and value_dim in (64, 128)
 
 
-def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
+def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_in_smem: bool):
   """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance; and,
   with `read`, the causal read o of x). The chunk's start states are entry state_stride · chunk of the boundary
   states, read in place (a slice outside would copy them all). With `staging` refs the wgmma left operands go through
@@ -69,14 +70,15 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
 
   refs: inputs rhs, k, gates, features, Sᵀ (and V, S_kv with `read`); outputs x (steps with a tolerance; o with
   `read`); scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`; (K / σ_K)² where diag(A)
-  is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's preconditioner, and the staged
-  left operands if any."""
+  is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's preconditioner, x through the CG
+  loop with `x_in_smem`, and the staged left operands if any."""
   counted, preconditioned, needs_diagonal = cg.tol is not None, cg.preconditioned, cg.uses_diagonal
   num_inputs = 7 if read else 5
   (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
   x_gmem, steps_gmem, o_gmem = refs[0], refs[1] if counted else None, refs[1 + counted] if read else None
   union, k_parts, weights, *staging = refs[1 + counted + read:]
   inverse_smem = staging.pop(0) if preconditioned else None  # 1 / diag(A), [64, Dk] f32
+  loop_x_smem = staging.pop(0) if x_in_smem else None  # x through the CG loop, [64, Dk] f32
   weights_smem, v_parts = weights if read else (weights, None)
   lhs_smem, z_smem = staging if staging else (None, None)
   st_parts, (x_smem, steps_smem), *rest = union
@@ -173,10 +175,24 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
   if preconditioned:  # 1 / diag(A) in shared memory: in registers it would take another 64 a thread through the loop
     inverse_smem[...] = inverse_diagonal(diagonal)
     preconditioner = lambda r: r * plgpu.load(inverse_smem, layout=WGMMA)
-  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=WGMMA, optimized=False)  # [64, Dk]
-  x, steps = solve_from_diagonal(matvec, rhs, diagonal, cg, preconditioner)
+  iterate = CARRIED
+  if x_in_smem:  # x in shared memory: the loop writes it (each thread its own entries) and carries a token
+    def start(x0):
+      loop_x_smem[...] = x0
+      return jnp.zeros((), jnp.int32)
 
-  x_smem[...] = x  # Sᵀ's memory: every wgmma has completed
+    def add(token, increment):
+      loop_x_smem[...] = plgpu.load(loop_x_smem, layout=WGMMA) + increment
+      return token
+    iterate = Iterate(start, add)
+  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=WGMMA, optimized=False)  # [64, Dk]
+  x, steps = solve_from_diagonal(matvec, rhs, diagonal, cg, preconditioner, iterate)
+
+  if x_in_smem:
+    x_smem = loop_x_smem
+    x = plgpu.load(loop_x_smem, layout=WGMMA) if read else None
+  else:
+    x_smem[...] = x  # Sᵀ's memory: every wgmma has completed
   if counted:
     steps_smem[...] = steps
   plgpu.commit_smem()
@@ -217,7 +233,7 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool):
 
 def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
                     cg_tol: float | None = None, cg_preconditioner: str = "none", precision,
-                    lhs_in_registers: bool | None = None, read=None):
+                    lhs_in_registers: bool | None = None, x_in_shared_memory: bool = False, read=None):
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32; log_decay (within-chunk cumulative log
@@ -228,6 +244,10 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
   lhs_in_registers: wgmma left operands in registers (default on GPU at one pass; three passes stage them in shared
   memory, which spills less; Mosaic GPU's interpreter takes them only from shared memory).
+  x_in_shared_memory: x kept in shared memory through the CG loop (32 KiB at Dk = 128; two CTAs per SM still fit
+  at one pass without the preconditioner) instead of 64 registers a thread. ptxas (one pass, Dk = 128, tol): spill
+  stores 736 → 300 B, local loads and stores in a CG step 193 → 82, shared ones 18 → 82, the step 1,330 → 1,458
+  instructions (128 more selects). Off until timed on a GPU (`solve_bench.py --kernels=rows,rows_x_smem`).
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
   kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
   `fuses_read` allows).
@@ -272,6 +292,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   scratch = [plgpu.RefUnion(*union), parts(ROWS), weights]  # ..., K̃, W
   if cg.preconditioned:
     scratch.append(f32_rows(key_dim))  # 1 / diag(A)
+  if x_in_shared_memory:
+    scratch.append(f32_rows(key_dim))  # x through the loop
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS, ROWS)]
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
@@ -280,7 +302,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if read is not None:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), jnp.float32))
   kernel = plgpu.kernel(
-      functools.partial(_kernel, cg=cg, passes=passes, state_stride=state_stride, read=read is not None),
+      functools.partial(_kernel, cg=cg, passes=passes, state_stride=state_stride, read=read is not None,
+                        x_in_smem=x_in_shared_memory),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
   # Per program: λ and diag(S) (S's scale and the Jacobi start; a gather here, where the kernel would reduce across

@@ -110,12 +110,14 @@ def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision
   assert f"tensor<2x4x{key_dim}x{key_dim}xf32>" in kernel_operands[0]
 
 
-@pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner", [
-    (64, 128, 128, True, "none"),  # the GPU default: left operands (x̂, Ẑ) in registers
-    (64, 128, 128, True, "jacobi"),  # and 1 / diag(A) in shared memory beside the read's operands
-    (32, 64, 64, False, "none"),  # pairs of chunks, staged left operands
+@pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner, x_in_shared_memory", [
+    (64, 128, 128, True, "none", False),  # the GPU default: left operands (x̂, Ẑ) in registers
+    (64, 128, 128, True, "jacobi", False),  # and 1 / diag(A) in shared memory beside the read's operands
+    (32, 64, 64, False, "none", False),  # pairs of chunks, staged left operands
+    (64, 128, 128, True, "none", True),  # x through the CG loop in shared memory
 ])
-def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner):
+def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner,
+                                                     x_in_shared_memory):
   """The solve that also makes o (`read=`) through Mosaic GPU's lowering for sm_90, with the boundary states whole."""
   rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
@@ -123,7 +125,8 @@ def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, l
           rows(1, 2, 4, key_dim, value_dim))
   solve = lambda *a: hopper_cg_solve(*a[:6], cg_steps=3, cg_init="jacobi", cg_tol=1e-4,
                                      cg_preconditioner=cg_preconditioner, precision=jax.lax.Precision.DEFAULT,
-                                     lhs_in_registers=lhs_in_registers, read=a[6:])
+                                     lhs_in_registers=lhs_in_registers, x_in_shared_memory=x_in_shared_memory,
+                                     read=a[6:])
   kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", solve, *args).mlir_module())
   assert len(kernel_operands) == 1
   assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]

@@ -151,6 +151,25 @@ def test_read_from_x_on_chip_equals_the_causal_read(chunk, chunks, key_dim, valu
   assert max_abs(o, expected) <= TOLERANCE[DEFAULT] * scale(expected)
 
 
+@pytest.mark.slow
+def test_x_in_shared_memory_solves_as_x_in_registers():
+  """x_in_shared_memory=True (the loop adds α·p to x in shared memory and carries a token): the same steps, x to f32
+  rounding (x + α·p in another order), and the fused read made from x loaded back."""
+  q, k, v, g, beta, lam, state = random_inputs(1, 128, 2, 64, 64, with_state=True, seed=7)
+  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, 2, 64, *x.shape[3:])
+  q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
+  log_decay = jnp.cumsum(g, axis=-1)
+  op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
+  solve = lambda x_in_shared_memory: hopper_cg_solve(
+      q, k, log_decay, beta, lam, op.states.kk_t, cg_steps=30, cg_init="jacobi", cg_tol=1e-3, precision=DEFAULT,
+      x_in_shared_memory=x_in_shared_memory, read=(v, op.states.kv))
+  (x, o, steps), (x_ref, o_ref, steps_ref) = solve(True), solve(False)
+  np.testing.assert_array_equal(steps, steps_ref)
+  assert int(jnp.min(steps)) < int(jnp.max(steps)) < 30  # rows stopped at different steps, the loop before the cap
+  assert max_abs(x, x_ref) <= 1e-6 * scale(x_ref)
+  assert max_abs(o, o_ref) <= 1e-6 * scale(o_ref)
+
+
 def test_read_refused_where_it_does_not_fit():
   rows = lambda *shape: jnp.zeros((1, 2, 1, 64, *shape))  # refused before anything is traced: zeros will do
   args = (rows(64), rows(64), rows(), rows(), jnp.ones((2, 64)), jnp.zeros((1, 2, 2, 64, 64)))

@@ -35,8 +35,8 @@ from mesanet_jax.ops.cg import CARRIED, Iterate
 from mesanet_jax.ops.inputs import CGOptions, inverse_diagonal, solve_from_diagonal
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
-    per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
+    COL, COMPILER_PARAMS, F16_TILES, F32_THREAD_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs,
+    pass_pairs, per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
@@ -246,8 +246,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   memory, which spills less; Mosaic GPU's interpreter takes them only from shared memory).
   x_in_shared_memory: x kept in shared memory through the CG loop (32 KiB at Dk = 128; two CTAs per SM still fit
   at one pass without the preconditioner) instead of 64 registers a thread. ptxas (one pass, Dk = 128, tol): spill
-  stores 736 → 300 B, local loads and stores in a CG step 193 → 82, shared ones 18 → 82, the step 1,330 → 1,458
-  instructions (128 more selects). Off until timed on a GPU (`solve_bench.py --kernels=rows,rows_x_smem`).
+  stores 680 → 136 B, local loads and stores in a CG step 167 → 23, shared ones 18 → 82, the step 1,272 → 1,186
+  instructions. Off until timed on a GPU (`solve_bench.py --kernels=rows,rows_x_smem`).
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
   kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
   `fuses_read` allows).
@@ -278,11 +278,12 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
   # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
   gates = jnp.stack([log_decay, log_decay, beta], axis=3)  # [B, H, N, 3, 64]
-  f32_rows = lambda cols: plgpu.SMEM((ROWS, cols), jnp.float32, transforms=F32_TILES)
+  f32_rows = lambda cols: plgpu.SMEM((ROWS, cols), jnp.float32, transforms=F32_TILES)  # leaves by TMA
+  thread_rows = lambda cols: plgpu.SMEM((ROWS, cols), jnp.float32, transforms=F32_THREAD_TILES)  # threads' own
   parts = lambda rows, cols=key_dim: plgpu.SMEM((passes // 2 + 1, rows, cols), jnp.float16, transforms=F16_TILES)
   union = [parts(key_dim),  # Sᵀ; before it (K̃)² (Jacobi), after it x and the steps, then S̃_kv, then o
            (f32_rows(key_dim), plgpu.SMEM((ROWS,), jnp.int32))]
-  weights = f32_rows(ROWS)  # W
+  weights = thread_rows(ROWS)  # W
   if read is not None:
     value_dim = states_kv.shape[-1]
     union += [parts(key_dim, value_dim), f32_rows(value_dim)]
@@ -291,9 +292,9 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     union.append(parts(ROWS))
   scratch = [plgpu.RefUnion(*union), parts(ROWS), weights]  # ..., K̃, W
   if cg.preconditioned:
-    scratch.append(f32_rows(key_dim))  # 1 / diag(A)
+    scratch.append(thread_rows(key_dim))  # 1 / diag(A)
   if x_in_shared_memory:
-    scratch.append(f32_rows(key_dim))  # x through the loop
+    scratch.append(thread_rows(key_dim))  # x through the loop
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS, ROWS)]
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]

@@ -41,7 +41,7 @@ flags.DEFINE_string("error_log", "", "file for the full tracebacks of kernels th
 FLAGS = flags.FLAGS
 PASSES = {"highest": 3, "high": 3, "default": 1}
 KERNELS = {"rows": functools.partial(hopper_cg_solve, lhs_in_registers=True),
-           "rows_x_smem": functools.partial(hopper_cg_solve, lhs_in_registers=True, x_in_shared_memory=True),
+           "rows_x_registers": functools.partial(hopper_cg_solve, lhs_in_registers=True, x_in_shared_memory=False),
            "rows_smem": functools.partial(hopper_cg_solve, lhs_in_registers=False),
            "triton": chunked_cg_solve}
 HIGHEST = jax.lax.Precision.HIGHEST

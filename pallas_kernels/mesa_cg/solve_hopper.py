@@ -35,8 +35,8 @@ from mesanet_jax.ops.cg import CARRIED, Iterate
 from mesanet_jax.ops.inputs import CGOptions, inverse_diagonal, solve_from_diagonal
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_THREAD_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs,
-    pass_pairs, per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
+    per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
@@ -233,7 +233,7 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
 
 def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
                     cg_tol: float | None = None, cg_preconditioner: str = "none", precision,
-                    lhs_in_registers: bool | None = None, x_in_shared_memory: bool = False, read=None):
+                    lhs_in_registers: bool | None = None, x_in_shared_memory: bool | None = None, read=None):
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32; log_decay (within-chunk cumulative log
@@ -244,10 +244,12 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
   lhs_in_registers: wgmma left operands in registers (default on GPU at one pass; three passes stage them in shared
   memory, which spills less; Mosaic GPU's interpreter takes them only from shared memory).
-  x_in_shared_memory: x kept in shared memory through the CG loop (32 KiB at Dk = 128; two CTAs per SM still fit
-  at one pass without the preconditioner) instead of 64 registers a thread. ptxas (one pass, Dk = 128, tol): spill
-  stores 680 → 136 B, local loads and stores in a CG step 167 → 23, shared ones 18 → 82, the step 1,272 → 1,186
-  instructions. Off until timed on a GPU (`solve_bench.py --kernels=rows,rows_x_smem`).
+  x_in_shared_memory: x kept in shared memory through the CG loop (32 KiB more at Dk = 128) instead of 64
+  registers a thread; default: where the CTAs per SM stay as they were, i.e. without the preconditioner, at one
+  pass with the left operands in registers (two CTAs) or at three passes (one). ptxas at Dk = 128 with a tolerance, x in registers → in shared memory: one pass (left operands in
+  registers) a CG step of 1,458 → 1,186 instructions, 354 → 23 local loads and stores, 18 → 82 shared ones; three
+  passes (staged) 2,239 → 2,122, 277 → 97 and 58 → 122. Not yet timed on a GPU (`solve_bench.py
+  --kernels=rows,rows_x_registers`).
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
   kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
   `fuses_read` allows).
@@ -264,6 +266,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if lhs_in_registers is None:  # fastest on an H200 (RESULTS.md): registers at 1 pass, staged at 3 (fewer spills)
     lhs_in_registers = not use_interpret() and passes == 1
   cg = CGOptions(cg_steps, cg_init, cg_tol, cg_preconditioner)
+  if x_in_shared_memory is None:  # 1 / diag(A) or one pass's staged operands: with x too, fewer CTAs would fit an SM
+    x_in_shared_memory = not cg.preconditioned and (lhs_in_registers or passes == 3)
   counted = cg_tol is not None
   rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
   states_kk_t = states_kk_t.astype(jnp.float32)
@@ -278,12 +282,11 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
   # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
   gates = jnp.stack([log_decay, log_decay, beta], axis=3)  # [B, H, N, 3, 64]
-  f32_rows = lambda cols: plgpu.SMEM((ROWS, cols), jnp.float32, transforms=F32_TILES)  # leaves by TMA
-  thread_rows = lambda cols: plgpu.SMEM((ROWS, cols), jnp.float32, transforms=F32_THREAD_TILES)  # threads' own
+  f32_rows = lambda cols: plgpu.SMEM((ROWS, cols), jnp.float32, transforms=F32_TILES)
   parts = lambda rows, cols=key_dim: plgpu.SMEM((passes // 2 + 1, rows, cols), jnp.float16, transforms=F16_TILES)
   union = [parts(key_dim),  # Sᵀ; before it (K̃)² (Jacobi), after it x and the steps, then S̃_kv, then o
            (f32_rows(key_dim), plgpu.SMEM((ROWS,), jnp.int32))]
-  weights = thread_rows(ROWS)  # W
+  weights = f32_rows(ROWS)  # W
   if read is not None:
     value_dim = states_kv.shape[-1]
     union += [parts(key_dim, value_dim), f32_rows(value_dim)]
@@ -292,9 +295,9 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     union.append(parts(ROWS))
   scratch = [plgpu.RefUnion(*union), parts(ROWS), weights]  # ..., K̃, W
   if cg.preconditioned:
-    scratch.append(thread_rows(key_dim))  # 1 / diag(A)
+    scratch.append(f32_rows(key_dim))  # 1 / diag(A)
   if x_in_shared_memory:
-    scratch.append(thread_rows(key_dim))  # x through the loop
+    scratch.append(f32_rows(key_dim))  # x through the loop
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS, ROWS)]
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]

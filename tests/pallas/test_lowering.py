@@ -111,10 +111,10 @@ def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision
 
 
 @pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner, x_in_shared_memory", [
-    (64, 128, 128, True, "none", False),  # the GPU default: left operands (x̂, Ẑ) in registers
-    (64, 128, 128, True, "jacobi", False),  # and 1 / diag(A) in shared memory beside the read's operands
-    (32, 64, 64, False, "none", False),  # pairs of chunks, staged left operands
-    (64, 128, 128, True, "none", True),  # x through the CG loop in shared memory
+    (64, 128, 128, True, "none", None),  # the GPU default: left operands (x̂, Ẑ) in registers, x in shared memory
+    (64, 128, 128, True, "jacobi", None),  # and 1 / diag(A) in shared memory beside the read's operands (x not)
+    (32, 64, 64, False, "none", None),  # pairs of chunks, staged left operands
+    (64, 128, 128, True, "none", False),  # x through the CG loop in registers
 ])
 def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner,
                                                      x_in_shared_memory):

@@ -19,7 +19,8 @@ and W = τ σ_K² M / T, M_ts = e^{G_t − G_s} β_s [s ≤ t]; the smaller term
 Shared memory (Dk = 128): Sᵀ 32 KiB and K 16 KiB per fp16 part, W 16 KiB; the Jacobi diagonal's (K / σ_K)² and the
 output borrow Sᵀ's memory before and after the loop. 1 pass fits two CTAs per SM, 3 passes just (113 KiB each).
 x, r, p (192 of 255 registers per thread at Dk = 128) and a matvec's operands do not all fit: ptxas spills some
-(benchmarks/mosaic_resources.py shows how much). Mosaic GPU's interpreter takes wgmma left operands from shared
+(benchmarks/mosaic_resources.py shows how much), so x, which the loop only adds to, stays in shared memory where
+that costs no CTA an SM (`x_in_shared_memory`). Mosaic GPU's interpreter takes wgmma left operands from shared
 memory only: `lhs_in_registers=False` stages them there (the CPU tests run it; on the GPU the three-pass solve uses
 it too: it trades spills for shared memory, and measured faster there).
 """

@@ -82,7 +82,8 @@ def conjugate_gradient(
   z = precondition(r)
   delta = rowdot(r, z)
   residual = None if preconditioner is None else rowdot(r, r)
-  init = _CGState(x=iterate.start(x0), r=r, p=z, delta=delta, residual=residual, iters=jnp.zeros(delta.shape, jnp.int32))
+  init = _CGState(x=iterate.start(x0), r=r, p=z, delta=delta, residual=residual,
+                  iters=jnp.zeros(delta.shape, jnp.int32))
   squared_norm = lambda state: state.delta if state.residual is None else state.residual  # ‖r‖²
   # Squared form of the stopping rule: ‖r‖² ≤ tol²‖r_0‖² (or tol²‖rhs‖²).
   stop_below = None if tol is None else (tol * tol) * (

@@ -23,8 +23,8 @@ ROW, COL = WGMMA.reduce(1), WGMMA.reduce(0)  # a value per row (system) / per co
 F16_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # every wgmma operand: 128-byte rows
 # Every f32 array in shared memory goes to or from registers in the WGMMA layout (wgmma reads fp16 parts only): a
 # warp's access is one 8 × 8 tile, a thread's two columns one 8-byte word, conflict-free under a 32-byte swizzle. With
-# 8 × 32 tiles and a 128-byte swizzle each load or store also swapped register pairs, a select per element (ptxas: the
-# CG step 1,330 → 1,272 instructions, the two-scan chunk 872 → 803, its registers 170 → 140).
+# 8 × 32 tiles and a 128-byte swizzle each load or store also swapped register pairs, a select per element (ptxas:
+# the two-scan chunk 872 → 803 instructions, its registers 170 → 140; W's load took 32 of a CG step's 40 selects).
 F32_TILES = (plgpu.TilingTransform((8, 8)), plgpu.SwizzleTransform(32))
 # The kernel orders its own shared memory accesses (commit_smem before a wgmma or TMA reads what threads wrote): Pallas'
 # automatic barriers around every shared-memory load and store would put barriers inside the CG loop.

@@ -247,10 +247,10 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   memory, which spills less; Mosaic GPU's interpreter takes them only from shared memory).
   x_in_shared_memory: x kept in shared memory through the CG loop (32 KiB more at Dk = 128) instead of 64
   registers a thread; default: where the CTAs per SM stay as they were, i.e. without the preconditioner, at one
-  pass with the left operands in registers (two CTAs) or at three passes (one). ptxas at Dk = 128 with a tolerance, x in registers → in shared memory: one pass (left operands in
-  registers) a CG step of 1,458 → 1,186 instructions, 354 → 23 local loads and stores, 18 → 82 shared ones; three
-  passes (staged) 2,239 → 2,122, 277 → 97 and 58 → 122. Not yet timed on a GPU (`solve_bench.py
-  --kernels=rows,rows_x_registers`).
+  pass with the left operands in registers (two CTAs) or at three passes (one). ptxas at Dk = 128 with a
+  tolerance, x in registers → in shared memory: one pass (left operands in registers) a CG step of 1,458 → 1,186
+  instructions, 354 → 23 local loads and stores, 18 → 82 shared ones; three passes (staged) 2,239 → 2,122,
+  277 → 97 and 58 → 122. Not yet timed on a GPU (`solve_bench.py --kernels=rows,rows_x_registers`).
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
   kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
   `fuses_read` allows).

@@ -30,6 +30,7 @@ from benchmarks.ops_bench import (cg_steps_used, cg_tol, exact_forward_and_backw
                                   setup_from_flags, time_ms)
 from benchmarks.timing import sample_calls, warm_up
 from mesanet_jax.ops import mesa_chunked
+from mesanet_jax.ops.chunked import row_dtype
 from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
 from mesanet_jax.ops.operator import operator_class
 from mesanet_jax.ops.inputs import CGOptions, zero_state
@@ -75,12 +76,14 @@ SOLVE_PRECISIONS = {
 
 
 def chunk_major(args, chunk_size):
-  """q, k, v, log_decay, beta, lam as `mesa_chunked` hands them to its core: f32, [B, H, N, C, ...]."""
+  """q, k, v, log_decay, beta, lam as `mesa_chunked` hands them to its core, [B, H, N, C, ...]: q, k, v in
+  `chunked.row_dtype` (bf16 ones stay bf16), the rest f32."""
   q, k, v, g, beta, lam = args
   batch, length, heads, _ = q.shape
-  chunks = lambda x: jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(
+  chunks = lambda x, dtype=jnp.float32: jnp.moveaxis(x.astype(dtype), 2, 1).reshape(
       batch, heads, length // chunk_size, chunk_size, *x.shape[3:])
-  return chunks(q), chunks(k), chunks(v), jnp.cumsum(chunks(g), axis=-1), chunks(beta), lam
+  rows = [chunks(x, row_dtype(x.dtype, jnp.float32)) for x in (q, k, v)]
+  return *rows, jnp.cumsum(chunks(g), axis=-1), chunks(beta), lam
 
 
 def solve_kernel(args, chunk_size, num_warps, precision):
@@ -241,7 +244,8 @@ def sweep_state_scans(args):
   initials = tuple(jnp.zeros((batch, heads, dim, width), jnp.float32) for width in (dim, v.shape[-1]))
   precision = jax.lax.Precision(FLAGS.matmul_precision)
   moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)
-  operands = {"forward": (k, (k, v), (to_end, to_end)), "reversed": (q, (k, v), (-decay, decay))}
+  wide = lambda x: x.astype(jnp.float32)  # the backward's x, y and do are f32 whatever q, k and v are
+  operands = {"forward": (k, (k, v), (to_end, to_end)), "reversed": (wide(q), (wide(k), wide(v)), (-decay, decay))}
   stage = {"forward": "chunk states", "reversed": "state-gradient scans"}
   references = {}
   for entry in FLAGS.sweep_states.split(","):

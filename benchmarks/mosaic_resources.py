@@ -36,6 +36,8 @@ FLAGS = flags.FLAGS
 _KERNELS = flags.DEFINE_string("mosaic_kernels", "rows,rows_smem", "Mosaic GPU solves (solve_bench's names), or "
                                "states / states_shared: the chunk-state scan, one scan or two sharing a")
 SCANS = {"states": 1, "states_shared": 2}
+_ROW_DTYPE = flags.DEFINE_enum("row_dtype", "float32", ["float32", "bfloat16"], "dtype of the rows (a solve's rhs and "
+                                "k, a scan's a and b's) as the kernels take them")
 _MLIR_BIN = flags.DEFINE_string("mlir_bin", "/usr/lib/llvm-22/bin", "folder of mlir-opt")
 _NVIDIA = flags.DEFINE_string("nvidia", "", "folder of the pip `nvidia` packages (default: found by import)")
 
@@ -52,17 +54,18 @@ _PIPELINE = ("builtin.module(arith-expand,canonicalize,gpu-launch-sink-index-com
 def kernel_call(name: str) -> tuple:
   """(function, abstract args) of the solve or scan `name` at the flags' sizes."""
   size, dim = FLAGS.chunk_size, FLAGS.head_dim
-  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  rows = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  row_dtype = jnp.dtype(_ROW_DTYPE.value)
   precision = jax.lax.Precision(FLAGS.matmul_precision)
   if name in SCANS:
-    each = lambda *shape: tuple(rows(*shape) for _ in range(SCANS[name]))
+    each = lambda *shape, dtype=jnp.float32: tuple(rows(*shape, dtype=dtype) for _ in range(SCANS[name]))
     scan = functools.partial(hopper_chunk_states, precision=precision)
-    return scan, (rows(1, 2, 4, size, dim), each(1, 2, 4, size, dim), each(1, 2, 4, size), rows(1, 2, 4),
-                  each(1, 2, dim, dim))
+    return scan, (rows(1, 2, 4, size, dim, dtype=row_dtype), each(1, 2, 4, size, dim, dtype=row_dtype),
+                  each(1, 2, 4, size), rows(1, 2, 4), each(1, 2, dim, dim))
   solve = functools.partial(KERNELS[name], cg_steps=30, cg_init=FLAGS.cg_init, cg_tol=FLAGS.cg_tol or None,
                             precision=precision)
-  return solve, (rows(1, 2, 3, size, dim), rows(1, 2, 3, size, dim), rows(1, 2, 3, size), rows(1, 2, 3, size),
-                 rows(2, dim), rows(1, 2, 4, dim, dim))
+  return solve, (rows(1, 2, 3, size, dim, dtype=row_dtype), rows(1, 2, 3, size, dim, dtype=row_dtype),
+                 rows(1, 2, 3, size), rows(1, 2, 3, size), rows(2, dim), rows(1, 2, 4, dim, dim))
 
 
 def kernel_modules(name: str) -> list[str]:

@@ -33,6 +33,14 @@ class _Static(NamedTuple):
   impl: str
   length: int  # T before padding: the steps statistics skip the padded tokens
   save_states: bool  # the backward reuses the forward's operator (its chunk states) instead of rebuilding it
+  row_dtypes: tuple  # q's, k's and v's dtypes as the core takes them: their gradients leave in these
+
+
+def row_dtype(dtype, compute: jnp.dtype) -> jnp.dtype:
+  """The dtype q, k or v enters the operator in: its own where it is a 16-bit float (bf16 or f16; an operator
+  converts rows as it reads them, and on the GPU the kernels do so as they load them: chunk-major copies, kernel
+  reads and saved rows at half the bytes of f32 ones), else the compute dtype."""
+  return jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else jnp.dtype(compute)
 
 
 def _solve(op, rhs: jax.Array, static: _Static) -> tuple[jax.Array, jax.Array]:
@@ -69,8 +77,9 @@ def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _chunked_core(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
-  """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv]; log_decay, beta [B, H, N, C]; lam [H, Dk];
-  probe None or [B, H, 4]. Returns o, the final state and the forward steps statistics [B, H, 2]."""
+  """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv] (each in `row_dtype`'s dtype: the operator computes
+  in log_decay's); log_decay, beta [B, H, N, C]; lam [H, Dk]; probe None or [B, H, 4]. Returns o, the final state and
+  the forward steps statistics [B, H, 2]."""
   return _core_forward(q, k, v, log_decay, beta, lam, state, probe, static)[0]
 
 
@@ -86,7 +95,8 @@ def _core_backward(static: _Static, residuals, cotangents):
   # The probe's "gradient" is the statistics of the solves (cg_steps.py), whatever the cotangents.
   d_probe = None if probe is None else jnp.concatenate(
       [forward_steps, step_stats(adjoint_steps, static.length)], axis=-1).astype(probe.dtype)
-  return y, dk, dv, d_log_decay, dbeta, dlam, d_states.at(0), d_probe
+  dq, dk, dv = (grad.astype(dtype) for grad, dtype in zip((y, dk, dv), static.row_dtypes))
+  return dq, dk, dv, d_log_decay, dbeta, dlam, d_states.at(0), d_probe
 
 
 _chunked_core.defvjp(_core_forward, _core_backward)
@@ -118,6 +128,8 @@ def mesa_chunked(
   Args:
     q, k: [B, T, H, Dk] (L2-normalised by the layer); v: [B, T, H, Dv]; g (log forget gate ≤ 0), beta: [B, T, H];
     lam: [H, Dk] regulariser > 0; state: optional MesaState (h_kk [B, H, Dk, Dk], h_kv [B, H, Dk, Dv]) before token 0.
+    Every stage computes in f32 (or a wider input's dtype); bf16 / f16 q, k, v are chunked and kept as they are and
+    converted where a stage reads them (`row_dtype`), so their copies, reads and saved residuals take half the bytes.
     chunk_size: C; T need not be a multiple (the sequence is padded with tokens that change nothing).
     cg_steps: CG steps of every solve, forward and adjoint (the cap when cg_tol is set).
     cg_tol: None for exactly cg_steps steps; else every system stops once ‖r‖ ≤ cg_tol·‖r₀‖ (and a solve ends when
@@ -174,18 +186,18 @@ def mesa_chunked(
   pad = -length % chunk_size
   num_chunks = (length + pad) // chunk_size
 
-  def to_chunks(x: jax.Array) -> jax.Array:
-    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padded (padded tokens have k = 0, β = 0, g = 0)."""
-    x = jnp.pad(x.astype(dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  def to_chunks(x: jax.Array, to_dtype=dtype) -> jax.Array:
+    """[B, T, H, ...] -> [B, H, N, C, ...] in to_dtype, zero-padded (padded tokens have k = 0, β = 0, g = 0)."""
+    x = jnp.pad(x.astype(to_dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = jnp.moveaxis(x, 2, 1)
     return x.reshape(batch, heads, num_chunks, chunk_size, *x.shape[3:])
 
+  rows = [to_chunks(x, row_dtype(x.dtype, dtype)) for x in (q, k, v)]
   cg = CGOptions(cg_steps, cg_init, None if cg_tol is None else float(cg_tol), cg_preconditioner)
   static = _Static(cg, lax.Precision(matmul_precision), None if solve_precision is None else
-                   lax.Precision(solve_precision), impl, length, save_states)
+                   lax.Precision(solve_precision), impl, length, save_states, tuple(x.dtype for x in rows))
   log_decay = jnp.cumsum(to_chunks(g), axis=-1)
-  o, final, forward_steps = _chunked_core(
-      to_chunks(q), to_chunks(k), to_chunks(v), log_decay, to_chunks(beta), lam.astype(dtype), state, cg_probe, static)
+  o, final, forward_steps = _chunked_core(*rows, log_decay, to_chunks(beta), lam.astype(dtype), state, cg_probe, static)
   o = o.reshape(batch, heads, num_chunks * chunk_size, value_dim)[:, :, :length]
   o = jnp.moveaxis(o, 1, 2).astype(q.dtype)
   return (o, final, forward_steps) if return_cg_steps else (o, final)

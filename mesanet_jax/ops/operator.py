@@ -70,6 +70,8 @@ class ChunkedOperator(Protocol):
   forward (build, solve, output) and backward (build, adjoint_rhs, solve, state_gradients, token_gradients) pass.
 
   Chunk-major shapes: rows x, y, rhs [B, H, N, C, Dk]; do [B, H, N, C, Dv]; gates [B, H, N, C]; lam [H, Dk].
+  k, v and the forward's rhs (q) may come as 16-bit floats (`chunked.row_dtype`): every stage computes in
+  log_decay's dtype, converting them where it reads them.
   DESIGN.md §1 derives every stage; `xla_operator.py` is the reference implementation.
   """
   states: BoundaryStates

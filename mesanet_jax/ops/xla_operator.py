@@ -90,6 +90,7 @@ class XlaOperator(ChunkedSequence):
 
   @classmethod
   def build(cls, k, v, log_decay, beta, lam, state: MesaState, precision: lax.Precision):
+    k, v = k.astype(log_decay.dtype), v.astype(log_decay.dtype)  # 16-bit rows (`chunked.row_dtype`) computed wide
     decay_mask = _decay_mask(log_decay)
     to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
     chunk_decay = jnp.exp(log_decay[..., -1])
@@ -131,6 +132,7 @@ class XlaOperator(ChunkedSequence):
     """x_t = A_t⁻¹ rhs_t for all rows by one CG (one loop over every row; it runs until the slowest row stops),
     starting from the Jacobi guess or zero, preconditioned by diag(A_t) or not. Returns x and the steps each row
     took."""
+    rhs = rhs.astype(self.log_decay.dtype)
     diag_states = jnp.diagonal(_starts(self.states.kk_t), axis1=-2, axis2=-1)[..., None, :]
     in_chunk = jnp.einsum("bhnts,bhnsd->bhntd", self.mask, self.k * self.k, precision=self.precision)
     diagonal = jnp.exp(self.log_decay)[..., None] * diag_states + in_chunk + self.lam[:, None, None, :]

@@ -54,6 +54,7 @@ def chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bounds_kv,
   """
   batch, heads, num_chunks, size, key_dim = k.shape
   value_dim = v.shape[-1]
+  k, v = k.astype(x.dtype), v.astype(x.dtype)  # 16-bit rows computed in x's dtype
   rows = lambda width: jax.ShapeDtypeStruct((batch * heads, num_chunks, size, width), k.dtype)
   kernel = functools.partial(_gradients_kernel, precision=dot_precision(precision, k.dtype))
   decay_col, decay_row, _ = gate_operands(log_decay, beta)

@@ -22,8 +22,8 @@ from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, is_hopper, max_abs, per_col,
-    per_row, split_passes, stage_scaled, staged_lhs, wgmma_sum)
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, is_hopper, kernel_rows,
+    max_abs, per_col, per_row, split_passes, stage_scaled, staged_lhs, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 
@@ -60,13 +60,14 @@ def unsupported_reason(chunk_size: int, key_dim: int, value_dim: int, passes: in
 def _kernel(k_gmem, v_gmem, x_gmem, y_gmem, do_gmem, gates_gmem, dkk_t_gmem, dkv_gmem,
             dk_gmem, dv_gmem, dbeta_gmem,
             kk_union, kv_union, x_parts, y_parts, do_parts, lhs_k, lhs_v, lhs_square, dbeta_smem, *, passes: int):
-  """The CTA of (batch·head, 64 rows): rows [64, D] f32, gates [4, 64] (G as rows, G as columns, β, e), state
-  gradients after the rows [Dk, Dk] (D_kkᵀ) and [Dk, Dv] (D_kv): boundary m + 1 of the whole boundary arrays, read in
-  place (a slice [1:] outside would copy both). Writes dk [64, Dk], dv [64, Dv], dβ [64]."""
+  """The CTA of (batch·head, 64 rows): rows [64, D] (f32; k and v may be 16-bit floats), gates [4, 64] (G as rows,
+  G as columns, β, e), state gradients after the rows [Dk, Dk] (D_kkᵀ) and [Dk, Dv] (D_kv): boundary m + 1 of the
+  whole boundary arrays, read in place (a slice [1:] outside would copy both). Writes dk [64, Dk], dv [64, Dv],
+  dβ [64]."""
   bh, m = lax.axis_index("bh"), lax.axis_index("chunk")
   dkk_t_parts, dk_smem = kk_union
   dkv_parts, dv_smem = kv_union
-  load = lambda ref: plgpu.load(ref.at[bh, m], layout=WGMMA, optimized=False)  # a [64, D] row block
+  load = lambda ref: plgpu.load(ref.at[bh, m], layout=WGMMA, optimized=False).astype(jnp.float32)  # [64, D] rows
   gate = lambda j, layout: plgpu.load(gates_gmem.at[bh, m, j], layout=layout, optimized=False)
 
   # D̃_kkᵀ, D̃_kv, x̃, ỹ, d̃o: each scaled by its max |·|
@@ -133,7 +134,8 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
   """`gradients.chunk_gradients` on Hopper tensor cores (same arguments and results).
 
   Args: k, x, y: [B, H, N, C, Dk]; v, do: [B, H, N, C, Dv]; log_decay, beta: [B, H, N, C]; d_bounds_kk_t,
-  d_bounds_kv: the gradients w.r.t. H_kkᵀ and H_kv at every chunk boundary, [B, H, N+1, Dk, Dk | Dv].
+  d_bounds_kv: the gradients w.r.t. H_kkᵀ and H_kv at every chunk boundary, [B, H, N+1, Dk, Dk | Dv]. k and v may
+  be 16-bit floats (converted as the kernel loads them).
   precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
   Returns dk [B, H, N, C, Dk], dv [B, H, N, C, Dv] (in k's and v's dtypes) and dbeta [B, H, N, C] (f32).
   """
@@ -145,7 +147,8 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
   log_decay, beta = log_decay.astype(jnp.float32), beta.astype(jnp.float32)
   to_end = jnp.exp(log_decay[..., -1:] - log_decay)
   gates = jnp.stack([log_decay, log_decay, beta, to_end], axis=3)  # [B, H, N, 4, 64]
-  flat = lambda a: a.reshape(batch * heads, *a.shape[2:]).astype(jnp.float32)  # every operand f32
+  flat = lambda a: a.reshape(batch * heads, *a.shape[2:])
+  wide = lambda a: flat(a).astype(jnp.float32)
   parts = lambda r, c: plgpu.SMEM((passes // 2 + 1, r, c), jnp.float16, transforms=F16_TILES)
   f32_rows = lambda c: plgpu.SMEM((ROWS, c), jnp.float32, transforms=F32_TILES)
   scratch = [
@@ -162,7 +165,9 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
       functools.partial(_kernel, passes=passes), out_type=out_type, scratch_types=scratch,
       grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"), compiler_params=COMPILER_PARAMS,
       interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  dk, dv, dbeta = kernel(*map(flat, (k, v, x, y, do, gates, d_bounds_kk_t, d_bounds_kv)))
+  # k and v as they come if 16-bit floats (converted as the kernel loads them), every other operand f32
+  dk, dv, dbeta = kernel(flat(kernel_rows(k)), flat(kernel_rows(v)),
+                         *map(wide, (x, y, do, gates, d_bounds_kk_t, d_bounds_kv)))
   unflat = lambda a: a.reshape(batch, heads, *a.shape[1:])
   return unflat(dk).astype(k.dtype), unflat(dv).astype(v.dtype), unflat(dbeta)
 

@@ -26,6 +26,9 @@ F16_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # eve
 # 8 × 32 tiles and a 128-byte swizzle each load or store also swapped register pairs, a select per element (ptxas:
 # the two-scan chunk 872 → 803 instructions, its registers 170 → 140; W's load took 32 of a CG step's 40 selects).
 F32_TILES = (plgpu.TilingTransform((8, 8)), plgpu.SwizzleTransform(32))
+# Rows (q, k, v) may arrive as 16-bit floats: a kernel converts them to f32 as it loads them, which halves their
+# bytes in global memory (`mesanet_jax.ops.chunked.row_dtype`).
+HALF_ROWS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # The kernel orders its own shared memory accesses (commit_smem before a wgmma or TMA reads what threads wrote): Pallas'
 # automatic barriers around every shared-memory load and store would put barriers inside the CG loop.
 COMPILER_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, reduction_scratch_bytes=64)
@@ -58,6 +61,17 @@ def is_hopper_kind(device_kind: str) -> bool:
   return device_kind.startswith(("NVIDIA H100", "NVIDIA H200", "NVIDIA H800", "NVIDIA GH200"))
 
 
+def kernel_rows(x):
+  """x as a kernel takes a row operand: as it is if a 16-bit float (converted on load), else in f32."""
+  return x if x.dtype in HALF_ROWS else x.astype(jnp.float32)
+
+
+def landing_tiles(dtype):
+  """Shared-memory tiling of an array of `dtype` that threads load in the WGMMA layout: F32_TILES for f32, 128-byte
+  rows (F16_TILES) for a 16-bit float."""
+  return F32_TILES if jnp.dtype(dtype).itemsize == 4 else F16_TILES
+
+
 def fp16_parts(x, passes: int):
   """fp16(x) and, for 3 passes, fp16(x − fp16(x)), for x already scaled into fp16's range."""
   hi = x.astype(jnp.float16)
@@ -70,11 +84,12 @@ def store_parts(ref, x, passes: int):
 
 
 def stage_scaled(gmem, index: tuple, parts, passes: int, sigma=None):
-  """Stages gmem[index] ([R, D] in global memory, R a multiple of 64) in `parts` as the fp16 parts of
-  T · gmem[index] / σ, loaded in blocks of 64 rows; returns σ. σ: max |gmem[index]| (a scalar, floored), or the
-  `sigma` given, a bound on it known beforehand: then each block is stored as it arrives (64 registers a thread for
-  any R, and no reduction over the whole array)."""
-  load = lambda h: plgpu.load(gmem.at[(*index, pl.ds(ROWS * h, ROWS))], layout=WGMMA, optimized=False)
+  """Stages gmem[index] ([R, D] in global memory, f32 or a 16-bit float; R a multiple of 64) in `parts` as the fp16
+  parts of T · gmem[index] / σ, loaded in blocks of 64 rows; returns σ. σ: max |gmem[index]| (a scalar, floored), or
+  the `sigma` given, a bound on it known beforehand: then each block is stored as it arrives (64 registers a thread
+  for any R, and no reduction over the whole array)."""
+  load = lambda h: plgpu.load(gmem.at[(*index, pl.ds(ROWS * h, ROWS))], layout=WGMMA, optimized=False).astype(
+      jnp.float32)
   count = gmem.shape[len(index)] // ROWS
   if sigma is None:
     blocks = [load(h) for h in range(count)]

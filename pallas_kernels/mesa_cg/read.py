@@ -24,7 +24,8 @@ def _read_kernel(x_ref, keys_ref, values_ref, decay_col_ref, decay_row_ref, beta
   Writes out [C, E]."""
   decay_col = decay_col_ref[...]
   mask = decay_mask(decay_col, decay_row_ref[...]) * beta_row_ref[...]
-  out_ref[...] = causal_product(x_ref[...], keys_ref[...], values_ref[...], states_ref[...], jnp.exp(decay_col), mask,
+  keys, values = keys_ref[...].astype(out_ref.dtype), values_ref[...].astype(out_ref.dtype)  # 16-bit rows: on load
+  out_ref[...] = causal_product(x_ref[...], keys, values, states_ref[...], jnp.exp(decay_col), mask,
                                 dots(precision, out_ref.dtype), transpose_states=transpose_states)
 
 
@@ -32,7 +33,8 @@ def causal_read(x, keys, values, states, log_decay, beta, *, transpose_states: b
                 precision: lax.Precision | lax.DotAlgorithmPreset, num_warps: int | None = None, num_stages: int = 1):
   """Row t of every chunk: x_t times the state at t, with the chunk start states S (or Sᵀ).
 
-  Args: x, keys: [B, H, N, C, D]; values: [B, H, N, C, E]; states: [B, H, N (or more), D, E], entry n the start
+  Args: x, keys: [B, H, N, C, D]; values: [B, H, N, C, E] (keys and values may be narrower than x: the kernel
+  converts them to x's dtype as it loads them); states: [B, H, N (or more), D, E], entry n the start
   state of chunk n ([..., E, D] if transpose_states); log_decay, beta: [B, H, N, C]. Returns [B, H, N, C, E].
   """
   batch, heads, num_chunks, size, dim = x.shape

@@ -49,15 +49,17 @@ def chunked_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int
                      num_warps: int | None = None, num_stages: int = 1):
   """Solves (H_kk[t] + Λ) x_t = rhs_t for all tokens with a fused Pallas kernel.
 
-  Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk]; log_decay (within-chunk cumulative log
-  decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or more), Dk, Dk] the transposed chunk start
-  states Sᵀ (entry n is read for chunk n, so the boundary states of `chunk_states` serve as they are).
+  Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] (computed in the states' dtype);
+  log_decay (within-chunk cumulative log decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or
+  more), Dk, Dk] the transposed chunk start states Sᵀ (entry n is read for chunk n, so the boundary states of
+  `chunk_states` serve as they are).
   cg_tol: None for exactly cg_steps steps; else each row stops once ‖r‖ ≤ cg_tol·‖r₀‖ and a program's loop ends when
   all of its chunk's rows have. cg_preconditioner: "none" or "jacobi" (`mesa_chunked`'s).
   precision: a lax.Precision, mapped per backend by `dot_precision`, or an explicit DotAlgorithmPreset.
   Returns x: [B, H, N, C, Dk] and the steps each row took, int32 [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = rhs.shape
+  rhs, k = rhs.astype(states_kk_t.dtype), k.astype(states_kk_t.dtype)  # 16-bit rows computed in the states' dtype
   lam_rows = jnp.broadcast_to(lam[None, :, None, :], (batch, heads, 1, key_dim)).reshape(batch * heads, 1, key_dim)
   kernel = functools.partial(_solve_kernel, cg=CGOptions(cg_steps, cg_init, cg_tol, cg_preconditioner),
                              precision=dot_precision(precision, rhs.dtype))

@@ -36,8 +36,8 @@ from mesanet_jax.ops.cg import CARRIED, Iterate
 from mesanet_jax.ops.inputs import CGOptions, inverse_diagonal, solve_from_diagonal
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, max_abs, pass_pairs,
-    per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, HALF_ROWS, ROW, ROWS, TOP, WGMMA, is_hopper, kernel_rows, max_abs,
+    pass_pairs, per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
@@ -46,8 +46,8 @@ def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
     return f"chunk_size={chunk_size}: the Hopper solve takes 32 or 64 (64 tokens a warpgroup: one chunk or two)"
   if key_dim not in (64, 128):
     return f"key_dim={key_dim}: the Hopper solve takes 64 or 128 (128-byte fp16 operand rows)"
-  if jnp.dtype(dtype) != jnp.float32:
-    return f"dtype={jnp.dtype(dtype)}: the Hopper solve takes f32 inputs"
+  if jnp.dtype(dtype) != jnp.float32 and jnp.dtype(dtype) not in HALF_ROWS:
+    return f"dtype={jnp.dtype(dtype)}: the Hopper solve takes f32 right-hand sides, or bf16 / f16 ones"
   return None
 
 
@@ -91,7 +91,7 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
   # spilled as much and took another KiB).
   load_lam = lambda: plgpu.load(features_gmem.at[bh, n, 0], layout=COL, optimized=False)
 
-  keys = plgpu.load(k_gmem.at[bh, n], layout=WGMMA, optimized=False)  # [64, Dk]
+  keys = plgpu.load(k_gmem.at[bh, n], layout=WGMMA, optimized=False).astype(jnp.float32)  # [64, Dk]
   sigma_k = max_abs(keys)
   keys = keys * (1.0 / sigma_k)
   store_parts(k_parts, keys * TOP, passes)  # K̃
@@ -186,7 +186,7 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
       loop_x_smem[...] = plgpu.load(loop_x_smem, layout=WGMMA) + increment
       return token
     iterate = Iterate(start, add)
-  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=WGMMA, optimized=False)  # [64, Dk]
+  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=WGMMA, optimized=False).astype(jnp.float32)  # [64, Dk]
   x, steps = solve_from_diagonal(matvec, rhs, diagonal, cg, preconditioner, iterate)
 
   if x_in_smem:
@@ -237,7 +237,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
                     lhs_in_registers: bool | None = None, x_in_shared_memory: bool | None = None, read=None):
   """`chunked_cg_solve` on Hopper tensor cores.
 
-  Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32; log_decay (within-chunk cumulative log
+  Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32, or bf16 / f16 (converted to f32 as
+  the kernel loads them, as are the read's values); log_decay (within-chunk cumulative log
   decay G), beta: [B, H, N, C]; lam: [H, Dk]; states_kk_t: [B, H, N (or more), Dk, Dk] = Sᵀ (entry n for chunk n),
   positive semidefinite as every Mesa state (its scale is read from its diagonal).
   cg_tol: None for exactly cg_steps steps; else each row stops once ‖r‖ ≤ cg_tol·‖r₀‖, and a chunk's loop ends when
@@ -250,7 +251,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   pass with the left operands in registers (two CTAs) or at three passes (one). ptxas at Dk = 128 with a
   tolerance, x in registers → in shared memory: one pass (left operands in registers) a CG step of 1,458 → 1,186
   instructions, 354 → 23 local loads and stores, 18 → 82 shared ones; three passes (staged) 2,239 → 2,122,
-  277 → 97 and 58 → 122. Not yet timed on a GPU (`solve_bench.py --kernels=rows,rows_x_registers`).
+  277 → 97 and 58 → 122. On an H100 (`solve_bench.py --kernels=rows,rows_x_registers`, B=8 T=2048 H=16, one
+  pass): 30 steps 1.64 ms against 2.50 with x in registers, tol 1e-4 0.89 against 1.37 (benchmarks/RESULTS.md).
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
   kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
   `fuses_read` allows).
@@ -270,9 +272,9 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if x_in_shared_memory is None:  # 1 / diag(A) or one pass's staged operands: with x too, fewer CTAs would fit an SM
     x_in_shared_memory = not cg.preconditioned and (lhs_in_registers or passes == 3)
   counted = cg_tol is not None
-  rhs, k, log_decay, beta = (x.astype(jnp.float32) for x in (rhs, k, log_decay, beta))
-  states_kk_t = states_kk_t.astype(jnp.float32)
-  by_token = [rhs, k, beta] + ([values.astype(jnp.float32)] if read is not None else [])
+  rhs, k = kernel_rows(rhs), kernel_rows(k)  # 16-bit rows are converted as the kernel loads them
+  log_decay, beta, states_kk_t = (x.astype(jnp.float32) for x in (log_decay, beta, states_kk_t))
+  by_token = [rhs, k, beta] + ([kernel_rows(values)] if read is not None else [])
   state_stride = 1
   if size < ROWS:
     # A_t (and the read) depends on the tokens before t alone: a pair runs on its first chunk's start state.

@@ -42,10 +42,11 @@ def chunk_states(a, b, weights, chunk_decay, initial, *, reverse: bool = False,
                  block: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
   """The carry of carry ← chunk_decay·carry + Σ_s weights_s a_s b_sᵀ at every chunk boundary.
 
-  Args: a: [B, H, N, C, D]; b: [B, H, N, C, E]; weights: [B, H, N, C]; chunk_decay: [B, H, N]; initial: [B, H, D, E];
-  reverse: scan from the last chunk to the first; row_block, block: key-dim and value-dim block per program;
+  Args: a: [B, H, N, C, D]; b: [B, H, N, C, E] (either may be a 16-bit float: scanned in the carry's dtype);
+  weights: [B, H, N, C]; chunk_decay: [B, H, N]; initial: [B, H, D, E]; reverse: scan from the last chunk to the
+  first; row_block, block: key-dim and value-dim block per program;
   num_warps, num_stages: Triton's (every setting None takes `state_scan_tiling`'s, or the Hopper scan,
-  `states_hopper.hopper_chunk_states`, on sm_90 where it takes the sizes: C = 64, dims multiples of 64, f32).
+  `states_hopper.hopper_chunk_states`, on sm_90 where it takes the sizes: C = 64, dims multiples of 64, f32 carries).
   Returns [B, H, N+1, D, E]: entry n is the carry at the boundary before chunk n, i.e. initial plus chunks < n
   (entry 0 = initial, entry N = final), or, reversed, initial plus chunks ≥ n (entry N = initial, entry 0 = final).
   """
@@ -54,6 +55,7 @@ def chunk_states(a, b, weights, chunk_decay, initial, *, reverse: bool = False,
   tiling_given = any(x is not None for x in (row_block, block, num_warps, num_stages))
   if not tiling_given and use_hopper_states(size, dim, (width,), initial.dtype, precision):
     return hopper_chunk_states(a, (b,), (weights,), chunk_decay, (initial,), reverse=reverse, precision=precision)[0]
+  a, b = a.astype(initial.dtype), b.astype(initial.dtype)  # 16-bit rows scanned in the carry's dtype
   tiling = zip((row_block, block, num_warps, num_stages), state_scan_tiling(dim, width))
   row_block, block, num_warps, num_stages = (given or default for given, default in tiling)
   per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda i, r, j: (i, *(0,) * len(shape)))

@@ -7,7 +7,9 @@ backward's two state gradients: a = x), each chunk of a then loaded and staged o
 f32 each). The loads of the next `stages` − 1 chunks are in flight while chunk n is summed, and each boundary state
 leaves by a TMA store while the next chunk's products run. A chunk's product is one round of wgmma over fp16 parts
 (1 or 3 passes, as the Hopper solve's, `hopper.py`): Ã = T a / σ_a and B̃ = T (w ⊙ b) / σ_b, each scaled by its
-max |·| (T = 2^15), and carry += (σ_a σ_b / T²) Ãᵀ B̃ with Ãᵀ read transposed from shared memory.
+max |·| (T = 2^15), and carry += (σ_a σ_b / T²) Ãᵀ B̃ with Ãᵀ read transposed from shared memory. a and the b's
+land in their own dtype (16-bit rows of a bf16 model: half the bytes and landing memory) and are converted to f32
+as threads load them from their slots.
 On an H100 (B=8 T=2048 H=16 D=128, "default"; benchmarks/RESULTS.md), one kernel per scan: the forward's two scans
 took 0.53 ms against the Triton kernel's 0.66, the backward's two 0.57 against 0.79, at 64 columns and 3 stages (2
 stages: 0.56 / 0.61; 128 columns, 2 stages: 0.53 / 0.62). Two scans in one kernel, in one process on another
@@ -22,29 +24,31 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
-    COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, is_hopper, max_abs, per_row,
-    split_passes, store_parts, wgmma_sum)
+    COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, is_hopper, kernel_rows,
+    landing_tiles, max_abs, per_row, split_passes, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 
-def _shared_bytes(block: int, passes: int, stages: int, scans: int) -> int:
-  """Per CTA: `stages` f32 landing buffers of a chunk's a [64, 64], its b's [64, block] and gates [scans + 1, 64],
-  the fp16 parts of Ã and the B̃'s, one f32 boundary state per scan on its way out, and 2 KiB for the barriers and
-  the buffers' alignment."""
-  landing = 4 * ROWS * (ROWS + scans * block + scans + 1)
+def _shared_bytes(block: int, passes: int, stages: int, scans: int, row_bytes: int = 4) -> int:
+  """Per CTA: `stages` landing buffers of a chunk's a [64, 64] and b's [64, block] (row_bytes a number: 4 for f32,
+  2 for 16-bit rows) and gates [scans + 1, 64] (f32), the fp16 parts of Ã and the B̃'s, one f32 boundary state per
+  scan on its way out, and 2 KiB for the barriers and the buffers' alignment."""
+  landing = row_bytes * ROWS * (ROWS + scans * block) + 4 * ROWS * (scans + 1)
   parts = 2 * (passes // 2 + 1) * ROWS * (ROWS + scans * block)
   return stages * landing + parts + scans * 4 * ROWS * block + 2048
 
 
-def default_stages(block: int, passes: int, scans: int) -> int | None:
+def default_stages(block: int, passes: int, scans: int, row_bytes: int = 4) -> int | None:
   """Chunks in flight: 3 (fastest measured, one scan on an H100, benchmarks/RESULTS.md) or fewer where shared memory
   is short; None if not even one fits."""
-  return next((stages for stages in (3, 2, 1) if _shared_bytes(block, passes, stages, scans) <= SHARED_MEMORY), None)
+  return next((stages for stages in (3, 2, 1)
+               if _shared_bytes(block, passes, stages, scans, row_bytes) <= SHARED_MEMORY), None)
 
 
 def unsupported_reason(chunk_size: int, key_dim: int, widths: tuple[int, ...], dtype, *, block: int = 64,
-                       passes: int = 1, stages: int | None = None) -> str | None:
-  """Why the Hopper scan cannot take these sizes (widths: the value dim of each scan sharing a), or None."""
+                       passes: int = 1, stages: int | None = None, row_bytes: int = 4) -> str | None:
+  """Why the Hopper scan cannot take these sizes (widths: the value dim of each scan sharing a; dtype: the carries'),
+  or None."""
   if chunk_size != ROWS:
     return f"chunk_size={chunk_size}: the Hopper scan takes 64 (a chunk's tokens are a wgmma's 64-row operand)"
   if key_dim % ROWS or block % ROWS or any(width % block for width in widths):
@@ -54,8 +58,8 @@ def unsupported_reason(chunk_size: int, key_dim: int, widths: tuple[int, ...], d
     return f"value dims {widths}: scans sharing a kernel take one value dim (one grid)"
   if jnp.dtype(dtype) != jnp.float32:
     return f"dtype={jnp.dtype(dtype)}: the Hopper scan takes f32 inputs"
-  stages = stages or default_stages(block, passes, len(widths)) or 1
-  if (needed := _shared_bytes(block, passes, stages, len(widths))) > SHARED_MEMORY:
+  stages = stages or default_stages(block, passes, len(widths), row_bytes) or 1
+  if (needed := _shared_bytes(block, passes, stages, len(widths), row_bytes)) > SHARED_MEMORY:
     return (f"block={block}, {passes} fp16 passes, {stages} stages, {len(widths)} scans need {needed // 1024} KiB of "
             f"shared memory, more than sm_90's {SHARED_MEMORY // 1024}")
   return None
@@ -112,7 +116,7 @@ def _kernel(*refs, scans: int, reverse: bool, passes: int, stages: int):
     write(carries, n + int(reverse))
     for o in range(len(operands)):
       plgpu.barrier_wait(barriers.at[o, slot])
-    load = lambda ref, layout=WGMMA: plgpu.load(ref, layout=layout, optimized=False)
+    load = lambda ref, layout=WGMMA: plgpu.load(ref, layout=layout, optimized=False).astype(jnp.float32)
     sigma_a = stage(load(a_smem.at[slot]), a_parts)
     sigma_b = []
     for p in range(scans):
@@ -141,7 +145,8 @@ def hopper_chunk_states(a, bs: tuple, weights: tuple, chunk_decay, initials: tup
   """`states.chunk_states(a, b, w, chunk_decay, initial)` for each (b, w, initial) of bs, weights, initials, in one
   Hopper kernel that loads and stages each chunk of a once.
 
-  Args: a: [B, H, N, 64, D]; bs: [B, H, N, 64, E] each; weights: [B, H, N, 64] each; chunk_decay: [B, H, N];
+  Args: a: [B, H, N, 64, D]; bs: [B, H, N, 64, E] each (f32, or 16-bit floats: they land as they are and are
+  converted as the kernel loads them from its landing slots); weights: [B, H, N, 64] each; chunk_decay: [B, H, N];
   initials: [B, H, D, E] each; reverse: scan from the last chunk to the first. precision: lax.Precision
   (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n). block: carry columns per CTA (64 or 128);
   stages: chunks in flight (None: `default_stages`).
@@ -151,14 +156,20 @@ def hopper_chunk_states(a, bs: tuple, weights: tuple, chunk_decay, initials: tup
   batch, heads, num_chunks, size, dim = a.shape
   scans, widths = len(bs), tuple(b.shape[-1] for b in bs)
   passes = split_passes(precision)
-  stages = stages or default_stages(block, passes, scans) or 1
-  if (reason := unsupported_reason(size, dim, widths, a.dtype, block=block, passes=passes, stages=stages)):
+  a, bs = kernel_rows(a), tuple(map(kernel_rows, bs))
+  if len({a.dtype, *(b.dtype for b in bs)}) != 1:  # one landing layout for a and the b's
+    a, bs = a.astype(jnp.float32), tuple(b.astype(jnp.float32) for b in bs)
+  row_bytes = a.dtype.itemsize
+  stages = stages or default_stages(block, passes, scans, row_bytes) or 1
+  if (reason := unsupported_reason(size, dim, widths, initials[0].dtype, block=block, passes=passes, stages=stages,
+                                   row_bytes=row_bytes)):
     raise ValueError(reason)
   width = widths[0]
-  flat = lambda x: x.reshape(batch * heads, *x.shape[2:]).astype(jnp.float32)
+  flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
+  wide = lambda x: flat(x).astype(jnp.float32)
   decays = jnp.broadcast_to(chunk_decay[..., None], weights[0].shape)
   gates = jnp.stack([*weights, decays], axis=3)  # [B, H, N, scans + 1, 64]
-  landing = lambda cols: plgpu.SMEM((stages, size, cols), jnp.float32, transforms=F32_TILES)
+  landing = lambda cols: plgpu.SMEM((stages, size, cols), a.dtype, transforms=landing_tiles(a.dtype))
   parts = lambda cols: plgpu.SMEM((passes // 2 + 1, size, cols), jnp.float16, transforms=F16_TILES)
   scratch = [landing(ROWS), *(landing(block) for _ in bs), plgpu.SMEM((stages, scans + 1, size), jnp.float32),
              parts(ROWS), *(parts(block) for _ in bs),
@@ -170,5 +181,5 @@ def hopper_chunk_states(a, bs: tuple, weights: tuple, chunk_decay, initials: tup
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, dim // ROWS, width // block),
       grid_names=("bh", "rows", "cols"), compiler_params=COMPILER_PARAMS,
       interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  bounds = kernel(flat(a), *map(flat, bs), flat(gates), *map(flat, initials))
+  bounds = kernel(flat(a), *map(flat, bs), wide(gates), *map(wide, initials))
   return tuple(x.reshape(batch, heads, num_chunks + 1, dim, width) for x in bounds)

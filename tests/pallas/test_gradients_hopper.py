@@ -53,6 +53,21 @@ def test_matches_the_triton_kernel(chunk, key_dim, value_dim, chunks, precision)
 
 
 @pytest.mark.slow
+def test_bf16_rows_give_the_gradients_of_their_f32_values():
+  """k and v given as bf16 are converted as the kernel loads them: dk and dv (returned in bf16, k's and v's dtype)
+  are the f32 values' gradients rounded to bf16, dβ equal."""
+  k, v, *rest = problem(64, 64, 64, 2, seed=4)
+  k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  dk, dv, dbeta = hopper_chunk_gradients(k, v, *rest, precision=DEFAULT)
+  want_dk, want_dv, want_dbeta = hopper_chunk_gradients(k.astype(jnp.float32), v.astype(jnp.float32), *rest,
+                                                        precision=DEFAULT)
+  assert dk.dtype == dv.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(dk, want_dk.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(dv, want_dv.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(dbeta, want_dbeta)
+
+
+@pytest.mark.slow
 def test_scaling_holds_when_the_state_term_dominates():
   """State gradients 10^6 times the rows: each round's largest term sits at fp16's top, the others are scaled down
   with it and must neither overflow nor spoil the sum."""

@@ -21,12 +21,14 @@ KERNELS = ["mesa_chunk_states", "mesa_cg_solve", "mesa_causal_read", "mesa_chunk
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")  # known: DESIGN.md §5
-@pytest.mark.parametrize("cg_tol", [None, 1e-4])  # with a tolerance the solve kernel's CG is a while loop
+# With a tolerance the solve kernel's CG is a while loop; bf16 q, k, v reach the kernels as bf16 (`row_dtype`).
+@pytest.mark.parametrize("cg_tol, row_dtype", [(None, jnp.float32), (1e-4, jnp.bfloat16)])
 @pytest.mark.parametrize("backend", EXPORT_PLATFORMS)
-def test_forward_and_backward_lower(backend, cg_tol):
+def test_forward_and_backward_lower(backend, cg_tol, row_dtype):
   _, custom_call = EXPORT_PLATFORMS[backend]
   # Shapes no other test traces, so nothing traced for interpret mode is reused.
-  args = random_inputs(1, 48, 1, 16, 32, seed=9, with_state=True)
+  q, k, v, *rest = random_inputs(1, 48, 1, 16, 32, seed=9, with_state=True)
+  args = (*(x.astype(row_dtype) for x in (q, k, v)), *rest)
   op = lambda *a: mesa_chunked(*a, chunk_size=16, cg_steps=2, cg_tol=cg_tol, impl="pallas")
   loss = lambda *a: sum(jnp.sum(x) for x in jax.tree.leaves(op(*a)))  # o and the final state: every kernel runs
   exported = export_for(backend, jax.value_and_grad(loss, argnums=range(7)), *args)
@@ -49,8 +51,9 @@ def test_forward_and_backward_lower(backend, cg_tol):
 def test_hopper_kernels_are_dispatched_on_sm90(chunk_size, mosaic_kernels, mosaic_calls):
   """On an (abstract) H200 the forward and the adjoint solve (and at C = 64 the token gradients and every chunk-state
   scan) of impl="pallas" run Mosaic GPU kernels where they take the sizes (Dk = 64), the other stages stay Triton
-  kernels."""
-  args = random_inputs(1, 64, 1, 64, 64, seed=12)[:6]
+  kernels. q, k, v in bf16, as a bf16 model passes them."""
+  q, k, v, *rest = random_inputs(1, 64, 1, 64, 64, seed=12)[:6]
+  args = (*(x.astype(jnp.bfloat16) for x in (q, k, v)), *rest)
   op = lambda *a: mesa_chunked(*a, chunk_size=chunk_size, cg_steps=2, impl="pallas")
   loss = lambda *a: jnp.sum(op(*a)[0])
   module = export_for("gpu", jax.grad(loss, argnums=range(6)), *args).mlir_module()
@@ -110,19 +113,22 @@ def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision
   assert f"tensor<2x4x{key_dim}x{key_dim}xf32>" in kernel_operands[0]
 
 
-@pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner, x_in_shared_memory", [
-    (64, 128, 128, True, "none", None),  # the GPU default: left operands (x̂, Ẑ) in registers, x in shared memory
-    (64, 128, 128, True, "jacobi", None),  # and 1 / diag(A) in shared memory beside the read's operands (x not)
-    (32, 64, 64, False, "none", None),  # pairs of chunks, staged left operands
-    (64, 128, 128, True, "none", False),  # x through the CG loop in registers
+@pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner, x_in_shared_memory, "
+                         "row_dtype", [
+    # the GPU default: left operands (x̂, Ẑ) in registers, x in shared memory; q, k, v as a bf16 model gives them
+    (64, 128, 128, True, "none", None, jnp.bfloat16),
+    (64, 128, 128, True, "jacobi", None, jnp.float32),  # 1 / diag(A) in shared memory beside the read's (x not)
+    (32, 64, 64, False, "none", None, jnp.float16),  # pairs of chunks, staged left operands
+    (64, 128, 128, True, "none", False, jnp.float32),  # x through the CG loop in registers
 ])
 def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner,
-                                                     x_in_shared_memory):
-  """The solve that also makes o (`read=`) through Mosaic GPU's lowering for sm_90, with the boundary states whole."""
-  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
-          rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim), rows(1, 2, 3, chunk, value_dim),
-          rows(1, 2, 4, key_dim, value_dim))
+                                                     x_in_shared_memory, row_dtype):
+  """The solve that also makes o (`read=`) through Mosaic GPU's lowering for sm_90, with the boundary states whole
+  and the rows (rhs, k, v) in their own dtype, converted as the kernel loads them."""
+  rows = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  args = (rows(1, 2, 3, chunk, key_dim, dtype=row_dtype), rows(1, 2, 3, chunk, key_dim, dtype=row_dtype),
+          rows(1, 2, 3, chunk), rows(1, 2, 3, chunk), rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim),
+          rows(1, 2, 3, chunk, value_dim, dtype=row_dtype), rows(1, 2, 4, key_dim, value_dim))
   solve = lambda *a: hopper_cg_solve(*a[:6], cg_steps=3, cg_init="jacobi", cg_tol=1e-4,
                                      cg_preconditioner=cg_preconditioner, precision=jax.lax.Precision.DEFAULT,
                                      lhs_in_registers=lhs_in_registers, x_in_shared_memory=x_in_shared_memory,
@@ -130,16 +136,21 @@ def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, l
   kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", solve, *args).mlir_module())
   assert len(kernel_operands) == 1
   assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]
+  # rhs, k and v reach the kernel in their own dtype (no f32 copy made outside), 64 rows a program
+  element = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[row_dtype]
+  row_types = [f"x64x{width}x{element}>" for width in (key_dim, key_dim, value_dim)]
+  assert all(kernel_operands[0].count(row_type) >= row_types.count(row_type) for row_type in row_types)
 
 
-@pytest.mark.parametrize("chunk, key_dim, value_dim, precision", [
-    (64, 128, 128, jax.lax.Precision.DEFAULT),  # fla's head size
-    (64, 64, 128, jax.lax.Precision.HIGHEST),
+@pytest.mark.parametrize("chunk, key_dim, value_dim, precision, row_dtype", [
+    (64, 128, 128, jax.lax.Precision.DEFAULT, jnp.bfloat16),  # fla's head size, k and v as a bf16 model gives them
+    (64, 64, 128, jax.lax.Precision.HIGHEST, jnp.float32),
 ])
-def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision):
+def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision, row_dtype):
   """Mosaic GPU's own lowering of the token-gradients kernel runs for sm_90; ptxas does not."""
-  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  args = (rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, value_dim), rows(1, 2, 3, chunk, key_dim),
+  rows = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  args = (rows(1, 2, 3, chunk, key_dim, dtype=row_dtype), rows(1, 2, 3, chunk, value_dim, dtype=row_dtype),
+          rows(1, 2, 3, chunk, key_dim),
           rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, value_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
           rows(1, 2, 4, key_dim, key_dim), rows(1, 2, 4, key_dim, value_dim))
   gradients = functools.partial(hopper_chunk_gradients, precision=precision)
@@ -150,21 +161,23 @@ def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision):
   assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]
 
 
-@pytest.mark.parametrize("key_dim, value_dim, scans, block, precision, reverse", [
-    (128, 128, 2, 64, jax.lax.Precision.DEFAULT, False),  # the forward's two scans at fla's head size, 3 stages
-    (128, 128, 2, 64, jax.lax.Precision.HIGHEST, True),  # the backward's two at three passes: 2 stages fit
-    (64, 128, 1, 128, jax.lax.Precision.HIGHEST, True),  # three passes, the whole value dim a CTA, reversed
+@pytest.mark.parametrize("key_dim, value_dim, scans, block, precision, reverse, row_dtype", [
+    # the forward's two scans at fla's head size, 3 stages, on k and v as a bf16 model gives them
+    (128, 128, 2, 64, jax.lax.Precision.DEFAULT, False, jnp.bfloat16),
+    (128, 128, 2, 64, jax.lax.Precision.HIGHEST, True, jnp.float32),  # the backward's two at three passes: 2 stages
+    (64, 128, 1, 128, jax.lax.Precision.HIGHEST, True, jnp.float32),  # three passes, the whole value dim a CTA
 ])
-def test_hopper_state_scan_lowers_for_cuda(key_dim, value_dim, scans, block, precision, reverse):
+def test_hopper_state_scan_lowers_for_cuda(key_dim, value_dim, scans, block, precision, reverse, row_dtype):
   """Mosaic GPU's own lowering of the chunk-state scan (TMA loads into landing slots, barriers, transposed wgmma
   operand, TMA stores) runs for sm_90; ptxas does not."""
-  rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  args = (rows(1, 2, 3, 64, key_dim), (rows(1, 2, 3, 64, value_dim),) * scans, (rows(1, 2, 3, 64),) * scans,
-          rows(1, 2, 3), (rows(1, 2, key_dim, value_dim),) * scans)
+  rows = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  args = (rows(1, 2, 3, 64, key_dim, dtype=row_dtype), (rows(1, 2, 3, 64, value_dim, dtype=row_dtype),) * scans,
+          (rows(1, 2, 3, 64),) * scans, rows(1, 2, 3), (rows(1, 2, key_dim, value_dim),) * scans)
   scan = functools.partial(hopper_chunk_states, precision=precision, block=block, reverse=reverse)
   kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", scan, *args).mlir_module())
   assert len(kernel_operands) == 1
-  assert kernel_operands[0].count(f"tensor<2x3x64x{value_dim}xf32>") == scans + (key_dim == value_dim)  # b's, a
+  element = {jnp.bfloat16: "bf16", jnp.float32: "f32"}[row_dtype]  # a and the b's land in their own dtype
+  assert kernel_operands[0].count(f"tensor<2x3x64x{value_dim}x{element}>") == scans + (key_dim == value_dim)
   assert kernel_operands[0].count(f"tensor<2x{key_dim}x{value_dim}xf32>") == scans  # the initial states
 
 

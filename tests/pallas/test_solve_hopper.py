@@ -170,6 +170,22 @@ def test_x_in_shared_memory_solves_as_x_in_registers():
   assert max_abs(o, o_ref) <= 1e-6 * scale(o_ref)
 
 
+@pytest.mark.slow
+def test_bf16_rows_solve_as_their_f32_values():
+  """rhs, k and v given as bf16 (as a bf16 model's q, k, v reach the op) are converted as the kernel loads them: x, o
+  and the steps are those of the same values given in f32, bit for bit."""
+  q, k, v, g, beta, lam, state = random_inputs(1, 64, 2, 64, 64, with_state=True, seed=9)
+  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, 1, 64, *x.shape[3:])
+  q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  log_decay = jnp.cumsum(g, axis=-1)
+  op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
+  solve = lambda q, k, v: hopper_cg_solve(q, k, log_decay, beta, lam, op.states.kk_t, cg_steps=30, cg_init="jacobi",
+                                          cg_tol=1e-3, precision=DEFAULT, read=(v, op.states.kv))
+  for got, want in zip(solve(q, k, v), solve(*(x.astype(jnp.float32) for x in (q, k, v)))):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_read_refused_where_it_does_not_fit():
   rows = lambda *shape: jnp.zeros((1, 2, 1, 64, *shape))  # refused before anything is traced: zeros will do
   args = (rows(64), rows(64), rows(), rows(), jnp.ones((2, 64)), jnp.zeros((1, 2, 2, 64, 64)))
@@ -208,8 +224,9 @@ def test_state_scale_from_the_diagonal_bounds_every_entry(x64):
 def test_refuses_what_it_cannot_take():
   assert unsupported_reason(16, 128, jnp.float32).startswith("chunk_size=16")
   assert unsupported_reason(64, 32, jnp.float32).startswith("key_dim=32")
-  assert unsupported_reason(64, 128, jnp.bfloat16).startswith("dtype=bfloat16")
+  assert unsupported_reason(64, 128, jnp.float64).startswith("dtype=float64")
   assert unsupported_reason(32, 128, jnp.float32) is None
+  assert unsupported_reason(64, 128, jnp.bfloat16) is None  # 16-bit rows, converted as the kernel loads them
   args, _ = problem(32, 64)
   with pytest.raises(ValueError, match="precision must be"):
     hopper_cg_solve(*args, cg_steps=1, cg_init="zero", precision=lax.DotAlgorithmPreset.TF32_TF32_F32)

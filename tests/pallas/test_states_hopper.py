@@ -80,6 +80,16 @@ def test_scans_sharing_a_match_each_alone(reverse, precision):
     assert max_abs(got, alone) <= TOLERANCE[precision] * scale(alone)
 
 
+def test_bf16_rows_scan_as_their_f32_values():
+  """a and the b's given as bf16 (the forward's k and v from a bf16 model) land in shared memory as bf16 and are
+  converted as the kernel loads them: the states are those of the same values given in f32, bit for bit."""
+  (a, b, weights, decay, initial), _ = scan_problem(3, 64, 64)
+  a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  scans = lambda a, b: hopper_chunk_states(a, (a, b), (weights, weights), decay, (initial, initial), precision=DEFAULT)
+  for got, want in zip(scans(a, b), scans(a.astype(jnp.float32), b.astype(jnp.float32))):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_each_chunk_scaled_on_its_own():
   """A chunk whose operands are 1e-6 of the next one's keeps its relative accuracy: the fp16 parts are scaled per
   chunk, so its state (the first boundary after it, from a zero start) neither underflows nor rounds to the later

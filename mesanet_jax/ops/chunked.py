@@ -70,6 +70,7 @@ def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
   else:
     x, steps = _solve(op, q, static)
     o = op.output(x)
+  o = o.astype(static.row_dtypes[0])  # q's: o leaves the core rounded once (the Hopper solve writes it so already)
   forward_steps = step_stats(steps, static.length)
   operator = op if static.save_states else (k, v, log_decay, beta, lam, state)
   return (o, op.states.at(-1), forward_steps), (operator, probe, x, forward_steps)
@@ -78,14 +79,15 @@ def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _chunked_core(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
   """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv] (each in `row_dtype`'s dtype: the operator computes
-  in log_decay's); log_decay, beta [B, H, N, C]; lam [H, Dk]; probe None or [B, H, 4]. Returns o, the final state and
-  the forward steps statistics [B, H, 2]."""
+  in log_decay's); log_decay, beta [B, H, N, C]; lam [H, Dk]; probe None or [B, H, 4]. Returns o (in q's dtype), the
+  final state and the forward steps statistics [B, H, 2]."""
   return _core_forward(q, k, v, log_decay, beta, lam, state, probe, static)[0]
 
 
 def _core_backward(static: _Static, residuals, cotangents):
   operator, probe, x, forward_steps = residuals
   do, d_final, _ = cotangents
+  do = do.astype(x.dtype)  # in q's dtype, as o; the backward computes in x's
   op = operator if static.save_states else operator_class(static.impl).build(*operator, static.precision)
   u = op.adjoint_rhs(do)
   y, adjoint_steps = _solve(op, u, static)

@@ -37,7 +37,7 @@ from mesanet_jax.ops.inputs import CGOptions, inverse_diagonal, solve_from_diago
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
     COL, COMPILER_PARAMS, F16_TILES, F32_TILES, HALF_ROWS, ROW, ROWS, TOP, WGMMA, is_hopper, kernel_rows, max_abs,
-    pass_pairs, per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
+    landing_tiles, pass_pairs, per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
@@ -226,7 +226,8 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
   intra_term = wgmma_sum([(z_parts, lambda b: v_parts.at[b])], out, passes)
   state_scale = jnp.exp(log_decay_t) * (sigma_x / TOP) * (sigma_kv / TOP)
   intra_scale = ((sigma_z / TOP) * (sigma_x / TOP)) * ((sigma_v / TOP) * (sigma_k / TOP))
-  o_smem[...] = state_term * per_row(state_scale, out) + intra_term * per_row(intra_scale, out)  # S̃_kv read
+  o = state_term * per_row(state_scale, out) + intra_term * per_row(intra_scale, out)
+  o_smem[...] = o.astype(o_smem.dtype)  # S̃_kv's memory: read by the state term's round
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bh, n])
   plgpu.wait_smem_to_gmem(0)
@@ -256,7 +257,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
   kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
   `fuses_read` allows).
-  Returns x: [B, H, N, C, Dk], with `read` o: [B, H, N, C, Dv] (f32), and the steps each row took, int32 [B, H, N, C].
+  Returns x: [B, H, N, C, Dk] (f32), with `read` o: [B, H, N, C, Dv] in rhs's dtype (f32, or the 16-bit float q
+  came in: the op's output dtype, rounded once), and the steps each row took, int32 [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = rhs.shape
   if (reason := unsupported_reason(size, key_dim, rhs.dtype)) is not None:
@@ -292,7 +294,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   weights = f32_rows(ROWS)  # W
   if read is not None:
     value_dim = states_kv.shape[-1]
-    union += [parts(key_dim, value_dim), f32_rows(value_dim)]
+    o_dtype = rhs.dtype  # f32, or the 16-bit float q came in: o leaves in the op's output dtype
+    union += [parts(key_dim, value_dim), plgpu.SMEM((ROWS, value_dim), o_dtype, transforms=landing_tiles(o_dtype))]
     weights = plgpu.RefUnion(weights, parts(ROWS, value_dim))  # W, then Ṽ
   if cg.uses_diagonal:  # (K / σ_K)²
     union.append(parts(ROWS))
@@ -307,7 +310,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   if read is not None:
-    out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), jnp.float32))
+    out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), o_dtype))
   kernel = plgpu.kernel(
       functools.partial(_kernel, cg=cg, passes=passes, state_stride=state_stride, read=read is not None,
                         x_in_smem=x_in_shared_memory),

@@ -172,8 +172,9 @@ def test_x_in_shared_memory_solves_as_x_in_registers():
 
 @pytest.mark.slow
 def test_bf16_rows_solve_as_their_f32_values():
-  """rhs, k and v given as bf16 (as a bf16 model's q, k, v reach the op) are converted as the kernel loads them: x, o
-  and the steps are those of the same values given in f32, bit for bit."""
+  """rhs, k and v given as bf16 (as a bf16 model's q, k, v reach the op) are converted as the kernel loads them: x
+  and the steps are those of the same values given in f32, bit for bit, and o (written in rhs's dtype) is their o
+  rounded to bf16."""
   q, k, v, g, beta, lam, state = random_inputs(1, 64, 2, 64, 64, with_state=True, seed=9)
   chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, 1, 64, *x.shape[3:])
   q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
@@ -182,8 +183,11 @@ def test_bf16_rows_solve_as_their_f32_values():
   op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
   solve = lambda q, k, v: hopper_cg_solve(q, k, log_decay, beta, lam, op.states.kk_t, cg_steps=30, cg_init="jacobi",
                                           cg_tol=1e-3, precision=DEFAULT, read=(v, op.states.kv))
-  for got, want in zip(solve(q, k, v), solve(*(x.astype(jnp.float32) for x in (q, k, v)))):
-    np.testing.assert_array_equal(got, want)
+  (x, o, steps), (want_x, want_o, want_steps) = solve(q, k, v), solve(*(x.astype(jnp.float32) for x in (q, k, v)))
+  assert x.dtype == jnp.float32 and o.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(x, want_x)
+  np.testing.assert_array_equal(steps, want_steps)
+  np.testing.assert_array_equal(o, want_o.astype(jnp.bfloat16))
 
 
 def test_read_refused_where_it_does_not_fit():

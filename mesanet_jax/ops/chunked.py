@@ -63,10 +63,12 @@ def _solve(op, rhs: jax.Array, static: _Static) -> tuple[jax.Array, jax.Array]:
   return x + scale * correction, steps + more_steps
 
 
-def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
+def _forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static, solution: bool):
+  """The core's outputs and its backward's residuals; without `solution` (no gradient taken) the operator need not
+  write x out, and the residuals hold None for it."""
   op = operator_class(static.impl).build(k, v, log_decay, beta, lam, state, static.precision)
   if static.solve_precision is None:
-    x, o, steps = op.solve_and_output(q, static.cg)
+    x, o, steps = op.solve_and_output(q, static.cg, solution)
   else:
     x, steps = _solve(op, q, static)
     o = op.output(x)
@@ -76,12 +78,16 @@ def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
   return (o, op.states.at(-1), forward_steps), (operator, probe, x, forward_steps)
 
 
+def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
+  return _forward(q, k, v, log_decay, beta, lam, state, probe, static, solution=True)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _chunked_core(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
   """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv] (each in `row_dtype`'s dtype: the operator computes
   in log_decay's); log_decay, beta [B, H, N, C]; lam [H, Dk]; probe None or [B, H, 4]. Returns o (in q's dtype), the
   final state and the forward steps statistics [B, H, 2]."""
-  return _core_forward(q, k, v, log_decay, beta, lam, state, probe, static)[0]
+  return _forward(q, k, v, log_decay, beta, lam, state, probe, static, solution=False)[0]
 
 
 def _core_backward(static: _Static, residuals, cotangents):

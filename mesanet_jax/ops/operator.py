@@ -51,8 +51,10 @@ class ChunkedSequence:
   states: BoundaryStates
   precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
 
-  def solve_and_output(self, rhs: jax.Array, cg: CGOptions):
-    """The forward's x, o and steps: `solve`, then `output` (an implementation may make o inside its solve)."""
+  def solve_and_output(self, rhs: jax.Array, cg: CGOptions, solution: bool = True):
+    """The forward's x, o and steps: `solve`, then `output` (an implementation may make o inside its solve, and
+    without `solution` return None for x)."""
+    del solution  # x is made either way here
     x, steps = self.solve(rhs, cg)
     return x, self.output(x), steps
 
@@ -109,8 +111,10 @@ class ChunkedOperator(Protocol):
   def output(self, x: jax.Array) -> jax.Array:
     """o_t = H_kv[t]ᵀ x_t, [B, H, N, C, Dv]."""
 
-  def solve_and_output(self, rhs: jax.Array, cg: CGOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`solve` and `output` of its x: x, o and the steps (`ChunkedSequence` provides it as the two stages)."""
+  def solve_and_output(self, rhs: jax.Array, cg: CGOptions,
+                       solution: bool = True) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    """`solve` and `output` of its x: x, o and the steps (`ChunkedSequence` provides it as the two stages).
+    solution=False: x is not needed (a forward no gradient is taken of), and may come back as None."""
 
   def adjoint_rhs(self, do: jax.Array) -> jax.Array:
     """u_t = H_kv[t] do_t, the adjoint solve's right-hand side, [B, H, N, C, Dk]."""

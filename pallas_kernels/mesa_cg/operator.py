@@ -76,13 +76,15 @@ class PallasOperator(ChunkedSequence):
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)
 
-  def solve_and_output(self, rhs, cg: CGOptions):
+  def solve_and_output(self, rhs, cg: CGOptions, solution: bool = True):
     """The Hopper solve makes o from x on chip where it fuses the read (one fp16 pass, `solve_hopper.fuses_read`),
-    instead of the read kernel loading x, k, v and the gates again; else solve, then the read kernel."""
+    instead of the read kernel loading x, k, v and the gates again, and writes x only if `solution`; else solve,
+    then the read kernel."""
     if not (self._uses_hopper_solve(rhs) and fuses_read(self.v.shape[-1], self.precision)):
-      return super().solve_and_output(rhs, cg)
+      return super().solve_and_output(rhs, cg, solution)
     return hopper_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t,
-                           **_kernel_options(cg), precision=self.precision, read=(self.v, self.states.kv))
+                           **_kernel_options(cg), precision=self.precision, read=(self.v, self.states.kv),
+                           solution=solution)
 
   def adjoint_rhs(self, do):
     return causal_read(do, self.v, self.k, self.states.kv, self.log_decay, self.beta, transpose_states=True,

@@ -63,21 +63,23 @@ def fuses_read(value_dim: int, precision) -> bool:
   return split_passes(precision) == 1 and value_dim in (64, 128)
 
 
-def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_in_smem: bool):
-  """The CTA of (batch·head, chunk of 64): x for the chunk's rows (and the steps each took, with a tolerance; and,
-  with `read`, the causal read o of x). The chunk's start states are entry state_stride · chunk of the boundary
+def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_in_smem: bool, solution: bool):
+  """The CTA of (batch·head, chunk of 64): x for the chunk's rows (unless not `solution`; and the steps each took,
+  with a tolerance; and, with `read`, the causal read o of x). The chunk's start states are entry state_stride · chunk of the boundary
   states, read in place (a slice outside would copy them all). With `staging` refs the wgmma left operands go through
   shared memory.
 
-  refs: inputs rhs, k, gates, features, Sᵀ (and V, S_kv with `read`); outputs x (steps with a tolerance; o with
-  `read`); scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`; (K / σ_K)² where diag(A)
+  refs: inputs rhs, k, gates, features, Sᵀ (and V, S_kv with `read`); outputs x with `solution`, the steps with a
+  tolerance, o with `read`; scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`; (K / σ_K)² where diag(A)
   is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's preconditioner, x through the CG
   loop with `x_in_smem`, and the staged left operands if any."""
   counted, preconditioned, needs_diagonal = cg.tol is not None, cg.preconditioned, cg.uses_diagonal
   num_inputs = 7 if read else 5
   (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
-  x_gmem, steps_gmem, o_gmem = refs[0], refs[1] if counted else None, refs[1 + counted] if read else None
-  union, k_parts, weights, *staging = refs[1 + counted + read:]
+  num_outputs = solution + counted + read
+  outputs, refs = iter(refs[:num_outputs]), refs[num_outputs:]
+  x_gmem, steps_gmem, o_gmem = (next(outputs) if wanted else None for wanted in (solution, counted, read))
+  union, k_parts, weights, *staging = refs
   inverse_smem = staging.pop(0) if preconditioned else None  # 1 / diag(A), [64, Dk] f32
   loop_x_smem = staging.pop(0) if x_in_smem else None  # x through the CG loop, [64, Dk] f32
   weights_smem, v_parts = weights if read else (weights, None)
@@ -86,7 +88,7 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
   kv_parts, o_smem = rest[:2] if read else (None, None)
   k2_parts = rest[-1] if needs_diagonal else None
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
-  key_dim, pairs = x_gmem.shape[-1], pass_pairs(passes)
+  key_dim, pairs = rhs_gmem.shape[-1], pass_pairs(passes)
   # λ per column (Dk / 4 registers a thread; ptxas spills it or not: read from shared memory in the loop instead, it
   # spilled as much and took another KiB).
   load_lam = lambda: plgpu.load(features_gmem.at[bh, n, 0], layout=COL, optimized=False)
@@ -192,12 +194,13 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
   if x_in_smem:
     x_smem = loop_x_smem
     x = plgpu.load(loop_x_smem, layout=WGMMA) if read else None
-  else:
+  elif solution:
     x_smem[...] = x  # Sᵀ's memory: every wgmma has completed
   if counted:
     steps_smem[...] = steps
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[bh, n])
+  if solution:
+    plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[bh, n])
   if counted:
     plgpu.copy_smem_to_gmem(steps_smem, steps_gmem.at[bh, n])
   plgpu.wait_smem_to_gmem(0, wait_read_only=read)  # with the read: x's memory is staged again below
@@ -235,7 +238,8 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
 
 def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
                     cg_tol: float | None = None, cg_preconditioner: str = "none", precision,
-                    lhs_in_registers: bool | None = None, x_in_shared_memory: bool | None = None, read=None):
+                    lhs_in_registers: bool | None = None, x_in_shared_memory: bool | None = None, read=None,
+                    solution: bool = True):
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32, or bf16 / f16 (converted to f32 as
@@ -257,7 +261,9 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
   kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
   `fuses_read` allows).
-  Returns x: [B, H, N, C, Dk] (f32), with `read` o: [B, H, N, C, Dv] in rhs's dtype (f32, or the 16-bit float q
+  solution: whether x is written out; without it (o alone is wanted: a forward no gradient is taken of) the kernel
+  writes o and the steps only, 4 bytes a row entry less, and x is returned as None. Needs `read`.
+  Returns x: [B, H, N, C, Dk] (f32; None without `solution`), with `read` o: [B, H, N, C, Dv] in rhs's dtype (f32, or the 16-bit float q
   came in: the op's output dtype, rounded once), and the steps each row took, int32 [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = rhs.shape
@@ -274,6 +280,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if x_in_shared_memory is None:  # 1 / diag(A) or one pass's staged operands: with x too, fewer CTAs would fit an SM
     x_in_shared_memory = not cg.preconditioned and (lhs_in_registers or passes == 3)
   counted = cg_tol is not None
+  if not solution and read is None:
+    raise ValueError("solution=False needs read=(values, states_kv): the kernel would return nothing")
   rhs, k = kernel_rows(rhs), kernel_rows(k)  # 16-bit rows are converted as the kernel loads them
   log_decay, beta, states_kk_t = (x.astype(jnp.float32) for x in (log_decay, beta, states_kk_t))
   by_token = [rhs, k, beta] + ([kernel_rows(values)] if read is not None else [])
@@ -306,14 +314,14 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     scratch.append(f32_rows(key_dim))  # x through the loop
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
     scratch += [parts(ROWS), parts(ROWS, ROWS)]
-  out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)]
+  out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)] if solution else []
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   if read is not None:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), o_dtype))
   kernel = plgpu.kernel(
       functools.partial(_kernel, cg=cg, passes=passes, state_stride=state_stride, read=read is not None,
-                        x_in_smem=x_in_shared_memory),
+                        x_in_smem=x_in_shared_memory, solution=solution),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
   # Per program: λ and diag(S) (S's scale and the Jacobi start; a gather here, where the kernel would reduce across
@@ -322,12 +330,13 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
                         jnp.diagonal(start_states, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
   read_operands = [flat(value_rows[0]), flat(states_kv.astype(jnp.float32))] if read is not None else []
-  x, *outputs = kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t), *read_operands)
+  outputs = list(kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t), *read_operands))
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
+  x = unpair(outputs.pop(0)) if solution else None
   steps = unpair(outputs[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
   if read is not None:
-    return unpair(x), unpair(outputs[-1]), steps
-  return unpair(x), steps
+    return x, unpair(outputs[-1]), steps
+  return x, steps
 
 
 def _pair_chunks(rows: list, log_decay):

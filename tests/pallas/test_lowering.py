@@ -181,6 +181,25 @@ def test_hopper_state_scan_lowers_for_cuda(key_dim, value_dim, scans, block, pre
   assert kernel_operands[0].count(f"tensor<2x{key_dim}x{value_dim}xf32>") == scans  # the initial states
 
 
+@pytest.mark.slow  # two exports, ~10 s on one core
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_a_forward_no_gradient_is_taken_of_does_not_write_x():
+  """Without a gradient the op's custom VJP runs its primal, which asks the Hopper solve for o alone: x ([B·H,
+  programs, 64, Dk] f32) is not among the kernel's results; with one, x is (the backward's residual)."""
+  args = random_inputs(1, 64, 1, 64, 128, seed=12)[:6]
+  op = lambda *a: mesa_chunked(*a, chunk_size=64, cg_steps=2, cg_tol=1e-4, impl="pallas", matmul_precision="default")
+  results = lambda f: " ".join(_mosaic_gpu_result_types(export_for("gpu", f, *args).mlir_module()))
+  x_type = "tensor<1x1x64x64xf32>"
+  assert x_type not in results(lambda *a: op(*a)[0])
+  assert x_type in results(jax.grad(lambda *a: jnp.sum(op(*a)[0]), argnums=range(6)))
+
+
+def _mosaic_gpu_result_types(module: str) -> list[str]:
+  """The result types of every Mosaic GPU call in an exported module's text."""
+  calls = [line for line in module.splitlines() if "custom_call @mosaic_gpu_v2(" in line]
+  return [line.rsplit(") -> ", 1)[-1] for line in calls]
+
+
 def _mosaic_gpu_operand_types(module: str) -> list[str]:
   """The operand types, "(tensor<...>, ...)", of every Mosaic GPU call in an exported module's text."""
   calls = [line for line in module.splitlines() if "custom_call @mosaic_gpu_v2(" in line]

@@ -190,6 +190,25 @@ def test_bf16_rows_solve_as_their_f32_values():
   np.testing.assert_array_equal(o, want_o.astype(jnp.bfloat16))
 
 
+@pytest.mark.slow
+def test_without_the_solution_o_and_the_steps_are_the_same():
+  """solution=False (a forward no gradient is taken of): x is not written, o and the steps are as with it."""
+  q, k, v, g, beta, lam, state = random_inputs(1, 64, 2, 64, 64, with_state=True, seed=10)
+  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, 1, 64, *x.shape[3:])
+  q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
+  log_decay = jnp.cumsum(g, axis=-1)
+  op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
+  solve = lambda solution: hopper_cg_solve(q, k, log_decay, beta, lam, op.states.kk_t, cg_steps=30, cg_init="jacobi",
+                                           cg_tol=1e-3, precision=DEFAULT, read=(v, op.states.kv), solution=solution)
+  (x, o, steps), (_, want_o, want_steps) = solve(False), solve(True)
+  assert x is None
+  np.testing.assert_array_equal(o, want_o)
+  np.testing.assert_array_equal(steps, want_steps)
+  with pytest.raises(ValueError, match="solution=False needs read"):
+    hopper_cg_solve(q, k, log_decay, beta, lam, op.states.kk_t, cg_steps=1, cg_init="zero", precision=DEFAULT,
+                    solution=False)
+
+
 def test_read_refused_where_it_does_not_fit():
   rows = lambda *shape: jnp.zeros((1, 2, 1, 64, *shape))  # refused before anything is traced: zeros will do
   args = (rows(64), rows(64), rows(), rows(), jnp.ones((2, 64)), jnp.zeros((1, 2, 2, 64, 64)))

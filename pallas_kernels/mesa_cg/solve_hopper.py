@@ -65,14 +65,14 @@ def fuses_read(value_dim: int, precision) -> bool:
 
 def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_in_smem: bool, solution: bool):
   """The CTA of (batch·head, chunk of 64): x for the chunk's rows (unless not `solution`; and the steps each took,
-  with a tolerance; and, with `read`, the causal read o of x). The chunk's start states are entry state_stride · chunk of the boundary
-  states, read in place (a slice outside would copy them all). With `staging` refs the wgmma left operands go through
-  shared memory.
+  with a tolerance; and, with `read`, the causal read o of x). The chunk's start states are entry state_stride ·
+  chunk of the boundary states, read in place (a slice outside would copy them all). With `staging` refs the wgmma
+  left operands go through shared memory.
 
   refs: inputs rhs, k, gates, features, Sᵀ (and V, S_kv with `read`); outputs x with `solution`, the steps with a
-  tolerance, o with `read`; scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`; (K / σ_K)² where diag(A)
-  is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's preconditioner, x through the CG
-  loop with `x_in_smem`, and the staged left operands if any."""
+  tolerance, o with `read`; scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`;
+  (K / σ_K)² where diag(A) is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's
+  preconditioner, x through the CG loop with `x_in_smem`, and the staged left operands if any."""
   counted, preconditioned, needs_diagonal = cg.tol is not None, cg.preconditioned, cg.uses_diagonal
   num_inputs = 7 if read else 5
   (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
@@ -263,8 +263,9 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   `fuses_read` allows).
   solution: whether x is written out; without it (o alone is wanted: a forward no gradient is taken of) the kernel
   writes o and the steps only, 4 bytes a row entry less, and x is returned as None. Needs `read`.
-  Returns x: [B, H, N, C, Dk] (f32; None without `solution`), with `read` o: [B, H, N, C, Dv] in rhs's dtype (f32, or the 16-bit float q
-  came in: the op's output dtype, rounded once), and the steps each row took, int32 [B, H, N, C].
+  Returns x: [B, H, N, C, Dk] (f32; None without `solution`), with `read` o: [B, H, N, C, Dv] in rhs's dtype (f32,
+  or the 16-bit float q came in: the op's output dtype, rounded once), and the steps each row took, int32
+  [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = rhs.shape
   if (reason := unsupported_reason(size, key_dim, rhs.dtype)) is not None:

@@ -52,7 +52,8 @@ flags.DEFINE_string("sweep_states", "", "rows:block:warps:stages entries of the 
                     "0:0:0:0: chunk_states' own pick, on sm_90 at C = 64 the Hopper kernel), hopper:block:stages "
                     "(the Hopper kernel, one per scan) or shared:block:stages (0: the default stages; one Hopper "
                     "kernel for both scans of a direction, as the operator runs them), for a sweep of the forward and "
-                    "backward chunk-state scans alone at --chunk_size (empty: no sweep)")
+                    "backward chunk-state scans alone at --chunk_size (empty: no sweep); a trailing :f32 gives the "
+                    "forward's scans k and v in f32 (made before the timing) instead of as `mesa_chunked` passes them")
 flags.DEFINE_string("sweep_precisions", "tf32x3,tf32,ieee",
                     "dot algorithms of the sweep: tf32x3, tf32, bf16x3, bf16, ieee, f16x3, f16x1 (f16: scaled split)")
 FLAGS = flags.FLAGS
@@ -246,11 +247,12 @@ def sweep_state_scans(args):
   moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)
   wide = lambda x: x.astype(jnp.float32)  # the backward's x, y and do are f32 whatever q, k and v are
   operands = {"forward": (k, (k, v), (to_end, to_end)), "reversed": (wide(q), (wide(k), wide(v)), (-decay, decay))}
+  wide_operands = dict(operands, forward=(wide(k), (wide(k), wide(v)), (to_end, to_end)))
   stage = {"forward": "chunk states", "reversed": "state-gradient scans"}
   references = {}
   for entry in FLAGS.sweep_states.split(","):
-    scans = state_scan_entry(entry, precision)
-    for direction, (a, bs, weights) in operands.items():
+    scans = state_scan_entry(entry.removesuffix(":f32"), precision)
+    for direction, (a, bs, weights) in (wide_operands if entry.endswith(":f32") else operands).items():
       run = jax.jit(functools.partial(scans, reverse=direction == "reversed"))
       try:
         ms = time_ms(run, a, bs, weights, chunk_decay, initials)

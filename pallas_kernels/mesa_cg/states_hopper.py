@@ -57,7 +57,7 @@ def unsupported_reason(chunk_size: int, key_dim: int, widths: tuple[int, ...], d
   if len(set(widths)) != 1:
     return f"value dims {widths}: scans sharing a kernel take one value dim (one grid)"
   if jnp.dtype(dtype) != jnp.float32:
-    return f"dtype={jnp.dtype(dtype)}: the Hopper scan takes f32 inputs"
+    return f"dtype={jnp.dtype(dtype)}: the Hopper scan keeps f32 carries (its rows may be f32, bf16 or f16)"
   stages = stages or default_stages(block, passes, len(widths), row_bytes) or 1
   if (needed := _shared_bytes(block, passes, stages, len(widths), row_bytes)) > SHARED_MEMORY:
     return (f"block={block}, {passes} fp16 passes, {stages} stages, {len(widths)} scans need {needed // 1024} KiB of "

@@ -107,8 +107,10 @@ def test_refuses_what_it_cannot_take():
   assert "multiples of 64" in unsupported_reason(64, 96, (128,), jnp.float32)
   assert "multiples of the block" in unsupported_reason(64, 128, (64,), jnp.float32, block=128)
   assert "one value dim" in unsupported_reason(64, 128, (128, 64), jnp.float32)
-  assert "f32 inputs" in unsupported_reason(64, 128, (128,), jnp.float64)
+  assert "f32 carries" in unsupported_reason(64, 128, (128,), jnp.float64)
   assert "shared memory" in unsupported_reason(64, 128, (128,), jnp.float32, block=128, passes=3, stages=3)
+  # 16-bit rows land in half the memory
+  assert unsupported_reason(64, 128, (128,), jnp.float32, block=128, passes=3, stages=3, row_bytes=2) is None
   assert unsupported_reason(64, 128, (128,), jnp.float32, block=128, passes=3, stages=2) is None
   assert unsupported_reason(64, 128, (128, 128), jnp.float32, passes=3) is None  # at 2 stages, the default there
   (a, b, weights, decay, initial), _ = scan_problem(1, 64, 64)

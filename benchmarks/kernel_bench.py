@@ -32,7 +32,7 @@ from benchmarks.timing import sample_calls, warm_up
 from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.chunked import row_dtype
 from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
-from mesanet_jax.ops.operator import operator_class
+from mesanet_jax.ops.operator import operator_class, token_major
 from mesanet_jax.ops.inputs import CGOptions, zero_state
 from pallas_kernels.mesa_cg import chunk_states, chunked_cg_solve
 from pallas_kernels.mesa_cg.chunk import SplitDot
@@ -157,7 +157,7 @@ def stage_times(args, impl):
   stages = {
       "chunk states": (computed_by_build, k, v, log_decay, beta, lam, state),
       "solve": (jax.jit(lambda op, rhs: op.solve(rhs, cg)), op, q),
-      "solve_and_output": (jax.jit(lambda op, rhs: op.solve_and_output(rhs, cg)), op, q),
+      "solve_and_output": (jax.jit(lambda op, q: op.solve_and_output(q, cg)), op, token_major(q)),
       "output read": (jax.jit(lambda op, x: op.output(x)), op, x),
       "matvec": (jax.jit(lambda op, x: op.matvec(x)), op, x),
       "adjoint rhs read": (jax.jit(lambda op, do: op.adjoint_rhs(do)), op, do),

@@ -19,7 +19,7 @@ from jax import lax
 from mesanet_jax.ops.cg_steps import step_stats
 from mesanet_jax.ops.inputs import (CGOptions, MesaState, check_cg_options, check_inputs, check_values,
                                     compute_dtype, zero_state)
-from mesanet_jax.ops.operator import IMPLEMENTATIONS, operator_class
+from mesanet_jax.ops.operator import IMPLEMENTATIONS, chunk_major, operator_class, token_major
 
 IMPLS = tuple(IMPLEMENTATIONS)
 PRECISIONS = ("highest", "high", "default")
@@ -70,8 +70,8 @@ def _forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static, solut
   if static.solve_precision is None:
     x, o, steps = op.solve_and_output(q, static.cg, solution)
   else:
-    x, steps = _solve(op, q, static)
-    o = op.output(x)
+    x, steps = _solve(op, chunk_major(q, k.shape[3]), static)
+    o = token_major(op.output(x))
   o = o.astype(static.row_dtypes[0])  # q's: o leaves the core rounded once (the Hopper solve writes it so already)
   forward_steps = step_stats(steps, static.length)
   operator = op if static.save_states else (k, v, log_decay, beta, lam, state)
@@ -84,16 +84,17 @@ def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _chunked_core(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
-  """Chunk-major core: q, k [B, H, N, C, Dk]; v [B, H, N, C, Dv] (each in `row_dtype`'s dtype: the operator computes
-  in log_decay's); log_decay, beta [B, H, N, C]; lam [H, Dk]; probe None or [B, H, 4]. Returns o (in q's dtype), the
-  final state and the forward steps statistics [B, H, 2]."""
+  """The core: q token-major [B, N·C, H, Dk] (as the caller lays it out), k [B, H, N, C, Dk], v [B, H, N, C, Dv]
+  chunk-major (each in `row_dtype`'s dtype: the operator computes in log_decay's); log_decay, beta [B, H, N, C];
+  lam [H, Dk]; probe None or [B, H, 4]. Returns o token-major [B, N·C, H, Dv] (in q's dtype), the final state and
+  the forward steps statistics [B, H, 2]."""
   return _forward(q, k, v, log_decay, beta, lam, state, probe, static, solution=False)[0]
 
 
 def _core_backward(static: _Static, residuals, cotangents):
   operator, probe, x, forward_steps = residuals
   do, d_final, _ = cotangents
-  do = do.astype(x.dtype)  # in q's dtype, as o; the backward computes in x's
+  do = chunk_major(do.astype(x.dtype), x.shape[3])  # token-major in q's dtype, as o; the backward computes in x's
   op = operator if static.save_states else operator_class(static.impl).build(*operator, static.precision)
   u = op.adjoint_rhs(do)
   y, adjoint_steps = _solve(op, u, static)
@@ -103,7 +104,7 @@ def _core_backward(static: _Static, residuals, cotangents):
   # The probe's "gradient" is the statistics of the solves (cg_steps.py), whatever the cotangents.
   d_probe = None if probe is None else jnp.concatenate(
       [forward_steps, step_stats(adjoint_steps, static.length)], axis=-1).astype(probe.dtype)
-  dq, dk, dv = (grad.astype(dtype) for grad, dtype in zip((y, dk, dv), static.row_dtypes))
+  dq, dk, dv = (grad.astype(dtype) for grad, dtype in zip((token_major(y), dk, dv), static.row_dtypes))
   return dq, dk, dv, d_log_decay, dbeta, dlam, d_states.at(0), d_probe
 
 
@@ -192,20 +193,18 @@ def mesa_chunked(
   state = zero_state(batch, heads, key_dim, value_dim, dtype) if state is None else MesaState(
       state.h_kk.astype(dtype), state.h_kv.astype(dtype))
   pad = -length % chunk_size
-  num_chunks = (length + pad) // chunk_size
 
-  def to_chunks(x: jax.Array, to_dtype=dtype) -> jax.Array:
-    """[B, T, H, ...] -> [B, H, N, C, ...] in to_dtype, zero-padded (padded tokens have k = 0, β = 0, g = 0)."""
-    x = jnp.pad(x.astype(to_dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = jnp.moveaxis(x, 2, 1)
-    return x.reshape(batch, heads, num_chunks, chunk_size, *x.shape[3:])
+  def padded(x: jax.Array, to_dtype=dtype) -> jax.Array:
+    """[B, T, H, ...] -> [B, N·C, H, ...] in to_dtype, zero-padded (padded tokens have k = 0, β = 0, g = 0)."""
+    return jnp.pad(x.astype(to_dtype), [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
-  rows = [to_chunks(x, row_dtype(x.dtype, dtype)) for x in (q, k, v)]
+  to_chunks = lambda x, to_dtype=dtype: chunk_major(padded(x, to_dtype), chunk_size)  # [B, H, N, C, ...]
+  # q stays token-major (the forward's solve reads it so, `ChunkedOperator.solve_and_output`); k and v chunk-major
+  rows = [padded(q, row_dtype(q.dtype, dtype))] + [to_chunks(x, row_dtype(x.dtype, dtype)) for x in (k, v)]
   cg = CGOptions(cg_steps, cg_init, None if cg_tol is None else float(cg_tol), cg_preconditioner)
   static = _Static(cg, lax.Precision(matmul_precision), None if solve_precision is None else
                    lax.Precision(solve_precision), impl, length, save_states, tuple(x.dtype for x in rows))
   log_decay = jnp.cumsum(to_chunks(g), axis=-1)
   o, final, forward_steps = _chunked_core(*rows, log_decay, to_chunks(beta), lam.astype(dtype), state, cg_probe, static)
-  o = o.reshape(batch, heads, num_chunks * chunk_size, value_dim)[:, :, :length]
-  o = jnp.moveaxis(o, 1, 2).astype(q.dtype)
+  o = o[:, :length].astype(q.dtype)
   return (o, final, forward_steps) if return_cg_steps else (o, final)

@@ -23,6 +23,17 @@ ROLES = ("operator", "decode_step", "gated_delta")
 _REGISTERED: dict[tuple[str, str], object] = {}  # (impl, role) -> class or function
 
 
+def chunk_major(x: jax.Array, chunk_size: int) -> jax.Array:
+  """Token-major [B, T, H, ...] (T a multiple of chunk_size) -> chunk-major [B, H, N, C, ...]."""
+  x = jnp.moveaxis(x, 2, 1)
+  return x.reshape(*x.shape[:2], x.shape[2] // chunk_size, chunk_size, *x.shape[3:])
+
+
+def token_major(x: jax.Array) -> jax.Array:
+  """Chunk-major [B, H, N, C, ...] -> token-major [B, N·C, H, ...]."""
+  return jnp.moveaxis(x.reshape(*x.shape[:2], -1, *x.shape[4:]), 1, 2)
+
+
 class BoundaryStates(NamedTuple):
   """A Mesa state (or a gradient w.r.t. one) at every chunk boundary: entry n is the state before chunk n, so the
   start and the end state of chunk n are entries n and n+1; entry 0 is the initial state, entry N the final one.
@@ -51,12 +62,13 @@ class ChunkedSequence:
   states: BoundaryStates
   precision: lax.Precision = dataclasses.field(metadata=dict(static=True))
 
-  def solve_and_output(self, rhs: jax.Array, cg: CGOptions, solution: bool = True):
-    """The forward's x, o and steps: `solve`, then `output` (an implementation may make o inside its solve, and
-    without `solution` return None for x)."""
+  def solve_and_output(self, q: jax.Array, cg: CGOptions, solution: bool = True):
+    """The forward's x, o and steps from q token-major: `solve` of its chunk-major rows, then `output` (an
+    implementation may make o inside its solve, reading q and writing o token-major, and without `solution` return
+    None for x)."""
     del solution  # x is made either way here
-    x, steps = self.solve(rhs, cg)
-    return x, self.output(x), steps
+    x, steps = self.solve(chunk_major(q, self.k.shape[3]), cg)
+    return x, token_major(self.output(x)), steps
 
   def matvec(self, x: jax.Array) -> jax.Array:
     """A_t x_t = H_kk[t] x_t + λ ⊙ x_t for every row: the implementation's `read_kk` plus the regulariser."""
@@ -71,7 +83,8 @@ class ChunkedOperator(Protocol):
   """A_t = H_kk[t] + Λ for every token of a chunked sequence, with its chunk states: the stages of `mesa_chunked`'s
   forward (build, solve, output) and backward (build, adjoint_rhs, solve, state_gradients, token_gradients) pass.
 
-  Chunk-major shapes: rows x, y, rhs [B, H, N, C, Dk]; do [B, H, N, C, Dv]; gates [B, H, N, C]; lam [H, Dk].
+  Chunk-major shapes (but the forward's q and o, token-major: `solve_and_output`): rows x, y, rhs [B, H, N, C, Dk];
+  do [B, H, N, C, Dv]; gates [B, H, N, C]; lam [H, Dk].
   k, v and the forward's rhs (q) may come as 16-bit floats (`chunked.row_dtype`): every stage computes in
   log_decay's dtype, converting them where it reads them.
   DESIGN.md §1 derives every stage; `xla_operator.py` is the reference implementation.
@@ -111,10 +124,12 @@ class ChunkedOperator(Protocol):
   def output(self, x: jax.Array) -> jax.Array:
     """o_t = H_kv[t]ᵀ x_t, [B, H, N, C, Dv]."""
 
-  def solve_and_output(self, rhs: jax.Array, cg: CGOptions,
+  def solve_and_output(self, q: jax.Array, cg: CGOptions,
                        solution: bool = True) -> tuple[jax.Array | None, jax.Array, jax.Array]:
-    """`solve` and `output` of its x: x, o and the steps (`ChunkedSequence` provides it as the two stages).
-    solution=False: x is not needed (a forward no gradient is taken of), and may come back as None."""
+    """`solve` and `output` of its x, for q token-major [B, N·C, H, Dk] (as the caller lays it out: no copy to
+    chunk-major where a kernel reads it so): x (chunk-major), o token-major [B, N·C, H, Dv] and the steps
+    (`ChunkedSequence` provides it as the two stages). solution=False: x is not needed (a forward no gradient is
+    taken of), and may come back as None."""
 
   def adjoint_rhs(self, do: jax.Array) -> jax.Array:
     """u_t = H_kv[t] do_t, the adjoint solve's right-hand side, [B, H, N, C, Dk]."""

@@ -60,7 +60,7 @@ class PallasOperator(ChunkedSequence):
     return cls(k, v, log_decay, beta, lam, states, precision)
 
   def _uses_hopper_solve(self, rhs) -> bool:
-    return isinstance(self.precision, lax.Precision) and use_hopper_solve(rhs.shape[3], rhs.shape[4], rhs.dtype)
+    return isinstance(self.precision, lax.Precision) and use_hopper_solve(*self.k.shape[3:], rhs.dtype)
 
   def solve(self, rhs, cg: CGOptions):
     """The Hopper (Mosaic GPU) solve on sm_90 where it takes the sizes (1.3-1.5x the Triton kernel's speed on an
@@ -76,15 +76,15 @@ class PallasOperator(ChunkedSequence):
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)
 
-  def solve_and_output(self, rhs, cg: CGOptions, solution: bool = True):
+  def solve_and_output(self, q, cg: CGOptions, solution: bool = True):
     """The Hopper solve makes o from x on chip where it fuses the read (one fp16 pass, `solve_hopper.fuses_read`),
-    instead of the read kernel loading x, k, v and the gates again, and writes x only if `solution`; else solve,
-    then the read kernel."""
-    if not (self._uses_hopper_solve(rhs) and fuses_read(self.v.shape[-1], self.precision)):
-      return super().solve_and_output(rhs, cg, solution)
-    return hopper_cg_solve(rhs, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t,
+    instead of the read kernel loading x, k, v and the gates again; it reads q and writes o token-major, and x only
+    if `solution`. Else solve, then the read kernel."""
+    if not (self._uses_hopper_solve(q) and fuses_read(self.v.shape[-1], self.precision)):
+      return super().solve_and_output(q, cg, solution)
+    return hopper_cg_solve(q, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t,
                            **_kernel_options(cg), precision=self.precision, read=(self.v, self.states.kv),
-                           solution=solution)
+                           solution=solution, token_major=True)
 
   def adjoint_rhs(self, do):
     return causal_read(do, self.v, self.k, self.states.kv, self.log_decay, self.beta, transpose_states=True,

@@ -63,7 +63,8 @@ def fuses_read(value_dim: int, precision) -> bool:
   return split_passes(precision) == 1 and value_dim in (64, 128)
 
 
-def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_in_smem: bool, solution: bool):
+def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_in_smem: bool, solution: bool,
+            token_major: bool):
   """The CTA of (batch·head, chunk of 64): x for the chunk's rows (unless not `solution`; and the steps each took,
   with a tolerance; and, with `read`, the causal read o of x). The chunk's start states are entry state_stride ·
   chunk of the boundary states, read in place (a slice outside would copy them all). With `staging` refs the wgmma
@@ -72,7 +73,8 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
   refs: inputs rhs, k, gates, features, Sᵀ (and V, S_kv with `read`); outputs x with `solution`, the steps with a
   tolerance, o with `read`; scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`;
   (K / σ_K)² where diag(A) is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's
-  preconditioner, x through the CG loop with `x_in_smem`, and the staged left operands if any."""
+  preconditioner, x through the CG loop with `x_in_smem`, and the staged left operands if any. With `token_major`,
+  rhs and o are [B, T, H, D] and the CTA reads and writes its 64 tokens of head h as strided [64, D] slices."""
   counted, preconditioned, needs_diagonal = cg.tol is not None, cg.preconditioned, cg.uses_diagonal
   num_inputs = 7 if read else 5
   (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
@@ -89,6 +91,11 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
   k2_parts = rest[-1] if needs_diagonal else None
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
   key_dim, pairs = rhs_gmem.shape[-1], pass_pairs(passes)
+  if token_major:  # [B, T, H, D]: batch bh // H, tokens 64 n ..., head bh % H
+    heads = rhs_gmem.shape[2]
+    rows_of = lambda gmem: gmem.at[bh // heads, pl.ds(ROWS * n, ROWS), bh % heads]
+  else:
+    rows_of = lambda gmem: gmem.at[bh, n]
   # λ per column (Dk / 4 registers a thread; ptxas spills it or not: read from shared memory in the loop instead, it
   # spilled as much and took another KiB).
   load_lam = lambda: plgpu.load(features_gmem.at[bh, n, 0], layout=COL, optimized=False)
@@ -188,7 +195,7 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
       loop_x_smem[...] = plgpu.load(loop_x_smem, layout=WGMMA) + increment
       return token
     iterate = Iterate(start, add)
-  rhs = plgpu.load(rhs_gmem.at[bh, n], layout=WGMMA, optimized=False).astype(jnp.float32)  # [64, Dk]
+  rhs = plgpu.load(rows_of(rhs_gmem), layout=WGMMA, optimized=False).astype(jnp.float32)  # [64, Dk]
   x, steps = solve_from_diagonal(matvec, rhs, diagonal, cg, preconditioner, iterate)
 
   if x_in_smem:
@@ -232,14 +239,14 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
   o = state_term * per_row(state_scale, out) + intra_term * per_row(intra_scale, out)
   o_smem[...] = o.astype(o_smem.dtype)  # S̃_kv's memory: read by the state term's round
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bh, n])
+  plgpu.copy_smem_to_gmem(o_smem, rows_of(o_gmem))
   plgpu.wait_smem_to_gmem(0)
 
 
 def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
                     cg_tol: float | None = None, cg_preconditioner: str = "none", precision,
                     lhs_in_registers: bool | None = None, x_in_shared_memory: bool | None = None, read=None,
-                    solution: bool = True):
+                    solution: bool = True, token_major: bool = False):
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32, or bf16 / f16 (converted to f32 as
@@ -263,11 +270,17 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   `fuses_read` allows).
   solution: whether x is written out; without it (o alone is wanted: a forward no gradient is taken of) the kernel
   writes o and the steps only, 4 bytes a row entry less, and x is returned as None. Needs `read`.
-  Returns x: [B, H, N, C, Dk] (f32; None without `solution`), with `read` o: [B, H, N, C, Dv] in rhs's dtype (f32,
-  or the 16-bit float q came in: the op's output dtype, rounded once), and the steps each row took, int32
-  [B, H, N, C].
+  token_major: rhs is [B, N·C, H, Dk] and o [B, N·C, H, Dv], as the op's caller lays out q and o: the kernel reads
+  and writes them in place, with no chunk-major copy (`ChunkedOperator.solve_and_output`).
+  Returns x: [B, H, N, C, Dk] (f32; None without `solution`), with `read` o: [B, H, N, C, Dv] ([B, N·C, H, Dv]
+  with `token_major`) in rhs's dtype (f32, or the 16-bit float q came in: the op's output dtype, rounded once), and
+  the steps each row took, int32 [B, H, N, C].
   """
-  batch, heads, num_chunks, size, key_dim = rhs.shape
+  batch, heads, num_chunks, size, key_dim = k.shape
+  expected = (batch, num_chunks * size, heads, key_dim) if token_major else k.shape
+  if rhs.shape != expected:
+    raise ValueError(f"rhs has shape {rhs.shape}, expected {expected} ({'token' if token_major else 'chunk'}-major, "
+                     f"from k's {k.shape})")
   if (reason := unsupported_reason(size, key_dim, rhs.dtype)) is not None:
     raise ValueError(reason)
   passes = split_passes(precision)
@@ -285,14 +298,19 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     raise ValueError("solution=False needs read=(values, states_kv): the kernel would return nothing")
   rhs, k = kernel_rows(rhs), kernel_rows(k)  # 16-bit rows are converted as the kernel loads them
   log_decay, beta, states_kk_t = (x.astype(jnp.float32) for x in (log_decay, beta, states_kk_t))
-  by_token = [rhs, k, beta] + ([kernel_rows(values)] if read is not None else [])
+  by_token = [k, beta] + ([kernel_rows(values)] if read is not None else []) + ([] if token_major else [rhs])
   state_stride = 1
   if size < ROWS:
     # A_t (and the read) depends on the tokens before t alone: a pair runs on its first chunk's start state.
     by_token, log_decay = _pair_chunks(by_token, log_decay)
     state_stride = 2
-  rhs, k, beta, *value_rows = by_token  # value_rows: [V] with the read, else []
-  programs = rhs.shape[2]
+  k, beta, *by_token = by_token
+  value_rows = by_token[:1] if read is not None else []
+  programs = k.shape[2]
+  if token_major and programs * ROWS > rhs.shape[1]:  # an odd count of chunks of 32: zero rows after the last
+    rhs = jnp.pad(rhs, [(0, 0), (0, programs * ROWS - rhs.shape[1]), (0, 0), (0, 0)])
+  elif not token_major:
+    rhs = by_token[-1]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
   # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
   gates = jnp.stack([log_decay, log_decay, beta], axis=3)  # [B, H, N, 3, 64]
@@ -319,10 +337,11 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   if read is not None:
-    out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, value_dim), o_dtype))
+    o_shape = (batch, programs * ROWS, heads, value_dim) if token_major else (batch * heads, programs, ROWS, value_dim)
+    out_type.append(jax.ShapeDtypeStruct(o_shape, o_dtype))
   kernel = plgpu.kernel(
       functools.partial(_kernel, cg=cg, passes=passes, state_stride=state_stride, read=read is not None,
-                        x_in_smem=x_in_shared_memory, solution=solution),
+                        x_in_smem=x_in_shared_memory, solution=solution, token_major=token_major),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
   # Per program: λ and diag(S) (S's scale and the Jacobi start; a gather here, where the kernel would reduce across
@@ -331,12 +350,14 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
                         jnp.diagonal(start_states, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
   read_operands = [flat(value_rows[0]), flat(states_kv.astype(jnp.float32))] if read is not None else []
-  outputs = list(kernel(flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t), *read_operands))
+  outputs = list(kernel(rhs if token_major else flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t),
+                        *read_operands))
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
   x = unpair(outputs.pop(0)) if solution else None
   steps = unpair(outputs[0]) if counted else jnp.full((batch, heads, num_chunks, size), cg_steps, jnp.int32)
   if read is not None:
-    return x, unpair(outputs[-1]), steps
+    o = outputs[-1][:, :num_chunks * size] if token_major else unpair(outputs[-1])
+    return x, o, steps
   return x, steps
 
 

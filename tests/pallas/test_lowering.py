@@ -114,32 +114,37 @@ def test_hopper_solve_lowers_for_cuda(chunk, key_dim, cg_init, cg_tol, precision
 
 
 @pytest.mark.parametrize("chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner, x_in_shared_memory, "
-                         "row_dtype", [
-    # the GPU default: left operands (x̂, Ẑ) in registers, x in shared memory; q, k, v as a bf16 model gives them
-    (64, 128, 128, True, "none", None, jnp.bfloat16),
-    (64, 128, 128, True, "jacobi", None, jnp.float32),  # 1 / diag(A) in shared memory beside the read's (x not)
-    (32, 64, 64, False, "none", None, jnp.float16),  # pairs of chunks, staged left operands
-    (64, 128, 128, True, "none", False, jnp.float32),  # x through the CG loop in registers
+                         "row_dtype, token_major", [
+    # the GPU default's forward: left operands (x̂, Ẑ) in registers, x in shared memory; q, k, v as a bf16 model gives
+    # them, q read (and o written) token-major
+    (64, 128, 128, True, "none", None, jnp.bfloat16, True),
+    (64, 128, 128, True, "jacobi", None, jnp.float32, False),  # 1 / diag(A) in shared memory beside the read's
+    (32, 64, 64, False, "none", None, jnp.float16, True),  # pairs of chunks (q padded to 4 · 64 tokens), staged
+    (64, 128, 128, True, "none", False, jnp.float32, False),  # x through the CG loop in registers
 ])
 def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, lhs_in_registers, cg_preconditioner,
-                                                     x_in_shared_memory, row_dtype):
+                                                     x_in_shared_memory, row_dtype, token_major):
   """The solve that also makes o (`read=`) through Mosaic GPU's lowering for sm_90, with the boundary states whole
   and the rows (rhs, k, v) in their own dtype, converted as the kernel loads them."""
   rows = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
-  args = (rows(1, 2, 3, chunk, key_dim, dtype=row_dtype), rows(1, 2, 3, chunk, key_dim, dtype=row_dtype),
+  rhs_shape = (1, 3 * chunk, 2, key_dim) if token_major else (1, 2, 3, chunk, key_dim)
+  args = (rows(*rhs_shape, dtype=row_dtype), rows(1, 2, 3, chunk, key_dim, dtype=row_dtype),
           rows(1, 2, 3, chunk), rows(1, 2, 3, chunk), rows(2, key_dim), rows(1, 2, 4, key_dim, key_dim),
           rows(1, 2, 3, chunk, value_dim, dtype=row_dtype), rows(1, 2, 4, key_dim, value_dim))
   solve = lambda *a: hopper_cg_solve(*a[:6], cg_steps=3, cg_init="jacobi", cg_tol=1e-4,
                                      cg_preconditioner=cg_preconditioner, precision=jax.lax.Precision.DEFAULT,
                                      lhs_in_registers=lhs_in_registers, x_in_shared_memory=x_in_shared_memory,
-                                     read=a[6:])
+                                     read=a[6:], token_major=token_major)
   kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", solve, *args).mlir_module())
   assert len(kernel_operands) == 1
   assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]
-  # rhs, k and v reach the kernel in their own dtype (no f32 copy made outside), 64 rows a program
+  # rhs, k and v reach the kernel in their own dtype (no f32 copy made outside), 64 rows a program; a token-major
+  # rhs as [B, tokens, H, Dk] (no chunk-major copy)
   element = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[row_dtype]
-  row_types = [f"x64x{width}x{element}>" for width in (key_dim, key_dim, value_dim)]
+  row_types = [f"x64x{width}x{element}>" for width in (key_dim, value_dim) + (() if token_major else (key_dim,))]
   assert all(kernel_operands[0].count(row_type) >= row_types.count(row_type) for row_type in row_types)
+  if token_major:
+    assert f"tensor<1x{64 * -(-3 * chunk // 64)}x2x{key_dim}x{element}>" in kernel_operands[0]
 
 
 @pytest.mark.parametrize("chunk, key_dim, value_dim, precision, row_dtype", [

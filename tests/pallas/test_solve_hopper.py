@@ -209,6 +209,33 @@ def test_without_the_solution_o_and_the_steps_are_the_same():
                     solution=False)
 
 
+@pytest.mark.parametrize("chunk, chunks", [
+    (64, 2),
+    (32, 3),  # pairs of chunks of 32, the last one alone: q padded to 128 tokens, o cut back to 96
+])
+@pytest.mark.slow
+def test_token_major_rhs_and_o_are_the_chunk_major_ones_in_place(chunk, chunks):
+  """token_major=True reads q [B, N·C, H, Dk] and writes o [B, N·C, H, Dv] in place (the forward's layout): x, o
+  and the steps are the chunk-major call's, bit for bit."""
+  q, k, v, g, beta, lam, state = random_inputs(2, chunks * chunk, 2, 64, 64, with_state=True, seed=11)
+  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(2, 2, chunks, chunk, *x.shape[3:])
+  k, v, g, beta = map(chunked, (k, v, g, beta))
+  q = q.astype(jnp.bfloat16)
+  log_decay = jnp.cumsum(g, axis=-1)
+  op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
+  solve = lambda q, token_major: hopper_cg_solve(
+      q, k, log_decay, beta, lam, op.states.kk_t, cg_steps=30, cg_init="jacobi", cg_tol=1e-3, precision=DEFAULT,
+      read=(v, op.states.kv), token_major=token_major)
+  x, o, steps = solve(q, True)
+  want_x, want_o, want_steps = solve(chunked(q), False)
+  assert o.shape == (2, chunks * chunk, 2, 64) and o.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(x, want_x)
+  np.testing.assert_array_equal(steps, want_steps)
+  np.testing.assert_array_equal(o, jnp.moveaxis(want_o.reshape(2, 2, chunks * chunk, 64), 1, 2))
+  with pytest.raises(ValueError, match="token-major"):
+    solve(chunked(q), True)
+
+
 def test_read_refused_where_it_does_not_fit():
   rows = lambda *shape: jnp.zeros((1, 2, 1, 64, *shape))  # refused before anything is traced: zeros will do
   args = (rows(64), rows(64), rows(), rows(), jnp.ones((2, 64)), jnp.zeros((1, 2, 2, 64, 64)))

@@ -98,26 +98,32 @@ def solve_kernel(args, chunk_size, num_warps, precision):
   return solve, (q, k, log_decay, beta, lam, states.kk_t)
 
 
+def row_bytes(q) -> int:
+  """Bytes a number of q, k and v as the kernels take them (`chunked.row_dtype`)."""
+  return row_dtype(q.dtype, jnp.float32).itemsize
+
+
 STAGES = ("chunk states", "solve", "output read", "adjoint rhs read", "state-gradient scans", "token gradients")
 
 
-def stage_bytes(batch, length, heads, key_dim, value_dim, chunk_size) -> dict[str, int]:
-  """Bytes of each stage's operands and results (f32, each read or written once: the least memory traffic the
-  stage can have). Per token a row of q, k, x, y or u is Dk floats, of v, do or o Dv, G and β one each; the
-  boundary states are N + 1 of Dk×Dk and Dk×Dv per (batch, head)."""
+def stage_bytes(batch, length, heads, key_dim, value_dim, chunk_size, row_bytes: int = 4) -> dict[str, int]:
+  """Bytes of each stage's operands and results (each read or written once: the least memory traffic the stage can
+  have). Per token a row of q, k, x, y or u is Dk numbers, of v, do or o Dv, G and β one each; the boundary states
+  are N + 1 of Dk×Dk and Dk×Dv per (batch, head). q, k and v take row_bytes a number (2 for bf16 inputs, which reach
+  the kernels as they are: `chunked.row_dtype`), everything else 4 (f32)."""
   rows, dk, dv = batch * heads * length, key_dim, value_dim
   boundaries = batch * heads * (-(-length // chunk_size) + 1)
   kk, kv = boundaries * dk * dk, boundaries * dk * dv
-  floats = {
-      "chunk states": rows * (dk + dv + 2) + kk + kv,  # k, v, G, β -> H_kk, H_kv
-      "solve": rows * (2 * dk + 2) + kk + rows * dk,  # q, k, G, β, H_kk -> x
-      "output read": rows * (2 * dk + dv + 2) + kv + rows * dv,  # x, k, v, G, β, H_kv -> o
-      "adjoint rhs read": rows * (dk + 2 * dv + 2) + kv + rows * dk,  # do, k, v, G, β, H_kv -> u
-      "state-gradient scans": rows * (2 * dk + dv + 1) + kk + kv,  # x, y, do, G -> dH_kk, dH_kv
+  counts = {  # (f32 numbers, row numbers)
+      "chunk states": (rows * 2 + kk + kv, rows * (dk + dv)),  # k, v, G, β -> H_kk, H_kv
+      "solve": (rows * 2 + kk + rows * dk, rows * 2 * dk),  # q, k, G, β, H_kk -> x
+      "output read": (rows * (dk + dv + 2) + kv, rows * (dk + dv)),  # x, k, v, G, β, H_kv -> o (f32 here)
+      "adjoint rhs read": (rows * (dv + 2) + kv + rows * dk, rows * (dk + dv)),  # do, k, v, G, β, H_kv -> u
+      "state-gradient scans": (rows * (2 * dk + dv + 1) + kk + kv, 0),  # x, y, do, G -> dH_kk, dH_kv
       # x, y, u, k, do, v, G, β, both states and their gradients -> dk, dv, dG, dβ
-      "token gradients": rows * (4 * dk + 2 * dv + 2) + 2 * (kk + kv) + rows * (dk + dv + 2),
+      "token gradients": (rows * (4 * dk + 2 * dv + 4) + 2 * (kk + kv), rows * (dk + dv)),
   }
-  return {stage: 4 * count for stage, count in floats.items()}
+  return {stage: 4 * wide + row_bytes * narrow for stage, (wide, narrow) in counts.items()}
 
 
 def failed(name, error):
@@ -187,10 +193,10 @@ def print_stages(args):
     print(f"{name:<24} {xla:9.3f} {pallas:10.3f} {pallas / xla:11.2f}")
   batch, length, heads, dim = args[0].shape
   flops = mesa_stage_flops(batch, length, heads, dim, dim, chunk_size=FLAGS.chunk_size, cg_steps=FLAGS.cg_steps)
-  moved = stage_bytes(batch, length, heads, dim, dim, FLAGS.chunk_size)
+  moved = stage_bytes(batch, length, heads, dim, dim, FLAGS.chunk_size, row_bytes(args[0]))
   bound = " (with --cg_tol the solve's flops count every step: an upper bound)" if cg_tol() else ""
   print(f"roofline of the pallas stages: flops at --cg_steps={FLAGS.cg_steps}{bound}; bytes = operands and results "
-        f"once (f32)\n{'stage':<24} {'pallas ms':>10} {'GFLOP':>9} {'MB':>9} {'TFLOP/s':>8} {'GB/s':>8} {'flop/B':>7}")
+        f"once (q, k, v in their dtype, the rest f32)\n{'stage':<24} {'pallas ms':>10} {'GFLOP':>9} {'MB':>9} {'TFLOP/s':>8} {'GB/s':>8} {'flop/B':>7}")
   for name in STAGES:
     ms = times["pallas"].get(name, float("nan"))
     print(f"{name:<24} {ms:10.3f} {flops[name] / 1e9:9.2f} {moved[name] / 1e6:9.1f} {flops[name] / ms / 1e9:8.2f} "
@@ -244,7 +250,7 @@ def sweep_state_scans(args):
   batch, heads, _, _, dim = k.shape
   initials = tuple(jnp.zeros((batch, heads, dim, width), jnp.float32) for width in (dim, v.shape[-1]))
   precision = jax.lax.Precision(FLAGS.matmul_precision)
-  moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size)
+  moved = stage_bytes(*args[0].shape[:3], dim, v.shape[-1], FLAGS.chunk_size, row_bytes(args[0]))
   wide = lambda x: x.astype(jnp.float32)  # the backward's x, y and do are f32 whatever q, k and v are
   operands = {"forward": (k, (k, v), (to_end, to_end)), "reversed": (wide(q), (wide(k), wide(v)), (-decay, decay))}
   wide_operands = dict(operands, forward=(wide(k), (wide(k), wide(v)), (to_end, to_end)))

@@ -32,7 +32,7 @@ from benchmarks.timing import sample_calls, warm_up
 from mesanet_jax.ops import mesa_chunked
 from mesanet_jax.ops.chunked import row_dtype
 from mesanet_jax.ops.flops import BACKWARD_STAGES, FORWARD_STAGES, mesa_stage_flops
-from mesanet_jax.ops.operator import operator_class, token_major
+from mesanet_jax.ops.operator import chunk_major, operator_class, token_major
 from mesanet_jax.ops.inputs import CGOptions, zero_state
 from pallas_kernels.mesa_cg import chunk_states, chunked_cg_solve
 from pallas_kernels.mesa_cg.chunk import SplitDot
@@ -76,20 +76,19 @@ SOLVE_PRECISIONS = {
 }
 
 
-def chunk_major(args, chunk_size):
-  """q, k, v, log_decay, beta, lam as `mesa_chunked` hands them to its core, [B, H, N, C, ...]: q, k, v in
-  `chunked.row_dtype` (bf16 ones stay bf16), the rest f32."""
+def stage_inputs(args, chunk_size):
+  """q, k, v, log_decay, beta, lam chunk-major, [B, H, N, C, ...], as the operator's stages take them (q as the
+  solve's right-hand side; `solve_and_output` takes it token-major): q, k, v in `chunked.row_dtype` (bf16 ones stay
+  bf16), the rest f32."""
   q, k, v, g, beta, lam = args
-  batch, length, heads, _ = q.shape
-  chunks = lambda x, dtype=jnp.float32: jnp.moveaxis(x.astype(dtype), 2, 1).reshape(
-      batch, heads, length // chunk_size, chunk_size, *x.shape[3:])
+  chunks = lambda x, dtype=jnp.float32: chunk_major(x.astype(dtype), chunk_size)
   rows = [chunks(x, row_dtype(x.dtype, jnp.float32)) for x in (q, k, v)]
   return *rows, jnp.cumsum(chunks(g), axis=-1), chunks(beta), lam
 
 
 def solve_kernel(args, chunk_size, num_warps, precision):
   """The fused CG solve alone on chunk-major inputs and the inputs' own chunk states: (jitted call, its operands)."""
-  q, k, v, log_decay, beta, lam = chunk_major(args, chunk_size)
+  q, k, v, log_decay, beta, lam = stage_inputs(args, chunk_size)
   batch, heads, _, _, dim = q.shape
   states = operator_class("xla").build(k, v, log_decay, beta, lam, zero_state(batch, heads, dim, v.shape[-1]),
                                        jax.lax.Precision.HIGHEST).states
@@ -139,7 +138,7 @@ def stage_times(args, impl):
   read), not the inputs the operator holds, which a jit returning the operator would copy out (~0.3 ms at B=8
   T=2048 H=16 D=128). A stage that fails (e.g. does not compile) is reported and left out.
   """
-  q, k, v, log_decay, beta, lam = chunk_major(args, FLAGS.chunk_size)
+  q, k, v, log_decay, beta, lam = stage_inputs(args, FLAGS.chunk_size)
   batch, heads, _, _, dim = q.shape
   x, y, u, do = (jax.random.normal(key, a.shape) for key, a in zip(jax.random.split(jax.random.key(2), 4),
                                                                     (q, q, q, v)))
@@ -196,7 +195,8 @@ def print_stages(args):
   moved = stage_bytes(batch, length, heads, dim, dim, FLAGS.chunk_size, row_bytes(args[0]))
   bound = " (with --cg_tol the solve's flops count every step: an upper bound)" if cg_tol() else ""
   print(f"roofline of the pallas stages: flops at --cg_steps={FLAGS.cg_steps}{bound}; bytes = operands and results "
-        f"once (q, k, v in their dtype, the rest f32)\n{'stage':<24} {'pallas ms':>10} {'GFLOP':>9} {'MB':>9} {'TFLOP/s':>8} {'GB/s':>8} {'flop/B':>7}")
+        f"once (q, k, v in their dtype, the rest f32)\n{'stage':<24} {'pallas ms':>10} {'GFLOP':>9} {'MB':>9} "
+        f"{'TFLOP/s':>8} {'GB/s':>8} {'flop/B':>7}")
   for name in STAGES:
     ms = times["pallas"].get(name, float("nan"))
     print(f"{name:<24} {ms:10.3f} {flops[name] / 1e9:9.2f} {moved[name] / 1e6:9.1f} {flops[name] / ms / 1e9:8.2f} "
@@ -243,7 +243,7 @@ def sweep_state_scans(args):
   backward's two reversed ones (`PallasOperator.state_gradients`: x with y and with do; q and v stand in for them,
   the shapes and dtypes are the backward's) per kernel and tiling; every setting's states must equal the first
   entry's (the tiling changes no sum; another fp16 tiling rounds differently)."""
-  q, k, v, log_decay, beta, _ = chunk_major(args, FLAGS.chunk_size)
+  q, k, v, log_decay, beta, _ = stage_inputs(args, FLAGS.chunk_size)
   to_end = jnp.exp(log_decay[..., -1:] - log_decay) * beta
   decay = jnp.exp(log_decay)
   chunk_decay = jnp.exp(log_decay[..., -1])

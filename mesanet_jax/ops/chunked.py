@@ -36,11 +36,14 @@ class _Static(NamedTuple):
   row_dtypes: tuple  # q's, k's and v's dtypes as the core takes them: their gradients leave in these
 
 
+HALF_ROWS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # q, k, v dtypes that enter the operator as they are
+
+
 def row_dtype(dtype, compute: jnp.dtype) -> jnp.dtype:
   """The dtype q, k or v enters the operator in: its own where it is a 16-bit float (bf16 or f16; an operator
   converts rows as it reads them, and on the GPU the kernels do so as they load them: chunk-major copies, kernel
   reads and saved rows at half the bytes of f32 ones), else the compute dtype."""
-  return jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else jnp.dtype(compute)
+  return jnp.dtype(dtype) if jnp.dtype(dtype) in HALF_ROWS else jnp.dtype(compute)
 
 
 def _solve(op, rhs: jax.Array, static: _Static) -> tuple[jax.Array, jax.Array]:

@@ -12,6 +12,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from mesanet_jax.ops.chunked import HALF_ROWS
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE, SplitDot
 
 ROWS = 64  # systems (and keys) per chunk as the kernel holds them: one wgmma M group
@@ -26,9 +27,6 @@ F16_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # eve
 # 8 × 32 tiles and a 128-byte swizzle each load or store also swapped register pairs, a select per element (ptxas:
 # the two-scan chunk 872 → 803 instructions, its registers 170 → 140; W's load took 32 of a CG step's 40 selects).
 F32_TILES = (plgpu.TilingTransform((8, 8)), plgpu.SwizzleTransform(32))
-# Rows (q, k, v) may arrive as 16-bit floats: a kernel converts them to f32 as it loads them, which halves their
-# bytes in global memory (`mesanet_jax.ops.chunked.row_dtype`).
-HALF_ROWS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # The kernel orders its own shared memory accesses (commit_smem before a wgmma or TMA reads what threads wrote): Pallas'
 # automatic barriers around every shared-memory load and store would put barriers inside the CG loop.
 COMPILER_PARAMS = plgpu.CompilerParams(unsafe_no_auto_barriers=True, reduction_scratch_bytes=64)
@@ -62,7 +60,8 @@ def is_hopper_kind(device_kind: str) -> bool:
 
 
 def kernel_rows(x):
-  """x as a kernel takes a row operand: as it is if a 16-bit float (converted on load), else in f32."""
+  """x as a kernel takes a row operand: as it is if a 16-bit float (`chunked.HALF_ROWS`: the kernel converts it to
+  f32 as it loads it, which halves its bytes in global memory), else in f32."""
   return x if x.dtype in HALF_ROWS else x.astype(jnp.float32)
 
 

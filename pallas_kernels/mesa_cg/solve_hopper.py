@@ -33,11 +33,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mesanet_jax.ops.cg import CARRIED, Iterate
+from mesanet_jax.ops.chunked import HALF_ROWS
 from mesanet_jax.ops.inputs import CGOptions, inverse_diagonal, solve_from_diagonal
 from pallas_kernels.mesa_cg.chunk import SMALLEST_SCALE
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, HALF_ROWS, ROW, ROWS, TOP, WGMMA, is_hopper, kernel_rows, max_abs,
-    landing_tiles, pass_pairs, per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
+    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, TOP, WGMMA, is_hopper, kernel_rows, max_abs, landing_tiles, pass_pairs, per_col, per_row, split_passes, stage_scaled, staged_lhs, store_parts, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
 def unsupported_reason(chunk_size: int, key_dim: int, dtype) -> str | None:
@@ -298,19 +298,23 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
     raise ValueError("solution=False needs read=(values, states_kv): the kernel would return nothing")
   rhs, k = kernel_rows(rhs), kernel_rows(k)  # 16-bit rows are converted as the kernel loads them
   log_decay, beta, states_kk_t = (x.astype(jnp.float32) for x in (log_decay, beta, states_kk_t))
-  by_token = [k, beta] + ([kernel_rows(values)] if read is not None else []) + ([] if token_major else [rhs])
+  by_token = {"k": k, "beta": beta}  # chunk-major rows, 64 a program
+  if read is not None:
+    by_token["values"] = kernel_rows(values)
+  if not token_major:
+    by_token["rhs"] = rhs
   state_stride = 1
   if size < ROWS:
     # A_t (and the read) depends on the tokens before t alone: a pair runs on its first chunk's start state.
-    by_token, log_decay = _pair_chunks(by_token, log_decay)
+    paired, log_decay = _pair_chunks(list(by_token.values()), log_decay)
+    by_token = dict(zip(by_token, paired))
     state_stride = 2
-  k, beta, *by_token = by_token
-  value_rows = by_token[:1] if read is not None else []
+  k, beta = by_token["k"], by_token["beta"]
   programs = k.shape[2]
-  if token_major and programs * ROWS > rhs.shape[1]:  # an odd count of chunks of 32: zero rows after the last
+  if not token_major:
+    rhs = by_token["rhs"]
+  elif programs * ROWS > rhs.shape[1]:  # an odd count of chunks of 32: zero rows after the last
     rhs = jnp.pad(rhs, [(0, 0), (0, programs * ROWS - rhs.shape[1]), (0, 0), (0, 0)])
-  elif not token_major:
-    rhs = by_token[-1]
   flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
   # G twice: the kernel loads it per row and per column, and Mosaic GPU would merge two loads of one row into one.
   gates = jnp.stack([log_decay, log_decay, beta], axis=3)  # [B, H, N, 3, 64]
@@ -349,7 +353,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   start_states = states_kk_t[:, :, 0:state_stride * programs:state_stride]  # read by the gather alone, not copied
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
                         jnp.diagonal(start_states, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
-  read_operands = [flat(value_rows[0]), flat(states_kv.astype(jnp.float32))] if read is not None else []
+  read_operands = [flat(by_token["values"]), flat(states_kv.astype(jnp.float32))] if read is not None else []
   outputs = list(kernel(rhs if token_major else flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t),
                         *read_operands))
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]

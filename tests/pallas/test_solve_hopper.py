@@ -11,7 +11,7 @@ from jax import lax
 from mesanet_jax.ops import MesaState
 from mesanet_jax.ops.cg import conjugate_gradient
 from mesanet_jax.ops.inputs import CGOptions
-from mesanet_jax.ops.operator import operator_class
+from mesanet_jax.ops.operator import chunk_major, operator_class, token_major
 from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from pallas_kernels.mesa_cg.params import lowering_for
 from pallas_kernels.mesa_cg.solve_hopper import fuses_read, hopper_cg_solve, unsupported_reason, use_hopper_solve
@@ -39,7 +39,7 @@ def problem(chunk, key_dim, *, chunks=1, symmetric=True, seed=0, decay_bias=3.0,
   if not symmetric:
     noise = jax.random.normal(jax.random.key(seed + 1), state.h_kk.shape)
     state = MesaState(state.h_kk + 0.1 * noise, state.h_kv)
-  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, chunks, chunk, *x.shape[3:])  # -> [B, H, N, C, ...]
+  chunked = lambda x: chunk_major(x, chunk)  # -> [B, H, N, C, ...]
   q, k, g, beta = map(chunked, (q, k, g, beta))
   log_decay = jnp.cumsum(g, axis=-1)
   with jax.enable_x64(True):
@@ -136,7 +136,7 @@ def test_read_from_x_on_chip_equals_the_causal_read(chunk, chunks, key_dim, valu
   """read=(V, S_kv): the same x and steps as without it, and o = the causal read of that x (the XLA operator's output
   stage in f32), to one fp16 pass's rounding."""
   q, k, v, g, beta, lam, state = random_inputs(1, chunks * chunk, 2, key_dim, value_dim, with_state=True, seed=5)
-  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, chunks, chunk, *x.shape[3:])
+  chunked = lambda x: chunk_major(x, chunk)
   q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
   log_decay = jnp.cumsum(g, axis=-1)
   op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
@@ -156,7 +156,7 @@ def test_x_in_shared_memory_solves_as_x_in_registers():
   """x_in_shared_memory=True (the loop adds α·p to x in shared memory and carries a token): the same steps, x to f32
   rounding (x + α·p in another order), and the fused read made from x loaded back."""
   q, k, v, g, beta, lam, state = random_inputs(1, 128, 2, 64, 64, with_state=True, seed=7)
-  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, 2, 64, *x.shape[3:])
+  chunked = lambda x: chunk_major(x, 64)
   q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
   log_decay = jnp.cumsum(g, axis=-1)
   op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
@@ -176,7 +176,7 @@ def test_bf16_rows_solve_as_their_f32_values():
   and the steps are those of the same values given in f32, bit for bit, and o (written in rhs's dtype) is their o
   rounded to bf16."""
   q, k, v, g, beta, lam, state = random_inputs(1, 64, 2, 64, 64, with_state=True, seed=9)
-  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, 1, 64, *x.shape[3:])
+  chunked = lambda x: chunk_major(x, 64)
   q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   log_decay = jnp.cumsum(g, axis=-1)
@@ -194,7 +194,7 @@ def test_bf16_rows_solve_as_their_f32_values():
 def test_without_the_solution_o_and_the_steps_are_the_same():
   """solution=False (a forward no gradient is taken of): x is not written, o and the steps are as with it."""
   q, k, v, g, beta, lam, state = random_inputs(1, 64, 2, 64, 64, with_state=True, seed=10)
-  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(1, 2, 1, 64, *x.shape[3:])
+  chunked = lambda x: chunk_major(x, 64)
   q, k, v, g, beta = map(chunked, (q, k, v, g, beta))
   log_decay = jnp.cumsum(g, axis=-1)
   op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
@@ -218,20 +218,20 @@ def test_token_major_rhs_and_o_are_the_chunk_major_ones_in_place(chunk, chunks):
   """token_major=True reads q [B, N·C, H, Dk] and writes o [B, N·C, H, Dv] in place (the forward's layout): x, o
   and the steps are the chunk-major call's, bit for bit."""
   q, k, v, g, beta, lam, state = random_inputs(2, chunks * chunk, 2, 64, 64, with_state=True, seed=11)
-  chunked = lambda x: jnp.moveaxis(x, 2, 1).reshape(2, 2, chunks, chunk, *x.shape[3:])
+  chunked = lambda x: chunk_major(x, chunk)
   k, v, g, beta = map(chunked, (k, v, g, beta))
   q = q.astype(jnp.bfloat16)
   log_decay = jnp.cumsum(g, axis=-1)
   op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
-  solve = lambda q, token_major: hopper_cg_solve(
+  solve = lambda q, in_place: hopper_cg_solve(
       q, k, log_decay, beta, lam, op.states.kk_t, cg_steps=30, cg_init="jacobi", cg_tol=1e-3, precision=DEFAULT,
-      read=(v, op.states.kv), token_major=token_major)
+      read=(v, op.states.kv), token_major=in_place)
   x, o, steps = solve(q, True)
   want_x, want_o, want_steps = solve(chunked(q), False)
   assert o.shape == (2, chunks * chunk, 2, 64) and o.dtype == jnp.bfloat16
   np.testing.assert_array_equal(x, want_x)
   np.testing.assert_array_equal(steps, want_steps)
-  np.testing.assert_array_equal(o, jnp.moveaxis(want_o.reshape(2, 2, chunks * chunk, 64), 1, 2))
+  np.testing.assert_array_equal(o, token_major(want_o))
   with pytest.raises(ValueError, match="token-major"):
     solve(chunked(q), True)
 

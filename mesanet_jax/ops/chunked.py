@@ -3,7 +3,8 @@
 Split T into N chunks of C tokens; the operator of the chosen implementation (`operator.ChunkedOperator`: XLA or the
 Pallas kernels) builds the chunk states and runs the stages. Forward: x = A⁻¹q by CG, o = H_kvᵀ x. Backward: the
 adjoint systems A_t y_t = H_kv[t] do_t by the same CG, the state gradients scanned backwards over chunks, and the input
-gradients from them. No CG iterate is stored: the residuals are the inputs and x. With `cg_tol` every system (forward
+gradients from them. No CG iterate is stored: the residuals are the inputs and x. Where the backward needs H_kk[t] x_t
+(the gates' gradient) it takes q_t − λ ⊙ x_t, equal at the solution (A_t x_t = q_t), instead of a causal read. With `cg_tol` every system (forward
 and adjoint) stops once ‖r‖ ≤ cg_tol·‖r₀‖; the gradient is the implicit one, i.e. that of the exact solution at the
 accuracy the solves reached. With `solve_precision` every solve is two cheaper solves and one round of iterative
 refinement (`_solve`). DESIGN.md §1 derives the formulas; `xla_operator.py` has the chunked forms.
@@ -78,7 +79,7 @@ def _forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static, solut
   o = o.astype(static.row_dtypes[0])  # q's: o leaves the core rounded once (the Hopper solve writes it so already)
   forward_steps = step_stats(steps, static.length)
   operator = op if static.save_states else (k, v, log_decay, beta, lam, state)
-  return (o, op.states.at(-1), forward_steps), (operator, probe, x, forward_steps)
+  return (o, op.states.at(-1), forward_steps), (operator, probe, q, x, forward_steps)
 
 
 def _core_forward(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
@@ -95,14 +96,17 @@ def _chunked_core(q, k, v, log_decay, beta, lam, state, probe, static: _Static):
 
 
 def _core_backward(static: _Static, residuals, cotangents):
-  operator, probe, x, forward_steps = residuals
+  operator, probe, q, x, forward_steps = residuals
   do, d_final, _ = cotangents
   do = chunk_major(do.astype(x.dtype), x.shape[3])  # token-major in q's dtype, as o; the backward computes in x's
   op = operator if static.save_states else operator_class(static.impl).build(*operator, static.precision)
   u = op.adjoint_rhs(do)
   y, adjoint_steps = _solve(op, u, static)
   d_states = op.state_gradients(x, y, do, d_final)
-  dk, dv, d_log_decay, dbeta = op.token_gradients(x, y, do, u, d_states)
+  # H_kk[t] x_t = q_t − λ ⊙ x_t at the solution: no causal read (the difference, the residual r_t, is within the
+  # accuracy the solve reached, as is the difference of the read's x from the exact solution's).
+  kk_x = chunk_major(q, x.shape[3]).astype(x.dtype) - op.lam[:, None, None, :] * x
+  dk, dv, d_log_decay, dbeta = op.token_gradients(x, y, do, u, d_states, kk_x)
   dlam = -jnp.sum(y * x, axis=(0, 2, 3))
   # The probe's "gradient" is the statistics of the solves (cg_steps.py), whatever the cotangents.
   d_probe = None if probe is None else jnp.concatenate(

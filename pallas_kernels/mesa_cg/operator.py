@@ -97,15 +97,15 @@ class PallasOperator(ChunkedSequence):
         x, (y, do), (-weights, weights), chunk_decay, (jnp.matrix_transpose(d_final.h_kk), d_final.h_kv),
         reverse=True, precision=self.precision))
 
-  def token_gradients(self, x, y, do, u, d_states: BoundaryStates):
+  def token_gradients(self, x, y, do, u, d_states: BoundaryStates, kk_x):
     """dk, dv, dβ (one kernel: Mosaic GPU on sm_90 where it takes the sizes, else Triton / Mosaic TPU / interpreted)
-    and d log-decay: the scaling of everything decayed up to t (through the causal read H_kk[t] x_t) minus what token
-    t added itself, plus, at a chunk's last row, the scaling of the state handed on, ⟨D_next, S_next⟩
+    and d log-decay: the scaling of everything decayed up to t (through kk_x = H_kk[t] x_t) minus what token t added
+    itself, plus, at a chunk's last row, the scaling of the state handed on, ⟨D_next, S_next⟩
     (`xla_operator.XlaOperator.token_gradients` derives the same)."""
     hopper = use_hopper_gradients(x.shape[3], x.shape[4], do.shape[4], self.precision)
     gradients = hopper_chunk_gradients if hopper else chunk_gradients
     dk, dv, dbeta = gradients(self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states, precision=self.precision)
-    d_log_decay = -rowdot(y, self.read_kk(x)) + rowdot(x, u) - self.beta * dbeta
+    d_log_decay = -rowdot(y, kk_x) + rowdot(x, u) - self.beta * dbeta
     handed_on = (jnp.sum(d_states.kk_t[:, :, 1:] * self.states.kk_t[:, :, 1:], axis=(-2, -1))
                  + jnp.sum(d_states.kv[:, :, 1:] * self.states.kv[:, :, 1:], axis=(-2, -1)))
     return dk, dv, d_log_decay.at[..., -1].add(handed_on), dbeta

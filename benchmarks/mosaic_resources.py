@@ -12,6 +12,7 @@ spellings of jaxlib's newer MLIR are patched, so the numbers guide; the device's
   python -m pip install nvidia-cuda-nvcc-cu12 nvidia-cuda-nvdisasm  # ptxas, libdevice, nvdisasm
   python benchmarks/mosaic_resources.py --chunk_size=64 --head_dim=128 --matmul_precision=default --cg_tol=0
   ... --mosaic_kernels=states,states_shared   # the chunk-state scan, one scan or two sharing a (forward)
+  ... --mosaic_kernels=gradients,gradients_handed_on   # the token gradients, without / with ⟨D, S⟩
 """
 import collections
 import functools
@@ -28,14 +29,18 @@ from absl import app, flags
 from jax.experimental.mosaic.gpu import core as mosaic_core
 
 from benchmarks.solve_bench import KERNELS
+from mesanet_jax.ops.operator import BoundaryStates
+from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients
 from pallas_kernels.mesa_cg.params import export_for
 from pallas_kernels.mesa_cg.states_hopper import hopper_chunk_states
 
 # chunk_size, head_dim, matmul_precision, cg_init: ops_bench's flags; cg_tol (0: fixed steps): solve_bench's.
 FLAGS = flags.FLAGS
 _KERNELS = flags.DEFINE_string("mosaic_kernels", "rows,rows_smem", "Mosaic GPU solves (solve_bench's names), or "
-                               "states / states_shared: the chunk-state scan, one scan or two sharing a")
+                               "states / states_shared: the chunk-state scan, one scan or two sharing a, or "
+                               "gradients / gradients_handed_on: the token gradients, without / with ⟨D, S⟩")
 SCANS = {"states": 1, "states_shared": 2}
+GRADIENTS = {"gradients": False, "gradients_handed_on": True}  # name -> whether the states go in
 _ROW_DTYPE = flags.DEFINE_enum("row_dtype", "float32", ["float32", "bfloat16"], "dtype of the rows (a solve's rhs and "
                                 "k, a scan's a and b's) as the kernels take them")
 _MLIR_BIN = flags.DEFINE_string("mlir_bin", "/usr/lib/llvm-22/bin", "folder of mlir-opt")
@@ -57,6 +62,13 @@ def kernel_call(name: str) -> tuple:
   rows = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
   row_dtype = jnp.dtype(_ROW_DTYPE.value)
   precision = jax.lax.Precision(FLAGS.matmul_precision)
+  if name in GRADIENTS:  # k, v, x, y, do, G, β, the state gradients (and the states) at 5 boundaries
+    bounds = [rows(1, 2, 5, dim, dim)] * (4 if GRADIENTS[name] else 2)
+    gradients = lambda *a: hopper_chunk_gradients(*a[:9], precision=precision,
+                                                  states=BoundaryStates(*a[9:]) if GRADIENTS[name] else None)
+    return gradients, (rows(1, 2, 4, size, dim, dtype=row_dtype), rows(1, 2, 4, size, dim, dtype=row_dtype),
+                       *(rows(1, 2, 4, size, dim) for _ in range(3)), rows(1, 2, 4, size), rows(1, 2, 4, size),
+                       *bounds)
   if name in SCANS:
     each = lambda *shape, dtype=jnp.float32: tuple(rows(*shape, dtype=dtype) for _ in range(SCANS[name]))
     scan = functools.partial(hopper_chunk_states, precision=precision)

@@ -49,6 +49,13 @@ class BoundaryStates(NamedTuple):
     """The state at boundary n (0: initial, -1: final) as a MesaState, [B, H, Dk, Dk] and [B, H, Dk, Dv]."""
     return MesaState(jnp.matrix_transpose(self.kk_t[:, :, n]), self.kv[:, :, n])
 
+  def handed_on(self, gradients: "BoundaryStates") -> jax.Array:
+    """⟨D, S⟩ at every chunk's end boundary, [B, H, N]: the loss's derivative w.r.t. a scale of the state chunk n
+    hands on (self: the states S, gradients: the loss's gradient D w.r.t. them), which the chunk's last log-decay
+    applies: the gates' gradient at the chunk's last row has it on top of the token's own terms."""
+    return (jnp.sum(gradients.kk_t[:, :, 1:] * self.kk_t[:, :, 1:], axis=(-2, -1))
+            + jnp.sum(gradients.kv[:, :, 1:] * self.kv[:, :, 1:], axis=(-2, -1)))
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkedSequence:

@@ -168,6 +168,4 @@ class XlaOperator(ChunkedSequence):
     # ∂L/∂G_t: scaling of everything decayed up to t, minus what token t itself added (β_t dβ_t) ...
     d_log_decay = -rowdot(y, kk_x) + rowdot(x, u) - beta * dbeta
     # ... and at the chunk's last row, the scaling of the state handed to the next chunk.
-    handed_on = (jnp.sum(d_next_kk_t * _ends(self.states.kk_t), axis=(-2, -1))
-                 + jnp.sum(d_next_kv * _ends(self.states.kv), axis=(-2, -1)))
-    return dk, dv, d_log_decay.at[..., -1].add(handed_on), dbeta
+    return dk, dv, d_log_decay.at[..., -1].add(self.states.handed_on(d_states)), dbeta

@@ -100,12 +100,14 @@ class PallasOperator(ChunkedSequence):
   def token_gradients(self, x, y, do, u, d_states: BoundaryStates, kk_x):
     """dk, dv, dβ (one kernel: Mosaic GPU on sm_90 where it takes the sizes, else Triton / Mosaic TPU / interpreted)
     and d log-decay: the scaling of everything decayed up to t (through kk_x = H_kk[t] x_t) minus what token t added
-    itself, plus, at a chunk's last row, the scaling of the state handed on, ⟨D_next, S_next⟩
-    (`xla_operator.XlaOperator.token_gradients` derives the same)."""
-    hopper = use_hopper_gradients(x.shape[3], x.shape[4], do.shape[4], self.precision)
-    gradients = hopper_chunk_gradients if hopper else chunk_gradients
-    dk, dv, dbeta = gradients(self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states, precision=self.precision)
+    itself, plus, at a chunk's last row, the scaling of the state handed on, ⟨D_next, S_next⟩ (`BoundaryStates.
+    handed_on`; the Hopper kernel computes it from the D it loads anyway, so that XLA does not read both boundary
+    arrays again; `xla_operator.XlaOperator.token_gradients` derives the same)."""
+    rows = (self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states)
+    if use_hopper_gradients(x.shape[3], x.shape[4], do.shape[4], self.precision):  # ⟨D, S⟩ on chip, as it loads D
+      dk, dv, dbeta, handed_on = hopper_chunk_gradients(*rows, precision=self.precision, states=self.states)
+    else:
+      dk, dv, dbeta = chunk_gradients(*rows, precision=self.precision)
+      handed_on = self.states.handed_on(d_states)
     d_log_decay = -rowdot(y, kk_x) + rowdot(x, u) - self.beta * dbeta
-    handed_on = (jnp.sum(d_states.kk_t[:, :, 1:] * self.states.kk_t[:, :, 1:], axis=(-2, -1))
-                 + jnp.sum(d_states.kv[:, :, 1:] * self.states.kv[:, :, 1:], axis=(-2, -1)))
     return dk, dv, d_log_decay.at[..., -1].add(handed_on), dbeta

@@ -9,7 +9,7 @@ from jax import lax
 from scipy.special import expit
 
 from mesanet_jax.ops import MesaState, mesa_chunked
-from mesanet_jax.ops.operator import operator_class
+from mesanet_jax.ops.operator import BoundaryStates, operator_class
 from pallas_kernels.mesa_cg import operator as pallas_operator
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
 from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients, unsupported_reason, use_hopper_gradients
@@ -50,6 +50,24 @@ def test_matches_the_triton_kernel(chunk, key_dim, value_dim, chunks, precision)
   for name, got, want in zip(("dk", "dv", "dbeta"), hopper, triton):
     assert got.shape == want.shape, name
     assert max_abs(got, want) <= TOLERANCE[precision] * scale(want), name
+
+
+@pytest.mark.slow
+def test_handed_on_comes_with_the_gradients():
+  """Given the states, the kernel also sums ⟨D, S⟩ at every chunk's end boundary (f32, as `BoundaryStates.
+  handed_on`), and its other results stay bit for bit those without."""
+  args = problem(64, 64, 128, 3, seed=6)
+  k, v, _, _, _, log_decay, beta, *d_bounds = args
+  rng = np.random.default_rng(6)
+  initial = MesaState(*(jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, 2, 64, 64),
+                                                                                             (1, 2, 64, 128))))
+  states = operator_class("xla").build(k, v, log_decay, beta, jnp.ones((2, 64)), initial, HIGHEST).states
+  *gradients, handed_on = hopper_chunk_gradients(*args, precision=DEFAULT, states=states)
+  for got, want in zip(gradients, hopper_chunk_gradients(*args, precision=DEFAULT)):
+    np.testing.assert_array_equal(got, want)
+  want = states.handed_on(BoundaryStates(*d_bounds))
+  assert handed_on.shape == want.shape == (1, 2, 3)
+  assert max_abs(handed_on, want) <= 1e-6 * scale(want)  # f32 sums of 64·(64 + 128) products, another order
 
 
 @pytest.mark.slow

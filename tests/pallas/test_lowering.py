@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from mesanet_jax.ops import mesa_chunked
+from mesanet_jax.ops.operator import BoundaryStates
 from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients
 from pallas_kernels.mesa_cg.params import EXPORT_PLATFORMS, export_for, triton_irs
 from pallas_kernels.mesa_cg.solve_hopper import hopper_cg_solve
@@ -148,23 +149,28 @@ def test_hopper_solve_with_the_read_lowers_for_cuda(chunk, key_dim, value_dim, l
     assert f"tensor<1x{64 * -(-3 * chunk // 64)}x2x{key_dim}x{element}>" in kernel_operands[0]
 
 
-@pytest.mark.parametrize("chunk, key_dim, value_dim, precision, row_dtype", [
-    (64, 128, 128, jax.lax.Precision.DEFAULT, jnp.bfloat16),  # fla's head size, k and v as a bf16 model gives them
-    (64, 64, 128, jax.lax.Precision.HIGHEST, jnp.float32),
+@pytest.mark.parametrize("chunk, key_dim, value_dim, precision, row_dtype, with_states", [
+    # fla's head size, k and v as a bf16 model gives them, ⟨D, S⟩ too (as the backward asks)
+    (64, 128, 128, jax.lax.Precision.DEFAULT, jnp.bfloat16, True),
+    (64, 64, 128, jax.lax.Precision.HIGHEST, jnp.float32, False),
 ])
-def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision, row_dtype):
+def test_hopper_gradients_lower_for_cuda(chunk, key_dim, value_dim, precision, row_dtype, with_states):
   """Mosaic GPU's own lowering of the token-gradients kernel runs for sm_90; ptxas does not."""
   rows = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  bounds = (rows(1, 2, 4, key_dim, key_dim), rows(1, 2, 4, key_dim, value_dim)) * (2 if with_states else 1)
   args = (rows(1, 2, 3, chunk, key_dim, dtype=row_dtype), rows(1, 2, 3, chunk, value_dim, dtype=row_dtype),
           rows(1, 2, 3, chunk, key_dim),
           rows(1, 2, 3, chunk, key_dim), rows(1, 2, 3, chunk, value_dim), rows(1, 2, 3, chunk), rows(1, 2, 3, chunk),
-          rows(1, 2, 4, key_dim, key_dim), rows(1, 2, 4, key_dim, value_dim))
-  gradients = functools.partial(hopper_chunk_gradients, precision=precision)
+          *bounds)
+  gradients = lambda *a: hopper_chunk_gradients(*a[:9], precision=precision,
+                                                states=BoundaryStates(*a[9:]) if with_states else None)
   kernel_operands = _mosaic_gpu_operand_types(export_for("gpu", gradients, *args).mlir_module())
   assert len(kernel_operands) == 1
-  # Both state gradients go in whole, all 4 boundaries (the kernel reads entry m + 1 in place: [1:] would copy).
-  assert f"tensor<2x4x{key_dim}x{key_dim}xf32>" in kernel_operands[0]
-  assert f"tensor<2x4x{key_dim}x{value_dim}xf32>" in kernel_operands[0]
+  # The state gradients (and states) go in whole, all 4 boundaries (the kernel reads entry m + 1 in place: [1:] would
+  # copy them).
+  each = (2 if with_states else 1) * (2 if key_dim == value_dim else 1)  # H_kk's shape is H_kv's where Dk = Dv
+  for shape in (f"tensor<2x4x{key_dim}x{key_dim}xf32>", f"tensor<2x4x{key_dim}x{value_dim}xf32>"):
+    assert kernel_operands[0].count(shape) == each, shape
 
 
 @pytest.mark.parametrize("key_dim, value_dim, scans, block, precision, reverse, row_dtype", [

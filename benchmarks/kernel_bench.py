@@ -119,8 +119,8 @@ def stage_bytes(batch, length, heads, key_dim, value_dim, chunk_size, row_bytes:
       "output read": (rows * (dk + dv + 2) + kv, rows * (dk + dv)),  # x, k, v, G, β, H_kv -> o (f32 here)
       "adjoint rhs read": (rows * (dv + 2) + kv + rows * dk, rows * (dk + dv)),  # do, k, v, G, β, H_kv -> u
       "state-gradient scans": (rows * (2 * dk + dv + 1) + kk + kv, 0),  # x, y, do, G -> dH_kk, dH_kv
-      # x, y, u, H_kk x, k, do, v, G, β, both states and their gradients -> dk, dv, dG, dβ
-      "token gradients": (rows * (5 * dk + 2 * dv + 4) + 2 * (kk + kv), rows * (dk + dv)),
+      # x, y, u, H_kk x, do, G, β, k, v, both states and their gradients -> dk, dv (in k's and v's dtype), dG, dβ
+      "token gradients": (rows * (4 * dk + dv + 4) + 2 * (kk + kv), rows * 2 * (dk + dv)),
   }
   return {stage: 4 * wide + row_bytes * narrow for stage, (wide, narrow) in counts.items()}
 

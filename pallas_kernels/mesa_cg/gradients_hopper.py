@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mesa_cg.hopper import (
-    COL, COMPILER_PARAMS, F16_TILES, F32_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, is_hopper, kernel_rows,
+    COL, COMPILER_PARAMS, F16_TILES, ROW, ROWS, SHARED_MEMORY, TOP, WGMMA, is_hopper, kernel_rows, landing_tiles,
     max_abs, per_col, per_row, split_passes, stage_scaled, staged_lhs, wgmma_sum)
 from pallas_kernels.mesa_cg.params import target, use_interpret
 
@@ -130,7 +130,7 @@ def _kernel(*refs, passes: int, handed_on: bool):
   dk = scaled_round([(k_end, lhs_k, sigma_k * sigma_kk / TOP ** 2, lambda b: dkk_t_parts.at[b]),
                      (-s * (TOP / sigma_s), lhs_square, sigma_s * sigma_y / TOP ** 2, lambda b: y_parts.at[b])],
                     (ROWS, key_dim))
-  dk_smem[...] = per_row(beta, z.shape) * (dk + z)  # D_kkᵀ's memory: its last product has completed
+  dk_smem[...] = (per_row(beta, z.shape) * (dk + z)).astype(dk_smem.dtype)  # D_kkᵀ's memory: read by now
   dbeta_smem[...] = jnp.sum(load(k_gmem) * z, axis=1)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(dk_smem, dk_gmem.at[bh, m])
@@ -138,7 +138,7 @@ def _kernel(*refs, passes: int, handed_on: bool):
   dv = scaled_round([(k_end, lhs_k, sigma_k * sigma_kv / TOP ** 2, lambda b: dkv_parts.at[b]),
                      (s * (TOP / sigma_s), lhs_square, sigma_s * sigma_do / TOP ** 2, lambda b: do_parts.at[b])],
                     (ROWS, value_dim))
-  dv_smem[...] = per_row(beta, dv.shape) * dv
+  dv_smem[...] = (per_row(beta, dv.shape) * dv).astype(dv_smem.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(dv_smem, dv_gmem.at[bh, m])
   plgpu.wait_smem_to_gmem(0)
@@ -152,7 +152,8 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
   be 16-bit floats (converted as the kernel loads them).
   precision: lax.Precision (HIGHEST/HIGH: 3 fp16 passes, DEFAULT: 1) or SplitDot(fp16, n).
   states: None, or the `operator.BoundaryStates` (H_kkᵀ, H_kv at every boundary, f32) the state gradients are of.
-  Returns dk [B, H, N, C, Dk], dv [B, H, N, C, Dv] (in k's and v's dtypes) and dbeta [B, H, N, C] (f32); with
+  Returns dk [B, H, N, C, Dk], dv [B, H, N, C, Dv] (in k's and v's dtypes where 16-bit floats, written so by the
+  kernel, rounded once, as the op returns them; else f32) and dbeta [B, H, N, C] (f32); with
   `states` also ⟨D, S⟩ at every chunk's end boundary, [B, H, N] (f32: `BoundaryStates.handed_on`).
   """
   batch, heads, num_chunks, size, key_dim = k.shape
@@ -166,27 +167,26 @@ def hopper_chunk_gradients(k, v, x, y, do, log_decay, beta, d_bounds_kk_t, d_bou
   flat = lambda a: a.reshape(batch * heads, *a.shape[2:])
   wide = lambda a: flat(a).astype(jnp.float32)
   parts = lambda r, c: plgpu.SMEM((passes // 2 + 1, r, c), jnp.float16, transforms=F16_TILES)
-  f32_rows = lambda c: plgpu.SMEM((ROWS, c), jnp.float32, transforms=F32_TILES)
+  k, v = kernel_rows(k), kernel_rows(v)  # 16-bit floats as they come (converted as the kernel loads them), else f32
+  out_rows = lambda c, dtype: plgpu.SMEM((ROWS, c), dtype, transforms=landing_tiles(dtype))
   scratch = [
-      plgpu.RefUnion(parts(key_dim, key_dim), f32_rows(key_dim)),  # D̃_kkᵀ, then dk
-      plgpu.RefUnion(parts(key_dim, value_dim), f32_rows(value_dim)),  # D̃_kv, then dv
+      plgpu.RefUnion(parts(key_dim, key_dim), out_rows(key_dim, k.dtype)),  # D̃_kkᵀ, then dk
+      plgpu.RefUnion(parts(key_dim, value_dim), out_rows(value_dim, v.dtype)),  # D̃_kv, then dv
       parts(ROWS, key_dim), parts(ROWS, key_dim), parts(ROWS, value_dim),  # x̃, ỹ, d̃o
       parts(ROWS, key_dim), parts(ROWS, value_dim), parts(ROWS, ROWS),  # left operands
       plgpu.SMEM((ROWS,), jnp.float32),  # dβ
   ] + ([plgpu.SMEM((ROWS,), jnp.float32)] if states is not None else [])  # ⟨D, S⟩'s row sums
   row_sums = jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS), jnp.float32)
-  out_type = [jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, key_dim), jnp.float32),
-              jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, value_dim), jnp.float32),
+  out_type = [jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, key_dim), k.dtype),
+              jax.ShapeDtypeStruct((batch * heads, num_chunks, ROWS, value_dim), v.dtype),
               row_sums] + ([row_sums] if states is not None else [])
   kernel = plgpu.kernel(
       functools.partial(_kernel, passes=passes, handed_on=states is not None), out_type=out_type,
       scratch_types=scratch, grid=(batch * heads, num_chunks), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
-  # k and v as they come if 16-bit floats (converted as the kernel loads them), every other operand f32
   bounds = (d_bounds_kk_t, d_bounds_kv, *(() if states is None else states))
-  dk, dv, dbeta, *handed_on = kernel(flat(kernel_rows(k)), flat(kernel_rows(v)),
-                                     *map(wide, (x, y, do, gates, *bounds)))
+  dk, dv, dbeta, *handed_on = kernel(flat(k), flat(v), *map(wide, (x, y, do, gates, *bounds)))
   unflat = lambda a: a.reshape(batch, heads, *a.shape[1:])
-  gradients = unflat(dk).astype(k.dtype), unflat(dv).astype(v.dtype), unflat(dbeta)
+  gradients = unflat(dk), unflat(dv), unflat(dbeta)
   return gradients + tuple(unflat(row_sums).sum(axis=-1) for row_sums in handed_on)
 

@@ -100,8 +100,11 @@ def _core_backward(static: _Static, residuals, cotangents):
   do, d_final, _ = cotangents
   do = chunk_major(do.astype(x.dtype), x.shape[3])  # token-major in q's dtype, as o; the backward computes in x's
   op = operator if static.save_states else operator_class(static.impl).build(*operator, static.precision)
-  u = op.adjoint_rhs(do)
-  y, adjoint_steps = _solve(op, u, static)
+  if static.solve_precision is None:
+    u, y, adjoint_steps = op.adjoint_solve(do, static.cg)
+  else:
+    u = op.adjoint_rhs(do)
+    y, adjoint_steps = _solve(op, u, static)
   d_states = op.state_gradients(x, y, do, d_final)
   # H_kk[t] x_t = q_t − λ ⊙ x_t at the solution: no causal read (the difference, the residual r_t, is within the
   # accuracy the solve reached, as is the difference of the read's x from the exact solution's).

@@ -77,6 +77,13 @@ class ChunkedSequence:
     x, steps = self.solve(chunk_major(q, self.k.shape[3]), cg)
     return x, token_major(self.output(x)), steps
 
+  def adjoint_solve(self, do: jax.Array, cg: CGOptions):
+    """The backward's u = `adjoint_rhs(do)`, y = A⁻¹u by `solve` and its steps (an implementation may make u inside
+    its solve, from do)."""
+    u = self.adjoint_rhs(do)
+    y, steps = self.solve(u, cg)
+    return u, y, steps
+
   def matvec(self, x: jax.Array) -> jax.Array:
     """A_t x_t = H_kk[t] x_t + λ ⊙ x_t for every row: the implementation's `read_kk` plus the regulariser."""
     return self.read_kk(x) + self.lam[:, None, None, :] * x
@@ -140,6 +147,10 @@ class ChunkedOperator(Protocol):
 
   def adjoint_rhs(self, do: jax.Array) -> jax.Array:
     """u_t = H_kv[t] do_t, the adjoint solve's right-hand side, [B, H, N, C, Dk]."""
+
+  def adjoint_solve(self, do: jax.Array, cg: CGOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`adjoint_rhs` and `solve` of it: u, y = A⁻¹u [B, H, N, C, Dk] and the steps (`ChunkedSequence` provides it
+    as the two stages; an implementation may make u inside its solve)."""
 
   def state_gradients(self, x: jax.Array, y: jax.Array, do: jax.Array, d_final: MesaState) -> BoundaryStates:
     """The loss's gradient w.r.t. the state at every boundary (D_t = −y_t x_tᵀ on H_kk[t], x_t do_tᵀ on H_kv[t],

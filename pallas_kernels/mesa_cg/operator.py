@@ -86,6 +86,15 @@ class PallasOperator(ChunkedSequence):
                            **_kernel_options(cg), precision=self.precision, read=(self.v, self.states.kv),
                            solution=solution, token_major=True)
 
+  def adjoint_solve(self, do, cg: CGOptions):
+    """The Hopper solve makes u = H_kv·do from do on chip before its loop where it fuses the read (one fp16 pass,
+    as the forward's o after it), instead of the read kernel writing u for the solve to load. Else the two stages."""
+    if not (self._uses_hopper_solve(do) and fuses_read(self.v.shape[-1], self.precision)):
+      return super().adjoint_solve(do, cg)
+    y, u, steps = hopper_cg_solve(do, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t,
+                                  **_kernel_options(cg), precision=self.precision, rhs_read=(self.v, self.states.kv))
+    return u, y, steps
+
   def adjoint_rhs(self, do):
     return causal_read(do, self.v, self.k, self.states.kv, self.log_decay, self.beta, transpose_states=True,
                        precision=self.precision)

@@ -64,34 +64,42 @@ def fuses_read(value_dim: int, precision) -> bool:
   return split_passes(precision) == 1 and value_dim in (64, 128)
 
 
-def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_in_smem: bool, solution: bool,
-            token_major: bool):
+def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, rhs_read: bool, x_in_smem: bool,
+            solution: bool, token_major: bool):
   """The CTA of (batch·head, chunk of 64): x for the chunk's rows (unless not `solution`; and the steps each took,
-  with a tolerance; and, with `read`, the causal read o of x). The chunk's start states are entry state_stride ·
-  chunk of the boundary states, read in place (a slice outside would copy them all). With `staging` refs the wgmma
-  left operands go through shared memory.
+  with a tolerance; and, with `read`, the causal read o of x; with `rhs_read`, rhs is do and the right-hand side
+  u = H_kv[t] do_t is made on chip first, and written out). The chunk's start states are entry state_stride · chunk
+  of the boundary states, read in place (a slice outside would copy them all). With `staging` refs the wgmma left
+  operands go through shared memory.
 
-  refs: inputs rhs, k, gates, features, Sᵀ (and V, S_kv with `read`); outputs x with `solution`, the steps with a
-  tolerance, o with `read`; scratch: the union (Sᵀ's parts; x and steps; S̃_kv's parts and o with `read`;
-  (K / σ_K)² where diag(A) is needed), K̃, W (a union with Ṽ's part with `read`), 1 / diag(A) with Jacobi's
+  refs: inputs rhs (do with `rhs_read`), k, gates, features, Sᵀ (and V, S_kv with `read` or `rhs_read`); outputs x
+  with `solution`, the steps with a tolerance, o with `read`, u with `rhs_read`; scratch: the union (Sᵀ's parts; x
+  and steps (u on its way out); S̃_kv's parts with `read` or `rhs_read`, then o with `read`; (K / σ_K)² where
+  diag(A) is needed), K̃, W (a union with Ṽ's part with `read` or `rhs_read`), 1 / diag(A) with Jacobi's
   preconditioner, x through the CG loop with `x_in_smem`, and the staged left operands if any. With `token_major`,
   rhs and o are [B, T, H, D] and the CTA reads and writes its 64 tokens of head h as strided [64, D] slices."""
   counted, preconditioned, needs_diagonal = cg.tol is not None, cg.preconditioned, cg.uses_diagonal
-  num_inputs = 7 if read else 5
+  reads_values = read or rhs_read
+  num_inputs = 7 if reads_values else 5
   (rhs_gmem, k_gmem, gates_gmem, features_gmem, states_gmem, *read_gmem), refs = refs[:num_inputs], refs[num_inputs:]
-  num_outputs = solution + counted + read
+  num_outputs = solution + counted + read + rhs_read
   outputs, refs = iter(refs[:num_outputs]), refs[num_outputs:]
-  x_gmem, steps_gmem, o_gmem = (next(outputs) if wanted else None for wanted in (solution, counted, read))
+  x_gmem, steps_gmem, o_gmem, u_gmem = (next(outputs) if wanted else None
+                                        for wanted in (solution, counted, read, rhs_read))
   union, k_parts, weights, *staging = refs
   inverse_smem = staging.pop(0) if preconditioned else None  # 1 / diag(A), [64, Dk] f32
   loop_x_smem = staging.pop(0) if x_in_smem else None  # x through the CG loop, [64, Dk] f32
-  weights_smem, v_parts = weights if read else (weights, None)
+  weights_smem, v_parts = weights if reads_values else (weights, None)
   lhs_smem, z_smem = staging if staging else (None, None)
+  do_lhs_smem = None  # d̂o staged (with rhs_read): p̂'s memory seen as [64, Dv]
+  if rhs_read and lhs_smem is not None:
+    lhs_smem, do_lhs_smem = lhs_smem
   st_parts, (x_smem, steps_smem), *rest = union
-  kv_parts, o_smem = rest[:2] if read else (None, None)
-  k2_parts = rest[-1] if needs_diagonal else None
+  kv_parts = rest.pop(0) if reads_values else None
+  o_smem = rest.pop(0) if read else None
+  k2_parts = rest.pop(0) if needs_diagonal else None
   bh, n = lax.axis_index("bh"), lax.axis_index("chunk")
-  key_dim, pairs = rhs_gmem.shape[-1], pass_pairs(passes)
+  key_dim, pairs = k_gmem.shape[-1], pass_pairs(passes)
   if token_major:  # [B, T, H, D]: batch bh // H, tokens 64 n ..., head bh % H
     heads = rhs_gmem.shape[2]
     rows_of = lambda gmem: gmem.at[bh // heads, pl.ds(ROWS * n, ROWS), bh % heads]
@@ -136,6 +144,19 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
     squared = pl.run_scoped(squares, plgpu.ACC(out, jnp.float32))
     diagonal = (per_row(sigma_k * sigma_k * mask_max / TOP ** 2, out) * squared
                 + per_col(load_lam(), out))
+
+  if rhs_read:  # u = H_kv[t] do_t = `read.causal_read(do, V, K, S_kvᵀ)`, in the union and W's memory before Sᵀ and W
+    values_gmem, kv_gmem = read_gmem
+    sigma_kv = stage_scaled(kv_gmem, (bh, n * state_stride), kv_parts, passes)
+    sigma_v = stage_scaled(values_gmem, (bh, n), v_parts, passes)
+    plgpu.commit_smem()
+    do = plgpu.load(rows_of(rhs_gmem), layout=WGMMA, optimized=False).astype(jnp.float32)  # [64, Dv]
+    rhs = _read_on_chip(do, (v_parts, sigma_v), (k_parts, sigma_k), (kv_parts, sigma_kv), True, mask, log_decay_t,
+                        passes, do_lhs_smem, z_smem)
+    x_smem[...] = rhs  # S̃_kv's memory: every wgmma of the read has completed
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(x_smem, u_gmem.at[bh, n])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # Sᵀ is staged in that memory below
 
   # S̃ᵀ, scaled by σ_S = max |S| (k2_parts is no longer read: the wgmma above has completed). S is positive
   # semidefinite, as every Mesa state is, so max |S_ij| = max_i S_ii: σ_S comes from the diagonal and S streams in.
@@ -196,7 +217,8 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
       loop_x_smem[...] = plgpu.load(loop_x_smem, layout=WGMMA) + increment
       return token
     iterate = Iterate(start, add)
-  rhs = plgpu.load(rows_of(rhs_gmem), layout=WGMMA, optimized=False).astype(jnp.float32)  # [64, Dk]
+  if not rhs_read:
+    rhs = plgpu.load(rows_of(rhs_gmem), layout=WGMMA, optimized=False).astype(jnp.float32)  # [64, Dk]
   x, steps = solve_from_diagonal(matvec, rhs, diagonal, cg, preconditioner, iterate)
 
   if x_in_smem:
@@ -215,39 +237,47 @@ def _kernel(*refs, cg: CGOptions, passes: int, state_stride: int, read: bool, x_
   if not read:
     return
 
-  # o = e^{G_t} x_t S_kv + Σ_s M_ts (x_t·k_s) v_s (`read.causal_read`) from x on chip: S̃_kv = T S_kv / σ_kv in the
-  # union (x has been copied out), Ṽ = T V / σ_V in W's memory, x̂ = T x / σ_x per row; the products
-  # x̂ K̃ᵀ = T² x Kᵀ / (σ_x σ_K), x̂ S̃_kv = T² x S_kv / (σ_x σ_kv) and, with Z = x̂ K̃ᵀ ⊙ M and Ẑ = T Z / σ_Z per row,
-  # Ẑ Ṽ = T² Z V / (σ_Z σ_V).
+  # o = `read.causal_read(x, K, V, S_kv)` from x on chip: S̃_kv in the union (x has been copied out), Ṽ in W's memory.
   values_gmem, kv_gmem = read_gmem
-  value_dim = o_gmem.shape[-1]
   sigma_kv = stage_scaled(kv_gmem, (bh, n * state_stride), kv_parts, passes)
   sigma_v = stage_scaled(values_gmem, (bh, n), v_parts, passes)
   plgpu.commit_smem()
-  sigma_x = jnp.maximum(jnp.max(jnp.abs(x), axis=1), SMALLEST_SCALE)
-  x_parts = staged_lhs(x * per_row(TOP / sigma_x, x.shape), passes, lhs_smem)
-  out = (ROWS, value_dim)
-
-  scores = wgmma_sum([(x_parts, lambda b: k_parts.at[b].T)], shape, passes)
-  state_term = wgmma_sum([(x_parts, lambda b: kv_parts.at[b])], out, passes)
   mask, log_decay_t = causal_mask()  # again: kept through the CG loop, M would take 32 registers a thread
-  z = scores * mask
-  sigma_z = jnp.maximum(jnp.max(jnp.abs(z), axis=1), SMALLEST_SCALE)
-  z_parts = staged_lhs(z * per_row(TOP / sigma_z, shape), passes, z_smem)
-  intra_term = wgmma_sum([(z_parts, lambda b: v_parts.at[b])], out, passes)
-  state_scale = jnp.exp(log_decay_t) * (sigma_x / TOP) * (sigma_kv / TOP)
-  intra_scale = ((sigma_z / TOP) * (sigma_x / TOP)) * ((sigma_v / TOP) * (sigma_k / TOP))
-  o = state_term * per_row(state_scale, out) + intra_term * per_row(intra_scale, out)
+  o = _read_on_chip(x, (k_parts, sigma_k), (v_parts, sigma_v), (kv_parts, sigma_kv), False, mask, log_decay_t, passes,
+                    lhs_smem, z_smem)
   o_smem[...] = o.astype(o_smem.dtype)  # S̃_kv's memory: read by the state term's round
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, rows_of(o_gmem))
   plgpu.wait_smem_to_gmem(0)
 
 
+def _read_on_chip(rows, keys, values, state, transpose_state: bool, mask, log_decay_t, passes: int, lhs_smem,
+                  z_smem):
+  """`read.causal_read` of 64 rows [64, D] in registers: row t is e^{G_t} rows_t S + Σ_s M_ts (rows_t·keys_s) values_s,
+  from staged fp16 parts scaled by their max |·| (T = 2^15 over σ): keys (parts [64, D], σ), values (parts [64, E],
+  σ), the state S (parts [D, E], σ; with `transpose_state` the parts of Sᵀ, [E, D], read transposed). With r̂ = T rows /
+  σ_r per row: r̂ K̃ᵀ = T² rows Kᵀ / (σ_r σ_K), r̂ S̃ = T² rows S / (σ_r σ_S) and, with Z = r̂ K̃ᵀ ⊙ M and Ẑ = T Z / σ_Z
+  per row, Ẑ Ṽ = T² Z V / (σ_Z σ_V). Returns [64, E] f32."""
+  (key_parts, sigma_keys), (value_parts, sigma_values), (state_parts, sigma_state) = keys, values, state
+  shape, out = (ROWS, ROWS), (ROWS, value_parts.shape[-1])
+  sigma_rows = jnp.maximum(jnp.max(jnp.abs(rows), axis=1), SMALLEST_SCALE)
+  row_parts = staged_lhs(rows * per_row(TOP / sigma_rows, rows.shape), passes, lhs_smem)
+  scores = wgmma_sum([(row_parts, lambda b: key_parts.at[b].T)], shape, passes)
+  state_operand = (lambda b: state_parts.at[b].T) if transpose_state else (lambda b: state_parts.at[b])
+  state_term = wgmma_sum([(row_parts, state_operand)], out, passes)
+  z = scores * mask
+  sigma_z = jnp.maximum(jnp.max(jnp.abs(z), axis=1), SMALLEST_SCALE)
+  z_parts = staged_lhs(z * per_row(TOP / sigma_z, shape), passes, z_smem)
+  intra_term = wgmma_sum([(z_parts, lambda b: value_parts.at[b])], out, passes)
+  state_scale = jnp.exp(log_decay_t) * (sigma_rows / TOP) * (sigma_state / TOP)
+  intra_scale = ((sigma_z / TOP) * (sigma_rows / TOP)) * ((sigma_values / TOP) * (sigma_keys / TOP))
+  return state_term * per_row(state_scale, out) + intra_term * per_row(intra_scale, out)
+
+
 def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int, cg_init: str,
                     cg_tol: float | None = None, cg_preconditioner: str = "none", precision,
                     lhs_in_registers: bool | None = None, x_in_shared_memory: bool | None = None, read=None,
-                    solution: bool = True, token_major: bool = False):
+                    rhs_read=None, solution: bool = True, token_major: bool = False):
   """`chunked_cg_solve` on Hopper tensor cores.
 
   Args (chunk-major, as inside `mesa_chunked`): rhs, k: [B, H, N, C, Dk] f32, or bf16 / f16 (converted to f32 as
@@ -269,26 +299,35 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   read: None, or (values [B, H, N, C, Dv], states_kv [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
   kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)`, made from x on chip (where
   `fuses_read` allows).
+  rhs_read: None, or (values [B, H, N, C, Dv], states_kv as for `read`): rhs is do [B, H, N, C, Dv], and the kernel
+  solves for the right-hand side u = H_kv[t] do_t = `read.causal_read(do, values, k, states_kv,
+  transpose_states=True)` (the backward's adjoint systems), which it makes from do on chip and also returns (where
+  `fuses_read` allows; not with `read`).
   solution: whether x is written out; without it (o alone is wanted: a forward no gradient is taken of) the kernel
   writes o and the steps only, 4 bytes a row entry less, and x is returned as None. Needs `read`.
   token_major: rhs is [B, N·C, H, Dk] and o [B, N·C, H, Dv], as the op's caller lays out q and o: the kernel reads
   and writes them in place, with no chunk-major copy (`ChunkedOperator.solve_and_output`).
   Returns x: [B, H, N, C, Dk] (f32; None without `solution`), with `read` o: [B, H, N, C, Dv] ([B, N·C, H, Dv]
-  with `token_major`) in rhs's dtype (f32, or the 16-bit float q came in: the op's output dtype, rounded once), and
-  the steps each row took, int32 [B, H, N, C].
+  with `token_major`) in rhs's dtype (f32, or the 16-bit float q came in: the op's output dtype, rounded once), with
+  `rhs_read` u: [B, H, N, C, Dk] f32, and the steps each row took, int32 [B, H, N, C].
   """
   batch, heads, num_chunks, size, key_dim = k.shape
-  expected = (batch, num_chunks * size, heads, key_dim) if token_major else k.shape
+  if read is not None and rhs_read is not None:
+    raise ValueError("read and rhs_read: the Hopper solve fuses one read, after its loop (o) or before it (u)")
+  rows_dim = rhs_read[0].shape[-1] if rhs_read is not None else key_dim  # rhs is do, [.., Dv], with rhs_read
+  expected = ((batch, num_chunks * size, heads, rows_dim) if token_major
+              else (batch, heads, num_chunks, size, rows_dim))
   if rhs.shape != expected:
     raise ValueError(f"rhs has shape {rhs.shape}, expected {expected} ({'token' if token_major else 'chunk'}-major, "
                      f"from k's {k.shape})")
   if (reason := unsupported_reason(size, key_dim, rhs.dtype)) is not None:
     raise ValueError(reason)
   passes = split_passes(precision)
-  values, states_kv = read if read is not None else (None, None)
-  if read is not None and not fuses_read(values.shape[-1], precision):
-    raise ValueError(f"read: the Hopper solve fuses the read at one fp16 pass and Dv 64 or 128, got {passes} passes "
-                     f"and Dv={values.shape[-1]}")
+  fused = read if read is not None else rhs_read
+  values, states_kv = fused if fused is not None else (None, None)
+  if fused is not None and not fuses_read(values.shape[-1], precision):
+    raise ValueError(f"{'read' if read is not None else 'rhs_read'}: the Hopper solve fuses a read at one fp16 pass "
+                     f"and Dv 64 or 128, got {passes} passes and Dv={values.shape[-1]}")
   if lhs_in_registers is None:  # fastest on an H200 (RESULTS.md): registers at 1 pass, staged at 3 (fewer spills)
     lhs_in_registers = not use_interpret() and passes == 1
   cg = CGOptions(cg_steps, cg_init, cg_tol, cg_preconditioner)
@@ -300,7 +339,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   rhs, k = kernel_rows(rhs), kernel_rows(k)  # 16-bit rows are converted as the kernel loads them
   log_decay, beta, states_kk_t = (x.astype(jnp.float32) for x in (log_decay, beta, states_kk_t))
   by_token = {"k": k, "beta": beta}  # chunk-major rows, 64 a program
-  if read is not None:
+  if fused is not None:
     by_token["values"] = kernel_rows(values)
   if not token_major:
     by_token["rhs"] = rhs
@@ -324,11 +363,13 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   union = [parts(key_dim),  # Sᵀ; before it (K̃)² (Jacobi), after it x and the steps, then S̃_kv, then o
            (f32_rows(key_dim), plgpu.SMEM((ROWS,), jnp.int32))]
   weights = f32_rows(ROWS)  # W
-  if read is not None:
+  if fused is not None:
     value_dim = states_kv.shape[-1]
+    union.append(parts(key_dim, value_dim))  # S̃_kv
+    weights = plgpu.RefUnion(weights, parts(ROWS, value_dim))  # W, and Ṽ before it (u) or after it (o)
+  if read is not None:
     o_dtype = rhs.dtype  # f32, or the 16-bit float q came in: o leaves in the op's output dtype
-    union += [parts(key_dim, value_dim), plgpu.SMEM((ROWS, value_dim), o_dtype, transforms=landing_tiles(o_dtype))]
-    weights = plgpu.RefUnion(weights, parts(ROWS, value_dim))  # W, then Ṽ
+    union.append(plgpu.SMEM((ROWS, value_dim), o_dtype, transforms=landing_tiles(o_dtype)))
   if cg.uses_diagonal:  # (K / σ_K)²
     union.append(parts(ROWS))
   scratch = [plgpu.RefUnion(*union), parts(ROWS), weights]  # ..., K̃, W
@@ -337,16 +378,21 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if x_in_shared_memory:
     scratch.append(f32_rows(key_dim))  # x through the loop
   if not lhs_in_registers:  # left operands staged: p̂ then the state term's, and Ẑ (or the Jacobi mask)
-    scratch += [parts(ROWS), parts(ROWS, ROWS)]
+    # (with rhs_read also d̂o, [64, Dv], in p̂'s memory before the loop)
+    rows_lhs = parts(ROWS) if rhs_read is None else plgpu.RefUnion(parts(ROWS), parts(ROWS, value_dim))
+    scratch += [rows_lhs, parts(ROWS, ROWS)]
   out_type = [jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32)] if solution else []
   if counted:
     out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS), jnp.int32))
   if read is not None:
     o_shape = (batch, programs * ROWS, heads, value_dim) if token_major else (batch * heads, programs, ROWS, value_dim)
     out_type.append(jax.ShapeDtypeStruct(o_shape, o_dtype))
+  if rhs_read is not None:
+    out_type.append(jax.ShapeDtypeStruct((batch * heads, programs, ROWS, key_dim), jnp.float32))
   kernel = plgpu.kernel(
       functools.partial(_kernel, cg=cg, passes=passes, state_stride=state_stride, read=read is not None,
-                        x_in_smem=x_in_shared_memory, solution=solution, token_major=token_major),
+                        rhs_read=rhs_read is not None, x_in_smem=x_in_shared_memory, solution=solution,
+                        token_major=token_major),
       out_type=out_type, scratch_types=scratch, grid=(batch * heads, programs), grid_names=("bh", "chunk"),
       compiler_params=COMPILER_PARAMS, interpret=plgpu.InterpretGPUParams() if use_interpret() else None)
   # Per program: λ and diag(S) (S's scale and the Jacobi start; a gather here, where the kernel would reduce across
@@ -354,7 +400,7 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   start_states = states_kk_t[:, :, 0:state_stride * programs:state_stride]  # read by the gather alone, not copied
   features = jnp.stack([jnp.broadcast_to(lam.astype(jnp.float32)[None, :, None], (batch, heads, programs, key_dim)),
                         jnp.diagonal(start_states, axis1=-2, axis2=-1)], axis=3)  # [B, H, N, 2, Dk]
-  read_operands = [flat(by_token["values"]), flat(states_kv.astype(jnp.float32))] if read is not None else []
+  read_operands = [flat(by_token["values"]), flat(states_kv.astype(jnp.float32))] if fused is not None else []
   outputs = list(kernel(rhs if token_major else flat(rhs), flat(k), flat(gates), flat(features), flat(states_kk_t),
                         *read_operands))
   unpair = lambda y: y.reshape(batch, heads, -1, size, *y.shape[3:])[:, :, :num_chunks]
@@ -363,6 +409,8 @@ def hopper_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int,
   if read is not None:
     o = outputs[-1][:, :num_chunks * size] if token_major else unpair(outputs[-1])
     return x, o, steps
+  if rhs_read is not None:
+    return x, unpair(outputs[-1]), steps
   return x, steps
 
 

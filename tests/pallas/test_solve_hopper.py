@@ -151,6 +151,32 @@ def test_read_from_x_on_chip_equals_the_causal_read(chunk, chunks, key_dim, valu
   assert max_abs(o, expected) <= TOLERANCE[DEFAULT] * scale(expected)
 
 
+@pytest.mark.parametrize("chunk, chunks, key_dim, value_dim, cg_tol", [
+    (64, 2, 64, 128, None),  # Dv ≠ Dk: do and u differ in width
+    (32, 3, 64, 64, 1e-3),  # pairs of chunks of 32, counted steps
+])
+@pytest.mark.slow
+def test_adjoint_right_hand_side_made_on_chip(chunk, chunks, key_dim, value_dim, cg_tol):
+  """rhs_read=(V, S_kv), the backward's adjoint solve: u = H_kv[t] do_t made from do on chip is the causal read (the
+  XLA operator's adjoint_rhs in f32) to one fp16 pass's rounding, and y and the steps are those of the solve of the
+  u it returns, bit for bit."""
+  _, k, v, g, beta, lam, state = random_inputs(1, chunks * chunk, 2, key_dim, value_dim, with_state=True, seed=7)
+  do = jax.random.normal(jax.random.key(7), v.shape)
+  chunked = lambda x: chunk_major(x, chunk)
+  k, v, do, g, beta = map(chunked, (k, v, do, g, beta))
+  log_decay = jnp.cumsum(g, axis=-1)
+  op = operator_class("xla").build(k, v, log_decay, beta, lam, state, HIGHEST)
+  solve = lambda rhs, **fused: hopper_cg_solve(rhs, k, log_decay, beta, lam, op.states.kk_t, cg_steps=4,
+                                               cg_init="jacobi", cg_tol=cg_tol, precision=DEFAULT, **fused)
+  y, u, steps = solve(do, rhs_read=(v, op.states.kv))
+  expected = op.adjoint_rhs(do)
+  assert u.shape == expected.shape
+  assert max_abs(u, expected) <= TOLERANCE[DEFAULT] * scale(expected)
+  y_alone, steps_alone = solve(u)
+  np.testing.assert_array_equal(y, y_alone)
+  np.testing.assert_array_equal(steps, steps_alone)
+
+
 @pytest.mark.slow
 def test_x_in_shared_memory_solves_as_x_in_registers():
   """x_in_shared_memory=True (the loop adds α·p to x in shared memory and carries a token): the same steps, x to f32

@@ -20,7 +20,9 @@ Shared memory (Dk = 128): Sᵀ 32 KiB and K 16 KiB per fp16 part, W 16 KiB; the 
 output borrow Sᵀ's memory before and after the loop. 1 pass fits two CTAs per SM, 3 passes just (113 KiB each).
 x, r, p (192 of 255 registers per thread at Dk = 128) and a matvec's operands do not all fit: ptxas spills some
 (benchmarks/mosaic_resources.py shows how much), so x, which the loop only adds to, stays in shared memory where
-that costs no CTA an SM (`x_in_shared_memory`). Mosaic GPU's interpreter takes wgmma left operands from shared
+that costs no CTA an SM (`x_in_shared_memory`). At one pass a CTA can also make o = H_kvᵀx after its loop (`read`, the
+forward) or its right-hand side u = H_kv do before it (`rhs_read`, the backward's adjoint systems), the causal read
+on chip (`_read_on_chip`). Mosaic GPU's interpreter takes wgmma left operands from shared
 memory only: `lhs_in_registers=False` stages them there (the CPU tests run it; on the GPU the three-pass solve uses
 it too: it trades spills for shared memory, and measured faster there).
 """
@@ -59,8 +61,9 @@ def use_hopper_solve(chunk_size: int, key_dim: int, dtype) -> bool:
 
 
 def fuses_read(value_dim: int, precision) -> bool:
-  """Whether `hopper_cg_solve(read=...)` takes these: one fp16 pass (Ṽ's part takes W's memory, free after the CG
-  loop, so the CTA's shared memory stays as without the read) and Dv 64 or 128."""
+  """Whether `hopper_cg_solve(read=...)` or `(rhs_read=...)` takes these: one fp16 pass (Ṽ's part takes W's memory,
+  free after the CG loop or before W is made, so the CTA's shared memory stays as without the read) and Dv 64 or
+  128."""
   return split_passes(precision) == 1 and value_dim in (64, 128)
 
 

@@ -130,7 +130,7 @@ def failed(name, error):
 
 
 def stage_times(args, impl):
-  """ms of every stage (STAGES, solve_and_output and matvec) of `impl`'s operator (`operator.operator_class`), each
+  """ms of every stage (STAGES, solve_and_output, adjoint_solve and matvec) of `impl`'s operator (`operator.operator_class`), each
   jitted alone, chunk-major.
 
   The solutions x, y, u = H_kv·do and H_kk·x are random rows of the right shape: the stages' cost does not depend
@@ -166,6 +166,7 @@ def stage_times(args, impl):
       "output read": (jax.jit(lambda op, x: op.output(x)), op, x),
       "matvec": (jax.jit(lambda op, x: op.matvec(x)), op, x),
       "adjoint rhs read": (jax.jit(lambda op, do: op.adjoint_rhs(do)), op, do),
+      "adjoint_solve": (jax.jit(lambda op, do: op.adjoint_solve(do, cg)), op, do),
       "state-gradient scans": (state_gradients, op, x, y, do, state),
       "token gradients": (jax.jit(lambda op, *a: op.token_gradients(*a)), op, x, y, do, u, d_states, kk_x),
   }
@@ -183,11 +184,12 @@ def print_stages(args):
   Pallas stages' roofline: achieved TFLOP/s (`mesa_stage_flops`) and GB/s (`stage_bytes`), and flops per byte."""
   times = {impl: stage_times(args, impl) for impl in ("xla", "pallas")}
   print(f"{'stage (jitted alone)':<24} {'xla ms':>9} {'pallas ms':>10} {'pallas/xla':>11}")
-  # solve_and_output: the forward's solve and read as it runs them (one kernel where the solve makes o itself);
-  # matvec: A x, the residual of a refined solve (mesa_chunked(solve_precision=)), once per solve.
+  # solve_and_output / adjoint_solve: the forward's solve and read, the backward's read and solve, as they run
+  # (one kernel where the solve makes o or u itself); matvec: A x, the residual of a refined solve
+  # (mesa_chunked(solve_precision=)), once per solve.
   for name, parts in [*((name, (name,)) for name in STAGES), ("sum: forward", FORWARD_STAGES),
                       ("sum: backward", BACKWARD_STAGES), ("solve_and_output", ("solve_and_output",)),
-                      ("matvec", ("matvec",))]:
+                      ("adjoint_solve", ("adjoint_solve",)), ("matvec", ("matvec",))]:
     xla, pallas = (sum(times[impl].get(part, float("nan")) for part in parts) for impl in ("xla", "pallas"))
     print(f"{name:<24} {xla:9.3f} {pallas:10.3f} {pallas / xla:11.2f}")
   batch, length, heads, dim = args[0].shape

@@ -13,14 +13,14 @@ from jax import lax
 
 from mesanet_jax.ops.cg import rowdot
 from mesanet_jax.ops.inputs import CGOptions, MesaState
-from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, register
+from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, chunk_major, register, token_major
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
 from pallas_kernels.mesa_cg.gradients_hopper import hopper_chunk_gradients, use_hopper_gradients
 from pallas_kernels.mesa_cg.gradients_hopper import unsupported_reason as hopper_gradients_reason
 from pallas_kernels.mesa_cg.hopper import ROWS, is_hopper_kind, split_passes
 from pallas_kernels.mesa_cg.params import unsupported_reason
 from pallas_kernels.mesa_cg.read import causal_read
-from pallas_kernels.mesa_cg.solve import chunked_cg_solve
+from pallas_kernels.mesa_cg.solve import chunked_cg_solve, fuses_reads
 from pallas_kernels.mesa_cg.solve_hopper import fuses_read, hopper_cg_solve, use_hopper_solve
 from pallas_kernels.mesa_cg.states import chunk_states_sharing_a
 
@@ -76,23 +76,37 @@ class PallasOperator(ChunkedSequence):
   def output(self, x):
     return causal_read(x, self.k, self.v, self.states.kv, self.log_decay, self.beta, precision=self.precision)
 
+  def _fused_solve(self, rhs, cg: CGOptions, solution: bool = True, **fused):
+    """The solve that also makes a read (`fused`: read= or rhs_read= (v, S_kv)) in one kernel where one does: the
+    Hopper solve at one fp16 pass (`solve_hopper.fuses_read`; q and o token-major, x only if `solution`), the
+    Triton / Mosaic TPU / interpreted one for small heads (`solve.fuses_reads`, chunk-major); None elsewhere."""
+    options = dict(**_kernel_options(cg), precision=self.precision)
+    operands = (self.k, self.log_decay, self.beta, self.lam, self.states.kk_t)
+    if self._uses_hopper_solve(rhs):
+      if not fuses_read(self.v.shape[-1], self.precision):
+        return None
+      return hopper_cg_solve(rhs, *operands, **options, **fused, solution=solution, token_major="read" in fused)
+    if not fuses_reads(self.k.shape[-1], self.v.shape[-1]):
+      return None
+    if "read" in fused:  # the Triton kernel reads and writes chunk-major rows
+      x, o, steps = chunked_cg_solve(chunk_major(rhs, self.k.shape[3]), *operands, **options, **fused)
+      return x, token_major(o), steps
+    return chunked_cg_solve(rhs, *operands, **options, **fused)
+
   def solve_and_output(self, q, cg: CGOptions, solution: bool = True):
-    """The Hopper solve makes o from x on chip where it fuses the read (one fp16 pass, `solve_hopper.fuses_read`),
-    instead of the read kernel loading x, k, v and the gates again; it reads q and writes o token-major, and x only
-    if `solution`. Else solve, then the read kernel."""
-    if not (self._uses_hopper_solve(q) and fuses_read(self.v.shape[-1], self.precision)):
-      return super().solve_and_output(q, cg, solution)
-    return hopper_cg_solve(q, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t,
-                           **_kernel_options(cg), precision=self.precision, read=(self.v, self.states.kv),
-                           solution=solution, token_major=True)
+    """The solve makes o from x on chip where it fuses the read (`_fused_solve`), instead of the read kernel loading
+    x, k, v and the gates again; the Hopper solve reads q and writes o token-major, and x only if `solution`. Else
+    solve, then the read kernel."""
+    fused = self._fused_solve(q, cg, solution, read=(self.v, self.states.kv))
+    return super().solve_and_output(q, cg, solution) if fused is None else fused
 
   def adjoint_solve(self, do, cg: CGOptions):
-    """The Hopper solve makes u = H_kv·do from do on chip before its loop where it fuses the read (one fp16 pass,
-    as the forward's o after it), instead of the read kernel writing u for the solve to load. Else the two stages."""
-    if not (self._uses_hopper_solve(do) and fuses_read(self.v.shape[-1], self.precision)):
+    """The solve makes u = H_kv·do from do on chip before its loop where it fuses the read (`_fused_solve`, as the
+    forward's o after it), instead of the read kernel writing u for the solve to load. Else the two stages."""
+    fused = self._fused_solve(do, cg, rhs_read=(self.v, self.states.kv))
+    if fused is None:
       return super().adjoint_solve(do, cg)
-    y, u, steps = hopper_cg_solve(do, self.k, self.log_decay, self.beta, self.lam, self.states.kk_t,
-                                  **_kernel_options(cg), precision=self.precision, rhs_read=(self.v, self.states.kv))
+    y, u, steps = fused
     return u, y, steps
 
   def adjoint_rhs(self, do):

@@ -109,12 +109,13 @@ def test_bf16_inputs_compute_in_f32(impl):
     for leaf_grad, leaf_want, leaf in zip(jax.tree.leaves(grad), jax.tree.leaves(want), jax.tree.leaves(arg)):
       assert leaf_grad.dtype == leaf.dtype and bool(jnp.all(jnp.isfinite(leaf_grad))), name
       assert max_abs(leaf_grad, leaf_want) <= 2.0**-8 * scale(leaf_want), name
-  if impl == "pallas":  # the kernels take q, k, v as bf16 (the causal read converts them as it loads them)
+  if impl == "pallas":  # the kernels that read v take it as bf16 (converted as loaded): here the solves, which make
+    # both reads at these heads (`solve.fuses_reads`), else the causal read
     loss = lambda *a: jnp.sum(op(*a)[0].astype(jnp.float32))
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(7)))(*args_bf16)
-    reads = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"
-             and eqn.params.get("name") == "mesa_causal_read"]
-    assert reads and all(any(v.aval.dtype == jnp.bfloat16 for v in eqn.invars) for eqn in reads)
+    readers = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "pallas_call"
+               and eqn.params.get("name") in ("mesa_causal_read", "mesa_cg_solve")]
+    assert readers and all(any(v.aval.dtype == jnp.bfloat16 for v in eqn.invars) for eqn in readers)
 
 
 def _equations(jaxpr):

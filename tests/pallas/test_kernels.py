@@ -1,13 +1,16 @@
 """Each Pallas kernel against the XLA code it replaces (interpret mode on CPU), in f32 and in f64."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mesanet_jax.ops import MesaState
 from mesanet_jax.ops.inputs import CGOptions
-from mesanet_jax.ops.operator import ChunkedOperator, operator_class
+from mesanet_jax.ops.operator import ChunkedOperator, operator_class, token_major
 from mesanet_jax.ops.xla_operator import scan_chunks
 from pallas_kernels.mesa_cg import chunk_states
+from pallas_kernels.mesa_cg.read import causal_read
+from pallas_kernels.mesa_cg.solve import chunked_cg_solve
 from tests.ops.mesa_inputs import max_abs, random_inputs, scale
 from tests.pallas.precision import F32_PRODUCT_ERROR
 
@@ -80,7 +83,11 @@ def test_operator_stages_match_xla(dtype):
     d_states = op.state_gradients(x, y, do, d_final)
     adaptive_x, adaptive_steps = op.solve(q, CGOptions(16, "jacobi", 1e-3))
     preconditioned_x, preconditioned_steps = op.solve(q, CGOptions(16, "zero", 1e-3, "jacobi"))
+    fused_x, fused_o, _ = op.solve_and_output(token_major(q), CGOptions(16, "jacobi"))  # Pallas: one kernel here
+    fused_u, fused_y, _ = op.adjoint_solve(do, CGOptions(16, "jacobi", 1e-3))
     return dict(states=op.states, final=op.states.at(-1), solve=op.solve(q, CGOptions(16, "jacobi"))[0],
+                solve_and_output_x=fused_x, solve_and_output_o=fused_o, adjoint_solve_u=fused_u,
+                adjoint_solve_y=fused_y,
                 adaptive_solve=adaptive_x, adaptive_steps=adaptive_steps.astype(dtype),
                 preconditioned_solve=preconditioned_x, preconditioned_steps=preconditioned_steps.astype(dtype),
                 output=op.output(x), adjoint_rhs=u, d_states=d_states, d_initial=d_states.at(0),
@@ -89,3 +96,26 @@ def test_operator_stages_match_xla(dtype):
   stages = [jax.jit(stages, static_argnums=0)(impl) for impl in ("xla", "pallas")]
   for name, expected in stages[0].items():
     assert _close(stages[1][name], expected, dtype), name
+
+
+@pytest.mark.slow
+def test_solve_fuses_the_reads():
+  """`chunked_cg_solve(read=...)`: x as without it and o the read kernel's of that x; `(rhs_read=...)`: u the read
+  kernel's of do, y and the steps those of solving that u; bit for bit (the same products, interpreted)."""
+  q, k, v, log_decay, beta, do, lam, state = _operator_inputs(jnp.float32)
+  op = operator_class("xla").build(k, v, log_decay, beta, lam, state, jax.lax.Precision.HIGHEST)
+  args = (k, log_decay, beta, lam, op.states.kk_t)
+  solve = lambda rhs, **fused: chunked_cg_solve(rhs, *args, cg_steps=8, cg_init="jacobi", cg_tol=1e-4,
+                                                precision=jax.lax.Precision.HIGHEST, **fused)
+  read = lambda rows, keys, values, **transposed: causal_read(rows, keys, values, op.states.kv, log_decay, beta,
+                                                              precision=jax.lax.Precision.HIGHEST, **transposed)
+  x, o, steps = solve(q, read=(v, op.states.kv))
+  x_alone, steps_alone = solve(q)
+  np.testing.assert_array_equal(x, x_alone)
+  np.testing.assert_array_equal(steps, steps_alone)
+  np.testing.assert_array_equal(o, read(x, k, v))
+  y, u, steps = solve(do, rhs_read=(v, op.states.kv))
+  np.testing.assert_array_equal(u, read(do, v, k, transpose_states=True))
+  y_alone, steps_alone = solve(u)
+  np.testing.assert_array_equal(y, y_alone)
+  np.testing.assert_array_equal(steps, steps_alone)

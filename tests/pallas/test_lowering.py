@@ -27,8 +27,9 @@ KERNELS = ["mesa_chunk_states", "mesa_cg_solve", "mesa_causal_read", "mesa_chunk
 @pytest.mark.parametrize("backend", EXPORT_PLATFORMS)
 def test_forward_and_backward_lower(backend, cg_tol, row_dtype):
   _, custom_call = EXPORT_PLATFORMS[backend]
-  # Shapes no other test traces, so nothing traced for interpret mode is reused.
-  q, k, v, *rest = random_inputs(1, 48, 1, 16, 32, seed=9, with_state=True)
+  # Shapes no other test traces, so nothing traced for interpret mode is reused; heads too large for the solve to
+  # fuse the reads (`solve.fuses_reads`), so that every kernel lowers.
+  q, k, v, *rest = random_inputs(1, 48, 1, 32, 64, seed=9, with_state=True)
   args = (*(x.astype(row_dtype) for x in (q, k, v)), *rest)
   op = lambda *a: mesa_chunked(*a, chunk_size=16, cg_steps=2, cg_tol=cg_tol, impl="pallas")
   loss = lambda *a: sum(jnp.sum(x) for x in jax.tree.leaves(op(*a)))  # o and the final state: every kernel runs
@@ -92,7 +93,7 @@ def test_vmapped_kernels_take_the_population_axis_into_their_grid():
   loss = lambda *a: sum(jnp.sum(x) for x in jax.tree.leaves(op(*a)))  # o and the final state: every kernel runs
   module = export_for("gpu", jax.vmap(jax.value_and_grad(loss, argnums=range(6))), *stacked).mlir_module()
   calls = [line for line in module.splitlines() if "custom_call @__gpu$xla.gpu.triton(" in line]
-  assert len(calls) == 11
+  assert len(calls) == 9  # the two reads made inside the solves (`solve.fuses_reads`: the MAD heads)
   for call in calls:  # the launch grid's last axis is the vmapped one; every result is [S, B·H, ...]
     assert f"grid_z = {slots} : i32" in call and re.search(rf"-> \(?tensor<{slots}x{2 * 2}x", call), call[-300:]
 
@@ -229,7 +230,7 @@ def test_gpu_dots_take_the_precisions_operands():
   def operand_types(precision):
     op = lambda *a: mesa_chunked(*a, chunk_size=16, cg_steps=2, impl="pallas", matmul_precision=precision)
     irs = triton_irs(jax.grad(lambda *a: jnp.sum(op(*a)[0]), argnums=range(6)), *args)
-    assert set(irs) == set(KERNELS)
+    assert set(irs) == set(KERNELS) - {"mesa_causal_read"}  # 16 × 16 heads: the solves make both reads
     dots = [re.findall(r"tt\.dot [^\n]*: tensor<\w+x(\w+)>", ir) for ir in irs.values()]
     assert all(dots), "every kernel has dots"
     return {operand for kernel in dots for operand in kernel}, sum(map(len, dots))

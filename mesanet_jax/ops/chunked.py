@@ -4,10 +4,11 @@ Split T into N chunks of C tokens; the operator of the chosen implementation (`o
 Pallas kernels) builds the chunk states and runs the stages. Forward: x = A⁻¹q by CG, o = H_kvᵀ x. Backward: the
 adjoint systems A_t y_t = H_kv[t] do_t by the same CG, the state gradients scanned backwards over chunks, and the input
 gradients from them. No CG iterate is stored: the residuals are the inputs and x. Where the backward needs H_kk[t] x_t
-(the gates' gradient) it takes q_t − λ ⊙ x_t, equal at the solution (A_t x_t = q_t), instead of a causal read. With `cg_tol` every system (forward
-and adjoint) stops once ‖r‖ ≤ cg_tol·‖r₀‖; the gradient is the implicit one, i.e. that of the exact solution at the
-accuracy the solves reached. With `solve_precision` every solve is two cheaper solves and one round of iterative
-refinement (`_solve`). DESIGN.md §1 derives the formulas; `xla_operator.py` has the chunked forms.
+(the gates' gradient) it takes q_t − λ ⊙ x_t, equal at the solution (A_t x_t = q_t), instead of a causal read. With
+`cg_tol` every system (forward and adjoint) stops once ‖r‖ ≤ cg_tol·‖r₀‖; the gradient is the implicit one, i.e. that
+of the exact solution at the accuracy the solves reached. With `solve_precision` every solve is two cheaper solves and
+one round of iterative refinement (`_solve`). DESIGN.md §1 derives the formulas; `xla_operator.py` has the chunked
+forms.
 """
 import dataclasses
 import functools

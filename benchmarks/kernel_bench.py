@@ -130,8 +130,8 @@ def failed(name, error):
 
 
 def stage_times(args, impl):
-  """ms of every stage (STAGES, solve_and_output, adjoint_solve and matvec) of `impl`'s operator (`operator.operator_class`), each
-  jitted alone, chunk-major.
+  """ms of every stage (STAGES, solve_and_output, adjoint_solve and matvec) of `impl`'s operator
+  (`operator.operator_class`), each jitted alone, chunk-major.
 
   The solutions x, y, u = H_kv·do and H_kk·x are random rows of the right shape: the stages' cost does not depend
   on them. "chunk states" times what `build` computes: the boundary states (XLA: also the C×C decay masks its other

@@ -13,7 +13,7 @@ spellings of jaxlib's newer MLIR are patched, so the numbers guide; the device's
   python benchmarks/mosaic_resources.py --chunk_size=64 --head_dim=128 --matmul_precision=default --cg_tol=0
   ... --mosaic_kernels=states,states_shared   # the chunk-state scan, one scan or two sharing a (forward)
   ... --mosaic_kernels=gradients,gradients_handed_on   # the token gradients, without / with ⟨D, S⟩
-  ... --mosaic_kernels=rows,rows_adjoint   # the solve, and the adjoint solve making u = H_kv·do on chip first
+  ... --mosaic_kernels=rows_read,rows_adjoint   # the forward's solve making o after it, the adjoint's u before it
 """
 import collections
 import functools
@@ -40,7 +40,8 @@ FLAGS = flags.FLAGS
 _KERNELS = flags.DEFINE_string("mosaic_kernels", "rows,rows_smem", "Mosaic GPU solves (solve_bench's names), or "
                                "states / states_shared: the chunk-state scan, one scan or two sharing a, or "
                                "gradients / gradients_handed_on: the token gradients, without / with ⟨D, S⟩, or "
-                               "rows_adjoint: the solve making its right-hand side u = H_kv·do first (rhs_read)")
+                               "rows_read / rows_adjoint: the solve making o = H_kvᵀx after its loop (read, token-"
+                               "major q and o, no x: the forward) / its right-hand side u = H_kv·do first (rhs_read)")
 SCANS = {"states": 1, "states_shared": 2}
 GRADIENTS = {"gradients": False, "gradients_handed_on": True}  # name -> whether the states go in
 _ROW_DTYPE = flags.DEFINE_enum("row_dtype", "float32", ["float32", "bfloat16"], "dtype of the rows (a solve's rhs and "
@@ -71,13 +72,15 @@ def kernel_call(name: str) -> tuple:
     return gradients, (rows(1, 2, 4, size, dim, dtype=row_dtype), rows(1, 2, 4, size, dim, dtype=row_dtype),
                        *(rows(1, 2, 4, size, dim) for _ in range(3)), rows(1, 2, 4, size), rows(1, 2, 4, size),
                        *bounds)
-  if name == "rows_adjoint":  # do, k, G, β, λ, Sᵀ, v, S_kv (Dv = Dk)
-    adjoint = lambda do, k, g, b, lam, s_kk_t, v, s_kv: KERNELS["rows"](
-        do, k, g, b, lam, s_kk_t, cg_steps=30, cg_init=FLAGS.cg_init, cg_tol=FLAGS.cg_tol or None, precision=precision,
-        rhs_read=(v, s_kv))
-    return adjoint, (rows(1, 2, 3, size, dim), rows(1, 2, 3, size, dim, dtype=row_dtype), rows(1, 2, 3, size),
-                     rows(1, 2, 3, size), rows(2, dim), rows(1, 2, 4, dim, dim),
-                     rows(1, 2, 3, size, dim, dtype=row_dtype), rows(1, 2, 4, dim, dim))
+  if name in ("rows_read", "rows_adjoint"):  # q token-major or do, k, G, β, λ, Sᵀ, v, S_kv (Dv = Dk)
+    forward = name == "rows_read"
+    solve = lambda rhs, k, g, b, lam, s_kk_t, v, s_kv: KERNELS["rows"](
+        rhs, k, g, b, lam, s_kk_t, cg_steps=30, cg_init=FLAGS.cg_init, cg_tol=FLAGS.cg_tol or None, precision=precision,
+        **({"read": (v, s_kv), "solution": False, "token_major": True} if forward else {"rhs_read": (v, s_kv)}))
+    rhs = rows(1, 3 * size, 2, dim, dtype=row_dtype) if forward else rows(1, 2, 3, size, dim)
+    return solve, (rhs, rows(1, 2, 3, size, dim, dtype=row_dtype), rows(1, 2, 3, size), rows(1, 2, 3, size),
+                   rows(2, dim), rows(1, 2, 4, dim, dim), rows(1, 2, 3, size, dim, dtype=row_dtype),
+                   rows(1, 2, 4, dim, dim))
   if name in SCANS:
     each = lambda *shape, dtype=jnp.float32: tuple(rows(*shape, dtype=dtype) for _ in range(SCANS[name]))
     scan = functools.partial(hopper_chunk_states, precision=precision)

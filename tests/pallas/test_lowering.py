@@ -42,6 +42,20 @@ def test_forward_and_backward_lower(backend, cg_tol, row_dtype):
     assert kernel in module, kernel
 
 
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+@pytest.mark.parametrize("backend", EXPORT_PLATFORMS)
+def test_small_heads_solve_and_read_in_one_kernel_lower(backend):
+  """At the MAD heads (16 × 16, `solve.fuses_reads`) the solves make o and u themselves: forward + backward lower
+  with nine kernels and no read kernel, on GPU (Triton) and TPU (Mosaic)."""
+  _, custom_call = EXPORT_PLATFORMS[backend]
+  args = random_inputs(1, 48, 1, 16, 16, seed=10, with_state=True)
+  op = lambda *a: mesa_chunked(*a, chunk_size=16, cg_steps=2, cg_tol=1e-4, impl="pallas")
+  loss = lambda *a: sum(jnp.sum(x) for x in jax.tree.leaves(op(*a)))
+  module = export_for(backend, jax.value_and_grad(loss, argnums=range(7)), *args).mlir_module()
+  assert module.count(f"custom_call @{custom_call}(") == 9
+  assert "mesa_causal_read" not in module and "mesa_cg_solve" in module
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 @pytest.mark.parametrize("chunk_size, mosaic_kernels, mosaic_calls", [

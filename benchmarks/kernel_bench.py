@@ -119,8 +119,8 @@ def stage_bytes(batch, length, heads, key_dim, value_dim, chunk_size, row_bytes:
       "output read": (rows * (dk + dv + 2) + kv, rows * (dk + dv)),  # x, k, v, G, β, H_kv -> o (f32 here)
       "adjoint rhs read": (rows * (dv + 2) + kv + rows * dk, rows * (dk + dv)),  # do, k, v, G, β, H_kv -> u
       "state-gradient scans": (rows * (2 * dk + dv + 1) + kk + kv, 0),  # x, y, do, G -> dH_kk, dH_kv
-      # x, y, u, H_kk x, do, G, β, k, v, both states and their gradients -> dk, dv (in k's and v's dtype), dG, dβ
-      "token gradients": (rows * (4 * dk + dv + 4) + 2 * (kk + kv), rows * 2 * (dk + dv)),
+      # x, y, do, G, β, k, v, both states and their gradients -> dk, dv (in k's and v's dtype), dβ, ⟨D, S⟩
+      "token gradients": (rows * (2 * dk + dv + 3) + 2 * (kk + kv), rows * 2 * (dk + dv)),
   }
   return {stage: 4 * wide + row_bytes * narrow for stage, (wide, narrow) in counts.items()}
 
@@ -133,15 +133,14 @@ def stage_times(args, impl):
   """ms of every stage (STAGES, solve_and_output, adjoint_solve and matvec) of `impl`'s operator
   (`operator.operator_class`), each jitted alone, chunk-major.
 
-  The solutions x, y, u = H_kv·do and H_kk·x are random rows of the right shape: the stages' cost does not depend
-  on them. "chunk states" times what `build` computes: the boundary states (XLA: also the C×C decay masks its other
+  The solutions x, y and u = H_kv·do are random rows of the right shape: the stages' cost does not depend on them. "chunk states" times what `build` computes: the boundary states (XLA: also the C×C decay masks its other
   stages read), not the inputs the operator holds, which a jit returning the operator would copy out (~0.3 ms at
   B=8 T=2048 H=16 D=128). A stage that fails (e.g. does not compile) is reported and left out.
   """
   q, k, v, log_decay, beta, lam = stage_inputs(args, FLAGS.chunk_size)
   batch, heads, _, _, dim = q.shape
-  x, y, u, kk_x, do = (jax.random.normal(key, a.shape) for key, a in zip(jax.random.split(jax.random.key(2), 5),
-                                                                          (q, q, q, q, v)))
+  x, y, u, do = (jax.random.normal(key, a.shape) for key, a in zip(jax.random.split(jax.random.key(2), 4),
+                                                                    (q, q, q, v)))
   state = zero_state(batch, heads, dim, v.shape[-1])
   precision = jax.lax.Precision(FLAGS.matmul_precision)
   cg = CGOptions(FLAGS.cg_steps, FLAGS.cg_init, cg_tol(), FLAGS.cg_preconditioner)
@@ -168,7 +167,7 @@ def stage_times(args, impl):
       "adjoint rhs read": (jax.jit(lambda op, do: op.adjoint_rhs(do)), op, do),
       "adjoint_solve": (jax.jit(lambda op, do: op.adjoint_solve(do, cg)), op, do),
       "state-gradient scans": (state_gradients, op, x, y, do, state),
-      "token gradients": (jax.jit(lambda op, *a: op.token_gradients(*a)), op, x, y, do, u, d_states, kk_x),
+      "token gradients": (jax.jit(lambda op, *a: op.token_gradients(*a)), op, x, y, do, d_states),
   }
   times = {}
   for name, (fn, *operands) in stages.items():

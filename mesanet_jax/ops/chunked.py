@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mesanet_jax.ops.cg import rowdot
 from mesanet_jax.ops.cg_steps import step_stats
 from mesanet_jax.ops.inputs import (CGOptions, MesaState, check_cg_options, check_inputs, check_values,
                                     compute_dtype, zero_state)
@@ -107,10 +108,14 @@ def _core_backward(static: _Static, residuals, cotangents):
     u = op.adjoint_rhs(do)
     y, adjoint_steps = _solve(op, u, static)
   d_states = op.state_gradients(x, y, do, d_final)
-  # H_kk[t] x_t = q_t − λ ⊙ x_t at the solution: no causal read (the difference, the residual r_t, is within the
-  # accuracy the solve reached, as is the difference of the read's x from the exact solution's).
+  dk, dv, dbeta, handed_on = op.token_gradients(x, y, do, d_states)
+  # ∂L/∂G_t: the scaling of everything decayed up to t, −y_t·H_kk[t]x_t + x_t·u_t, minus what token t itself added
+  # (β_t dβ_t); H_kk[t]x_t = q_t − λ ⊙ x_t at the solution: no causal read (the difference, the residual r_t, is within
+  # the accuracy the solve reached, as is the difference of the read's x from the exact solution's) ...
   kk_x = chunk_major(q, x.shape[3]).astype(x.dtype) - op.lam[:, None, None, :] * x
-  dk, dv, d_log_decay, dbeta = op.token_gradients(x, y, do, u, d_states, kk_x)
+  d_log_decay = -rowdot(y, kk_x) + rowdot(x, u) - op.beta * dbeta
+  # ... and at the chunk's last row, the scaling of the state handed to the next chunk.
+  d_log_decay = d_log_decay.at[..., -1].add(handed_on)
   dlam = -jnp.sum(y * x, axis=(0, 2, 3))
   # The probe's "gradient" is the statistics of the solves (cg_steps.py), whatever the cotangents.
   d_probe = None if probe is None else jnp.concatenate(

@@ -156,10 +156,11 @@ class ChunkedOperator(Protocol):
     """The loss's gradient w.r.t. the state at every boundary (D_t = −y_t x_tᵀ on H_kk[t], x_t do_tᵀ on H_kv[t],
     summed backwards over chunks from d_final); entry 0 is the initial state's gradient."""
 
-  def token_gradients(self, x: jax.Array, y: jax.Array, do: jax.Array, u: jax.Array, d_states: BoundaryStates,
-                      kk_x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """dk [B, H, N, C, Dk], dv [B, H, N, C, Dv], d log_decay and dβ [B, H, N, C]; kk_x: H_kk[t] x_t for every row
-    ([B, H, N, C, Dk]: `read_kk(x)`, or q_t − λ ⊙ x_t, which `mesa_chunked` passes: equal at the solution)."""
+  def token_gradients(self, x: jax.Array, y: jax.Array, do: jax.Array,
+                      d_states: BoundaryStates) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """dk [B, H, N, C, Dk], dv [B, H, N, C, Dv], dβ [B, H, N, C] (the state gradient at every token applied to what
+    the token wrote) and ⟨D, S⟩ at every chunk's end boundary [B, H, N] (`BoundaryStates.handed_on`); `chunked`
+    makes the log-decay's gradient from dβ and these."""
 
 
 def register(impl: str, role: str) -> Callable:

@@ -153,7 +153,7 @@ class XlaOperator(ChunkedSequence):
         scan_chunks(-outer(x * weighted, y), chunk_decay, jnp.matrix_transpose(d_final.h_kk), reverse=True),
         scan_chunks(outer(x * weighted, do), chunk_decay, d_final.h_kv, reverse=True))
 
-  def token_gradients(self, x, y, do, u, d_states: BoundaryStates, kk_x):
+  def token_gradients(self, x, y, do, d_states: BoundaryStates):
     d_next_kk_t, d_next_kv = _ends(d_states.kk_t), _ends(d_states.kv)
     k, beta = self.k, self.beta
     # Row s of each: the total state gradient at token s applied to k_s or v_s.
@@ -165,7 +165,4 @@ class XlaOperator(ChunkedSequence):
     dk = beta[..., None] * (hkk_k + hkk_t_k + hkv_v)
     dv = beta[..., None] * hkv_t_k
     dbeta = rowdot(k, hkk_k) + rowdot(k, hkv_v)
-    # ∂L/∂G_t: scaling of everything decayed up to t, minus what token t itself added (β_t dβ_t) ...
-    d_log_decay = -rowdot(y, kk_x) + rowdot(x, u) - beta * dbeta
-    # ... and at the chunk's last row, the scaling of the state handed to the next chunk.
-    return dk, dv, d_log_decay.at[..., -1].add(self.states.handed_on(d_states)), dbeta
+    return dk, dv, dbeta, self.states.handed_on(d_states)

@@ -1,7 +1,7 @@
 """Backward accumulation: dk, dv and dβ of every token, one kernel program per (batch·head, chunk).
 
 Row s of each gradient is the total state gradient at token s, D_s, applied to k_s or v_s: time-reversed reads
-("writes", scale e^{G_last − G} and mask Wᵀ; `chunked._Operator.token_gradients` is the XLA reference) of the state
+("writes", scale e^{G_last − G} and mask Wᵀ; `xla_operator.XlaOperator.token_gradients` is the XLA reference) of the state
 gradients after the chunk. Three of the XLA path's four writes share their row scaling, so the kernel forms
 
     Z = D_kkᵀ k + D_kv v  = (k e) D_kkᵀ + (v e) D_kvᵀ + (((v doᵀ) − (k yᵀ)) ⊙ Wᵀ) x

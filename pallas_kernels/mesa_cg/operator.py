@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mesanet_jax.ops.cg import rowdot
 from mesanet_jax.ops.inputs import CGOptions, MesaState
 from mesanet_jax.ops.operator import BoundaryStates, ChunkedSequence, chunk_major, register, token_major
 from pallas_kernels.mesa_cg.gradients import chunk_gradients
@@ -120,17 +119,11 @@ class PallasOperator(ChunkedSequence):
         x, (y, do), (-weights, weights), chunk_decay, (jnp.matrix_transpose(d_final.h_kk), d_final.h_kv),
         reverse=True, precision=self.precision))
 
-  def token_gradients(self, x, y, do, u, d_states: BoundaryStates, kk_x):
+  def token_gradients(self, x, y, do, d_states: BoundaryStates):
     """dk, dv, dβ (one kernel: Mosaic GPU on sm_90 where it takes the sizes, else Triton / Mosaic TPU / interpreted)
-    and d log-decay: the scaling of everything decayed up to t (through kk_x = H_kk[t] x_t) minus what token t added
-    itself, plus, at a chunk's last row, the scaling of the state handed on, ⟨D_next, S_next⟩ (`BoundaryStates.
-    handed_on`; the Hopper kernel computes it from the D it loads anyway, so that XLA does not read both boundary
-    arrays again; `xla_operator.XlaOperator.token_gradients` derives the same)."""
+    and ⟨D, S⟩ at every chunk's end boundary (`BoundaryStates.handed_on`; the Hopper kernel sums it from the D it
+    loads anyway, so that XLA does not read both boundary arrays again)."""
     rows = (self.k, self.v, x, y, do, self.log_decay, self.beta, *d_states)
-    if use_hopper_gradients(x.shape[3], x.shape[4], do.shape[4], self.precision):  # ⟨D, S⟩ on chip, as it loads D
-      dk, dv, dbeta, handed_on = hopper_chunk_gradients(*rows, precision=self.precision, states=self.states)
-    else:
-      dk, dv, dbeta = chunk_gradients(*rows, precision=self.precision)
-      handed_on = self.states.handed_on(d_states)
-    d_log_decay = -rowdot(y, kk_x) + rowdot(x, u) - self.beta * dbeta
-    return dk, dv, d_log_decay.at[..., -1].add(handed_on), dbeta
+    if use_hopper_gradients(x.shape[3], x.shape[4], do.shape[4], self.precision):
+      return hopper_chunk_gradients(*rows, precision=self.precision, states=self.states)
+    return (*chunk_gradients(*rows, precision=self.precision), self.states.handed_on(d_states))

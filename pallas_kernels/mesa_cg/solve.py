@@ -42,9 +42,8 @@ def _solve_kernel(rhs_ref, k_ref, decay_col_ref, decay_row_ref, beta_row_ref, la
   [C, 1] (the loop ends once every row of the chunk has stopped); with `read` o = the causal read of x [C, Dv]
   (`read.causal_read(x, k, v, S_kv)`); with `rhs_read` rhs is do [C, Dv], the right-hand side is u = H_kv[t] do_t
   (`causal_read(do, v, k, S_kv, transpose_states=True)`), made here first, and u [C, Dk] is written too."""
-  counted = cg.tol is not None
-  values_ref, kv_ref = refs[:2] if read or rhs_read else (None, None)
-  refs = refs[2:] if read or rhs_read else refs
+  counted, reads_values = cg.tol is not None, read or rhs_read
+  (values_ref, kv_ref), refs = (refs[:2], refs[2:]) if reads_values else ((None, None), refs)
   x_ref, *refs = refs
   steps_ref = refs.pop(0) if counted else None
   o_ref = refs.pop(0) if read else None
@@ -58,7 +57,7 @@ def _solve_kernel(rhs_ref, k_ref, decay_col_ref, decay_row_ref, beta_row_ref, la
   def matvec(x):
     return causal_product(x, k, k, states_t, to_chunk_start, mask, mm) + lam * x
 
-  values = values_ref[...].astype(x_ref.dtype) if read or rhs_read else None  # 16-bit rows: converted on load
+  values = values_ref[...].astype(x_ref.dtype) if reads_values else None  # 16-bit rows: converted on load
   rhs = rhs_ref[...]
   if rhs_read:
     rhs = causal_product(rhs, values, k, kv_ref[...], to_chunk_start, mask, mm, transpose_states=True)
@@ -89,9 +88,8 @@ def chunked_cg_solve(rhs, k, log_decay, beta, lam, states_kk_t, *, cg_steps: int
   all of its chunk's rows have. cg_preconditioner: "none" or "jacobi" (`mesa_chunked`'s).
   precision: a lax.Precision, mapped per backend by `dot_precision`, or an explicit DotAlgorithmPreset.
   read: None, or (values [B, H, N, C, Dv] (16-bit floats converted as loaded, as the read kernel does), states_kv
-  [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the
-  kernel also returns o = `read.causal_read(x, k, values, states_kv, log_decay, beta)` of the x it found (the
-  forward's output, at the same precision).
+  [B, H, N (or more), Dk, Dv] = H_kv at every chunk start): the kernel also returns o = `read.causal_read(x, k,
+  values, states_kv, log_decay, beta)` of the x it found (the forward's output, at the same precision).
   rhs_read: None, or (values, states_kv) as for `read`: rhs is do [B, H, N, C, Dv], and the kernel solves for u =
   H_kv[t] do_t = `read.causal_read(do, values, k, states_kv, transpose_states=True)` (the backward's adjoint
   systems), which it makes first and also returns. Not with `read`.

@@ -109,11 +109,11 @@ def memory_budget(fraction: float) -> int | None:
   return int(fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
 
 
-def train_step_bytes(population: Population, data: dict, num_steps: int) -> int:
+def train_step_bytes(population: Population, data: dict) -> int:
   """Device bytes one `population.train` call on `data` plans to use: arguments, outputs not aliased to them, and
   temporaries, as the compiler's buffer assignment has them (compiled from abstract slots; nothing is allocated)."""
   slots = jax.eval_shape(lambda: population.init(int(data["train_inputs"].shape[1])))
-  memory = population.train.lower(slots, data, num_steps=num_steps).compile().memory_analysis()
+  memory = population.train.lower(slots, data, num_steps=1).compile().memory_analysis()  # the one program of any length
   return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
           + memory.temp_size_in_bytes)
 
@@ -266,8 +266,8 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   populations = {}  # slots -> Population: the one whose step was compiled for the memory check runs (no recompile)
   population_of = lambda slots: populations.setdefault(slots, Population(config, autoencoder, protocol, slots))
   budget = memory_budget(settings.memory_fraction)
-  if budget is not None:  # compiled at the first call's steps, as the run will call it
-    step_bytes = lambda slots: train_step_bytes(population_of(slots), data, check_interval(settings, queue[:slots])[1])
+  if budget is not None:  # compiled as the run will call it
+    step_bytes = lambda slots: train_step_bytes(population_of(slots), data)
     if (fitted := fit_to_memory(size, step_bytes, budget)) != size:
       progress.note(f"{group_name(key)}: the train step of {size} slots would not fit in device memory, of {fitted} "
                     f"it does")

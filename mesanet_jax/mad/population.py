@@ -47,7 +47,7 @@ class Population:
     abstract = nnx.eval_shape(lambda: models.make_model(config, autoencoder, nnx.Rngs(0)))
     self.graphdef, abstract_params = nnx.split(abstract)
     self.tx = training.optimizer(protocol, decay_mask(abstract_params))
-    self.train = jax.jit(self._train, static_argnames="num_steps", donate_argnums=0)
+    self.train = jax.jit(self._train, donate_argnums=0)  # num_steps traced: calls of any length share one program
     self.evaluate = jax.jit(self._evaluate)
     self.screen = jax.jit(self._screen)
     self.assign = jax.jit(self._assign)
@@ -95,12 +95,13 @@ class Population:
     fresh = jax.vmap(permutation)(slots.key, slots.step // slots.per_epoch, num_examples)
     return jnp.where(starts[:, None], fresh, slots.order)
 
-  def _train(self, slots: Slots, data: dict, num_steps: int) -> tuple[Slots, jax.Array]:
-    """num_steps steps of every live slot; returns the slots and each slot's mean training loss over the steps it
-    took in this call [S] (0 for a slot that took none)."""
+  def _train(self, slots: Slots, data: dict, num_steps: jax.Array) -> tuple[Slots, jax.Array]:
+    """num_steps (a traced int: the grid's calls end at evaluations that move with the jobs in flight, and a static
+    count would compile once per length) steps of every live slot; returns the slots and each slot's mean training
+    loss over the steps it took in this call [S] (0 for a slot that took none)."""
     batch = self.protocol.batch_size
 
-    def step(carry, _):
+    def step(_, carry):
       slots, loss_sum, taken = carry
       live = slots.active & (slots.step < slots.total)
       position = slots.step % slots.per_epoch
@@ -117,10 +118,10 @@ class Population:
       slots = dataclasses.replace(slots, params=jax.tree.map(keep, params, slots.params),
                                   opt_state=jax.tree.map(keep, opt_state, slots.opt_state),
                                   step=slots.step + live, order=order)
-      return (slots, loss_sum + jnp.where(live, value, 0.0), taken + live), None
+      return slots, loss_sum + jnp.where(live, value, 0.0), taken + live
 
     zeros = jnp.zeros(self.size)
-    (slots, loss_sum, taken), _ = jax.lax.scan(step, (slots, zeros, zeros), None, length=num_steps)
+    slots, loss_sum, taken = jax.lax.fori_loop(0, num_steps, step, (slots, zeros, zeros))
     return slots, loss_sum / jnp.maximum(taken, 1)
 
   def _batch_metrics(self, params, inputs, targets, vocab):

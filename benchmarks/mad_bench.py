@@ -12,7 +12,8 @@ on the result; a member-step is one optimiser step of one slot. Each call runs m
 per step) steps. `compiles` counts the backend compilations during the warm-up and timed calls: anything but 0 means
 the step was retraced, and the timing is not the step's. With --trace_dir, one more call is profiled and the row
 gets the device time per step of its busiest kernels (`kernels`: Triton kernels by their Pallas names, XLA fusions
-by theirs; the trace stays in the directory for Perfetto / TensorBoard). Each line is written as soon as it is
+by theirs) and what each computes (`kernel_sources`: its HLO instruction and the source lines of its ops, from the
+compiled program, `hlo_sources.py`); the trace stays in the directory for Perfetto / TensorBoard. Each line is written as soon as it is
 measured, so a run cut short keeps what it timed; the table and estimate cover every row in --out.
 """
 import argparse
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import hlo_sources
 from mesanet_jax.mad import grid, models, training, variants
 from mesanet_jax.mad.population import Population
 from mesanet_jax.ops.gated_delta_rule import TRIANGULAR
@@ -46,8 +48,9 @@ def _data(length: int, vocab: int, examples: int, seed: int = 0) -> dict:
           "num_train": jnp.asarray([examples], jnp.int32)}
 
 
-def kernel_times(trace_dir: str, steps: int, top: int = 12) -> dict:
-  """{kernel: ms per step} of the newest trace in trace_dir: the busiest `top` of the device's stream lines."""
+def kernel_times(trace_dir: str, steps: int, top: int = 12) -> tuple[dict, dict]:
+  """({kernel: ms per step}, {kernel: its events' `hlo_op` arguments}) of the newest trace in trace_dir: the
+  busiest `top` of the device's stream lines."""
   path = max(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")), key=os.path.getmtime)
   with gzip.open(path) as f:
     events = json.load(f)["traceEvents"]
@@ -55,11 +58,14 @@ def kernel_times(trace_dir: str, steps: int, top: int = 12) -> dict:
            if e.get("ph") == "M" and e["name"] in ("process_name", "thread_name")}
   device = {pid for (pid, tid), name in names.items() if tid is None and name.startswith("/device:")}
   streams = {key for key, name in names.items() if key[0] in device and "Stream" in name}
-  totals = collections.Counter()
+  totals, hlo_ops = collections.Counter(), collections.defaultdict(set)
   for e in events:
     if e.get("ph") == "X" and e["pid"] in device and (not streams or (e["pid"], e["tid"]) in streams):
       totals[e["name"]] += e["dur"] / 1e3 / steps  # µs -> ms per step
-  return {name: round(ms, 4) for name, ms in totals.most_common(top)}
+      if "hlo_op" in e.get("args", {}):
+        hlo_ops[e["name"]].add(e["args"]["hlo_op"])
+  busiest = {name: round(ms, 4) for name, ms in totals.most_common(top)}
+  return busiest, {name: tuple(sorted(hlo_ops[name])) for name in busiest}
 
 
 def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
@@ -101,7 +107,10 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   if args.trace_dir:
     with jax.profiler.trace(args.trace_dir):
       state, _, _ = run(state)
-    kernels = {"kernels": kernel_times(args.trace_dir, steps)}
+    times, hlo_ops = kernel_times(args.trace_dir, steps)
+    program = hlo_sources.instructions(population.train.lower(state, data, num_steps=steps).compile().as_text())
+    kernels = {"kernels": times,
+               "kernel_sources": {name: hlo_sources.describe(name, hlo_ops[name], program) for name in times}}
   c = config.mesa
   if "mesa" in config.mixers:
     mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train}
@@ -188,7 +197,9 @@ def report(rows: list[dict], settings: grid.Settings):
     if r.get("kernels"):
       print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} L{r['length']} S{r['slots']} "
             f"({r['ms_per_step']:.4g} ms per step timed)")
-      print("\n".join(f"  {ms:9.4f}  {name[:100]}" for name, ms in r["kernels"].items()))
+      sources = r.get("kernel_sources", {})
+      print("\n".join(f"  {ms:9.4f}  {name[:100]}" + (f"\n             {sources[name][:300]}" if sources.get(name) else "")
+                      for name, ms in r["kernels"].items()))
 
 
 def _mesa_settings(text: str) -> list[tuple]:

@@ -1,0 +1,87 @@
+"""Where a profile's busiest GPU kernels come from: the instructions of a compiled program's HLO text
+(`jax.jit(f).lower(...).compile().as_text()`, after XLA's optimisations) by name, each with the source lines of the
+ops it computes (the HLO's stack-frame tables), so a kernel named `loop_multiply_fusion_3` in a trace reads as
+"multiply, add at mesanet_jax/layers/mlp.py:31 (__call__)".
+
+XLA names a GPU kernel after its instruction with '.' and '-' made '_' (`fusion.343` → `fusion_343`); a library
+kernel (cuBLAS) is found through the trace event's `hlo_op` argument where the profiler records it.
+"""
+import collections
+import os
+import re
+
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_FIELD = re.compile(r"(\w+)=(\d+)")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\(")
+_ATTRIBUTES = {"calls": re.compile(r"calls=%?([\w.\-]+)"), "kind": re.compile(r"kind=(k\w+)"),
+               "op_name": re.compile(r'op_name="([^"]*)"'), "frame": re.compile(r"stack_frame_id=(\d+)")}
+_NOT_COMPUTED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def kernel_name(instruction: str) -> str:
+  """The GPU kernel name XLA gives an instruction's code."""
+  return re.sub(r"[.\-]", "_", instruction)
+
+
+def _tables(text: str) -> dict:
+  """{table: {id: row}} of the HLO text's FileNames, FunctionNames, FileLocations and StackFrames."""
+  tables, current = collections.defaultdict(dict), None
+  for line in text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = line
+    elif current and (row := _TABLE_ROW.match(line)):
+      value = row.group(2)
+      tables[current][int(row.group(1))] = (value.strip('"') if value.startswith('"')
+                                            else {k: int(v) for k, v in _FIELD.findall(value)})
+    elif not line.strip() or line.startswith(("%", "ENTRY", "HloModule")):
+      current = None
+  return tables
+
+
+def _source(tables: dict, frame_id: int) -> str:
+  """'path:line (function)' of a stack frame's own location ('' where the tables lack it); paths from the
+  repository's root (or site-packages) where the file is there."""
+  location = tables["FileLocations"].get(tables["StackFrames"].get(frame_id, {}).get("file_location_id"))
+  if not location:
+    return ""
+  path = tables["FileNames"].get(location["file_name_id"], "?")
+  for root in (_REPOSITORY + os.sep, "site-packages" + os.sep):
+    path = path.split(root, 1)[-1]
+  function = tables["FunctionNames"].get(location["function_name_id"], "?")
+  return f"{path}:{location['line']} ({function})"
+
+
+def instructions(text: str) -> dict:
+  """{kernel name: {"instruction", "opcode", "kind", "shape", "sources"}} of every computing instruction in the
+  HLO text; "sources" lists "op at path:line (function)" of what it computes (a fusion: its fused ops, most
+  frequent first; op is the last part of JAX's op_name)."""
+  tables = _tables(text)
+  computed, current, found = collections.defaultdict(list), None, []
+  for line in text.splitlines():
+    if header := _COMPUTATION.match(line):
+      current = header.group(1)
+    elif (match := _INSTRUCTION.match(line)) and match.group(3) not in _NOT_COMPUTED:
+      name, shape, opcode = match.groups()
+      attributes = {key: (m.group(1) if (m := pattern.search(line)) else "") for key, pattern in _ATTRIBUTES.items()}
+      where = _source(tables, int(attributes["frame"])) if attributes["frame"] else ""
+      op = attributes["op_name"].rsplit("/", 1)[-1] or opcode
+      own = f"{op} at {where}" if where else op
+      computed[current].append(own)
+      found.append((name, opcode, attributes["kind"], shape, attributes["calls"] if opcode == "fusion" else "", own))
+  return {kernel_name(name): {"instruction": name, "opcode": opcode, "kind": kind, "shape": shape,
+                              "sources": [s for s, _ in collections.Counter(computed.get(calls) or [own]).most_common()]}
+          for name, opcode, kind, shape, calls, own in found}
+
+
+def describe(kernel: str, hlo_ops: tuple, table: dict, limit: int = 3) -> str:
+  """One line for a trace's kernel: its instruction's opcode, kind and shape and where its ops come from; the
+  instruction is the kernel's namesake or, for a library kernel, the trace's `hlo_op` arguments."""
+  entries = [table[k] for k in [kernel] + [kernel_name(op) for op in hlo_ops] if k in table]
+  if not entries:
+    return ""
+  entry = entries[0]
+  sources = "; ".join(entry["sources"][:limit]) + (" ..." if len(entry["sources"]) > limit else "")
+  return f"{entry['instruction']} {entry['opcode']} {entry['kind']} {entry['shape']}: {sources}".replace("  ", " ")

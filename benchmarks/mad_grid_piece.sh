@@ -1,6 +1,7 @@
 #!/bin/bash
 # One resumable piece of the MAD grid (issue 18) for a device lent in short calls: trains for LIMIT seconds, saves the
-# slots in flight (at most BUDGET MiB, so they can travel back), and leaves results.jsonl and state/ in $OUT.
+# slots in flight (at most BUDGET MiB, so they can travel back), and leaves results.jsonl, usage.jsonl (each group
+# run's device time) and state/ in $OUT.
 #   ARCHS=gdn TASKS=in_context_recall bash benchmarks/mad_grid_piece.sh
 # Env: ARCHS, TASKS (default: all), SLOTS (10), LIMIT (500 s), BUDGET (56 MiB of saved slots, shared by the processes),
 # OUT (./runs/piece_out), MESA (impl:chunk:precision; default models.FAST_MESA's), GDN_IMPL (default models.FAST_GDN's),
@@ -8,18 +9,20 @@
 # architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
 # leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable). The state directory travels whole: keep it
 # under a call's 64 MiB. The first piece on a machine starts from the tracked
-# benchmarks/results/mad/results.jsonl (RESULTS_IN) and the slots saved in .madstate/ (STATE_IN); later pieces on the
-# same machine continue from $PIECE. Afterwards copy $OUT/results.jsonl over the tracked one and $OUT/state to
-# .madstate/.
+# benchmarks/results/mad/results.jsonl (RESULTS_IN), usage.jsonl beside it (USAGE_IN) and the slots saved in
+# .madstate/ (STATE_IN); later pieces on the same machine continue from $PIECE. Afterwards copy $OUT/results.jsonl and
+# $OUT/usage.jsonl over the tracked ones and $OUT/state to .madstate/.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; BUDGET=${BUDGET:-56}
 OUT=${OUT:-runs/piece_out}; PIECE=${PIECE:-/tmp/piece}; MESA=${MESA:-}; GDN_IMPL=${GDN_IMPL:-}; EXTRA=${EXTRA:-}
 RESULTS_IN=${RESULTS_IN:-benchmarks/results/mad/results.jsonl}; STATE_IN=${STATE_IN:-.madstate}
+USAGE_IN=${USAGE_IN:-benchmarks/results/mad/usage.jsonl}
 mkdir -p "$OUT"
 if [ ! -f "$PIECE/results.jsonl" ]; then
   mkdir -p "$PIECE"
   cp "$RESULTS_IN" "$PIECE/results.jsonl"
+  if [ -f "$USAGE_IN" ]; then cp "$USAGE_IN" "$PIECE/usage.jsonl"; fi
   if [ -d "$STATE_IN" ]; then cp -r "$STATE_IN" "$PIECE/state"; chmod -R u+w "$PIECE/state"; fi
 fi
 mesa_flags=()
@@ -29,11 +32,11 @@ if [ -n "$MESA" ]; then
 fi
 echo "ARCHS=$ARCHS TASKS=$TASKS SLOTS=$SLOTS LIMIT=$LIMIT MESA=$MESA GDN_IMPL=$GDN_IMPL EXTRA=$EXTRA" \
   "SIDE_BY_SIDE=${SIDE_BY_SIDE:-0}" | tee "$OUT/piece.txt"
-grid() {  # architectures, state budget (MiB), log name
+grid() {  # architectures, state budget (MiB), log name, processes side by side
   # shellcheck disable=SC2086  # EXTRA holds several flags
   timeout $((LIMIT + 60)) python3 -m experiments.mad_grid --results="$PIECE/results.jsonl" --state_dir="$PIECE/state" \
     --state_budget_mib="$2" --architectures="$1" ${TASKS:+--tasks="$TASKS"} --time_limit="$LIMIT" \
-    --max_slots="$SLOTS" "${mesa_flags[@]}" ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
+    --max_slots="$SLOTS" --device_share="$4" "${mesa_flags[@]}" ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
     | tr '\r' '\n' | grep --line-buffered -v ' it/s\|tok·step/s' > "$OUT/$3.log"
   echo "rc=${PIPESTATUS[0]}" >> "$OUT/$3.log"
   tail -25 "$OUT/$3.log"
@@ -42,12 +45,13 @@ if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
   IFS=, read -r -a archs <<< "$ARCHS"
   share=$(python3 -c "print(f'{0.9 / ${#archs[@]}:.3f}')")
   for arch in "${archs[@]}"; do
-    XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" $((BUDGET / ${#archs[@]})) "grid_$arch" &
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" $((BUDGET / ${#archs[@]})) "grid_$arch" "${#archs[@]}" &
   done
   wait
 else
-  grid "$ARCHS" "$BUDGET" grid
+  grid "$ARCHS" "$BUDGET" grid 1
 fi
 cp "$PIECE/results.jsonl" "$OUT/results.jsonl"
+if [ -f "$PIECE/usage.jsonl" ]; then cp "$PIECE/usage.jsonl" "$OUT/usage.jsonl"; fi
 rm -rf "$OUT/state"
 if [ -d "$PIECE/state" ]; then cp -r "$PIECE/state" "$OUT/state"; du -sh "$OUT/state"; fi

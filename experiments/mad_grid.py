@@ -8,7 +8,8 @@ Each (architecture, task, variant, lr, weight decay) is trained for 200 epochs (
 jobs sharing model shapes at once as one population (mesanet_jax/mad/population.py), and appended to --results as
 it finishes; a rerun skips the finished ones. With --time_limit (or at a SIGTERM) the run stops, saving the
 populations in flight under --state_dir for the next run (in files of at most 16 MiB; --state_budget_mib bounds
-them, keeping the slots furthest along). Table: `mesanet-mad-table --results=...`.
+them, keeping the slots furthest along). Each group run's device time goes to --usage (usage.jsonl beside
+--results). Table and device hours: `mesanet-mad-table --results=...`.
 """
 import dataclasses
 import os
@@ -81,6 +82,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", "<results dir>/compilation_cache"),
     "JAX's persistent compilation cache, so the next piece of a grid (a resumed population, a group of the same "
     "shapes) skips its compiles; default: $JAX_COMPILATION_CACHE_DIR if set, else beside --results; '' turns it off")
+_USAGE = flags.DEFINE_string("usage", "<results dir>/usage.jsonl", "JSONL of each group run's device time "
+                             "(mesanet_jax/mad/usage.py; mesanet-mad-table sums it); '' records none")
+_DEVICE_SHARE = flags.DEFINE_integer("device_share", 1, "grids running side by side on this device (each records its "
+                                     "wall time over this as device time)")
 _SEED = flags.DEFINE_integer("seed", 0, "data and init seed")
 _WORKERS = flags.DEFINE_integer("workers", 0, "data-generation processes (0: cores − 1)")
 
@@ -107,6 +112,8 @@ def main(argv):
       if _NUM_EXAMPLES.value % 32:
         raise ValueError(f"--num_examples must be a multiple of 32 (the batch), got {_NUM_EXAMPLES.value}")
       chosen = [variants.shrunk(v, _NUM_EXAMPLES.value) for v in chosen]
+    if _DEVICE_SHARE.value < 1:
+      raise ValueError(f"--device_share must be ≥ 1, got {_DEVICE_SHARE.value}")
     if _STATE_BUDGET.value < 0:
       raise ValueError(f"--state_budget_mib must be ≥ 0 (0: every slot in flight), got {_STATE_BUDGET.value}")
     root = os.path.dirname(os.path.abspath(_RESULTS.value))
@@ -118,7 +125,8 @@ def main(argv):
         state_dir=_STATE_DIR.value or os.path.join(root, "state"), state_budget=int(_STATE_BUDGET.value * 2**20),
         max_tokens=_MAX_TOKENS.value,
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value, eval_every=_EVAL_EVERY.value,
-        time_limit=_TIME_LIMIT.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
+        time_limit=_TIME_LIMIT.value, usage=_USAGE.value.replace("<results dir>", root),
+        device_share=_DEVICE_SHARE.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
         matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, gdn_impl=_GDN_IMPL.value,
         attention_kernel=_ATTENTION.value,
         tie_embeddings=_TIE_EMBEDDINGS.value,

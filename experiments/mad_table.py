@@ -4,7 +4,8 @@
 
 Scores (mesanet_jax/mad/table.py): mad-lab's (best lr × wd per variant, then the mean over variants) and the
 paper's wording (best lr × wd of the mean over variants). Writes table9.md, variants.md, table9.json and table9.png
-beside --results (or into --out).
+beside --results (or into --out). Then the device hours per architecture from the grid's usage.jsonl and, at those
+rates with the early stopping measured so far, the hours the jobs left would take (mesanet_jax/mad/usage.py).
 """
 import json
 import os
@@ -19,11 +20,12 @@ _METRIC = flags.DEFINE_enum("metric", "accuracy", ["accuracy", "accuracy_micro"]
                             "accuracy: mad-lab's (macro per test batch, batch mean); accuracy_micro: share of "
                             "scored tokens right")
 _GRID_POINTS = flags.DEFINE_integer("grid_points", 8, "lr × wd points a variant needs to count as complete")
+_USAGE = flags.DEFINE_string("usage", "", "the grid's device-time JSONL (default: usage.jsonl beside --results)")
 
 
 def main(argv):
   cli.start(argv)
-  from mesanet_jax.mad import table, variants
+  from mesanet_jax.mad import models, table, training, usage, variants
   with cli.one_line_errors("mesanet-mad-table"):
     records = table.read(_RESULTS.value)
     if not records:
@@ -43,7 +45,26 @@ def main(argv):
     with open(os.path.join(out, "table9.json"), "w") as f:
       json.dump({"table9": rows, "scores": {"/".join(k): v for k, v in scores.items()}}, f, indent=1)
     table.plot(rows, os.path.join(out, "table9.png"))
+    usage_path = _USAGE.value or os.path.join(os.path.dirname(os.path.abspath(_RESULTS.value)), "usage.jsonl")
+    done = {tuple(r[k] for k in ("architecture", "task", "variant", "lr", "weight_decay")) for r in records}
+    everything = training.jobs(models.ARCHITECTURES, variants.all_variants())
+    print(f"\n{usage_markdown(usage.read(usage_path), records, [j for j in everything if j.key not in done])}")
   print(f"\nwrote table9.md, variants.md, table9.json and table9.png in {out}")
+
+
+def usage_markdown(rows: list, records: list, jobs_left: list) -> str:
+  """Device hours per architecture so far and, at those rates, for the jobs left (mesanet_jax/mad/usage.py)."""
+  from mesanet_jax.mad import training, usage
+  spent, ahead = usage.summary(rows), usage.projection(rows, records, jobs_left, training.Protocol())
+  lines = ["device time (usage.jsonl: each group run's wall time over the processes sharing the device)", "",
+           "| architecture | device hours so far | jobs finished in them | devices | jobs left | hours for them at "
+           "these rates (early stopping as measured) |", "|---|---|---|---|---|---|"]
+  for arch in dict.fromkeys([*spent, *ahead]):
+    s, a = spent.get(arch), ahead.get(arch, {"jobs_left": 0, "device_hours": 0.0})
+    hours = "no run recorded" if a["device_hours"] is None else f"{a['device_hours']:.2f}"
+    lines.append(f"| {arch} | {s['device_hours']:.2f} | {s['jobs_finished']} | {', '.join(s['devices'])} | "
+                 f"{a['jobs_left']} | {hours} |" if s else f"| {arch} | 0 | 0 | | {a['jobs_left']} | {hours} |")
+  return "\n".join(lines)
 
 
 def run():

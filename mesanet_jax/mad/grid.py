@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesanet_jax.mad import models, slot_state, table, training, variants
+from mesanet_jax.mad import models, slot_state, table, training, usage, variants
 from mesanet_jax.mad.population import Population, stack_datasets
 
 
@@ -49,6 +49,8 @@ class Settings:
   # cost for jobs far from 99.9 %. False: the whole test set at every check.
   screen_evaluations: bool = True
   time_limit: float = 0.0  # seconds; 0: none
+  usage: str = ""  # JSONL of each group run's device time (`usage.record`; "": not recorded)
+  device_share: int = 1  # processes side by side on the one device: a run's device time is its wall time over this
   dtype: str = "float32"
   impl: str = ""  # how Mesa computes: impl, chunk_size, matmul_precision ("" / 0: models.FAST_MESA's for the backend)
   chunk_size: int = 0
@@ -249,6 +251,23 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
 
 
 def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, stop_reason) -> int:
+  """Trains one group (`_train_group`); returns the jobs it finished and records its device time where
+  settings.usage names a file (`usage.record`, also when training fails)."""
+  start, counts, finished = time.time(), {"member_steps": 0, "slots": 0}, 0
+  try:
+    finished = _train_group(settings, key, jobs, futures, progress, stop_reason, counts)
+  finally:
+    if settings.usage:
+      usage.record(settings.usage, group=group_name(key), architecture=key[0], length=key[2],
+                   seconds=time.time() - start, member_steps=counts["member_steps"], jobs_finished=finished,
+                   slots=counts["slots"], device_share=settings.device_share)
+  return finished
+
+
+def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, stop_reason,
+                 counts: dict) -> int:
+  """The group's population trained until its queue and slots are empty or `stop_reason` says stop; returns the
+  jobs finished; counts["member_steps"] and counts["slots"] (the population's first size) follow as it runs."""
   architecture, autoencoder, length = key
   protocol = settings.protocol
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
@@ -273,6 +292,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
                     f"it does")
       size = fitted
   population = population_of(size)
+  counts["slots"] = size
   recorded = protocol_settings(settings)
   slot_jobs: list = [None] * size
   slots = population.init(int(data["train_inputs"].shape[1]), settings.seed)
@@ -307,6 +327,7 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
     steps = np.asarray(slots.step)
     progress.advance(int(np.sum(steps - before)) * length)
     stepped += int(np.sum(steps - before))
+    counts["member_steps"] += int(np.sum(steps - before))
     calls_stepped += per_call
     since_eval += per_call
     total = np.asarray(slots.total)

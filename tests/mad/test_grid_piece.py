@@ -1,6 +1,6 @@
 """benchmarks/mad_grid_piece.sh, the device calls' MAD driver: a piece starts from the given results and saved slots,
 stops at its time limit with the slots in flight saved under $OUT, and the next piece on the same machine continues
-from where the first stopped (its jobs are not trained again)."""
+from where the first stopped (its jobs are not trained again); each records its device time in usage.jsonl."""
 import json
 import os
 import subprocess
@@ -15,6 +15,7 @@ from tests.environment import subprocess_env
 def _piece(tmp_path, out: str, limit: int, **env) -> subprocess.CompletedProcess:
   env = subprocess_env(1, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", OUT=str(tmp_path / out),
                        PIECE=str(tmp_path / "piece"), RESULTS_IN=str(tmp_path / "tracked.jsonl"),
+                       USAGE_IN=str(tmp_path / "no_usage.jsonl"),
                        STATE_IN=str(tmp_path / "no_state"), ARCHS="transformer", TASKS="in_context_recall",
                        LIMIT=str(limit), EXTRA="--variants=baseline --num_examples=64 --epochs=2 --workers=1 "
                        f"--data_dir={tmp_path / 'data'} --steps_per_call=1", **env)
@@ -37,3 +38,8 @@ def test_pieces_save_at_the_time_limit_and_chain_on_one_machine(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "second" / "results.jsonl").read_text().splitlines()]
   assert sorted((r["lr"], r["weight_decay"]) for r in rows) == sorted(
       (lr, wd) for lr in (3e-3, 1e-3, 5e-4, 1e-4) for wd in (0.01, 0.1))  # every job once, none trained twice
+  # Each piece's group run recorded its device time, the second's line after the first's (carried through $PIECE).
+  usage = [json.loads(line) for line in (tmp_path / "second" / "usage.jsonl").read_text().splitlines()]
+  assert [u["group"] for u in usage] == ["transformer.lm.L128"] * 2, usage
+  assert [u["jobs_finished"] for u in usage] == [0, 8] and usage[1]["member_steps"] > 0
+  assert all(u["device_share"] == 1 and u["device_seconds"] == u["seconds"] > 0 for u in usage)

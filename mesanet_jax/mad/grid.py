@@ -171,11 +171,13 @@ def done_keys(settings: Settings, architectures) -> set:
 
 
 class _Progress:
-  """A tqdm bar over the grid's token-steps (job steps × sequence length), with an ETA."""
+  """A tqdm bar over the grid's token-steps (job steps × sequence length), with an ETA; notes start with the seconds
+  since the run began, so a log shows where the time went."""
 
   def __init__(self, total: int):
     from tqdm import tqdm
     self.bar = tqdm(total=total, unit="tok·step", unit_scale=True, smoothing=0.05, dynamic_ncols=True)
+    self.start = time.time()
 
   def advance(self, amount: int, skipped: int = 0):
     if skipped:
@@ -183,7 +185,7 @@ class _Progress:
     self.bar.update(amount)
 
   def note(self, text: str):
-    self.bar.write(text)
+    self.bar.write(f"[{time.time() - self.start:6.0f} s] {text}")
 
 
 def group_order(settings: Settings, groups: dict[tuple, list], architectures: list[str]) -> list[tuple]:

@@ -177,7 +177,6 @@ class _Progress:
   def __init__(self, total: int):
     from tqdm import tqdm
     self.bar = tqdm(total=total, unit="tok·step", unit_scale=True, smoothing=0.05, dynamic_ncols=True)
-    self.start = time.time()
 
   def advance(self, amount: int, skipped: int = 0):
     if skipped:
@@ -185,7 +184,7 @@ class _Progress:
     self.bar.update(amount)
 
   def note(self, text: str):
-    self.bar.write(f"[{time.time() - self.start:6.0f} s] {text}")
+    self.bar.write(f"[{self.bar.format_dict['elapsed']:6.0f} s] {text}")
 
 
 def group_order(settings: Settings, groups: dict[tuple, list], architectures: list[str]) -> list[tuple]:

@@ -71,8 +71,9 @@ def instructions(text: str) -> dict:
       own = f"{op} at {where}" if where else op
       computed[current].append(own)
       found.append((name, opcode, attributes["kind"], shape, attributes["calls"] if opcode == "fusion" else "", own))
+  most_frequent_first = lambda ops: [op for op, _ in collections.Counter(ops).most_common()]
   return {kernel_name(name): {"instruction": name, "opcode": opcode, "kind": kind, "shape": shape,
-                              "sources": [s for s, _ in collections.Counter(computed.get(calls) or [own]).most_common()]}
+                              "sources": most_frequent_first(computed.get(calls) or [own])}
           for name, opcode, kind, shape, calls, own in found}
 
 

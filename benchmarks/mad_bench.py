@@ -13,8 +13,9 @@ per step) steps. `compiles` counts the backend compilations during the warm-up a
 the step was retraced, and the timing is not the step's. With --trace_dir, one more call is profiled and the row
 gets the device time per step of its busiest kernels (`kernels`: Triton kernels by their Pallas names, XLA fusions
 by theirs) and what each computes (`kernel_sources`: its HLO instruction and the source lines of its ops, from the
-compiled program, `hlo_sources.py`); the trace stays in the directory for Perfetto / TensorBoard. Each line is written as soon as it is
-measured, so a run cut short keeps what it timed; the table and estimate cover every row in --out.
+compiled program, `hlo_sources.py`); the trace stays in the directory for Perfetto / TensorBoard. Each line is
+written as soon as it is measured, so a run cut short keeps what it timed; the table and estimate cover every row in
+--out.
 """
 import argparse
 import collections
@@ -198,8 +199,8 @@ def report(rows: list[dict], settings: grid.Settings):
       print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} L{r['length']} S{r['slots']} "
             f"({r['ms_per_step']:.4g} ms per step timed)")
       sources = r.get("kernel_sources", {})
-      print("\n".join(f"  {ms:9.4f}  {name[:100]}" + (f"\n             {sources[name][:300]}" if sources.get(name) else "")
-                      for name, ms in r["kernels"].items()))
+      for name, ms in r["kernels"].items():
+        print(f"  {ms:9.4f}  {name[:100]}" + (f"\n             {sources[name][:300]}" if sources.get(name) else ""))
 
 
 def _mesa_settings(text: str) -> list[tuple]:

@@ -19,17 +19,18 @@ def test_each_instruction_is_found_by_its_kernel_name_with_the_lines_of_its_ops(
   compiled = jax.jit(_scaled_tanh_sum).lower(jnp.ones((8, 4)), jnp.ones((4, 4))).compile().as_text()
   table = hlo_sources.instructions(compiled)
   first = inspect.getsourcelines(_scaled_tanh_sum)[1]
-  here = f"tests/benchmarks/test_hlo_sources.py:{first + 1} (_scaled_tanh_sum)"
+  line = lambda offset: f"tests/benchmarks/test_hlo_sources.py:{first + offset} (_scaled_tanh_sum)"
+  here = line(1)
   tanh_kernels = [name for name, entry in table.items() if f"tanh at {here}" in entry["sources"]]
   assert tanh_kernels, table  # the tanh, alone or fused, carries its line
   fused = [name for name in tanh_kernels if table[name]["opcode"] == "fusion"]
   for name in fused:  # a fusion lists every op it computes: here the sum and the scale of the next line too
     assert "." not in name and "-" not in name
-    assert f"reduce_sum at tests/benchmarks/test_hlo_sources.py:{first + 2} (_scaled_tanh_sum)" in table[name]["sources"]
+    assert f"reduce_sum at {line(2)}" in table[name]["sources"]
   name = (fused or tanh_kernels)[0]
-  line = hlo_sources.describe(name, (), table)
-  assert line.startswith(f"{table[name]['instruction']} {table[name]['opcode']}") and "tanh at" in line
-  assert hlo_sources.describe("cublas_gemm_kernel", (table[name]["instruction"],), table) == line  # via hlo_op
+  described = hlo_sources.describe(name, (), table)
+  assert described.startswith(f"{table[name]['instruction']} {table[name]['opcode']}") and "tanh at" in described
+  assert hlo_sources.describe("cublas_gemm_kernel", (table[name]["instruction"],), table) == described  # via hlo_op
   assert hlo_sources.describe("unknown_kernel", (), table) == ""
 
 

@@ -2,7 +2,8 @@
 are refilled from the group's queue (longest jobs first) as jobs finish, results appended to a JSONL file as each
 job finishes, so an interrupted grid resumes and skips what is done. Once the queue is empty, a population whose
 jobs in flight fill at most half its slots shrinks to them (`compacted_size`): a finished slot still computes every
-step, and with early stopping most of a group's slots finish long before its last job.
+step, and with early stopping most of a group's slots finish long before its last job. The smaller populations'
+programs compile in a thread from the moment the queue empties (`shrink_sizes`), so a shrink does not wait on them.
 
 A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
 compiled train step fits in the device's memory (`fit_to_memory`).
@@ -137,6 +138,13 @@ def compacted_size(in_flight: int, size: int) -> int | None:
   power of two that holds them (few distinct sizes, so few compiles), if that is at most half of `size`; else None."""
   smaller = 1 << max(in_flight - 1, 0).bit_length()
   return smaller if in_flight and 2 * smaller <= size else None
+
+
+def shrink_sizes(in_flight: int, size: int) -> list[int]:
+  """Every size a population of `size` with `in_flight` jobs and none queued may shrink to (`compacted_size`, again
+  and again as its jobs finish), largest first: what the grid compiles in the background once its queue is empty."""
+  largest = 1 << max(in_flight - 1, 0).bit_length()
+  return [s for s in (1 << k for k in range(size.bit_length() - 1, -1, -1)) if 2 * s <= size and s <= largest]
 
 
 def check_interval(settings: Settings, jobs_in_flight: list[training.Job]) -> tuple[int, int]:
@@ -307,83 +315,95 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
                    f"done (--max_slots={savable} keeps all)" if settings.time_limit and savable < size else ""))
   finished, since_eval, tick, stepped, calls_stepped = 0, 0, time.time(), 0, 0  # member-steps, population steps
   bound = training.batch_bound(int(data["test_inputs"].shape[1]) // protocol.batch_size, protocol.stop_accuracy)
-  while True:
-    free = [i for i, j in enumerate(slot_jobs) if j is None]
-    if free and queue:
-      slots = _fill(population, slots, slot_jobs, free, queue, group_variants, settings.seed)
-    if all(j is None for j in slot_jobs):
-      break
-    if reason := stop_reason():
-      in_flight = sum(j is not None for j in slot_jobs)
-      if settings.state_dir:
-        kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs, settings.state_budget)
-        progress.note(f"{group_name(key)}: {reason}; of {in_flight} jobs in flight {len(kept)} saved "
-                      f"({len(kept) * slot_state.slot_bytes(slots) / 2**20:.1f} MiB), {len(dropped)} start over")
-      else:
-        progress.note(f"{group_name(key)}: {reason}; {in_flight} jobs in flight dropped (no state_dir)")
-      return finished
-    every, per_call = check_interval(settings, [j for j in slot_jobs if j is not None])
-    before = np.asarray(slots.step)
-    slots, train_loss = population.train(slots, data, num_steps=per_call)
-    steps = np.asarray(slots.step)
-    progress.advance(int(np.sum(steps - before)) * length)
-    stepped += int(np.sum(steps - before))
-    counts["member_steps"] += int(np.sum(steps - before))
-    calls_stepped += per_call
-    since_eval += per_call
-    total = np.asarray(slots.total)
-    ended = [i for i, j in enumerate(slot_jobs) if j is not None and steps[i] >= total[i]]
-    if since_eval < every and not ended:
-      continue
-    since_eval = 0
-    if not ended and settings.screen_evaluations:
-      first = np.asarray(population.screen(slots, data))
-      if all(first[i] < bound - SCREEN_MARGIN for i, j in enumerate(slot_jobs) if j is not None):
-        continue  # no job can stop early here
-    metrics = {k: np.asarray(v) for k, v in population.evaluate(slots, data).items()}
-    train_loss = np.asarray(train_loss)
-    before_jobs = list(slot_jobs)
-    for i, job in enumerate(slot_jobs):
-      stopped = job is not None and metrics["accuracy"][i] >= protocol.stop_accuracy
-      if job is None or not (stopped or steps[i] >= total[i]):
+  # Once nothing is queued, the populations this one may shrink to compile in a thread while it trains: a shrink
+  # then waits for none of its programs (~8 s each on the GPU, three a size, where no compile is cached).
+  compiler, compiling = concurrent.futures.ThreadPoolExecutor(max_workers=1), None
+  try:
+    while True:
+      free = [i for i, j in enumerate(slot_jobs) if j is None]
+      if free and queue:
+        slots = _fill(population, slots, slot_jobs, free, queue, group_variants, settings.seed)
+      if all(j is None for j in slot_jobs):
+        break
+      if not queue and compiling is None and settings.compact_min_steps is not None:
+        sizes = shrink_sizes(sum(j is not None for j in slot_jobs), population.size)
+        num_examples = int(data["train_inputs"].shape[1])
+        compiling = {size: compiler.submit(population_of(size).precompile, data, num_examples) for size in sizes}
+      if reason := stop_reason():
+        in_flight = sum(j is not None for j in slot_jobs)
+        if settings.state_dir:
+          kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs, settings.state_budget)
+          progress.note(f"{group_name(key)}: {reason}; of {in_flight} jobs in flight {len(kept)} saved "
+                        f"({len(kept) * slot_state.slot_bytes(slots) / 2**20:.1f} MiB), {len(dropped)} start over")
+        else:
+          progress.note(f"{group_name(key)}: {reason}; {in_flight} jobs in flight dropped (no state_dir)")
+        return finished
+      every, per_call = check_interval(settings, [j for j in slot_jobs if j is not None])
+      before = np.asarray(slots.step)
+      slots, train_loss = population.train(slots, data, num_steps=per_call)
+      steps = np.asarray(slots.step)
+      progress.advance(int(np.sum(steps - before)) * length)
+      stepped += int(np.sum(steps - before))
+      counts["member_steps"] += int(np.sum(steps - before))
+      calls_stepped += per_call
+      since_eval += per_call
+      total = np.asarray(slots.total)
+      ended = [i for i, j in enumerate(slot_jobs) if j is not None and steps[i] >= total[i]]
+      if since_eval < every and not ended:
         continue
-      record = {"architecture": job.architecture, "task": job.variant.task, "variant": job.variant.name,
-                "lr": job.lr, "weight_decay": job.weight_decay, "accuracy": float(metrics["accuracy"][i]),
-                "accuracy_micro": float(metrics["accuracy_micro"][i]), "test_loss": float(metrics["loss"][i]),
-                "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
-                "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
-                "slots": population.size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
-                "matmul_precision": config.mesa.matmul_precision, "gdn_impl": config.gdn.impl,
-                "attention_kernel": config.attention.kernel, **recorded,
-                "eval_every": every,
-                "finished_at": time.time()}
-      with open(settings.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      progress.advance(0, skipped=int(total[i] - steps[i]) * length)
-      slot_jobs[i] = None
-      finished += 1
-    if finished_now := sum(j is None for j in slot_jobs) - sum(j is None for j in before_jobs):
-      seconds = max(time.time() - tick, 1e-9)
-      rate = stepped / seconds
-      # At most this long at this size (no early stop; a shrink makes the steps cheaper): the population's steps
-      # for what is left, queued jobs into freed slots longest first, at this window's seconds per step.
-      left = [int(total[i] - steps[i]) for i, j in enumerate(slot_jobs) if j is not None]
-      left += [j.steps(protocol) for j in queue]
-      minutes = population_steps(left, population.size) * seconds / max(calls_stepped, 1) / 60 if left else 0.0
-      progress.note(f"{group_name(key)}: {finished}/{len(jobs)} done (+{finished_now}), {rate:.4g} member-steps/s "
-                    f"({1e3 / max(rate, 1e-9):.4g} ms per member-step, evaluation included), at most "
-                    f"{minutes:.3g} min left")
-      tick, stepped, calls_stepped = time.time(), 0, 0
-    slots = dataclasses.replace(slots, active=jnp.asarray([j is not None for j in slot_jobs]))
-    in_flight = [i for i, j in enumerate(slot_jobs) if j is not None]
-    smaller = None if queue or settings.compact_min_steps is None else compacted_size(len(in_flight), population.size)
-    if smaller and max(total[i] - steps[i] for i in in_flight) >= settings.compact_min_steps:
-      population = population_of(smaller)  # compiled already if the memory check tried this size
-      slots, slot_jobs = _compact(slots, slot_jobs, smaller)
-      progress.note(f"{group_name(key)}: {len(in_flight)} jobs in flight, the population shrinks to {smaller} slots")
-  if settings.state_dir:
-    slot_state.remove(settings.state_dir, group_name(key))
-  return finished
+      since_eval = 0
+      if not ended and settings.screen_evaluations:
+        first = np.asarray(population.screen(slots, data))
+        if all(first[i] < bound - SCREEN_MARGIN for i, j in enumerate(slot_jobs) if j is not None):
+          continue  # no job can stop early here
+      metrics = {k: np.asarray(v) for k, v in population.evaluate(slots, data).items()}
+      train_loss = np.asarray(train_loss)
+      before_jobs = list(slot_jobs)
+      for i, job in enumerate(slot_jobs):
+        stopped = job is not None and metrics["accuracy"][i] >= protocol.stop_accuracy
+        if job is None or not (stopped or steps[i] >= total[i]):
+          continue
+        record = {"architecture": job.architecture, "task": job.variant.task, "variant": job.variant.name,
+                  "lr": job.lr, "weight_decay": job.weight_decay, "accuracy": float(metrics["accuracy"][i]),
+                  "accuracy_micro": float(metrics["accuracy_micro"][i]), "test_loss": float(metrics["loss"][i]),
+                  "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
+                  "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
+                  "slots": population.size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
+                  "matmul_precision": config.mesa.matmul_precision, "gdn_impl": config.gdn.impl,
+                  "attention_kernel": config.attention.kernel, **recorded,
+                  "eval_every": every,
+                  "finished_at": time.time()}
+        with open(settings.results, "a") as f:
+          f.write(json.dumps(record) + "\n")
+        progress.advance(0, skipped=int(total[i] - steps[i]) * length)
+        slot_jobs[i] = None
+        finished += 1
+      if finished_now := sum(j is None for j in slot_jobs) - sum(j is None for j in before_jobs):
+        seconds = max(time.time() - tick, 1e-9)
+        rate = stepped / seconds
+        # At most this long at this size (no early stop; a shrink makes the steps cheaper): the population's steps
+        # for what is left, queued jobs into freed slots longest first, at this window's seconds per step.
+        left = [int(total[i] - steps[i]) for i, j in enumerate(slot_jobs) if j is not None]
+        left += [j.steps(protocol) for j in queue]
+        minutes = population_steps(left, population.size) * seconds / max(calls_stepped, 1) / 60 if left else 0.0
+        progress.note(f"{group_name(key)}: {finished}/{len(jobs)} done (+{finished_now}), {rate:.4g} member-steps/s "
+                      f"({1e3 / max(rate, 1e-9):.4g} ms per member-step, evaluation included), at most "
+                      f"{minutes:.3g} min left")
+        tick, stepped, calls_stepped = time.time(), 0, 0
+      slots = dataclasses.replace(slots, active=jnp.asarray([j is not None for j in slot_jobs]))
+      in_flight = [i for i, j in enumerate(slot_jobs) if j is not None]
+      smaller = None if queue or settings.compact_min_steps is None else compacted_size(len(in_flight), population.size)
+      if smaller and max(total[i] - steps[i] for i in in_flight) >= settings.compact_min_steps:
+        if smaller in (compiling or {}):
+          compiling[smaller].result()  # compiled in the background meanwhile (re-raises its error, if any)
+        population = population_of(smaller)
+        slots, slot_jobs = _compact(slots, slot_jobs, smaller)
+        progress.note(f"{group_name(key)}: {len(in_flight)} jobs in flight, the population shrinks to {smaller} slots")
+    if settings.state_dir:
+      slot_state.remove(settings.state_dir, group_name(key))
+    return finished
+  finally:
+    compiler.shutdown(wait=False, cancel_futures=True)
 
 
 def _compact(slots, slot_jobs: list, size: int):

@@ -53,6 +53,15 @@ class Population:
     self.assign = jax.jit(self._assign)
     self._fresh_members = jax.jit(jax.vmap(self._fresh))  # one program per population, not per `init` call
 
+  def precompile(self, data: dict, num_examples: int) -> None:
+    """Compiles `train`, `screen` and `evaluate` for `data` and slots of `init(num_examples)`'s shapes (abstract:
+    nothing is allocated), so their first calls run at once; the grid runs it in a thread while another population
+    trains."""
+    slots = jax.eval_shape(lambda: self.init(num_examples))
+    self.train.lower(slots, data, num_steps=1).compile()
+    self.screen.lower(slots, data).compile()
+    self.evaluate.lower(slots, data).compile()
+
   def _fresh(self, key: jax.Array):
     """(params, optimiser state) of one new member."""
     params = nnx.state(models.make_model(self.config, self.autoencoder, nnx.Rngs(params=key)))

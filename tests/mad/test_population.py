@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +196,21 @@ def test_train_step_bytes_grow_with_the_slots_and_the_checked_step_runs_at_any_l
   assert len(compiles) == before  # the step compiled for the memory check is the one that runs, whatever its length
 
 
+def test_a_precompiled_population_trains_screens_and_evaluates_without_compiling():
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+  six = Population(models.mad_config("transformer", 16), False, training.Protocol(), 6)  # a size no test caches
+  six.precompile(_data(), 64)
+  slots = six.assign(six.init(64), jnp.ones(6, bool), total=jnp.full(6, 8), per_epoch=jnp.full(6, 2),
+                     dataset=jnp.zeros(6, jnp.int32), vocab=jnp.full(6, 16), lr=jnp.full(6, 1e-3),
+                     weight_decay=jnp.full(6, 0.1), keys=jax.random.split(jax.random.key(0), 6))
+  before = len(compiles)
+  slots, _ = six.train(slots, _data(), num_steps=2)
+  jax.block_until_ready((six.screen(slots, _data()), six.evaluate(slots, _data())))
+  assert len(compiles) == before
+
+
 @pytest.mark.slow
 def test_grid_runs_a_population_that_fits_the_device_memory(tmp_path, capsys, monkeypatch):
   """A device whose memory holds one slot's step but not two: the group of two jobs runs in one slot."""
@@ -214,10 +230,30 @@ def test_compacted_size_is_the_power_of_two_that_holds_the_jobs_in_flight():
   assert grid.compacted_size(5, 8) is None and grid.compacted_size(2, 4) == 2 and grid.compacted_size(1, 1) is None
 
 
+def test_shrink_sizes_are_every_size_the_population_can_shrink_to_largest_first():
+  assert grid.shrink_sizes(3, 10) == [4, 2, 1] and grid.shrink_sizes(9, 10) == [4, 2, 1]
+  assert grid.shrink_sizes(40, 64) == [32, 16, 8, 4, 2, 1] and grid.shrink_sizes(2, 4) == [2, 1]
+  assert grid.shrink_sizes(1, 1) == []
+  for size in (1, 5, 10, 64):
+    for in_flight in range(1, size + 1):
+      reachable, frontier = set(), [(in_flight, size)]
+      while frontier:  # shrink, then shrink again with fewer jobs in flight, as the grid does
+        jobs, current = frontier.pop()
+        for left in range(1, jobs + 1):
+          if (smaller := grid.compacted_size(left, current)) and smaller not in reachable:
+            reachable.add(smaller)
+            frontier.append((left, smaller))
+      assert reachable <= set(grid.shrink_sizes(in_flight, size)), (in_flight, size)
+
+
 @pytest.mark.slow
-def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsys):
+def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsys, monkeypatch):
   """Two short and two long jobs in 4 slots: once the short ones finish (and nothing is queued) the long ones go on
-  in a population of 2, with the results of a run that never shrinks (f32: another batching of the same math)."""
+  in a population of 2, compiled in the background as soon as the queue emptied, with the results of a run that
+  never shrinks (f32: another batching of the same math)."""
+  precompiled, precompile = [], Population.precompile
+  monkeypatch.setattr(Population, "precompile", lambda self, *args: (
+      precompiled.append((self.size, threading.current_thread() is threading.main_thread())), precompile(self, *args)))
   memorize = variants.find("memorize", "baseline")
   short, long = variants.shrunk(memorize, 32), dataclasses.replace(variants.shrunk(memorize, 96), name="long")
   jobs = training.jobs(["transformer"], [short, long], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
@@ -228,6 +264,7 @@ def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsy
   notes = capsys.readouterr().out
   assert "transformer.lm.L32: 2 jobs in flight, the population shrinks to 2 slots" in notes
   assert "2/4 done (+2)" in notes and "min left" in notes  # the two long jobs' 4 steps to go, at the rate seen
+  assert precompiled == [(2, False), (1, False)]  # every size it could shrink to, off the main thread
   kept = dataclasses.replace(settings, results=str(tmp_path / "kept.jsonl"), compact_min_steps=None)
   assert grid.run(kept, jobs) == 4
   by_key = lambda path: {(r["variant"], r["lr"]): r for r in table.read(path)}

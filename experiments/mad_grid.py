@@ -51,8 +51,8 @@ _MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "share of the devi
                                       "that a population's compiled train step may use; larger populations are "
                                       "halved until it fits (devices that report no limit, e.g. CPU: unchecked)")
 _COMPACT = flags.DEFINE_integer("compact_min_steps", 1000, "shrink a population once nothing is queued and its jobs "
-                                "in flight fill at most half its slots, if the longest has this many steps left "
-                                "(mesanet_jax/mad/grid.py: compacted_size); -1: never")
+                                "in flight fit a smaller power of two of slots, if the longest has this many steps "
+                                "left (mesanet_jax/mad/grid.py: compacted_size); -1: never")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activation dtype (params stay f32)")
 _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': mesanet_jax/mad/models.py "
                             "FAST_MESA's for the backend)")

@@ -1,9 +1,10 @@
 """Runs the MAD grid: jobs grouped by the model shapes they share, each group trained as one population whose slots
 are refilled from the group's queue (longest jobs first) as jobs finish, results appended to a JSONL file as each
 job finishes, so an interrupted grid resumes and skips what is done. Once the queue is empty, a population whose
-jobs in flight fill at most half its slots shrinks to them (`compacted_size`): a finished slot still computes every
-step, and with early stopping most of a group's slots finish long before its last job. The smaller populations'
-programs compile in a thread from the moment the queue empties (`shrink_sizes`), so a shrink does not wait on them.
+jobs in flight fit a smaller power of two of slots shrinks to it (`compacted_size`): a finished slot still computes
+every step, and with early stopping most of a group's slots finish long before its last job. The smaller
+populations' programs compile in a thread from the moment the queue empties (`shrink_sizes`), so a shrink does not
+wait on them.
 
 A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
 compiled train step fits in the device's memory (`fit_to_memory`).
@@ -68,9 +69,9 @@ class Settings:
   # larger population is halved until its compiled step fits (`fit_to_memory`). Devices that report no memory limit
   # (CPU) are not checked.
   memory_fraction: float = 0.9
-  # Shrink a population once its queue is empty and its jobs fill at most half its slots, if the longest of them has
-  # at least this many steps left (a shrink compiles the population's programs again: ~10-15 s for MesaNet on an
-  # H200, repaid within a few hundred steps of a population of 64 or more); None: never.
+  # Shrink a population once its queue is empty and its jobs fit a smaller power of two of slots, if the longest of
+  # them has at least this many steps left (the smaller population's programs compile in a thread meanwhile, ~10-15 s
+  # for MesaNet on an H200); None: never.
   compact_min_steps: int | None = 1000
 
 
@@ -135,16 +136,16 @@ def fit_to_memory(size: int, step_bytes, budget: int) -> int:
 
 def compacted_size(in_flight: int, size: int) -> int | None:
   """The slots to shrink a population of `size` to when `in_flight` jobs remain and none is queued: the smallest
-  power of two that holds them (few distinct sizes, so few compiles), if that is at most half of `size`; else None."""
+  power of two that holds them (few distinct sizes, so few compiles), if that is smaller than `size`; else None."""
   smaller = 1 << max(in_flight - 1, 0).bit_length()
-  return smaller if in_flight and 2 * smaller <= size else None
+  return smaller if in_flight and smaller < size else None
 
 
 def shrink_sizes(in_flight: int, size: int) -> list[int]:
   """Every size a population of `size` with `in_flight` jobs and none queued may shrink to (`compacted_size`, again
   and again as its jobs finish), largest first: what the grid compiles in the background once its queue is empty."""
   largest = 1 << max(in_flight - 1, 0).bit_length()
-  return [s for s in (1 << k for k in range(size.bit_length() - 1, -1, -1)) if 2 * s <= size and s <= largest]
+  return [s for s in (1 << k for k in range(size.bit_length() - 1, -1, -1)) if s < size and s <= largest]
 
 
 def check_interval(settings: Settings, jobs_in_flight: list[training.Job]) -> tuple[int, int]:

@@ -228,10 +228,12 @@ def test_grid_runs_a_population_that_fits_the_device_memory(tmp_path, capsys, mo
 def test_compacted_size_is_the_power_of_two_that_holds_the_jobs_in_flight():
   assert [grid.compacted_size(n, 64) for n in (1, 2, 3, 17, 32, 33, 0)] == [1, 2, 4, 32, 32, None, None]
   assert grid.compacted_size(5, 8) is None and grid.compacted_size(2, 4) == 2 and grid.compacted_size(1, 1) is None
+  # Any smaller power of two, not only half or less: 10 slots (a grid piece's) go to 8, 216 (a whole group's) to 128.
+  assert grid.compacted_size(8, 10) == 8 and grid.compacted_size(9, 10) is None and grid.compacted_size(100, 216) == 128
 
 
 def test_shrink_sizes_are_every_size_the_population_can_shrink_to_largest_first():
-  assert grid.shrink_sizes(3, 10) == [4, 2, 1] and grid.shrink_sizes(9, 10) == [4, 2, 1]
+  assert grid.shrink_sizes(3, 10) == [4, 2, 1] and grid.shrink_sizes(9, 10) == [8, 4, 2, 1]
   assert grid.shrink_sizes(40, 64) == [32, 16, 8, 4, 2, 1] and grid.shrink_sizes(2, 4) == [2, 1]
   assert grid.shrink_sizes(1, 1) == []
   for size in (1, 5, 10, 64):

@@ -133,9 +133,10 @@ def stage_times(args, impl):
   """ms of every stage (STAGES, solve_and_output, adjoint_solve and matvec) of `impl`'s operator
   (`operator.operator_class`), each jitted alone, chunk-major.
 
-  The solutions x, y and u = H_kv·do are random rows of the right shape: the stages' cost does not depend on them. "chunk states" times what `build` computes: the boundary states (XLA: also the C×C decay masks its other
-  stages read), not the inputs the operator holds, which a jit returning the operator would copy out (~0.3 ms at
-  B=8 T=2048 H=16 D=128). A stage that fails (e.g. does not compile) is reported and left out.
+  The solutions x, y and u = H_kv·do are random rows of the right shape: the stages' cost does not depend on them.
+  "chunk states" times what `build` computes: the boundary states (XLA: also the C×C decay masks its other stages
+  read), not the inputs the operator holds, which a jit returning the operator would copy out (~0.3 ms at B=8
+  T=2048 H=16 D=128). A stage that fails (e.g. does not compile) is reported and left out.
   """
   q, k, v, log_decay, beta, lam = stage_inputs(args, FLAGS.chunk_size)
   batch, heads, _, _, dim = q.shape

@@ -82,10 +82,11 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
                              attention_kernel=attention_kernel)
   population = Population(config, False, training.Protocol(), slots)
   steps = max(1, min(args.steps, args.call_tokens // (slots * 32 * length)))
-  data = _data(length, args.vocab, 4096)
-  state = population.init(4096)
+  examples = 4096  # random training sequences on the device
+  data = _data(length, args.vocab, examples)
+  state = population.init(examples)
   state = population.assign(state, jnp.ones(slots, bool), total=jnp.full(slots, 10 ** 8),
-                            per_epoch=jnp.full(slots, 4096 // 32), dataset=jnp.zeros(slots, jnp.int32),
+                            per_epoch=jnp.full(slots, examples // 32), dataset=jnp.zeros(slots, jnp.int32),
                             vocab=jnp.full(slots, args.vocab), lr=jnp.full(slots, 1e-3),
                             weight_decay=jnp.full(slots, 0.1), keys=jax.random.split(jax.random.key(0), slots))
   jax.block_until_ready(state)
@@ -109,7 +110,7 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
     with jax.profiler.trace(args.trace_dir):
       state, _, _ = run(state)
     times, hlo_ops = kernel_times(args.trace_dir, steps)
-    program = hlo_sources.instructions(population.train.lower(state, data, num_steps=steps).compile().as_text())
+    program = hlo_sources.instructions(population.compiled_train(data, examples).as_text())
     kernels = {"kernels": times,
                "kernel_sources": {name: hlo_sources.describe(name, hlo_ops[name], program) for name in times}}
   c = config.mesa

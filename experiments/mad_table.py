@@ -46,7 +46,7 @@ def main(argv):
       json.dump({"table9": rows, "scores": {"/".join(k): v for k, v in scores.items()}}, f, indent=1)
     table.plot(rows, os.path.join(out, "table9.png"))
     usage_path = _USAGE.value or os.path.join(os.path.dirname(os.path.abspath(_RESULTS.value)), "usage.jsonl")
-    done = {tuple(r[k] for k in ("architecture", "task", "variant", "lr", "weight_decay")) for r in records}
+    done = {table.record_key(r) for r in records}
     everything = training.jobs(models.ARCHITECTURES, variants.all_variants())
     print(f"\n{usage_markdown(usage.read(usage_path), records, [j for j in everything if j.key not in done])}")
   print(f"\nwrote table9.md, variants.md, table9.json and table9.png in {out}")

@@ -116,8 +116,7 @@ def memory_budget(fraction: float) -> int | None:
 def train_step_bytes(population: Population, data: dict) -> int:
   """Device bytes one `population.train` call on `data` plans to use: arguments, outputs not aliased to them, and
   temporaries, as the compiler's buffer assignment has them (compiled from abstract slots; nothing is allocated)."""
-  slots = jax.eval_shape(lambda: population.init(int(data["train_inputs"].shape[1])))
-  memory = population.train.lower(slots, data, num_steps=1).compile().memory_analysis()  # the one program of any length
+  memory = population.compiled_train(data, int(data["train_inputs"].shape[1])).memory_analysis()
   return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
           + memory.temp_size_in_bytes)
 
@@ -176,7 +175,7 @@ def done_keys(settings: Settings, architectures) -> set:
       k = differs[0]
       raise ValueError(f"{settings.results} holds {r['architecture']} jobs run with {k}={r.get(k, table.PROTOCOL[k])}"
                        f", this run has {k}={ours[k]}: they would count as done; give this run its own --results")
-  return {tuple(r[k] for k in ("architecture", "task", "variant", "lr", "weight_decay")) for r in records}
+  return {table.record_key(r) for r in records}
 
 
 class _Progress:

@@ -53,12 +53,16 @@ class Population:
     self.assign = jax.jit(self._assign)
     self._fresh_members = jax.jit(jax.vmap(self._fresh))  # one program per population, not per `init` call
 
+  def compiled_train(self, data: dict, num_examples: int):
+    """`train` compiled for `data` and slots of `init(num_examples)`'s shapes (abstract: nothing is allocated), the
+    program every call of any length then runs (its memory analysis, its HLO)."""
+    return self.train.lower(jax.eval_shape(lambda: self.init(num_examples)), data, num_steps=1).compile()
+
   def precompile(self, data: dict, num_examples: int) -> None:
-    """Compiles `train`, `screen` and `evaluate` for `data` and slots of `init(num_examples)`'s shapes (abstract:
-    nothing is allocated), so their first calls run at once; the grid runs it in a thread while another population
-    trains."""
+    """Compiles `train`, `screen` and `evaluate` as `compiled_train` does, so their first calls run at once; the
+    grid runs it in a thread while another population trains."""
+    self.compiled_train(data, num_examples)
     slots = jax.eval_shape(lambda: self.init(num_examples))
-    self.train.lower(slots, data, num_steps=1).compile()
     self.screen.lower(slots, data).compile()
     self.evaluate.lower(slots, data).compile()
 

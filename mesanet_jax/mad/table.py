@@ -30,6 +30,11 @@ PAPER = {
 PROTOCOL = {"dtype": "float32", "tie_embeddings": True, "embed_std": None, "linear_init_variance": 1.0, "cg_steps": 30}
 
 
+def record_key(record: dict) -> tuple:
+  """The key of the job a record is of (`training.Job.key`): architecture, task, variant, lr, weight decay."""
+  return tuple(record[k] for k in ("architecture", "task", "variant", "lr", "weight_decay"))
+
+
 def read(path: str) -> list[dict]:
   """The grid's records; a ValueError if one architecture's records mix values of a `PROTOCOL` setting."""
   with open(path) as f:

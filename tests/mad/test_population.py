@@ -18,6 +18,10 @@ from mesanet_jax.mad.population import Population, stack_datasets
 pytestmark = pytest.mark.xdist_group("population")  # one worker: the cached populations' programs compile once
 
 I = -100
+_BACKEND_COMPILES = []  # every backend compile in this process from here on (tests read how many a call adds)
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _, **kw: _BACKEND_COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration"
+    else None)
 
 
 def test_batch_accuracy_is_torchmetrics_macro_accuracy():
@@ -180,9 +184,7 @@ def test_fit_to_memory_halves_the_population_until_its_step_fits():
 
 @pytest.mark.slow
 def test_train_step_bytes_grow_with_the_slots_and_the_checked_step_runs_at_any_length_without_compiling():
-  compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, _, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+  compiles = _BACKEND_COMPILES
   config = models.mad_config("transformer", 16)
   three, five = (Population(config, False, training.Protocol(), slots) for slots in (3, 5))  # sizes no test caches
   assert 0 < grid.train_step_bytes(three, _data()) < grid.train_step_bytes(five, _data())
@@ -197,9 +199,7 @@ def test_train_step_bytes_grow_with_the_slots_and_the_checked_step_runs_at_any_l
 
 
 def test_a_precompiled_population_trains_screens_and_evaluates_without_compiling():
-  compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, _, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+  compiles = _BACKEND_COMPILES
   six = Population(models.mad_config("transformer", 16), False, training.Protocol(), 6)  # a size no test caches
   six.precompile(_data(), 64)
   slots = six.assign(six.init(64), jnp.ones(6, bool), total=jnp.full(6, 8), per_epoch=jnp.full(6, 2),

@@ -49,9 +49,9 @@ def _data(length: int, vocab: int, examples: int, seed: int = 0) -> dict:
           "num_train": jnp.asarray([examples], jnp.int32)}
 
 
-def kernel_times(trace_dir: str, steps: int, top: int = 12) -> tuple[dict, dict]:
-  """({kernel: ms per step}, {kernel: its events' `hlo_op` arguments}) of the newest trace in trace_dir: the
-  busiest `top` of the device's stream lines."""
+def kernel_times(trace_dir: str, steps: int, top: int = 24) -> tuple[dict, dict, float]:
+  """({kernel: ms per step}, {kernel: its events' `hlo_op` arguments}, ms per step of every kernel) of the newest
+  trace in trace_dir: the busiest `top` of the device's stream lines, and their total."""
   path = max(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")), key=os.path.getmtime)
   with gzip.open(path) as f:
     events = json.load(f)["traceEvents"]
@@ -66,7 +66,7 @@ def kernel_times(trace_dir: str, steps: int, top: int = 12) -> tuple[dict, dict]
       if "hlo_op" in e.get("args", {}):
         hlo_ops[e["name"]].add(e["args"]["hlo_op"])
   busiest = {name: round(ms, 4) for name, ms in totals.most_common(top)}
-  return busiest, {name: tuple(sorted(hlo_ops[name])) for name in busiest}
+  return busiest, {name: tuple(sorted(hlo_ops[name])) for name in busiest}, round(sum(totals.values()), 4)
 
 
 def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
@@ -109,9 +109,9 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   if args.trace_dir:
     with jax.profiler.trace(args.trace_dir):
       state, _, _ = run(state)
-    times, hlo_ops = kernel_times(args.trace_dir, steps)
+    times, hlo_ops, kernels_ms = kernel_times(args.trace_dir, steps)
     program = hlo_sources.instructions(population.compiled_train(data, examples).as_text())
-    kernels = {"kernels": times,
+    kernels = {"kernels": times, "kernels_ms": kernels_ms,
                "kernel_sources": {name: hlo_sources.describe(name, hlo_ops[name], program) for name in times}}
   c = config.mesa
   if "mesa" in config.mixers:
@@ -198,7 +198,7 @@ def report(rows: list[dict], settings: grid.Settings):
   for r in rows:
     if r.get("kernels"):
       print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} L{r['length']} S{r['slots']} "
-            f"({r['ms_per_step']:.4g} ms per step timed)")
+            f"({r['ms_per_step']:.4g} ms per step timed, {r.get('kernels_ms', 0):.4g} ms in kernels)")
       sources = r.get("kernel_sources", {})
       for name, ms in r["kernels"].items():
         print(f"  {ms:9.4f}  {name[:100]}" + (f"\n             {sources[name][:300]}" if sources.get(name) else ""))

@@ -41,19 +41,16 @@ _STATE_BUDGET = flags.DEFINE_float("state_budget_mib", 0, "MiB of in-flight slot
 _TIME_LIMIT = flags.DEFINE_float("time_limit", 0, "seconds after which to stop (0: none)")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1 << 20, "tokens per population step at most (slots × 32 × L)")
 _MAX_SLOTS = flags.DEFINE_integer("max_slots", 256, "population size at most")
-_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps per jitted call at most")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 400, "steps between test evaluations (early stopping at 99.9 %) "
-                                   "at most; also once per epoch of every job in flight, as mad-lab checks")
-_SCREEN = flags.DEFINE_bool("screen_evaluations", True, "at a check where no job ends, evaluate the first test "
-                            "batch and the whole test set only if a job could still stop early (the same stops; "
-                            "mesanet_jax/mad/grid.py); false: the whole test set at every check")
+_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps per jitted call at most (calls end "
+                                      "at every epoch end of a job in flight too, where it is evaluated)")
 _MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "share of the device memory left after the datasets "
                                       "that a population's compiled train step may use; larger populations are "
                                       "halved until it fits (devices that report no limit, e.g. CPU: unchecked)")
 _COMPACT = flags.DEFINE_integer("compact_min_steps", 1000, "shrink a population once nothing is queued and its jobs "
                                 "in flight fit a smaller power of two of slots, if the longest has this many steps "
                                 "left (mesanet_jax/mad/grid.py: compacted_size); -1: never")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "activation dtype (params stay f32)")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "activation dtype (params stay f32; "
+                           "bfloat16: mad-lab's Lightning precision 'bf16')")
 _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': mesanet_jax/mad/models.py "
                             "FAST_MESA's for the backend)")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: FAST_MESA's for Mesa, 64 for GDN)")
@@ -124,7 +121,7 @@ def main(argv):
         data_dir=_DATA_DIR.value or os.path.join(root, "data"),
         state_dir=_STATE_DIR.value or os.path.join(root, "state"), state_budget=int(_STATE_BUDGET.value * 2**20),
         max_tokens=_MAX_TOKENS.value,
-        max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value, eval_every=_EVAL_EVERY.value,
+        max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value,
         time_limit=_TIME_LIMIT.value, usage=_USAGE.value.replace("<results dir>", root),
         device_share=_DEVICE_SHARE.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
         matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, gdn_impl=_GDN_IMPL.value,
@@ -133,7 +130,7 @@ def main(argv):
         embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None,
         linear_init_variance=(models.LINEAR_INIT_VARIANCE if _LINEAR_INIT_VARIANCE.value is None
                               else _LINEAR_INIT_VARIANCE.value), seed=_SEED.value, workers=_WORKERS.value,
-        screen_evaluations=_SCREEN.value, memory_fraction=_MEMORY_FRACTION.value,
+        memory_fraction=_MEMORY_FRACTION.value,
         compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
     if _DRY_RUN.value:

@@ -16,9 +16,10 @@ from . import cli
 
 _RESULTS = flags.DEFINE_string("results", "runs/mad/results.jsonl", "the grid's JSONL (mesanet-mad-grid --results)")
 _OUT = flags.DEFINE_string("out", "", "output directory (default: the results file's)")
-_METRIC = flags.DEFINE_enum("metric", "accuracy", ["accuracy", "accuracy_micro"],
-                            "accuracy: mad-lab's (macro per test batch, batch mean); accuracy_micro: share of "
-                            "scored tokens right")
+_METRIC = flags.DEFINE_enum("metric", "accuracy", ["accuracy", "accuracy_micro", "final_accuracy"],
+                            "accuracy: mad-lab's (macro per test batch, batch mean) at the job's best checkpoint "
+                            "(least test perplexity); accuracy_micro: share of scored tokens right there; "
+                            "final_accuracy: mad-lab's at the job's last evaluation")
 _GRID_POINTS = flags.DEFINE_integer("grid_points", 8, "lr × wd points a variant needs to count as complete")
 _USAGE = flags.DEFINE_string("usage", "", "the grid's device-time JSONL (default: usage.jsonl beside --results)")
 
@@ -30,14 +31,18 @@ def main(argv):
     records = table.read(_RESULTS.value)
     if not records:
       raise ValueError(f"--results {_RESULTS.value}: no finished jobs")
+    if lacking := sum(_METRIC.value not in r for r in records):
+      raise ValueError(f"--metric={_METRIC.value}: {lacking} of the {len(records)} records in {_RESULTS.value} have "
+                       f"none (written before it was recorded)")
     expected = {t: ([v.name for v in variants.variants(t)], _GRID_POINTS.value) for t in variants.TASKS}
     scores = table.task_scores(records, expected, _METRIC.value)
     rows = table.table9(scores)
     out = _OUT.value or os.path.dirname(os.path.abspath(_RESULTS.value))
     os.makedirs(out, exist_ok=True)
     main_table, per_variant = table.markdown(rows), table.variant_markdown(scores, expected)
-    print(f"MAD accuracy (%), {len(records)} jobs, metric {_METRIC.value}; early stopping at 99.9 % test accuracy "
-          f"(mad-lab)\n\n{main_table}\n\nbest accuracy per variant (lr, wd)\n\n{per_variant}")
+    selection = records[0].get("selection", table.PROTOCOL["selection"])
+    print(f"MAD accuracy (%), {len(records)} jobs, metric {_METRIC.value} (evaluation: {selection}); early stopping "
+          f"at 99.9 % test accuracy (mad-lab)\n\n{main_table}\n\nbest accuracy per variant (lr, wd)\n\n{per_variant}")
     with open(os.path.join(out, "table9.md"), "w") as f:
       f.write(main_table + "\n")
     with open(os.path.join(out, "variants.md"), "w") as f:

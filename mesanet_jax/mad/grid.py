@@ -6,6 +6,13 @@ every step, and with early stopping most of a group's slots finish long before i
 populations' programs compile in a thread from the moment the queue empties (`shrink_sizes`), so a shrink does not
 wait on them.
 
+As mad-lab validates after every epoch, each job is evaluated on its test set at each of its epoch ends: it stops
+early once its test accuracy reaches 99.9 %, and its record reports the evaluation of least test perplexity, the
+checkpoint whose accuracy mad-lab's `train.py` reports (ModelCheckpoint on test/Perplexity_epoch, then
+`trainer.validate` of the best checkpoint), beside the last evaluation's (`final_accuracy`). A queued job starts only
+at a population step that is a multiple of its epoch (`may_start`), so the epochs of a group's jobs (25 · 2^k steps:
+its training-set sizes) end together and one evaluation of the population serves all the jobs due.
+
 A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
 compiled train step fits in the device's memory (`fit_to_memory`).
 
@@ -42,18 +49,13 @@ class Settings:
   state_budget: int = 0
   max_tokens: int = 1 << 20  # tokens per population step (slots × batch × length) at most
   max_slots: int = 256
-  steps_per_call: int = 200  # steps per jitted call at most
-  # Steps between test evaluations (early stopping) at most: also at least once per epoch of every job in flight
-  # (`check_interval`), as mad-lab checks its 99.9 % threshold after each epoch, and at each job's end.
-  eval_every: int = 400
-  # At a check where no job ends, evaluate the first test batch only, and the whole test set only if some job in
-  # flight could still stop early (`training.batch_bound`, less `SCREEN_MARGIN`): the same stops, at 1/40 of the
-  # cost for jobs far from 99.9 %. False: the whole test set at every check.
-  screen_evaluations: bool = True
+  steps_per_call: int = 200  # steps per jitted call at most (calls also end at every epoch end of a job in flight)
   time_limit: float = 0.0  # seconds; 0: none
   usage: str = ""  # JSONL of each group run's device time (`usage.record`; "": not recorded)
   device_share: int = 1  # processes side by side on the one device: a run's device time is its wall time over this
-  dtype: str = "float32"
+  # Activations (params stay f32): bf16, as mad-lab trains (`train.py`: Lightning precision "bf16", i.e. bf16
+  # autocast; the MesaNet paper's mixed precision too). Mesa's CG runs in f32 inside its kernels either way.
+  dtype: str = "bfloat16"
   impl: str = ""  # how Mesa computes: impl, chunk_size, matmul_precision ("" / 0: models.FAST_MESA's for the backend)
   chunk_size: int = 0
   matmul_precision: str = ""
@@ -73,11 +75,6 @@ class Settings:
   # them has at least this many steps left (the smaller population's programs compile in a thread meanwhile, ~10-15 s
   # for MesaNet on an H200); None: never.
   compact_min_steps: int | None = 1000
-
-
-# Below the bound by this much before a screened check skips the whole test set: the screen and `evaluate` are two
-# compiled programs, whose logits may differ in the last bits and so flip an argmax at a near tie.
-SCREEN_MARGIN = 0.01
 
 
 def group_key(job: training.Job) -> tuple:
@@ -147,11 +144,21 @@ def shrink_sizes(in_flight: int, size: int) -> list[int]:
   return [s for s in (1 << k for k in range(size.bit_length() - 1, -1, -1)) if s < size and s <= largest]
 
 
-def check_interval(settings: Settings, jobs_in_flight: list[training.Job]) -> tuple[int, int]:
-  """(steps between evaluations, steps per jitted call): evaluations at most `eval_every` steps apart and at least
-  once per epoch of each job in flight; calls of at most `steps_per_call` steps that end at each evaluation."""
-  every = min([settings.eval_every] + [j.steps_per_epoch(settings.protocol) for j in jobs_in_flight])
-  return every, min(settings.steps_per_call, every)
+def call_length(settings: Settings, steps: np.ndarray, per_epoch: np.ndarray, in_flight: list[int],
+                queued_per_epoch: set[int], population_step: int) -> int:
+  """Steps of the next train call: up to the next epoch end of a job in flight (where it is evaluated, as mad-lab
+  validates after every epoch) or, while slots are free (queued_per_epoch non-empty), the next population step at
+  which a queued job may start (`may_start`); at most `steps_per_call`."""
+  ends = [int(per_epoch[i] - steps[i] % per_epoch[i]) for i in in_flight]
+  starts = [e - population_step % e for e in queued_per_epoch]
+  return min([settings.steps_per_call] + ends + starts)
+
+
+def may_start(job: training.Job, protocol: training.Protocol, population_step: int) -> bool:
+  """Whether a job may take a free slot at this population step: only where its epochs end in step with those of
+  the jobs in flight (at multiples of its epoch), so that the MAD grid's epochs of 25 · 2^k steps (its training-set
+  sizes) end together and one evaluation serves every job due."""
+  return population_step % job.steps_per_epoch(protocol) == 0
 
 
 def protocol_settings(settings: Settings) -> dict:
@@ -159,7 +166,8 @@ def protocol_settings(settings: Settings) -> dict:
   config = models.mad_config("mesanet", 16, cg_steps=settings.cg_steps, tie_embeddings=settings.tie_embeddings,
                              embed_std=settings.embed_std, linear_init_variance=settings.linear_init_variance)
   return {"dtype": settings.dtype, "tie_embeddings": config.tie_embeddings, "embed_std": config.embed_std,
-          "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train}
+          "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train,
+          "selection": "least_test_perplexity"}
 
 
 def done_keys(settings: Settings, architectures) -> set:
@@ -313,18 +321,24 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
                 f"{sum(j is not None for j in slot_jobs)} resumed"
                 + (f"; at the time limit the state budget saves {savable} of them, the others start over unless "
                    f"done (--max_slots={savable} keeps all)" if settings.time_limit and savable < size else ""))
-  finished, since_eval, tick, stepped, calls_stepped = 0, 0, time.time(), 0, 0  # member-steps, population steps
-  bound = training.batch_bound(int(data["test_inputs"].shape[1]) // protocol.batch_size, protocol.stop_accuracy)
+  finished, tick, stepped, calls_stepped = 0, time.time(), 0, 0  # member-steps, population steps
+  # The population's steps, at whose multiples each job's epochs end (`may_start`); a resumed population takes the
+  # phase of its job of the longest epoch.
+  resumed = [i for i, j in enumerate(slot_jobs) if j is not None]
+  longest = max(resumed, key=lambda i: int(slots.per_epoch[i]), default=None)
+  population_step = 0 if longest is None else int(slots.step[longest])
   # Once nothing is queued, the populations this one may shrink to compile in a thread while it trains: a shrink
   # then waits for none of its programs (~8 s each on the GPU, three a size, where no compile is cached).
   compiler, compiling = concurrent.futures.ThreadPoolExecutor(max_workers=1), None
   try:
     while True:
+      if all(j is None for j in slot_jobs):
+        if not queue:
+          break
+        population_step = 0  # no epochs in flight to keep in step with
       free = [i for i, j in enumerate(slot_jobs) if j is None]
       if free and queue:
-        slots = _fill(population, slots, slot_jobs, free, queue, group_variants, settings.seed)
-      if all(j is None for j in slot_jobs):
-        break
+        slots = _fill(population, slots, slot_jobs, free, queue, group_variants, settings.seed, population_step)
       if not queue and compiling is None and settings.compact_min_steps is not None:
         sizes = shrink_sizes(sum(j is not None for j in slot_jobs), population.size)
         num_examples = int(data["train_inputs"].shape[1])
@@ -338,40 +352,46 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
         else:
           progress.note(f"{group_name(key)}: {reason}; {in_flight} jobs in flight dropped (no state_dir)")
         return finished
-      every, per_call = check_interval(settings, [j for j in slot_jobs if j is not None])
-      before = np.asarray(slots.step)
+      in_flight = [i for i, j in enumerate(slot_jobs) if j is not None]
+      before, per_epoch = np.asarray(slots.step), np.asarray(slots.per_epoch)
+      queued = {j.steps_per_epoch(protocol) for j in queue} if len(in_flight) < population.size else set()
+      per_call = call_length(settings, before, per_epoch, in_flight, queued, population_step)
       slots, train_loss = population.train(slots, data, num_steps=per_call)
+      population_step += per_call
       steps = np.asarray(slots.step)
       progress.advance(int(np.sum(steps - before)) * length)
       stepped += int(np.sum(steps - before))
       counts["member_steps"] += int(np.sum(steps - before))
       calls_stepped += per_call
-      since_eval += per_call
-      total = np.asarray(slots.total)
-      ended = [i for i, j in enumerate(slot_jobs) if j is not None and steps[i] >= total[i]]
-      if since_eval < every and not ended:
+      due = np.zeros(population.size, bool)
+      due[[i for i in in_flight if steps[i] % per_epoch[i] == 0]] = True
+      if not due.any():
         continue
-      since_eval = 0
-      if not ended and settings.screen_evaluations:
-        first = np.asarray(population.screen(slots, data))
-        if all(first[i] < bound - SCREEN_MARGIN for i, j in enumerate(slot_jobs) if j is not None):
-          continue  # no job can stop early here
-      metrics = {k: np.asarray(v) for k, v in population.evaluate(slots, data).items()}
+      # Every job at an epoch end: its test evaluation, its best checkpoint, mad-lab's early stop at 99.9 %.
+      metrics = population.evaluate(slots, data)
+      slots = population.keep_best(slots, metrics, jnp.asarray(due))
+      metrics = {k: np.asarray(v) for k, v in metrics.items()}
+      best = {k: np.asarray(getattr(slots, f"best_{k}")) for k in ("perplexity", "accuracy", "accuracy_micro", "loss",
+                                                                     "step")}
+      total = np.asarray(slots.total)
       train_loss = np.asarray(train_loss)
       before_jobs = list(slot_jobs)
-      for i, job in enumerate(slot_jobs):
-        stopped = job is not None and metrics["accuracy"][i] >= protocol.stop_accuracy
-        if job is None or not (stopped or steps[i] >= total[i]):
+      for i in np.flatnonzero(due):
+        job = slot_jobs[i]
+        if not (metrics["accuracy"][i] >= protocol.stop_accuracy or steps[i] >= total[i]):
           continue
         record = {"architecture": job.architecture, "task": job.variant.task, "variant": job.variant.name,
-                  "lr": job.lr, "weight_decay": job.weight_decay, "accuracy": float(metrics["accuracy"][i]),
-                  "accuracy_micro": float(metrics["accuracy_micro"][i]), "test_loss": float(metrics["loss"][i]),
+                  "lr": job.lr, "weight_decay": job.weight_decay,
+                  # the checkpoint mad-lab reports: the epoch end of least test perplexity
+                  "accuracy": float(best["accuracy"][i]), "accuracy_micro": float(best["accuracy_micro"][i]),
+                  "test_loss": float(best["loss"][i]), "test_perplexity": float(best["perplexity"][i]),
+                  "best_step": int(best["step"][i]),
+                  "final_accuracy": float(metrics["accuracy"][i]), "final_test_loss": float(metrics["loss"][i]),
                   "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
                   "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                   "slots": population.size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
                   "matmul_precision": config.mesa.matmul_precision, "gdn_impl": config.gdn.impl,
                   "attention_kernel": config.attention.kernel, **recorded,
-                  "eval_every": every,
                   "finished_at": time.time()}
         with open(settings.results, "a") as f:
           f.write(json.dumps(record) + "\n")
@@ -416,20 +436,21 @@ def _compact(slots, slot_jobs: list, size: int):
           [slot_jobs[i] for i in in_flight] + [None] * (size - len(in_flight)))
 
 
-def _fill(population, slots, slot_jobs, free, queue, group_variants, seed):
-  """Assigns queued jobs to the free slots (fresh members)."""
+def _fill(population, slots, slot_jobs, free, queue, group_variants, seed, population_step):
+  """Assigns to the free slots (fresh members) the first queued jobs that may start at this step (`may_start`)."""
   mask = np.zeros(population.size, bool)
   arrays = {k: np.array(v) for k, v in dict(total=slots.total, per_epoch=slots.per_epoch, dataset=slots.dataset,
                                            vocab=slots.vocab, lr=slots.lr, weight_decay=slots.weight_decay).items()}
   protocol = population.protocol
-  for i in free:
-    if not queue:
-      break
-    job = queue.pop(0)
+  startable = [j for j in queue if may_start(j, protocol, population_step)]
+  for i, job in zip(free, startable):
+    queue.remove(job)
     slot_jobs[i], mask[i] = job, True
     arrays["total"][i], arrays["per_epoch"][i] = job.steps(protocol), job.steps_per_epoch(protocol)
     arrays["dataset"][i], arrays["vocab"][i] = group_variants.index(job.variant), job.variant.vocab_size
     arrays["lr"][i], arrays["weight_decay"][i] = job.lr, job.weight_decay
+  if not mask.any():
+    return slots
   # Each job's init and shuffling key follows from the job alone (not from the slot or the order of the queue).
   keys = [jax.random.key(seed) if j is None else
           jax.random.fold_in(jax.random.key(seed), zlib.crc32(repr(j.key).encode()) % (1 << 31)) for j in slot_jobs]

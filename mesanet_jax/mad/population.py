@@ -6,8 +6,11 @@ Params and optimiser states are stacked on a leading slot axis and every step is
 function of nnx.split state, the plain-JAX form of `nnx.vmap`); per-slot hyperparameters (peak lr, weight decay,
 schedule length) live in arrays, and `optax.inject_hyperparams` takes each slot's lr and decay at every step. The
 group's datasets sit on the device ([D, N_max, L]); each slot draws its batches from its dataset's epoch permutation
-on the device, and `train` runs many steps per call in a `lax.scan`. A slot whose job is done (steps reached or early
+on the device, and `train` runs many steps per call in one loop. A slot whose job is done (steps reached or early
 stopped) is frozen until the host assigns it a new job (`assign`: fresh params and optimiser state, new arrays).
+At its epoch ends the host evaluates a job on its test set (`evaluate`) and `keep_best` keeps the evaluation of
+least test perplexity: the checkpoint whose accuracy mad-lab reports (`train.py`: ModelCheckpoint on
+test/Perplexity_epoch, then `trainer.validate` of the best checkpoint).
 """
 import dataclasses
 
@@ -37,6 +40,12 @@ class Slots:
   active: jax.Array  # [S] bool: holds an unfinished job
   order: jax.Array  # [S, N_max] int32: this epoch's permutation of the training examples
   key: jax.Array  # [S] PRNG keys (init and shuffling)
+  # The job's checkpoint that mad-lab reports: the epoch-end evaluation of least test perplexity so far (`keep_best`).
+  best_perplexity: jax.Array  # [S] f32 (inf before the first evaluation)
+  best_accuracy: jax.Array  # [S] f32 macro accuracy at it
+  best_accuracy_micro: jax.Array  # [S] f32
+  best_loss: jax.Array  # [S] f32 test loss at it
+  best_step: jax.Array  # [S] int32 the job's step at it
 
 
 class Population:
@@ -49,7 +58,7 @@ class Population:
     self.tx = training.optimizer(protocol, decay_mask(abstract_params))
     self.train = jax.jit(self._train, donate_argnums=0)  # num_steps traced: calls of any length share one program
     self.evaluate = jax.jit(self._evaluate)
-    self.screen = jax.jit(self._screen)
+    self.keep_best = jax.jit(self._keep_best, donate_argnums=0)
     self.assign = jax.jit(self._assign)
     self._fresh_members = jax.jit(jax.vmap(self._fresh))  # one program per population, not per `init` call
 
@@ -59,12 +68,13 @@ class Population:
     return self.train.lower(jax.eval_shape(lambda: self.init(num_examples)), data, num_steps=1).compile()
 
   def precompile(self, data: dict, num_examples: int) -> None:
-    """Compiles `train`, `screen` and `evaluate` as `compiled_train` does, so their first calls run at once; the
+    """Compiles `train`, `evaluate` and `keep_best` as `compiled_train` does, so their first calls run at once; the
     grid runs it in a thread while another population trains."""
     self.compiled_train(data, num_examples)
     slots = jax.eval_shape(lambda: self.init(num_examples))
-    self.screen.lower(slots, data).compile()
+    metrics = jax.eval_shape(self.evaluate, slots, data)
     self.evaluate.lower(slots, data).compile()
+    self.keep_best.lower(slots, metrics, jax.ShapeDtypeStruct((self.size,), bool)).compile()
 
   def _fresh(self, key: jax.Array):
     """(params, optimiser state) of one new member."""
@@ -75,10 +85,10 @@ class Population:
     """S inactive slots (params initialised, nothing to train yet)."""
     keys = jax.random.split(jax.random.key(seed), self.size)
     params, opt_state = self._fresh_members(keys)
-    zeros = jnp.zeros(self.size, jnp.int32)
-    return Slots(params, opt_state, zeros, zeros + 1, zeros + 1, zeros, zeros + 1,
-                 jnp.zeros(self.size), jnp.zeros(self.size), jnp.zeros(self.size, bool),
-                 jnp.zeros((self.size, num_examples), jnp.int32), keys)
+    zeros, real = jnp.zeros(self.size, jnp.int32), jnp.zeros(self.size)
+    return Slots(params, opt_state, zeros, zeros + 1, zeros + 1, zeros, zeros + 1, real, real,
+                 jnp.zeros(self.size, bool), jnp.zeros((self.size, num_examples), jnp.int32), keys,
+                 real + jnp.inf, real, real, real, zeros)
 
   def _assign(self, slots: Slots, mask: jax.Array, total, per_epoch, dataset, vocab, lr, weight_decay,
               keys) -> Slots:
@@ -88,7 +98,9 @@ class Population:
     return Slots(jax.tree.map(pick, params, slots.params), jax.tree.map(pick, opt_state, slots.opt_state),
                  pick(0, slots.step), pick(total, slots.total), pick(per_epoch, slots.per_epoch),
                  pick(dataset, slots.dataset), pick(vocab, slots.vocab), pick(lr, slots.lr),
-                 pick(weight_decay, slots.weight_decay), slots.active | mask, slots.order, pick(keys, slots.key))
+                 pick(weight_decay, slots.weight_decay), slots.active | mask, slots.order, pick(keys, slots.key),
+                 pick(jnp.inf, slots.best_perplexity), pick(0.0, slots.best_accuracy),
+                 pick(0.0, slots.best_accuracy_micro), pick(0.0, slots.best_loss), pick(0, slots.best_step))
 
   def _logits(self, params, inputs, vocab):
     return training.masked_logits(nnx.merge(self.graphdef, params)(inputs), vocab)
@@ -143,17 +155,9 @@ class Population:
     macro, correct = training.batch_accuracy(jnp.argmax(logits, -1), targets, logits.shape[-1])
     return macro, correct, training.loss(logits, targets)
 
-  def _screen(self, slots: Slots, data: dict) -> jax.Array:
-    """Every slot's macro accuracy on the first test batch of its variant [S] (1/40 of `evaluate` at 1,280 test
-    examples): below `training.batch_bound` the slot's job cannot stop early at this evaluation."""
-    batch = self.protocol.batch_size
-    inputs = data["test_inputs"][slots.dataset, :batch]  # [S, B, L]
-    targets = data["test_targets"][slots.dataset, :batch]
-    return jax.vmap(self._batch_metrics)(slots.params, inputs, targets, slots.vocab)[0]
-
   def _evaluate(self, slots: Slots, data: dict) -> dict:
     """Every slot on its variant's test set in batches of 32: {"accuracy" (mad-lab's batch-mean macro accuracy),
-    "accuracy_micro", "loss"}, each [S]."""
+    "accuracy_micro", "loss", "perplexity" (mad-lab's: the batch mean of exp(batch loss))}, each [S]."""
     inputs = data["test_inputs"][slots.dataset]  # [S, N_test, L]
     targets = data["test_targets"][slots.dataset]
     batch = self.protocol.batch_size
@@ -166,7 +170,18 @@ class Population:
     _, (macro, correct, losses) = jax.lax.scan(batch_step, None, (split(inputs), split(targets)))
     scored = jnp.sum(targets != tasks.IGNORE, axis=(1, 2))
     return {"accuracy": jnp.mean(macro, 0), "accuracy_micro": jnp.sum(correct, 0) / jnp.maximum(scored, 1),
-            "loss": jnp.mean(losses, 0)}
+            "loss": jnp.mean(losses, 0), "perplexity": jnp.mean(jnp.exp(losses), 0)}
+
+  def _keep_best(self, slots: Slots, metrics: dict, due: jax.Array) -> Slots:
+    """The slots where due [S] is set (at an epoch end: `evaluate`'s metrics) take these metrics as their best
+    checkpoint if their perplexity is below the best so far (strictly, as Lightning's ModelCheckpoint(mode="min"))."""
+    better = due & (metrics["perplexity"] < slots.best_perplexity)
+    pick = lambda new, old: jnp.where(better, new, old)
+    return dataclasses.replace(slots, best_perplexity=pick(metrics["perplexity"], slots.best_perplexity),
+                               best_accuracy=pick(metrics["accuracy"], slots.best_accuracy),
+                               best_accuracy_micro=pick(metrics["accuracy_micro"], slots.best_accuracy_micro),
+                               best_loss=pick(metrics["loss"], slots.best_loss),
+                               best_step=pick(slots.step, slots.best_step))
 
 
 def stack_datasets(datasets: list[dict], length: int) -> dict:

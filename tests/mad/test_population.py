@@ -109,16 +109,17 @@ def test_state_saved_and_restored(tmp_path):
 def test_grid_writes_each_job_once_and_resumes(tmp_path):
   variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
   settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
-                           steps_per_call=1, eval_every=1, workers=1)
+                           steps_per_call=1, workers=1)
   jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
   assert grid.run(settings, jobs) == 2
   records = table.read(settings.results)
   assert sorted(r["lr"] for r in records) == [1e-3, 3e-3] and {r["steps"] for r in records} == {2}
-  assert {r["eval_every"] for r in records} == {1} and {r["gdn_impl"] for r in records} == {"xla"}
+  assert {r["gdn_impl"] for r in records} == {"xla"} and {r["dtype"] for r in records} == {"bfloat16"}
+  assert {r["selection"] for r in records} == {"least_test_perplexity"} and {r["best_step"] for r in records} <= {1, 2}
   assert grid.run(settings, jobs) == 0  # everything done: skipped
   assert all(set(table.PROTOCOL) <= set(r) for r in records)
-  with pytest.raises(ValueError, match="transformer jobs run with dtype=float32, this run has dtype=bfloat16"):
-    grid.run(dataclasses.replace(settings, dtype="bfloat16"), jobs)  # not skipped as done under other settings
+  with pytest.raises(ValueError, match="transformer jobs run with dtype=bfloat16, this run has dtype=float32"):
+    grid.run(dataclasses.replace(settings, dtype="float32"), jobs)  # not skipped as done under other settings
 
 
 def test_population_sizes_and_steps_as_the_grid_schedules():
@@ -130,49 +131,84 @@ def test_population_sizes_and_steps_as_the_grid_schedules():
   assert grid.population_steps([3, 5], 4) == 5  # more slots than jobs: the longest job
 
 
-def test_batch_bound_is_the_least_batch_accuracy_that_lets_the_mean_reach_the_threshold():
-  assert training.batch_bound(40, 0.999) == pytest.approx(0.96)
-  bound = training.batch_bound(7, 0.99)
-  assert np.mean([bound] + [1.0] * 6) == pytest.approx(0.99)
-  assert np.mean([bound - 1e-6] + [1.0] * 6) < 0.99
+class _ScriptedEvaluations(Population):
+  """A population whose test evaluations return `script[k]` at the k-th call ({metric: value} for every slot) and
+  log each call's due slots with their steps and epochs (`keep_best`)."""
+  script: list = []
+  log: list = []
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.evaluate = self._scripted
+    keep_best = self.keep_best
+    self.keep_best = lambda slots, metrics, due: (
+        self.log.append([(int(slots.step[i]), int(slots.per_epoch[i])) for i in np.flatnonzero(due)])
+        or keep_best(slots, metrics, due))
+
+  def _scripted(self, slots, data):
+    values = self.script[min(len(self.log), len(self.script) - 1)]
+    return {k: jnp.full(self.size, values[k], jnp.float32) for k in ("accuracy", "accuracy_micro", "loss",
+                                                                     "perplexity")}
+
+
+def _metrics(accuracy, perplexity):
+  return {"accuracy": accuracy, "accuracy_micro": accuracy, "loss": np.log(perplexity), "perplexity": perplexity}
 
 
 @pytest.mark.slow
-def test_screen_is_the_first_test_batch_of_evaluate():
-  slots, _ = _run(_population(2), _data(), [(8, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))], 3)
-  first_batch = {**_data(), "test_inputs": _data()["test_inputs"][:, :32],
-                 "test_targets": _data()["test_targets"][:, :32]}
-  np.testing.assert_allclose(_population(2).screen(slots, _data()),
-                             _population(2).evaluate(slots, first_batch)["accuracy"], rtol=1e-6)
+def test_records_report_the_epoch_of_least_test_perplexity_and_stop_at_99_9_percent(tmp_path, monkeypatch):
+  """mad-lab reports the test accuracy of its best checkpoint (least test perplexity, the first of equals) and stops
+  once an epoch's test accuracy reaches 99.9 %."""
+  monkeypatch.setattr(grid, "Population", _ScriptedEvaluations)
+  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)  # one step an epoch
+  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3,), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "best.jsonl"), protocol=training.Protocol(epochs=4), workers=1)
+  monkeypatch.setattr(_ScriptedEvaluations, "log", [])
+  monkeypatch.setattr(_ScriptedEvaluations, "script", [_metrics(0.5, 3.0), _metrics(0.6, 2.0), _metrics(0.7, 2.0),
+                                                       _metrics(0.8, 2.5)])
+  assert grid.run(settings, jobs) == 1
+  (record,) = table.read(settings.results)
+  assert (record["accuracy"], record["test_perplexity"], record["best_step"]) == (pytest.approx(0.6), 2.0, 2)
+  assert record["final_accuracy"] == pytest.approx(0.8) and record["steps"] == 4 and not record["early_stopped"]
+  monkeypatch.setattr(_ScriptedEvaluations, "log", [])
+  monkeypatch.setattr(_ScriptedEvaluations, "script", [_metrics(0.5, 3.0), _metrics(0.999, 4.0)])
+  assert grid.run(dataclasses.replace(settings, results=str(tmp_path / "stopped.jsonl")), jobs) == 1
+  (record,) = table.read(str(tmp_path / "stopped.jsonl"))
+  assert record["steps"] == 2 and record["early_stopped"] and record["final_accuracy"] == pytest.approx(0.999)
+  assert record["accuracy"] == pytest.approx(0.5) and record["best_step"] == 1  # the stop's epoch had more perplexity
 
 
 @pytest.mark.slow
-def test_screened_evaluations_give_the_records_of_full_ones(tmp_path, monkeypatch):
-  """Jobs far from 99.9 %: the screen skips the whole test set at the check where no job ends (one evaluation, at the
-  end, instead of two), and every record equals that of a run evaluating the whole test set at every check."""
-  calls = []
+def test_jobs_are_evaluated_at_each_of_their_epoch_ends_and_start_in_step(tmp_path, monkeypatch):
+  """Epochs of 2 and 4 steps in two slots: every evaluation falls on an epoch end of each job it is due for, each job
+  is evaluated once per epoch, and the third job waits for a step where its epochs end with the others'."""
+  monkeypatch.setattr(grid, "Population", _ScriptedEvaluations)
+  monkeypatch.setattr(_ScriptedEvaluations, "log", [])
+  monkeypatch.setattr(_ScriptedEvaluations, "script", [_metrics(0.5, 2.0)])
+  memorize = variants.find("memorize", "baseline")
+  two, four = variants.shrunk(memorize, 64), dataclasses.replace(variants.shrunk(memorize, 128), name="four")
+  jobs = training.jobs(["transformer"], [four, two], lrs=(1e-3,), weight_decays=(0.1,))
+  jobs += training.jobs(["transformer"], [two], lrs=(3e-3,), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
+                           workers=1, max_slots=2, compact_min_steps=None)
+  assert grid.run(settings, jobs) == 3
+  # Population steps 2, 4, 6, 8: the 4-step job at 4 and 8, the first 2-step job at 2 and 4, the next at 6 and 8.
+  assert _ScriptedEvaluations.log == [[(2, 2)], [(4, 4), (4, 2)], [(2, 2)], [(8, 4), (4, 2)]]
+  assert all(step % epoch == 0 for due in _ScriptedEvaluations.log for step, epoch in due)
 
-  class Counting(Population):
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
-      evaluate = self.evaluate
-      self.evaluate = lambda *a: calls.append(1) or evaluate(*a)
 
-  monkeypatch.setattr(grid, "Population", Counting)
-  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
-  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
-  records = {}
-  for screen in (True, False):
-    settings = grid.Settings(results=str(tmp_path / f"screen_{screen}.jsonl"), protocol=training.Protocol(epochs=2),
-                             steps_per_call=1, eval_every=1, workers=1, screen_evaluations=screen)
-    calls.clear()
-    assert grid.run(settings, jobs) == 2
-    records[screen] = ({r["lr"]: r for r in table.read(settings.results)}, len(calls))
-  (screened, screened_calls), (full, full_calls) = records[True], records[False]
-  assert (screened_calls, full_calls) == (1, 2)
-  for lr, record in screened.items():
-    for field in ("accuracy", "accuracy_micro", "test_loss", "train_loss", "steps", "early_stopped"):
-      assert record[field] == full[lr][field], (lr, field)
+def test_calls_end_at_epoch_ends_and_jobs_start_at_multiples_of_their_epoch():
+  settings = grid.Settings(results="")  # steps_per_call 200
+  job = lambda examples: training.Job("mesanet", variants.shrunk(variants.find("compress", "baseline"), examples),
+                                      1e-3, 0.1)
+  protocol = settings.protocol
+  assert [grid.may_start(job(800), protocol, step) for step in (0, 25, 50, 30)] == [True, True, True, False]
+  assert [grid.may_start(job(12_800), protocol, step) for step in (0, 400, 200)] == [True, True, False]
+  steps, per_epoch = np.array([0, 10, 390]), np.array([400, 25, 400])
+  assert grid.call_length(settings, steps, per_epoch, [0], set(), 0) == 200  # an epoch of 400: two calls
+  assert grid.call_length(settings, steps, per_epoch, [0, 1], set(), 0) == 15  # the 25-step job's epoch end
+  assert grid.call_length(settings, steps, per_epoch, [0, 2], set(), 0) == 10
+  assert grid.call_length(settings, steps, per_epoch, [0], {400}, 390) == 10  # a free slot: a queued job's start
 
 
 def test_fit_to_memory_halves_the_population_until_its_step_fits():
@@ -198,7 +234,7 @@ def test_train_step_bytes_grow_with_the_slots_and_the_checked_step_runs_at_any_l
   assert len(compiles) == before  # the step compiled for the memory check is the one that runs, whatever its length
 
 
-def test_a_precompiled_population_trains_screens_and_evaluates_without_compiling():
+def test_a_precompiled_population_trains_evaluates_and_keeps_the_best_without_compiling():
   compiles = _BACKEND_COMPILES
   six = Population(models.mad_config("transformer", 16), False, training.Protocol(), 6)  # a size no test caches
   six.precompile(_data(), 64)
@@ -207,7 +243,10 @@ def test_a_precompiled_population_trains_screens_and_evaluates_without_compiling
                      weight_decay=jnp.full(6, 0.1), keys=jax.random.split(jax.random.key(0), 6))
   before = len(compiles)
   slots, _ = six.train(slots, _data(), num_steps=2)
-  jax.block_until_ready((six.screen(slots, _data()), six.evaluate(slots, _data())))
+  metrics = six.evaluate(slots, _data())
+  slots = six.keep_best(slots, metrics, jnp.ones(6, bool))
+  np.testing.assert_array_equal(slots.best_perplexity, metrics["perplexity"])
+  np.testing.assert_array_equal(slots.best_step, [2] * 6)
   assert len(compiles) == before
 
 
@@ -219,7 +258,7 @@ def test_grid_runs_a_population_that_fits_the_device_memory(tmp_path, capsys, mo
   variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
   jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
   settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=1),
-                           steps_per_call=1, eval_every=1, workers=1)
+                           steps_per_call=1, workers=1)
   assert grid.run(settings, jobs) == 2
   assert "the train step of 2 slots would not fit in device memory, of 1 it does" in capsys.readouterr().out
   assert {r["slots"] for r in table.read(settings.results)} == {1}
@@ -260,7 +299,7 @@ def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsy
   short, long = variants.shrunk(memorize, 32), dataclasses.replace(variants.shrunk(memorize, 96), name="long")
   jobs = training.jobs(["transformer"], [short, long], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
   settings = grid.Settings(results=str(tmp_path / "shrunk.jsonl"), protocol=training.Protocol(epochs=2),
-                           steps_per_call=1, eval_every=1, workers=1, compact_min_steps=1)
+                           steps_per_call=1, workers=1, compact_min_steps=1, dtype="float32")
   assert [j.steps(settings.protocol) for j in jobs] == [2, 2, 6, 6]
   assert grid.run(settings, jobs) == 4
   notes = capsys.readouterr().out
@@ -285,10 +324,10 @@ def test_a_shrunk_population_saved_at_the_time_limit_resumes_beside_the_queued_j
   variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
   jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3, 5e-4), weight_decays=(0.1,))
   settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
-                           state_dir=str(tmp_path / "state"), steps_per_call=1, eval_every=1, workers=1)
+                           state_dir=str(tmp_path / "state"), steps_per_call=1, workers=1)
   population = Population(models.mad_config("transformer", variant.vocab_size), False, settings.protocol, 4)
   slot_jobs, queue = [None] * 4, list(jobs[:2])
-  slots = grid._fill(population, population.init(32), slot_jobs, [1, 3], queue, [variant], settings.seed)
+  slots = grid._fill(population, population.init(32), slot_jobs, [1, 3], queue, [variant], settings.seed, 0)
   slots, slot_jobs = grid._compact(slots, slot_jobs, 2)
   assert slot_jobs == jobs[:2] and np.asarray(slots.total).tolist() == [2, 2]
   group = grid.group_name(grid.group_key(jobs[0]))
@@ -315,7 +354,7 @@ def test_the_time_limit_saves_the_slots_within_the_budget_and_the_rest_start_ove
   variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
   jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3, 5e-4), weight_decays=(0.1,))
   settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
-                           state_dir=str(tmp_path / "state"), steps_per_call=1, eval_every=1, workers=1,
+                           state_dir=str(tmp_path / "state"), steps_per_call=1, workers=1,
                            max_slots=2, time_limit=2.5)
   group = grid.group_name(grid.group_key(jobs[0]))
   population = Population(models.mad_config("transformer", variant.vocab_size), False, settings.protocol, 1)
@@ -332,15 +371,6 @@ def test_the_time_limit_saves_the_slots_within_the_budget_and_the_rest_start_ove
   assert [(r["lr"], r["slots"], r["steps"]) for r in table.read(settings.results)] == [
       (1e-3, 2, 2), (3e-3, 2, 2), (5e-4, 2, 2)]
   assert not os.listdir(settings.state_dir)
-
-
-def test_evaluations_at_least_once_per_epoch_of_every_job_in_flight():
-  settings = grid.Settings(results="")  # eval_every 400, steps_per_call 200
-  job = lambda examples: training.Job("mesanet", variants.shrunk(variants.find("compress", "baseline"), examples),
-                                      1e-3, 0.1)
-  assert grid.check_interval(settings, [job(12_800)]) == (400, 200)  # an epoch is 400 steps of 32
-  assert grid.check_interval(settings, [job(12_800), job(800)]) == (25, 25)  # mad-lab checks after each epoch
-  assert grid.check_interval(settings, []) == (400, 200)
 
 
 def test_table_refuses_results_that_mix_settings(tmp_path):

@@ -24,7 +24,8 @@ def _slots(steps: list[int], offset: float = 0.0) -> Slots:
   ints = lambda v: np.full(n, v, np.int32)
   return Slots(params, opt_state, np.asarray(steps, np.int32), ints(100), ints(2), ints(0), ints(16),
                np.full(n, 1e-3, np.float32), np.full(n, 0.1, np.float32), np.ones(n, bool),
-               np.zeros((n, 64), np.int32), jax.random.split(jax.random.key(0), n))
+               np.zeros((n, 64), np.int32), jax.random.split(jax.random.key(0), n),
+               np.full(n, np.inf, np.float32), *(np.zeros(n, np.float32) for _ in range(3)), ints(0))
 
 
 def _jobs(n: int) -> list:

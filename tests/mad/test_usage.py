@@ -55,8 +55,11 @@ def test_the_table_command_prints_the_hours_so_far_and_for_the_jobs_left(tmp_pat
   results.write_text(json.dumps(record) + "\n")
   usage.record(usage_path, group="gdn.lm.L128", architecture="gdn", length=128, seconds=36.0, member_steps=8000,
                jobs_finished=1, slots=1)
-  (run,) = cli_runs.run([("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}"], 1)])
+  run, final = cli_runs.run([("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}"], 1),
+                             ("experiments.mad_table", [f"--results={results}", "--metric=final_accuracy"], 1)])
   assert run.returncode == 0, run.stderr[-2000:]
+  assert "(evaluation: final)" in run.stdout  # a record without "selection" kept its last evaluation
+  assert final.returncode == 2 and "--metric=final_accuracy: 1 of the 1 records" in final.stderr
   gdn = next(line for line in run.stdout.splitlines() if line.startswith("| gdn | 0.01 |"))
   assert "| 1 | cpu | 527 |" in gdn  # 528 GDN jobs, one done
   assert "| mesanet | 0 | 0 | | 528 | no run recorded |" in run.stdout

@@ -11,7 +11,8 @@ early once its test accuracy reaches 99.9 %, and its record reports the evaluati
 checkpoint whose accuracy mad-lab's `train.py` reports (ModelCheckpoint on test/Perplexity_epoch, then
 `trainer.validate` of the best checkpoint), beside the last evaluation's (`final_accuracy`). A queued job starts only
 at a population step that is a multiple of its epoch (`may_start`), so the epochs of a group's jobs (25 · 2^k steps:
-its training-set sizes) end together and one evaluation of the population serves all the jobs due.
+its training-set sizes) end together and one evaluation serves all the jobs due; it evaluates only those
+(`evaluation_index`), so a job's evaluations cost what mad-lab's do whatever the epochs of the others.
 
 A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
 compiled train step fits in the device's memory (`fit_to_memory`).
@@ -159,6 +160,13 @@ def may_start(job: training.Job, protocol: training.Protocol, population_step: i
   the jobs in flight (at multiples of its epoch), so that the MAD grid's epochs of 25 · 2^k steps (its training-set
   sizes) end together and one evaluation serves every job due."""
   return population_step % job.steps_per_epoch(protocol) == 0
+
+
+def evaluation_index(due: list[int], size: int) -> list[int]:
+  """The slots to evaluate: those due, then the first of them again up to a power of two (at most the population's
+  size), so that evaluations of any number of due slots take few distinct shapes, i.e. few compiles."""
+  count = min(1 << (len(due) - 1).bit_length(), size)
+  return due + [due[0]] * (count - len(due))
 
 
 def protocol_settings(settings: Settings) -> dict:
@@ -363,22 +371,22 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
       stepped += int(np.sum(steps - before))
       counts["member_steps"] += int(np.sum(steps - before))
       calls_stepped += per_call
-      due = np.zeros(population.size, bool)
-      due[[i for i in in_flight if steps[i] % per_epoch[i] == 0]] = True
-      if not due.any():
+      due = [i for i in in_flight if steps[i] % per_epoch[i] == 0]
+      if not due:
         continue
       # Every job at an epoch end: its test evaluation, its best checkpoint, mad-lab's early stop at 99.9 %.
-      metrics = population.evaluate(slots, data)
-      slots = population.keep_best(slots, metrics, jnp.asarray(due))
-      metrics = {k: np.asarray(v) for k, v in metrics.items()}
+      index = jnp.asarray(evaluation_index(due, population.size))
+      metrics = population.evaluate(slots, data, index)
+      slots = population.keep_best(slots, metrics, index)
+      metrics = {k: np.asarray(v) for k, v in metrics.items()}  # of due[n] at n
       best = {k: np.asarray(getattr(slots, f"best_{k}")) for k in ("perplexity", "accuracy", "accuracy_micro", "loss",
                                                                      "step")}
       total = np.asarray(slots.total)
       train_loss = np.asarray(train_loss)
       before_jobs = list(slot_jobs)
-      for i in np.flatnonzero(due):
+      for n, i in enumerate(due):
         job = slot_jobs[i]
-        if not (metrics["accuracy"][i] >= protocol.stop_accuracy or steps[i] >= total[i]):
+        if not (metrics["accuracy"][n] >= protocol.stop_accuracy or steps[i] >= total[i]):
           continue
         record = {"architecture": job.architecture, "task": job.variant.task, "variant": job.variant.name,
                   "lr": job.lr, "weight_decay": job.weight_decay,
@@ -386,7 +394,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
                   "accuracy": float(best["accuracy"][i]), "accuracy_micro": float(best["accuracy_micro"][i]),
                   "test_loss": float(best["loss"][i]), "test_perplexity": float(best["perplexity"][i]),
                   "best_step": int(best["step"][i]),
-                  "final_accuracy": float(metrics["accuracy"][i]), "final_test_loss": float(metrics["loss"][i]),
+                  "final_accuracy": float(metrics["accuracy"][n]), "final_test_loss": float(metrics["loss"][n]),
                   "train_loss": float(train_loss[i]), "steps": int(steps[i]), "total_steps": int(total[i]),
                   "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                   "slots": population.size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,

@@ -68,13 +68,14 @@ class Population:
     return self.train.lower(jax.eval_shape(lambda: self.init(num_examples)), data, num_steps=1).compile()
 
   def precompile(self, data: dict, num_examples: int) -> None:
-    """Compiles `train`, `evaluate` and `keep_best` as `compiled_train` does, so their first calls run at once; the
-    grid runs it in a thread while another population trains."""
+    """Compiles `train`, and `evaluate` and `keep_best` of every slot, as `compiled_train` does, so their first calls
+    run at once; the grid runs it in a thread while another population trains."""
     self.compiled_train(data, num_examples)
     slots = jax.eval_shape(lambda: self.init(num_examples))
-    metrics = jax.eval_shape(self.evaluate, slots, data)
-    self.evaluate.lower(slots, data).compile()
-    self.keep_best.lower(slots, metrics, jax.ShapeDtypeStruct((self.size,), bool)).compile()
+    every = jax.ShapeDtypeStruct((self.size,), jnp.int32)
+    metrics = jax.eval_shape(self.evaluate, slots, data, every)
+    self.evaluate.lower(slots, data, every).compile()
+    self.keep_best.lower(slots, metrics, every).compile()
 
   def _fresh(self, key: jax.Array):
     """(params, optimiser state) of one new member."""
@@ -155,33 +156,37 @@ class Population:
     macro, correct = training.batch_accuracy(jnp.argmax(logits, -1), targets, logits.shape[-1])
     return macro, correct, training.loss(logits, targets)
 
-  def _evaluate(self, slots: Slots, data: dict) -> dict:
-    """Every slot on its variant's test set in batches of 32: {"accuracy" (mad-lab's batch-mean macro accuracy),
-    "accuracy_micro", "loss", "perplexity" (mad-lab's: the batch mean of exp(batch loss))}, each [S]."""
-    inputs = data["test_inputs"][slots.dataset]  # [S, N_test, L]
-    targets = data["test_targets"][slots.dataset]
+  def _evaluate(self, slots: Slots, data: dict, index: jax.Array) -> dict:
+    """The slots `index` [K] (e.g. those at an epoch end; `jnp.arange(S)`: all) on their variants' test sets in
+    batches of 32: {"accuracy" (mad-lab's batch-mean macro accuracy), "accuracy_micro", "loss", "perplexity"
+    (mad-lab's: the batch mean of exp(batch loss))}, each [K]. One compiled program per K."""
+    params = jax.tree.map(lambda x: x[index], slots.params)
+    vocab = slots.vocab[index]
+    inputs = data["test_inputs"][slots.dataset[index]]  # [K, N_test, L]
+    targets = data["test_targets"][slots.dataset[index]]
     batch = self.protocol.batch_size
     num_batches = inputs.shape[1] // batch
-    split = lambda x: jnp.moveaxis(x[:, :num_batches * batch].reshape(self.size, num_batches, batch, -1), 1, 0)
+    split = lambda x: jnp.moveaxis(x[:, :num_batches * batch].reshape(index.shape[0], num_batches, batch, -1), 1, 0)
 
     def batch_step(_, xs):
-      return None, jax.vmap(self._batch_metrics)(slots.params, xs[0], xs[1], slots.vocab)
+      return None, jax.vmap(self._batch_metrics)(params, xs[0], xs[1], vocab)
 
     _, (macro, correct, losses) = jax.lax.scan(batch_step, None, (split(inputs), split(targets)))
     scored = jnp.sum(targets != tasks.IGNORE, axis=(1, 2))
     return {"accuracy": jnp.mean(macro, 0), "accuracy_micro": jnp.sum(correct, 0) / jnp.maximum(scored, 1),
             "loss": jnp.mean(losses, 0), "perplexity": jnp.mean(jnp.exp(losses), 0)}
 
-  def _keep_best(self, slots: Slots, metrics: dict, due: jax.Array) -> Slots:
-    """The slots where due [S] is set (at an epoch end: `evaluate`'s metrics) take these metrics as their best
-    checkpoint if their perplexity is below the best so far (strictly, as Lightning's ModelCheckpoint(mode="min"))."""
-    better = due & (metrics["perplexity"] < slots.best_perplexity)
-    pick = lambda new, old: jnp.where(better, new, old)
-    return dataclasses.replace(slots, best_perplexity=pick(metrics["perplexity"], slots.best_perplexity),
-                               best_accuracy=pick(metrics["accuracy"], slots.best_accuracy),
-                               best_accuracy_micro=pick(metrics["accuracy_micro"], slots.best_accuracy_micro),
-                               best_loss=pick(metrics["loss"], slots.best_loss),
-                               best_step=pick(slots.step, slots.best_step))
+  def _keep_best(self, slots: Slots, metrics: dict, index: jax.Array) -> Slots:
+    """The slots `index` [K] (at an epoch end; `evaluate`'s metrics of them, a repeated index with the same metrics)
+    take these metrics as their best checkpoint where their perplexity is below the best so far (strictly, as
+    Lightning's ModelCheckpoint(mode="min"))."""
+    better = metrics["perplexity"] < slots.best_perplexity[index]
+    keep = lambda field, new: field.at[index].set(jnp.where(better, new, field[index]))
+    return dataclasses.replace(slots, best_perplexity=keep(slots.best_perplexity, metrics["perplexity"]),
+                               best_accuracy=keep(slots.best_accuracy, metrics["accuracy"]),
+                               best_accuracy_micro=keep(slots.best_accuracy_micro, metrics["accuracy_micro"]),
+                               best_loss=keep(slots.best_loss, metrics["loss"]),
+                               best_step=keep(slots.best_step, slots.step[index]))
 
 
 def stack_datasets(datasets: list[dict], length: int) -> dict:

@@ -83,8 +83,12 @@ def test_slots_train_like_members_alone_and_freeze_when_done():
   # The training loss is the mean over the steps a slot took: slot 0 took 2 of the call's 3, as in a call of 2.
   _, two_steps_loss = _run(_population(1), _data(), [a], 2)
   np.testing.assert_allclose(pair_loss[0], two_steps_loss[0], rtol=2e-5)
-  metrics = _population(2).evaluate(pair, _data())
+  metrics = _population(2).evaluate(pair, _data(), jnp.arange(2))
   assert metrics["accuracy"].shape == (2,) and np.all((0 <= metrics["accuracy"]) & (metrics["accuracy"] <= 1))
+  # One slot alone (padded with itself, as the grid pads the slots due) has the metrics it has among all.
+  second = _population(2).evaluate(pair, _data(), jnp.array([1, 1]))
+  for name, values in metrics.items():
+    np.testing.assert_allclose(second[name], [values[1]] * 2, rtol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow  # compiles over ~8 s on one core
@@ -141,14 +145,14 @@ class _ScriptedEvaluations(Population):
     super().__init__(*args, **kwargs)
     self.evaluate = self._scripted
     keep_best = self.keep_best
-    self.keep_best = lambda slots, metrics, due: (
-        self.log.append([(int(slots.step[i]), int(slots.per_epoch[i])) for i in np.flatnonzero(due)])
-        or keep_best(slots, metrics, due))
+    self.keep_best = lambda slots, metrics, index: (
+        self.log.append([(int(slots.step[i]), int(slots.per_epoch[i])) for i in dict.fromkeys(index.tolist())])
+        or keep_best(slots, metrics, index))
 
-  def _scripted(self, slots, data):
+  def _scripted(self, slots, data, index):
     values = self.script[min(len(self.log), len(self.script) - 1)]
-    return {k: jnp.full(self.size, values[k], jnp.float32) for k in ("accuracy", "accuracy_micro", "loss",
-                                                                     "perplexity")}
+    return {k: jnp.full(index.shape, values[k], jnp.float32) for k in ("accuracy", "accuracy_micro", "loss",
+                                                                       "perplexity")}
 
 
 def _metrics(accuracy, perplexity):
@@ -197,6 +201,11 @@ def test_jobs_are_evaluated_at_each_of_their_epoch_ends_and_start_in_step(tmp_pa
   assert all(step % epoch == 0 for due in _ScriptedEvaluations.log for step, epoch in due)
 
 
+def test_the_slots_due_are_evaluated_padded_to_a_power_of_two():
+  assert grid.evaluation_index([5], 8) == [5] and grid.evaluation_index([1, 4, 6], 8) == [1, 4, 6, 1]
+  assert grid.evaluation_index(list(range(9)), 10) == list(range(9)) + [0]  # never more than the population
+
+
 def test_calls_end_at_epoch_ends_and_jobs_start_at_multiples_of_their_epoch():
   settings = grid.Settings(results="")  # steps_per_call 200
   job = lambda examples: training.Job("mesanet", variants.shrunk(variants.find("compress", "baseline"), examples),
@@ -241,10 +250,11 @@ def test_a_precompiled_population_trains_evaluates_and_keeps_the_best_without_co
   slots = six.assign(six.init(64), jnp.ones(6, bool), total=jnp.full(6, 8), per_epoch=jnp.full(6, 2),
                      dataset=jnp.zeros(6, jnp.int32), vocab=jnp.full(6, 16), lr=jnp.full(6, 1e-3),
                      weight_decay=jnp.full(6, 0.1), keys=jax.random.split(jax.random.key(0), 6))
+  every = jnp.asarray(np.arange(6))  # as the grid passes the slots due: no eager op to compile
   before = len(compiles)
   slots, _ = six.train(slots, _data(), num_steps=2)
-  metrics = six.evaluate(slots, _data())
-  slots = six.keep_best(slots, metrics, jnp.ones(6, bool))
+  metrics = six.evaluate(slots, _data(), every)
+  slots = six.keep_best(slots, metrics, every)
   np.testing.assert_array_equal(slots.best_perplexity, metrics["perplexity"])
   np.testing.assert_array_equal(slots.best_step, [2] * 6)
   assert len(compiles) == before

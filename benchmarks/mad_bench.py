@@ -154,8 +154,18 @@ ESTIMATE = ("GPU-h = Σ_groups steps_g · S_g · t(L_g, S_g) / 3.6e6. Groups: th
             "no early stop (mad-lab stops at 99.9 %: an upper bound); every slot computes each step (a population "
             "shrinks once its queue is empty, grid.compacted_size: the cost lies between this and 'perfectly "
             "packed'). t(L, S) = ms "
-            "per member-step measured at the nearest (L', S') (length first, log scale) × L / L'. Evaluation (~3 %) "
-            "and compiles (~10 s per group) not included; the autoencoder groups are costed as the LM.")
+            "per member-step measured at the nearest (L', S') (length first, log scale) × L / L'. A job's steps include "
+            "its evaluations, one per epoch of its test batches forward at a third of a step each (`job_cost`: "
+            "+3 % at 12,800 examples, +53 % at 800, +160 % for memorize); compiles (~10 s per group) not included; "
+            "the autoencoder groups are costed as the LM.")
+# A test batch's forward pass, in training steps (forward and backward): what an evaluation costs per batch.
+FORWARD_SHARE = 1 / 3
+
+
+def job_cost(job: training.Job, protocol: training.Protocol) -> float:
+  """A job's training steps plus its evaluations (every epoch, the whole test set forward) in step equivalents."""
+  test_batches = job.variant.num_test_examples // protocol.batch_size
+  return job.steps(protocol) + protocol.epochs * test_batches * FORWARD_SHARE
 
 
 def estimate(rows: list[dict], settings: grid.Settings) -> list[tuple]:
@@ -170,7 +180,7 @@ def estimate(rows: list[dict], settings: grid.Settings) -> list[tuple]:
   for key, measured in by_setting.items():
     groups = collections.defaultdict(list)
     for job in training.jobs([key[0]], variants.all_variants()):
-      groups[grid.group_key(job)].append(job.steps(settings.protocol))
+      groups[grid.group_key(job)].append(job_cost(job, settings.protocol))
     total = packed = 0.0
     for (_, _, length), job_steps in groups.items():
       slots = grid.population_size(settings, len(job_steps), length)

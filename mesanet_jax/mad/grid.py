@@ -7,7 +7,7 @@ populations' programs compile in a thread from the moment the queue empties (`sh
 wait on them.
 
 As mad-lab validates after every epoch, each job is evaluated on its test set at each of its epoch ends: it stops
-early once its test accuracy reaches 99.9 %, and its record reports the evaluation of least test perplexity, the
+early once its test accuracy exceeds 99.9 %, and its record reports the evaluation of least test perplexity, the
 checkpoint whose accuracy mad-lab's `train.py` reports (ModelCheckpoint on test/Perplexity_epoch, then
 `trainer.validate` of the best checkpoint), beside the last evaluation's (`final_accuracy`). A queued job starts only
 at a population step that is a multiple of its epoch (`may_start`), so the epochs of a group's jobs (25 · 2^k steps:
@@ -386,7 +386,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
       before_jobs = list(slot_jobs)
       for n, i in enumerate(due):
         job = slot_jobs[i]
-        if not (metrics["accuracy"][n] >= protocol.stop_accuracy or steps[i] >= total[i]):
+        if not (metrics["accuracy"][n] > protocol.stop_accuracy or steps[i] >= total[i]):
           continue
         record = {"architecture": job.architecture, "task": job.variant.task, "variant": job.variant.name,
                   "lr": job.lr, "weight_decay": job.weight_decay,

@@ -3,7 +3,7 @@
 Training: 200 epochs of batch 32 over the variant's fixed training set (reshuffled every epoch), AdamW β = (0.9,
 0.98), lr warmed up linearly from 1e-7 over 750 steps then cosine to 1e-5; lr ∈ {3e-3, 1e-3, 5e-4, 1e-4} × weight
 decay ∈ {0.01, 0.1}; no gradient clipping (mad-lab sets none). Weight decay on matrices only (the paper's backbone,
-`mesanet_jax/train/optimizer.py: decay_mask`). Training stops early once the test accuracy reaches 99.9 % (mad-lab
+`mesanet_jax/train/optimizer.py: decay_mask`). Training stops early once the test accuracy exceeds 99.9 % (mad-lab
 `train.py:165-172`, Lightning's EarlyStopping with stopping_threshold 0.999, checked after every epoch, as here:
 `grid`). The accuracy reported is that of the epoch of least test perplexity (mad-lab's best checkpoint).
 
@@ -37,6 +37,8 @@ class Protocol:
   init_lr: float = 1e-7
   warmup_steps: int = 750
   min_lr: float = 1e-5
+  # Training stops once an epoch's test accuracy exceeds this (Lightning's EarlyStopping(stopping_threshold=0.999,
+  # mode="max") compares with torch.gt).
   stop_accuracy: float = 0.999
 
 

@@ -10,7 +10,8 @@ from flax import nnx
 
 from mesanet_jax.models.config import preset
 from mesanet_jax.models.generate import generate, stream
-from mesanet_jax.models.lm import LanguageModel
+from mesanet_jax.models.config import embedding_init_and_scale
+from mesanet_jax.models.lm import LanguageModel, embed_tokens
 from mesanet_jax.ops import MesaState
 
 
@@ -119,6 +120,23 @@ def test_embedding_init_and_input_scale(embed_std):
   np.testing.assert_allclose(model._embed(tokens)[0], table[[3, 7, 4095]] * scale, rtol=1e-6)
   with pytest.raises(ValueError, match="embed_std must be a positive number or None"):
     preset("tiny", embed_std=0.0)
+
+
+def test_bf16_embedding_gathers_in_f32_so_its_gradient_scatters_in_f32():
+  """bf16 activations: the rows are those of the f32 table rounded once, and the table's gradient is a scatter-add in
+  f32 (a bf16 scatter-add compiles to compare-and-swap loops on a GPU: 3.3 of a 12.9 ms MAD step on an H100)."""
+  config = preset("tiny", "mesanet", dtype=jnp.bfloat16)
+  table = jax.random.normal(jax.random.key(0), (config.vocab_size, config.d_model))
+  tokens = jnp.array([[3, 7, 3, 255]])
+  rows = embed_tokens(config, nnx.Param(table), tokens)
+  _, scale = embedding_init_and_scale(config)
+  assert rows.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(rows, (table[tokens[0]] * scale).astype(jnp.bfloat16)[None])
+  grad = jax.grad(lambda t, ids: jnp.sum(embed_tokens(config, nnx.Param(t), ids).astype(jnp.float32)))
+  hlo = jax.jit(grad).lower(table, tokens).compile().as_text()  # one instruction a line, its shape on it
+  scatters = [line for line in hlo.splitlines() if " scatter(" in line]
+  assert scatters and all("bf16" not in line for line in scatters), scatters
+  np.testing.assert_allclose(grad(table, tokens)[3], 2 * np.float32(np.asarray(scale, jnp.bfloat16)), rtol=1e-6)
 
 
 def test_init_is_deterministic_per_seed():

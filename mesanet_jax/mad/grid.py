@@ -164,7 +164,8 @@ def may_start(job: training.Job, protocol: training.Protocol, population_step: i
 
 def evaluation_index(due: list[int], size: int) -> list[int]:
   """The slots to evaluate: those due, then the first of them again up to a power of two (at most the population's
-  size), so that evaluations of any number of due slots take few distinct shapes, i.e. few compiles."""
+  size), so that evaluations of any number of due slots take few distinct shapes (`Population.evaluation_sizes`,
+  compiled as a group starts)."""
   count = min(1 << (len(due) - 1).bit_length(), size)
   return due + [due[0]] * (count - len(due))
 
@@ -335,9 +336,11 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   resumed = [i for i, j in enumerate(slot_jobs) if j is not None]
   longest = max(resumed, key=lambda i: int(slots.per_epoch[i]), default=None)
   population_step = 0 if longest is None else int(slots.step[longest])
-  # Once nothing is queued, the populations this one may shrink to compile in a thread while it trains: a shrink
-  # then waits for none of its programs (~8 s each on the GPU, three a size, where no compile is cached).
+  # The evaluations of every size compile in a thread while the population trains; once nothing is queued, so do the
+  # populations this one may shrink to: neither an evaluation nor a shrink then waits on a compile (~5-8 s a program
+  # on the GPU where no compile is cached).
   compiler, compiling = concurrent.futures.ThreadPoolExecutor(max_workers=1), None
+  compiler.submit(population.precompile_evaluations, data, int(data["train_inputs"].shape[1]))
   try:
     while True:
       if all(j is None for j in slot_jobs):

@@ -67,15 +67,24 @@ class Population:
     program every call of any length then runs (its memory analysis, its HLO)."""
     return self.train.lower(jax.eval_shape(lambda: self.init(num_examples)), data, num_steps=1).compile()
 
-  def precompile(self, data: dict, num_examples: int) -> None:
-    """Compiles `train`, and `evaluate` and `keep_best` of every slot, as `compiled_train` does, so their first calls
-    run at once; the grid runs it in a thread while another population trains."""
-    self.compiled_train(data, num_examples)
+  def evaluation_sizes(self) -> list[int]:
+    """The numbers of slots the grid evaluates at once (`grid.evaluation_index`): each power of two below S, and S."""
+    return [1 << k for k in range(self.size.bit_length()) if 1 << k < self.size] + [self.size]
+
+  def precompile_evaluations(self, data: dict, num_examples: int) -> None:
+    """Compiles `evaluate` and `keep_best` for each of `evaluation_sizes` (abstract slots of `init(num_examples)`'s
+    shapes), so that no evaluation waits on a compile; the grid runs it in a thread as a group starts."""
     slots = jax.eval_shape(lambda: self.init(num_examples))
-    every = jax.ShapeDtypeStruct((self.size,), jnp.int32)
-    metrics = jax.eval_shape(self.evaluate, slots, data, every)
-    self.evaluate.lower(slots, data, every).compile()
-    self.keep_best.lower(slots, metrics, every).compile()
+    for count in self.evaluation_sizes():
+      index = jax.ShapeDtypeStruct((count,), jnp.int32)
+      self.evaluate.lower(slots, data, index).compile()
+      self.keep_best.lower(slots, jax.eval_shape(self.evaluate, slots, data, index), index).compile()
+
+  def precompile(self, data: dict, num_examples: int) -> None:
+    """Compiles `train` (as `compiled_train` does) and the evaluations (`precompile_evaluations`), so their first
+    calls run at once; the grid runs it in a thread while another population trains."""
+    self.compiled_train(data, num_examples)
+    self.precompile_evaluations(data, num_examples)
 
   def _fresh(self, key: jax.Array):
     """(params, optimiser state) of one new member."""

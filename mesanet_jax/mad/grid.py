@@ -12,7 +12,7 @@ checkpoint whose accuracy mad-lab's `train.py` reports (ModelCheckpoint on test/
 `trainer.validate` of the best checkpoint), beside the last evaluation's (`final_accuracy`). A queued job starts only
 at a population step that is a multiple of its epoch (`may_start`), so the epochs of a group's jobs (25 · 2^k steps:
 its training-set sizes) end together and one evaluation serves all the jobs due; it evaluates only those
-(`evaluation_index`), so a job's evaluations cost what mad-lab's do whatever the epochs of the others.
+(`population.evaluation_index`), so a job's evaluations cost what mad-lab's do whatever the epochs of the others.
 
 A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
 compiled train step fits in the device's memory (`fit_to_memory`).
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesanet_jax.mad import models, slot_state, table, training, usage, variants
-from mesanet_jax.mad.population import Population, stack_datasets
+from mesanet_jax.mad.population import Population, evaluation_index, stack_datasets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,14 +160,6 @@ def may_start(job: training.Job, protocol: training.Protocol, population_step: i
   the jobs in flight (at multiples of its epoch), so that the MAD grid's epochs of 25 · 2^k steps (its training-set
   sizes) end together and one evaluation serves every job due."""
   return population_step % job.steps_per_epoch(protocol) == 0
-
-
-def evaluation_index(due: list[int], size: int) -> list[int]:
-  """The slots to evaluate: those due, then the first of them again up to a power of two (at most the population's
-  size), so that evaluations of any number of due slots take few distinct shapes (`Population.evaluation_sizes`,
-  compiled as a group starts)."""
-  count = min(1 << (len(due) - 1).bit_length(), size)
-  return due + [due[0]] * (count - len(due))
 
 
 def protocol_settings(settings: Settings) -> dict:
@@ -321,7 +313,8 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   counts["slots"] = size
   recorded = protocol_settings(settings)
   slot_jobs: list = [None] * size
-  slots = population.init(int(data["train_inputs"].shape[1]), settings.seed)
+  num_examples = int(data["train_inputs"].shape[1])
+  slots = population.init(num_examples, settings.seed)
   if saved:
     slots, slot_jobs = _restore(saved, slots, slot_jobs, queue)
     progress.advance(int(sum(np.asarray(slots.step)[i] for i, j in enumerate(slot_jobs) if j)) * length)  # done before
@@ -334,13 +327,14 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   # The population's steps, at whose multiples each job's epochs end (`may_start`); a resumed population takes the
   # phase of its job of the longest epoch.
   resumed = [i for i, j in enumerate(slot_jobs) if j is not None]
-  longest = max(resumed, key=lambda i: int(slots.per_epoch[i]), default=None)
-  population_step = 0 if longest is None else int(slots.step[longest])
+  per_epoch = np.asarray(slots.per_epoch)
+  longest = max(resumed, key=lambda i: per_epoch[i], default=None)
+  population_step = 0 if longest is None else int(np.asarray(slots.step)[longest])
   # The evaluations of every size compile in a thread while the population trains; once nothing is queued, so do the
   # populations this one may shrink to: neither an evaluation nor a shrink then waits on a compile (~5-8 s a program
   # on the GPU where no compile is cached).
   compiler, compiling = concurrent.futures.ThreadPoolExecutor(max_workers=1), None
-  compiler.submit(population.precompile_evaluations, data, int(data["train_inputs"].shape[1]))
+  compiler.submit(population.precompile_evaluations, data, num_examples)
   try:
     while True:
       if all(j is None for j in slot_jobs):
@@ -352,7 +346,6 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
         slots = _fill(population, slots, slot_jobs, free, queue, group_variants, settings.seed, population_step)
       if not queue and compiling is None and settings.compact_min_steps is not None:
         sizes = shrink_sizes(sum(j is not None for j in slot_jobs), population.size)
-        num_examples = int(data["train_inputs"].shape[1])
         compiling = {size: compiler.submit(population_of(size).precompile, data, num_examples) for size in sizes}
       if reason := stop_reason():
         in_flight = sum(j is not None for j in slot_jobs)

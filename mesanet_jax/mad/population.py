@@ -67,15 +67,11 @@ class Population:
     program every call of any length then runs (its memory analysis, its HLO)."""
     return self.train.lower(jax.eval_shape(lambda: self.init(num_examples)), data, num_steps=1).compile()
 
-  def evaluation_sizes(self) -> list[int]:
-    """The numbers of slots the grid evaluates at once (`grid.evaluation_index`): each power of two below S, and S."""
-    return [1 << k for k in range(self.size.bit_length()) if 1 << k < self.size] + [self.size]
-
   def precompile_evaluations(self, data: dict, num_examples: int) -> None:
     """Compiles `evaluate` and `keep_best` for each of `evaluation_sizes` (abstract slots of `init(num_examples)`'s
     shapes), so that no evaluation waits on a compile; the grid runs it in a thread as a group starts."""
     slots = jax.eval_shape(lambda: self.init(num_examples))
-    for count in self.evaluation_sizes():
+    for count in evaluation_sizes(self.size):
       index = jax.ShapeDtypeStruct((count,), jnp.int32)
       self.evaluate.lower(slots, data, index).compile()
       self.keep_best.lower(slots, jax.eval_shape(self.evaluate, slots, data, index), index).compile()
@@ -196,6 +192,20 @@ class Population:
                                best_accuracy_micro=keep(slots.best_accuracy_micro, metrics["accuracy_micro"]),
                                best_loss=keep(slots.best_loss, metrics["loss"]),
                                best_step=keep(slots.best_step, slots.step[index]))
+
+
+def evaluation_sizes(size: int) -> list[int]:
+  """The numbers of slots a population of `size` evaluates at once (`evaluation_index`): each power of two below
+  `size`, and `size`."""
+  return [1 << k for k in range(size.bit_length()) if 1 << k < size] + [size]
+
+
+def evaluation_index(due: list[int], size: int) -> list[int]:
+  """The slots to evaluate when those `due` are at an epoch end: them, then the first of them again up to the least of
+  `evaluation_sizes` that holds them, so that evaluations of any number of due slots take few distinct shapes (each
+  compiled as a group starts: `Population.precompile_evaluations`)."""
+  count = next(s for s in evaluation_sizes(size) if s >= len(due))
+  return due + [due[0]] * (count - len(due))
 
 
 def stack_datasets(datasets: list[dict], length: int) -> dict:

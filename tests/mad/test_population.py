@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mesanet_jax.mad import grid, models, slot_state, table, training, variants
-from mesanet_jax.mad.population import Population, stack_datasets
+from mesanet_jax.mad.population import Population, evaluation_index, evaluation_sizes, stack_datasets
 
 pytestmark = pytest.mark.xdist_group("population")  # one worker: the cached populations' programs compile once
 
@@ -203,13 +203,10 @@ def test_jobs_are_evaluated_at_each_of_their_epoch_ends_and_start_in_step(tmp_pa
 
 
 def test_the_slots_due_are_evaluated_padded_to_a_power_of_two():
-  assert grid.evaluation_index([5], 8) == [5] and grid.evaluation_index([1, 4, 6], 8) == [1, 4, 6, 1]
-  assert grid.evaluation_index(list(range(9)), 10) == list(range(9)) + [0]  # never more than the population
+  assert evaluation_index([5], 8) == [5] and evaluation_index([1, 4, 6], 8) == [1, 4, 6, 1]
+  assert evaluation_index(list(range(9)), 10) == list(range(9)) + [0]  # never more than the population
   for size in (1, 2, 6, 8, 10):  # the sizes a population compiles as its group starts: every one that can come
-    population = Population.__new__(Population)
-    population.size = size
-    assert {len(grid.evaluation_index(list(range(n)), size)) for n in range(1, size + 1)} == set(
-        population.evaluation_sizes()), size
+    assert {len(evaluation_index(list(range(n)), size)) for n in range(1, size + 1)} == set(evaluation_sizes(size))
 
 
 def test_calls_end_at_epoch_ends_and_jobs_start_at_multiples_of_their_epoch():
@@ -256,7 +253,7 @@ def test_a_precompiled_population_trains_evaluates_and_keeps_the_best_without_co
   slots = six.assign(six.init(64), jnp.ones(6, bool), total=jnp.full(6, 8), per_epoch=jnp.full(6, 2),
                      dataset=jnp.zeros(6, jnp.int32), vocab=jnp.full(6, 16), lr=jnp.full(6, 1e-3),
                      weight_decay=jnp.full(6, 0.1), keys=jax.random.split(jax.random.key(0), 6))
-  every, three_due = (jnp.asarray(grid.evaluation_index(due, 6)) for due in ([0, 1, 2, 3, 4, 5], [1, 3, 5]))
+  every, three_due = (jnp.asarray(evaluation_index(due, 6)) for due in ([0, 1, 2, 3, 4, 5], [1, 3, 5]))
   before = len(compiles)
   slots, _ = six.train(slots, _data(), num_steps=2)
   metrics = six.evaluate(slots, _data(), every)

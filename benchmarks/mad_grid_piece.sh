@@ -1,20 +1,24 @@
 #!/bin/bash
 # One resumable piece of the MAD grid (issue 18) for a device lent in short calls: trains for LIMIT seconds, saves the
 # slots in flight (at most BUDGET MiB, so they can travel back), and leaves results.jsonl, usage.jsonl (each group
-# run's device time) and state/ in $OUT.
+# run's device time), grid.log (every process's log, one after another) and state/ in $OUT: a call returns at most
+# 8 files, so a piece writes nothing else there.
 #   ARCHS=gdn TASKS=in_context_recall bash benchmarks/mad_grid_piece.sh
-# Env: ARCHS, TASKS (default: all), SLOTS (10), LIMIT (500 s), BUDGET (56 MiB of saved slots, shared by the processes),
+# Env: ARCHS, TASKS (default: all), SLOTS (10), LIMIT (500 s), DRAIN (0 s: no queued job starts in the last DRAIN
+# seconds, so fewer are in flight at the limit), BUDGET (56 MiB of saved slots, shared by the processes),
 # OUT (./runs/piece_out), MESA (impl:chunk:precision; default models.FAST_MESA's), GDN_IMPL (default models.FAST_GDN's),
 # EXTRA (more mesanet-mad-grid flags), PIECE (/tmp/piece: the working copy), SIDE_BY_SIDE (1: one process per
 # architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
-# leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable). The state directory travels whole: keep it
-# under a call's 64 MiB. The first piece on a machine starts from the tracked
+# leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable), RETURN_STATE (1: copy the state to $OUT;
+# 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same warm machine). The
+# state directory travels whole: keep it under a call's 64 MiB. The first piece on a machine starts from the tracked
 # benchmarks/results/mad/results.jsonl (RESULTS_IN), usage.jsonl beside it (USAGE_IN) and the slots saved in
 # .madstate/ (STATE_IN); later pieces on the same machine continue from $PIECE. Afterwards copy $OUT/results.jsonl and
 # $OUT/usage.jsonl over the tracked ones and $OUT/state to .madstate/.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; BUDGET=${BUDGET:-56}
+ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; DRAIN=${DRAIN:-0}
+BUDGET=${BUDGET:-56}
 OUT=${OUT:-runs/piece_out}; PIECE=${PIECE:-/tmp/piece}; MESA=${MESA:-}; GDN_IMPL=${GDN_IMPL:-}; EXTRA=${EXTRA:-}
 RESULTS_IN=${RESULTS_IN:-benchmarks/results/mad/results.jsonl}; STATE_IN=${STATE_IN:-.madstate}
 USAGE_IN=${USAGE_IN:-benchmarks/results/mad/usage.jsonl}
@@ -30,16 +34,18 @@ if [ -n "$MESA" ]; then
   IFS=: read -r impl chunk precision <<< "$MESA"
   mesa_flags=(--impl="$impl" --chunk_size="$chunk" ${precision:+--matmul_precision="$precision"})
 fi
-echo "ARCHS=$ARCHS TASKS=$TASKS SLOTS=$SLOTS LIMIT=$LIMIT MESA=$MESA GDN_IMPL=$GDN_IMPL EXTRA=$EXTRA" \
-  "SIDE_BY_SIDE=${SIDE_BY_SIDE:-0}" | tee "$OUT/piece.txt"
+echo "ARCHS=$ARCHS TASKS=$TASKS SLOTS=$SLOTS LIMIT=$LIMIT DRAIN=$DRAIN MESA=$MESA GDN_IMPL=$GDN_IMPL EXTRA=$EXTRA" \
+  "SIDE_BY_SIDE=${SIDE_BY_SIDE:-0}" | tee "$OUT/grid.log"
+mkdir -p "$PIECE/logs"; rm -f "$PIECE"/logs/*.log
 grid() {  # architectures, state budget (MiB), log name, processes side by side
   # shellcheck disable=SC2086  # EXTRA holds several flags
   timeout $((LIMIT + 60)) python3 -m experiments.mad_grid --results="$PIECE/results.jsonl" --state_dir="$PIECE/state" \
     --state_budget_mib="$2" --architectures="$1" ${TASKS:+--tasks="$TASKS"} --time_limit="$LIMIT" \
-    --max_slots="$SLOTS" --device_share="$4" "${mesa_flags[@]}" ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
-    | tr '\r' '\n' | grep --line-buffered -v ' it/s\|tok·step/s' > "$OUT/$3.log"
-  echo "rc=${PIPESTATUS[0]}" >> "$OUT/$3.log"
-  tail -25 "$OUT/$3.log"
+    --drain_seconds="$DRAIN" --max_slots="$SLOTS" --device_share="$4" "${mesa_flags[@]}" \
+    ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
+    | tr '\r' '\n' | grep --line-buffered -v ' it/s\|tok·step/s' > "$PIECE/logs/$3.log"
+  echo "rc=${PIPESTATUS[0]}" >> "$PIECE/logs/$3.log"
+  tail -25 "$PIECE/logs/$3.log"
 }
 if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
   IFS=, read -r -a archs <<< "$ARCHS"
@@ -51,7 +57,10 @@ if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
 else
   grid "$ARCHS" "$BUDGET" grid 1
 fi
+for log in "$PIECE"/logs/*.log; do echo "=== $(basename "$log")"; cat "$log"; done >> "$OUT/grid.log"
 cp "$PIECE/results.jsonl" "$OUT/results.jsonl"
 if [ -f "$PIECE/usage.jsonl" ]; then cp "$PIECE/usage.jsonl" "$OUT/usage.jsonl"; fi
 rm -rf "$OUT/state"
-if [ -d "$PIECE/state" ]; then cp -r "$PIECE/state" "$OUT/state"; du -sh "$OUT/state"; fi
+if [ "${RETURN_STATE:-1}" = 1 ] && [ -d "$PIECE/state" ]; then
+  cp -r "$PIECE/state" "$OUT/state"; du -sh "$OUT/state"
+fi

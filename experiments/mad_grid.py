@@ -39,6 +39,8 @@ _STATE_BUDGET = flags.DEFINE_float("state_budget_mib", 0, "MiB of in-flight slot
                                    "at most, those furthest along first; the others start over (0: all). A device "
                                    "call returns at most 64 MiB: ~11 MAD slots of ~5.3 MB")
 _TIME_LIMIT = flags.DEFINE_float("time_limit", 0, "seconds after which to stop (0: none)")
+_DRAIN = flags.DEFINE_float("drain_seconds", 0, "start no queued job in the last this many seconds before "
+                            "--time_limit, so fewer jobs are in flight to save or start over")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1 << 20, "tokens per population step at most (slots × 32 × L)")
 _MAX_SLOTS = flags.DEFINE_integer("max_slots", 256, "population size at most")
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps per jitted call at most (calls end "
@@ -111,6 +113,8 @@ def main(argv):
       chosen = [variants.shrunk(v, _NUM_EXAMPLES.value) for v in chosen]
     if _DEVICE_SHARE.value < 1:
       raise ValueError(f"--device_share must be ≥ 1, got {_DEVICE_SHARE.value}")
+    if _DRAIN.value < 0:
+      raise ValueError(f"--drain_seconds must be ≥ 0, got {_DRAIN.value}")
     if _STATE_BUDGET.value < 0:
       raise ValueError(f"--state_budget_mib must be ≥ 0 (0: every slot in flight), got {_STATE_BUDGET.value}")
     root = os.path.dirname(os.path.abspath(_RESULTS.value))
@@ -122,7 +126,7 @@ def main(argv):
         state_dir=_STATE_DIR.value or os.path.join(root, "state"), state_budget=int(_STATE_BUDGET.value * 2**20),
         max_tokens=_MAX_TOKENS.value,
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value,
-        time_limit=_TIME_LIMIT.value, usage=_USAGE.value.replace("<results dir>", root),
+        time_limit=_TIME_LIMIT.value, drain=_DRAIN.value, usage=_USAGE.value.replace("<results dir>", root),
         device_share=_DEVICE_SHARE.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
         matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, gdn_impl=_GDN_IMPL.value,
         attention_kernel=_ATTENTION.value,

@@ -20,7 +20,7 @@ compiled train step fits in the device's memory (`fit_to_memory`).
 A group's in-flight slots are saved to `state_dir` when the time limit stops the run (`slot_state`: in parts of at
 most 16 MiB, the slots furthest along first within `state_budget`), and resumed from there by the next run with the
 same settings, in a population of the usual size or of the saved slots if more; the jobs of slots not saved start
-over.
+over. In the last `drain` seconds before the time limit no queued job starts, so that fewer are in flight then.
 """
 import concurrent.futures
 import dataclasses
@@ -52,6 +52,9 @@ class Settings:
   max_slots: int = 256
   steps_per_call: int = 200  # steps per jitted call at most (calls also end at every epoch end of a job in flight)
   time_limit: float = 0.0  # seconds; 0: none
+  # Seconds before the time limit from which no queued job (or group) starts: the jobs in flight finish or are saved,
+  # fewer of them than a full population (a device call's saved slots are bounded by what can travel back).
+  drain: float = 0.0
   usage: str = ""  # JSONL of each group run's device time (`usage.record`; "": not recorded)
   device_share: int = 1  # processes side by side on the one device: a run's device time is its wall time over this
   # Activations (params stay f32): bf16, as mad-lab trains (`train.py`: Lightning precision "bf16", i.e. bf16
@@ -237,16 +240,29 @@ def plan(settings: Settings, all_jobs: list[training.Job]) -> list[dict]:
   return rows
 
 
+class _Deadline:
+  """When a run stops (`stop_reason`) and whether it still starts queued jobs (`admits`): not in the last
+  `settings.drain` seconds before its time limit, so that fewer jobs are in flight to save or start over."""
+
+  def __init__(self, settings: Settings, sigterm):
+    self.start, self.settings, self.sigterm = time.time(), settings, sigterm
+
+  def stop_reason(self) -> str:
+    if self.sigterm is not None and self.sigterm.raised:
+      return "SIGTERM"
+    limit = self.settings.time_limit
+    return "time limit" if limit and time.time() - self.start > limit else ""
+
+  def admits(self) -> bool:
+    limit, drain = self.settings.time_limit, self.settings.drain
+    return not (limit and drain and time.time() - self.start > limit - drain)
+
+
 def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
   """Trains every job not yet in settings.results; returns the number of jobs finished by this run. It stops, saving
-  the slots in flight, at the time limit or once `sigterm.raised` (a `train.sigterm.SigtermFlag`) is set."""
-  start = time.time()
-
-  def stop_reason() -> str:
-    if sigterm is not None and sigterm.raised:
-      return "SIGTERM"
-    return "time limit" if settings.time_limit and time.time() - start > settings.time_limit else ""
-
+  the slots in flight, at the time limit or once `sigterm.raised` (a `train.sigterm.SigtermFlag`) is set; in the
+  last `settings.drain` seconds before the time limit it starts no queued job (and no group)."""
+  deadline = _Deadline(settings, sigterm)
   groups, keys = _pending_groups(settings, all_jobs)
   pending = [j for key in keys for j in groups[key]]
   protocol = settings.protocol
@@ -259,21 +275,22 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
   finished = 0
   try:
     for key in keys:
-      if stop_reason():
+      if deadline.stop_reason() or not deadline.admits():
         break
-      finished += _run_group(settings, key, groups[key], futures, progress, stop_reason)
+      finished += _run_group(settings, key, groups[key], futures, progress, deadline)
   finally:
     pool.shutdown(cancel_futures=True)
     progress.bar.close()
   return finished
 
 
-def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, stop_reason) -> int:
+def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress,
+               deadline: _Deadline) -> int:
   """Trains one group (`_train_group`); returns the jobs it finished and records its device time where
   settings.usage names a file (`usage.record`, also when training fails)."""
   start, counts, finished = time.time(), {"member_steps": 0, "slots": 0}, 0
   try:
-    finished = _train_group(settings, key, jobs, futures, progress, stop_reason, counts)
+    finished = _train_group(settings, key, jobs, futures, progress, deadline, counts)
   finally:
     if settings.usage:
       usage.record(settings.usage, group=group_name(key), architecture=key[0], length=key[2],
@@ -282,9 +299,10 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
   return finished
 
 
-def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, stop_reason,
+def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, deadline: _Deadline,
                  counts: dict) -> int:
-  """The group's population trained until its queue and slots are empty or `stop_reason` says stop; returns the
+  """The group's population trained until its queue and slots are empty, or until `deadline` says stop or admits no
+  queued job while none is in flight; returns the
   jobs finished; counts["member_steps"] and counts["slots"] (the population's first size) follow as it runs."""
   architecture, autoencoder, length = key
   protocol = settings.protocol
@@ -342,12 +360,13 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
           break
         population_step = 0  # no epochs in flight to keep in step with
       free = [i for i, j in enumerate(slot_jobs) if j is None]
-      if free and queue:
+      if free and queue and deadline.admits():
         slots = _fill(population, slots, slot_jobs, free, queue, group_variants, settings.seed, population_step)
       if not queue and compiling is None and settings.compact_min_steps is not None:
         sizes = shrink_sizes(sum(j is not None for j in slot_jobs), population.size)
         compiling = {size: compiler.submit(population_of(size).precompile, data, num_examples) for size in sizes}
-      if reason := stop_reason():
+      idle = all(j is None for j in slot_jobs)
+      if reason := deadline.stop_reason() or ("the time limit is near (drain)" if idle else ""):
         in_flight = sum(j is not None for j in slot_jobs)
         if settings.state_dir:
           kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs, settings.state_budget)

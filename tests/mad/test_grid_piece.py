@@ -31,6 +31,8 @@ def test_pieces_save_at_the_time_limit_and_chain_on_one_machine(tmp_path):
   log = (tmp_path / "first" / "grid.log").read_text()
   assert "rc=0" in log and "of 4 jobs in flight 4 saved" in log, log[-2000:]
   assert len(os.listdir(tmp_path / "first" / "state")) >= 1
+  # A device call returns at most 8 files: a piece leaves only these (and the state's parts) in $OUT.
+  assert sorted(os.listdir(tmp_path / "first")) == ["grid.log", "results.jsonl", "state", "usage.jsonl"]
   second = _piece(tmp_path, "second", limit=600, SLOTS="4")
   assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
   log = (tmp_path / "second" / "grid.log").read_text()

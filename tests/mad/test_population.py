@@ -387,6 +387,23 @@ def test_the_time_limit_saves_the_slots_within_the_budget_and_the_rest_start_ove
   assert not os.listdir(settings.state_dir)
 
 
+@pytest.mark.slow
+def test_the_drain_starts_no_queued_job_near_the_time_limit(tmp_path, monkeypatch):
+  """Two slots, three jobs of two steps: with the last 994 of 1,000 s drained, the first two jobs start before the
+  drain (readings 1-4 s) and finish inside it; the third never starts and nothing is in flight to save."""
+  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
+  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3, 5e-4), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
+                           state_dir=str(tmp_path / "state"), steps_per_call=1, workers=1,
+                           max_slots=2, time_limit=1000, drain=994)
+  monkeypatch.setattr(grid, "time", _Clock())
+  assert grid.run(settings, jobs) == 2
+  monkeypatch.undo()
+  assert [r["lr"] for r in table.read(settings.results)] == [1e-3, 3e-3]
+  assert not os.listdir(settings.state_dir)
+  assert grid.run(dataclasses.replace(settings, time_limit=0), jobs) == 1  # the drained job, in a later run
+
+
 def test_table_refuses_results_that_mix_settings(tmp_path):
   path = tmp_path / "results.jsonl"
   job = {"architecture": "mesanet", "task": "memorize", "variant": "baseline", "lr": 1e-3, "weight_decay": 0.1,

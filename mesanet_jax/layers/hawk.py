@@ -82,6 +82,14 @@ def _ring_init(min_rad: float, max_rad: float):
   return init
 
 
+# Blocks narrower than this run as one dense [W, W] matmul whose off-diagonal blocks are zero. A batched matmul of
+# [tokens, w] × [w, w] blocks with w ≪ 128 (the MAD models' 8 blocks of 20) fills neither the GPU's tensor cores nor
+# the TPU's MXU, and XLA transposes its operands to put the blocks first: ~2 ms of the Hawk MAD step's 20 (H100
+# profile, benchmarks/RESULTS.md "MAD step profile"). The dense matmul does num_blocks× the flops, which is little at
+# such widths; recurrentgemma's 256-wide blocks keep the blockwise product.
+DENSE_BLOCKS_BELOW = 128
+
+
 class BlockDiagonal(nnx.Module):
   """y = x W + b with W block-diagonal: H blocks [W/H, W/H] (fan-in normal per block)."""
 
@@ -95,9 +103,13 @@ class BlockDiagonal(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., W] -> [..., W] in x's dtype."""
-    blocks = x.reshape(*x.shape[:-1], self.num_blocks, -1)
-    y = jnp.einsum("...hi,hij->...hj", blocks, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
-    return y.reshape(x.shape)
+    kernel, bias = self.kernel[...].astype(x.dtype), self.bias[...].astype(x.dtype).reshape(x.shape[-1])
+    num_blocks, block, _ = kernel.shape
+    if block < DENSE_BLOCKS_BELOW:  # [W, W]: block (h, g) is kernel[h] where g = h, else zeros
+      dense = jnp.einsum("hij,hg->higj", kernel, jnp.eye(num_blocks, dtype=x.dtype)).reshape(x.shape[-1], -1)
+      return x @ dense + bias
+    blocks = x.reshape(*x.shape[:-1], num_blocks, block)
+    return jnp.einsum("...hi,hij->...hj", blocks, kernel).reshape(x.shape) + bias
 
 
 class HawkLayer(FusedProjections, nnx.Module):

@@ -74,12 +74,14 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   # gdn@inverse:64, gdn@pallas: GDN's triangular solve or implementation, not a Mesa impl
   gdn_impl = "pallas" if arch == "gdn" and impl == "pallas" else ""
   triangular = impl if impl in TRIANGULAR else ""
-  # transformer@pallas, transformer@xla: the attention kernel (AttentionConfig.kernel)
+  # transformer@pallas, transformer@xla: the attention kernel (AttentionConfig.kernel); hawk@pallas, hawk@xla: how
+  # the recurrence runs (HawkConfig.impl)
   attention_kernel = impl if arch == "transformer" else ""
+  hawk_impl = impl if arch == "hawk" else ""
   config = models.mad_config(arch, args.vocab, dtype=jnp.dtype(dtype).type, chunk_size=chunk,
-                             impl="" if arch in ("gdn", "transformer") else impl, cg_steps=args.cg_steps,
+                             impl="" if arch in ("gdn", "transformer", "hawk") else impl, cg_steps=args.cg_steps,
                              matmul_precision=precision, gdn_triangular=triangular, gdn_impl=gdn_impl,
-                             attention_kernel=attention_kernel)
+                             attention_kernel=attention_kernel, hawk_impl=hawk_impl)
   population = Population(config, False, training.Protocol(), slots)
   steps = max(1, min(args.steps, args.call_tokens // (slots * 32 * length)))
   examples = 4096  # random training sequences on the device
@@ -118,8 +120,12 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
     mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train}
   elif "gdn" in config.mixers:
     mixer = {"gdn_impl": config.gdn.impl, "chunk": config.gdn.chunk_size, "triangular": config.gdn.triangular}
+  elif "attention" in config.mixers:
+    mixer = {"attention_kernel": config.attention.kernel}
   else:
-    mixer = {"attention_kernel": config.attention.kernel} if "attention" in config.mixers else {}
+    mixer = {}
+  if "lru" in config.mixers:
+    mixer["hawk_impl"] = config.lru.impl
   return {"arch": arch, "length": length, "slots": slots, **mixer, "dtype": dtype, "steps_per_call": steps,
           "calls": calls, "ms_per_step": 1e3 * per_step, "ms_per_member_step": 1e3 * per_step / slots,
           "tokens_per_s": slots * 32 * length / per_step, "compile_s": compile_s,
@@ -129,7 +135,7 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
 
 def setting(row: dict) -> tuple:
   """What a row measured besides the shape: architecture, mixer settings (Mesa's impl:chunk:precision:CG steps,
-  GDN's chunk and triangular solve, or its recurrent Pallas kernels), dtype."""
+  GDN's chunk and triangular solve, or its recurrent Pallas kernels; Hawk's Pallas scan), dtype."""
   if "impl" in row:
     mixer = f"{row['impl']}:{row['chunk']}:{row['precision']}:{row['cg_steps']}"
   elif row.get("gdn_impl") == "pallas":
@@ -138,6 +144,8 @@ def setting(row: dict) -> tuple:
     mixer = f"attention {row['attention_kernel']}"
   else:
     mixer = f"chunk {row['chunk']} {row.get('triangular', 'solve')}" if "chunk" in row else "-"
+  if row.get("hawk_impl") == "pallas":
+    mixer = "lru pallas" if mixer == "-" else f"{mixer}, lru pallas"
   return row["arch"], mixer, row["dtype"]
 
 
@@ -226,7 +234,7 @@ def main():
   parser.add_argument("--archs", default="mesanet,gdn,transformer,hawk,hawk_mesa",
                       help="architectures; arch@impl:chunk[:precision] gives one its own Mesa setting (GDN: its "
                       "triangular solve and chunk, e.g. gdn@:32,gdn@inverse:64, or its recurrent kernels, gdn@pallas; "
-                      "the Transformer: its attention kernel, transformer@pallas)")
+                      "the Transformer: its attention kernel, transformer@pallas; Hawk: its recurrence, hawk@pallas)")
   parser.add_argument("--shapes", default="128x64", help="length x slots cases, comma-separated")
   parser.add_argument("--mesa", default="", help="Mesa impl:chunk[:precision] settings, comma-separated (other "
                       "archs use the first's chunk); '': models.FAST_MESA's for the backend")

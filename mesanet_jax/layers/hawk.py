@@ -8,8 +8,9 @@ the reference is google-deepmind/recurrentgemma, `jax/modules.py: RecurrentBlock
     h_t = a_t ⊙ h_{t−1} + √(1 − a_t²) ⊙ (i_t ⊙ u_t)
     out = W_o (h ⊙ y) + b_o
 
-The recurrence runs as `jax.lax.associative_scan` over time in f32 (log-depth on GPU and TPU; recurrentgemma uses a
-sequential scan on GPU and a Pallas kernel on TPU). Λ starts at softplus⁻¹(−log ρ) with ρ² uniform in [0.9², 0.999²]
+The recurrence runs in f32 as `jax.lax.associative_scan` over time (impl="xla": log-depth on GPU and TPU;
+recurrentgemma uses a sequential scan on GPU and a Pallas kernel on TPU) or, impl="pallas", token by token in a
+Pallas kernel per direction (`pallas_kernels/linear_scan.py`: GPU, and CPU interpreted). Λ starts at softplus⁻¹(−log ρ) with ρ² uniform in [0.9², 0.999²]
 (recurrentgemma's `rnn_real_param_init`), so a = ρ^(8r). The √(1 − a²) derivative is bounded at 1000, as in
 recurrentgemma, to keep bf16 training finite. Unlike recurrentgemma we never reset the state at a document start
 (the first token is normalised like every other): the LM here does not reset at document boundaries for any mixer.
@@ -24,11 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mesanet_jax import sharding
 from mesanet_jax.layers.conv import ShortConv
 from mesanet_jax.layers.fused_linear import FusedProjections
 from mesanet_jax.layers.params import linear, param
+from mesanet_jax.ops.operator import implementation
 
 MAX_SQRT_GRADIENT = 1000.0
+IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,11 @@ class HawkConfig:
   conv_size: int = 4
   min_rad: float = 0.9
   max_rad: float = 0.999
+  impl: str = "xla"  # how the recurrence runs over a sequence: one of IMPLS (module docstring)
+
+  def __post_init__(self):
+    if self.impl not in IMPLS:
+      raise ValueError(f"lru.impl must be one of {IMPLS}, got {self.impl!r}")
 
 
 class HawkCache(NamedTuple):
@@ -135,6 +144,8 @@ class HawkLayer(FusedProjections, nnx.Module):
     self.a_gate = BlockDiagonal(width, config.num_heads, rngs=rngs, param_dtype=param_dtype)
     self.a_param = param(rngs, _ring_init(config.min_rad, config.max_rad), (width,), param_dtype, ("lru",))
     self.linear_out = linear(width, d_model, axes=("lru", "embed"), init_scale=out_scale, **kw)
+    if config.impl == "pallas":  # imported now, not in the first trace (see MesaLayer.__init__)
+      implementation(config.impl, "linear_recurrence")
 
   def init_cache(self, batch: int) -> HawkCache:
     state = jnp.zeros((batch, self.config.width), jnp.promote_types(self.dtype, jnp.float32))
@@ -150,10 +161,20 @@ class HawkLayer(FusedProjections, nnx.Module):
     u = u.astype(jnp.promote_types(self.dtype, jnp.float32))  # gates and recurrence in f32 (or wider)
     log_a = -8.0 * jax.nn.sigmoid(self.a_gate(u)) * jax.nn.softplus(self.a_param[...].astype(u.dtype))
     scale = sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a), MAX_SQRT_GRADIENT)  # √(1 − a²), accurate for a → 1
-    h, last = linear_recurrence(jnp.exp(log_a), scale * jax.nn.sigmoid(self.input_gate(u)) * u,
-                                None if cache is None else cache.state)
+    h, last = self._recurrence(x.shape[1])(jnp.exp(log_a), scale * jax.nn.sigmoid(self.input_gate(u)) * u,
+                                           None if cache is None else cache.state)
     (out,) = self.project("output", h.astype(self.dtype) * gate, fused)
     return out, HawkCache(conv, last)
+
+  def _recurrence(self, length: int):
+    """linear_recurrence's contract for `length` tokens: impl="pallas"'s kernels per (batch, lru) shard of the mesh
+    (XLA cannot partition a pallas_call); one token (decoding) is one multiply-add, which XLA fuses."""
+    if self.config.impl == "xla" or length == 1:
+      return linear_recurrence
+    per_token, per_state = ("batch", None, "lru"), ("batch", "lru")
+    scan = sharding.per_shard(implementation(self.config.impl, "linear_recurrence"),
+                              (per_token, per_token, per_state), (per_token, per_state))
+    return lambda a, x, h0: scan(a, x, jnp.zeros_like(a[:, 0]) if h0 is None else h0)
 
   def decode(self, x: jax.Array, cache: HawkCache) -> tuple[jax.Array, HawkCache, None]:
     """One token x: [B, d] -> y [B, d], the new cache, and no solver step count."""

@@ -34,6 +34,10 @@ FAST_GDN = {"gpu": "pallas"}
 # Pallas flash attention, 0.26 against 0.38 ms a member-step at L 128 × 64 slots and 3.9 against 12.0 at L 1024 × 8
 # for "auto" (XLA in f32, which forms the [T, T] scores; H100, RESULTS.md "MAD population step"); elsewhere "auto".
 FAST_ATTENTION = {"gpu": "pallas"}
+# How Hawk's recurrence runs when nothing else is asked for, per backend (`HawkConfig.impl`): the associative scan
+# everywhere until the Pallas linear scan (`pallas_kernels/linear_scan.py`) is timed against it on a GPU
+# (`mad_bench.py --archs=hawk,hawk@pallas`).
+FAST_HAWK: dict[str, str] = {}
 
 
 # The MAD models' embedding: mad-lab's (initial std 0.02, no √d input scale), which the paper's MAD runs follow
@@ -57,14 +61,15 @@ def exact_cg_steps(mesa) -> int:
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
                cg_steps: int = 0, matmul_precision: str = "", gdn_triangular: str = "", gdn_impl: str = "",
-               attention_kernel: str = "", tie_embeddings: bool = True, embed_std: float | None = EMBED_STD,
-               linear_init_variance: float = LINEAR_INIT_VARIANCE) -> LMConfig:
+               attention_kernel: str = "", hawk_impl: str = "", tie_embeddings: bool = True,
+               embed_std: float | None = EMBED_STD, linear_init_variance: float = LINEAR_INIT_VARIANCE) -> LMConfig:
   """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
   Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
   for the backend (GDN keeps the preset's chunk) and `exact_cg_steps`; gdn_triangular ("" the preset's) how GDN solves
   its chunks' triangular systems (`GatedDeltaNetConfig.triangular`), gdn_impl ("" `FAST_GDN`'s for the backend, else
   "xla") how GDN's operator runs (`GatedDeltaNetConfig.impl`); attention_kernel ("" `FAST_ATTENTION`'s for the
-  backend, else "auto") how the Transformer attends (`AttentionConfig.kernel`). tie_embeddings=False gives the
+  backend, else "auto") how the Transformer attends (`AttentionConfig.kernel`); hawk_impl ("" `FAST_HAWK`'s for the
+  backend, else "xla") how Hawk's recurrence runs (`HawkConfig.impl`). tie_embeddings=False gives the
   language model its own read-out matrix; embed_std is the embedding's initial std with no √d input scale (`EMBED_STD`,
   mad-lab's), None the paper's LM embedding (1/√d, scaled by √d on input; `LMConfig.embed_std`);
   linear_init_variance multiplies the linear layers' initial variance (`LINEAR_INIT_VARIANCE`, mad-lab's; 1: ours)."""
@@ -81,7 +86,8 @@ def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_s
                             impl=gdn_impl or FAST_GDN.get(jax.default_backend(), "xla"))
   attention = dataclasses.replace(config.attention,
                                   kernel=attention_kernel or FAST_ATTENTION.get(jax.default_backend(), "auto"))
-  return dataclasses.replace(config, mesa=mesa, gdn=gdn, attention=attention)
+  lru = dataclasses.replace(config.lru, impl=hawk_impl or FAST_HAWK.get(jax.default_backend(), "xla"))
+  return dataclasses.replace(config, mesa=mesa, gdn=gdn, attention=attention, lru=lru)
 
 
 def sincos(length: int, dim: int) -> np.ndarray:

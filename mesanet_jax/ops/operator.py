@@ -4,8 +4,8 @@ that `mesa_chunked(impl=...)` dispatches through.
 An implementation ("xla": `xla_operator.XlaOperator`; "pallas": `pallas_kernels.mesa_cg.PallasOperator`, one
 Pallas kernel per stage) is a pytree dataclass extending `ChunkedSequence` with the methods of `ChunkedOperator`.
 `IMPLEMENTATIONS` is the one place that says which module provides each name; importing that module registers its
-operator class, its decode step and (Pallas) its gated delta rule (`register`), so a caller never imports an
-implementation to use it, and the kernels package depends on this one, never the reverse.
+operator class, its decode step and (Pallas) its gated delta rule and linear scan (`register`), so a caller never
+imports an implementation to use it, and the kernels package depends on this one, never the reverse.
 """
 import dataclasses
 import importlib
@@ -19,7 +19,7 @@ from mesanet_jax.ops.inputs import CGOptions, MesaState
 
 # impl name -> the module whose import registers its operator class.
 IMPLEMENTATIONS = {"xla": "mesanet_jax.ops.xla_operator", "pallas": "pallas_kernels"}
-ROLES = ("operator", "decode_step", "gated_delta")
+ROLES = ("operator", "decode_step", "gated_delta", "linear_recurrence")
 _REGISTERED: dict[tuple[str, str], object] = {}  # (impl, role) -> class or function
 
 
@@ -166,8 +166,9 @@ class ChunkedOperator(Protocol):
 def register(impl: str, role: str) -> Callable:
   """Decorator: makes the decorated class or function the `role` of `impl` (a name of `IMPLEMENTATIONS`). Roles:
   "operator" (a `ChunkedOperator` class, `mesa_chunked`'s stages), "decode_step" (a function with the signature
-  of `ops.decode.mesa_decode_step`) and "gated_delta" (one with that of `ops.gated_delta_rule.gated_delta_recurrent`,
-  Gated DeltaNet's operator; the XLA side is the chunked form, called directly)."""
+  of `ops.decode.mesa_decode_step`), "gated_delta" (one with that of `ops.gated_delta_rule.gated_delta_recurrent`,
+  Gated DeltaNet's operator; the XLA side is the chunked form, called directly) and "linear_recurrence" (one with
+  that of `layers.hawk.linear_recurrence`, Hawk's scan, which is the XLA side)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impl {impl!r} is not declared in mesanet_jax.ops.operator.IMPLEMENTATIONS")
   if role not in ROLES:

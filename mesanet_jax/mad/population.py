@@ -169,14 +169,18 @@ class Population:
     vocab = slots.vocab[index]
     inputs = data["test_inputs"][slots.dataset[index]]  # [K, N_test, L]
     targets = data["test_targets"][slots.dataset[index]]
-    batch = self.protocol.batch_size
+    count, batch, length = index.shape[0], self.protocol.batch_size, inputs.shape[2]
     num_batches = inputs.shape[1] // batch
-    split = lambda x: jnp.moveaxis(x[:, :num_batches * batch].reshape(index.shape[0], num_batches, batch, -1), 1, 0)
+    group = batches_per_step(num_batches, count * batch * length)
+    # [K, N_test, L] -> [num_batches / group, group, K, batch, L]: a scan step forwards `group` batches of every slot
+    split = lambda x: jnp.moveaxis(x[:, :num_batches * batch].reshape(count, -1, group, batch, length), 0, 2)
+    metrics = jax.vmap(jax.vmap(self._batch_metrics), in_axes=(None, 0, 0, None))
 
     def batch_step(_, xs):
-      return None, jax.vmap(self._batch_metrics)(params, xs[0], xs[1], vocab)
+      return None, metrics(params, xs[0], xs[1], vocab)
 
-    _, (macro, correct, losses) = jax.lax.scan(batch_step, None, (split(inputs), split(targets)))
+    _, per_batch = jax.lax.scan(batch_step, None, (split(inputs), split(targets)))
+    macro, correct, losses = (x.reshape(num_batches, count) for x in per_batch)
     scored = jnp.sum(targets != tasks.IGNORE, axis=(1, 2))
     return {"accuracy": jnp.mean(macro, 0), "accuracy_micro": jnp.sum(correct, 0) / jnp.maximum(scored, 1),
             "loss": jnp.mean(losses, 0), "perplexity": jnp.mean(jnp.exp(losses), 0)}
@@ -192,6 +196,19 @@ class Population:
                                best_accuracy_micro=keep(slots.best_accuracy_micro, metrics["accuracy_micro"]),
                                best_loss=keep(slots.best_loss, metrics["loss"]),
                                best_step=keep(slots.best_step, slots.step[index]))
+
+
+# Tokens one scan step of an evaluation forwards at most (a train step's at L 128 × 64 slots): the test batches of a
+# few due slots go through several at a time instead of one scan step each, whose dozens of small kernels would cost
+# their launch latency more than their work.
+EVALUATION_TOKENS = 1 << 18
+
+
+def batches_per_step(num_batches: int, tokens_per_batch: int) -> int:
+  """Test batches an evaluation's scan step forwards: the largest divisor of num_batches whose batches hold at most
+  EVALUATION_TOKENS (tokens_per_batch: of one batch of every slot evaluated), at least 1."""
+  fit = max(1, EVALUATION_TOKENS // tokens_per_batch)
+  return max(d for d in range(1, num_batches + 1) if num_batches % d == 0 and d <= fit)
 
 
 def evaluation_sizes(size: int) -> list[int]:

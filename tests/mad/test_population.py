@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mesanet_jax.mad import grid, models, slot_state, table, training, variants
+from mesanet_jax.mad import population as population_module
 from mesanet_jax.mad.population import Population, evaluation_index, evaluation_sizes, stack_datasets
 
 pytestmark = pytest.mark.xdist_group("population")  # one worker: the cached populations' programs compile once
@@ -207,6 +208,24 @@ def test_the_slots_due_are_evaluated_padded_to_a_power_of_two():
   assert evaluation_index(list(range(9)), 10) == list(range(9)) + [0]  # never more than the population
   for size in (1, 2, 6, 8, 10):  # the sizes a population compiles as its group starts: every one that can come
     assert {len(evaluation_index(list(range(n)), size)) for n in range(1, size + 1)} == set(evaluation_sizes(size))
+
+
+def test_evaluations_forward_several_test_batches_a_step_with_the_metrics_of_one_at_a_time(monkeypatch):
+  """Few slots due: a scan step of the evaluation forwards several of their test batches (up to EVALUATION_TOKENS),
+  with the same per-batch metrics as one batch a step; many slots: one batch a step."""
+  batches = population_module.batches_per_step
+  assert batches(40, 1 * 32 * 128) == 40 and batches(40, 8 * 32 * 128) == 8 and batches(40, 64 * 32 * 128) == 1
+  assert batches(40, 12 * 32 * 128) == 5 and batches(8, 2 * 32 * 32) == 8  # a divisor of the batches that fits
+  variant = dataclasses.replace(VARIANT, num_test_examples=128)  # 4 test batches
+  data = stack_datasets([variants.load(variant, seed=0)], 16)
+  config = models.mad_config("transformer", 16)
+  grouped = Population(config, False, training.Protocol(), 2)
+  slots, _ = _run(grouped, data, [(8, 1e-3, jax.random.key(1)), (8, 3e-3, jax.random.key(2))], 2)
+  metrics = grouped.evaluate(slots, data, jnp.arange(2))  # 2 · 32 · 16 tokens a batch: all 4 batches in one step
+  monkeypatch.setattr(population_module, "EVALUATION_TOKENS", 1)  # one batch a step (traced anew: another instance)
+  one_at_a_time = Population(config, False, training.Protocol(), 2).evaluate(slots, data, jnp.arange(2))
+  for name, values in metrics.items():
+    np.testing.assert_allclose(values, one_at_a_time[name], rtol=1e-5, err_msg=name)  # f32: another batching
 
 
 def test_calls_end_at_epoch_ends_and_jobs_start_at_multiples_of_their_epoch():

@@ -60,6 +60,9 @@ _PRECISION = flags.DEFINE_string("matmul_precision", "", "Mesa matmuls: highest 
                                  "bf16 passes) | default ('': FAST_MESA's)")
 _GDN_IMPL = flags.DEFINE_enum("gdn_impl", "", ["", "xla", "pallas"], "Gated DeltaNet's operator: xla (chunked) | "
                               "pallas (recurrent kernels) ('': mesanet_jax/mad/models.py FAST_GDN's for the backend)")
+_HAWK_IMPL = flags.DEFINE_enum("hawk_impl", "", ["", "xla", "pallas"], "Hawk's recurrence: xla (associative scan) | "
+                               "pallas (linear scan kernels) ('': mesanet_jax/mad/models.py FAST_HAWK's for the "
+                               "backend)")
 _ATTENTION = flags.DEFINE_enum("attention_kernel", "", ["", "auto", "xla", "pallas"], "the Transformer's attention: "
                                "auto (cuDNN for bf16 on GPU, else XLA) | xla | pallas (jax's Pallas flash attention) "
                                "('': mesanet_jax/mad/models.py FAST_ATTENTION's for the backend)")
@@ -129,6 +132,7 @@ def main(argv):
         time_limit=_TIME_LIMIT.value, drain=_DRAIN.value, usage=_USAGE.value.replace("<results dir>", root),
         device_share=_DEVICE_SHARE.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
         matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, gdn_impl=_GDN_IMPL.value,
+        hawk_impl=_HAWK_IMPL.value,
         attention_kernel=_ATTENTION.value,
         tie_embeddings=_TIE_EMBEDDINGS.value,
         embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None,

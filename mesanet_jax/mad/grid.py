@@ -65,6 +65,7 @@ class Settings:
   matmul_precision: str = ""
   cg_steps: int = 0  # 0: models.exact_cg_steps (16 at the MAD heads' Dk = 16)
   gdn_impl: str = ""  # how GDN's operator runs ("": models.FAST_GDN's for the backend)
+  hawk_impl: str = ""  # how Hawk's recurrence runs ("": models.FAST_HAWK's for the backend)
   attention_kernel: str = ""  # how the Transformer attends ("": models.FAST_ATTENTION's for the backend)
   tie_embeddings: bool = True  # False: the LM read-out is its own matrix (mad-lab's backbone)
   embed_std: float | None = models.EMBED_STD  # the embedding's init std, no √d input scale; None: 1/√d, scaled by √d
@@ -316,7 +317,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
                              impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
                              gdn_impl=settings.gdn_impl, attention_kernel=settings.attention_kernel,
-                             tie_embeddings=settings.tie_embeddings,
+                             hawk_impl=settings.hawk_impl, tie_embeddings=settings.tie_embeddings,
                              embed_std=settings.embed_std, linear_init_variance=settings.linear_init_variance)
   populations = {}  # slots -> Population: the one whose step was compiled for the memory check runs (no recompile)
   population_of = lambda slots: populations.setdefault(slots, Population(config, autoencoder, protocol, slots))
@@ -414,7 +415,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
                   "early_stopped": bool(steps[i] < total[i]), "epochs": steps[i] / job.steps_per_epoch(protocol),
                   "slots": population.size, "impl": config.mesa.impl, "chunk_size": config.mesa.chunk_size,
                   "matmul_precision": config.mesa.matmul_precision, "gdn_impl": config.gdn.impl,
-                  "attention_kernel": config.attention.kernel, **recorded,
+                  "hawk_impl": config.lru.impl, "attention_kernel": config.attention.kernel, **recorded,
                   "finished_at": time.time()}
         with open(settings.results, "a") as f:
           f.write(json.dumps(record) + "\n")

@@ -1,6 +1,7 @@
 """The population trainer: mad-lab's accuracy and the paper's schedule; slots train exactly as members alone (per-slot
 lr, own data order, frozen when done); in-flight state saved and restored; the grid's results resume; Table 9 scored
 both ways."""
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -320,14 +321,27 @@ def test_shrink_sizes_are_every_size_the_population_can_shrink_to_largest_first(
       assert reachable <= set(grid.shrink_sizes(in_flight, size)), (in_flight, size)
 
 
+def _compiler(done: bool):
+  """The grid's background compiler, its futures' done() made deterministic: it waits for the compile (done=True:
+  a shrink happens at its first chance) or says not yet (done=False: the compile never seems to finish)."""
+  class Compiler(concurrent.futures.ThreadPoolExecutor):
+    def submit(self, *args, **kwargs):
+      future = super().submit(*args, **kwargs)
+      future.done = (lambda: future.exception() is None or True) if done else (lambda: False)
+      return future
+  return Compiler
+
+
 @pytest.mark.slow
 def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsys, monkeypatch):
   """Two short and two long jobs in 4 slots: once the short ones finish (and nothing is queued) the long ones go on
   in a population of 2, compiled in the background as soon as the queue emptied, with the results of a run that
-  never shrinks (f32: another batching of the same math)."""
+  never shrinks (f32: another batching of the same math); a shrink whose compiles are not done waits for nothing:
+  the jobs train on at their size."""
   precompiled, precompile = [], Population.precompile
   monkeypatch.setattr(Population, "precompile", lambda self, *args: (
       precompiled.append((self.size, threading.current_thread() is threading.main_thread())), precompile(self, *args)))
+  monkeypatch.setattr(grid.concurrent.futures, "ThreadPoolExecutor", _compiler(done=True))
   memorize = variants.find("memorize", "baseline")
   short, long = variants.shrunk(memorize, 32), dataclasses.replace(variants.shrunk(memorize, 96), name="long")
   jobs = training.jobs(["transformer"], [short, long], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
@@ -339,8 +353,10 @@ def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsy
   assert "transformer.lm.L32: 2 jobs in flight, the population shrinks to 2 slots" in notes
   assert "2/4 done (+2)" in notes and "min left" in notes  # the two long jobs' 4 steps to go, at the rate seen
   assert precompiled == [(2, False), (1, False)]  # every size it could shrink to, off the main thread
-  kept = dataclasses.replace(settings, results=str(tmp_path / "kept.jsonl"), compact_min_steps=None)
+  monkeypatch.setattr(grid.concurrent.futures, "ThreadPoolExecutor", _compiler(done=False))
+  kept = dataclasses.replace(settings, results=str(tmp_path / "kept.jsonl"))
   assert grid.run(kept, jobs) == 4
+  assert "shrinks" not in capsys.readouterr().out
   by_key = lambda path: {(r["variant"], r["lr"]): r for r in table.read(path)}
   shrunk_runs, kept_runs = by_key(settings.results), by_key(kept.results)
   assert {k: r["slots"] for k, r in shrunk_runs.items()} == {("baseline", 1e-3): 4, ("baseline", 3e-3): 4,

@@ -10,10 +10,11 @@ the reference is google-deepmind/recurrentgemma, `jax/modules.py: RecurrentBlock
 
 The recurrence runs in f32 as `jax.lax.associative_scan` over time (impl="xla": log-depth on GPU and TPU;
 recurrentgemma uses a sequential scan on GPU and a Pallas kernel on TPU) or, impl="pallas", token by token in a
-Pallas kernel per direction (`pallas_kernels/linear_scan.py`: GPU, and CPU interpreted). Λ starts at softplus⁻¹(−log ρ) with ρ² uniform in [0.9², 0.999²]
-(recurrentgemma's `rnn_real_param_init`), so a = ρ^(8r). The √(1 − a²) derivative is bounded at 1000, as in
-recurrentgemma, to keep bf16 training finite. Unlike recurrentgemma we never reset the state at a document start
-(the first token is normalised like every other): the LM here does not reset at document boundaries for any mixer.
+Pallas kernel per direction (`pallas_kernels/linear_scan.py`: GPU, and CPU interpreted). Λ starts at
+softplus⁻¹(−log ρ) with ρ² uniform in [0.9², 0.999²] (recurrentgemma's `rnn_real_param_init`), so a = ρ^(8r).
+The √(1 − a²) derivative is bounded at 1000, as in recurrentgemma, to keep bf16 training finite. Unlike
+recurrentgemma we never reset the state at a document start (the first token is normalised like every other): the
+LM here does not reset at document boundaries for any mixer.
 The paper (MesaNet App. G) uses W = 1.25 · d_model for Hawk and Hawk-MesaNet.
 """
 import dataclasses
@@ -91,14 +92,6 @@ def _ring_init(min_rad: float, max_rad: float):
   return init
 
 
-# Blocks narrower than this run as one dense [W, W] matmul whose off-diagonal blocks are zero. A batched matmul of
-# [tokens, w] × [w, w] blocks with w ≪ 128 (the MAD models' 8 blocks of 20) fills neither the GPU's tensor cores nor
-# the TPU's MXU, and XLA transposes its operands to put the blocks first: ~2 ms of the Hawk MAD step's 20 (H100
-# profile, benchmarks/RESULTS.md "MAD step profile"). The dense matmul does num_blocks× the flops, which is little at
-# such widths; recurrentgemma's 256-wide blocks keep the blockwise product.
-DENSE_BLOCKS_BELOW = 128
-
-
 class BlockDiagonal(nnx.Module):
   """y = x W + b with W block-diagonal: H blocks [W/H, W/H] (fan-in normal per block)."""
 
@@ -112,13 +105,9 @@ class BlockDiagonal(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., W] -> [..., W] in x's dtype."""
-    kernel, bias = self.kernel[...].astype(x.dtype), self.bias[...].astype(x.dtype).reshape(x.shape[-1])
-    num_blocks, block, _ = kernel.shape
-    if block < DENSE_BLOCKS_BELOW:  # [W, W]: block (h, g) is kernel[h] where g = h, else zeros
-      dense = jnp.einsum("hij,hg->higj", kernel, jnp.eye(num_blocks, dtype=x.dtype)).reshape(x.shape[-1], -1)
-      return x @ dense + bias
-    blocks = x.reshape(*x.shape[:-1], num_blocks, block)
-    return jnp.einsum("...hi,hij->...hj", blocks, kernel).reshape(x.shape) + bias
+    blocks = x.reshape(*x.shape[:-1], self.num_blocks, -1)
+    y = jnp.einsum("...hi,hij->...hj", blocks, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
+    return y.reshape(x.shape)
 
 
 class HawkLayer(FusedProjections, nnx.Module):

@@ -46,6 +46,11 @@ def test_mesa_computation_defaults_per_backend_and_is_overridden():
   default_attention = models.FAST_ATTENTION.get(jax.default_backend(), "auto")
   assert models.mad_config("transformer", 16).attention.kernel == default_attention
   assert models.mad_config("transformer", 16, attention_kernel="pallas").attention.kernel == "pallas"
+  for architecture in ("hawk", "hawk_mesa"):
+    assert models.mad_config(architecture, 16).lru.impl == models.FAST_HAWK.get(jax.default_backend(), "xla")
+    assert models.mad_config(architecture, 16, hawk_impl="pallas").lru.impl == "pallas"
+  with pytest.raises(ValueError, match="lru.impl must be one of"):
+    models.mad_config("hawk", 16, hawk_impl="cuda")
 
 
 def test_mad_lab_backbone_switches():

@@ -10,9 +10,7 @@ from jax.sharding import AbstractMesh
 
 from mesanet_jax import sharding
 from mesanet_jax.eval import hf_export
-from mesanet_jax.layers import hawk
-from mesanet_jax.layers.hawk import (BlockDiagonal, HawkConfig, HawkLayer, linear_recurrence,
-                                      sqrt_bounded_derivative)
+from mesanet_jax.layers.hawk import HawkConfig, HawkLayer, linear_recurrence, sqrt_bounded_derivative
 from mesanet_jax.models.config import preset
 from mesanet_jax.models.lm import LanguageModel
 from tests.models.test_lm import _prefill_then_decode, _tokens, small
@@ -71,21 +69,6 @@ def test_layer_matches_the_written_out_block_and_decodes_piecewise(x64):
     y_t, cache, _ = decode(x[:, t], cache)
     pieces.append(y_t[:, None])
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), y, rtol=1e-9, atol=1e-10)
-
-
-def test_narrow_blocks_as_one_dense_matmul_give_the_blockwise_values_and_gradients(x64, monkeypatch):
-  """Blocks narrower than DENSE_BLOCKS_BELOW multiply as one [W, W] matrix with zero off-diagonal blocks: the same
-  values and the same gradients for x, the blocks and the bias as the blockwise product (f64: rounding only)."""
-  layer = BlockDiagonal(24, 3, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
-  layer.bias[...] = jax.random.normal(jax.random.key(1), layer.bias.shape, jnp.float64)
-  x = jax.random.normal(jax.random.key(2), (2, 5, 24), jnp.float64)
-  graphdef, params = nnx.split(layer)
-  loss = lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
-  dense = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-  monkeypatch.setattr(hawk, "DENSE_BLOCKS_BELOW", 0)  # every block width takes the blockwise product
-  blockwise = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-  for got, want in zip(jax.tree.leaves(dense), jax.tree.leaves(blockwise)):
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_init_radius_and_bounded_sqrt_gradient():

@@ -15,7 +15,8 @@ its training-set sizes) end together and one evaluation serves all the jobs due;
 (`population.evaluation_index`), so a job's evaluations cost what mad-lab's do whatever the epochs of the others.
 
 A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
-compiled train step fits in the device's memory (`fit_to_memory`).
+compiled train step fits in the device's memory (`fit_to_memory`). While a group trains, the next one's train step
+compiles in a thread (`_compile_ahead`), so a group starts without waiting on it.
 
 A group's in-flight slots are saved to `state_dir` when the time limit stops the run (`slot_state`: in parts of at
 most 16 MiB, the slots furthest along first within `state_budget`), and resumed from there by the next run with the
@@ -24,6 +25,7 @@ over. In the last `drain` seconds before the time limit no queued job starts, so
 """
 import concurrent.futures
 import dataclasses
+import functools
 import heapq
 import json
 import multiprocessing
@@ -37,6 +39,7 @@ import numpy as np
 
 from mesanet_jax.mad import models, slot_state, table, training, usage, variants
 from mesanet_jax.mad.population import Population, evaluation_index, stack_datasets
+from mesanet_jax.models.config import LMConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,25 +276,66 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
   pool = concurrent.futures.ProcessPoolExecutor(settings.workers or max(os.cpu_count() - 1, 1),
                                                 mp_context=multiprocessing.get_context("spawn"))
   futures = {v: pool.submit(variants.load, v, settings.seed, settings.data_dir) for v in needed}
+  programs = _Programs(settings)
+  ahead = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # the next group's train step, while this one trains
   finished = 0
   try:
-    for key in keys:
+    for key, following in zip(keys, keys[1:] + [None]):
       if deadline.stop_reason() or not deadline.admits():
         break
-      finished += _run_group(settings, key, groups[key], futures, progress, deadline)
+      if following is not None:
+        ahead.submit(_compile_ahead, programs.planned(following, groups[following]), groups[following], futures)
+      finished += _run_group(settings, key, groups[key], futures, progress, deadline, programs)
   finally:
+    ahead.shutdown(wait=False, cancel_futures=True)
     pool.shutdown(cancel_futures=True)
     progress.bar.close()
   return finished
 
 
+class _Programs:
+  """The populations (their jitted programs) of a run's groups, one per (group, slots): a train step compiled ahead
+  of its group (`_compile_ahead`) is the one the group runs and checks against the device memory, not compiled
+  again (~10-20 s a group on the GPU)."""
+
+  def __init__(self, settings: Settings):
+    self.settings, self._populations = settings, {}
+
+  def config(self, key: tuple, vocab: int) -> LMConfig:
+    s = self.settings
+    return models.mad_config(key[0], vocab, dtype=jnp.dtype(s.dtype).type, chunk_size=s.chunk_size, impl=s.impl,
+                             cg_steps=s.cg_steps, matmul_precision=s.matmul_precision, gdn_impl=s.gdn_impl,
+                             attention_kernel=s.attention_kernel, hawk_impl=s.hawk_impl,
+                             tie_embeddings=s.tie_embeddings, embed_std=s.embed_std,
+                             linear_init_variance=s.linear_init_variance)
+
+  def population(self, key: tuple, vocab: int, slots: int) -> Population:
+    if (key, vocab, slots) not in self._populations:
+      self._populations[key, vocab, slots] = Population(self.config(key, vocab), key[1], self.settings.protocol, slots)
+    return self._populations[key, vocab, slots]
+
+  def planned(self, key: tuple, jobs: list) -> Population:
+    """The population a group of `jobs` plans to start with (before a saved state or the memory check changes it)."""
+    return self.population(key, max(j.variant.vocab_size for j in jobs),
+                           population_size(self.settings, len(jobs), key[2]))
+
+
+def _compile_ahead(population: Population, jobs: list, futures: dict) -> None:
+  """Compiles `population`'s train step for the group of `jobs` from the shapes of its data (nothing is allocated),
+  once the data is generated; run in a thread while the group before trains. A failure here is left to the group,
+  which compiles what it needs itself."""
+  datasets = [futures[v].result() for v in dict.fromkeys(j.variant for j in jobs)]
+  data = jax.eval_shape(lambda: stack_datasets(datasets, jobs[0].variant.seq_len))
+  population.compiled_train(data, data["train_inputs"].shape[1])
+
+
 def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress,
-               deadline: _Deadline) -> int:
+               deadline: _Deadline, programs: _Programs) -> int:
   """Trains one group (`_train_group`); returns the jobs it finished and records its device time where
   settings.usage names a file (`usage.record`, also when training fails)."""
   start, counts, finished = time.time(), {"member_steps": 0, "slots": 0}, 0
   try:
-    finished = _train_group(settings, key, jobs, futures, progress, deadline, counts)
+    finished = _train_group(settings, key, jobs, futures, progress, deadline, programs, counts)
   finally:
     if settings.usage:
       usage.record(settings.usage, group=group_name(key), architecture=key[0], length=key[2],
@@ -301,11 +345,11 @@ def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progre
 
 
 def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress, deadline: _Deadline,
-                 counts: dict) -> int:
+                 programs: _Programs, counts: dict) -> int:
   """The group's population trained until its queue and slots are empty, or until `deadline` says stop or admits no
-  queued job while none is in flight; returns the
-  jobs finished; counts["member_steps"] and counts["slots"] (the population's first size) follow as it runs."""
-  architecture, autoencoder, length = key
+  queued job while none is in flight; returns the jobs finished; counts["member_steps"] and counts["slots"] (the
+  population's first size) follow as it runs."""
+  length = key[2]
   protocol = settings.protocol
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
   datasets = [futures[v].result() for v in group_variants]
@@ -314,13 +358,9 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   size = max(population_size(settings, len(jobs), length), len(saved["jobs"]) if saved else 0)
   data = stack_datasets(datasets, length)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
-  config = models.mad_config(architecture, vocab, dtype=jnp.dtype(settings.dtype).type, chunk_size=settings.chunk_size,
-                             impl=settings.impl, cg_steps=settings.cg_steps, matmul_precision=settings.matmul_precision,
-                             gdn_impl=settings.gdn_impl, attention_kernel=settings.attention_kernel,
-                             hawk_impl=settings.hawk_impl, tie_embeddings=settings.tie_embeddings,
-                             embed_std=settings.embed_std, linear_init_variance=settings.linear_init_variance)
-  populations = {}  # slots -> Population: the one whose step was compiled for the memory check runs (no recompile)
-  population_of = lambda slots: populations.setdefault(slots, Population(config, autoencoder, protocol, slots))
+  config = programs.config(key, vocab)
+  # slots -> Population: the one whose step was compiled (ahead, or for the memory check) runs, not compiled again
+  population_of = functools.partial(programs.population, key, vocab)
   budget = memory_budget(settings.memory_fraction)
   if budget is not None:  # compiled as the run will call it
     step_bytes = lambda slots: train_step_bytes(population_of(slots), data)

@@ -369,6 +369,25 @@ def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsy
 
 
 @pytest.mark.slow
+def test_the_next_groups_train_step_compiles_ahead_in_a_thread(tmp_path, monkeypatch):
+  """Two groups: while the first trains, the second's planned population compiles its train step in a thread, and
+  the second group then trains that very population (whose compiled step JAX does not compile again)."""
+  on_main = lambda: threading.current_thread() is threading.main_thread()
+  compiled, started, compiled_train, init = [], [], Population.compiled_train, Population.init
+  monkeypatch.setattr(Population, "compiled_train",
+                      lambda self, *args: (compiled.append((id(self), on_main())), compiled_train(self, *args))[1])
+  monkeypatch.setattr(Population, "init",
+                      lambda self, *args, **kw: (started.append((id(self), on_main())), init(self, *args, **kw))[1])
+  memorize = variants.shrunk(variants.find("memorize", "baseline"), 32)  # L 32: another group than VARIANT's L 16
+  jobs = training.jobs(["transformer"], [memorize, VARIANT], lrs=(1e-3,), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=1),
+                           workers=1, dtype="float32")
+  assert grid.run(settings, jobs) == 2
+  trained = [population for population, main in started if main]  # each group's population.init (the others: traces)
+  assert len(trained) == 2 and compiled == [(trained[1], False)]
+
+
+@pytest.mark.slow
 def test_a_shrunk_population_saved_at_the_time_limit_resumes_beside_the_queued_jobs(tmp_path):
   variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
   jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3, 5e-4), weight_decays=(0.1,))

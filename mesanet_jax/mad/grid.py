@@ -16,7 +16,7 @@ its training-set sizes) end together and one evaluation serves all the jobs due;
 
 A population has one slot per job of its group, at most `max_slots` and `max_tokens` per step, halved until its
 compiled train step fits in the device's memory (`fit_to_memory`). While a group trains, the next one's train step
-compiles in a thread (`_compile_ahead`), so a group starts without waiting on it.
+and evaluations compile in a thread (`_compile_ahead`), so a group starts without waiting on them.
 
 A group's in-flight slots are saved to `state_dir` when the time limit stops the run (`slot_state`: in parts of at
 most 16 MiB, the slots furthest along first within `state_budget`), and resumed from there by the next run with the
@@ -321,12 +321,12 @@ class _Programs:
 
 
 def _compile_ahead(population: Population, jobs: list, futures: dict) -> None:
-  """Compiles `population`'s train step for the group of `jobs` from the shapes of its data (nothing is allocated),
-  once the data is generated; run in a thread while the group before trains. A failure here is left to the group,
-  which compiles what it needs itself."""
+  """Compiles `population`'s train step and evaluations for the group of `jobs` from the shapes of its data (nothing
+  is allocated), once the data is generated; run in a thread while the group before trains. A failure here is left
+  to the group, which compiles what it needs itself."""
   datasets = [futures[v].result() for v in dict.fromkeys(j.variant for j in jobs)]
   data = jax.eval_shape(lambda: stack_datasets(datasets, jobs[0].variant.seq_len))
-  population.compiled_train(data, data["train_inputs"].shape[1])
+  population.precompile(data, data["train_inputs"].shape[1])
 
 
 def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress,

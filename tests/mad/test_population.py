@@ -370,8 +370,9 @@ def test_grid_shrinks_a_population_and_trains_its_jobs_as_before(tmp_path, capsy
 
 @pytest.mark.slow
 def test_the_next_groups_train_step_compiles_ahead_in_a_thread(tmp_path, monkeypatch):
-  """Two groups: while the first trains, the second's planned population compiles its train step in a thread, and
-  the second group then trains that very population (whose compiled step JAX does not compile again)."""
+  """Two groups: while the first trains, the second's planned population compiles its train step (and evaluations)
+  in a thread, and the second group then trains that very population (whose compiled step JAX does not compile
+  again)."""
   on_main = lambda: threading.current_thread() is threading.main_thread()
   compiled, started, compiled_train, init = [], [], Population.compiled_train, Population.init
   monkeypatch.setattr(Population, "compiled_train",

@@ -12,6 +12,7 @@ from flax import nnx
 from mesanet_jax.layers.hawk import HawkConfig, HawkLayer, linear_recurrence
 from pallas_kernels.linear_scan import channel_block, linear_scan
 from pallas_kernels.mesa_cg.params import export_for
+from tests.pallas.layer_grads import squared_output_and_grads
 
 
 def _inputs(batch=2, length=37, width=48, seed=0, dtype=jnp.float32):
@@ -81,13 +82,8 @@ def test_hawk_layer_pallas_matches_xla():
   config = HawkConfig(width=32, num_heads=2)
   make = lambda impl: HawkLayer(24, dataclasses.replace(config, impl=impl), rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 19, 24)), jnp.float32)
-
-  @nnx.jit
-  def value_and_grad(layer, x):
-    return nnx.value_and_grad(lambda layer: jnp.sum(layer(x)[0] ** 2))(layer)
-
-  value, grads = value_and_grad(make("pallas"), x)
-  value_ref, grads_ref = value_and_grad(make("xla"), x)
+  value, grads = squared_output_and_grads(make("pallas"), x)
+  value_ref, grads_ref = squared_output_and_grads(make("xla"), x)
   # f32: a sequential walk against a log-depth scan (products in another order).
   np.testing.assert_allclose(value, value_ref, rtol=1e-5)
   for grad, grad_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):

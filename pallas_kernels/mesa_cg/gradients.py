@@ -1,15 +1,15 @@
 """Backward accumulation: dk, dv and dβ of every token, one kernel program per (batch·head, chunk).
 
 Row s of each gradient is the total state gradient at token s, D_s, applied to k_s or v_s: time-reversed reads
-("writes", scale e^{G_last − G} and mask Wᵀ; `xla_operator.XlaOperator.token_gradients` is the XLA reference) of the state
-gradients after the chunk. Three of the XLA path's four writes share their row scaling, so the kernel forms
+("writes", scale e^{G_last − G} and mask Wᵀ; `xla_operator.XlaOperator.token_gradients` is the XLA reference) of the
+state gradients after the chunk. Three of the XLA path's four writes share their row scaling, so the kernel forms
 
     Z = D_kkᵀ k + D_kv v  = (k e) D_kkᵀ + (v e) D_kvᵀ + (((v doᵀ) − (k yᵀ)) ⊙ Wᵀ) x
     D_kk k                = (k e) D_kk − ((k xᵀ) ⊙ Wᵀ) y
     dv / β = D_kvᵀ k      = (k e) D_kv + ((k xᵀ) ⊙ Wᵀ) do
 
-and dk = β (D_kk k + Z), dβ = k·Z (k·D_kk k = k·D_kkᵀ k). d log-decay needs H_kk[t] x_t, a causal read: the operator
-takes it from `read.causal_read` rather than holding a third state here.
+and dk = β (D_kk k + Z), dβ = k·Z (k·D_kk k = k·D_kkᵀ k). d log-decay needs H_kk[t] x_t, a causal read: the
+operator takes it from `read.causal_read` rather than holding a third state here.
 """
 import functools
 

@@ -277,7 +277,7 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
                                                 mp_context=multiprocessing.get_context("spawn"))
   futures = {v: pool.submit(variants.load, v, settings.seed, settings.data_dir) for v in needed}
   programs = _Programs(settings)
-  ahead = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # the next group's train step, while this one trains
+  ahead = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # compiles the next group while one trains
   finished = 0
   try:
     for key, following in zip(keys, keys[1:] + [None]):
@@ -294,9 +294,9 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
 
 
 class _Programs:
-  """The populations (their jitted programs) of a run's groups, one per (group, slots): a train step compiled ahead
-  of its group (`_compile_ahead`) is the one the group runs and checks against the device memory, not compiled
-  again (~10-20 s a group on the GPU)."""
+  """The populations (their jitted programs) of a run's groups, one per (group, vocabulary, slots): a train step
+  compiled ahead of its group (`_compile_ahead`) is the one the group runs and checks against the device memory, not
+  compiled again (~10-20 s a group on the GPU)."""
 
   def __init__(self, settings: Settings):
     self.settings, self._populations = settings, {}

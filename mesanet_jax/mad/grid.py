@@ -94,6 +94,11 @@ def group_name(key: tuple) -> str:
   return f"{architecture}.{'autoencoder' if autoencoder else 'lm'}.L{length}"
 
 
+def group_vocabulary(jobs: list[training.Job]) -> int:
+  """The vocabulary a group's population is built for: its variants' largest (the others mask the rest)."""
+  return max(j.variant.vocab_size for j in jobs)
+
+
 def population_size(settings: Settings, num_jobs: int, length: int) -> int:
   """Slots of a group's population: one per job, at most max_slots and max_tokens // (batch · length)."""
   return max(1, min(num_jobs, settings.max_slots, settings.max_tokens // (settings.protocol.batch_size * length)))
@@ -316,8 +321,7 @@ class _Programs:
 
   def planned(self, key: tuple, jobs: list) -> Population:
     """The population a group of `jobs` plans to start with (before a saved state or the memory check changes it)."""
-    return self.population(key, max(j.variant.vocab_size for j in jobs),
-                           population_size(self.settings, len(jobs), key[2]))
+    return self.population(key, group_vocabulary(jobs), population_size(self.settings, len(jobs), key[2]))
 
 
 def _compile_ahead(population: Population, jobs: list, futures: dict) -> None:
@@ -353,7 +357,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   protocol = settings.protocol
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
   datasets = [futures[v].result() for v in group_variants]
-  vocab = max(v.vocab_size for v in group_variants)
+  vocab = group_vocabulary(jobs)
   saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
   size = max(population_size(settings, len(jobs), length), len(saved["jobs"]) if saved else 0)
   data = stack_datasets(datasets, length)
@@ -479,10 +483,11 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
       smaller = None if queue or settings.compact_min_steps is None else compacted_size(len(in_flight), population.size)
       # The smaller population once its programs have compiled in the background: until then the jobs train on at
       # this size rather than wait (on an H100 a shrink that waited for them stood still for 17-43 s).
-      compiled = smaller not in (compiling or {}) or compiling[smaller].done()
+      future = (compiling or {}).get(smaller)
+      compiled = future is None or future.done()
       if smaller and compiled and max(total[i] - steps[i] for i in in_flight) >= settings.compact_min_steps:
-        if smaller in (compiling or {}):
-          compiling[smaller].result()  # re-raises a failed compile
+        if future is not None:
+          future.result()  # re-raises a failed compile
         population = population_of(smaller)
         slots, slot_jobs = _compact(slots, slot_jobs, smaller)
         progress.note(f"{group_name(key)}: {len(in_flight)} jobs in flight, the population shrinks to {smaller} slots")

@@ -43,7 +43,7 @@ grid() {  # architectures, state budget (MiB), log name, processes side by side
     --state_budget_mib="$2" --architectures="$1" ${TASKS:+--tasks="$TASKS"} --time_limit="$LIMIT" \
     --drain_seconds="$DRAIN" --max_slots="$SLOTS" --device_share="$4" "${mesa_flags[@]}" \
     ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
-    | tr '\r' '\n' | grep --line-buffered -v ' it/s\|tok·step/s' > "$PIECE/logs/$3.log"
+    | tr '\r' '\n' | grep --line-buffered -v -e ' it/s' -e 'tok·step/s' -e '^[[:space:]]*$' > "$PIECE/logs/$3.log"
   echo "rc=${PIPESTATUS[0]}" >> "$PIECE/logs/$3.log"
   tail -25 "$PIECE/logs/$3.log"
 }

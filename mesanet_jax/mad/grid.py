@@ -355,6 +355,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   population's first size) follow as it runs."""
   length = key[2]
   protocol = settings.protocol
+  started = time.perf_counter()  # the group's start, timed in its first note: data, the memory check, the state
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
   datasets = [futures[v].result() for v in group_variants]
   vocab = group_vocabulary(jobs)
@@ -365,6 +366,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   config = programs.config(key, vocab)
   # slots -> Population: the one whose step was compiled (ahead, or for the memory check) runs, not compiled again
   population_of = functools.partial(programs.population, key, vocab)
+  data_seconds = time.perf_counter() - started
   budget = memory_budget(settings.memory_fraction)
   if budget is not None:  # compiled as the run will call it
     step_bytes = lambda slots: train_step_bytes(population_of(slots), data)
@@ -373,6 +375,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
                     f"it does")
       size = fitted
   population = population_of(size)
+  check_seconds = time.perf_counter() - started - data_seconds
   counts["slots"] = size
   recorded = protocol_settings(settings)
   slot_jobs: list = [None] * size
@@ -383,7 +386,8 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
     progress.advance(int(sum(np.asarray(slots.step)[i] for i, j in enumerate(slot_jobs) if j)) * length)  # done before
   savable = settings.state_budget // slot_state.slot_bytes(slots) if settings.state_budget else size
   progress.note(f"{group_name(key)}: {len(jobs)} jobs, {size} slots, vocab {vocab}, "
-                f"{sum(j is not None for j in slot_jobs)} resumed"
+                f"{sum(j is not None for j in slot_jobs)} resumed, ready in {time.perf_counter() - started:.1f} s (data "
+                f"{data_seconds:.1f}, memory check {check_seconds:.1f})"
                 + (f"; at the time limit the state budget saves {savable} of them, the others start over unless "
                    f"done (--max_slots={savable} keeps all)" if settings.time_limit and savable < size else ""))
   finished, tick, stepped, calls_stepped = 0, time.time(), 0, 0  # member-steps, population steps

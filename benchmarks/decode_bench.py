@@ -41,7 +41,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from benchmarks.gpu_profile import kernel_times, launches_per_step
+from benchmarks.gpu_profile import kernel_times
+from benchmarks.hlo_sources import launches_per_step
 from benchmarks.timing import median_ms
 from mesanet_jax.layers.mesa import MesaConfig
 from mesanet_jax.models.config import LMConfig

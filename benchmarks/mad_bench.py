@@ -19,8 +19,6 @@ written as soon as it is measured, so a run cut short keeps what it timed; the t
 """
 import argparse
 import collections
-import glob
-import gzip
 import json
 import math
 import os
@@ -30,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import hlo_sources
+from benchmarks import gpu_profile, hlo_sources
 from mesanet_jax.mad import grid, models, training, variants
 from mesanet_jax.mad.population import Population
 from mesanet_jax.ops.gated_delta_rule import TRIANGULAR
@@ -47,26 +45,6 @@ def _data(length: int, vocab: int, examples: int, seed: int = 0) -> dict:
   return {"train_inputs": jnp.asarray(tokens[..., :-1]), "train_targets": jnp.asarray(tokens[..., 1:]),
           "test_inputs": jnp.asarray(tokens[:, :64, :-1]), "test_targets": jnp.asarray(tokens[:, :64, 1:]),
           "num_train": jnp.asarray([examples], jnp.int32)}
-
-
-def kernel_times(trace_dir: str, steps: int, top: int = 24) -> tuple[dict, dict, float]:
-  """({kernel: ms per step}, {kernel: its events' `hlo_op` arguments}, ms per step of every kernel) of the newest
-  trace in trace_dir: the busiest `top` of the device's stream lines, and their total."""
-  path = max(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")), key=os.path.getmtime)
-  with gzip.open(path) as f:
-    events = json.load(f)["traceEvents"]
-  names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-           if e.get("ph") == "M" and e["name"] in ("process_name", "thread_name")}
-  device = {pid for (pid, tid), name in names.items() if tid is None and name.startswith("/device:")}
-  streams = {key for key, name in names.items() if key[0] in device and "Stream" in name}
-  totals, hlo_ops = collections.Counter(), collections.defaultdict(set)
-  for e in events:
-    if e.get("ph") == "X" and e["pid"] in device and (not streams or (e["pid"], e["tid"]) in streams):
-      totals[e["name"]] += e["dur"] / 1e3 / steps  # µs -> ms per step
-      if "hlo_op" in e.get("args", {}):
-        hlo_ops[e["name"]].add(e["args"]["hlo_op"])
-  busiest = {name: round(ms, 4) for name, ms in totals.most_common(top)}
-  return busiest, {name: tuple(sorted(hlo_ops[name])) for name in busiest}, round(sum(totals.values()), 4)
 
 
 def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
@@ -109,12 +87,14 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   per_step = seconds / (calls * steps)
   kernels = {}
   if args.trace_dir:
-    with jax.profiler.trace(args.trace_dir):
-      state, _, _ = run(state)
-    times, hlo_ops, kernels_ms = kernel_times(args.trace_dir, steps)
+    profile = gpu_profile.kernel_times(run, state, trace_dir=args.trace_dir)
+    busiest = profile.busiest(24)
     program = hlo_sources.instructions(population.compiled_train(data, examples).as_text())
-    kernels = {"kernels": times, "kernels_ms": kernels_ms,
-               "kernel_sources": {name: hlo_sources.describe(name, hlo_ops[name], program) for name in times}}
+    ms_per_step = lambda seconds: round(seconds * 1e3 / steps, 4)
+    kernels = {"kernels": {name: ms_per_step(seconds) for name, _, seconds in busiest},
+               "kernels_ms": ms_per_step(profile.device_s),
+               "kernel_sources": {name: hlo_sources.describe(name, profile.hlo_ops[name], program)
+                                  for name, _, _ in busiest}}
   c = config.mesa
   if "mesa" in config.mixers:
     mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train}

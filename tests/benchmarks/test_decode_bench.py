@@ -1,4 +1,4 @@
-"""The kernel count per decode step read from compiled HLO (`benchmarks/gpu_profile.py`, decode_bench's report): the
+"""The kernel count per decode step read from compiled HLO (`benchmarks/hlo_sources.py`, decode_bench's report): the
 decode scan's loop body is found even when its carry is a tuple wide enough for XLA to annotate (`/*index=5*/`), as a
 model's cache always is."""
 import re
@@ -6,7 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from benchmarks.gpu_profile import launches_per_step
+from benchmarks.hlo_sources import launches_per_step
 
 
 def test_kernels_per_step_of_a_scan_with_a_wide_carry_and_a_nested_loop():

@@ -1,13 +1,12 @@
 """A profile's kernels traced back to source lines: the compiled HLO's instructions by kernel name, each fusion with
-the ops fused into it and where they were written; the trace's `hlo_op` arguments for kernels not named after one."""
-import gzip
+the ops fused into it and where they were written; the trace's `hlo_op` arguments for kernels not named after one
+(`gpu_profile.read_trace` of an XSpace written as a device's profile would be)."""
 import inspect
-import json
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import hlo_sources, mad_bench
+from benchmarks import gpu_profile, hlo_sources
 
 
 def _scaled_tanh_sum(x, w):
@@ -34,16 +33,37 @@ def test_each_instruction_is_found_by_its_kernel_name_with_the_lines_of_its_ops(
   assert hlo_sources.describe("unknown_kernel", (), table) == ""
 
 
-def test_kernel_times_keep_each_kernels_hlo_op(tmp_path):
+def _event(metadata_id: int, offset_us: float, duration_us: float, hlo_op: str = "") -> str:
+  stats = f' stats {{ metadata_id: 1 str_value: "{hlo_op}" }}' if hlo_op else ""
+  return (f"events {{ metadata_id: {metadata_id} offset_ps: {int(offset_us * 1e6)} "
+          f"duration_ps: {int(duration_us * 1e6)}{stats} }}")
+
+
+def test_the_trace_gives_each_device_kernels_time_launches_and_hlo_ops(tmp_path):
+  kernels = [_event(1, 0, 300, "custom-call.3"), _event(1, 400, 100, "custom-call.4"), _event(2, 600, 200)]
+  space = f"""
+    planes {{ id: 1 name: "/device:GPU:0"
+      lines {{ id: 7 name: "Stream #7(Kernel)" {" ".join(kernels)} }}
+      lines {{ id: 8 name: "XLA Ops" {_event(2, 600, 200)} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "sm90_gemm" }} }}
+      event_metadata {{ key: 2 value {{ id: 2 name: "fusion_2" }} }}
+      stat_metadata {{ key: 1 value {{ id: 1 name: "hlo_op" }} }} }}
+    planes {{ id: 2 name: "/host:CPU" lines {{ id: 1 name: "python" {_event(1, 0, 5000)} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "PjitFunction" }} }} }}"""
   profile = tmp_path / "plugins" / "profile" / "run"
   profile.mkdir(parents=True)
-  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
-            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
-            {"ph": "X", "pid": 1, "tid": 7, "name": "sm90_gemm", "dur": 300.0, "args": {"hlo_op": "custom-call.3"}},
-            {"ph": "X", "pid": 1, "tid": 7, "name": "sm90_gemm", "dur": 100.0, "args": {"hlo_op": "custom-call.4"}},
-            {"ph": "X", "pid": 1, "tid": 7, "name": "fusion_2", "dur": 200.0, "args": {}}]
-  with gzip.open(profile / "host.trace.json.gz", "wt") as f:
-    json.dump({"traceEvents": events}, f)
-  times, hlo_ops, total = mad_bench.kernel_times(str(tmp_path), steps=2, top=1)
-  assert times == {"sm90_gemm": 0.2} and total == 0.3  # ms per step, the busiest first; all kernels' total
-  assert hlo_ops == {"sm90_gemm": ("custom-call.3", "custom-call.4")}
+  (profile / "host.xplane.pb").write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(space))
+  times, hlo_ops = gpu_profile.read_trace(str(tmp_path))
+  # the device's stream only: not its derived "XLA Ops" line, not the host
+  assert times == {"sm90_gemm": (2, 400e-6), "fusion_2": (1, 200e-6)}
+  assert hlo_ops == {"sm90_gemm": ("custom-call.3", "custom-call.4"), "fusion_2": ()}
+  profiled = gpu_profile.KernelTimes(1e-3, times, hlo_ops)
+  assert profiled.busiest(1) == [("sm90_gemm", 2, 400e-6)] and profiled.launches == 3
+
+
+def test_a_profiled_call_leaves_its_trace_in_the_directory_given(tmp_path):
+  fn = jax.jit(jnp.sin)
+  fn(jnp.ones(8)).block_until_ready()
+  profiled = gpu_profile.kernel_times(fn, jnp.ones(8), trace_dir=str(tmp_path))
+  assert profiled.wall_s > 0 and list(tmp_path.glob("**/*.xplane.pb"))
+  assert gpu_profile.read_trace(str(tmp_path))[0] == profiled.kernels  # on a CPU: no device plane, no kernels

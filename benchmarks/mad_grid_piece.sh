@@ -10,7 +10,8 @@
 # EXTRA (more mesanet-mad-grid flags), PIECE (/tmp/piece: the working copy), SIDE_BY_SIDE (1: one process per
 # architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
 # leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable), RETURN_STATE (1: copy the state to $OUT;
-# 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same warm machine). The
+# 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same warm machine), MEM_TOTAL
+# (0.9: the share of GPU memory the grid's processes take together; less leaves room for a run beside them). The
 # state directory travels whole: keep it under a call's 64 MiB. The first piece on a machine starts from the tracked
 # benchmarks/results/mad/results.jsonl (RESULTS_IN), usage.jsonl beside it (USAGE_IN) and the slots saved in
 # .madstate/ (STATE_IN); later pieces on the same machine continue from $PIECE. Afterwards copy $OUT/results.jsonl and
@@ -49,13 +50,13 @@ grid() {  # architectures, state budget (MiB), log name, processes side by side
 }
 if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
   IFS=, read -r -a archs <<< "$ARCHS"
-  share=$(python3 -c "print(f'{0.9 / ${#archs[@]}:.3f}')")
+  share=$(python3 -c "print(f'{${MEM_TOTAL:-0.9} / ${#archs[@]}:.3f}')")
   for arch in "${archs[@]}"; do
     XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" $((BUDGET / ${#archs[@]})) "grid_$arch" "${#archs[@]}" &
   done
   wait
 else
-  grid "$ARCHS" "$BUDGET" grid 1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.75}} grid "$ARCHS" "$BUDGET" grid 1
 fi
 for log in "$PIECE"/logs/*.log; do echo "=== $(basename "$log")"; cat "$log"; done >> "$OUT/grid.log"
 cp "$PIECE/results.jsonl" "$OUT/results.jsonl"

@@ -58,6 +58,7 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   hawk_impl = impl if arch == "hawk" else ""
   config = models.mad_config(arch, args.vocab, dtype=jnp.dtype(dtype).type, chunk_size=chunk,
                              impl="" if arch in ("gdn", "transformer", "hawk") else impl, cg_steps=args.cg_steps,
+                             cg_tol=args.cg_tol,
                              matmul_precision=precision, gdn_triangular=triangular, gdn_impl=gdn_impl,
                              attention_kernel=attention_kernel, hawk_impl=hawk_impl)
   population = Population(config, False, training.Protocol(), slots)
@@ -97,7 +98,8 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
                                   for name, _, _ in busiest}}
   c = config.mesa
   if "mesa" in config.mixers:
-    mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train}
+    mixer = {"impl": c.impl, "chunk": c.chunk_size, "precision": c.matmul_precision, "cg_steps": c.cg_steps_train,
+             "cg_tol": c.cg_tol}
   elif "gdn" in config.mixers:
     mixer = {"gdn_impl": config.gdn.impl, "chunk": config.gdn.chunk_size, "triangular": config.gdn.triangular}
   elif "attention" in config.mixers:
@@ -118,6 +120,8 @@ def setting(row: dict) -> tuple:
   GDN's chunk and triangular solve, or its recurrent Pallas kernels; Hawk's Pallas scan), dtype."""
   if "impl" in row:
     mixer = f"{row['impl']}:{row['chunk']}:{row['precision']}:{row['cg_steps']}"
+    if row.get("cg_tol") is not None:
+      mixer += f" tol {row['cg_tol']:g}"
   elif row.get("gdn_impl") == "pallas":
     mixer = "recurrent pallas"
   elif "attention_kernel" in row:
@@ -220,6 +224,7 @@ def main():
                       "archs use the first's chunk); '': models.FAST_MESA's for the backend")
   parser.add_argument("--dtypes", default="float32")
   parser.add_argument("--cg_steps", type=int, default=0, help="0: models.exact_cg_steps (16)")
+  parser.add_argument("--cg_tol", type=float, default=None, help="Mesa's CG tolerance (unset: --cg_steps fixed steps)")
   parser.add_argument("--steps", type=int, default=10, help="steps per call at most")
   parser.add_argument("--call_tokens", type=int, default=1 << 23, help="tokens per call at most (fewer steps)")
   parser.add_argument("--calls", type=int, default=2, help="timed calls at least")

@@ -69,6 +69,9 @@ _ATTENTION = flags.DEFINE_enum("attention_kernel", "", ["", "auto", "xla", "pall
 _CG_STEPS = flags.DEFINE_integer("cg_steps", 0, "Mesa CG steps in training (0: the head size, 16, which gives "
                                  "the paper's 30 steps' result to f32 rounding; mesanet_jax/mad/models.py: "
                                  "exact_cg_steps)")
+_CG_TOL = flags.DEFINE_float("cg_tol", None, "Mesa's CG tolerance in training: each system stops once ‖r‖ ≤ "
+                              "cg_tol·‖r₀‖, at most --cg_steps (unset: every solve runs --cg_steps, the paper's fixed "
+                              "steps; write such runs to their own --results)")
 _TIE_EMBEDDINGS = flags.DEFINE_bool("tie_embeddings", True, "the language models' read-out tied to the input embedding "
                                      "(the paper's backbone); false: its own matrix, as mad-lab's (write such runs to "
                                      "their own --results)")
@@ -118,6 +121,8 @@ def main(argv):
       raise ValueError(f"--device_share must be ≥ 1, got {_DEVICE_SHARE.value}")
     if _DRAIN.value < 0:
       raise ValueError(f"--drain_seconds must be ≥ 0, got {_DRAIN.value}")
+    if _CG_TOL.value is not None and not _CG_TOL.value > 0:
+      raise ValueError(f"--cg_tol must be > 0 (unset: fixed --cg_steps), got {_CG_TOL.value}")
     if _STATE_BUDGET.value < 0:
       raise ValueError(f"--state_budget_mib must be ≥ 0 (0: every slot in flight), got {_STATE_BUDGET.value}")
     root = os.path.dirname(os.path.abspath(_RESULTS.value))
@@ -131,7 +136,7 @@ def main(argv):
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value,
         time_limit=_TIME_LIMIT.value, drain=_DRAIN.value, usage=_USAGE.value.replace("<results dir>", root),
         device_share=_DEVICE_SHARE.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
-        matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, gdn_impl=_GDN_IMPL.value,
+        matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, cg_tol=_CG_TOL.value, gdn_impl=_GDN_IMPL.value,
         hawk_impl=_HAWK_IMPL.value,
         attention_kernel=_ATTENTION.value,
         tie_embeddings=_TIE_EMBEDDINGS.value,

@@ -67,6 +67,7 @@ class Settings:
   chunk_size: int = 0
   matmul_precision: str = ""
   cg_steps: int = 0  # 0: models.exact_cg_steps (16 at the MAD heads' Dk = 16)
+  cg_tol: float | None = None  # None: every Mesa solve runs cg_steps (the paper's fixed steps); else the CG tolerance
   gdn_impl: str = ""  # how GDN's operator runs ("": models.FAST_GDN's for the backend)
   hawk_impl: str = ""  # how Hawk's recurrence runs ("": models.FAST_HAWK's for the backend)
   attention_kernel: str = ""  # how the Transformer attends ("": models.FAST_ATTENTION's for the backend)
@@ -176,11 +177,12 @@ def may_start(job: training.Job, protocol: training.Protocol, population_step: i
 
 def protocol_settings(settings: Settings) -> dict:
   """The values of `table.PROTOCOL`'s settings (those that change the model or its training) this run records."""
-  config = models.mad_config("mesanet", 16, cg_steps=settings.cg_steps, tie_embeddings=settings.tie_embeddings,
-                             embed_std=settings.embed_std, linear_init_variance=settings.linear_init_variance)
+  config = models.mad_config("mesanet", 16, cg_steps=settings.cg_steps, cg_tol=settings.cg_tol,
+                             tie_embeddings=settings.tie_embeddings, embed_std=settings.embed_std,
+                             linear_init_variance=settings.linear_init_variance)
   return {"dtype": settings.dtype, "tie_embeddings": config.tie_embeddings, "embed_std": config.embed_std,
           "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train,
-          "selection": "least_test_perplexity"}
+          "cg_tol": config.mesa.cg_tol, "selection": "least_test_perplexity"}
 
 
 def done_keys(settings: Settings, architectures) -> set:
@@ -309,7 +311,8 @@ class _Programs:
   def config(self, key: tuple, vocab: int) -> LMConfig:
     s = self.settings
     return models.mad_config(key[0], vocab, dtype=jnp.dtype(s.dtype).type, chunk_size=s.chunk_size, impl=s.impl,
-                             cg_steps=s.cg_steps, matmul_precision=s.matmul_precision, gdn_impl=s.gdn_impl,
+                             cg_steps=s.cg_steps, cg_tol=s.cg_tol, matmul_precision=s.matmul_precision,
+                             gdn_impl=s.gdn_impl,
                              attention_kernel=s.attention_kernel, hawk_impl=s.hawk_impl,
                              tie_embeddings=s.tie_embeddings, embed_std=s.embed_std,
                              linear_init_variance=s.linear_init_variance)

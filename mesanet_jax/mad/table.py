@@ -31,7 +31,7 @@ PAPER = {
 # "selection": which evaluation a record's accuracy is of: "least_test_perplexity" (mad-lab's best checkpoint) or
 # "final" (the last one: records written before the grid kept the best checkpoint).
 PROTOCOL = {"dtype": "float32", "tie_embeddings": True, "embed_std": None, "linear_init_variance": 1.0, "cg_steps": 30,
-            "selection": "final"}
+            "cg_tol": None, "selection": "final"}
 
 
 def record_key(record: dict) -> tuple:

@@ -17,13 +17,14 @@ def test_bad_flags_are_refused_in_one_line_and_a_dry_run_prints_the_plan(tmp_pat
                                     for flags in (["--architectures=mesanet,mamba"],
                                                   ["--tasks=memorize", "--num_examples=40"], ["--state_budget_mib=-1"],
                                                   ["--tasks=memorize", "--variants=nonesuch"], ["--lrs=1e-3,fast"],
+                                                  ["--cg_tol=0"],
                                                   ["--tasks=memorize,compress", "--architectures=gdn", "--dry_run"])])
   assert dry_run.returncode == 0, dry_run.stderr[-2000:]
   assert "| gdn.lm.L32 | 48 | 1600 | 48 | 1600 | 0 |" in dry_run.stdout  # memorize's 6 variants × 8 points
   assert dry_run.stdout.strip().endswith("136 jobs left in 5 groups")  # + compress: 11 variants in 4 lengths
   expected = ["--architectures: 'mamba' is not one of", "--num_examples must be a multiple of 32 (the batch), got 40",
               "--state_budget_mib must be ≥ 0", "--variants ['nonesuch'] match no variant",
-              "--lrs must be a comma-separated list of numbers, got '1e-3,fast'"]
+              "--lrs must be a comma-separated list of numbers, got '1e-3,fast'", "--cg_tol must be > 0"]
   for result, message in zip(results, expected):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("mesanet-mad-grid: error: ")

@@ -1,5 +1,7 @@
 """The MAD models: the paper's sizes for every architecture and mad-lab's compression autoencoder."""
+import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +81,22 @@ def test_linear_init_variance_scales_every_linear_kernel_and_nothing_else(model_
   assert kernels >= 10, kernels
   with pytest.raises(ValueError, match="linear_init_variance must be a positive number"):
     models.mad_config("mesanet", 16, linear_init_variance=0.0)
+
+
+def test_a_cg_tolerance_is_a_setting_whose_runs_keep_their_own_results(tmp_path):
+  assert models.mad_config("mesanet", 16).mesa.cg_tol is None  # the paper's fixed steps
+  assert models.mad_config("hawk_mesa", 16, cg_tol=1e-4).mesa.cg_tol == 1e-4
+  fixed = grid.Settings(results=str(tmp_path / "results.jsonl"))
+  tolerant = dataclasses.replace(fixed, cg_tol=1e-4)
+  assert grid.protocol_settings(fixed)["cg_tol"] is None and grid.protocol_settings(tolerant)["cg_tol"] == 1e-4
+  job = {"architecture": "mesanet", "task": "memorize", "variant": "baseline", "lr": 1e-3, "weight_decay": 0.1,
+         "accuracy": 0.5}
+  (tmp_path / "results.jsonl").write_text(json.dumps({**job, **grid.protocol_settings(fixed)}) + "\n")
+  assert grid.done_keys(fixed, ["mesanet"]) == {("mesanet", "memorize", "baseline", 1e-3, 0.1)}
+  # The fixed-steps job must not count as done for a run at a tolerance (nor the other way round).
+  with pytest.raises(ValueError, match=r"holds mesanet jobs run with cg_tol=None, this run has cg_tol=0.0001"):
+    grid.done_keys(tolerant, ["mesanet"])
+  assert grid.done_keys(tolerant, ["gdn"])  # other architectures' runs are not concerned
 
 
 @pytest.mark.slow  # compiles over ~8 s on one core

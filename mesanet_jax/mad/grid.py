@@ -312,8 +312,7 @@ class _Programs:
     s = self.settings
     return models.mad_config(key[0], vocab, dtype=jnp.dtype(s.dtype).type, chunk_size=s.chunk_size, impl=s.impl,
                              cg_steps=s.cg_steps, cg_tol=s.cg_tol, matmul_precision=s.matmul_precision,
-                             gdn_impl=s.gdn_impl,
-                             attention_kernel=s.attention_kernel, hawk_impl=s.hawk_impl,
+                             gdn_impl=s.gdn_impl, attention_kernel=s.attention_kernel, hawk_impl=s.hawk_impl,
                              tie_embeddings=s.tie_embeddings, embed_std=s.embed_std,
                              linear_init_variance=s.linear_init_variance)
 

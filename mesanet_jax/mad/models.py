@@ -61,20 +61,19 @@ def exact_cg_steps(mesa) -> int:
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
                cg_steps: int = 0, cg_tol: float | None = None, matmul_precision: str = "", gdn_triangular: str = "",
-               gdn_impl: str = "",
-               attention_kernel: str = "", hawk_impl: str = "", tie_embeddings: bool = True,
+               gdn_impl: str = "", attention_kernel: str = "", hawk_impl: str = "", tie_embeddings: bool = True,
                embed_std: float | None = EMBED_STD, linear_init_variance: float = LINEAR_INIT_VARIANCE) -> LMConfig:
-  """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of
-  Mesa and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s
-  for the backend (GDN keeps the preset's chunk) and `exact_cg_steps`; cg_tol None runs every solve for cg_steps
-  (the paper's fixed steps), else each system stops at ‖r‖ ≤ cg_tol·‖r₀‖ (`MesaConfig.cg_tol`); gdn_triangular ("" the preset's) how GDN solves
-  its chunks' triangular systems (`GatedDeltaNetConfig.triangular`), gdn_impl ("" `FAST_GDN`'s for the backend, else
-  "xla") how GDN's operator runs (`GatedDeltaNetConfig.impl`); attention_kernel ("" `FAST_ATTENTION`'s for the
-  backend, else "auto") how the Transformer attends (`AttentionConfig.kernel`); hawk_impl ("" `FAST_HAWK`'s for the
-  backend, else "xla") how Hawk's recurrence runs (`HawkConfig.impl`). tie_embeddings=False gives the
-  language model its own read-out matrix; embed_std is the embedding's initial std with no √d input scale (`EMBED_STD`,
-  mad-lab's), None the paper's LM embedding (1/√d, scaled by √d on input; `LMConfig.embed_std`);
-  linear_init_variance multiplies the linear layers' initial variance (`LINEAR_INIT_VARIANCE`, mad-lab's; 1: ours)."""
+  """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of Mesa
+  and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s for the
+  backend (GDN keeps the preset's chunk) and `exact_cg_steps`; cg_tol None runs every solve for cg_steps (the paper's
+  fixed steps), else each system stops at ‖r‖ ≤ cg_tol·‖r₀‖ (`MesaConfig.cg_tol`); gdn_triangular ("" the preset's) how
+  GDN solves its chunks' triangular systems (`GatedDeltaNetConfig.triangular`), gdn_impl ("" `FAST_GDN`'s for the
+  backend, else "xla") how GDN's operator runs (`GatedDeltaNetConfig.impl`); attention_kernel ("" `FAST_ATTENTION`'s for
+  the backend, else "auto") how the Transformer attends (`AttentionConfig.kernel`); hawk_impl ("" `FAST_HAWK`'s for the
+  backend, else "xla") how Hawk's recurrence runs (`HawkConfig.impl`). tie_embeddings=False gives the language model its
+  own read-out matrix; embed_std is the embedding's initial std with no √d input scale (`EMBED_STD`, mad-lab's), None
+  the paper's LM embedding (1/√d, scaled by √d on input; `LMConfig.embed_std`); linear_init_variance multiplies the
+  linear layers' initial variance (`LINEAR_INIT_VARIANCE`, mad-lab's; 1: ours)."""
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
   config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype, tie_embeddings=tie_embeddings,

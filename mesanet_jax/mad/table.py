@@ -29,7 +29,8 @@ PAPER = {
 # Job settings that change the model or its training (not only how it computes): one table holds one value of each
 # per architecture. A record written before a setting existed had its default.
 # "selection": which evaluation a record's accuracy is of: "least_test_perplexity" (mad-lab's best checkpoint) or
-# "final" (the last one: records written before the grid kept the best checkpoint).
+# "final" (the last one: records written before the grid kept the best checkpoint). "cg_tol": Mesa's CG tolerance in
+# training (None: every solve runs cg_steps, the paper's fixed steps).
 PROTOCOL = {"dtype": "float32", "tie_embeddings": True, "embed_std": None, "linear_init_variance": 1.0, "cg_steps": 30,
             "cg_tol": None, "selection": "final"}
 

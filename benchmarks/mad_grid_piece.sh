@@ -11,8 +11,9 @@
 # architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
 # leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable), RETURN_STATE (1: copy the state to $OUT;
 # 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same warm machine), MEM_TOTAL
-# (0.9: the share of GPU memory the grid's processes take together; less leaves room for a run beside them). The
-# state directory travels whole: keep it under a call's 64 MiB. The first piece on a machine starts from the tracked
+# (the share of GPU memory the grid's processes take together: 0.9 side by side, JAX's 0.75 alone; less leaves room
+# for a run beside them). The state directory travels whole: keep it under a call's 64 MiB. The first piece on a
+# machine starts from the tracked
 # benchmarks/results/mad/results.jsonl (RESULTS_IN), usage.jsonl beside it (USAGE_IN) and the slots saved in
 # .madstate/ (STATE_IN); later pieces on the same machine continue from $PIECE. Afterwards copy $OUT/results.jsonl and
 # $OUT/usage.jsonl over the tracked ones and $OUT/state to .madstate/.

@@ -175,11 +175,19 @@ def may_start(job: training.Job, protocol: training.Protocol, population_step: i
   return population_step % job.steps_per_epoch(protocol) == 0
 
 
+def model_config(settings: Settings, architecture: str, vocab: int) -> LMConfig:
+  """The MAD model of `architecture` and vocabulary `vocab` as this run trains it."""
+  s = settings
+  return models.mad_config(architecture, vocab, dtype=jnp.dtype(s.dtype).type, chunk_size=s.chunk_size, impl=s.impl,
+                           cg_steps=s.cg_steps, cg_tol=s.cg_tol, matmul_precision=s.matmul_precision,
+                           gdn_impl=s.gdn_impl, attention_kernel=s.attention_kernel, hawk_impl=s.hawk_impl,
+                           tie_embeddings=s.tie_embeddings, embed_std=s.embed_std,
+                           linear_init_variance=s.linear_init_variance)
+
+
 def protocol_settings(settings: Settings) -> dict:
   """The values of `table.PROTOCOL`'s settings (those that change the model or its training) this run records."""
-  config = models.mad_config("mesanet", 16, cg_steps=settings.cg_steps, cg_tol=settings.cg_tol,
-                             tie_embeddings=settings.tie_embeddings, embed_std=settings.embed_std,
-                             linear_init_variance=settings.linear_init_variance)
+  config = model_config(settings, "mesanet", 16)
   return {"dtype": settings.dtype, "tie_embeddings": config.tie_embeddings, "embed_std": config.embed_std,
           "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train,
           "cg_tol": config.mesa.cg_tol, "selection": "least_test_perplexity"}
@@ -308,17 +316,10 @@ class _Programs:
   def __init__(self, settings: Settings):
     self.settings, self._populations = settings, {}
 
-  def config(self, key: tuple, vocab: int) -> LMConfig:
-    s = self.settings
-    return models.mad_config(key[0], vocab, dtype=jnp.dtype(s.dtype).type, chunk_size=s.chunk_size, impl=s.impl,
-                             cg_steps=s.cg_steps, cg_tol=s.cg_tol, matmul_precision=s.matmul_precision,
-                             gdn_impl=s.gdn_impl, attention_kernel=s.attention_kernel, hawk_impl=s.hawk_impl,
-                             tie_embeddings=s.tie_embeddings, embed_std=s.embed_std,
-                             linear_init_variance=s.linear_init_variance)
-
   def population(self, key: tuple, vocab: int, slots: int) -> Population:
     if (key, vocab, slots) not in self._populations:
-      self._populations[key, vocab, slots] = Population(self.config(key, vocab), key[1], self.settings.protocol, slots)
+      self._populations[key, vocab, slots] = Population(model_config(self.settings, key[0], vocab), key[1],
+                                                      self.settings.protocol, slots)
     return self._populations[key, vocab, slots]
 
   def planned(self, key: tuple, jobs: list) -> Population:
@@ -365,7 +366,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   size = max(population_size(settings, len(jobs), length), len(saved["jobs"]) if saved else 0)
   data = stack_datasets(datasets, length)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
-  config = programs.config(key, vocab)
+  config = model_config(settings, key[0], vocab)
   # slots -> Population: the one whose step was compiled (ahead, or for the memory check) runs, not compiled again
   population_of = functools.partial(programs.population, key, vocab)
   data_seconds = time.perf_counter() - started

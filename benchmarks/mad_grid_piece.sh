@@ -13,10 +13,11 @@
 # 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same warm machine), MEM_TOTAL
 # (the share of GPU memory the grid's processes take together: 0.9 side by side, JAX's 0.75 alone; less leaves room
 # for a run beside them). The state directory travels whole: keep it under a call's 64 MiB. The first piece on a
-# machine starts from the tracked
-# benchmarks/results/mad/results.jsonl (RESULTS_IN), usage.jsonl beside it (USAGE_IN) and the slots saved in
-# .madstate/ (STATE_IN); later pieces on the same machine continue from $PIECE. Afterwards copy $OUT/results.jsonl and
-# $OUT/usage.jsonl over the tracked ones and $OUT/state to .madstate/.
+# machine starts from the tracked benchmarks/results/mad/results.jsonl (RESULTS_IN) and usage.jsonl beside it
+# (USAGE_IN); later pieces on the same machine continue from $PIECE. Every piece adds the slots saved in .madstate/
+# (STATE_IN) that the machine has not taken before, so .madstate may come with any call before the piece that runs
+# its groups. Afterwards copy $OUT/results.jsonl and $OUT/usage.jsonl over the tracked ones and $OUT/state to
+# .madstate/.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; DRAIN=${DRAIN:-0}
@@ -29,8 +30,16 @@ if [ ! -f "$PIECE/results.jsonl" ]; then
   mkdir -p "$PIECE"
   cp "$RESULTS_IN" "$PIECE/results.jsonl"
   if [ -f "$USAGE_IN" ]; then cp "$USAGE_IN" "$PIECE/usage.jsonl"; fi
-  if [ -d "$STATE_IN" ]; then cp -r "$STATE_IN" "$PIECE/state"; chmod -R u+w "$PIECE/state"; fi
 fi
+# The saved slots of STATE_IN this machine has not taken yet (its pieces may have started before a call carried
+# them), each file once: $PIECE/state_taken lists those taken, so a later call carrying the same files adds none.
+mkdir -p "$PIECE/state"; touch "$PIECE/state_taken"
+for saved in "$STATE_IN"/*; do
+  name=$(basename "$saved")
+  if [ -f "$saved" ] && ! grep -qxF "$name" "$PIECE/state_taken"; then
+    cp "$saved" "$PIECE/state/$name"; chmod u+w "$PIECE/state/$name"; echo "$name" >> "$PIECE/state_taken"
+  fi
+done
 mesa_flags=()
 if [ -n "$MESA" ]; then
   IFS=: read -r impl chunk precision <<< "$MESA"

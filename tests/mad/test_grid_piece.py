@@ -13,12 +13,13 @@ from tests.environment import subprocess_env
 
 
 def _piece(tmp_path, out: str, limit: int, **env) -> subprocess.CompletedProcess:
-  env = subprocess_env(1, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", OUT=str(tmp_path / out),
-                       PIECE=str(tmp_path / "piece"), RESULTS_IN=str(tmp_path / "tracked.jsonl"),
-                       USAGE_IN=str(tmp_path / "no_usage.jsonl"),
-                       STATE_IN=str(tmp_path / "no_state"), ARCHS="transformer", TASKS="in_context_recall",
-                       LIMIT=str(limit), EXTRA="--variants=baseline --num_examples=64 --epochs=2 --workers=1 "
-                       f"--data_dir={tmp_path / 'data'} --steps_per_call=1", **env)
+  env = subprocess_env(1, **{
+      "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "OUT": str(tmp_path / out),
+      "PIECE": str(tmp_path / "piece"), "RESULTS_IN": str(tmp_path / "tracked.jsonl"),
+      "USAGE_IN": str(tmp_path / "no_usage.jsonl"), "STATE_IN": str(tmp_path / "no_state"), "ARCHS": "transformer",
+      "TASKS": "in_context_recall", "LIMIT": str(limit),
+      "EXTRA": f"--variants=baseline --num_examples=64 --epochs=2 --workers=1 --data_dir={tmp_path / 'data'} "
+               "--steps_per_call=1", **env})
   return subprocess.run(["bash", "benchmarks/mad_grid_piece.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
 
@@ -45,3 +46,29 @@ def test_pieces_save_at_the_time_limit_and_chain_on_one_machine(tmp_path):
   assert [u["group"] for u in usage] == ["transformer.lm.L128"] * 2, usage
   assert [u["jobs_finished"] for u in usage] == [0, 8] and usage[1]["member_steps"] > 0
   assert all(u["device_share"] == 1 and u["device_seconds"] == u["seconds"] > 0 for u in usage)
+
+
+@pytest.mark.slow  # two grid processes
+def test_a_later_call_brings_saved_slots_to_a_machine_once(tmp_path):
+  # The saved slots of an earlier session reach a machine whose pieces started without them (an earlier call carried
+  # no .madstate): the next piece resumes them, and a piece after it, given the same files again, adds none.
+  (tmp_path / "tracked.jsonl").write_text("")
+  first = _piece(tmp_path, "first", limit=1, SLOTS="4")
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  saved = sorted(os.listdir(tmp_path / "first" / "state"))
+  assert saved
+  carried = tmp_path / "carried"
+  os.rename(tmp_path / "first" / "state", carried)
+  # The machine's piece as it stands when the slots have never been there: no state of its own.
+  for name in saved:
+    os.remove(tmp_path / "piece" / "state" / name)
+  os.remove(tmp_path / "piece" / "state_taken")
+  second = _piece(tmp_path, "second", limit=600, SLOTS="4", STATE_IN=str(carried))
+  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  assert "4 resumed" in (tmp_path / "second" / "grid.log").read_text()
+  assert sorted((tmp_path / "piece" / "state_taken").read_text().split()) == saved
+  third = _piece(tmp_path, "third", limit=600, SLOTS="4", STATE_IN=str(carried))
+  assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+  assert os.listdir(tmp_path / "piece" / "state") == []  # the finished jobs' slots were not brought back
+  rows = [json.loads(line) for line in (tmp_path / "third" / "results.jsonl").read_text().splitlines()]
+  assert len(rows) == 8 and "0 jobs to train" in (tmp_path / "third" / "grid.log").read_text()

@@ -1,6 +1,7 @@
 """benchmarks/mad_grid_piece.sh, the device calls' MAD driver: a piece starts from the given results and saved slots,
 stops at its time limit with the slots in flight saved under $OUT, and the next piece on the same machine continues
-from where the first stopped (its jobs are not trained again); each records its device time in usage.jsonl."""
+from where the first stopped (its jobs are not trained again); each records its device time in usage.jsonl.
+benchmarks/mad_plan.sh runs several pieces in a set order within one call's time."""
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ from tests.cli_runs import ROOT
 from tests.environment import subprocess_env
 
 
-def _piece(tmp_path, out: str, limit: int, **env) -> subprocess.CompletedProcess:
+def _piece(tmp_path, out: str, limit: int, script: str = "benchmarks/mad_grid_piece.sh",
+           **env) -> subprocess.CompletedProcess:
   env = subprocess_env(1, **{
       "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "OUT": str(tmp_path / out),
       "PIECE": str(tmp_path / "piece"), "RESULTS_IN": str(tmp_path / "tracked.jsonl"),
@@ -20,7 +22,7 @@ def _piece(tmp_path, out: str, limit: int, **env) -> subprocess.CompletedProcess
       "TASKS": "in_context_recall", "LIMIT": str(limit),
       "EXTRA": f"--variants=baseline --num_examples=64 --epochs=2 --workers=1 --data_dir={tmp_path / 'data'} "
                "--steps_per_call=1", **env})
-  return subprocess.run(["bash", "benchmarks/mad_grid_piece.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+  return subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
 
 
@@ -71,3 +73,26 @@ def test_a_later_call_brings_saved_slots_to_a_machine_once(tmp_path):
   assert os.listdir(tmp_path / "piece" / "state") == []  # the finished jobs' slots were not brought back
   rows = [json.loads(line) for line in (tmp_path / "third" / "results.jsonl").read_text().splitlines()]
   assert len(rows) == 8 and "0 jobs to train" in (tmp_path / "third" / "grid.log").read_text()
+
+
+
+@pytest.mark.slow  # two grid processes
+def test_a_plan_runs_its_pieces_in_order_and_skips_them_when_time_is_out(tmp_path):
+  (tmp_path / "tracked.jsonl").write_text("")
+  # The second piece names no variants: EXTRA's --variants=baseline (_piece) applies; the first's flag overrides it.
+  plan = "transformer:in_context_recall:vocab_size=32:4 transformer:in_context_recall::4"
+  late = _piece(tmp_path, "late", limit=0, script="benchmarks/mad_plan.sh", PLAN=plan, END="30")
+  assert late.returncode == 0, late.stdout[-3000:] + late.stderr[-3000:]
+  log = (tmp_path / "late" / "grid.log").read_text()
+  assert log.count("skipped") == 2 and not (tmp_path / "late" / "results.jsonl").exists(), log
+  run = _piece(tmp_path, "run", limit=0, script="benchmarks/mad_plan.sh", PLAN=plan, END="600")
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  log = (tmp_path / "run" / "grid.log").read_text()
+  assert log.index("=== piece 1") < log.index("=== piece 2") and log.count("rc=0") == 2, log[-3000:]
+  assert "plan done" in log
+  rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+  assert [r["variant"] for r in rows] == ["vocab_size=32"] * 8 + ["baseline"] * 8, rows  # piece 1's, then 2's
+  # A malformed entry anywhere stops the plan before its first piece.
+  bad = _piece(tmp_path, "bad", limit=0, script="benchmarks/mad_plan.sh", PLAN=f"{plan} transformer::16")
+  assert bad.returncode == 2 and "ARCHS:TASKS:VARIANTS:SLOTS" in bad.stderr, bad.stderr
+  assert not (tmp_path / "bad").exists()

@@ -1,0 +1,36 @@
+#!/bin/bash
+# Several MAD grid pieces (benchmarks/mad_grid_piece.sh) one after another in one device call, in the order given:
+# the grid itself orders its groups (saved slots first, then by architecture and cost), so a plan is how a session
+# says "finish this group, then start that one". PLAN lists the pieces, space-separated, each
+# ARCHS:TASKS:VARIANTS:SLOTS (TASKS or VARIANTS empty for all of them), e.g.
+#   PLAN="transformer:fuzzy_recall:seq_len=1024:32 mesanet:fuzzy_recall:vocab_size=64,vocab_size=128:16" \
+#     END=560 OUT=$OUT bash benchmarks/mad_plan.sh
+# Each piece gets the time left until END seconds after this script started (one with under 60 s left is skipped,
+# one with nothing left to train exits at once), so the same plan serves every call of a chain on a warm machine:
+# later calls skip through the finished pieces. Every other setting of mad_grid_piece.sh (BUDGET, DRAIN,
+# RETURN_STATE, PIECE, EXTRA, ...) applies to each piece. $OUT/grid.log holds every piece's log, one after another;
+# $OUT/state (RETURN_STATE=1) is every group's saved slots in $PIECE/state, not only the last piece's.
+set -uo pipefail
+PLAN=${PLAN:?"PLAN must list the pieces: ARCHS:TASKS:VARIANTS:SLOTS ..."}; END=${END:-560}
+OUT=${OUT:-runs/piece_out}
+for piece in $PLAN; do  # every entry checked before any piece runs
+  IFS=: read -r archs tasks variants slots extra <<< "$piece"
+  if [ -z "$archs" ] || ! [[ "$slots" =~ ^[0-9]+$ ]] || [ -n "$extra" ]; then
+    echo "PLAN entry $piece must be ARCHS:TASKS:VARIANTS:SLOTS (SLOTS a number)" >&2; exit 2
+  fi
+done
+mkdir -p "$OUT"
+plan_log=$(mktemp)
+number=0
+for piece in $PLAN; do
+  number=$((number + 1))
+  IFS=: read -r archs tasks variants slots <<< "$piece"
+  left=$((END - SECONDS))
+  if [ "$left" -lt 60 ]; then echo "=== piece $number ($piece) skipped: $left s left" | tee -a "$plan_log"; continue; fi
+  echo "=== piece $number ($piece) from $SECONDS s" | tee -a "$plan_log"
+  LIMIT=$left ARCHS=$archs TASKS=$tasks SLOTS=$slots EXTRA="${EXTRA:-} ${variants:+--variants=$variants}" OUT=$OUT \
+    bash benchmarks/mad_grid_piece.sh | tail -n 14
+  cat "$OUT/grid.log" >> "$plan_log"
+done
+echo "=== plan done at $SECONDS s" | tee -a "$plan_log"
+chmod 644 "$plan_log"; mv "$plan_log" "$OUT/grid.log"

@@ -154,6 +154,8 @@ def main(argv):
         print(f"| {r['group']} | {r['jobs']} | {r['longest']} | {r['slots']} | {r['population_steps']} | "
               f"{r['saved']} |")
       print(f"{sum(r['jobs'] for r in rows)} jobs left in {len(rows)} groups")
+      for note in grid.held_back(settings, jobs):
+        print(note)
       return
     finished = grid.run(settings, jobs, SIGTERM)
   print(f"finished {finished} jobs; results in {_RESULTS.value}")

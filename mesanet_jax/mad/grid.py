@@ -21,7 +21,10 @@ and evaluations compile in a thread (`_compile_ahead`), so a group starts withou
 A group's in-flight slots are saved to `state_dir` when the time limit stops the run (`slot_state`: in parts of at
 most 16 MiB, the slots furthest along first within `state_budget`), and resumed from there by the next run with the
 same settings, in a population of the usual size or of the saved slots if more; the jobs of slots not saved start
-over. In the last `drain` seconds before the time limit no queued job starts, so that fewer are in flight then.
+over. In the last `drain` seconds before the time limit no queued job starts, so that fewer are in flight then. A
+run that could not resume a saved group's slots (it does not select their jobs, or a variant it adds to the group
+changes the population's shapes) holds that group back with a note saying what to run, rather than start its jobs
+over and lose the save.
 """
 import concurrent.futures
 import dataclasses
@@ -234,21 +237,39 @@ def group_order(settings: Settings, groups: dict[tuple, list], architectures: li
   return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]), cost(k)))
 
 
-def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[dict[tuple, list], list[tuple]]:
-  """The jobs not yet in settings.results by group, and the groups in the order to train them (`group_order`)."""
+def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[dict[tuple, list], list[tuple],
+                                                                                dict[tuple, tuple[list, list]]]:
+  """The jobs not yet in settings.results by group, the groups to train in their order (`group_order`), and those
+  held back: {group key: (its jobs, the pending jobs of its saved slots that `all_jobs` leaves out)}. Training such
+  a group would drop those slots and then overwrite or remove their save, so it waits for a run that selects them."""
   done = done_keys(settings, {j.architecture for j in all_jobs})
   groups: dict[tuple, list] = {}
   for job in all_jobs:
     if job.key not in done:
       groups.setdefault(group_key(job), []).append(job)
-  return groups, group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs)))
+  known = done | {j.key for j in all_jobs}
+  held = {}
+  for key in list(groups):
+    saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
+    left_out = [tuple(k) for k in (saved["jobs"] if saved else []) if k and tuple(k) not in known]
+    if left_out:
+      held[key] = (groups.pop(key), left_out)
+  return groups, group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs))), held
+
+
+def _held_note(settings: Settings, key: tuple, jobs: list, left_out: list[tuple]) -> str:
+  """Why a group is held back (`_pending_groups`) and what to run instead."""
+  variants_left_out = sorted({f"{task} {variant}" for _, task, variant, _, _ in left_out})
+  return (f"{group_name(key)}: {len(jobs)} jobs held back: its saved slots hold {len(left_out)} jobs this run does "
+          f"not select ({', '.join(variants_left_out)}); select them too to resume them, or remove "
+          f"{group_name(key)}.* from {settings.state_dir} to start them over")
 
 
 def plan(settings: Settings, all_jobs: list[training.Job]) -> list[dict]:
   """What `run` would train, group by group in its order, without training: the group, its jobs not yet in
   settings.results, the longest one's steps, the population's slots (before the memory fit) and its steps when no
   job stops early (`population_steps`: an upper bound), and the slots saved in `state_dir` that it would resume."""
-  groups, keys = _pending_groups(settings, all_jobs)
+  groups, keys, _ = _pending_groups(settings, all_jobs)
   rows = []
   for key in keys:
     steps = [j.steps(settings.protocol) for j in groups[key]]
@@ -257,6 +278,11 @@ def plan(settings: Settings, all_jobs: list[training.Job]) -> list[dict]:
     rows.append({"group": group_name(key), "jobs": len(steps), "longest": max(steps), "slots": slots,
                  "population_steps": population_steps(steps, slots), "saved": len(saved["jobs"]) if saved else 0})
   return rows
+
+
+def held_back(settings: Settings, all_jobs: list[training.Job]) -> list[str]:
+  """A note for each group `run` would hold back (`_pending_groups`): why, and what to run instead."""
+  return [_held_note(settings, key, *held) for key, held in _pending_groups(settings, all_jobs)[2].items()]
 
 
 class _Deadline:
@@ -282,11 +308,15 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
   the slots in flight, at the time limit or once `sigterm.raised` (a `train.sigterm.SigtermFlag`) is set; in the
   last `settings.drain` seconds before the time limit it starts no queued job (and no group)."""
   deadline = _Deadline(settings, sigterm)
-  groups, keys = _pending_groups(settings, all_jobs)
+  groups, keys, held = _pending_groups(settings, all_jobs)
   pending = [j for key in keys for j in groups[key]]
   protocol = settings.protocol
   progress = _Progress(sum(j.steps(protocol) * j.variant.seq_len for j in pending))
-  progress.note(f"{len(pending)} jobs to train ({len(all_jobs) - len(pending)} done) in {len(keys)} groups")
+  held_jobs = sum(len(jobs) for jobs, _ in held.values())
+  progress.note(f"{len(pending)} jobs to train ({len(all_jobs) - len(pending) - held_jobs} done) in {len(keys)} "
+                f"groups")
+  for key, (jobs, left_out) in held.items():
+    progress.note(_held_note(settings, key, jobs, left_out))
   needed = list(dict.fromkeys(j.variant for j in pending))  # generated in the order their groups train
   pool = concurrent.futures.ProcessPoolExecutor(settings.workers or max(os.cpu_count() - 1, 1),
                                                 mp_context=multiprocessing.get_context("spawn"))
@@ -384,6 +414,13 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   slot_jobs: list = [None] * size
   num_examples = int(data["train_inputs"].shape[1])
   slots = population.init(num_examples, settings.seed)
+  if saved and not _fits(saved, slots):
+    progress.note(f"{group_name(key)}: {len(jobs)} jobs held back: its saved slots are of another population's "
+                  f"shapes (another vocabulary: the run that saved them selected other variants of the group, or "
+                  f"other model settings); run that selection to resume them, or remove {group_name(key)}.* from "
+                  f"{settings.state_dir} to start them over")
+    progress.advance(0, skipped=sum(j.steps(protocol) for j in jobs) * length)
+    return 0
   if saved:
     slots, slot_jobs = _restore(saved, slots, slot_jobs, queue)
     progress.advance(int(sum(np.asarray(slots.step)[i] for i, j in enumerate(slot_jobs) if j)) * length)  # done before
@@ -537,12 +574,16 @@ def _fill(population, slots, slot_jobs, free, queue, group_variants, seed, popul
                            keys=jnp.stack(keys))
 
 
+def _fits(saved: dict, slots) -> bool:
+  """Whether the saved slots (`slot_state.load`) have the shapes of this population's."""
+  return [slot_state.host_shape(t).shape[1:] for t in jax.tree.leaves(slots)] == [x.shape[1:] for x in saved["leaves"]]
+
+
 def _restore(saved: dict, slots, slot_jobs, queue):
-  """The saved slots (`slot_state.load`: furthest along first) in the first slots, as many as the population holds
-  (the jobs of the others stay queued and start over); a saved slot whose job is no longer queued is emptied."""
+  """The saved slots (`slot_state.load`: furthest along first, of this population's shapes: `_fits`) in the first
+  slots, as many as the population holds (the jobs of the others stay queued and start over); a saved slot whose job
+  is no longer queued (done) is emptied."""
   template, treedef = jax.tree.flatten(slots)
-  if [slot_state.host_shape(t).shape[1:] for t in template] != [x.shape[1:] for x in saved["leaves"]]:
-    return slots, slot_jobs  # saved with other settings: start over
   resumed = min(len(saved["jobs"]), len(slot_jobs))
   as_leaf = lambda t, x: (jax.random.wrap_key_data(jnp.asarray(x)) if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
                           else jnp.asarray(x, t.dtype))

@@ -408,6 +408,53 @@ def test_a_shrunk_population_saved_at_the_time_limit_resumes_beside_the_queued_j
   assert not os.listdir(settings.state_dir)  # the group's state removed once its jobs are done
 
 
+def _saved_in_flight(settings, jobs: list, slots: int):
+  """Saves `slots` slots with jobs[:slots] in flight (no step taken) as the grid saves its group at a time limit."""
+  variant = jobs[0].variant
+  population = Population(models.mad_config("transformer", variant.vocab_size), False, settings.protocol, slots)
+  slot_jobs, queue = [None] * slots, list(jobs[:slots])
+  filled = grid._fill(population, population.init(variant.num_train_examples), slot_jobs, list(range(slots)), queue,
+                      [variant], settings.seed, 0)
+  slot_state.save(settings.state_dir, grid.group_name(grid.group_key(jobs[0])), filled, slot_jobs)
+
+
+@pytest.mark.slow
+def test_a_group_whose_saved_slots_a_run_does_not_select_is_held_back(tmp_path):
+  # Training the group without them would drop the saved slots and then overwrite or remove their save.
+  variant = variants.shrunk(variants.find("memorize", "baseline"), 32)
+  jobs = training.jobs(["transformer"], [variant], lrs=(1e-3, 3e-3, 5e-4), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
+                           state_dir=str(tmp_path / "state"), workers=1)
+  _saved_in_flight(settings, jobs, 2)
+  saved_files = sorted(os.listdir(settings.state_dir))
+  assert grid.run(settings, jobs[2:]) == 0
+  assert not os.path.exists(settings.results) and sorted(os.listdir(settings.state_dir)) == saved_files
+  [note] = grid.held_back(settings, jobs[2:])
+  assert note.startswith("transformer.lm.L32: 1 jobs held back: its saved slots hold 2 jobs this run does not "
+                         "select (memorize baseline)")
+  assert grid.plan(settings, jobs[2:]) == []
+  assert grid.held_back(settings, jobs) == []
+  assert grid.run(settings, jobs) == 3  # selected with them: the two resumed, the third queued
+  assert not os.listdir(settings.state_dir)
+
+
+@pytest.mark.slow
+def test_saved_slots_of_another_vocabulary_are_held_back_not_started_over(tmp_path):
+  # The group's vocabulary is its variants' largest: selecting a larger-vocabulary variant of the group beside the
+  # saved jobs changes the population's shapes, and the saved slots must wait for a run of their own selection.
+  small, large = (variants.shrunk(variants.find("memorize", name), 32) for name in ("baseline", "vocab_size=512"))
+  jobs = training.jobs(["transformer"], [small], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
+  wider = jobs + training.jobs(["transformer"], [large], lrs=(1e-3,), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
+                           state_dir=str(tmp_path / "state"), workers=1)
+  _saved_in_flight(settings, jobs, 2)
+  saved_files = sorted(os.listdir(settings.state_dir))
+  assert grid.run(settings, wider) == 0
+  assert not os.path.exists(settings.results) and sorted(os.listdir(settings.state_dir)) == saved_files
+  assert grid.run(settings, jobs) == 2 and not os.listdir(settings.state_dir)
+  assert grid.run(settings, wider) == 1
+
+
 class _Clock:
   """Stands in for the `time` module in mesanet_jax.mad.grid: one second passes at each reading of time(); the
   durations the grid logs (perf_counter) are real."""

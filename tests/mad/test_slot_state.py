@@ -117,7 +117,8 @@ def test_the_dry_run_plan_lists_the_groups_in_training_order(tmp_path):
   settings = grid.Settings(results=str(results), state_dir=str(tmp_path / "state"), max_slots=4)
   results.write_text(json.dumps({"architecture": "mesanet", "task": "memorize", "variant": "baseline", "lr": 1e-3,
                                  "weight_decay": 0.1, "accuracy": 0.5, **grid.protocol_settings(settings)}) + "\n")
-  slot_state.save(settings.state_dir, "mesanet.autoencoder.L32", _slots([3]), _jobs(1))
+  compress = [j for j in jobs if j.variant.task == "compress"]
+  slot_state.save(settings.state_dir, "mesanet.autoencoder.L32", _slots([3]), compress[:1])
   assert grid.plan(settings, jobs) == [
       {"group": "mesanet.autoencoder.L32", "jobs": 2, "longest": 80_000, "slots": 2, "population_steps": 80_000,
        "saved": 1},

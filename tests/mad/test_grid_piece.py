@@ -22,8 +22,7 @@ def _piece(tmp_path, out: str, limit: int, script: str = "benchmarks/mad_grid_pi
       "TASKS": "in_context_recall", "LIMIT": str(limit),
       "EXTRA": f"--variants=baseline --num_examples=64 --epochs=2 --workers=1 --data_dir={tmp_path / 'data'} "
                "--steps_per_call=1", **env})
-  return subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow  # two grid processes
@@ -73,7 +72,6 @@ def test_a_later_call_brings_saved_slots_to_a_machine_once(tmp_path):
   assert os.listdir(tmp_path / "piece" / "state") == []  # the finished jobs' slots were not brought back
   rows = [json.loads(line) for line in (tmp_path / "third" / "results.jsonl").read_text().splitlines()]
   assert len(rows) == 8 and "0 jobs to train" in (tmp_path / "third" / "grid.log").read_text()
-
 
 
 @pytest.mark.slow  # two grid processes

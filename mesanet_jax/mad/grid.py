@@ -238,10 +238,11 @@ def group_order(settings: Settings, groups: dict[tuple, list], architectures: li
 
 
 def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[dict[tuple, list], list[tuple],
-                                                                                dict[tuple, tuple[list, list]]]:
+                                                                                dict[tuple, tuple[list, str]]]:
   """The jobs not yet in settings.results by group, the groups to train in their order (`group_order`), and those
-  held back: {group key: (its jobs, the pending jobs of its saved slots that `all_jobs` leaves out)}. Training such
-  a group would drop those slots and then overwrite or remove their save, so it waits for a run that selects them."""
+  held back: {group key: (its jobs, `_held_note`)}, the groups whose saved slots hold pending jobs `all_jobs` leaves
+  out. Training such a group would drop those slots and then overwrite or remove their save, so it waits for a run
+  that selects them."""
   done = done_keys(settings, {j.architecture for j in all_jobs})
   groups: dict[tuple, list] = {}
   for job in all_jobs:
@@ -253,15 +254,17 @@ def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[d
     saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
     left_out = [tuple(k) for k in (saved["jobs"] if saved else []) if k and tuple(k) not in known]
     if left_out:
-      held[key] = (groups.pop(key), left_out)
+      variants_left_out = ", ".join(sorted({f"{task} {variant}" for _, task, variant, _, _ in left_out}))
+      jobs = groups.pop(key)
+      held[key] = (jobs, _held_note(settings, key, jobs, f"hold {len(left_out)} jobs this run does not select "
+                                                         f"({variants_left_out})", "select them too"))
   return groups, group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs))), held
 
 
-def _held_note(settings: Settings, key: tuple, jobs: list, left_out: list[tuple]) -> str:
-  """Why a group is held back (`_pending_groups`) and what to run instead."""
-  variants_left_out = sorted({f"{task} {variant}" for _, task, variant, _, _ in left_out})
-  return (f"{group_name(key)}: {len(jobs)} jobs held back: its saved slots hold {len(left_out)} jobs this run does "
-          f"not select ({', '.join(variants_left_out)}); select them too to resume them, or remove "
+def _held_note(settings: Settings, key: tuple, jobs: list, why: str, remedy: str) -> str:
+  """The note of a group held back (`_pending_groups`, `_train_group`): its saved slots `why`, and `remedy` (or
+  removing the save) is what to do instead."""
+  return (f"{group_name(key)}: {len(jobs)} jobs held back: its saved slots {why}; {remedy} to resume them, or remove "
           f"{group_name(key)}.* from {settings.state_dir} to start them over")
 
 
@@ -282,7 +285,7 @@ def plan(settings: Settings, all_jobs: list[training.Job]) -> list[dict]:
 
 def held_back(settings: Settings, all_jobs: list[training.Job]) -> list[str]:
   """A note for each group `run` would hold back (`_pending_groups`): why, and what to run instead."""
-  return [_held_note(settings, key, *held) for key, held in _pending_groups(settings, all_jobs)[2].items()]
+  return [note for _, note in _pending_groups(settings, all_jobs)[2].values()]
 
 
 class _Deadline:
@@ -315,8 +318,8 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
   held_jobs = sum(len(jobs) for jobs, _ in held.values())
   progress.note(f"{len(pending)} jobs to train ({len(all_jobs) - len(pending) - held_jobs} done) in {len(keys)} "
                 f"groups")
-  for key, (jobs, left_out) in held.items():
-    progress.note(_held_note(settings, key, jobs, left_out))
+  for _, note in held.values():
+    progress.note(note)
   needed = list(dict.fromkeys(j.variant for j in pending))  # generated in the order their groups train
   pool = concurrent.futures.ProcessPoolExecutor(settings.workers or max(os.cpu_count() - 1, 1),
                                                 mp_context=multiprocessing.get_context("spawn"))
@@ -415,10 +418,9 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   num_examples = int(data["train_inputs"].shape[1])
   slots = population.init(num_examples, settings.seed)
   if saved and not _fits(saved, slots):
-    progress.note(f"{group_name(key)}: {len(jobs)} jobs held back: its saved slots are of another population's "
-                  f"shapes (another vocabulary: the run that saved them selected other variants of the group, or "
-                  f"other model settings); run that selection to resume them, or remove {group_name(key)}.* from "
-                  f"{settings.state_dir} to start them over")
+    progress.note(_held_note(settings, key, jobs, "are of another population's shapes (another vocabulary: the run "
+                             "that saved them selected other variants of the group, or other model settings)",
+                             "run that selection"))
     progress.advance(0, skipped=sum(j.steps(protocol) for j in jobs) * length)
     return 0
   if saved:

@@ -9,7 +9,9 @@
 # OUT (./runs/piece_out), MESA (impl:chunk:precision; default models.FAST_MESA's), GDN_IMPL (default models.FAST_GDN's),
 # EXTRA (more mesanet-mad-grid flags), PIECE (/tmp/piece: the working copy), SIDE_BY_SIDE (1: one process per
 # architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
-# leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable), RETURN_STATE (1: copy the state to $OUT;
+# leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable), GPUS (1; n > 1: n processes with the same
+# selection, one per GPU (CUDA_VISIBLE_DEVICES=i), each with BUDGET / n: each claims the next group no other
+# process trains, mesanet_jax/mad/claims.py), RETURN_STATE (1: copy the state to $OUT;
 # 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same warm machine), MEM_TOTAL
 # (the share of GPU memory the grid's processes take together: 0.9 side by side, JAX's 0.75 alone; less leaves room
 # for a run beside them). The state directory travels whole: keep it under a call's 64 MiB. The first piece on a
@@ -25,6 +27,14 @@ BUDGET=${BUDGET:-56}
 OUT=${OUT:-runs/piece_out}; PIECE=${PIECE:-/tmp/piece}; MESA=${MESA:-}; GDN_IMPL=${GDN_IMPL:-}; EXTRA=${EXTRA:-}
 RESULTS_IN=${RESULTS_IN:-benchmarks/results/mad/results.jsonl}; STATE_IN=${STATE_IN:-.madstate}
 USAGE_IN=${USAGE_IN:-benchmarks/results/mad/usage.jsonl}
+GPUS=${GPUS:-1}
+if ! [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { [ "$GPUS" -gt 1 ] && [ "${SIDE_BY_SIDE:-0}" = 1 ]; }; then
+  echo "GPUS must be a number ≥ 1, and SIDE_BY_SIDE=1 (processes sharing one GPU) takes GPUS=1; got GPUS=$GPUS" >&2
+  exit 2
+fi
+if command -v nvidia-smi > /dev/null && [ "$GPUS" -gt "$(nvidia-smi -L | grep -c '^GPU')" ]; then
+  echo "GPUS=$GPUS, but this machine has $(nvidia-smi -L | grep -c '^GPU') GPUs" >&2; exit 2
+fi
 mkdir -p "$OUT"
 if [ ! -f "$PIECE/results.jsonl" ]; then
   mkdir -p "$PIECE"
@@ -46,13 +56,13 @@ if [ -n "$MESA" ]; then
   mesa_flags=(--impl="$impl" --chunk_size="$chunk" ${precision:+--matmul_precision="$precision"})
 fi
 echo "ARCHS=$ARCHS TASKS=$TASKS SLOTS=$SLOTS LIMIT=$LIMIT DRAIN=$DRAIN MESA=$MESA GDN_IMPL=$GDN_IMPL EXTRA=$EXTRA" \
-  "SIDE_BY_SIDE=${SIDE_BY_SIDE:-0}" | tee "$OUT/grid.log"
+  "SIDE_BY_SIDE=${SIDE_BY_SIDE:-0} GPUS=$GPUS" | tee "$OUT/grid.log"
 mkdir -p "$PIECE/logs"; rm -f "$PIECE"/logs/*.log
-grid() {  # architectures, state budget (MiB), log name, processes side by side
+grid() {  # architectures, state budget (MiB), log name, processes on the device, data workers ('': the default)
   # shellcheck disable=SC2086  # EXTRA holds several flags
   timeout $((LIMIT + 60)) python3 -m experiments.mad_grid --results="$PIECE/results.jsonl" --state_dir="$PIECE/state" \
     --state_budget_mib="$2" --architectures="$1" ${TASKS:+--tasks="$TASKS"} --time_limit="$LIMIT" \
-    --drain_seconds="$DRAIN" --max_slots="$SLOTS" --device_share="$4" "${mesa_flags[@]}" \
+    --drain_seconds="$DRAIN" --max_slots="$SLOTS" --device_share="$4" ${5:+--workers="$5"} "${mesa_flags[@]}" \
     ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
     | tr '\r' '\n' | grep --line-buffered -v -e ' it/s' -e 'tok·step/s' -e '^[[:space:]]*$' > "$PIECE/logs/$3.log"
   echo "rc=${PIPESTATUS[0]}" >> "$PIECE/logs/$3.log"
@@ -65,6 +75,13 @@ if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
     XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" $((BUDGET / ${#archs[@]})) "grid_$arch" "${#archs[@]}" &
   done
   wait
+elif [ "$GPUS" -gt 1 ]; then
+  workers=$(( $(nproc) / GPUS > 1 ? $(nproc) / GPUS - 1 : 1 ))
+  for ((gpu = 0; gpu < GPUS; gpu++)); do
+    CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-0.75} \
+      grid "$ARCHS" $((BUDGET / GPUS)) "grid_gpu$gpu" 1 "$workers" &
+  done
+  wait
 else
   XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.75}} grid "$ARCHS" "$BUDGET" grid 1
 fi
@@ -73,5 +90,6 @@ cp "$PIECE/results.jsonl" "$OUT/results.jsonl"
 if [ -f "$PIECE/usage.jsonl" ]; then cp "$PIECE/usage.jsonl" "$OUT/usage.jsonl"; fi
 rm -rf "$OUT/state"
 if [ "${RETURN_STATE:-1}" = 1 ] && [ -d "$PIECE/state" ]; then
-  cp -r "$PIECE/state" "$OUT/state"; du -sh "$OUT/state"
+  mkdir -p "$OUT/state"; find "$PIECE/state" -maxdepth 1 -name '*.pkl' -exec cp {} "$OUT/state/" \;  # no claims
+  du -sh "$OUT/state"
 fi

@@ -8,8 +8,9 @@
 # Each piece gets the time left until END seconds after this script started (one with under 60 s left is skipped,
 # one with nothing left to train exits at once), so the same plan serves every call of a chain on a warm machine:
 # later calls skip through the finished pieces. Every other setting of mad_grid_piece.sh (BUDGET, DRAIN,
-# RETURN_STATE, PIECE, EXTRA, ...) applies to each piece. $OUT/grid.log holds every piece's log, one after another;
-# $OUT/state (RETURN_STATE=1) is every group's saved slots in $PIECE/state, not only the last piece's.
+# RETURN_STATE, PIECE, EXTRA, GPUS, ...) applies to each piece: with GPUS=n a piece's groups train n at a time.
+# $OUT/grid.log holds every piece's log, one after another; $OUT/state (RETURN_STATE=1) is every group's saved slots
+# in $PIECE/state, not only the last piece's.
 set -uo pipefail
 PLAN=${PLAN:?"PLAN must list the pieces: ARCHS:TASKS:VARIANTS:SLOTS ..."}; END=${END:-560}
 OUT=${OUT:-runs/piece_out}

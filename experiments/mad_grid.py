@@ -9,7 +9,8 @@ jobs sharing model shapes at once as one population (mesanet_jax/mad/population.
 it finishes; a rerun skips the finished ones. With --time_limit (or at a SIGTERM) the run stops, saving the
 populations in flight under --state_dir for the next run (in files of at most 16 MiB; --state_budget_mib bounds
 them, keeping the slots furthest along). Each group run's device time goes to --usage (usage.jsonl beside
---results). Table and device hours: `mesanet-mad-table --results=...`.
+--results). Several runs may share --results and --state_dir (one per GPU): each trains the groups no other holds
+(mesanet_jax/mad/claims.py). Table and device hours: `mesanet-mad-table --results=...`.
 """
 import dataclasses
 import os

@@ -25,6 +25,10 @@ over. In the last `drain` seconds before the time limit no queued job starts, so
 run that could not resume a saved group's slots (it does not select their jobs, or a variant it adds to the group
 changes the population's shapes) holds that group back with a note saying what to run, rather than start its jobs
 over and lose the save.
+
+Several runs may share one results file and state directory (one process per GPU, each with the same selection):
+each claims a group before training it (`claims`) and skips those another live process holds, and re-reads the
+results and saves once it holds one, so no group is trained twice at once and no finished job again.
 """
 import concurrent.futures
 import dataclasses
@@ -40,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesanet_jax.mad import models, slot_state, table, training, usage, variants
+from mesanet_jax.mad import claims, models, slot_state, table, training, usage, variants
 from mesanet_jax.mad.population import Population, evaluation_index, stack_datasets
 from mesanet_jax.models.config import LMConfig
 
@@ -333,7 +337,7 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
         break
       if following is not None:
         ahead.submit(_compile_ahead, programs.planned(following, groups[following]), groups[following], futures)
-      finished += _run_group(settings, key, groups[key], futures, progress, deadline, programs)
+      finished += _run_claimed_group(settings, key, groups[key], futures, progress, deadline, programs)
   finally:
     ahead.shutdown(wait=False, cancel_futures=True)
     pool.shutdown(cancel_futures=True)
@@ -367,6 +371,34 @@ def _compile_ahead(population: Population, jobs: list, futures: dict) -> None:
   datasets = [futures[v].result() for v in dict.fromkeys(j.variant for j in jobs)]
   data = jax.eval_shape(lambda: stack_datasets(datasets, jobs[0].variant.seq_len))
   population.precompile(data, data["train_inputs"].shape[1])
+
+
+def _run_claimed_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress,
+                       deadline: _Deadline, programs: _Programs) -> int:
+  """`_run_group` for the group's jobs still pending, if this process can claim the group (`claims`; without a
+  state_dir the run is alone); returns the jobs it finished. Another process sharing the state directory may hold
+  the group now, or have finished jobs of it or saved its slots since this run listed them."""
+  name = group_name(key)
+  tokens = sum(j.steps(settings.protocol) * j.variant.seq_len for j in jobs)
+  if settings.state_dir and not claims.take(settings.state_dir, name):
+    progress.note(f"{name}: skipped, another process trains it ({claims.path(settings.state_dir, name)}: "
+                  f"{claims.holder(settings.state_dir, name)})")
+    progress.advance(0, skipped=tokens)
+    return 0
+  try:
+    groups, _, held = _pending_groups(settings, jobs)
+    if key in held:
+      progress.note(held[key][1])
+    elif key not in groups:
+      progress.note(f"{name}: finished by another process")
+    if key not in groups:
+      progress.advance(0, skipped=tokens)
+      return 0
+    progress.advance(0, skipped=tokens - sum(j.steps(settings.protocol) * j.variant.seq_len for j in groups[key]))
+    return _run_group(settings, key, groups[key], futures, progress, deadline, programs)
+  finally:
+    if settings.state_dir:
+      claims.release(settings.state_dir, name)
 
 
 def _run_group(settings: Settings, key: tuple, jobs: list, futures: dict, progress: _Progress,

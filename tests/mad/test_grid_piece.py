@@ -94,3 +94,22 @@ def test_a_plan_runs_its_pieces_in_order_and_skips_them_when_time_is_out(tmp_pat
   bad = _piece(tmp_path, "bad", limit=0, script="benchmarks/mad_plan.sh", PLAN=f"{plan} transformer::16")
   assert bad.returncode == 2 and "ARCHS:TASKS:VARIANTS:SLOTS" in bad.stderr, bad.stderr
   assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow  # two grid processes at once
+def test_gpus_run_one_process_per_gpu_and_each_group_trains_once(tmp_path):
+  (tmp_path / "tracked.jsonl").write_text("")
+  # Memorize and compression: two groups (transformer.lm.L32, transformer.autoencoder.L32) for two processes.
+  both = _piece(tmp_path, "both", limit=600, SLOTS="8", GPUS="2", TASKS="memorize,compress")
+  assert both.returncode == 0, both.stdout[-3000:] + both.stderr[-3000:]
+  log = (tmp_path / "both" / "grid.log").read_text()
+  assert "=== grid_gpu0.log" in log and "=== grid_gpu1.log" in log and log.count("rc=0") == 2, log[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "both" / "results.jsonl").read_text().splitlines()]
+  keys = [(r["task"], r["lr"], r["weight_decay"]) for r in rows]
+  assert len(keys) == len(set(keys)) == 16, keys  # every job once: no group trained by both processes
+  usage = [json.loads(line) for line in (tmp_path / "both" / "usage.jsonl").read_text().splitlines()]
+  assert sorted(u["group"] for u in usage) == ["transformer.autoencoder.L32", "transformer.lm.L32"], usage
+  assert sorted(os.listdir(tmp_path / "both" / "state")) == []  # no claim travels
+  for bad in ({"GPUS": "0"}, {"GPUS": "2", "SIDE_BY_SIDE": "1"}):
+    refused = _piece(tmp_path, "refused", limit=600, **bad)
+    assert refused.returncode == 2 and "GPUS must be a number ≥ 1" in refused.stderr, refused.stderr

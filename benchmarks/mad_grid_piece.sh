@@ -11,10 +11,10 @@
 # architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
 # leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable), GPUS (1; n > 1: n processes with the same
 # selection, one per GPU (CUDA_VISIBLE_DEVICES=i), each with BUDGET / n: each claims the next group no other
-# process trains, mesanet_jax/mad/claims.py), RETURN_STATE (1: copy the state to $OUT;
-# 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same warm machine), MEM_TOTAL
-# (the share of GPU memory the grid's processes take together: 0.9 side by side, JAX's 0.75 alone; less leaves room
-# for a run beside them). The state directory travels whole: keep it under a call's 64 MiB. The first piece on a
+# process trains, mesanet_jax/mad/claims.py, taking an architecture's groups longest first), RETURN_STATE (1: copy
+# the state to $OUT; 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same
+# warm machine), MEM_TOTAL (the share of GPU memory the grid's processes take together: 0.9 side by side, JAX's 0.75
+# alone; less leaves room for a run beside them). The state directory travels whole: keep it under a call's 64 MiB. The first piece on a
 # machine starts from the tracked benchmarks/results/mad/results.jsonl (RESULTS_IN) and usage.jsonl beside it
 # (USAGE_IN); later pieces on the same machine continue from $PIECE. Every piece adds the slots saved in .madstate/
 # (STATE_IN) that the machine has not taken before, so .madstate may come with any call before the piece that runs
@@ -58,12 +58,12 @@ fi
 echo "ARCHS=$ARCHS TASKS=$TASKS SLOTS=$SLOTS LIMIT=$LIMIT DRAIN=$DRAIN MESA=$MESA GDN_IMPL=$GDN_IMPL EXTRA=$EXTRA" \
   "SIDE_BY_SIDE=${SIDE_BY_SIDE:-0} GPUS=$GPUS" | tee "$OUT/grid.log"
 mkdir -p "$PIECE/logs"; rm -f "$PIECE"/logs/*.log
-grid() {  # architectures, state budget (MiB), log name, processes on the device, data workers ('': the default)
+grid() {  # architectures, state budget (MiB), log name, processes on the device, data workers ('': default), flags
   # shellcheck disable=SC2086  # EXTRA holds several flags
   timeout $((LIMIT + 60)) python3 -m experiments.mad_grid --results="$PIECE/results.jsonl" --state_dir="$PIECE/state" \
     --state_budget_mib="$2" --architectures="$1" ${TASKS:+--tasks="$TASKS"} --time_limit="$LIMIT" \
-    --drain_seconds="$DRAIN" --max_slots="$SLOTS" --device_share="$4" ${5:+--workers="$5"} "${mesa_flags[@]}" \
-    ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
+    --drain_seconds="$DRAIN" --max_slots="$SLOTS" --device_share="$4" ${5:+--workers="$5"} "${@:6}" \
+    "${mesa_flags[@]}" ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
     | tr '\r' '\n' | grep --line-buffered -v -e ' it/s' -e 'tok·step/s' -e '^[[:space:]]*$' > "$PIECE/logs/$3.log"
   echo "rc=${PIPESTATUS[0]}" >> "$PIECE/logs/$3.log"
   tail -25 "$PIECE/logs/$3.log"
@@ -79,7 +79,7 @@ elif [ "$GPUS" -gt 1 ]; then
   workers=$(( $(nproc) / GPUS > 1 ? $(nproc) / GPUS - 1 : 1 ))
   for ((gpu = 0; gpu < GPUS; gpu++)); do
     CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-0.75} \
-      grid "$ARCHS" $((BUDGET / GPUS)) "grid_gpu$gpu" 1 "$workers" &
+      grid "$ARCHS" $((BUDGET / GPUS)) "grid_gpu$gpu" 1 "$workers" --longest_first &
   done
   wait
 else

@@ -52,6 +52,8 @@ _MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "share of the devi
 _COMPACT = flags.DEFINE_integer("compact_min_steps", 1000, "shrink a population once nothing is queued and its jobs "
                                 "in flight fit a smaller power of two of slots, if the longest has this many steps "
                                 "left (mesanet_jax/mad/grid.py: compacted_size); -1: never")
+_LONGEST_FIRST = flags.DEFINE_bool("longest_first", False, "train each architecture's groups costliest first (for "
+                                   "several processes sharing the groups, one per GPU), not cheapest first")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "activation dtype (params stay f32; "
                            "bfloat16: mad-lab's Lightning precision 'bf16')")
 _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': mesanet_jax/mad/models.py "
@@ -145,7 +147,7 @@ def main(argv):
         linear_init_variance=(models.LINEAR_INIT_VARIANCE if _LINEAR_INIT_VARIANCE.value is None
                               else _LINEAR_INIT_VARIANCE.value), seed=_SEED.value, workers=_WORKERS.value,
         memory_fraction=_MEMORY_FRACTION.value,
-        compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value)
+        compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value, longest_first=_LONGEST_FIRST.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))
     if _DRY_RUN.value:
       rows = grid.plan(settings, jobs)

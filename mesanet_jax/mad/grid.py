@@ -91,6 +91,9 @@ class Settings:
   # them has at least this many steps left (the smaller population's programs compile in a thread meanwhile, ~10-15 s
   # for MesaNet on an H200); None: never.
   compact_min_steps: int | None = 1000
+  # Groups of an architecture costliest first instead of cheapest first (`group_order`): for several processes
+  # sharing the groups (one per GPU), so the long groups start early and the short ones fill in around them.
+  longest_first: bool = False
 
 
 def group_key(job: training.Job) -> tuple:
@@ -235,10 +238,12 @@ class _Progress:
 
 def group_order(settings: Settings, groups: dict[tuple, list], architectures: list[str]) -> list[tuple]:
   """The order to train groups ({group key: jobs}) in: those saved at an earlier run's time limit first (their slots
-  are furthest along), then by architecture as given, then cheapest first (job steps × sequence length)."""
+  are furthest along), then by architecture as given, then cheapest first (job steps × sequence length: the most
+  jobs done by a time limit), or costliest first with `settings.longest_first`."""
   saved = lambda key: bool(settings.state_dir) and slot_state.exists(settings.state_dir, group_name(key))
   cost = lambda key: sum(j.steps(settings.protocol) for j in groups[key]) * key[2]
-  return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]), cost(k)))
+  sign = -1 if settings.longest_first else 1
+  return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]), sign * cost(k)))
 
 
 def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[dict[tuple, list], list[tuple],

@@ -1,6 +1,7 @@
 """Saved slots: parts within their size, the slots furthest along kept within a budget, the newest complete save
 loaded (a save cut short leaves the previous one), one group's files never another's; a saved group trains first
 (and the dry run's plan lists it first)."""
+import dataclasses
 import json
 import os
 
@@ -97,7 +98,7 @@ def test_slot_bytes_is_what_a_save_writes(tmp_path):
   assert 3 * slot_state.slot_bytes(slots) <= written <= 3 * slot_state.slot_bytes(slots) + (1 << 16)
 
 
-def test_a_saved_group_trains_first(tmp_path):
+def test_a_saved_group_trains_first_then_by_architecture_and_cost(tmp_path):
   jobs = training.jobs(["mesanet", "gdn"], [variants.find("memorize", "baseline"), variants.find("compress",
                                                                                                   "baseline")])
   groups = {}
@@ -108,6 +109,8 @@ def test_a_saved_group_trains_first(tmp_path):
   assert names() == ["gdn.lm.L32", "gdn.autoencoder.L32", "mesanet.lm.L32", "mesanet.autoencoder.L32"]
   slot_state.save(str(tmp_path), "mesanet.autoencoder.L32", _slots([3]), _jobs(1))
   assert names() == ["mesanet.autoencoder.L32", "gdn.lm.L32", "gdn.autoencoder.L32", "mesanet.lm.L32"]
+  settings = dataclasses.replace(settings, longest_first=True)  # for processes sharing the groups (one per GPU)
+  assert names() == ["mesanet.autoencoder.L32", "gdn.autoencoder.L32", "gdn.lm.L32", "mesanet.lm.L32"]
 
 
 def test_the_dry_run_plan_lists_the_groups_in_training_order(tmp_path):

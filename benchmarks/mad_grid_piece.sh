@@ -14,12 +14,12 @@
 # process trains, mesanet_jax/mad/claims.py, taking an architecture's groups longest first), RETURN_STATE (1: copy
 # the state to $OUT; 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same
 # warm machine), MEM_TOTAL (the share of GPU memory the grid's processes take together: 0.9 side by side, JAX's 0.75
-# alone; less leaves room for a run beside them). The state directory travels whole: keep it under a call's 64 MiB. The first piece on a
-# machine starts from the tracked benchmarks/results/mad/results.jsonl (RESULTS_IN) and usage.jsonl beside it
-# (USAGE_IN); later pieces on the same machine continue from $PIECE. Every piece adds the slots saved in .madstate/
-# (STATE_IN) that the machine has not taken before, so .madstate may come with any call before the piece that runs
-# its groups. Afterwards copy $OUT/results.jsonl and $OUT/usage.jsonl over the tracked ones and $OUT/state to
-# .madstate/.
+# alone; less leaves room for a run beside them). The state's parts travel whole: keep them under a call's 64 MiB.
+# The first piece on a machine starts from the tracked benchmarks/results/mad/results.jsonl (RESULTS_IN) and
+# usage.jsonl beside it (USAGE_IN); later pieces on the same machine continue from $PIECE. Every piece adds the slots
+# saved in .madstate/ (STATE_IN) that the machine has not taken before, so .madstate may come with any call before
+# the piece that runs its groups. Afterwards copy $OUT/results.jsonl and $OUT/usage.jsonl over the tracked ones and
+# $OUT/state to .madstate/.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; DRAIN=${DRAIN:-0}

@@ -48,7 +48,8 @@ _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 200, "training steps pe
                                       "at every epoch end of a job in flight too, where it is evaluated)")
 _MEMORY_FRACTION = flags.DEFINE_float("memory_fraction", 0.9, "share of the device memory left after the datasets "
                                       "that a population's compiled train step may use; larger populations are "
-                                      "halved until it fits (devices that report no limit, e.g. CPU: unchecked)")
+                                      "halved until it fits (a device that reports no limit, e.g. CPU: of the "
+                                      "host memory available)")
 _COMPACT = flags.DEFINE_integer("compact_min_steps", 1000, "shrink a population once nothing is queued and its jobs "
                                 "in flight fit a smaller power of two of slots, if the longest has this many steps "
                                 "left (mesanet_jax/mad/grid.py: compacted_size); -1: never")

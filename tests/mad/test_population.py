@@ -299,6 +299,15 @@ def test_grid_runs_a_population_that_fits_the_device_memory(tmp_path, capsys, mo
   assert {r["slots"] for r in table.read(settings.results)} == {1}
 
 
+def test_a_device_without_a_memory_limit_budgets_the_host_memory_available(monkeypatch):
+  assert jax.devices()[0].memory_stats() is None  # the CPU reports no limit
+  assert grid._host_memory_available() > 0  # /proc/meminfo's MemAvailable
+  monkeypatch.setattr(grid, "_host_memory_available", lambda: 1000)
+  assert grid.memory_budget(0.9) == 900  # a CPU run halves a population the host cannot hold, not OOM-killed
+  monkeypatch.setattr(grid, "_host_memory_available", lambda: None)
+  assert grid.memory_budget(0.9) is None
+
+
 def test_compacted_size_is_the_power_of_two_that_holds_the_jobs_in_flight():
   assert [grid.compacted_size(n, 64) for n in (1, 2, 3, 17, 32, 33, 0)] == [1, 2, 4, 32, 32, None, None]
   assert grid.compacted_size(5, 8) is None and grid.compacted_size(2, 4) == 2 and grid.compacted_size(1, 1) is None

@@ -384,6 +384,7 @@ def test_the_next_groups_train_step_compiles_ahead_in_a_thread(tmp_path, monkeyp
   in a thread, and the second group then trains that very population (whose compiled step JAX does not compile
   again)."""
   on_main = lambda: threading.current_thread() is threading.main_thread()
+  monkeypatch.setattr(grid, "memory_budget", lambda fraction: None)  # no memory check: it compiles on the main thread
   compiled, started, compiled_train, init = [], [], Population.compiled_train, Population.init
   monkeypatch.setattr(Population, "compiled_train",
                       lambda self, *args: (compiled.append((id(self), on_main())), compiled_train(self, *args))[1])

@@ -125,6 +125,11 @@ def population_steps(job_steps: list[int], slots: int) -> int:
   return max(loads)
 
 
+def token_steps(jobs: list[training.Job], protocol: training.Protocol) -> int:
+  """The jobs' steps × sequence lengths, none stopping early: what the progress bar counts and a group costs."""
+  return sum(j.steps(protocol) * j.variant.seq_len for j in jobs)
+
+
 def memory_budget(fraction: float) -> int | None:
   """Bytes a population's train step may take on the default device: `fraction` of what its allocator has left; on
   a device that reports no limit (CPU), of the host memory available (a CPU run of MAD's L 1,024 groups at 16 slots
@@ -255,9 +260,9 @@ def group_order(settings: Settings, groups: dict[tuple, list], architectures: li
   are furthest along), then by architecture as given, then cheapest first (job steps × sequence length: the most
   jobs done by a time limit), or costliest first with `settings.longest_first`."""
   saved = lambda key: bool(settings.state_dir) and slot_state.exists(settings.state_dir, group_name(key))
-  cost = lambda key: sum(j.steps(settings.protocol) for j in groups[key]) * key[2]
   sign = -1 if settings.longest_first else 1
-  return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]), sign * cost(k)))
+  return sorted(groups, key=lambda k: (not saved(k), architectures.index(k[0]),
+                                       sign * token_steps(groups[k], settings.protocol)))
 
 
 def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[dict[tuple, list], list[tuple],
@@ -337,7 +342,7 @@ def run(settings: Settings, all_jobs: list[training.Job], sigterm=None) -> int:
   groups, keys, held = _pending_groups(settings, all_jobs)
   pending = [j for key in keys for j in groups[key]]
   protocol = settings.protocol
-  progress = _Progress(sum(j.steps(protocol) * j.variant.seq_len for j in pending))
+  progress = _Progress(token_steps(pending, protocol))
   held_jobs = sum(len(jobs) for jobs, _ in held.values())
   progress.note(f"{len(pending)} jobs to train ({len(all_jobs) - len(pending) - held_jobs} done) in {len(keys)} "
                 f"groups")
@@ -398,22 +403,19 @@ def _run_claimed_group(settings: Settings, key: tuple, jobs: list, futures: dict
   state_dir the run is alone); returns the jobs it finished. Another process sharing the state directory may hold
   the group now, or have finished jobs of it or saved its slots since this run listed them."""
   name = group_name(key)
-  tokens = sum(j.steps(settings.protocol) * j.variant.seq_len for j in jobs)
+  listed = token_steps(jobs, settings.protocol)
   if settings.state_dir and not claims.take(settings.state_dir, name):
     progress.note(f"{name}: skipped, another process trains it ({claims.path(settings.state_dir, name)}: "
                   f"{claims.holder(settings.state_dir, name)})")
-    progress.advance(0, skipped=tokens)
+    progress.advance(0, skipped=listed)
     return 0
   try:
     groups, _, held = _pending_groups(settings, jobs)
-    if key in held:
-      progress.note(held[key][1])
-    elif key not in groups:
-      progress.note(f"{name}: finished by another process")
     if key not in groups:
-      progress.advance(0, skipped=tokens)
+      progress.note(held[key][1] if key in held else f"{name}: finished by another process")
+      progress.advance(0, skipped=listed)
       return 0
-    progress.advance(0, skipped=tokens - sum(j.steps(settings.protocol) * j.variant.seq_len for j in groups[key]))
+    progress.advance(0, skipped=listed - token_steps(groups[key], settings.protocol))
     return _run_group(settings, key, groups[key], futures, progress, deadline, programs)
   finally:
     if settings.state_dir:
@@ -472,7 +474,7 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
     progress.note(_held_note(settings, key, jobs, "are of another population's shapes (another vocabulary: the run "
                              "that saved them selected other variants of the group, or other model settings)",
                              "run that selection"))
-    progress.advance(0, skipped=sum(j.steps(protocol) for j in jobs) * length)
+    progress.advance(0, skipped=token_steps(jobs, protocol))
     return 0
   if saved:
     slots, slot_jobs = _restore(saved, slots, slot_jobs, queue)

@@ -57,6 +57,9 @@ _LONGEST_FIRST = flags.DEFINE_bool("longest_first", False, "train each architect
                                    "several processes sharing the groups, one per GPU), not cheapest first")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "activation dtype (params stay f32; "
                            "bfloat16: mad-lab's Lightning precision 'bf16')")
+_RESIDUAL_DTYPE = flags.DEFINE_enum("residual_dtype", "", ["", "float32", "bfloat16"], "the residual stream's dtype "
+                                    "('': --dtype's): float32 with --dtype=bfloat16 is PyTorch autocast's mixed "
+                                    "precision (the blocks' sums in f32, their sublayers in bf16)")
 _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': mesanet_jax/mad/models.py "
                             "FAST_MESA's for the backend)")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: FAST_MESA's for Mesa, 64 for GDN)")
@@ -139,7 +142,8 @@ def main(argv):
         max_tokens=_MAX_TOKENS.value,
         max_slots=_MAX_SLOTS.value, steps_per_call=_STEPS_PER_CALL.value,
         time_limit=_TIME_LIMIT.value, drain=_DRAIN.value, usage=_USAGE.value.replace("<results dir>", root),
-        device_share=_DEVICE_SHARE.value, dtype=_DTYPE.value, impl=_IMPL.value, chunk_size=_CHUNK.value,
+        device_share=_DEVICE_SHARE.value, dtype=_DTYPE.value, residual_dtype=_RESIDUAL_DTYPE.value,
+        impl=_IMPL.value, chunk_size=_CHUNK.value,
         matmul_precision=_PRECISION.value, cg_steps=_CG_STEPS.value, cg_tol=_CG_TOL.value, gdn_impl=_GDN_IMPL.value,
         hawk_impl=_HAWK_IMPL.value,
         attention_kernel=_ATTENTION.value,

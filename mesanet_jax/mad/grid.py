@@ -70,6 +70,10 @@ class Settings:
   # Activations (params stay f32): bf16, as mad-lab trains (`train.py`: Lightning precision "bf16", i.e. bf16
   # autocast; the MesaNet paper's mixed precision too). Mesa's CG runs in f32 inside its kernels either way.
   dtype: str = "bfloat16"
+  # The residual stream's dtype ("": dtype; `LMConfig.residual_dtype`). Autocast keeps it f32 (mad-lab's embedding
+  # output is f32 and `x + layer(x)` promotes), which "float32" reproduces: the sublayers compute in bf16, their sums
+  # stay f32. "" (a bf16 stream) is what the grid's results so far ran.
+  residual_dtype: str = ""
   impl: str = ""  # how Mesa computes: impl, chunk_size, matmul_precision ("" / 0: models.FAST_MESA's for the backend)
   chunk_size: int = 0
   matmul_precision: str = ""
@@ -207,7 +211,9 @@ def may_start(job: training.Job, protocol: training.Protocol, population_step: i
 def model_config(settings: Settings, architecture: str, vocab: int) -> LMConfig:
   """The MAD model of `architecture` and vocabulary `vocab` as this run trains it."""
   s = settings
-  return models.mad_config(architecture, vocab, dtype=jnp.dtype(s.dtype).type, chunk_size=s.chunk_size, impl=s.impl,
+  return models.mad_config(architecture, vocab, dtype=jnp.dtype(s.dtype).type,
+                           residual_dtype=jnp.dtype(s.residual_dtype).type if s.residual_dtype else None,
+                           chunk_size=s.chunk_size, impl=s.impl,
                            cg_steps=s.cg_steps, cg_tol=s.cg_tol, matmul_precision=s.matmul_precision,
                            gdn_impl=s.gdn_impl, attention_kernel=s.attention_kernel, hawk_impl=s.hawk_impl,
                            tie_embeddings=s.tie_embeddings, embed_std=s.embed_std,
@@ -217,7 +223,9 @@ def model_config(settings: Settings, architecture: str, vocab: int) -> LMConfig:
 def protocol_settings(settings: Settings) -> dict:
   """The values of `table.PROTOCOL`'s settings (those that change the model or its training) this run records."""
   config = model_config(settings, "mesanet", 16)
-  return {"dtype": settings.dtype, "tie_embeddings": config.tie_embeddings, "embed_std": config.embed_std,
+  residual = config.stream_dtype.name if config.stream_dtype != jnp.dtype(config.dtype) else None  # None: dtype's
+  return {"dtype": settings.dtype, "residual_dtype": residual, "tie_embeddings": config.tie_embeddings,
+          "embed_std": config.embed_std,
           "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train,
           "cg_tol": config.mesa.cg_tol, "selection": "least_test_perplexity"}
 

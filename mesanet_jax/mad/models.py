@@ -59,11 +59,13 @@ def exact_cg_steps(mesa) -> int:
   return min(mesa.cg_steps_train, mesa.head_dim)
 
 
-def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_size: int = 0, impl: str = "",
+def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, residual_dtype=None, chunk_size: int = 0,
+               impl: str = "",
                cg_steps: int = 0, cg_tol: float | None = None, matmul_precision: str = "", gdn_triangular: str = "",
                gdn_impl: str = "", attention_kernel: str = "", hawk_impl: str = "", tie_embeddings: bool = True,
                embed_std: float | None = EMBED_STD, linear_init_variance: float = LINEAR_INIT_VARIANCE) -> LMConfig:
-  """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160). impl, chunk_size (of Mesa
+  """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160), computing in `dtype`
+  with its residual stream in `residual_dtype` (None: dtype; `LMConfig.residual_dtype`). impl, chunk_size (of Mesa
   and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s for the
   backend (GDN keeps the preset's chunk) and `exact_cg_steps`; cg_tol None runs every solve for cg_steps (the paper's
   fixed steps), else each system stops at ‖r‖ ≤ cg_tol·‖r₀‖ (`MesaConfig.cg_tol`); gdn_triangular ("" the preset's) how
@@ -76,8 +78,8 @@ def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, chunk_s
   linear layers' initial variance (`LINEAR_INIT_VARIANCE`, mad-lab's; 1: ours)."""
   if architecture not in ARCHITECTURES:
     raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-  config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype, tie_embeddings=tie_embeddings,
-                  embed_std=embed_std, linear_init_variance=linear_init_variance)
+  config = preset("mad", architecture, vocab_size=vocab_size, dtype=dtype, residual_dtype=residual_dtype,
+                  tie_embeddings=tie_embeddings, embed_std=embed_std, linear_init_variance=linear_init_variance)
   fast_impl, fast_chunk, fast_precision = FAST_MESA.get(jax.default_backend(), OTHER_MESA)
   mesa = dataclasses.replace(config.mesa, chunk_size=chunk_size or fast_chunk, impl=impl or fast_impl,
                              cg_steps_train=cg_steps or exact_cg_steps(config.mesa), cg_tol=cg_tol,

@@ -30,9 +30,10 @@ PAPER = {
 # per architecture. A record written before a setting existed had its default.
 # "selection": which evaluation a record's accuracy is of: "least_test_perplexity" (mad-lab's best checkpoint) or
 # "final" (the last one: records written before the grid kept the best checkpoint). "cg_tol": Mesa's CG tolerance in
-# training (None: every solve runs cg_steps, the paper's fixed steps).
-PROTOCOL = {"dtype": "float32", "tie_embeddings": True, "embed_std": None, "linear_init_variance": 1.0, "cg_steps": 30,
-            "cg_tol": None, "selection": "final"}
+# training (None: every solve runs cg_steps, the paper's fixed steps). "residual_dtype": the residual stream's dtype
+# where it differs from "dtype" (None: the stream in "dtype"; "float32" with bf16 compute: autocast's mixed precision).
+PROTOCOL = {"dtype": "float32", "residual_dtype": None, "tie_embeddings": True, "embed_std": None,
+            "linear_init_variance": 1.0, "cg_steps": 30, "cg_tol": None, "selection": "final"}
 
 
 def record_key(record: dict) -> tuple:

@@ -42,6 +42,9 @@ class LMConfig:
   also × 2/n_layers): 1 ours; 1/3 that of PyTorch's nn.Linear default U(±1/√fan_in), which mad-lab's models use.
 
   dtype is the activation (compute) dtype, param_dtype the storage dtype; Mesa/GDN states and CG stay f32 always.
+  residual_dtype: the residual stream's dtype between the blocks' sublayers (None: dtype). f32 with a bf16 dtype is
+  mixed precision as PyTorch's autocast runs a pre-norm model (mad-lab's Lightning "bf16"): the embedding and every
+  `x + sublayer(norm(x))` stay f32 while the sublayers compute in bf16.
   remat: what the backward pass recomputes instead of storing (`REMAT_MODES`): "none"; "mixer" (each block's norm +
   mixer: Mesa's CG solve runs again); "mlp" (each block's norm + SwiGLU: the [B, T, 2·3d] hidden activations are not
   kept, cheap to recompute); "full" (the whole block: only the residual stream between blocks is kept). True / False
@@ -60,6 +63,7 @@ class LMConfig:
   norm_eps: float = 1e-6
   dtype: type = jnp.float32
   param_dtype: type = jnp.float32
+  residual_dtype: type | None = None
   mesa: MesaConfig = MesaConfig()
   gdn: GatedDeltaNetConfig = GatedDeltaNetConfig()
   attention: AttentionConfig = AttentionConfig()
@@ -77,6 +81,9 @@ class LMConfig:
                        f"scale), got {self.embed_std}")
     if not self.linear_init_variance > 0:
       raise ValueError(f"linear_init_variance must be a positive number, got {self.linear_init_variance}")
+    if self.residual_dtype is not None and not jnp.issubdtype(self.residual_dtype, jnp.floating):
+      raise ValueError(f"residual_dtype must be a floating dtype or None (the activation dtype), got "
+                       f"{self.residual_dtype}")
     if self.scan_layers and len(set(self.mixers)) > 1:
       raise ValueError(f"scan_layers=True needs every block to use one mixer, got mixers={self.mixers} (the hybrid "
                        f"architecture): set scan_layers=False")
@@ -84,6 +91,11 @@ class LMConfig:
   @property
   def n_layers(self) -> int:
     return len(self.mixers)
+
+  @property
+  def stream_dtype(self) -> jnp.dtype:
+    """The residual stream's dtype: residual_dtype, or the activation dtype where that is None."""
+    return jnp.dtype(self.dtype if self.residual_dtype is None else self.residual_dtype)
 
 
 def remat_mode(remat: str | bool) -> str:
@@ -137,13 +149,13 @@ def fla_compatible(config: LMConfig) -> LMConfig:
 
 
 _SUBCONFIGS = {"mesa": MesaConfig, "gdn": GatedDeltaNetConfig, "attention": AttentionConfig, "lru": HawkConfig}
-_DTYPES = ("dtype", "param_dtype")
+_DTYPES = ("dtype", "param_dtype", "residual_dtype")  # residual_dtype may be None
 
 
 def to_dict(config: LMConfig) -> dict:
   """LMConfig -> JSON-ready dict (dtypes by name, tuples as lists)."""
   data = dataclasses.asdict(config)
-  data.update({key: jnp.dtype(data[key]).name for key in _DTYPES})
+  data.update({key: jnp.dtype(data[key]).name for key in _DTYPES if data[key] is not None})
   data["mixers"] = list(config.mixers)
   return data
 
@@ -160,7 +172,7 @@ def from_dict(data: dict) -> LMConfig:
   for key, cls in _SUBCONFIGS.items():
     data[key] = build(cls, data.get(key, {}), f"{key}.")
   for key in _DTYPES:
-    if key in data:
+    if data.get(key) is not None:
       data[key] = jnp.dtype(data[key]).type
   if "mixers" in data:
     data["mixers"] = tuple(data["mixers"])

@@ -25,8 +25,9 @@ def compute_dtype(module) -> jnp.dtype | None:
   """The dtype `module` casts its own params to before using them, or None where it uses them otherwise."""
   if isinstance(module, (nnx.Linear, ShortConv)) and module.dtype is not None:
     return jnp.dtype(module.dtype)
-  if isinstance(module, LanguageModel):  # the embedding table: `_embed` and `readout_weights` cast it
-    return jnp.dtype(module.config.dtype)
+  if isinstance(module, LanguageModel):  # the embedding table: `_embed` casts it to the residual stream's dtype,
+    config = module.config               # `readout_weights` to the compute dtype; it keeps the wider of the two
+    return jnp.promote_types(config.dtype, config.stream_dtype)
   return None
 
 

@@ -162,12 +162,13 @@ def embedding_table(config: LMConfig, rngs: nnx.Rngs) -> nnx.Param:
 
 
 def embed_tokens(config: LMConfig, table: nnx.Param, tokens: jax.Array) -> jax.Array:
-  """tokens [B, T] -> their rows of `table` times the input scale, [B, T, d] in the compute dtype. The rows are
-  gathered in the table's dtype and then cast, so the gradient's scatter-add into the table runs in it too: a bf16
-  scatter-add on a GPU (compare-and-swap loops) took 3.3 ms of a 12.9 ms MAD population step on an H100, an f32 one
-  0.1 ms (benchmarks/RESULTS.md "MAD step profile")."""
+  """tokens [B, T] -> their rows of `table` times the input scale, [B, T, d] in the residual stream's dtype
+  (`LMConfig.stream_dtype`). The rows are gathered in the table's dtype and then cast, so the gradient's scatter-add
+  into the table runs in it too: a bf16 scatter-add on a GPU (compare-and-swap loops) took 3.3 ms of a 12.9 ms MAD
+  population step on an H100, an f32 one 0.1 ms (benchmarks/RESULTS.md "MAD step profile")."""
   _, scale = embedding_init_and_scale(config)
-  return jnp.take(table[...], tokens, axis=0).astype(config.dtype) * np.asarray(scale, config.dtype)
+  dtype = config.stream_dtype
+  return jnp.take(table[...], tokens, axis=0).astype(dtype) * np.asarray(scale, dtype)
 
 
 class LanguageModel(nnx.Module):

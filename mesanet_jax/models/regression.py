@@ -22,13 +22,17 @@ class RegressionModel(nnx.Module):
     self.read_out = linear(config.d_model, 1, axes=("embed", None), use_bias=True, **kw)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    x = train_blocks(self.config, self.blocks, self.read_in(inputs))
+    x = train_blocks(self.config, self.blocks, self._read_in(inputs))
     return self._predictions(x)
 
   def forward_with_cg_steps(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """`__call__`'s predictions and the forward CG steps of every Mesa layer, f32 [L, 2] (as the LM's)."""
-    x, steps = blocks_with_cg_steps(self.config, self.blocks, self.read_in(inputs))
+    x, steps = blocks_with_cg_steps(self.config, self.blocks, self._read_in(inputs))
     return self._predictions(x), steps
+
+  def _read_in(self, inputs: jax.Array) -> jax.Array:
+    """inputs [B, T, D_in] -> the residual stream [B, T, d] in its dtype (`LMConfig.stream_dtype`)."""
+    return self.read_in(inputs).astype(self.config.stream_dtype)
 
   def _predictions(self, x: jax.Array) -> jax.Array:
     return self.read_out(self.final_norm(x))[..., 0].astype(jnp.float32)

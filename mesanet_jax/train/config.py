@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       size="tiny", architecture="mesanet", dtype="float32",  # dtype: activations; params stay f32
+      # the residual stream's dtype, "float32" or "bfloat16" (LMConfig.residual_dtype); unset: dtype. "float32" with
+      # dtype "bfloat16" adds the bf16 sublayers' outputs to an f32 stream, as PyTorch's autocast does
+      residual_dtype=placeholder(str),
       # Overrides of the preset, None until set (OVERRIDES).
       vocab_size=placeholder(int),  # unset: the tokenizer's / task's vocabulary
       # impl, chunk_size, matmul_precision, cg_tol unset: Mesa's fastest path for the backend (models/fast_path.py)
@@ -125,8 +128,10 @@ def lm_config(model, data_vocab: int | None = None) -> LMConfig:
   gdn = dataclasses.replace(lm.gdn, **set_only(chunk_size=model.chunk_size))
   layers = lm.n_layers if model.num_layers is None else model.num_layers
   vocab = next(v for v in (model.vocab_size, data_vocab, lm.vocab_size) if v is not None)
+  residual = None if model.residual_dtype is None else jnp.dtype(model.residual_dtype).type
   lm = dataclasses.replace(lm, vocab_size=vocab, mixers=(lm.mixers * layers)[:layers], mesa=mesa, gdn=gdn,
-                           dtype=jnp.dtype(model.dtype).type, remat=model.remat, scan_layers=model.scan_layers)
+                           dtype=jnp.dtype(model.dtype).type, residual_dtype=residual, remat=model.remat,
+                           scan_layers=model.scan_layers)
   return fla_compatible(lm) if model.fla_compatible else lm
 
 
@@ -209,6 +214,9 @@ def validate(c) -> None:
     raise ValueError(f"model.{e}") from None
   if c.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {c.model.dtype!r}")
+  if c.model.residual_dtype not in (None, "float32", "bfloat16"):
+    raise ValueError(f"model.residual_dtype must be 'float32', 'bfloat16' or unset (model.dtype), got "
+                     f"{c.model.residual_dtype!r}")
   for key, allowed, unset in (("impl", (fast_path.AUTO, *IMPLS), "auto"), ("matmul_precision", PRECISIONS, "auto"),
                                ("solve_precision", PRECISIONS, "the solves at matmul_precision"),
                                ("cg_preconditioner", CG_PRECONDITIONERS, "the preset's")):

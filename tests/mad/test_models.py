@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mesanet_jax.mad import grid, models
+from mesanet_jax.mad import grid, models, table
 from mesanet_jax.models.lm import count_params
 from mesanet_jax.ops import mesa_chunked
 from tests.ops.mesa_inputs import max_abs, random_inputs, scale
@@ -97,6 +97,27 @@ def test_a_cg_tolerance_is_a_setting_whose_runs_keep_their_own_results(tmp_path)
   with pytest.raises(ValueError, match=r"holds mesanet jobs run with cg_tol=None, this run has cg_tol=0.0001"):
     grid.done_keys(tolerant, ["mesanet"])
   assert grid.done_keys(tolerant, ["gdn"])  # other architectures' runs are not concerned
+
+
+def test_an_f32_residual_stream_is_a_setting_whose_runs_keep_their_own_results(tmp_path):
+  """--residual_dtype=float32 with bf16 compute (autocast's mixed precision) is recorded; the grid's default records
+  None (the stream in the activation dtype), which is what records written before the setting existed mean."""
+  default = grid.Settings(results=str(tmp_path / "results.jsonl"))
+  mixed = dataclasses.replace(default, residual_dtype="float32")
+  assert grid.model_config(default, "gdn", 16).stream_dtype == jnp.bfloat16
+  assert grid.model_config(mixed, "gdn", 16).stream_dtype == jnp.float32
+  assert grid.protocol_settings(default)["residual_dtype"] is None and table.PROTOCOL["residual_dtype"] is None
+  assert grid.protocol_settings(mixed)["residual_dtype"] == "float32"
+  assert grid.protocol_settings(dataclasses.replace(default, dtype="float32", residual_dtype="float32"))[
+      "residual_dtype"] is None  # the same model as the stream in the activation dtype
+  job = {"architecture": "gdn", "task": "memorize", "variant": "baseline", "lr": 1e-3, "weight_decay": 0.1,
+         "accuracy": 0.5, **grid.protocol_settings(default)}
+  del job["residual_dtype"]  # a record from before the setting
+  (tmp_path / "results.jsonl").write_text(json.dumps(job) + "\n")
+  assert grid.done_keys(default, ["gdn"]) == {("gdn", "memorize", "baseline", 1e-3, 0.1)}
+  with pytest.raises(ValueError, match=r"holds gdn jobs run with residual_dtype=None, this run has "
+                                       r"residual_dtype=float32"):
+    grid.done_keys(mixed, ["gdn"])
 
 
 @pytest.mark.slow  # compiles over ~8 s on one core

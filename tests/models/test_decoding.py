@@ -45,6 +45,13 @@ def test_bf16_params_with_f32_compute_are_not_widened():
   assert set(_dtypes(for_decoding(model)).values()) == {jnp.dtype(jnp.bfloat16)}
 
 
+def test_an_f32_residual_stream_keeps_its_embedding_in_f32():
+  """bf16 compute on an f32 stream: the embedding rows enter the stream unrounded, so decoding keeps the table f32
+  (the tied read-out casts it to bf16 as it is used); the rest narrows as without."""
+  prepared = _dtypes(for_decoding(_bf16_model("mesanet", residual_dtype=jnp.float32)))
+  assert prepared["embed"] == jnp.float32 and prepared["blocks.0.mixer.q_proj.kernel"] == jnp.bfloat16
+
+
 def _fused_as_stored(model: LanguageModel) -> LanguageModel:
   """A copy of `model` with its projection groups fused (decode layout) but every weight in its stored dtype: what
   `for_decoding` makes, without the cast."""

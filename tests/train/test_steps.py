@@ -187,6 +187,18 @@ def test_model_overrides_reach_the_mesa_config():
   assert base.cg_preconditioner == "none"  # unset: the preset's, plain CG
 
 
+def test_residual_dtype_reaches_the_model_and_a_bad_one_is_named():
+  config = get_config("mqar")
+  assert train_config.lm_config(config.model).residual_dtype is None  # unset: the stream in model.dtype
+  config.model.update(dtype="bfloat16", residual_dtype="float32")
+  train_config.validate(config)
+  lm = train_config.lm_config(config.model)
+  assert (lm.dtype, lm.stream_dtype) == (jnp.bfloat16, jnp.float32)
+  config.model.residual_dtype = "float16"
+  with pytest.raises(ValueError, match="model.residual_dtype must be 'float32', 'bfloat16' or unset"):
+    train_config.validate(config)
+
+
 def test_vocab_comes_from_the_data_unless_set_and_never_smaller():
   model = get_config().model
   assert train_config.lm_config(model, 259).vocab_size == 259  # e.g. the byte tokenizer's

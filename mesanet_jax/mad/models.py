@@ -60,10 +60,10 @@ def exact_cg_steps(mesa) -> int:
 
 
 def mad_config(architecture: str, vocab_size: int, *, dtype=jnp.float32, residual_dtype=None, chunk_size: int = 0,
-               impl: str = "",
-               cg_steps: int = 0, cg_tol: float | None = None, matmul_precision: str = "", gdn_triangular: str = "",
-               gdn_impl: str = "", attention_kernel: str = "", hawk_impl: str = "", tie_embeddings: bool = True,
-               embed_std: float | None = EMBED_STD, linear_init_variance: float = LINEAR_INIT_VARIANCE) -> LMConfig:
+               impl: str = "", cg_steps: int = 0, cg_tol: float | None = None, matmul_precision: str = "",
+               gdn_triangular: str = "", gdn_impl: str = "", attention_kernel: str = "", hawk_impl: str = "",
+               tie_embeddings: bool = True, embed_std: float | None = EMBED_STD,
+               linear_init_variance: float = LINEAR_INIT_VARIANCE) -> LMConfig:
   """The paper's MAD model for `architecture` (2 blocks, d 128, 8 × 16 heads; Hawk width 160), computing in `dtype`
   with its residual stream in `residual_dtype` (None: dtype; `LMConfig.residual_dtype`). impl, chunk_size (of Mesa
   and GDN), cg_steps and matmul_precision change how Mesa computes, not the model; 0 / "" take `FAST_MESA`'s for the

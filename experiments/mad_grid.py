@@ -31,6 +31,9 @@ _VARIANTS = flags.DEFINE_list("variants", [], "variant names such as baseline,vo
 _LRS = flags.DEFINE_list("lrs", ["3e-3", "1e-3", "5e-4", "1e-4"], "peak learning rates")
 _WDS = flags.DEFINE_list("weight_decays", ["0.01", "0.1"], "weight decays")
 _EPOCHS = flags.DEFINE_integer("epochs", 200, "epochs per job (the paper: 200)")
+_DECAY_EMBEDDING = flags.DEFINE_bool("decay_embedding", False, "weight decay on the embedding table too (mad-lab's "
+                                     "AdamW: every parameter but biases and norms); default: the paper's LM mask "
+                                     "(matrices but the embedding)")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "> 0: at most this many training and test examples per "
                                      "variant, a multiple of 32 (smoke runs)")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "dataset cache (default: <results dir>/data)")
@@ -136,7 +139,8 @@ def main(argv):
     os.makedirs(root, exist_ok=True)
     cli.use_compilation_cache(_COMPILATION_CACHE.value.replace("<results dir>", root))
     settings = grid.Settings(
-        results=_RESULTS.value, protocol=dataclasses.replace(training.Protocol(), epochs=_EPOCHS.value),
+        results=_RESULTS.value, protocol=dataclasses.replace(training.Protocol(), epochs=_EPOCHS.value,
+                                                           decay_embedding=_DECAY_EMBEDDING.value),
         data_dir=_DATA_DIR.value or os.path.join(root, "data"),
         state_dir=_STATE_DIR.value or os.path.join(root, "state"), state_budget=int(_STATE_BUDGET.value * 2**20),
         max_tokens=_MAX_TOKENS.value,

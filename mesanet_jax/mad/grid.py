@@ -225,7 +225,7 @@ def protocol_settings(settings: Settings) -> dict:
   config = model_config(settings, "mesanet", 16)
   residual = config.stream_dtype.name if config.stream_dtype != jnp.dtype(config.dtype) else None  # None: dtype's
   return {"dtype": settings.dtype, "residual_dtype": residual, "tie_embeddings": config.tie_embeddings,
-          "embed_std": config.embed_std,
+          "embed_std": config.embed_std, "decay_embedding": settings.protocol.decay_embedding,
           "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train,
           "cg_tol": config.mesa.cg_tol, "selection": "least_test_perplexity"}
 

@@ -55,7 +55,7 @@ class Population:
     self.config, self.autoencoder, self.protocol, self.size = config, autoencoder, protocol, slots
     abstract = nnx.eval_shape(lambda: models.make_model(config, autoencoder, nnx.Rngs(0)))
     self.graphdef, abstract_params = nnx.split(abstract)
-    self.tx = training.optimizer(protocol, decay_mask(abstract_params))
+    self.tx = training.optimizer(protocol, decay_mask(abstract_params, decay_embedding=protocol.decay_embedding))
     self.train = jax.jit(self._train, donate_argnums=0)  # num_steps traced: calls of any length share one program
     self.evaluate = jax.jit(self._evaluate)
     self.keep_best = jax.jit(self._keep_best, donate_argnums=0)

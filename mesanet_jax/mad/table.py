@@ -32,8 +32,10 @@ PAPER = {
 # "final" (the last one: records written before the grid kept the best checkpoint). "cg_tol": Mesa's CG tolerance in
 # training (None: every solve runs cg_steps, the paper's fixed steps). "residual_dtype": the residual stream's dtype
 # where it differs from "dtype" (None: the stream in "dtype"; "float32" with bf16 compute: autocast's mixed precision).
+# "decay_embedding": weight decay on the embedding table too (mad-lab's AdamW groups).
 PROTOCOL = {"dtype": "float32", "residual_dtype": None, "tie_embeddings": True, "embed_std": None,
-            "linear_init_variance": 1.0, "cg_steps": 30, "cg_tol": None, "selection": "final"}
+            "decay_embedding": False, "linear_init_variance": 1.0, "cg_steps": 30, "cg_tol": None,
+            "selection": "final"}
 
 
 def record_key(record: dict) -> tuple:

@@ -3,9 +3,10 @@
 Training: 200 epochs of batch 32 over the variant's fixed training set (reshuffled every epoch), AdamW β = (0.9,
 0.98), lr warmed up linearly from 1e-7 over 750 steps then cosine to 1e-5; lr ∈ {3e-3, 1e-3, 5e-4, 1e-4} × weight
 decay ∈ {0.01, 0.1}; no gradient clipping (mad-lab sets none). Weight decay on matrices only (the paper's backbone,
-`mesanet_jax/train/optimizer.py: decay_mask`). Training stops early once the test accuracy exceeds 99.9 % (mad-lab
-`train.py:165-172`, Lightning's EarlyStopping with stopping_threshold 0.999, checked after every epoch, as here:
-`grid`). The accuracy reported is that of the epoch of least test perplexity (mad-lab's best checkpoint).
+`mesanet_jax/train/optimizer.py: decay_mask`), the embedding too with `Protocol.decay_embedding` (mad-lab's).
+Training stops early once the test accuracy exceeds 99.9 % (mad-lab `train.py:165-172`, Lightning's EarlyStopping with
+stopping_threshold 0.999, checked after every epoch, as here: `grid`). The accuracy reported is that of the epoch of
+least test perplexity (mad-lab's best checkpoint).
 
 Loss: cross-entropy over the scored positions (targets ≠ IGNORE). Accuracy as mad-lab reports it: torchmetrics'
 `MulticlassAccuracy` (`mad/metrics.py`) with its default average="macro" — per class tp / (tp + fn), averaged over
@@ -40,6 +41,9 @@ class Protocol:
   # Training stops once an epoch's test accuracy exceeds this (Lightning's EarlyStopping(stopping_threshold=0.999,
   # mode="max") compares with torch.gt).
   stop_accuracy: float = 0.999
+  # Weight decay on the embedding table too: mad-lab's AdamW decays every parameter but biases and norms
+  # (`pl_model_wrapper.py: configure_optimizers`); False: the paper's LM mask (`train/optimizer.py: decay_mask`).
+  decay_embedding: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

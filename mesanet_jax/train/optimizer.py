@@ -24,11 +24,14 @@ def schedule(optim, num_steps: int) -> optax.Schedule:
       decay_steps=max(num_steps, warmup + 1), end_value=optim.lr * optim.final_lr_frac)
 
 
-def decay_mask(params: nnx.State):
-  """True for every parameter that gets weight decay (see the module docstring)."""
+def decay_mask(params: nnx.State, *, decay_embedding: bool = False):
+  """True for every parameter that gets weight decay (see the module docstring); decay_embedding=True decays the
+  embedding table too (mad-lab's AdamW groups: everything but biases and norms)."""
+  exempt = () if decay_embedding else NO_DECAY_NAMES
+
   def decayed(path, variable):
     return (not isinstance(variable, NoDecayParam) and variable.ndim >= 2
-            and not any(str(getattr(p, "key", p)) in NO_DECAY_NAMES for p in path))
+            and not any(str(getattr(p, "key", p)) in exempt for p in path))
   flat = nnx.to_flat_state(params)
   return nnx.from_flat_state([(path, variable.replace(decayed(path, variable))) for path, variable in flat])
 

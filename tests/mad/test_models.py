@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mesanet_jax.mad import grid, models, table
+from mesanet_jax.mad import grid, models, table, training
+from mesanet_jax.mad.population import Population
 from mesanet_jax.models.lm import count_params
 from mesanet_jax.ops import mesa_chunked
 from tests.ops.mesa_inputs import max_abs, random_inputs, scale
@@ -118,6 +119,27 @@ def test_an_f32_residual_stream_is_a_setting_whose_runs_keep_their_own_results(t
   with pytest.raises(ValueError, match=r"holds gdn jobs run with residual_dtype=None, this run has "
                                        r"residual_dtype=float32"):
     grid.done_keys(mixed, ["gdn"])
+
+
+def test_mad_labs_embedding_decay_is_a_setting_that_reaches_the_optimizer(tmp_path):
+  """--decay_embedding (mad-lab's AdamW groups): recorded; with zero gradients a population's update shrinks the
+  embedding by lr × wd, where the paper's mask leaves it alone (matrices decay either way)."""
+  default = grid.Settings(results=str(tmp_path / "results.jsonl"))
+  madlab = dataclasses.replace(default, protocol=dataclasses.replace(default.protocol, decay_embedding=True))
+  assert grid.protocol_settings(default)["decay_embedding"] is False and table.PROTOCOL["decay_embedding"] is False
+  assert grid.protocol_settings(madlab)["decay_embedding"] is True
+  config = models.mad_config("gdn", 16)
+  params = nnx.state(models.LanguageModel(config, rngs=nnx.Rngs(0)), nnx.Param)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for protocol, decayed in ((default.protocol, False), (madlab.protocol, True)):
+    tx = Population(config, False, protocol, 1).tx
+    opt_state = training.with_hyperparams(tx.init(params), jnp.float32(1e-2), jnp.float32(0.1))
+    updates = dict(nnx.to_flat_state(tx.update(zeros, opt_state, params)[0]))  # zero gradients: decay alone
+    embed, rows = updates[("embed",)].get_value(), params["embed"].get_value()
+    np.testing.assert_allclose(embed, -1e-3 * rows if decayed else 0 * rows, rtol=1e-5, atol=1e-12)
+    kernel = ("blocks", 0, "mlp", "down", "kernel")
+    np.testing.assert_allclose(updates[kernel].get_value(), -1e-3 * dict(nnx.to_flat_state(params))[kernel].get_value(),
+                               rtol=1e-5)  # matrices decay either way
 
 
 @pytest.mark.slow  # compiles over ~8 s on one core

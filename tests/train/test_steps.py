@@ -36,10 +36,14 @@ def test_decay_mask_excludes_norms_biases_lambda_and_embedding():
   config.model.vocab_size = 32
   make_model = train_state.model_factory(config, train_config.lm_config(config.model))
   params = nnx.state(nnx.eval_shape(make_model), nnx.Param)  # the mask needs the tree, not the values
-  mask = {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(optimizer.decay_mask(params))}
+  flat = lambda mask: {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(mask)}
+  mask = flat(optimizer.decay_mask(params))
   assert mask["embed"] is False and mask["final_norm.scale"] is False
   assert mask["blocks.0.mixer.lam_param"] is False and mask["blocks.0.mixer.a_proj.bias"] is False
   assert mask["blocks.0.mixer.q_proj.kernel"] is True and mask["blocks.0.mlp.down.kernel"] is True
+  # mad-lab's groups (decay_embedding): the embedding too, and nothing else changes.
+  madlab = flat(optimizer.decay_mask(params, decay_embedding=True))
+  assert madlab == {**mask, "embed": True}
 
 
 def _setup(config):

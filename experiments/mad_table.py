@@ -1,6 +1,7 @@
 """Prints the MAD results beside the paper's Table 9: `mesanet-mad-table` or `python -m experiments.mad_table`.
 
     mesanet-mad-table --results=runs/mad/results.jsonl            # Table 9 (both scorings), per-variant table, PNG
+    mesanet-mad-table --results=runs/mad/results.jsonl --compare=runs/mad_ab/results.jsonl  # and the A/B per variant
 
 Scores (mesanet_jax/mad/table.py): mad-lab's (best lr × wd per variant, then the mean over variants) and the
 paper's wording (best lr × wd of the mean over variants). Writes table9.md, variants.md, table9.json and table9.png
@@ -22,6 +23,9 @@ _METRIC = flags.DEFINE_enum("metric", "accuracy", ["accuracy", "accuracy_micro",
                             "final_accuracy: mad-lab's at the job's last evaluation")
 _GRID_POINTS = flags.DEFINE_integer("grid_points", 8, "lr × wd points a variant needs to count as complete")
 _USAGE = flags.DEFINE_string("usage", "", "the grid's device-time JSONL (default: usage.jsonl beside --results)")
+_COMPARE = flags.DEFINE_string("compare", "", "another grid's JSONL (e.g. an A/B of one setting): prints the "
+                               "settings in which they differ and, per variant both hold at the same (lr, wd) "
+                               "points, the best point and the mean over those points in each")
 
 
 def main(argv):
@@ -54,6 +58,12 @@ def main(argv):
     done = {table.record_key(r) for r in records}
     everything = training.jobs(models.ARCHITECTURES, variants.all_variants())
     print(f"\n{usage_markdown(usage.read(usage_path), records, [j for j in everything if j.key not in done])}")
+    if _COMPARE.value:
+      other = table.read(_COMPARE.value)
+      differences = "; ".join(f"{arch}: " + ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in d.items())
+                              for arch, d in table.setting_differences(records, other).items() if d)
+      print(f"\n{_RESULTS.value} (here) against {_COMPARE.value} (there), {_METRIC.value}; settings that differ: "
+            f"{differences or 'none'}\n\n{table.comparison_markdown(records, other, _METRIC.value)}")
   print(f"\nwrote table9.md, variants.md, table9.json and table9.png in {out}")
 
 

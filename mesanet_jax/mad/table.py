@@ -135,6 +135,36 @@ def variant_markdown(scores: dict, expected: dict) -> str:
   return "\n".join(lines)
 
 
+def setting_differences(records: list[dict], other: list[dict]) -> dict:
+  """{architecture: {setting: (value here, value there)}} for the `PROTOCOL` settings in which two results files'
+  jobs of an architecture both hold differ (`read` has made each file's value one per architecture)."""
+  value = lambda rs, arch, key: next(json.dumps(r.get(key, PROTOCOL[key])) for r in rs if r["architecture"] == arch)
+  shared = {r["architecture"] for r in records} & {r["architecture"] for r in other}
+  out = {}
+  for arch in sorted(shared):
+    differs = {k: (value(records, arch, k), value(other, arch, k)) for k in PROTOCOL}
+    out[arch] = {k: v for k, v in differs.items() if v[0] != v[1]}
+  return out
+
+
+def comparison_markdown(records: list[dict], other: list[dict], metric: str = "accuracy") -> str:
+  """Per (architecture, task, variant) that both files hold at the same (lr, wd) points: the best point here and
+  there, and the mean over those points here and there (how much of the grid learns, not only its best corner)."""
+  here, there = ({record_key(r): 100.0 * r[metric] for r in rs} for rs in (records, other))
+  variants = collections.defaultdict(list)  # (arch, task, variant) -> [(lr, wd)] both hold
+  for key in here.keys() & there.keys():
+    variants[key[:3]].append(key[3:])
+  lines = ["| architecture | task | variant | points | best here (lr, wd) | best there (lr, wd) | Δ best | "
+           "mean here | mean there |", "|---" * 9 + "|"]
+  for (arch, task, variant), points in sorted(variants.items()):
+    best = [max((values[(arch, task, variant, *p)], *p) for p in points) for values in (here, there)]
+    means = [sum(values[(arch, task, variant, *p)] for p in points) / len(points) for values in (here, there)]
+    lines.append(f"| {arch} | {task} | {variant} | {len(points)} | {best[0][0]:.1f} ({best[0][1]:g}, {best[0][2]:g}) "
+                 f"| {best[1][0]:.1f} ({best[1][1]:g}, {best[1][2]:g}) | {best[0][0] - best[1][0]:+.1f} | "
+                 f"{means[0]:.1f} | {means[1]:.1f} |")
+  return "\n".join(lines)
+
+
 def plot(table: dict, path: str) -> None:
   """Bars per Table 9 column: for each architecture the paper's value and ours (mad-lab's and the paper's score)."""
   import matplotlib

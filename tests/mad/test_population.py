@@ -553,3 +553,16 @@ def test_table_scores_the_mad_lab_way_and_the_paper_way():
   assert one_point["paper"] == pytest.approx(55)
   lone = table.task_scores(records[:3], {**expected, "memorize": (["a", "b"], 1)})[("mesanet", "memorize")]
   assert lone["madlab"] == pytest.approx(55) and lone["paper"] == pytest.approx(55)
+
+
+def test_two_results_files_compare_per_variant_over_the_points_both_hold():
+  record = lambda variant, lr, accuracy, **settings: {"architecture": "gdn", "task": "fuzzy_recall",
+                                                      "variant": variant, "lr": lr, "weight_decay": 0.1,
+                                                      "accuracy": accuracy, **settings}
+  here = [record("baseline", 1e-3, 0.2), record("baseline", 3e-3, 0.4), record("vocab_size=32", 1e-3, 0.1)]
+  there = [record("baseline", 1e-3, 0.6, residual_dtype="float32"),
+           record("baseline", 3e-3, 0.3, residual_dtype="float32")]  # no vocab_size=32: not compared
+  assert table.setting_differences(here, there) == {"gdn": {"residual_dtype": ("null", '"float32"')}}
+  assert table.setting_differences(here, here) == {"gdn": {}}
+  rows = table.comparison_markdown(here, there).splitlines()[2:]
+  assert rows == ["| gdn | fuzzy_recall | baseline | 2 | 40.0 (0.003, 0.1) | 60.0 (0.001, 0.1) | -20.0 | 30.0 | 45.0 |"]

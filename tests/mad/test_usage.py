@@ -55,11 +55,20 @@ def test_the_table_command_prints_the_hours_so_far_and_for_the_jobs_left(tmp_pat
   results.write_text(json.dumps(record) + "\n")
   usage.record(usage_path, group="gdn.lm.L128", architecture="gdn", length=128, seconds=36.0, member_steps=8000,
                jobs_finished=1, slots=1)
-  run, final = cli_runs.run([("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}"], 1),
-                             ("experiments.mad_table", [f"--results={results}", "--metric=final_accuracy"], 1)])
+  other = tmp_path / "ab" / "results.jsonl"  # the same job with mad-lab's embedding decay
+  other.parent.mkdir()
+  other.write_text(json.dumps({**record, "accuracy": 0.5, "decay_embedding": True}) + "\n")
+  run, final, compared = cli_runs.run([
+      ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}"], 1),
+      ("experiments.mad_table", [f"--results={results}", "--metric=final_accuracy"], 1),
+      ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}", f"--compare={other}"], 1)])
   assert run.returncode == 0, run.stderr[-2000:]
   assert "(evaluation: final)" in run.stdout  # a record without "selection" kept its last evaluation
   assert final.returncode == 2 and "--metric=final_accuracy: 1 of the 1 records" in final.stderr
   gdn = next(line for line in run.stdout.splitlines() if line.startswith("| gdn | 0.01 |"))
   assert "| 1 | cpu | 527 |" in gdn  # 528 GDN jobs, one done
   assert "| mesanet | 0 | 0 | | 528 | no run recorded |" in run.stdout
+  assert compared.returncode == 0, compared.stderr[-2000:]
+  assert "settings that differ: gdn: decay_embedding false here, true there" in compared.stdout
+  row = "| gdn | in_context_recall | baseline | 1 | 100.0 (0.001, 0.1) | 50.0 (0.001, 0.1) | +50.0 | 100.0 | 50.0 |"
+  assert row in compared.stdout

@@ -154,13 +154,13 @@ def comparison_markdown(records: list[dict], other: list[dict], metric: str = "a
   variants = collections.defaultdict(list)  # (arch, task, variant) -> [(lr, wd)] both hold
   for key in here.keys() & there.keys():
     variants[key[:3]].append(key[3:])
-  lines = ["| architecture | task | variant | points | best here (lr, wd) | best there (lr, wd) | Δ best | "
-           "mean here | mean there |", "|---" * 9 + "|"]
+  lines = ["| architecture | task | variant | points | best here (lr, wd) | best there (lr, wd) | "
+           "Δ best (there − here) | mean here | mean there |", "|---" * 9 + "|"]
   for (arch, task, variant), points in sorted(variants.items()):
     best = [max((values[(arch, task, variant, *p)], *p) for p in points) for values in (here, there)]
     means = [sum(values[(arch, task, variant, *p)] for p in points) / len(points) for values in (here, there)]
     lines.append(f"| {arch} | {task} | {variant} | {len(points)} | {best[0][0]:.1f} ({best[0][1]:g}, {best[0][2]:g}) "
-                 f"| {best[1][0]:.1f} ({best[1][1]:g}, {best[1][2]:g}) | {best[0][0] - best[1][0]:+.1f} | "
+                 f"| {best[1][0]:.1f} ({best[1][1]:g}, {best[1][2]:g}) | {best[1][0] - best[0][0]:+.1f} | "
                  f"{means[0]:.1f} | {means[1]:.1f} |")
   return "\n".join(lines)
 

@@ -565,4 +565,4 @@ def test_two_results_files_compare_per_variant_over_the_points_both_hold():
   assert table.setting_differences(here, there) == {"gdn": {"residual_dtype": ("null", '"float32"')}}
   assert table.setting_differences(here, here) == {"gdn": {}}
   rows = table.comparison_markdown(here, there).splitlines()[2:]
-  assert rows == ["| gdn | fuzzy_recall | baseline | 2 | 40.0 (0.003, 0.1) | 60.0 (0.001, 0.1) | -20.0 | 30.0 | 45.0 |"]
+  assert rows == ["| gdn | fuzzy_recall | baseline | 2 | 40.0 (0.003, 0.1) | 60.0 (0.001, 0.1) | +20.0 | 30.0 | 45.0 |"]

@@ -70,5 +70,5 @@ def test_the_table_command_prints_the_hours_so_far_and_for_the_jobs_left(tmp_pat
   assert "| mesanet | 0 | 0 | | 528 | no run recorded |" in run.stdout
   assert compared.returncode == 0, compared.stderr[-2000:]
   assert "settings that differ: gdn: decay_embedding false here, true there" in compared.stdout
-  row = "| gdn | in_context_recall | baseline | 1 | 100.0 (0.001, 0.1) | 50.0 (0.001, 0.1) | +50.0 | 100.0 | 50.0 |"
+  row = "| gdn | in_context_recall | baseline | 1 | 100.0 (0.001, 0.1) | 50.0 (0.001, 0.1) | -50.0 | 100.0 | 50.0 |"
   assert row in compared.stdout

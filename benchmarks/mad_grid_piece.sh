@@ -32,8 +32,9 @@ if ! [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { [ "$GPUS" -gt 1 ] && [ "${SIDE_BY_SIDE:
   echo "GPUS must be a number ≥ 1, and SIDE_BY_SIDE=1 (processes sharing one GPU) takes GPUS=1; got GPUS=$GPUS" >&2
   exit 2
 fi
-if command -v nvidia-smi > /dev/null && [ "$GPUS" -gt "$(nvidia-smi -L | grep -c '^GPU')" ]; then
-  echo "GPUS=$GPUS, but this machine has $(nvidia-smi -L | grep -c '^GPU') GPUs" >&2; exit 2
+if command -v nvidia-smi > /dev/null; then
+  present=$(nvidia-smi -L | grep -c '^GPU')
+  if [ "$GPUS" -gt "$present" ]; then echo "GPUS=$GPUS, but this machine has $present GPUs" >&2; exit 2; fi
 fi
 mkdir -p "$OUT"
 if [ ! -f "$PIECE/results.jsonl" ]; then

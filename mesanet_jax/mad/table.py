@@ -43,15 +43,24 @@ def record_key(record: dict) -> tuple:
   return tuple(record[k] for k in ("architecture", "task", "variant", "lr", "weight_decay"))
 
 
+def settings_by_architecture(records: list[dict]) -> dict:
+  """{architecture: {setting: Counter of its values as JSON}} over `PROTOCOL`'s settings (a record without one had
+  its default)."""
+  out = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
+  for r in records:
+    for key, default in PROTOCOL.items():
+      out[r["architecture"]][key][json.dumps(r.get(key, default))] += 1
+  return out
+
+
 def read(path: str) -> list[dict]:
   """The grid's records; a ValueError if one architecture's records mix values of a `PROTOCOL` setting."""
   with open(path) as f:
     records = [json.loads(line) for line in f if line.strip()]
-  for key, default in PROTOCOL.items():
-    values = collections.defaultdict(collections.Counter)
-    for r in records:
-      values[r["architecture"]][json.dumps(r.get(key, default))] += 1
-    for architecture, counts in values.items():
+  by_architecture = settings_by_architecture(records)
+  for key in PROTOCOL:
+    for architecture, settings in by_architecture.items():
+      counts = settings[key]
       if len(counts) > 1:
         found = ", ".join(f"{value} ({count} jobs)" for value, count in counts.items())
         raise ValueError(f"{path}: the {architecture} jobs mix {key} = {found}; keep runs of different settings "
@@ -138,12 +147,11 @@ def variant_markdown(scores: dict, expected: dict) -> str:
 def setting_differences(records: list[dict], other: list[dict]) -> dict:
   """{architecture: {setting: (value here, value there)}} for the `PROTOCOL` settings in which two results files'
   jobs of an architecture both hold differ (`read` has made each file's value one per architecture)."""
-  value = lambda rs, arch, key: next(json.dumps(r.get(key, PROTOCOL[key])) for r in rs if r["architecture"] == arch)
-  shared = {r["architecture"] for r in records} & {r["architecture"] for r in other}
+  here, there = settings_by_architecture(records), settings_by_architecture(other)
   out = {}
-  for arch in sorted(shared):
-    differs = {k: (value(records, arch, k), value(other, arch, k)) for k in PROTOCOL}
-    out[arch] = {k: v for k, v in differs.items() if v[0] != v[1]}
+  for arch in sorted(here.keys() & there.keys()):
+    pairs = {k: (next(iter(here[arch][k])), next(iter(there[arch][k]))) for k in PROTOCOL}
+    out[arch] = {k: v for k, v in pairs.items() if v[0] != v[1]}
   return out
 
 

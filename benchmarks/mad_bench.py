@@ -56,7 +56,10 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   # the recurrence runs (HawkConfig.impl)
   attention_kernel = impl if arch == "transformer" else ""
   hawk_impl = impl if arch == "hawk" else ""
+  # The residual stream as the grid keeps it (grid.Settings.residual_dtype); recorded where it differs from dtype.
+  residual = args.residual_dtype if args.residual_dtype not in ("", dtype) else None
   config = models.mad_config(arch, args.vocab, dtype=jnp.dtype(dtype).type, chunk_size=chunk,
+                             residual_dtype=jnp.dtype(residual).type if residual else None,
                              impl="" if arch in ("gdn", "transformer", "hawk") else impl, cg_steps=args.cg_steps,
                              cg_tol=args.cg_tol,
                              matmul_precision=precision, gdn_triangular=triangular, gdn_impl=gdn_impl,
@@ -108,7 +111,8 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
     mixer = {}
   if "lru" in config.mixers:
     mixer["hawk_impl"] = config.lru.impl
-  return {"arch": arch, "length": length, "slots": slots, **mixer, "dtype": dtype, "steps_per_call": steps,
+  stream = {"residual_dtype": residual} if residual else {}
+  return {"arch": arch, "length": length, "slots": slots, **mixer, "dtype": dtype, **stream, "steps_per_call": steps,
           "calls": calls, "ms_per_step": 1e3 * per_step, "ms_per_member_step": 1e3 * per_step / slots,
           "tokens_per_s": slots * 32 * length / per_step, "compile_s": compile_s,
           "warmup_ms_per_step": 1e3 * warmup_s / steps, "compiles": len(_COMPILES) - compiled,
@@ -117,7 +121,8 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
 
 def setting(row: dict) -> tuple:
   """What a row measured besides the shape: architecture, mixer settings (Mesa's impl:chunk:precision:CG steps,
-  GDN's chunk and triangular solve, or its recurrent Pallas kernels; Hawk's Pallas scan), dtype."""
+  GDN's chunk and triangular solve, or its recurrent Pallas kernels; Hawk's Pallas scan), dtype (and the residual
+  stream's where it differs)."""
   if "impl" in row:
     mixer = f"{row['impl']}:{row['chunk']}:{row['precision']}:{row['cg_steps']}"
     if row.get("cg_tol") is not None:
@@ -130,7 +135,8 @@ def setting(row: dict) -> tuple:
     mixer = f"chunk {row['chunk']} {row.get('triangular', 'solve')}" if "chunk" in row else "-"
   if row.get("hawk_impl") == "pallas":
     mixer = "lru pallas" if mixer == "-" else f"{mixer}, lru pallas"
-  return row["arch"], mixer, row["dtype"]
+  stream = f" ({row['residual_dtype']} stream)" if row.get("residual_dtype") else ""
+  return row["arch"], mixer, row["dtype"] + stream
 
 
 def nearest(measured: dict, length: int, slots: int) -> tuple[int, int]:
@@ -223,6 +229,9 @@ def main():
   parser.add_argument("--mesa", default="", help="Mesa impl:chunk[:precision] settings, comma-separated (other "
                       "archs use the first's chunk); '': models.FAST_MESA's for the backend")
   parser.add_argument("--dtypes", default="float32")
+  parser.add_argument("--residual_dtype", default=grid.Settings.residual_dtype,
+                      help="the residual stream's dtype where --dtypes is another ('': the dtype's; default the "
+                           "grid's, float32 around bf16 sublayers)")
   parser.add_argument("--cg_steps", type=int, default=0, help="0: models.exact_cg_steps (16)")
   parser.add_argument("--cg_tol", type=float, default=None, help="Mesa's CG tolerance (unset: --cg_steps fixed steps)")
   parser.add_argument("--steps", type=int, default=10, help="steps per call at most")

@@ -60,9 +60,10 @@ _LONGEST_FIRST = flags.DEFINE_bool("longest_first", False, "train each architect
                                    "several processes sharing the groups, one per GPU), not cheapest first")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "activation dtype (params stay f32; "
                            "bfloat16: mad-lab's Lightning precision 'bf16')")
-_RESIDUAL_DTYPE = flags.DEFINE_enum("residual_dtype", "", ["", "float32", "bfloat16"], "the residual stream's dtype "
-                                    "('': --dtype's): float32 with --dtype=bfloat16 is PyTorch autocast's mixed "
-                                    "precision (the blocks' sums in f32, their sublayers in bf16)")
+_RESIDUAL_DTYPE = flags.DEFINE_enum("residual_dtype", "float32", ["", "float32", "bfloat16"], "the residual "
+                                    "stream's dtype ('': --dtype's): float32 with --dtype=bfloat16 is PyTorch "
+                                    "autocast's mixed precision, as mad-lab trains (the blocks' sums in f32, their "
+                                    "sublayers in bf16)")
 _IMPL = flags.DEFINE_string("impl", "", "Mesa implementation: xla | pallas ('': mesanet_jax/mad/models.py "
                             "FAST_MESA's for the backend)")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "Mesa / GDN chunk size (0: FAST_MESA's for Mesa, 64 for GDN)")

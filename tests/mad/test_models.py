@@ -101,24 +101,25 @@ def test_a_cg_tolerance_is_a_setting_whose_runs_keep_their_own_results(tmp_path)
 
 
 def test_an_f32_residual_stream_is_a_setting_whose_runs_keep_their_own_results(tmp_path):
-  """--residual_dtype=float32 with bf16 compute (autocast's mixed precision) is recorded; the grid's default records
-  None (the stream in the activation dtype), which is what records written before the setting existed mean."""
+  """The grid keeps the residual stream f32 around bf16 sublayers (autocast's mixed precision, as mad-lab trains) and
+  records "float32"; `residual_dtype=""` (the stream in the activation dtype) records None, which is what records
+  written before the setting existed mean: a file of those is not resumed by a run of the default."""
   default = grid.Settings(results=str(tmp_path / "results.jsonl"))
-  mixed = dataclasses.replace(default, residual_dtype="float32")
-  assert grid.model_config(default, "gdn", 16).stream_dtype == jnp.bfloat16
-  assert grid.model_config(mixed, "gdn", 16).stream_dtype == jnp.float32
-  assert grid.protocol_settings(default)["residual_dtype"] is None and table.PROTOCOL["residual_dtype"] is None
-  assert grid.protocol_settings(mixed)["residual_dtype"] == "float32"
-  assert grid.protocol_settings(dataclasses.replace(default, dtype="float32", residual_dtype="float32"))[
+  bf16_stream = dataclasses.replace(default, residual_dtype="")
+  assert grid.model_config(default, "gdn", 16).stream_dtype == jnp.float32
+  assert grid.model_config(bf16_stream, "gdn", 16).stream_dtype == jnp.bfloat16
+  assert grid.protocol_settings(default)["residual_dtype"] == "float32"
+  assert grid.protocol_settings(bf16_stream)["residual_dtype"] is None and table.PROTOCOL["residual_dtype"] is None
+  assert grid.protocol_settings(dataclasses.replace(default, dtype="float32"))[
       "residual_dtype"] is None  # the same model as the stream in the activation dtype
   job = {"architecture": "gdn", "task": "memorize", "variant": "baseline", "lr": 1e-3, "weight_decay": 0.1,
-         "accuracy": 0.5, **grid.protocol_settings(default)}
+         "accuracy": 0.5, **grid.protocol_settings(bf16_stream)}
   del job["residual_dtype"]  # a record from before the setting
   (tmp_path / "results.jsonl").write_text(json.dumps(job) + "\n")
-  assert grid.done_keys(default, ["gdn"]) == {("gdn", "memorize", "baseline", 1e-3, 0.1)}
+  assert grid.done_keys(bf16_stream, ["gdn"]) == {("gdn", "memorize", "baseline", 1e-3, 0.1)}
   with pytest.raises(ValueError, match=r"holds gdn jobs run with residual_dtype=None, this run has "
                                        r"residual_dtype=float32"):
-    grid.done_keys(mixed, ["gdn"])
+    grid.done_keys(default, ["gdn"])
 
 
 def test_mad_labs_embedding_decay_is_a_setting_that_reaches_the_optimizer(tmp_path):

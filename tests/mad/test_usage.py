@@ -63,7 +63,8 @@ def test_the_table_command_prints_the_hours_so_far_and_for_the_jobs_left(tmp_pat
       ("experiments.mad_table", [f"--results={results}", "--metric=final_accuracy"], 1),
       ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}", f"--compare={other}"], 1)])
   assert run.returncode == 0, run.stderr[-2000:]
-  assert "(evaluation: final)" in run.stdout  # a record without "selection" kept its last evaluation
+  # A record without "selection" kept its last evaluation, and one without dtypes ran the f32 model of its time.
+  assert "(evaluation: final; activations float32, residual stream float32)" in run.stdout
   assert final.returncode == 2 and "--metric=final_accuracy: 1 of the 1 records" in final.stderr
   gdn = next(line for line in run.stdout.splitlines() if line.startswith("| gdn | 0.01 |"))
   assert "| 1 | cpu | 527 |" in gdn  # 528 GDN jobs, one done

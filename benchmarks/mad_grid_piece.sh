@@ -19,7 +19,8 @@
 # usage.jsonl beside it (USAGE_IN); later pieces on the same machine continue from $PIECE. Every piece adds the slots
 # saved in .madstate/ (STATE_IN) that the machine has not taken before, so .madstate may come with any call before
 # the piece that runs its groups. Afterwards copy $OUT/results.jsonl and $OUT/usage.jsonl over the tracked ones and
-# $OUT/state to .madstate/.
+# $OUT/state to .madstate/: benchmarks/mad_collect.sh does both and lists the saved slots beside the results
+# (STATE_LIST), so that a later piece refuses to start on a machine that never got them.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; DRAIN=${DRAIN:-0}
@@ -51,6 +52,17 @@ for saved in "$STATE_IN"/*; do
     cp "$saved" "$PIECE/state/$name"; chmod u+w "$PIECE/state/$name"; echo "$name" >> "$PIECE/state_taken"
   fi
 done
+# The saved slots that go with RESULTS_IN, listed beside it by benchmarks/mad_collect.sh: a piece on a machine that
+# never got them (a call that did not carry .madstate) stops before training, or their jobs would start over.
+STATE_LIST=${STATE_LIST:-${RESULTS_IN%.jsonl}_state.txt}
+if [ -f "$STATE_LIST" ]; then
+  missing=$(grep -vxF -f "$PIECE/state_taken" "$STATE_LIST" | grep -v '^$' | paste -sd ' ')
+  if [ -n "$missing" ]; then
+    echo "$STATE_LIST lists saved slots this machine never got from $STATE_IN: $missing; carry [\".madstate\"] in" \
+      "the call (STATE_LIST=/dev/null lets their jobs start over)" | tee "$OUT/grid.log" >&2
+    exit 2
+  fi
+fi
 mesa_flags=()
 if [ -n "$MESA" ]; then
   IFS=: read -r impl chunk precision <<< "$MESA"
@@ -90,7 +102,13 @@ for log in "$PIECE"/logs/*.log; do echo "=== $(basename "$log")"; cat "$log"; do
 cp "$PIECE/results.jsonl" "$OUT/results.jsonl"
 if [ -f "$PIECE/usage.jsonl" ]; then cp "$PIECE/usage.jsonl" "$OUT/usage.jsonl"; fi
 rm -rf "$OUT/state"
-if [ "${RETURN_STATE:-1}" = 1 ] && [ -d "$PIECE/state" ]; then
+# The last line of grid.log says what state came back (benchmarks/mad_collect.sh reads it: a call returns no empty
+# folder, so "none" and "kept on the machine" look alike otherwise).
+if [ "${RETURN_STATE:-1}" = 1 ]; then
   mkdir -p "$OUT/state"; find "$PIECE/state" -maxdepth 1 -name '*.pkl' -exec cp {} "$OUT/state/" \;  # no claims
   du -sh "$OUT/state"
+  parts=$(find "$OUT/state" -maxdepth 1 -name '*.pkl' -printf '%f\n' | sort | tr '\n' ' ')
+  echo "state returned: ${parts:-none}" >> "$OUT/grid.log"
+else
+  echo "state kept on the machine in $PIECE/state (RETURN_STATE=0)" >> "$OUT/grid.log"
 fi

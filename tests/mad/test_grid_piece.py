@@ -25,6 +25,72 @@ def _piece(tmp_path, out: str, limit: int, script: str = "benchmarks/mad_grid_pi
   return subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _collect(files_at, checkout) -> subprocess.CompletedProcess:
+  env = {**os.environ, "TRACKED": str(checkout), "STATE": str(checkout / "madstate")}
+  return subprocess.run(["bash", "benchmarks/mad_collect.sh", str(files_at), str(checkout / "logs" / "call.log")],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _returned(tmp_path, name: str, results: str, last_line: str, parts=()):
+  """What a device call hands back from a piece: results, usage, grid.log (ending in its state line), state parts."""
+  files_at = tmp_path / name
+  (files_at / "state").mkdir(parents=True)
+  (files_at / "results.jsonl").write_text(results)
+  (files_at / "usage.jsonl").write_text('{"group": "gdn.lm.L128"}\n')
+  (files_at / "grid.log").write_text(f"[ 0 s] 8 jobs to train\n{last_line}\n")
+  for part in parts:
+    (files_at / "state" / part).write_bytes(b"slots")
+  return files_at
+
+
+def test_collect_brings_results_and_saved_slots_in_and_refuses_other_results(tmp_path):
+  checkout = tmp_path / "checkout"
+  checkout.mkdir()
+  (checkout / "results.jsonl").write_text('{"job": 1}\n')
+  parts = ["gdn.lm.L256.7.0-of-2.pkl", "gdn.lm.L256.7.1-of-2.pkl"]
+  call = _returned(tmp_path, "call1", '{"job": 1}\n{"job": 2}\n', "state returned: " + " ".join(parts), parts)
+  done = _collect(call, checkout)
+  assert done.returncode == 0 and "2 records (1 new)" in done.stdout, done.stdout + done.stderr
+  assert (checkout / "results.jsonl").read_text() == '{"job": 1}\n{"job": 2}\n'
+  assert (checkout / "usage.jsonl").exists() and (checkout / "logs" / "call.log").exists()
+  assert sorted(os.listdir(checkout / "madstate")) == parts
+  assert (checkout / "results_state.txt").read_text().split() == parts
+  # A call that kept its slots on the machine (RETURN_STATE=0) leaves the saved slots and their list alone.
+  kept = _returned(tmp_path, "call2", '{"job": 1}\n{"job": 2}\n{"job": 3}\n',
+                   "state kept on the machine in /tmp/piece/state")
+  assert _collect(kept, checkout).returncode == 0
+  assert sorted(os.listdir(checkout / "madstate")) == parts
+  assert len((checkout / "results.jsonl").read_text().splitlines()) == 3
+  # Results that did not grow from the tracked ones (an A/B in its own file) are refused and change nothing.
+  other = _returned(tmp_path, "call3", '{"job": 9}\n', "state returned: none")
+  refused = _collect(other, checkout)
+  assert refused.returncode == 2 and "is not the start of" in refused.stderr, refused.stderr
+  assert len((checkout / "results.jsonl").read_text().splitlines()) == 3 and os.listdir(checkout / "madstate")
+  # A part named in grid.log but not handed back (a call returns at most 8 files) is refused too.
+  short = _returned(tmp_path, "call4", (checkout / "results.jsonl").read_text(), "state returned: " + " ".join(parts),
+                    parts[:1])
+  refused = _collect(short, checkout)
+  assert refused.returncode == 2 and "did not come back" in refused.stderr, refused.stderr
+  # Everything finished: no slots saved, none listed.
+  finished = _returned(tmp_path, "call5", (checkout / "results.jsonl").read_text(), "state returned: none")
+  assert _collect(finished, checkout).returncode == 0
+  assert os.listdir(checkout / "madstate") == [] and (checkout / "results_state.txt").read_text() == ""
+
+
+def test_a_piece_stops_before_training_on_a_machine_without_the_saved_slots_its_results_list(tmp_path):
+  (tmp_path / "tracked.jsonl").write_text("")
+  (tmp_path / "tracked_state.txt").write_text("gdn.lm.L256.7.0-of-1.pkl\n")  # beside RESULTS_IN (_piece)
+  refused = _piece(tmp_path, "refused", limit=600)
+  assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+  assert "gdn.lm.L256.7.0-of-1.pkl" in refused.stderr and 'carry [".madstate"]' in refused.stderr
+  assert "carry" in (tmp_path / "refused" / "grid.log").read_text()  # what the call hands back says why
+  # A plan stops at the refused piece rather than trying the next ones.
+  plan = _piece(tmp_path, "plan", limit=0, script="benchmarks/mad_plan.sh", END="600",
+                PLAN="transformer:in_context_recall::4 transformer:memorize::4")
+  log = (tmp_path / "plan" / "grid.log").read_text()
+  assert plan.returncode == 2 and "plan stopped: piece 1 refused" in log and "=== piece 2" not in log, log
+
+
 @pytest.mark.slow  # two grid processes
 def test_pieces_save_at_the_time_limit_and_chain_on_one_machine(tmp_path):
   (tmp_path / "tracked.jsonl").write_text("")
@@ -47,6 +113,15 @@ def test_pieces_save_at_the_time_limit_and_chain_on_one_machine(tmp_path):
   assert [u["group"] for u in usage] == ["transformer.lm.L128"] * 2, usage
   assert [u["jobs_finished"] for u in usage] == [0, 8] and usage[1]["member_steps"] > 0
   assert all(u["device_share"] == 1 and u["device_seconds"] == u["seconds"] > 0 for u in usage)
+  # The first piece's output as mad_collect.sh brings it into a checkout: its saved slots listed beside the results.
+  checkout = tmp_path / "checkout"
+  checkout.mkdir()
+  (checkout / "results.jsonl").write_text("")
+  collected = _collect(tmp_path / "first", checkout)
+  assert collected.returncode == 0, collected.stderr
+  saved = sorted(os.listdir(tmp_path / "first" / "state"))
+  assert (checkout / "results_state.txt").read_text().split() == saved
+  assert sorted(os.listdir(checkout / "madstate")) == saved
 
 
 @pytest.mark.slow  # three grid processes

@@ -45,11 +45,12 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     main_table, per_variant = table.markdown(rows), table.variant_markdown(scores, expected)
     selection = records[0].get("selection", table.PROTOCOL["selection"])
-    precisions = sorted({(r.get("dtype", table.PROTOCOL["dtype"]), r.get("residual_dtype") or r.get(
-        "dtype", table.PROTOCOL["dtype"])) for r in records})
+    dtype_of = lambda r: r.get("dtype", table.PROTOCOL["dtype"])
+    precisions = sorted({(dtype_of(r), r.get("residual_dtype") or dtype_of(r)) for r in records})
     precision = " / ".join(f"activations {dtype}, residual stream {stream}" for dtype, stream in precisions)
     print(f"MAD accuracy (%), {len(records)} jobs, metric {_METRIC.value} (evaluation: {selection}; {precision}); "
-          f"early stopping at 99.9 % test accuracy (mad-lab)\n\n{main_table}\n\nbest accuracy per variant (lr, wd)\n\n{per_variant}")
+          f"early stopping at 99.9 % test accuracy (mad-lab)\n\n{main_table}\n\nbest accuracy per variant (lr, wd)"
+          f"\n\n{per_variant}")
     with open(os.path.join(out, "table9.md"), "w") as f:
       f.write(main_table + "\n")
     with open(os.path.join(out, "variants.md"), "w") as f:

@@ -17,7 +17,7 @@ fail() { echo "mad_collect: $*" >&2; exit 2; }
 for file in grid.log results.jsonl; do [ -f "$FROM/$file" ] || fail "$FROM/$file is missing: not a piece's output"; done
 outcome=$(grep -E '^state (returned|kept)' "$FROM/grid.log" | tail -n 1) \
   || fail "$FROM/grid.log says nothing of the saved state: not the log of a piece of this version"
-size=$(stat -c %s "$TRACKED/results.jsonl")
+size=$(stat -c %s "$TRACKED/results.jsonl"); before=$(wc -l < "$TRACKED/results.jsonl")
 if ! head -c "$size" "$FROM/results.jsonl" | cmp -s - "$TRACKED/results.jsonl"; then
   fail "$TRACKED/results.jsonl is not the start of $FROM/results.jsonl: those results grew from other ones"
 fi
@@ -33,8 +33,8 @@ mkdir -p "$(dirname "$LOG")"
 install -m 644 "$FROM/grid.log" "$LOG"
 install -m 644 "$FROM/results.jsonl" "$TRACKED/results.jsonl"
 if [ -f "$FROM/usage.jsonl" ]; then install -m 644 "$FROM/usage.jsonl" "$TRACKED/usage.jsonl"; fi
-echo "results: $(wc -l < "$TRACKED/results.jsonl") records ($(( $(wc -l < "$TRACKED/results.jsonl") - \
-  $(head -c "$size" "$FROM/results.jsonl" | wc -l) )) new); log at $LOG"
+after=$(wc -l < "$TRACKED/results.jsonl")
+echo "results: $after records ($((after - before)) new); log at $LOG"
 if [[ "$outcome" == "state kept"* ]]; then
   echo "the call kept its state on the machine: $STATE and $TRACKED/results_state.txt left as they were"
   exit 0

@@ -5,12 +5,13 @@
 # 8 files, so a piece writes nothing else there.
 #   ARCHS=gdn TASKS=in_context_recall bash benchmarks/mad_grid_piece.sh
 # Env: ARCHS, TASKS (default: all), SLOTS (10), LIMIT (500 s), DRAIN (0 s: no queued job starts in the last DRAIN
-# seconds, so fewer are in flight at the limit), BUDGET (56 MiB of saved slots, shared by the processes),
+# seconds, so fewer are in flight at the limit), BUDGET (56 MiB: what $PIECE/state holds at most after any save, every
+# group's, every piece's and every process's saves together: each save takes what the others leave),
 # OUT (./runs/piece_out), MESA (impl:chunk:precision; default models.FAST_MESA's), GDN_IMPL (default models.FAST_GDN's),
 # EXTRA (more mesanet-mad-grid flags), PIECE (/tmp/piece: the working copy), SIDE_BY_SIDE (1: one process per
-# architecture of ARCHS on the one GPU, each with an equal share of its memory and of BUDGET: populations of ~10 slots
+# architecture of ARCHS on the one GPU, each with an equal share of its memory: populations of ~10 slots
 # leave most of a GPU idle; with two, SLOTS=5 keeps every slot savable), GPUS (1; n > 1: n processes with the same
-# selection, one per GPU (CUDA_VISIBLE_DEVICES=i), each with BUDGET / n: each claims the next group no other
+# selection, one per GPU (CUDA_VISIBLE_DEVICES=i): each claims the next group no other
 # process trains, mesanet_jax/mad/claims.py, taking an architecture's groups longest first), RETURN_STATE (1: copy
 # the state to $OUT; 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same
 # warm machine), MEM_TOTAL (the share of GPU memory the grid's processes take together: 0.9 side by side, JAX's 0.75
@@ -85,14 +86,14 @@ if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
   IFS=, read -r -a archs <<< "$ARCHS"
   share=$(python3 -c "print(f'{${MEM_TOTAL:-0.9} / ${#archs[@]}:.3f}')")
   for arch in "${archs[@]}"; do
-    XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" $((BUDGET / ${#archs[@]})) "grid_$arch" "${#archs[@]}" &
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" "$BUDGET" "grid_$arch" "${#archs[@]}" &
   done
   wait
 elif [ "$GPUS" -gt 1 ]; then
   workers=$(( $(nproc) / GPUS > 1 ? $(nproc) / GPUS - 1 : 1 ))
   for ((gpu = 0; gpu < GPUS; gpu++)); do
     CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-0.75} \
-      grid "$ARCHS" $((BUDGET / GPUS)) "grid_gpu$gpu" 1 "$workers" --longest_first &
+      grid "$ARCHS" "$BUDGET" "grid_gpu$gpu" 1 "$workers" --longest_first &
   done
   wait
 else
@@ -108,6 +109,10 @@ if [ "${RETURN_STATE:-1}" = 1 ]; then
   mkdir -p "$OUT/state"; find "$PIECE/state" -maxdepth 1 -name '*.pkl' -exec cp {} "$OUT/state/" \;  # no claims
   du -sh "$OUT/state"
   parts=$(find "$OUT/state" -maxdepth 1 -name '*.pkl' -printf '%f\n' | sort | tr '\n' ' ')
+  count=$(wc -w <<< "$parts")
+  if [ "$count" -gt 5 ]; then  # beside results.jsonl, usage.jsonl and grid.log
+    echo "WARNING: $count state parts: a call returns at most 8 files, so some will not come back" | tee -a "$OUT/grid.log"
+  fi
   echo "state returned: ${parts:-none}" >> "$OUT/grid.log"
 else
   echo "state kept on the machine in $PIECE/state (RETURN_STATE=0)" >> "$OUT/grid.log"

@@ -8,9 +8,9 @@ Each (architecture, task, variant, lr, weight decay) is trained for 200 epochs (
 jobs sharing model shapes at once as one population (mesanet_jax/mad/population.py), and appended to --results as
 it finishes; a rerun skips the finished ones. With --time_limit (or at a SIGTERM) the run stops, saving the
 populations in flight under --state_dir for the next run (in files of at most 16 MiB; --state_budget_mib bounds
-them, keeping the slots furthest along). Each group run's device time goes to --usage (usage.jsonl beside
---results). Several runs may share --results and --state_dir (one per GPU): each trains the groups no other holds
-(mesanet_jax/mad/claims.py). Table and device hours: `mesanet-mad-table --results=...`.
+the directory's saves together, each group keeping its slots furthest along). Each group run's device time goes to
+--usage (usage.jsonl beside --results). Several runs may share --results and --state_dir (one per GPU): each
+trains the groups no other holds (mesanet_jax/mad/claims.py). Table and device hours: `mesanet-mad-table --results=...`.
 """
 import dataclasses
 import os
@@ -39,9 +39,10 @@ _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "> 0: at most this many 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "dataset cache (default: <results dir>/data)")
 _STATE_DIR = flags.DEFINE_string("state_dir", "", "populations in flight at the time limit (default: "
                                  "<results dir>/state)")
-_STATE_BUDGET = flags.DEFINE_float("state_budget_mib", 0, "MiB of in-flight slots a group saves at the time limit "
-                                   "at most, those furthest along first; the others start over (0: all). A device "
-                                   "call returns at most 64 MiB: ~11 MAD slots of ~5.3 MB")
+_STATE_BUDGET = flags.DEFINE_float("state_budget_mib", 0, "MiB --state_dir holds at most after a group's save at "
+                                   "the time limit, every group's saves together: the group saves its slots furthest "
+                                   "along first, as many as fit beside the others; the rest start over (0: all). A "
+                                   "device call returns at most 64 MiB: ~11 MAD slots of ~5.3 MB")
 _TIME_LIMIT = flags.DEFINE_float("time_limit", 0, "seconds after which to stop (0: none)")
 _DRAIN = flags.DEFINE_float("drain_seconds", 0, "start no queued job in the last this many seconds before "
                             "--time_limit, so fewer jobs are in flight to save or start over")

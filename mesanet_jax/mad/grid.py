@@ -19,12 +19,13 @@ compiled train step fits in the device's memory (`fit_to_memory`). While a group
 and evaluations compile in a thread (`_compile_ahead`), so a group starts without waiting on them.
 
 A group's in-flight slots are saved to `state_dir` when the time limit stops the run (`slot_state`: in parts of at
-most 16 MiB, the slots furthest along first within `state_budget`), and resumed from there by the next run with the
-same settings, in a population of the usual size or of the saved slots if more; the jobs of slots not saved start
-over. In the last `drain` seconds before the time limit no queued job starts, so that fewer are in flight then. A
-run that could not resume a saved group's slots (it does not select their jobs, or a variant it adds to the group
-changes the population's shapes) holds that group back with a note saying what to run, rather than start its jobs
-over and lose the save.
+most 16 MiB, the slots furthest along first within what `state_budget` leaves beside the other groups' saves
+there), and resumed from there by the next run with the same settings, in a population of the usual size or of the
+saved slots if more, and of the saved vocabulary if larger; the jobs of slots not saved start over. A resumed slot
+trains on its own job's dataset whichever jobs are left in its group (`_restore`). In the last `drain` seconds
+before the time limit no queued job starts, so that fewer are in flight then. A run that could not resume a saved
+group's slots (it does not select their jobs, or a variant it adds to the group changes the population's shapes)
+holds that group back with a note saying what to run, rather than start its jobs over and lose the save.
 
 Several runs may share one results file and state directory (one process per GPU, each with the same selection):
 each claims a group before training it (`claims`) and skips those another live process holds, and re-reads the
@@ -55,7 +56,8 @@ class Settings:
   protocol: training.Protocol = training.Protocol()
   data_dir: str = ""  # dataset cache ("": none)
   state_dir: str = ""  # in-flight populations at the time limit ("": not saved)
-  # Bytes of slots a group saves at the time limit at most, those furthest along first (0: every slot in flight): what
+  # Bytes the state directory holds at most after a group's save at the time limit, every group's saves together: the
+  # group saves its slots furthest along first, as many as the others leave room for (0: every slot in flight). What
   # the next run can be given, e.g. the files a device call returns; ~5.3 MB per MAD slot.
   state_budget: int = 0
   max_tokens: int = 1 << 20  # tokens per population step (slots × batch × length) at most
@@ -110,9 +112,11 @@ def group_name(key: tuple) -> str:
   return f"{architecture}.{'autoencoder' if autoencoder else 'lm'}.L{length}"
 
 
-def group_vocabulary(jobs: list[training.Job]) -> int:
-  """The vocabulary a group's population is built for: its variants' largest (the others mask the rest)."""
-  return max(j.variant.vocab_size for j in jobs)
+def group_vocabulary(jobs: list[training.Job], saved: dict | None = None) -> int:
+  """The vocabulary a group's population is built for: its variants' largest (the others mask the rest), or the
+  population's whose slots it resumes (`slot_state.load`) where that is larger: a group resumed with fewer jobs left
+  keeps the shapes it saved."""
+  return max([j.variant.vocab_size for j in jobs] + [saved["vocab"] if saved and saved["vocab"] else 0])
 
 
 def population_size(settings: Settings, num_jobs: int, length: int) -> int:
@@ -456,8 +460,8 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   started = time.perf_counter()  # the group's start, timed in its first note: data, the memory check, the state
   group_variants = list(dict.fromkeys(j.variant for j in jobs))
   datasets = [futures[v].result() for v in group_variants]
-  vocab = group_vocabulary(jobs)
   saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
+  vocab = group_vocabulary(jobs, saved)
   size = max(population_size(settings, len(jobs), length), len(saved["jobs"]) if saved else 0)
   data = stack_datasets(datasets, length)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
@@ -486,9 +490,10 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
     progress.advance(0, skipped=token_steps(jobs, protocol))
     return 0
   if saved:
-    slots, slot_jobs = _restore(saved, slots, slot_jobs, queue)
+    slots, slot_jobs = _restore(saved, slots, slot_jobs, queue, group_variants)
     progress.advance(int(sum(np.asarray(slots.step)[i] for i, j in enumerate(slot_jobs) if j)) * length)  # done before
-  savable = settings.state_budget // slot_state.slot_bytes(slots) if settings.state_budget else size
+  room = slot_state.room(settings.state_dir, group_name(key), settings.state_budget) if settings.state_dir else None
+  savable = size if room is None else room // slot_state.slot_bytes(slots)
   progress.note(f"{group_name(key)}: {len(jobs)} jobs, {size} slots, vocab {vocab}, "
                 f"{sum(j is not None for j in slot_jobs)} resumed, ready in {time.perf_counter() - started:.1f} s (data "
                 f"{data_seconds:.1f}, memory check {check_seconds:.1f})"
@@ -522,7 +527,8 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
       if reason := deadline.stop_reason() or ("the time limit is near (drain)" if idle else ""):
         in_flight = sum(j is not None for j in slot_jobs)
         if settings.state_dir:
-          kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs, settings.state_budget)
+          kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs, vocab,
+                                          settings.state_budget)
           progress.note(f"{group_name(key)}: {reason}; of {in_flight} jobs in flight {len(kept)} saved "
                         f"({len(kept) * slot_state.slot_bytes(slots) / 2**20:.1f} MiB), {len(dropped)} start over")
         else:
@@ -643,10 +649,11 @@ def _fits(saved: dict, slots) -> bool:
   return [slot_state.host_shape(t).shape[1:] for t in jax.tree.leaves(slots)] == [x.shape[1:] for x in saved["leaves"]]
 
 
-def _restore(saved: dict, slots, slot_jobs, queue):
+def _restore(saved: dict, slots, slot_jobs, queue, group_variants: list):
   """The saved slots (`slot_state.load`: furthest along first, of this population's shapes: `_fits`) in the first
   slots, as many as the population holds (the jobs of the others stay queued and start over); a saved slot whose job
-  is no longer queued (done) is emptied."""
+  is no longer queued (done) is emptied. Each resumed slot's dataset is its job's variant in `group_variants` (this
+  run's datasets, `stack_datasets`): the run that saved it had other jobs pending, so its index meant another list."""
   template, treedef = jax.tree.flatten(slots)
   resumed = min(len(saved["jobs"]), len(slot_jobs))
   as_leaf = lambda t, x: (jax.random.wrap_key_data(jnp.asarray(x)) if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
@@ -654,9 +661,12 @@ def _restore(saved: dict, slots, slot_jobs, queue):
   leaves = [jnp.concatenate([as_leaf(t, x[:resumed]), t[resumed:]]) for t, x in zip(template, saved["leaves"])]
   slots = jax.tree.unflatten(treedef, leaves)
   by_key = {j.key: j for j in queue}
+  dataset = np.array(slots.dataset)
   for i, key in enumerate(saved["jobs"][:resumed]):
     job = by_key.get(tuple(key) if key else None)
     slot_jobs[i] = job
     if job is not None:
       queue.remove(job)
-  return dataclasses.replace(slots, active=jnp.asarray([j is not None for j in slot_jobs])), slot_jobs
+      dataset[i] = group_variants.index(job.variant)
+  return dataclasses.replace(slots, dataset=jnp.asarray(dataset, slots.dataset.dtype),
+                             active=jnp.asarray([j is not None for j in slot_jobs])), slot_jobs

@@ -1,16 +1,20 @@
 """A population's slots in flight, saved at the grid's time limit in parts small enough to travel, and loaded back.
 
 A save writes the slots as files `<group>.<save id>.<part>-of-<parts>.pkl`, each at most `part_bytes` and
-self-contained (the job keys and arrays of its slots, leading axis = those slots). With a `budget_bytes`, the slots
-furthest along are kept, as many as fit, and the others dropped (their jobs start over in the next run): e.g. a call
-that returns at most 64 MiB of files can carry ~11 MAD slots of ~5.3 MB (params and two Adam moments of ~440 k f32
-each) to the next call or session. The state does not compress: lossless compressors saved 8-15 % of a trained
-MesaNet population's bytes (zlib; zstd after a byte shuffle), so the parts are plain pickles of numpy arrays.
+self-contained (the job keys and arrays of its slots, leading axis = those slots, and the population's vocabulary).
+With a `budget_bytes`, the state directory holds at most that many bytes of saves after this one, every group's
+together: the slots furthest along are kept, as many as fit beside the other groups' saves there, and the others
+dropped (their jobs start over in the next run). E.g. a call that returns at most 64 MiB of files can carry ~11 MAD
+slots of ~5.3 MB (params and two Adam moments of ~440 k f32 each) to the next call or session, however many groups
+(or processes sharing the directory, one save at a time) saved them. The state does not compress: lossless
+compressors saved 8-15 % of a trained MesaNet population's bytes (zlib; zstd after a byte shuffle), so the parts are
+plain pickles of numpy arrays.
 
 Each part is written to a temporary name and renamed; the previous save's parts are removed only after all of the
 new ones exist, and `load` reads the newest save whose parts are all there, so a run killed mid-save leaves the
 previous save or the new one, never a mix.
 """
+import fcntl
 import os
 import pickle
 import re
@@ -61,28 +65,53 @@ def _complete_saves(state_dir: str, group: str) -> dict[int, list[str]]:
           if set(parts) == set(range(len(parts))) and all(count == len(parts) for _, count in parts.values())}
 
 
-def save(state_dir: str, group: str, slots, slot_jobs: list, budget_bytes: int = 0,
+def save(state_dir: str, group: str, slots, slot_jobs: list, vocab: int | None = None, budget_bytes: int = 0,
          part_bytes: int = 16 << 20) -> tuple[list, list]:
-  """Saves the slots whose job is set (slot_jobs[i] not None), furthest along first, within `budget_bytes` (0: all),
-  in parts of at most `part_bytes` (at least one slot each); returns (jobs saved, jobs dropped)."""
+  """Saves the slots whose job is set (slot_jobs[i] not None), furthest along first, as many as fit in `budget_bytes`
+  (0: all) beside the other groups' saves in state_dir, in parts of at most `part_bytes` (at least one slot each),
+  with `vocab`, the vocabulary of the population they belong to (`load`); returns (jobs saved, jobs dropped)."""
   per_slot = slot_bytes(slots)
   steps = np.asarray(slots.step)
   in_flight = sorted((i for i, j in enumerate(slot_jobs) if j is not None), key=lambda i: (-steps[i], i))
-  kept = in_flight[:budget_bytes // per_slot] if budget_bytes else in_flight
   leaves = [host_array(x) for x in jax.tree.leaves(slots)]
-  per_part = max(1, (part_bytes - _MARGIN) // per_slot)
-  chunks = [kept[k:k + per_part] for k in range(0, len(kept), per_part)]
   os.makedirs(state_dir, exist_ok=True)
-  previous = _files(state_dir, group)
-  save_id = max([time.time_ns()] + [int(match["save"]) + 1 for _, match in previous])
-  for k, chunk in enumerate(chunks):
-    path = os.path.join(state_dir, f"{group}.{save_id}.{k}-of-{len(chunks)}.pkl")
-    with open(path + ".tmp", "wb") as f:
-      pickle.dump({"jobs": [slot_jobs[i].key for i in chunk], "leaves": [x[chunk] for x in leaves]}, f)
-    os.replace(path + ".tmp", path)
-  for path, _ in previous:
-    os.remove(path)
+  directory = os.open(state_dir, os.O_RDONLY)
+  try:
+    fcntl.flock(directory, fcntl.LOCK_EX)  # processes sharing the directory save one at a time, each within the rest
+    bound = room(state_dir, group, budget_bytes)
+    kept = in_flight if bound is None else in_flight[:bound // per_slot]
+    per_part = max(1, (part_bytes - _MARGIN) // per_slot)
+    chunks = [kept[k:k + per_part] for k in range(0, len(kept), per_part)]
+    previous = _files(state_dir, group)
+    save_id = max([time.time_ns()] + [int(match["save"]) + 1 for _, match in previous])
+    for k, chunk in enumerate(chunks):
+      path = os.path.join(state_dir, f"{group}.{save_id}.{k}-of-{len(chunks)}.pkl")
+      with open(path + ".tmp", "wb") as f:
+        pickle.dump({"jobs": [slot_jobs[i].key for i in chunk], "leaves": [x[chunk] for x in leaves], "vocab": vocab},
+                    f)
+      os.replace(path + ".tmp", path)
+    for path, _ in previous:
+      os.remove(path)
+  finally:
+    os.close(directory)  # releases the lock
   return [slot_jobs[i] for i in kept], [slot_jobs[i] for i in in_flight[len(kept):]]
+
+
+def room(state_dir: str, group: str, budget_bytes: int) -> int | None:
+  """Bytes a save of `group` may take within `budget_bytes` beside the newest complete saves of the other groups in
+  state_dir (None: no bound, budget_bytes 0)."""
+  if not budget_bytes:
+    return None
+  names = os.listdir(state_dir) if os.path.isdir(state_dir) else []
+  others = {name.rsplit(".", 3)[0] for name in names if name.endswith(".pkl")} - {group}
+  return max(budget_bytes - sum(os.path.getsize(path) for other in others
+                                for path in _newest_complete_save(state_dir, other)), 0)
+
+
+def _newest_complete_save(state_dir: str, group: str) -> list[str]:
+  """The part paths of the group's newest complete save, in order ([] if none)."""
+  saves = _complete_saves(state_dir, group)
+  return saves[max(saves)] if saves else []
 
 
 def exists(state_dir: str, group: str) -> bool:
@@ -91,17 +120,18 @@ def exists(state_dir: str, group: str) -> bool:
 
 
 def load(state_dir: str, group: str) -> dict | None:
-  """The group's newest complete save: {"jobs": job keys, "leaves": arrays with the saved slots as leading axis}, or
+  """The group's newest complete save: {"jobs": job keys, "leaves": arrays with the saved slots as leading axis,
+  "vocab": the vocabulary of the population that saved them (None for saves written before it was recorded)}, or
   None if there is none."""
-  saves = _complete_saves(state_dir, group)
-  if not saves:
-    return None
   loaded = []
-  for path in saves[max(saves)]:
+  for path in _newest_complete_save(state_dir, group):
     with open(path, "rb") as f:
       loaded.append(pickle.load(f))
+  if not loaded:
+    return None
   return {"jobs": [key for part in loaded for key in part["jobs"]],
-          "leaves": [np.concatenate(xs) for xs in zip(*(part["leaves"] for part in loaded))]}
+          "leaves": [np.concatenate(xs) for xs in zip(*(part["leaves"] for part in loaded))],
+          "vocab": loaded[0].get("vocab")}
 
 
 def remove(state_dir: str, group: str):

@@ -103,7 +103,7 @@ def test_state_saved_and_restored(tmp_path):
   queue = list(jobs)
   saved = slot_state.load(str(tmp_path), "g")
   fresh = population.init(64)
-  restored, slot_jobs = grid._restore(saved, fresh, [None, None], queue)  # into the first of two slots
+  restored, slot_jobs = grid._restore(saved, fresh, [None, None], queue, [VARIANT])  # into the first of two slots
   assert slot_jobs == [jobs[0], None] and queue == [jobs[1]]
   np.testing.assert_array_equal(restored.active, [True, False])
   host = slot_state.host_array
@@ -463,6 +463,35 @@ def test_saved_slots_of_another_vocabulary_are_held_back_not_started_over(tmp_pa
   assert not os.path.exists(settings.results) and sorted(os.listdir(settings.state_dir)) == saved_files
   assert grid.run(settings, jobs) == 2 and not os.listdir(settings.state_dir)
   assert grid.run(settings, wider) == 1
+
+
+@pytest.mark.slow
+def test_a_group_resumed_with_fewer_variants_left_keeps_its_vocabulary_and_each_slot_its_own_dataset(tmp_path):
+  # The saving run had three variants pending, the resuming run two: a slot's saved dataset index points into the
+  # saving run's list, so the resumed slot must be given its job's variant in the new one (index 1 would now be
+  # `medium`'s data for `small`'s job), and the population keeps the saved vocabulary (the largest variant is done).
+  large, small, medium = (variants.shrunk(variants.find("memorize", name), 32)
+                          for name in ("vocab_size=1024", "baseline", "vocab_size=512"))
+  done = training.jobs(["transformer"], [large], lrs=(1e-3,), weight_decays=(0.1,))
+  resumed = training.jobs(["transformer"], [small, medium], lrs=(1e-3,), weight_decays=(0.1,))
+  settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
+                           state_dir=str(tmp_path / "state"), workers=1)
+  assert grid.run(settings, done) == 1
+  population = Population(models.mad_config("transformer", large.vocab_size), False, settings.protocol, 2)
+  slot_jobs = [None, None]
+  slots = grid._fill(population, population.init(32), slot_jobs, [0, 1], list(resumed), [large, small, medium],
+                     settings.seed, 0)
+  assert np.asarray(slots.dataset).tolist() == [1, 2]
+  group = grid.group_name(grid.group_key(done[0]))
+  slot_state.save(settings.state_dir, group, slots, slot_jobs, large.vocab_size)
+  saved = slot_state.load(settings.state_dir, group)
+  assert grid.group_vocabulary(resumed, saved) == large.vocab_size and grid.group_vocabulary(resumed) == 512
+  restored, restored_jobs = grid._restore(saved, population.init(32), [None, None], list(resumed), [small, medium])
+  assert restored_jobs == resumed and np.asarray(restored.dataset).tolist() == [0, 1]
+  assert grid.held_back(settings, done + resumed) == []
+  assert grid.run(settings, done + resumed) == 2  # resumed (not held back for another vocabulary), then finished
+  assert sorted(r["variant"] for r in table.read(settings.results)) == ["baseline", "vocab_size=1024", "vocab_size=512"]
+  assert not os.listdir(settings.state_dir)
 
 
 class _Clock:

@@ -21,11 +21,12 @@ and evaluations compile in a thread (`_compile_ahead`), so a group starts withou
 A group's in-flight slots are saved to `state_dir` when the time limit stops the run (`slot_state`: in parts of at
 most 16 MiB, the slots furthest along first within what `state_budget` leaves beside the other groups' saves
 there), and resumed from there by the next run with the same settings, in a population of the usual size or of the
-saved slots if more, and of the saved vocabulary if larger; the jobs of slots not saved start over. A resumed slot
-trains on its own job's dataset whichever jobs are left in its group (`_restore`). In the last `drain` seconds
-before the time limit no queued job starts, so that fewer are in flight then. A run that could not resume a saved
-group's slots (it does not select their jobs, or a variant it adds to the group changes the population's shapes)
-holds that group back with a note saying what to run, rather than start its jobs over and lose the save.
+saved slots if more, and of the saved vocabulary and training-set length if larger; the jobs of slots not saved
+start over. A resumed slot trains on its own job's dataset whichever jobs are left in its group (`_restore`). In the
+last `drain` seconds before the time limit no queued job starts, so that fewer are in flight then. A run that could
+not resume a saved group's slots (it does not select their jobs, or a variant it adds to the group needs a larger
+vocabulary or training set) holds that group back with a note saying what to run, rather than start its jobs over
+and lose the save.
 
 Several runs may share one results file and state directory (one process per GPU, each with the same selection):
 each claims a group before training it (`claims`) and skips those another live process holds, and re-reads the
@@ -116,7 +117,7 @@ def group_vocabulary(jobs: list[training.Job], saved: dict | None = None) -> int
   """The vocabulary a group's population is built for: its variants' largest (the others mask the rest), or the
   population's whose slots it resumes (`slot_state.load`) where that is larger: a group resumed with fewer jobs left
   keeps the shapes it saved."""
-  return max([j.variant.vocab_size for j in jobs] + [saved["vocab"] if saved and saved["vocab"] else 0])
+  return max([j.variant.vocab_size for j in jobs] + [saved["population"].get("vocab", 0) if saved else 0])
 
 
 def population_size(settings: Settings, num_jobs: int, length: int) -> int:
@@ -463,7 +464,8 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
   vocab = group_vocabulary(jobs, saved)
   size = max(population_size(settings, len(jobs), length), len(saved["jobs"]) if saved else 0)
-  data = stack_datasets(datasets, length)
+  # A resumed population keeps its epoch orders' length (the saving run's largest training set) too.
+  data = stack_datasets(datasets, length, saved["population"].get("num_examples", 0) if saved else 0)
   queue = sorted(jobs, key=lambda j: -j.steps(protocol))
   config = model_config(settings, key[0], vocab)
   # slots -> Population: the one whose step was compiled (ahead, or for the memory check) runs, not compiled again
@@ -484,8 +486,8 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   num_examples = int(data["train_inputs"].shape[1])
   slots = population.init(num_examples, settings.seed)
   if saved and not _fits(saved, slots):
-    progress.note(_held_note(settings, key, jobs, "are of another population's shapes (another vocabulary: the run "
-                             "that saved them selected other variants of the group, or other model settings)",
+    progress.note(_held_note(settings, key, jobs, "are of another population's shapes (a smaller vocabulary or "
+                             "training set than a variant this run adds to the group needs, or other model settings)",
                              "run that selection"))
     progress.advance(0, skipped=token_steps(jobs, protocol))
     return 0
@@ -527,8 +529,8 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
       if reason := deadline.stop_reason() or ("the time limit is near (drain)" if idle else ""):
         in_flight = sum(j is not None for j in slot_jobs)
         if settings.state_dir:
-          kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs, vocab,
-                                          settings.state_budget)
+          kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs,
+                                          {"vocab": vocab, "num_examples": num_examples}, settings.state_budget)
           progress.note(f"{group_name(key)}: {reason}; of {in_flight} jobs in flight {len(kept)} saved "
                         f"({len(kept) * slot_state.slot_bytes(slots) / 2**20:.1f} MiB), {len(dropped)} start over")
         else:

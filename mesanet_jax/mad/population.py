@@ -225,12 +225,13 @@ def evaluation_index(due: list[int], size: int) -> list[int]:
   return due + [due[0]] * (count - len(due))
 
 
-def stack_datasets(datasets: list[dict], length: int) -> dict:
+def stack_datasets(datasets: list[dict], length: int, train_rows: int = 0) -> dict:
   """Device arrays of a group's datasets ({"train": {"inputs", "targets"}, "test": ...} each), right-padded to
-  `length` with unscored positions (a causal model's outputs before them do not change) and to the largest N."""
+  `length` with unscored positions (a causal model's outputs before them do not change) and to the largest N (of
+  the training sets at least `train_rows`: a resumed population's epoch orders have the saving run's length)."""
   def pad(split, key):
     arrays = [d[split][key] for d in datasets]
-    rows = max(a.shape[0] for a in arrays)
+    rows = max([a.shape[0] for a in arrays] + [train_rows if split == "train" else 0])
     fill = 0 if key == "inputs" else tasks.IGNORE
     out = np.full((len(arrays), rows, length), fill, np.int32)
     for i, a in enumerate(arrays):

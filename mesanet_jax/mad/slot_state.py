@@ -1,7 +1,7 @@
 """A population's slots in flight, saved at the grid's time limit in parts small enough to travel, and loaded back.
 
 A save writes the slots as files `<group>.<save id>.<part>-of-<parts>.pkl`, each at most `part_bytes` and
-self-contained (the job keys and arrays of its slots, leading axis = those slots, and the population's vocabulary).
+self-contained (the job keys and arrays of its slots, leading axis = those slots, and the population's shapes).
 With a `budget_bytes`, the state directory holds at most that many bytes of saves after this one, every group's
 together: the slots furthest along are kept, as many as fit beside the other groups' saves there, and the others
 dropped (their jobs start over in the next run). E.g. a call that returns at most 64 MiB of files can carry ~11 MAD
@@ -65,11 +65,12 @@ def _complete_saves(state_dir: str, group: str) -> dict[int, list[str]]:
           if set(parts) == set(range(len(parts))) and all(count == len(parts) for _, count in parts.values())}
 
 
-def save(state_dir: str, group: str, slots, slot_jobs: list, vocab: int | None = None, budget_bytes: int = 0,
+def save(state_dir: str, group: str, slots, slot_jobs: list, population: dict | None = None, budget_bytes: int = 0,
          part_bytes: int = 16 << 20) -> tuple[list, list]:
   """Saves the slots whose job is set (slot_jobs[i] not None), furthest along first, as many as fit in `budget_bytes`
   (0: all) beside the other groups' saves in state_dir, in parts of at most `part_bytes` (at least one slot each),
-  with `vocab`, the vocabulary of the population they belong to (`load`); returns (jobs saved, jobs dropped)."""
+  with `population`, what the shapes of the population they belong to follow from (the grid's {"vocab",
+  "num_examples"}; `load`); returns (jobs saved, jobs dropped)."""
   per_slot = slot_bytes(slots)
   steps = np.asarray(slots.step)
   in_flight = sorted((i for i, j in enumerate(slot_jobs) if j is not None), key=lambda i: (-steps[i], i))
@@ -87,8 +88,8 @@ def save(state_dir: str, group: str, slots, slot_jobs: list, vocab: int | None =
     for k, chunk in enumerate(chunks):
       path = os.path.join(state_dir, f"{group}.{save_id}.{k}-of-{len(chunks)}.pkl")
       with open(path + ".tmp", "wb") as f:
-        pickle.dump({"jobs": [slot_jobs[i].key for i in chunk], "leaves": [x[chunk] for x in leaves], "vocab": vocab},
-                    f)
+        pickle.dump({"jobs": [slot_jobs[i].key for i in chunk], "leaves": [x[chunk] for x in leaves],
+                     "population": population or {}}, f)
       os.replace(path + ".tmp", path)
     for path, _ in previous:
       os.remove(path)
@@ -121,8 +122,7 @@ def exists(state_dir: str, group: str) -> bool:
 
 def load(state_dir: str, group: str) -> dict | None:
   """The group's newest complete save: {"jobs": job keys, "leaves": arrays with the saved slots as leading axis,
-  "vocab": the vocabulary of the population that saved them (None for saves written before it was recorded)}, or
-  None if there is none."""
+  "population": `save`'s (empty for saves written before it was recorded)}, or None if there is none."""
   loaded = []
   for path in _newest_complete_save(state_dir, group):
     with open(path, "rb") as f:
@@ -131,7 +131,7 @@ def load(state_dir: str, group: str) -> dict | None:
     return None
   return {"jobs": [key for part in loaded for key in part["jobs"]],
           "leaves": [np.concatenate(xs) for xs in zip(*(part["leaves"] for part in loaded))],
-          "vocab": loaded[0].get("vocab")}
+          "population": loaded[0].get("population", {})}
 
 
 def remove(state_dir: str, group: str):

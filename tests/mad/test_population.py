@@ -466,12 +466,13 @@ def test_saved_slots_of_another_vocabulary_are_held_back_not_started_over(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_group_resumed_with_fewer_variants_left_keeps_its_vocabulary_and_each_slot_its_own_dataset(tmp_path):
+def test_a_group_resumed_with_fewer_variants_left_keeps_its_shapes_and_each_slot_its_own_dataset(tmp_path):
   # The saving run had three variants pending, the resuming run two: a slot's saved dataset index points into the
   # saving run's list, so the resumed slot must be given its job's variant in the new one (index 1 would now be
-  # `medium`'s data for `small`'s job), and the population keeps the saved vocabulary (the largest variant is done).
-  large, small, medium = (variants.shrunk(variants.find("memorize", name), 32)
-                          for name in ("vocab_size=1024", "baseline", "vocab_size=512"))
+  # `medium`'s data for `small`'s job), and the population keeps the saved vocabulary and epoch-order length (the
+  # variant of the largest vocabulary and training set is done).
+  large = variants.shrunk(variants.find("memorize", "vocab_size=1024"), 64)
+  small, medium = (variants.shrunk(variants.find("memorize", name), 32) for name in ("baseline", "vocab_size=512"))
   done = training.jobs(["transformer"], [large], lrs=(1e-3,), weight_decays=(0.1,))
   resumed = training.jobs(["transformer"], [small, medium], lrs=(1e-3,), weight_decays=(0.1,))
   settings = grid.Settings(results=str(tmp_path / "results.jsonl"), protocol=training.Protocol(epochs=2),
@@ -479,17 +480,19 @@ def test_a_group_resumed_with_fewer_variants_left_keeps_its_vocabulary_and_each_
   assert grid.run(settings, done) == 1
   population = Population(models.mad_config("transformer", large.vocab_size), False, settings.protocol, 2)
   slot_jobs = [None, None]
-  slots = grid._fill(population, population.init(32), slot_jobs, [0, 1], list(resumed), [large, small, medium],
+  slots = grid._fill(population, population.init(64), slot_jobs, [0, 1], list(resumed), [large, small, medium],
                      settings.seed, 0)
   assert np.asarray(slots.dataset).tolist() == [1, 2]
   group = grid.group_name(grid.group_key(done[0]))
-  slot_state.save(settings.state_dir, group, slots, slot_jobs, large.vocab_size)
+  slot_state.save(settings.state_dir, group, slots, slot_jobs, {"vocab": large.vocab_size, "num_examples": 64})
   saved = slot_state.load(settings.state_dir, group)
   assert grid.group_vocabulary(resumed, saved) == large.vocab_size and grid.group_vocabulary(resumed) == 512
-  restored, restored_jobs = grid._restore(saved, population.init(32), [None, None], list(resumed), [small, medium])
+  restored, restored_jobs = grid._restore(saved, population.init(64), [None, None], list(resumed), [small, medium])
   assert restored_jobs == resumed and np.asarray(restored.dataset).tolist() == [0, 1]
+  data = stack_datasets([variants.load(v) for v in (small, medium)], 32, train_rows=64)
+  assert data["train_inputs"].shape == (2, 64, 32) and np.asarray(data["num_train"]).tolist() == [32, 32]
   assert grid.held_back(settings, done + resumed) == []
-  assert grid.run(settings, done + resumed) == 2  # resumed (not held back for another vocabulary), then finished
+  assert grid.run(settings, done + resumed) == 2  # resumed (not held back for other shapes), then finished
   assert sorted(r["variant"] for r in table.read(settings.results)) == ["baseline", "vocab_size=1024", "vocab_size=512"]
   assert not os.listdir(settings.state_dir)
 

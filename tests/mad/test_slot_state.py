@@ -1,5 +1,5 @@
 """Saved slots: parts within their size, the slots furthest along kept within a budget shared by every group's saves,
-the population's vocabulary kept, the newest complete save loaded (a save cut short leaves the previous one), one
+the population's shapes kept, the newest complete save loaded (a save cut short leaves the previous one), one
 group's files never another's; a saved group trains first (and the dry run's plan lists it first)."""
 import concurrent.futures
 import dataclasses
@@ -68,19 +68,20 @@ def test_a_budget_keeps_the_slots_furthest_along(tmp_path):
   assert slot_state.load(str(tmp_path), "g") is None  # nothing fit: the previous save is gone too
 
 
-def test_a_budget_bounds_every_groups_saves_together_and_a_save_keeps_its_vocabulary(tmp_path):
+def test_a_budget_bounds_every_groups_saves_together_and_a_save_keeps_its_population_shapes(tmp_path):
   # A device call returns the whole state directory: one group's save takes only the room the others leave.
   slots, jobs, state = _slots([5, 7, 1, 6]), _jobs(4), str(tmp_path)
   per_slot = slot_state.slot_bytes(slots)
-  assert slot_state.save(state, "a.lm.L16", _slots([3, 4]), _jobs(2), vocab=16)[1] == []
+  assert slot_state.save(state, "a.lm.L16", _slots([3, 4]), _jobs(2), {"vocab": 16})[1] == []
   a_bytes = sum(os.path.getsize(tmp_path / f) for f in os.listdir(tmp_path))
   budget = a_bytes + 2 * per_slot + 1000  # room for two slots of "b" (and a part's framing)
   assert slot_state.room(state, "b.lm.L16", budget) == budget - a_bytes
-  kept, dropped = slot_state.save(state, "b.lm.L16", slots, jobs, vocab=32, budget_bytes=budget)
+  kept, dropped = slot_state.save(state, "b.lm.L16", slots, jobs, {"vocab": 32, "num_examples": 64}, budget)
   assert kept == [jobs[1], jobs[3]] and dropped == [jobs[0], jobs[2]]
-  assert slot_state.load(state, "a.lm.L16")["vocab"] == 16 and slot_state.load(state, "b.lm.L16")["vocab"] == 32
+  assert slot_state.load(state, "a.lm.L16")["population"] == {"vocab": 16}
+  assert slot_state.load(state, "b.lm.L16")["population"] == {"vocab": 32, "num_examples": 64}
   # A group's own previous save is replaced, so it does not count against it; "b"'s does.
-  assert len(slot_state.save(state, "a.lm.L16", slots, jobs, vocab=16, budget_bytes=budget)[0]) == 2
+  assert len(slot_state.save(state, "a.lm.L16", slots, jobs, budget_bytes=budget)[0]) == 2
   assert slot_state.save(state, "c.lm.L16", slots, jobs, budget_bytes=budget)[0] == []  # no room left: none saved
   assert slot_state.room(state, "c.lm.L16", 0) is None and len(slot_state.save(state, "c.lm.L16", slots, jobs)[0]) == 4
 
@@ -99,15 +100,15 @@ def test_processes_saving_at_once_share_the_budget(tmp_path):
   assert sum(os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path)) <= budget
 
 
-def test_a_save_written_before_the_vocabulary_was_recorded_loads_with_none(tmp_path):
-  slot_state.save(str(tmp_path), "g", _slots([1]), _jobs(1), vocab=16)
+def test_a_save_written_before_the_population_was_recorded_loads_with_none(tmp_path):
+  slot_state.save(str(tmp_path), "g", _slots([1]), _jobs(1), {"vocab": 16})
   [name] = os.listdir(tmp_path)
   with open(tmp_path / name, "rb") as f:
     part = pickle.load(f)
-  del part["vocab"]
+  del part["population"]
   with open(tmp_path / name, "wb") as f:
     pickle.dump(part, f)
-  assert slot_state.load(str(tmp_path), "g")["vocab"] is None
+  assert slot_state.load(str(tmp_path), "g")["population"] == {}
 
 
 def test_the_newest_complete_save_is_loaded(tmp_path):

@@ -4,9 +4,10 @@
 #   bash benchmarks/mad_collect.sh <the call's files_at> benchmarks/results/mad_s33/call2.log
 # - results.jsonl and usage.jsonl replace the tracked ones, only where the tracked results are the start of the
 #   returned ones (the grid appends records; anything else came from other results, e.g. an A/B in its own file);
-# - the saved slots replace .madstate/ and are listed in benchmarks/results/mad/results_state.txt, which every later
-#   piece checks its machine got (mad_grid_piece.sh: STATE_LIST), so a call that forgets to carry them stops at once
-#   instead of training their jobs again; a call that kept its state on the machine (RETURN_STATE=0) changes neither;
+# - the saved slots (the parts packed in state/state.tar.*) replace .madstate/ and are listed in
+#   benchmarks/results/mad/results_state.txt, which every later piece checks its machine got (mad_grid_piece.sh:
+#   STATE_LIST), so a call that forgets to carry them stops at once instead of training their jobs again; a call that
+#   kept its state on the machine (RETURN_STATE=0) changes neither;
 # - grid.log is kept at the path given.
 # Env: TRACKED (benchmarks/results/mad), STATE (.madstate).
 set -euo pipefail
@@ -22,11 +23,18 @@ if ! head -c "$size" "$FROM/results.jsonl" | cmp -s - "$TRACKED/results.jsonl"; 
   fail "$TRACKED/results.jsonl is not the start of $FROM/results.jsonl: those results grew from other ones"
 fi
 parts=()
+unpacked=$(mktemp -d); trap 'rm -rf "$unpacked"' EXIT
 if [[ "$outcome" == "state returned: "* ]]; then
   read -r -a parts <<< "${outcome#state returned: }"
   if [ "${parts[*]}" = none ]; then parts=(); fi
+  if [ "${#parts[@]}" -gt 0 ]; then
+    archive=("$FROM"/state/state.tar.*)
+    [ -f "${archive[0]}" ] || fail "$FROM/state/state.tar.* did not come back (grid.log lists ${#parts[@]} parts)"
+    cat "${archive[@]}" | tar -x -C "$unpacked" \
+      || fail "$FROM/state/state.tar.* do not make a whole archive: a piece of it did not come back"
+  fi
   for part in "${parts[@]}"; do
-    [ -f "$FROM/state/$part" ] || fail "$FROM/state/$part (in grid.log) did not come back"
+    [ -f "$unpacked/$part" ] || fail "$part (in grid.log) did not come back in $FROM/state"
   done
 fi
 mkdir -p "$(dirname "$LOG")"
@@ -40,6 +48,6 @@ if [[ "$outcome" == "state kept"* ]]; then
   exit 0
 fi
 mkdir -p "$STATE"; rm -f "$STATE"/*.pkl
-for part in "${parts[@]}"; do install -m 644 "$FROM/state/$part" "$STATE/$part"; done
+for part in "${parts[@]}"; do install -m 644 "$unpacked/$part" "$STATE/$part"; done
 printf '%s\n' "${parts[@]}" | grep -v '^$' > "$TRACKED/results_state.txt" || true
 echo "saved slots: ${#parts[@]} parts in $STATE ($(du -sh "$STATE" | cut -f1)), listed in $TRACKED/results_state.txt"

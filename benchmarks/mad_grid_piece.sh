@@ -2,7 +2,8 @@
 # One resumable piece of the MAD grid (issue 18) for a device lent in short calls: trains for LIMIT seconds, saves the
 # slots in flight (at most BUDGET MiB, so they can travel back), and leaves results.jsonl, usage.jsonl (each group
 # run's device time), grid.log (every process's log, one after another) and state/ in $OUT: a call returns at most
-# 8 files, so a piece writes nothing else there.
+# 8 files of at most 16 MiB, so a piece writes nothing else there, and state/ holds the saved parts as one tar archive
+# in pieces of 15 MiB (state.tar.00, .01, ...: BUDGET=56 comes back in 4 files however the groups' parts fall).
 #   ARCHS=gdn TASKS=in_context_recall bash benchmarks/mad_grid_piece.sh
 # Env: ARCHS, TASKS (default: all), SLOTS (10), LIMIT (500 s), DRAIN (0 s: no queued job starts in the last DRAIN
 # seconds, so fewer are in flight at the limit), BUDGET (56 MiB: what $PIECE/state holds at most after any save, every
@@ -15,12 +16,12 @@
 # process trains, mesanet_jax/mad/claims.py, taking an architecture's groups longest first), RETURN_STATE (1: copy
 # the state to $OUT; 0: keep it in $PIECE only, with BUDGET=0 every slot in flight, for a next call on the same
 # warm machine), MEM_TOTAL (the share of GPU memory the grid's processes take together: 0.9 side by side, JAX's 0.75
-# alone; less leaves room for a run beside them). The state's parts travel whole: keep them under a call's 64 MiB.
+# alone; less leaves room for a run beside them). Keep BUDGET under a call's 64 MiB (5 pieces of 15 MiB at most).
 # The first piece on a machine starts from the tracked benchmarks/results/mad/results.jsonl (RESULTS_IN) and
 # usage.jsonl beside it (USAGE_IN); later pieces on the same machine continue from $PIECE. Every piece adds the slots
 # saved in .madstate/ (STATE_IN) that the machine has not taken before, so .madstate may come with any call before
 # the piece that runs its groups. Afterwards copy $OUT/results.jsonl and $OUT/usage.jsonl over the tracked ones and
-# $OUT/state to .madstate/: benchmarks/mad_collect.sh does both and lists the saved slots beside the results
+# $OUT/state's parts to .madstate/: benchmarks/mad_collect.sh does both and lists the saved slots beside the results
 # (STATE_LIST), so that a later piece refuses to start on a machine that never got them.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -106,13 +107,18 @@ rm -rf "$OUT/state"
 # The last line of grid.log says what state came back (benchmarks/mad_collect.sh reads it: a call returns no empty
 # folder, so "none" and "kept on the machine" look alike otherwise).
 if [ "${RETURN_STATE:-1}" = 1 ]; then
-  mkdir -p "$OUT/state"; find "$PIECE/state" -maxdepth 1 -name '*.pkl' -exec cp {} "$OUT/state/" \;  # no claims
-  du -sh "$OUT/state"
-  parts=$(find "$OUT/state" -maxdepth 1 -name '*.pkl' -printf '%f\n' | sort | tr '\n' ' ')
-  count=$(wc -w <<< "$parts")
-  if [ "$count" -gt 5 ]; then  # beside results.jsonl, usage.jsonl and grid.log
-    echo "WARNING: $count state parts: a call returns at most 8 files, so some will not come back" | tee -a "$OUT/grid.log"
+  mkdir -p "$OUT/state"
+  parts=$(find "$PIECE/state" -maxdepth 1 -name '*.pkl' -printf '%f\n' | sort | tr '\n' ' ')  # no claims
+  if [ -n "$parts" ]; then
+    # shellcheck disable=SC2086  # one name a word
+    tar -C "$PIECE/state" -cf - $parts | split -b 15M -d -a 2 - "$OUT/state/state.tar."
+    pieces=$(find "$OUT/state" -name 'state.tar.*' | wc -l)
+    if [ "$pieces" -gt 5 ]; then  # beside results.jsonl, usage.jsonl and grid.log
+      echo "WARNING: the state is $pieces files of 15 MiB: a call returns at most 8, so it will not all come back" \
+        | tee -a "$OUT/grid.log"
+    fi
   fi
+  du -sh "$OUT/state"
   echo "state returned: ${parts:-none}" >> "$OUT/grid.log"
 else
   echo "state kept on the machine in $PIECE/state (RETURN_STATE=0)" >> "$OUT/grid.log"

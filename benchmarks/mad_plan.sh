@@ -10,8 +10,8 @@
 # later calls skip through the finished pieces. A piece that refuses to start (rc 2: e.g. the saved slots its results
 # list were not carried) stops the plan, which then exits 2. Every other setting of mad_grid_piece.sh (BUDGET, DRAIN,
 # RETURN_STATE, PIECE, EXTRA, GPUS, ...) applies to each piece: with GPUS=n a piece's groups train n at a time.
-# $OUT/grid.log holds every piece's log, one after another; $OUT/state (RETURN_STATE=1) is every group's saved slots
-# in $PIECE/state, not only the last piece's.
+# $OUT/grid.log holds every piece's log, one after another; $OUT/state (RETURN_STATE=1) packs every group's saved
+# slots in $PIECE/state, not only the last piece's.
 set -uo pipefail
 PLAN=${PLAN:?"PLAN must list the pieces: ARCHS:TASKS:VARIANTS:SLOTS ..."}; END=${END:-560}
 OUT=${OUT:-runs/piece_out}

@@ -32,14 +32,20 @@ def _collect(files_at, checkout) -> subprocess.CompletedProcess:
 
 
 def _returned(tmp_path, name: str, results: str, last_line: str, parts=()):
-  """What a device call hands back from a piece: results, usage, grid.log (ending in its state line), state parts."""
+  """What a device call hands back from a piece: results, usage, grid.log (ending in its state line), and the state
+  parts packed as mad_grid_piece.sh packs them (state/state.tar.*)."""
   files_at = tmp_path / name
   (files_at / "state").mkdir(parents=True)
   (files_at / "results.jsonl").write_text(results)
   (files_at / "usage.jsonl").write_text('{"group": "gdn.lm.L128"}\n')
   (files_at / "grid.log").write_text(f"[ 0 s] 8 jobs to train\n{last_line}\n")
-  for part in parts:
-    (files_at / "state" / part).write_bytes(b"slots")
+  if parts:
+    saved = tmp_path / f"{name}_saved"
+    saved.mkdir()
+    for part in parts:
+      (saved / part).write_bytes(os.urandom(3000))
+    subprocess.run(f"tar -C {saved} -cf - {' '.join(parts)} | split -b 2K -d -a 2 - {files_at}/state/state.tar.",
+                   shell=True, check=True)
   return files_at
 
 
@@ -54,6 +60,7 @@ def test_collect_brings_results_and_saved_slots_in_and_refuses_other_results(tmp
   assert (checkout / "results.jsonl").read_text() == '{"job": 1}\n{"job": 2}\n'
   assert (checkout / "usage.jsonl").exists() and (checkout / "logs" / "call.log").exists()
   assert sorted(os.listdir(checkout / "madstate")) == parts
+  assert (checkout / "madstate" / parts[1]).read_bytes() == (tmp_path / "call1_saved" / parts[1]).read_bytes()
   assert (checkout / "results_state.txt").read_text().split() == parts
   # A call that kept its slots on the machine (RETURN_STATE=0) leaves the saved slots and their list alone.
   kept = _returned(tmp_path, "call2", '{"job": 1}\n{"job": 2}\n{"job": 3}\n',
@@ -66,11 +73,18 @@ def test_collect_brings_results_and_saved_slots_in_and_refuses_other_results(tmp
   refused = _collect(other, checkout)
   assert refused.returncode == 2 and "is not the start of" in refused.stderr, refused.stderr
   assert len((checkout / "results.jsonl").read_text().splitlines()) == 3 and os.listdir(checkout / "madstate")
-  # A part named in grid.log but not handed back (a call returns at most 8 files) is refused too.
-  short = _returned(tmp_path, "call4", (checkout / "results.jsonl").read_text(), "state returned: " + " ".join(parts),
-                    parts[:1])
+  # A part named in grid.log but not in the archive, or an archive missing a piece (a call returns at most 8 files),
+  # is refused too.
+  listed = "state returned: " + " ".join(parts)
+  short = _returned(tmp_path, "call4", (checkout / "results.jsonl").read_text(), listed, parts[:1])
   refused = _collect(short, checkout)
   assert refused.returncode == 2 and "did not come back" in refused.stderr, refused.stderr
+  cut = _returned(tmp_path, "call6", (checkout / "results.jsonl").read_text(), listed, parts)
+  pieces = sorted(os.listdir(cut / "state"))
+  assert len(pieces) > 1  # tar's 10 KiB record in pieces of 2 KiB
+  os.remove(cut / "state" / pieces[1])  # the end of the first part, the start of the second
+  refused = _collect(cut, checkout)
+  assert refused.returncode == 2 and "a piece of it did not come back" in refused.stderr, refused.stderr
   # Everything finished: no slots saved, none listed.
   finished = _returned(tmp_path, "call5", (checkout / "results.jsonl").read_text(), "state returned: none")
   assert _collect(finished, checkout).returncode == 0
@@ -98,7 +112,8 @@ def test_pieces_save_at_the_time_limit_and_chain_on_one_machine(tmp_path):
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   log = (tmp_path / "first" / "grid.log").read_text()
   assert "rc=0" in log and "of 4 jobs in flight 4 saved" in log, log[-2000:]
-  assert len(os.listdir(tmp_path / "first" / "state")) >= 1
+  packed = sorted(os.listdir(tmp_path / "first" / "state"))  # the parts packed, in pieces of 15 MiB
+  assert packed == [f"state.tar.{i:02d}" for i in range(len(packed))] and packed
   # A device call returns at most 8 files: a piece leaves only these (and the state's parts) in $OUT.
   assert sorted(os.listdir(tmp_path / "first")) == ["grid.log", "results.jsonl", "state", "usage.jsonl"]
   second = _piece(tmp_path, "second", limit=600, SLOTS="4")
@@ -119,9 +134,9 @@ def test_pieces_save_at_the_time_limit_and_chain_on_one_machine(tmp_path):
   (checkout / "results.jsonl").write_text("")
   collected = _collect(tmp_path / "first", checkout)
   assert collected.returncode == 0, collected.stderr
-  saved = sorted(os.listdir(tmp_path / "first" / "state"))
+  saved = sorted(os.listdir(checkout / "madstate"))
+  assert saved and all(name.startswith("transformer.lm.L128.") and name.endswith(".pkl") for name in saved)
   assert (checkout / "results_state.txt").read_text().split() == saved
-  assert sorted(os.listdir(checkout / "madstate")) == saved
 
 
 @pytest.mark.slow  # three grid processes
@@ -131,10 +146,13 @@ def test_a_later_call_brings_saved_slots_to_a_machine_once(tmp_path):
   (tmp_path / "tracked.jsonl").write_text("")
   first = _piece(tmp_path, "first", limit=1, SLOTS="4")
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-  saved = sorted(os.listdir(tmp_path / "first" / "state"))
+  checkout = tmp_path / "checkout"  # the first call's slots collected into a checkout's .madstate, carried later
+  checkout.mkdir()
+  (checkout / "results.jsonl").write_text("")
+  assert _collect(tmp_path / "first", checkout).returncode == 0
+  carried = checkout / "madstate"
+  saved = sorted(os.listdir(carried))
   assert saved
-  carried = tmp_path / "carried"
-  os.rename(tmp_path / "first" / "state", carried)
   # The machine's piece as it stands when the slots have never been there: no state of its own.
   for name in saved:
     os.remove(tmp_path / "piece" / "state" / name)

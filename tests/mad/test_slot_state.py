@@ -100,7 +100,7 @@ def test_processes_saving_at_once_share_the_budget(tmp_path):
   assert sum(os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path)) <= budget
 
 
-def test_a_save_written_before_the_population_was_recorded_loads_with_none(tmp_path):
+def test_a_save_written_before_the_population_was_recorded_loads_with_an_empty_one(tmp_path):
   slot_state.save(str(tmp_path), "g", _slots([1]), _jobs(1), {"vocab": 16})
   [name] = os.listdir(tmp_path)
   with open(tmp_path / name, "rb") as f:

@@ -23,6 +23,8 @@
 # the piece that runs its groups. Afterwards copy $OUT/results.jsonl and $OUT/usage.jsonl over the tracked ones and
 # $OUT/state's parts to .madstate/: benchmarks/mad_collect.sh does both and lists the saved slots beside the results
 # (STATE_LIST), so that a later piece refuses to start on a machine that never got them.
+# Exit status: 2 when the piece refuses to start (bad settings, saved slots not carried), 1 when a grid process
+# failed (results and state still handed back), else 0.
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 ARCHS=${ARCHS:-mesanet,gdn}; TASKS=${TASKS:-}; SLOTS=${SLOTS:-10}; LIMIT=${LIMIT:-500}; DRAIN=${DRAIN:-0}
@@ -80,26 +82,33 @@ grid() {  # architectures, state budget (MiB), log name, processes on the device
     --drain_seconds="$DRAIN" --max_slots="$SLOTS" --device_share="$4" ${5:+--workers="$5"} "${@:6}" \
     "${mesa_flags[@]}" ${GDN_IMPL:+--gdn_impl="$GDN_IMPL"} $EXTRA 2>&1 \
     | tr '\r' '\n' | grep --line-buffered -v -e ' it/s' -e 'tok·step/s' -e '^[[:space:]]*$' > "$PIECE/logs/$3.log"
-  echo "rc=${PIPESTATUS[0]}" >> "$PIECE/logs/$3.log"
+  local rc=${PIPESTATUS[0]}
+  echo "rc=$rc" >> "$PIECE/logs/$3.log"
   tail -25 "$PIECE/logs/$3.log"
+  return "$rc"
 }
+# A grid process that exits non-zero (a crash, or killed at LIMIT + 60 s) fails the piece, after it hands back what
+# there is.
+failed=0; processes=()
 if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
   IFS=, read -r -a archs <<< "$ARCHS"
   share=$(python3 -c "print(f'{${MEM_TOTAL:-0.9} / ${#archs[@]}:.3f}')")
   for arch in "${archs[@]}"; do
     XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" "$BUDGET" "grid_$arch" "${#archs[@]}" &
+    processes+=($!)
   done
-  wait
 elif [ "$GPUS" -gt 1 ]; then
   workers=$(( $(nproc) / GPUS > 1 ? $(nproc) / GPUS - 1 : 1 ))
   for ((gpu = 0; gpu < GPUS; gpu++)); do
     CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-0.75} \
       grid "$ARCHS" "$BUDGET" "grid_gpu$gpu" 1 "$workers" --longest_first &
+    processes+=($!)
   done
-  wait
 else
-  XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.75}} grid "$ARCHS" "$BUDGET" grid 1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.75}} grid "$ARCHS" "$BUDGET" grid 1 \
+    || failed=1
 fi
+for process in "${processes[@]}"; do wait "$process" || failed=1; done
 for log in "$PIECE"/logs/*.log; do echo "=== $(basename "$log")"; cat "$log"; done >> "$OUT/grid.log"
 cp "$PIECE/results.jsonl" "$OUT/results.jsonl"
 if [ -f "$PIECE/usage.jsonl" ]; then cp "$PIECE/usage.jsonl" "$OUT/usage.jsonl"; fi
@@ -123,3 +132,4 @@ if [ "${RETURN_STATE:-1}" = 1 ]; then
 else
   echo "state kept on the machine in $PIECE/state (RETURN_STATE=0)" >> "$OUT/grid.log"
 fi
+if [ "$failed" = 1 ]; then echo "a grid process exited non-zero (its rc= in $OUT/grid.log)" >&2; exit 1; fi

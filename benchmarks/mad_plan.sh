@@ -8,8 +8,9 @@
 # Each piece gets the time left until END seconds after this script started (one with under 60 s left is skipped,
 # one with nothing left to train exits at once), so the same plan serves every call of a chain on a warm machine:
 # later calls skip through the finished pieces. A piece that refuses to start (rc 2: e.g. the saved slots its results
-# list were not carried) stops the plan, which then exits 2. Every other setting of mad_grid_piece.sh (BUDGET, DRAIN,
-# RETURN_STATE, PIECE, EXTRA, GPUS, ...) applies to each piece: with GPUS=n a piece's groups train n at a time.
+# list were not carried) stops the plan, which then exits 2; one that fails (a grid process exited non-zero) is noted
+# and the plan goes on, then exits 1. Every other setting of mad_grid_piece.sh (BUDGET, DRAIN, RETURN_STATE, PIECE,
+# EXTRA, GPUS, ...) applies to each piece: with GPUS=n a piece's groups train n at a time.
 # $OUT/grid.log holds every piece's log, one after another; $OUT/state (RETURN_STATE=1) packs every group's saved
 # slots in $PIECE/state, not only the last piece's.
 set -uo pipefail
@@ -32,10 +33,14 @@ for piece in $PLAN; do
   echo "=== piece $number ($piece) from $SECONDS s" | tee -a "$plan_log"
   LIMIT=$left ARCHS=$archs TASKS=$tasks SLOTS=$slots EXTRA="${EXTRA:-} ${variants:+--variants=$variants}" OUT=$OUT \
     bash benchmarks/mad_grid_piece.sh | tail -n 14
-  refused=$(( PIPESTATUS[0] == 2 ))
+  status=${PIPESTATUS[0]}
   cat "$OUT/grid.log" >> "$plan_log"
-  if [ "$refused" = 1 ]; then echo "=== plan stopped: piece $number refused to start" | tee -a "$plan_log"; break; fi
+  if [ "$status" = 2 ]; then
+    refused=1; echo "=== plan stopped: piece $number refused to start" | tee -a "$plan_log"; break
+  elif [ "$status" != 0 ]; then
+    failed=1; echo "=== piece $number failed (rc $status)" | tee -a "$plan_log"
+  fi
 done
 if [ "${refused:-0}" = 0 ]; then echo "=== plan done at $SECONDS s" | tee -a "$plan_log"; fi
 chmod 644 "$plan_log"; mv "$plan_log" "$OUT/grid.log"
-exit $(( ${refused:-0} ? 2 : 0 ))
+exit $(( ${refused:-0} ? 2 : ${failed:-0} ))

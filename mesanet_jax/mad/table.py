@@ -38,9 +38,12 @@ PROTOCOL = {"dtype": "float32", "residual_dtype": None, "tie_embeddings": True, 
             "selection": "final"}
 
 
+KEY_FIELDS = ("architecture", "task", "variant", "lr", "weight_decay")
+
+
 def record_key(record: dict) -> tuple:
   """The key of the job a record is of (`training.Job.key`): architecture, task, variant, lr, weight decay."""
-  return tuple(record[k] for k in ("architecture", "task", "variant", "lr", "weight_decay"))
+  return tuple(record[k] for k in KEY_FIELDS)
 
 
 def settings_by_architecture(records: list[dict]) -> dict:
@@ -54,9 +57,21 @@ def settings_by_architecture(records: list[dict]) -> dict:
 
 
 def read(path: str) -> list[dict]:
-  """The grid's records; a ValueError if one architecture's records mix values of a `PROTOCOL` setting."""
+  """The grid's records; a ValueError naming the line if one is not a record (not JSON, or without a job's key), or
+  if one architecture's records mix values of a `PROTOCOL` setting."""
+  records = []
   with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {number}: not a JSON record ({e.msg}): {line.strip()[:80]!r}") from None
+      missing = [k for k in KEY_FIELDS if k not in record] if isinstance(record, dict) else list(KEY_FIELDS)
+      if missing:
+        raise ValueError(f"{path}, line {number}: not a MAD grid record (no {missing[0]!r}): {line.strip()[:80]!r}")
+      records.append(record)
   by_architecture = settings_by_architecture(records)
   for key in PROTOCOL:
     for architecture, settings in by_architecture.items():

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from mesanet_jax.mad import grid
 from tests.cli_runs import ROOT
 from tests.environment import subprocess_env
 
@@ -103,6 +104,30 @@ def test_a_piece_stops_before_training_on_a_machine_without_the_saved_slots_its_
                 PLAN="transformer:in_context_recall::4 transformer:memorize::4")
   log = (tmp_path / "plan" / "grid.log").read_text()
   assert plan.returncode == 2 and "plan stopped: piece 1 refused" in log and "=== piece 2" not in log, log
+
+
+@pytest.mark.slow  # grid processes
+def test_a_failed_grid_process_fails_its_piece_and_plan_after_they_hand_back_what_there_is(tmp_path):
+  # Every job of the selection (_piece: the Transformer's in-context recall baseline) is done.
+  protocol = grid.protocol_settings(grid.Settings(results=""))  # the grid's defaults, as its records hold them
+  done = "".join(json.dumps({"architecture": "transformer", "task": "in_context_recall", "variant": "baseline",
+                             "lr": lr, "weight_decay": wd, "accuracy": 1.0, **protocol}) + "\n"
+                 for lr in (3e-3, 1e-3, 5e-4, 1e-4) for wd in (0.01, 0.1))
+  (tmp_path / "tracked.jsonl").write_text(done)
+  # One side-by-side process fails (an unknown architecture), the other has nothing to train and exits 0.
+  failed = _piece(tmp_path, "failed", limit=600, ARCHS="transformer,nonexistent", SIDE_BY_SIDE="1")
+  assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
+  assert "a grid process exited non-zero" in failed.stderr
+  log = (tmp_path / "failed" / "grid.log").read_text()
+  assert "'nonexistent' is not one of" in log and "0 jobs to train" in log, log
+  assert log.count("rc=0") == 1 and "state returned: none" in log, log
+  assert (tmp_path / "failed" / "results.jsonl").read_text() == done
+  # A plan notes the failed piece, goes on to the next and exits 1.
+  plan = _piece(tmp_path, "plan", limit=0, script="benchmarks/mad_plan.sh", END="600",
+                PLAN="nonexistent:in_context_recall::4 alsonot:memorize::4")
+  log = (tmp_path / "plan" / "grid.log").read_text()
+  assert plan.returncode == 1, plan.stdout[-2000:] + plan.stderr[-2000:]
+  assert "=== piece 1 failed (rc 1)" in log and "=== piece 2 failed (rc 1)" in log and "plan done" in log, log
 
 
 @pytest.mark.slow  # two grid processes

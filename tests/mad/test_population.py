@@ -563,6 +563,17 @@ def test_table_refuses_results_that_mix_settings(tmp_path):
     table.read(str(path))
 
 
+@pytest.mark.parametrize("line, problem", [('{"architecture": "mesanet", "task": "memo', "not a JSON record"),
+                                           ('{"earlier": "record"}', "not a MAD grid record \\(no 'architecture'\\)"),
+                                           ('[1, 2]', "not a MAD grid record")])
+def test_table_names_the_line_that_is_not_a_record(tmp_path, line, problem):
+  path = tmp_path / "results.jsonl"
+  job = {"architecture": "mesanet", "task": "memorize", "variant": "baseline", "lr": 1e-3, "weight_decay": 0.1}
+  path.write_text(json.dumps(job) + "\n\n" + line + "\n")
+  with pytest.raises(ValueError, match=f"results.jsonl, line 3: {problem}"):
+    table.read(str(path))
+
+
 def test_table_scores_the_mad_lab_way_and_the_paper_way():
   record = lambda task, variant, lr, accuracy: {"architecture": "mesanet", "task": task, "variant": variant,
                                                 "lr": lr, "weight_decay": 0.1, "accuracy": accuracy}

@@ -95,14 +95,14 @@ if [ "${SIDE_BY_SIDE:-0}" = 1 ]; then
   share=$(python3 -c "print(f'{${MEM_TOTAL:-0.9} / ${#archs[@]}:.3f}')")
   for arch in "${archs[@]}"; do
     XLA_PYTHON_CLIENT_MEM_FRACTION=$share grid "$arch" "$BUDGET" "grid_$arch" "${#archs[@]}" &
-    processes+=($!)
+    processes+=("$!")
   done
 elif [ "$GPUS" -gt 1 ]; then
   workers=$(( $(nproc) / GPUS > 1 ? $(nproc) / GPUS - 1 : 1 ))
   for ((gpu = 0; gpu < GPUS; gpu++)); do
     CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-0.75} \
       grid "$ARCHS" "$BUDGET" "grid_gpu$gpu" 1 "$workers" --longest_first &
-    processes+=($!)
+    processes+=("$!")
   done
 else
   XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_TOTAL:-${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.75}} grid "$ARCHS" "$BUDGET" grid 1 \

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_PART = re.compile(r"(?P<save>\d+)\.(?P<part>\d+)-of-(?P<parts>\d+)\.pkl(?P<tmp>\.tmp)?")
+_PART = re.compile(r"(?P<group>.+)\.(?P<save>\d+)\.(?P<part>\d+)-of-(?P<parts>\d+)\.pkl(?P<tmp>\.tmp)?")
 _MARGIN = 1 << 16  # bytes of a part that are not array data (pickle framing, shapes, job keys), at most
 
 
@@ -46,13 +46,17 @@ def slot_bytes(slots) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves) // leaves[0].shape[0]
 
 
-def _files(state_dir: str, group: str) -> list[tuple[str, re.Match]]:
-  """The group's part files (temporary ones included), with their parsed names."""
+def _all_files(state_dir: str) -> list[tuple[str, re.Match]]:
+  """Every group's part files in state_dir (temporary ones included), with their parsed names."""
   if not os.path.isdir(state_dir):
     return []
-  matches = [(name, name.startswith(group + ".") and _PART.fullmatch(name[len(group) + 1:]))
-             for name in os.listdir(state_dir)]
+  matches = [(name, _PART.fullmatch(name)) for name in os.listdir(state_dir)]
   return [(os.path.join(state_dir, name), match) for name, match in matches if match]
+
+
+def _files(state_dir: str, group: str) -> list[tuple[str, re.Match]]:
+  """The group's part files (temporary ones included), with their parsed names."""
+  return [(path, match) for path, match in _all_files(state_dir) if match["group"] == group]
 
 
 def _complete_saves(state_dir: str, group: str) -> dict[int, list[str]]:
@@ -103,8 +107,7 @@ def room(state_dir: str, group: str, budget_bytes: int) -> int | None:
   state_dir (None: no bound, budget_bytes 0)."""
   if not budget_bytes:
     return None
-  names = os.listdir(state_dir) if os.path.isdir(state_dir) else []
-  others = {name.rsplit(".", 3)[0] for name in names if name.endswith(".pkl")} - {group}
+  others = {match["group"] for _, match in _all_files(state_dir) if not match["tmp"]} - {group}
   return max(budget_bytes - sum(os.path.getsize(path) for other in others
                                 for path in _newest_complete_save(state_dir, other)), 0)
 

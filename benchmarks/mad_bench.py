@@ -1,9 +1,11 @@
 """Times MAD populations and estimates the whole grid's GPU-hours from them: ms per member-step of each architecture
 at the paper's MAD shapes (2 blocks, d 128, 8 × 16 heads, batch 32) per sequence length × population size, Mesa
-setting and dtype, on random tokens; one JSON line per case, then a table and the estimate.
+setting and dtype, on random tokens, read out by the LM or (--autoencoder) by compression's autoencoder; one JSON line
+per case, then a table and the estimate.
 
     python benchmarks/mad_bench.py --archs=mesanet,hawk_mesa@pallas:32 --shapes=128x64,128x256,1024x64 \
         --mesa=pallas:32,xla:32,pallas:16:default --out=$OUT/mad_bench.jsonl
+    python benchmarks/mad_bench.py --archs=mesanet,gdn --shapes=32x5,32x20,64x10 --autoencoder   # compression's
     python benchmarks/mad_bench.py --report --out=mad_bench.jsonl       # the table and estimate of measured rows
 
 A case: one `Population.train` call that compiles (compile_s: the compile and that call), one warm-up call
@@ -47,6 +49,11 @@ def _data(length: int, vocab: int, examples: int, seed: int = 0) -> dict:
           "num_train": jnp.asarray([examples], jnp.int32)}
 
 
+def _readout(args) -> dict:
+  """A row's read-out where it is not the LM's."""
+  return {"readout": "autoencoder"} if args.autoencoder else {}
+
+
 def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
   impl, chunk, precision = mesa
   # gdn@inverse:64, gdn@pallas: GDN's triangular solve or implementation, not a Mesa impl
@@ -64,7 +71,7 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
                              cg_tol=args.cg_tol,
                              matmul_precision=precision, gdn_triangular=triangular, gdn_impl=gdn_impl,
                              attention_kernel=attention_kernel, hawk_impl=hawk_impl)
-  population = Population(config, False, training.Protocol(), slots)
+  population = Population(config, args.autoencoder, training.Protocol(), slots)
   steps = max(1, min(args.steps, args.call_tokens // (slots * 32 * length)))
   examples = 4096  # random training sequences on the device
   data = _data(length, args.vocab, examples)
@@ -112,9 +119,10 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   if "lru" in config.mixers:
     mixer["hawk_impl"] = config.lru.impl
   stream = {"residual_dtype": residual} if residual else {}
-  return {"arch": arch, "length": length, "slots": slots, **mixer, "dtype": dtype, **stream, "steps_per_call": steps,
-          "calls": calls, "ms_per_step": 1e3 * per_step, "ms_per_member_step": 1e3 * per_step / slots,
-          "tokens_per_s": slots * 32 * length / per_step, "compile_s": compile_s,
+  return {"arch": arch, "length": length, "slots": slots, **_readout(args), **mixer, "dtype": dtype, **stream,
+          "steps_per_call": steps, "calls": calls, "ms_per_step": 1e3 * per_step,
+          "ms_per_member_step": 1e3 * per_step / slots, "tokens_per_s": slots * 32 * length / per_step,
+          "compile_s": compile_s,
           "warmup_ms_per_step": 1e3 * warmup_s / steps, "compiles": len(_COMPILES) - compiled,
           "loss": float(jnp.mean(loss)), "device": jax.devices()[0].device_kind, **kernels}
 
@@ -155,7 +163,8 @@ ESTIMATE = ("GPU-h = Σ_groups steps_g · S_g · t(L_g, S_g) / 3.6e6. Groups: th
             "per member-step measured at the nearest (L', S') (length first, log scale) × L / L'. A job's steps include "
             "its evaluations, one per epoch of its test batches forward at a third of a step each (`job_cost`: "
             "+3 % at 12,800 examples, +53 % at 800, +160 % for memorize); compiles (~10 s per group) not included; "
-            "the autoencoder groups are costed as the LM.")
+            "the autoencoder groups (compression) are costed from the rows measured with --autoencoder where there "
+            "are any, else as the LM.")
 # A test batch's forward pass, in training steps (forward and backward): what an evaluation costs per batch.
 FORWARD_SHARE = 1 / 3
 
@@ -169,19 +178,22 @@ def job_cost(job: training.Job, protocol: training.Protocol) -> float:
 def estimate(rows: list[dict], settings: grid.Settings) -> list[tuple]:
   """(setting, GPU-hours, member-step-hours) of the whole grid for every measured setting; member-step-hours is the
   same sum over the jobs' own steps (perfect packing, no idle slots)."""
-  by_setting = collections.defaultdict(dict)
+  by_setting = collections.defaultdict(lambda: {False: {}, True: {}})  # read out by the autoencoder or not
   for row in rows:  # a shape measured twice counts at its faster reading
-    measured = by_setting[setting(row)]
+    measured = by_setting[setting(row)][row.get("readout") == "autoencoder"]
     shape = (row["length"], row["slots"])
     measured[shape] = min(measured.get(shape, math.inf), row["ms_per_member_step"])
   out = []
-  for key, measured in by_setting.items():
+  for key, by_readout in by_setting.items():
+    if not by_readout[False]:  # the LM's rows cost every group; an autoencoder's only its own
+      continue
     groups = collections.defaultdict(list)
     for job in training.jobs([key[0]], variants.all_variants()):
       groups[grid.group_key(job)].append(job_cost(job, settings.protocol))
     total = packed = 0.0
-    for (_, _, length), job_steps in groups.items():
+    for (_, autoencoder, length), job_steps in groups.items():
       slots = grid.population_size(settings, len(job_steps), length)
+      measured = by_readout[autoencoder] or by_readout[False]
       at_length, at_slots = nearest(measured, length, slots)
       ms = measured[(at_length, at_slots)] * length / at_length
       total += grid.population_steps(job_steps, slots) * slots * ms
@@ -192,20 +204,22 @@ def estimate(rows: list[dict], settings: grid.Settings) -> list[tuple]:
 
 def report(rows: list[dict], settings: grid.Settings):
   rows = [r for r in rows if "error" not in r]
-  print("\n| arch | mixer (Mesa impl:chunk:precision:CG steps; GDN chunk, triangular solve) | dtype | L | slots | "
-        "ms/step | ms/member-step | compile s | warm-up ms/step | compiles timed |\n"
-        "|---|---|---|---|---|---|---|---|---|---|")
-  for r in sorted(rows, key=lambda r: (setting(r), r["length"], r["slots"])):
+  print("\n| arch | mixer (Mesa impl:chunk:precision:CG steps; GDN chunk, triangular solve) | dtype | read-out | L | "
+        "slots | ms/step | ms/member-step | compile s | warm-up ms/step | compiles timed |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in sorted(rows, key=lambda r: (setting(r), r.get("readout", "lm"), r["length"], r["slots"])):
     arch, mesa, dtype = setting(r)
-    print(f"| {arch} | {mesa} | {dtype} | {r['length']} | {r['slots']} | {r['ms_per_step']:.4g} | "
-          f"{r['ms_per_member_step']:.4g} | {r['compile_s']:.3g} | {r['warmup_ms_per_step']:.4g} | {r['compiles']} |")
+    print(f"| {arch} | {mesa} | {dtype} | {r.get('readout', 'lm')} | {r['length']} | {r['slots']} | "
+          f"{r['ms_per_step']:.4g} | {r['ms_per_member_step']:.4g} | {r['compile_s']:.3g} | "
+          f"{r['warmup_ms_per_step']:.4g} | {r['compiles']} |")
   print(f"\nWhole-grid estimate: {ESTIMATE}\n\n| arch | mixer | dtype | GPU-hours | perfectly packed |\n"
         "|---|---|---|---|---|")
   for (arch, mesa, dtype), hours, packed in sorted(estimate(rows, settings), key=lambda e: (e[0][0], e[1])):
     print(f"| {arch} | {mesa} | {dtype} | {hours:.3g} | {packed:.3g} |")
   for r in rows:
     if r.get("kernels"):
-      print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} L{r['length']} S{r['slots']} "
+      print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} {r.get('readout', 'lm')} "
+            f"L{r['length']} S{r['slots']} "
             f"({r['ms_per_step']:.4g} ms per step timed, {r.get('kernels_ms', 0):.4g} ms in kernels)")
       sources = r.get("kernel_sources", {})
       for name, ms in r["kernels"].items():
@@ -239,6 +253,9 @@ def main():
   parser.add_argument("--calls", type=int, default=2, help="timed calls at least")
   parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds at least")
   parser.add_argument("--vocab", type=int, default=64)
+  parser.add_argument("--autoencoder", action="store_true",
+                      help="read out by compression's autoencoder (every position from the last one's state), not "
+                           "the LM; the estimate costs the autoencoder groups from these rows")
   parser.add_argument("--max_tokens", type=int, default=1 << 21, help="skip cases of more tokens per step")
   parser.add_argument("--trace_dir", default="", help="profile one more call per case there (kernel times)")
   parser.add_argument("--report", action="store_true", help="only the table and estimate of the rows in --out")
@@ -261,8 +278,9 @@ def main():
             try:
               row = time_case(arch, length, slots, (impl, chunk, precision), dtype, args)
             except Exception as e:  # an out-of-memory or lowering failure ends one case, not the run
-              row = {"arch": arch, "length": length, "slots": slots, "impl": impl, "chunk": chunk,
-                     "precision": precision, "dtype": dtype, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+              row = {"arch": arch, "length": length, "slots": slots, **_readout(args), "impl": impl,
+                     "chunk": chunk, "precision": precision, "dtype": dtype,
+                     "error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(json.dumps(row), flush=True)
             with open(args.out, "a") as f:
               f.write(json.dumps(row) + "\n")

@@ -50,8 +50,13 @@ def _data(length: int, vocab: int, examples: int, seed: int = 0) -> dict:
 
 
 def _readout(args) -> dict:
-  """A row's read-out where it is not the LM's."""
+  """A row's read-out where it is not the LM's (`readout` reads it back)."""
   return {"readout": "autoencoder"} if args.autoencoder else {}
+
+
+def readout(row: dict) -> str:
+  """How a row's model was read out: "lm", or "autoencoder" (compression's, --autoencoder)."""
+  return row.get("readout", "lm")
 
 
 def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args) -> dict:
@@ -122,8 +127,7 @@ def time_case(arch: str, length: int, slots: int, mesa: tuple, dtype: str, args)
   return {"arch": arch, "length": length, "slots": slots, **_readout(args), **mixer, "dtype": dtype, **stream,
           "steps_per_call": steps, "calls": calls, "ms_per_step": 1e3 * per_step,
           "ms_per_member_step": 1e3 * per_step / slots, "tokens_per_s": slots * 32 * length / per_step,
-          "compile_s": compile_s,
-          "warmup_ms_per_step": 1e3 * warmup_s / steps, "compiles": len(_COMPILES) - compiled,
+          "compile_s": compile_s, "warmup_ms_per_step": 1e3 * warmup_s / steps, "compiles": len(_COMPILES) - compiled,
           "loss": float(jnp.mean(loss)), "device": jax.devices()[0].device_kind, **kernels}
 
 
@@ -180,7 +184,7 @@ def estimate(rows: list[dict], settings: grid.Settings) -> list[tuple]:
   same sum over the jobs' own steps (perfect packing, no idle slots)."""
   by_setting = collections.defaultdict(lambda: {False: {}, True: {}})  # read out by the autoencoder or not
   for row in rows:  # a shape measured twice counts at its faster reading
-    measured = by_setting[setting(row)][row.get("readout") == "autoencoder"]
+    measured = by_setting[setting(row)][readout(row) == "autoencoder"]
     shape = (row["length"], row["slots"])
     measured[shape] = min(measured.get(shape, math.inf), row["ms_per_member_step"])
   out = []
@@ -207,9 +211,9 @@ def report(rows: list[dict], settings: grid.Settings):
   print("\n| arch | mixer (Mesa impl:chunk:precision:CG steps; GDN chunk, triangular solve) | dtype | read-out | L | "
         "slots | ms/step | ms/member-step | compile s | warm-up ms/step | compiles timed |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in sorted(rows, key=lambda r: (setting(r), r.get("readout", "lm"), r["length"], r["slots"])):
+  for r in sorted(rows, key=lambda r: (setting(r), readout(r), r["length"], r["slots"])):
     arch, mesa, dtype = setting(r)
-    print(f"| {arch} | {mesa} | {dtype} | {r.get('readout', 'lm')} | {r['length']} | {r['slots']} | "
+    print(f"| {arch} | {mesa} | {dtype} | {readout(r)} | {r['length']} | {r['slots']} | "
           f"{r['ms_per_step']:.4g} | {r['ms_per_member_step']:.4g} | {r['compile_s']:.3g} | "
           f"{r['warmup_ms_per_step']:.4g} | {r['compiles']} |")
   print(f"\nWhole-grid estimate: {ESTIMATE}\n\n| arch | mixer | dtype | GPU-hours | perfectly packed |\n"
@@ -218,7 +222,7 @@ def report(rows: list[dict], settings: grid.Settings):
     print(f"| {arch} | {mesa} | {dtype} | {hours:.3g} | {packed:.3g} |")
   for r in rows:
     if r.get("kernels"):
-      print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} {r.get('readout', 'lm')} "
+      print(f"\nDevice ms per step, busiest kernels: {' '.join(map(str, setting(r)))} {readout(r)} "
             f"L{r['length']} S{r['slots']} "
             f"({r['ms_per_step']:.4g} ms per step timed, {r.get('kernels_ms', 0):.4g} ms in kernels)")
       sources = r.get("kernel_sources", {})

@@ -2,7 +2,8 @@
 # Several MAD grid pieces (benchmarks/mad_grid_piece.sh) one after another in one device call, in the order given:
 # the grid itself orders its groups (saved slots first, then by architecture and cost), so a plan is how a session
 # says "finish this group, then start that one". PLAN lists the pieces, space-separated, each
-# ARCHS:TASKS:VARIANTS:SLOTS (TASKS or VARIANTS empty for all of them), e.g.
+# ARCHS:TASKS:VARIANTS:SLOTS[:DRAIN] (TASKS or VARIANTS empty for all of them; DRAIN, when given, that piece's own
+# in place of the env's: e.g. a piece whose jobs must finish inside the call before one that saves its slots), e.g.
 #   PLAN="transformer:fuzzy_recall:seq_len=1024:32 mesanet:fuzzy_recall:vocab_size=64,vocab_size=128:16" \
 #     END=560 OUT=$OUT bash benchmarks/mad_plan.sh
 # Each piece gets the time left until END seconds after this script started (one with under 60 s left is skipped,
@@ -14,12 +15,13 @@
 # $OUT/grid.log holds every piece's log, one after another; $OUT/state (RETURN_STATE=1) packs every group's saved
 # slots in $PIECE/state, not only the last piece's.
 set -uo pipefail
-PLAN=${PLAN:?"PLAN must list the pieces: ARCHS:TASKS:VARIANTS:SLOTS ..."}; END=${END:-560}
+PLAN=${PLAN:?"PLAN must list the pieces: ARCHS:TASKS:VARIANTS:SLOTS[:DRAIN] ..."}; END=${END:-560}
 OUT=${OUT:-runs/piece_out}
 for piece in $PLAN; do  # every entry checked before any piece runs
-  IFS=: read -r archs tasks variants slots extra <<< "$piece"
-  if [ -z "$archs" ] || ! [[ "$slots" =~ ^[0-9]+$ ]] || [ -n "$extra" ]; then
-    echo "PLAN entry $piece must be ARCHS:TASKS:VARIANTS:SLOTS (SLOTS a number)" >&2; exit 2
+  IFS=: read -r archs tasks variants slots drain extra <<< "$piece"
+  if [ -z "$archs" ] || ! [[ "$slots" =~ ^[0-9]+$ ]] || ! [[ "$drain" =~ ^[0-9]*$ ]] || [ -n "$extra" ]; then
+    echo "PLAN entry $piece must be ARCHS:TASKS:VARIANTS:SLOTS[:DRAIN] (SLOTS, DRAIN numbers of slots, seconds)" >&2
+    exit 2
   fi
 done
 mkdir -p "$OUT"
@@ -27,12 +29,12 @@ plan_log=$(mktemp)
 number=0
 for piece in $PLAN; do
   number=$((number + 1))
-  IFS=: read -r archs tasks variants slots <<< "$piece"
+  IFS=: read -r archs tasks variants slots drain <<< "$piece"
   left=$((END - SECONDS))
   if [ "$left" -lt 60 ]; then echo "=== piece $number ($piece) skipped: $left s left" | tee -a "$plan_log"; continue; fi
   echo "=== piece $number ($piece) from $SECONDS s" | tee -a "$plan_log"
-  LIMIT=$left ARCHS=$archs TASKS=$tasks SLOTS=$slots EXTRA="${EXTRA:-} ${variants:+--variants=$variants}" OUT=$OUT \
-    bash benchmarks/mad_grid_piece.sh | tail -n 14
+  LIMIT=$left ARCHS=$archs TASKS=$tasks SLOTS=$slots DRAIN=${drain:-${DRAIN:-0}} OUT=$OUT \
+    EXTRA="${EXTRA:-} ${variants:+--variants=$variants}" bash benchmarks/mad_grid_piece.sh | tail -n 14
   status=${PIPESTATUS[0]}
   cat "$OUT/grid.log" >> "$plan_log"
   if [ "$status" = 2 ]; then

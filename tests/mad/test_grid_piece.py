@@ -196,22 +196,26 @@ def test_a_later_call_brings_saved_slots_to_a_machine_once(tmp_path):
 def test_a_plan_runs_its_pieces_in_order_and_skips_them_when_time_is_out(tmp_path):
   (tmp_path / "tracked.jsonl").write_text("")
   # The second piece names no variants: EXTRA's --variants=baseline (_piece) applies; the first's flag overrides it.
-  plan = "transformer:in_context_recall:vocab_size=32:4 transformer:in_context_recall::4"
+  # The first names its own DRAIN; the second takes the env's.
+  plan = "transformer:in_context_recall:vocab_size=32:4:7 transformer:in_context_recall::4"
   late = _piece(tmp_path, "late", limit=0, script="benchmarks/mad_plan.sh", PLAN=plan, END="30")
   assert late.returncode == 0, late.stdout[-3000:] + late.stderr[-3000:]
   log = (tmp_path / "late" / "grid.log").read_text()
   assert log.count("skipped") == 2 and not (tmp_path / "late" / "results.jsonl").exists(), log
-  run = _piece(tmp_path, "run", limit=0, script="benchmarks/mad_plan.sh", PLAN=plan, END="600")
+  run = _piece(tmp_path, "run", limit=0, script="benchmarks/mad_plan.sh", PLAN=plan, END="600", DRAIN="3")
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   log = (tmp_path / "run" / "grid.log").read_text()
   assert log.index("=== piece 1") < log.index("=== piece 2") and log.count("rc=0") == 2, log[-3000:]
+  first, second = log.split("=== piece 2")
+  assert " DRAIN=7 " in first and " DRAIN=3 " in second, log[-3000:]
   assert "plan done" in log
   rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
   assert [r["variant"] for r in rows] == ["vocab_size=32"] * 8 + ["baseline"] * 8, rows  # piece 1's, then 2's
   # A malformed entry anywhere stops the plan before its first piece.
-  bad = _piece(tmp_path, "bad", limit=0, script="benchmarks/mad_plan.sh", PLAN=f"{plan} transformer::16")
-  assert bad.returncode == 2 and "ARCHS:TASKS:VARIANTS:SLOTS" in bad.stderr, bad.stderr
-  assert not (tmp_path / "bad").exists()
+  for entry in ("transformer::16", "transformer:::16:soon", "transformer:::16:7:x"):
+    bad = _piece(tmp_path, "bad", limit=0, script="benchmarks/mad_plan.sh", PLAN=f"{plan} {entry}")
+    assert bad.returncode == 2 and "ARCHS:TASKS:VARIANTS:SLOTS[:DRAIN]" in bad.stderr, (entry, bad.stderr)
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow  # two grid processes at once

@@ -33,7 +33,7 @@ for piece in $PLAN; do
   left=$((END - SECONDS))
   if [ "$left" -lt 60 ]; then echo "=== piece $number ($piece) skipped: $left s left" | tee -a "$plan_log"; continue; fi
   echo "=== piece $number ($piece) from $SECONDS s" | tee -a "$plan_log"
-  LIMIT=$left ARCHS=$archs TASKS=$tasks SLOTS=$slots DRAIN=${drain:-${DRAIN:-0}} OUT=$OUT \
+  LIMIT=$left ARCHS=$archs TASKS=$tasks SLOTS=$slots DRAIN=${drain:-${DRAIN:-}} OUT=$OUT \
     EXTRA="${EXTRA:-} ${variants:+--variants=$variants}" bash benchmarks/mad_grid_piece.sh | tail -n 14
   status=${PIPESTATUS[0]}
   cat "$OUT/grid.log" >> "$plan_log"

@@ -3,10 +3,10 @@ at the paper's MAD shapes (2 blocks, d 128, 8 × 16 heads, batch 32) per sequenc
 setting and dtype, on random tokens, read out by the LM or (--autoencoder) by compression's autoencoder; one JSON line
 per case, then a table and the estimate.
 
-    python benchmarks/mad_bench.py --archs=mesanet,hawk_mesa@pallas:32 --shapes=128x64,128x256,1024x64 \
+    python -m benchmarks.mad_bench --archs=mesanet,hawk_mesa@pallas:32 --shapes=128x64,128x256,1024x64 \
         --mesa=pallas:32,xla:32,pallas:16:default --out=$OUT/mad_bench.jsonl
-    python benchmarks/mad_bench.py --archs=mesanet,gdn --shapes=32x5,32x20,64x10 --autoencoder   # compression's
-    python benchmarks/mad_bench.py --report --out=mad_bench.jsonl       # the table and estimate of measured rows
+    python -m benchmarks.mad_bench --archs=mesanet,gdn --shapes=32x5,32x20,64x10 --autoencoder   # compression's
+    python -m benchmarks.mad_bench --report --out=mad_bench.jsonl       # the table and estimate of measured rows
 
 A case: one `Population.train` call that compiles (compile_s: the compile and that call), one warm-up call
 (warmup_ms_per_step: excluded from the timing), then calls until --seconds have passed (at least --calls), blocking

@@ -5,11 +5,11 @@
 #                                           # of the quality runs: the Python 3.11 docs' 497 reST sources, ~3 MB)
 #   source benchmarks/device_prep.sh device # on the device, in a call that carries [".whl", ".dev"]: installs the
 #                                           # wheels into /tmp/site, sets PYTHONPATH, untars the corpus to /tmp/data
-# .whl/ and .dev/ are ignored through .git/info/exclude (added here if missing).
+# .whl/, .dev/ and .madstate*/ (saved MAD slots) are ignored through .git/info/exclude (added here if missing).
 set -uo pipefail
 case "${1:-}" in
   host)
-    for path in .whl/ .dev/ .madstate/; do
+    for path in .whl/ .dev/ '.madstate*/'; do
       grep -qxF "$path" .git/info/exclude 2>/dev/null || echo "$path" >> .git/info/exclude
     done
     python=${PYTHON:-python3}  # any pip: the wheels are picked for 3.12 by --python-version

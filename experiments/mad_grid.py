@@ -103,7 +103,9 @@ _USAGE = flags.DEFINE_string("usage", "<results dir>/usage.jsonl", "JSONL of eac
                              "(mesanet_jax/mad/usage.py; mesanet-mad-table sums it); '' records none")
 _DEVICE_SHARE = flags.DEFINE_integer("device_share", 1, "grids running side by side on this device (each records its "
                                      "wall time over this as device time)")
-_SEED = flags.DEFINE_integer("seed", 0, "data and init seed")
+_SEED = flags.DEFINE_integer("seed", 0, "data and init seed (recorded, as are --epochs and --num_examples: runs of "
+                            "another seed write to their own --results; mesanet-mad-table --replicates sets them side "
+                            "by side)")
 _WORKERS = flags.DEFINE_integer("workers", 0, "data-generation processes (0: cores − 1)")
 
 
@@ -125,10 +127,8 @@ def main(argv):
     chosen = [v for vs in chosen for v in vs if not _VARIANTS.value or v.name in _VARIANTS.value]
     if not chosen:
       raise ValueError(f"--variants {_VARIANTS.value} match no variant of the tasks {_TASKS.value}")
-    if _NUM_EXAMPLES.value:
-      if _NUM_EXAMPLES.value % 32:
-        raise ValueError(f"--num_examples must be a multiple of 32 (the batch), got {_NUM_EXAMPLES.value}")
-      chosen = [variants.shrunk(v, _NUM_EXAMPLES.value) for v in chosen]
+    if _NUM_EXAMPLES.value % 32 or _NUM_EXAMPLES.value < 0:
+      raise ValueError(f"--num_examples must be a multiple of 32 (the batch), got {_NUM_EXAMPLES.value}")
     if _DEVICE_SHARE.value < 1:
       raise ValueError(f"--device_share must be ≥ 1, got {_DEVICE_SHARE.value}")
     if _DRAIN.value < 0:
@@ -156,7 +156,8 @@ def main(argv):
         tie_embeddings=_TIE_EMBEDDINGS.value,
         embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None,
         linear_init_variance=(models.LINEAR_INIT_VARIANCE if _LINEAR_INIT_VARIANCE.value is None
-                              else _LINEAR_INIT_VARIANCE.value), seed=_SEED.value, workers=_WORKERS.value,
+                              else _LINEAR_INIT_VARIANCE.value), seed=_SEED.value, num_examples=_NUM_EXAMPLES.value,
+        workers=_WORKERS.value,
         memory_fraction=_MEMORY_FRACTION.value,
         compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value, longest_first=_LONGEST_FIRST.value)
     jobs = training.jobs(_ARCHITECTURES.value, chosen, _floats(_LRS), _floats(_WDS))

@@ -2,6 +2,7 @@
 
     mesanet-mad-table --results=runs/mad/results.jsonl            # Table 9 (both scorings), per-variant table, PNG
     mesanet-mad-table --results=runs/mad/results.jsonl --compare=runs/mad_ab/results.jsonl  # and the A/B per variant
+    mesanet-mad-table --results=runs/mad/results.jsonl --replicates=runs/mad_seed1/results.jsonl  # seeds side by side
 
 Scores (mesanet_jax/mad/table.py): mad-lab's (best lr × wd per variant, then the mean over variants) and the
 paper's wording (best lr × wd of the mean over variants). Writes table9.md, variants.md, table9.json and table9.png
@@ -23,6 +24,9 @@ _METRIC = flags.DEFINE_enum("metric", "accuracy", ["accuracy", "accuracy_micro",
                             "final_accuracy: mad-lab's at the job's last evaluation")
 _GRID_POINTS = flags.DEFINE_integer("grid_points", 8, "lr × wd points a variant needs to count as complete")
 _USAGE = flags.DEFINE_string("usage", "", "the grid's device-time JSONL (default: usage.jsonl beside --results)")
+_REPLICATES = flags.DEFINE_list("replicates", [], "the same grid under other seeds (mesanet-mad-grid --seed, each "
+                                 "its own JSONL): prints, per variant all hold at the same (lr, wd) points, the best "
+                                 "point in each, its mean ± sd over the seeds, and the mean over the points in each")
 _COMPARE = flags.DEFINE_string("compare", "", "another grid's JSONL (e.g. an A/B of one setting): prints the "
                                "settings in which they differ and, per variant both hold at the same (lr, wd) "
                                "points, the best point and the mean over those points in each")
@@ -68,7 +72,32 @@ def main(argv):
                               for arch, d in table.setting_differences(records, other).items() if d)
       print(f"\n{_RESULTS.value} (here) against {_COMPARE.value} (there), {_METRIC.value}; settings that differ: "
             f"{differences or 'none'}\n\n{table.comparison_markdown(records, other, _METRIC.value)}")
+    if _REPLICATES.value:
+      runs = [records] + [table.read(path) for path in _REPLICATES.value]
+      _check_replicates(runs, [_RESULTS.value] + _REPLICATES.value)
+      print(f"\nthe same grid under {len(runs)} seeds ({', '.join([_RESULTS.value] + _REPLICATES.value)}), "
+            f"{_METRIC.value}\n\n{table.replicate_markdown(runs, _METRIC.value)}")
   print(f"\nwrote table9.md, variants.md, table9.json and table9.png in {out}")
+
+
+def _check_replicates(runs: list, paths: list) -> None:
+  """A ValueError unless the runs differ in their seed alone (`table.PROTOCOL`'s other settings the same), each
+  another seed."""
+  from mesanet_jax.mad import table
+  for path, other in zip(paths[1:], runs[1:]):
+    if not other:
+      raise ValueError(f"--replicates: {path} holds no finished jobs")
+    for arch, differences in table.setting_differences(runs[0], other).items():
+      if other_settings := [k for k in differences if k != "seed"]:
+        k = other_settings[0]
+        raise ValueError(f"--replicates: {path} ran {arch} with {k} {differences[k][1]}, --results with "
+                         f"{differences[k][0]}: replicates differ in their seed alone (--compare sets an A/B side by "
+                         f"side)")
+  seeds = [{r.get("seed", table.PROTOCOL["seed"]) for r in records} for records in runs]
+  for n, (path, seed) in enumerate(zip(paths, seeds)):
+    if shared := seed & set().union(*seeds[:n]):
+      raise ValueError(f"--replicates: {path} holds seed {min(shared)}, as an earlier file does: each file another "
+                       f"seed")
 
 
 def usage_markdown(rows: list, records: list, jobs_left: list) -> str:

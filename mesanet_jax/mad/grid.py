@@ -24,9 +24,9 @@ there), and resumed from there by the next run with the same settings, in a popu
 saved slots if more, and of the saved vocabulary and training-set length if larger; the jobs of slots not saved
 start over. A resumed slot trains on its own job's dataset whichever jobs are left in its group (`_restore`). In the
 last `drain` seconds before the time limit no queued job starts, so that fewer are in flight then. A run that could
-not resume a saved group's slots (it does not select their jobs, or a variant it adds to the group needs a larger
-vocabulary or training set) holds that group back with a note saying what to run, rather than start its jobs over
-and lose the save.
+not resume a saved group's slots (it does not select their jobs, a variant it adds to the group needs a larger
+vocabulary or training set, or it runs under other recorded settings, such as another seed) holds that group back
+with a note saying what to run, rather than start its jobs over and lose the save.
 
 Several runs may share one results file and state directory (one process per GPU, each with the same selection):
 each claims a group before training it (`claims`) and skips those another live process holds, and re-reads the
@@ -90,6 +90,7 @@ class Settings:
   embed_std: float | None = models.EMBED_STD  # the embedding's init std, no √d input scale; None: 1/√d, scaled by √d
   linear_init_variance: float = models.LINEAR_INIT_VARIANCE  # × the linear layers' initial variance (1: ours)
   seed: int = 0
+  num_examples: int = 0  # > 0: every variant's training and test sets capped at this many examples (smoke runs)
   workers: int = 0  # data-generation processes (0: cores − 1)
   # Share of the device memory left after the group's datasets that a population's train step may plan to use; a
   # larger population is halved until its compiled step fits (`fit_to_memory`). On a device that reports no memory
@@ -233,7 +234,15 @@ def protocol_settings(settings: Settings) -> dict:
   return {"dtype": settings.dtype, "residual_dtype": residual, "tie_embeddings": config.tie_embeddings,
           "embed_std": config.embed_std, "decay_embedding": settings.protocol.decay_embedding,
           "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train,
-          "cg_tol": config.mesa.cg_tol, "selection": "least_test_perplexity"}
+          "cg_tol": config.mesa.cg_tol, "selection": "least_test_perplexity", "seed": settings.seed,
+          "max_epochs": settings.protocol.epochs, "num_examples": settings.num_examples or None}
+
+
+def capped(settings: Settings, jobs: list[training.Job]) -> list[training.Job]:
+  """The jobs on variants of at most settings.num_examples training and test examples (the same jobs if 0)."""
+  if not settings.num_examples:
+    return jobs
+  return [dataclasses.replace(j, variant=variants.shrunk(j.variant, settings.num_examples)) for j in jobs]
 
 
 def done_keys(settings: Settings, architectures) -> set:
@@ -287,7 +296,7 @@ def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[d
   that selects them."""
   done = done_keys(settings, {j.architecture for j in all_jobs})
   groups: dict[tuple, list] = {}
-  for job in all_jobs:
+  for job in capped(settings, all_jobs):
     if job.key not in done:
       groups.setdefault(group_key(job), []).append(job)
   known = done | {j.key for j in all_jobs}
@@ -485,6 +494,15 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   slot_jobs: list = [None] * size
   num_examples = int(data["train_inputs"].shape[1])
   slots = population.init(num_examples, settings.seed)
+  # A save from before the settings were saved with it was made under the grid's defaults, as its records were.
+  trained_under = saved["population"].get("protocol", recorded) if saved else recorded
+  if differs := [k for k in recorded if trained_under.get(k, table.PROTOCOL[k]) != recorded[k]]:
+    k = differs[0]
+    was = trained_under.get(k, table.PROTOCOL[k])
+    progress.note(_held_note(settings, key, jobs, f"were trained with {k}={was}, this run has {k}={recorded[k]}",
+                             "run with their settings"))
+    progress.advance(0, skipped=token_steps(jobs, protocol))
+    return 0
   if saved and not _fits(saved, slots):
     progress.note(_held_note(settings, key, jobs, "are of another population's shapes (a smaller vocabulary or "
                              "training set than a variant this run adds to the group needs, or other model settings)",
@@ -530,7 +548,8 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
         in_flight = sum(j is not None for j in slot_jobs)
         if settings.state_dir:
           kept, dropped = slot_state.save(settings.state_dir, group_name(key), slots, slot_jobs,
-                                          {"vocab": vocab, "num_examples": num_examples}, settings.state_budget)
+                                          {"vocab": vocab, "num_examples": num_examples, "protocol": recorded},
+                                          settings.state_budget)
           progress.note(f"{group_name(key)}: {reason}; of {in_flight} jobs in flight {len(kept)} saved "
                         f"({len(kept) * slot_state.slot_bytes(slots) / 2**20:.1f} MiB), {len(dropped)} start over")
         else:

@@ -10,6 +10,7 @@ epoch of least test perplexity (mad-lab's best checkpoint).
 """
 import collections
 import json
+import statistics
 
 COLUMNS = ("IC & Noisy Recall", "Fuzzy Recall", "Memorize", "Selective Copy", "Compress")
 TASK_COLUMN = {"in_context_recall": 0, "noisy_recall": 0, "fuzzy_recall": 1, "memorize": 2, "selective_copy": 3,
@@ -32,10 +33,13 @@ PAPER = {
 # "final" (the last one: records written before the grid kept the best checkpoint). "cg_tol": Mesa's CG tolerance in
 # training (None: every solve runs cg_steps, the paper's fixed steps). "residual_dtype": the residual stream's dtype
 # where it differs from "dtype" (None: the stream in "dtype"; "float32" with bf16 compute: autocast's mixed precision).
-# "decay_embedding": weight decay on the embedding table too (mad-lab's AdamW groups).
+# "decay_embedding": weight decay on the embedding table too (mad-lab's AdamW groups). "seed": the data and init seed
+# (one file per seed; `replicate_markdown` sets several side by side). "max_epochs": the epochs a job trains unless it
+# stops early (the paper's 200). "num_examples": a cap on every variant's training and test sets (smoke runs; None:
+# each variant's own sizes).
 PROTOCOL = {"dtype": "float32", "residual_dtype": None, "tie_embeddings": True, "embed_std": None,
             "decay_embedding": False, "linear_init_variance": 1.0, "cg_steps": 30, "cg_tol": None,
-            "selection": "final"}
+            "selection": "final", "seed": 0, "max_epochs": 200, "num_examples": None}
 
 
 KEY_FIELDS = ("architecture", "task", "variant", "lr", "weight_decay")
@@ -185,6 +189,29 @@ def comparison_markdown(records: list[dict], other: list[dict], metric: str = "a
     lines.append(f"| {arch} | {task} | {variant} | {len(points)} | {best[0][0]:.1f} ({best[0][1]:g}, {best[0][2]:g}) "
                  f"| {best[1][0]:.1f} ({best[1][1]:g}, {best[1][2]:g}) | {best[1][0] - best[0][0]:+.1f} | "
                  f"{means[0]:.1f} | {means[1]:.1f} |")
+  return "\n".join(lines)
+
+
+def replicate_markdown(runs: list[list[dict]], metric: str = "accuracy") -> str:
+  """Runs of one grid under different seeds (one results file each, `setting_differences` only in "seed"): per
+  (architecture, task, variant) that every run holds at the same (lr, wd) points, the best point's accuracy in each
+  run (its lr, wd), their mean ± sample standard deviation, and the mean over the points in each: how much of a
+  one-seed grid's best point is its seed."""
+  values = [{record_key(r): 100.0 * r[metric] for r in rs} for rs in runs]
+  seeds = [json.dumps(r.get("seed", PROTOCOL["seed"])) for r in (rs[0] for rs in runs)]
+  variants = collections.defaultdict(list)  # (arch, task, variant) -> [(lr, wd)] every run holds
+  for key in set.intersection(*(set(v) for v in values)):
+    variants[key[:3]].append(key[3:])
+  lines = [f"| architecture | task | variant | points | best per seed ({', '.join(seeds)}) | best: mean ± sd | "
+           "mean over the points per seed |", "|---" * 7 + "|"]
+  for (arch, task, variant), points in sorted(variants.items()):
+    best = [max((v[(arch, task, variant, *p)], *p) for p in points) for v in values]
+    spread = statistics.stdev(b[0] for b in best) if len(best) > 1 else 0.0
+    means = [sum(v[(arch, task, variant, *p)] for p in points) / len(points) for v in values]
+    lines.append(f"| {arch} | {task} | {variant} | {len(points)} | "
+                 + ", ".join(f"{b[0]:.1f} ({b[1]:g}, {b[2]:g})" for b in best)
+                 + f" | {statistics.fmean(b[0] for b in best):.1f} ± {spread:.1f} | "
+                 + ", ".join(f"{m:.1f}" for m in means) + " |")
   return "\n".join(lines)
 
 

@@ -18,8 +18,12 @@ def test_bad_flags_are_refused_in_one_line_and_a_dry_run_prints_the_plan(tmp_pat
                                                   ["--tasks=memorize", "--num_examples=40"], ["--state_budget_mib=-1"],
                                                   ["--tasks=memorize", "--variants=nonesuch"], ["--lrs=1e-3,fast"],
                                                   ["--cg_tol=0"],
+                                                  ["--tasks=memorize", "--architectures=gdn", "--num_examples=64",
+                                                   "--epochs=3", "--dry_run"],
                                                   ["--tasks=memorize,compress", "--architectures=gdn", "--dry_run"])])
+  *results, smoke = results
   assert dry_run.returncode == 0, dry_run.stderr[-2000:]
+  assert smoke.returncode == 0 and "| gdn.lm.L32 | 48 | 6 | 48 | 6 | 0 |" in smoke.stdout  # 3 epochs of 2 batches
   assert "| gdn.lm.L32 | 48 | 1600 | 48 | 1600 | 0 |" in dry_run.stdout  # memorize's 6 variants × 8 points
   assert dry_run.stdout.strip().endswith("136 jobs left in 5 groups")  # + compress: 11 variants in 4 lengths
   expected = ["--architectures: 'mamba' is not one of", "--num_examples must be a multiple of 32 (the batch), got 40",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mesanet_jax.mad import grid
+from mesanet_jax.mad import grid, training
 from tests.cli_runs import ROOT
 from tests.environment import subprocess_env
 
@@ -109,7 +109,8 @@ def test_a_piece_stops_before_training_on_a_machine_without_the_saved_slots_its_
 @pytest.mark.slow  # grid processes
 def test_a_failed_grid_process_fails_its_piece_and_plan_after_they_hand_back_what_there_is(tmp_path):
   # Every job of the selection (_piece: the Transformer's in-context recall baseline) is done.
-  protocol = grid.protocol_settings(grid.Settings(results=""))  # the grid's defaults, as its records hold them
+  # The settings of _piece's runs (2 epochs on 64 examples), as their records hold them.
+  protocol = grid.protocol_settings(grid.Settings(results="", protocol=training.Protocol(epochs=2), num_examples=64))
   done = "".join(json.dumps({"architecture": "transformer", "task": "in_context_recall", "variant": "baseline",
                              "lr": lr, "weight_decay": wd, "accuracy": 1.0, **protocol}) + "\n"
                  for lr in (3e-3, 1e-3, 5e-4, 1e-4) for wd in (0.01, 0.1))

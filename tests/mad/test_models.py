@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mesanet_jax.mad import grid, models, table, training
+from mesanet_jax.mad import grid, models, table, training, variants
 from mesanet_jax.mad.population import Population
 from mesanet_jax.models.lm import count_params
 from mesanet_jax.ops import mesa_chunked
@@ -98,6 +98,34 @@ def test_a_cg_tolerance_is_a_setting_whose_runs_keep_their_own_results(tmp_path)
   with pytest.raises(ValueError, match=r"holds mesanet jobs run with cg_tol=None, this run has cg_tol=0.0001"):
     grid.done_keys(tolerant, ["mesanet"])
   assert grid.done_keys(tolerant, ["gdn"])  # other architectures' runs are not concerned
+
+
+def test_the_seed_the_epochs_and_an_example_cap_are_settings_whose_runs_keep_their_own_results(tmp_path):
+  """A run of another seed, of fewer epochs or on capped datasets (a smoke run) must not count the grid's jobs as
+  done, nor add its own to the grid's file; records from before these were recorded ran seed 0, 200 epochs and every
+  variant's own sizes."""
+  default = grid.Settings(results=str(tmp_path / "results.jsonl"))
+  recorded = grid.protocol_settings(default)
+  assert (recorded["seed"], recorded["max_epochs"], recorded["num_examples"]) == (0, 200, None)
+  assert all(recorded[k] == table.PROTOCOL[k] for k in ("seed", "max_epochs", "num_examples"))
+  job = {"architecture": "gdn", "task": "fuzzy_recall", "variant": "baseline", "lr": 1e-3, "weight_decay": 0.1,
+         "accuracy": 0.5, **recorded}
+  (tmp_path / "results.jsonl").write_text(json.dumps(job) + "\n")
+  for other, message in ((dataclasses.replace(default, seed=1), "seed=0, this run has seed=1"),
+                         (dataclasses.replace(default, protocol=training.Protocol(epochs=2)),
+                          "max_epochs=200, this run has max_epochs=2"),
+                         (dataclasses.replace(default, num_examples=64), "num_examples=None, this run has "
+                          "num_examples=64")):
+    with pytest.raises(ValueError, match=f"holds gdn jobs run with {message}"):
+      grid.done_keys(other, ["gdn"])
+  before = {k: v for k, v in job.items() if k not in ("seed", "max_epochs", "num_examples")}
+  (tmp_path / "results.jsonl").write_text(json.dumps(before) + "\n")
+  assert grid.done_keys(default, ["gdn"]) == {("gdn", "fuzzy_recall", "baseline", 1e-3, 0.1)}
+  # The cap is the grid's: its jobs train on capped variants of the same names.
+  jobs = training.jobs(["gdn"], [variants.find("fuzzy_recall", "baseline")])
+  smoke = grid.capped(dataclasses.replace(default, num_examples=64), jobs)
+  assert [j.key for j in smoke] == [j.key for j in jobs] and grid.capped(default, jobs) == jobs
+  assert {(j.variant.num_train_examples, j.variant.num_test_examples) for j in smoke} == {(64, 64)}
 
 
 def test_an_f32_residual_stream_is_a_setting_whose_runs_keep_their_own_results(tmp_path):

@@ -425,7 +425,8 @@ def _saved_in_flight(settings, jobs: list, slots: int):
   slot_jobs, queue = [None] * slots, list(jobs[:slots])
   filled = grid._fill(population, population.init(variant.num_train_examples), slot_jobs, list(range(slots)), queue,
                       [variant], settings.seed, 0)
-  slot_state.save(settings.state_dir, grid.group_name(grid.group_key(jobs[0])), filled, slot_jobs)
+  slot_state.save(settings.state_dir, grid.group_name(grid.group_key(jobs[0])), filled, slot_jobs,
+                  {"protocol": grid.protocol_settings(settings)})
 
 
 @pytest.mark.slow
@@ -449,9 +450,10 @@ def test_a_group_whose_saved_slots_a_run_does_not_select_is_held_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_saved_slots_of_another_vocabulary_are_held_back_not_started_over(tmp_path):
+def test_saved_slots_of_another_vocabulary_or_seed_are_held_back_not_started_over(tmp_path, capsys):
   # The group's vocabulary is its variants' largest: selecting a larger-vocabulary variant of the group beside the
-  # saved jobs changes the population's shapes, and the saved slots must wait for a run of their own selection.
+  # saved jobs changes the population's shapes, and the saved slots must wait for a run of their own selection. A
+  # run of another seed (or any other recorded setting) must not resume them as its own.
   small, large = (variants.shrunk(variants.find("memorize", name), 32) for name in ("baseline", "vocab_size=512"))
   jobs = training.jobs(["transformer"], [small], lrs=(1e-3, 3e-3), weight_decays=(0.1,))
   wider = jobs + training.jobs(["transformer"], [large], lrs=(1e-3,), weight_decays=(0.1,))
@@ -460,6 +462,9 @@ def test_saved_slots_of_another_vocabulary_are_held_back_not_started_over(tmp_pa
   _saved_in_flight(settings, jobs, 2)
   saved_files = sorted(os.listdir(settings.state_dir))
   assert grid.run(settings, wider) == 0
+  assert not os.path.exists(settings.results) and sorted(os.listdir(settings.state_dir)) == saved_files
+  assert grid.run(dataclasses.replace(settings, seed=1), jobs) == 0
+  assert "its saved slots were trained with seed=0, this run has seed=1" in capsys.readouterr().out
   assert not os.path.exists(settings.results) and sorted(os.listdir(settings.state_dir)) == saved_files
   assert grid.run(settings, jobs) == 2 and not os.listdir(settings.state_dir)
   assert grid.run(settings, wider) == 1
@@ -609,3 +614,17 @@ def test_two_results_files_compare_per_variant_over_the_points_both_hold():
   assert table.setting_differences(here, here) == {"gdn": {}}
   rows = table.comparison_markdown(here, there).splitlines()[2:]
   assert rows == ["| gdn | fuzzy_recall | baseline | 2 | 40.0 (0.003, 0.1) | 60.0 (0.001, 0.1) | +20.0 | 30.0 | 45.0 |"]
+
+
+def test_seeds_of_one_grid_set_side_by_side_per_variant_over_the_points_all_hold():
+  record = lambda variant, lr, accuracy, seed: {"architecture": "mesanet", "task": "fuzzy_recall",
+                                                "variant": variant, "lr": lr, "weight_decay": 0.1,
+                                                "accuracy": accuracy, **({"seed": seed} if seed else {})}
+  runs = [[record("baseline", 1e-3, 0.2, 0), record("baseline", 3e-3, 0.8, 0), record("vocab_size=32", 3e-3, 0.5, 0)],
+          [record("baseline", 1e-3, 0.3, 1), record("baseline", 3e-3, 0.1, 1)],
+          [record("baseline", 1e-3, 0.5, 2), record("baseline", 3e-3, 0.2, 2)]]  # V 32 in one seed: not shown
+  lines = table.replicate_markdown(runs).splitlines()
+  assert lines[0].startswith("| architecture | task | variant | points | best per seed (0, 1, 2) |")
+  # best 80, 30, 50: mean 53.3, sample sd 25.2; the means over the two points 50, 20, 35
+  assert lines[2:] == ["| mesanet | fuzzy_recall | baseline | 2 | 80.0 (0.003, 0.1), 30.0 (0.001, 0.1), 50.0 (0.001, "
+                       "0.1) | 53.3 ± 25.2 | 50.0, 20.0, 35.0 |"]

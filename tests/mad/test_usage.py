@@ -58,10 +58,18 @@ def test_the_table_command_prints_the_hours_so_far_and_for_the_jobs_left(tmp_pat
   other = tmp_path / "ab" / "results.jsonl"  # the same job with mad-lab's embedding decay
   other.parent.mkdir()
   other.write_text(json.dumps({**record, "accuracy": 0.5, "decay_embedding": True}) + "\n")
-  run, final, compared = cli_runs.run([
+  seed1 = tmp_path / "seed1.jsonl"  # the same job under another seed
+  seed1.write_text(json.dumps({**record, "accuracy": 0.5, "seed": 1}) + "\n")
+  (tmp_path / "empty.jsonl").write_text("")
+  run, final, compared, replicated, not_a_replicate, same_seed, empty = cli_runs.run([
       ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}"], 1),
       ("experiments.mad_table", [f"--results={results}", "--metric=final_accuracy"], 1),
-      ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}", f"--compare={other}"], 1)])
+      ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}", f"--compare={other}"], 1),
+      ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}", f"--replicates={seed1}"], 1),
+      ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}", f"--replicates={seed1},{other}"], 1),
+      ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}", f"--replicates={results}"], 1),
+      ("experiments.mad_table", [f"--results={results}", f"--out={tmp_path}",
+                                 f"--replicates={tmp_path / 'empty.jsonl'}"], 1)])
   assert run.returncode == 0, run.stderr[-2000:]
   # A record without "selection" kept its last evaluation, and one without dtypes ran the f32 model of its time.
   assert "(evaluation: final; activations float32, residual stream float32)" in run.stdout
@@ -73,3 +81,11 @@ def test_the_table_command_prints_the_hours_so_far_and_for_the_jobs_left(tmp_pat
   assert "settings that differ: gdn: decay_embedding false here, true there" in compared.stdout
   row = "| gdn | in_context_recall | baseline | 1 | 100.0 (0.001, 0.1) | 50.0 (0.001, 0.1) | -50.0 | 100.0 | 50.0 |"
   assert row in compared.stdout
+  assert replicated.returncode == 0, replicated.stderr[-2000:]
+  assert "| gdn | in_context_recall | baseline | 1 | 100.0 (0.001, 0.1), 50.0 (0.001, 0.1) | 75.0 ± 35.4 | 100.0, " \
+         "50.0 |" in replicated.stdout
+  assert not_a_replicate.returncode == 2 and f"--replicates: {other} ran gdn with decay_embedding true, --results " \
+         "with false: replicates differ in their seed alone" in not_a_replicate.stderr
+  assert same_seed.returncode == 2 and f"--replicates: {results} holds seed 0, as an earlier file does" in \
+         same_seed.stderr
+  assert empty.returncode == 2 and "empty.jsonl holds no finished jobs" in empty.stderr

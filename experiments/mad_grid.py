@@ -93,6 +93,10 @@ _EMBED_STD = flags.DEFINE_float("embed_std", None, "the embedding's initial std 
 _LINEAR_INIT_VARIANCE = flags.DEFINE_float("linear_init_variance", None, "multiplies the linear layers' initial "
                                            "variance (unset: mad-lab's 1/3, that of PyTorch's nn.Linear default; "
                                            "mesanet_jax/mad/models.py: LINEAR_INIT_VARIANCE); 1: ours, N(0, 1/fan_in)")
+_AUTOENCODER_LINEAR_STD = flags.DEFINE_float("autoencoder_linear_std", None, "compression's autoencoder: every "
+                                             "linear kernel N(0, std²), as mad-lab's autoencoder initialises them "
+                                             "(0.02: mesanet_jax/mad/models.py MADLAB_AUTOENCODER_LINEAR_STD); "
+                                             "unset: as the language model's (--linear_init_variance)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the groups this run would train, in order (jobs left, the "
                               "population's slots and steps without early stopping, saved slots), and train nothing")
 _COMPILATION_CACHE = flags.DEFINE_string(
@@ -135,6 +139,9 @@ def main(argv):
       raise ValueError(f"--drain_seconds must be ≥ 0, got {_DRAIN.value}")
     if _CG_TOL.value is not None and not _CG_TOL.value > 0:
       raise ValueError(f"--cg_tol must be > 0 (unset: fixed --cg_steps), got {_CG_TOL.value}")
+    if _AUTOENCODER_LINEAR_STD.value is not None and not _AUTOENCODER_LINEAR_STD.value > 0:
+      raise ValueError(f"--autoencoder_linear_std must be > 0 (unset: the language model's init), got "
+                       f"{_AUTOENCODER_LINEAR_STD.value}")
     if _STATE_BUDGET.value < 0:
       raise ValueError(f"--state_budget_mib must be ≥ 0 (0: every slot in flight), got {_STATE_BUDGET.value}")
     root = os.path.dirname(os.path.abspath(_RESULTS.value))
@@ -156,7 +163,8 @@ def main(argv):
         tie_embeddings=_TIE_EMBEDDINGS.value,
         embed_std=models.EMBED_STD if _EMBED_STD.value is None else _EMBED_STD.value or None,
         linear_init_variance=(models.LINEAR_INIT_VARIANCE if _LINEAR_INIT_VARIANCE.value is None
-                              else _LINEAR_INIT_VARIANCE.value), seed=_SEED.value, num_examples=_NUM_EXAMPLES.value,
+                              else _LINEAR_INIT_VARIANCE.value),
+        autoencoder_linear_std=_AUTOENCODER_LINEAR_STD.value, seed=_SEED.value, num_examples=_NUM_EXAMPLES.value,
         workers=_WORKERS.value,
         memory_fraction=_MEMORY_FRACTION.value,
         compact_min_steps=None if _COMPACT.value < 0 else _COMPACT.value, longest_first=_LONGEST_FIRST.value)

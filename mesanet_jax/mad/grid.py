@@ -89,6 +89,9 @@ class Settings:
   tie_embeddings: bool = True  # False: the LM read-out is its own matrix (mad-lab's backbone)
   embed_std: float | None = models.EMBED_STD  # the embedding's init std, no √d input scale; None: 1/√d, scaled by √d
   linear_init_variance: float = models.LINEAR_INIT_VARIANCE  # × the linear layers' initial variance (1: ours)
+  # The compression autoencoder's linear kernels all N(0, std²) (mad-lab's: models.MADLAB_AUTOENCODER_LINEAR_STD);
+  # None: as the language model's (linear_init_variance).
+  autoencoder_linear_std: float | None = None
   seed: int = 0
   num_examples: int = 0  # > 0: every variant's training and test sets capped at this many examples (smoke runs)
   workers: int = 0  # data-generation processes (0: cores − 1)
@@ -235,7 +238,8 @@ def protocol_settings(settings: Settings) -> dict:
           "embed_std": config.embed_std, "decay_embedding": settings.protocol.decay_embedding,
           "linear_init_variance": config.linear_init_variance, "cg_steps": config.mesa.cg_steps_train,
           "cg_tol": config.mesa.cg_tol, "selection": "least_test_perplexity", "seed": settings.seed,
-          "max_epochs": settings.protocol.epochs, "num_examples": settings.num_examples or None}
+          "max_epochs": settings.protocol.epochs, "num_examples": settings.num_examples or None,
+          "autoencoder_linear_std": settings.autoencoder_linear_std}
 
 
 def capped(settings: Settings, jobs: list[training.Job]) -> list[training.Job]:
@@ -253,7 +257,8 @@ def done_keys(settings: Settings, architectures) -> set:
   records = table.read(settings.results)
   ours = protocol_settings(settings)
   for r in records:
-    differs = [k for k, default in table.PROTOCOL.items() if r.get(k, default) != ours[k]]
+    differs = [k for k, default in table.PROTOCOL.items()
+               if table.applies(k, [r["task"]]) and r.get(k, default) != ours[k]]
     if r["architecture"] in architectures and differs:
       k = differs[0]
       raise ValueError(f"{settings.results} holds {r['architecture']} jobs run with {k}={r.get(k, table.PROTOCOL[k])}"
@@ -403,7 +408,8 @@ class _Programs:
   def population(self, key: tuple, vocab: int, slots: int) -> Population:
     if (key, vocab, slots) not in self._populations:
       self._populations[key, vocab, slots] = Population(model_config(self.settings, key[0], vocab), key[1],
-                                                      self.settings.protocol, slots)
+                                                      self.settings.protocol, slots,
+                                                      self.settings.autoencoder_linear_std)
     return self._populations[key, vocab, slots]
 
   def planned(self, key: tuple, jobs: list) -> Population:
@@ -496,7 +502,9 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   slots = population.init(num_examples, settings.seed)
   # A save from before the settings were saved with it was made under the grid's defaults, as its records were.
   trained_under = saved["population"].get("protocol", recorded) if saved else recorded
-  if differs := [k for k in recorded if trained_under.get(k, table.PROTOCOL[k]) != recorded[k]]:
+  tasks = {j.variant.task for j in jobs}
+  if differs := [k for k in recorded
+                 if table.applies(k, tasks) and trained_under.get(k, table.PROTOCOL[k]) != recorded[k]]:
     k = differs[0]
     was = trained_under.get(k, table.PROTOCOL[k])
     progress.note(_held_note(settings, key, jobs, f"were trained with {k}={was}, this run has {k}={recorded[k]}",

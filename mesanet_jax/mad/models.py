@@ -49,6 +49,10 @@ EMBED_STD = 0.02
 # mad-lab's models have, instead of our N(0, 1/fan_in). The Transformer's memorize V 4096 (lr 3e-3, wd 0.1, CPU):
 # 85.8 % against 49.4 % (benchmarks/RESULTS.md "MAD memorize: the linear layers' init").
 LINEAR_INIT_VARIANCE = 1 / 3
+# mad-lab's AutoEncoder (compression) re-initialises every nn.Linear weight it holds, the encoder's mixers and MLPs
+# included, as N(0, 0.02²) with zero biases (`auto_encoder.py: _init_weights`, applied after construction), where its
+# LanguageModel keeps PyTorch's default (`LINEAR_INIT_VARIANCE`). `AutoEncoder(linear_std=...)` reproduces it.
+MADLAB_AUTOENCODER_LINEAR_STD = 0.02
 
 
 def exact_cg_steps(mesa) -> int:
@@ -102,9 +106,11 @@ def sincos(length: int, dim: int) -> np.ndarray:
 
 
 class AutoEncoder(nnx.Module):
-  """tokens [B, T] -> logits [B, T, V] f32, every position decoded from the last position's hidden state."""
+  """tokens [B, T] -> logits [B, T, V] f32, every position decoded from the last position's hidden state. Its linear
+  kernels start as the language model's (`config.linear_init_variance`), or, with `linear_std`, every one of them as
+  N(0, linear_std²) (mad-lab's autoencoder: `MADLAB_AUTOENCODER_LINEAR_STD`)."""
 
-  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs, linear_std: float | None = None):
     self.config = config
     d, kw = config.d_model, dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     self.embed = embedding_table(config, rngs)
@@ -112,7 +118,13 @@ class AutoEncoder(nnx.Module):
     self.norms = nnx.List([RMSNorm(d, eps=config.norm_eps, **kw) for _ in range(3)])
     self.hidden = nnx.List([linear(d, d, axes=("embed", "mlp"), use_bias=True, **kw) for _ in range(2)])
     self.readout = linear(d, config.vocab_size, axes=("embed", "vocab"), use_bias=True, **kw)
-    scale_linear_init(self, config.linear_init_variance)
+    if linear_std is None:
+      scale_linear_init(self, config.linear_init_variance)
+      return
+    for _, node in nnx.iter_graph(self):
+      if isinstance(node, nnx.Linear):
+        kernel = node.kernel[...]
+        node.kernel[...] = linear_std * jax.random.normal(rngs.params(), kernel.shape, kernel.dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     config = self.config
@@ -124,5 +136,9 @@ class AutoEncoder(nnx.Module):
     return self.readout(self.norms[2](x)).astype(jnp.float32)
 
 
-def make_model(config: LMConfig, autoencoder: bool, rngs: nnx.Rngs) -> nnx.Module:
-  return AutoEncoder(config, rngs=rngs) if autoencoder else LanguageModel(config, rngs=rngs)
+def make_model(config: LMConfig, autoencoder: bool, rngs: nnx.Rngs,
+               autoencoder_linear_std: float | None = None) -> nnx.Module:
+  """The MAD model: the autoencoder (its linear kernels as `AutoEncoder`'s linear_std says) or the language model."""
+  if autoencoder:
+    return AutoEncoder(config, rngs=rngs, linear_std=autoencoder_linear_std)
+  return LanguageModel(config, rngs=rngs)

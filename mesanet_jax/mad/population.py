@@ -51,9 +51,11 @@ class Slots:
 class Population:
   """The jitted programs of one group: `init`, `assign`, `train` and `evaluate` over S slots."""
 
-  def __init__(self, config: LMConfig, autoencoder: bool, protocol: training.Protocol, slots: int):
+  def __init__(self, config: LMConfig, autoencoder: bool, protocol: training.Protocol, slots: int,
+               autoencoder_linear_std: float | None = None):
     self.config, self.autoencoder, self.protocol, self.size = config, autoencoder, protocol, slots
-    abstract = nnx.eval_shape(lambda: models.make_model(config, autoencoder, nnx.Rngs(0)))
+    self.autoencoder_linear_std = autoencoder_linear_std  # the autoencoder's init (`models.AutoEncoder`)
+    abstract = nnx.eval_shape(lambda: self._model(nnx.Rngs(0)))
     self.graphdef, abstract_params = nnx.split(abstract)
     self.tx = training.optimizer(protocol, decay_mask(abstract_params, decay_embedding=protocol.decay_embedding))
     self.train = jax.jit(self._train, donate_argnums=0)  # num_steps traced: calls of any length share one program
@@ -82,9 +84,12 @@ class Population:
     self.compiled_train(data, num_examples)
     self.precompile_evaluations(data, num_examples)
 
+  def _model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return models.make_model(self.config, self.autoencoder, rngs, self.autoencoder_linear_std)
+
   def _fresh(self, key: jax.Array):
     """(params, optimiser state) of one new member."""
-    params = nnx.state(models.make_model(self.config, self.autoencoder, nnx.Rngs(params=key)))
+    params = nnx.state(self._model(nnx.Rngs(params=key)))
     return params, self.tx.init(params)
 
   def init(self, num_examples: int, seed: int = 0) -> Slots:

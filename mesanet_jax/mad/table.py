@@ -36,10 +36,18 @@ PAPER = {
 # "decay_embedding": weight decay on the embedding table too (mad-lab's AdamW groups). "seed": the data and init seed
 # (one file per seed; `replicate_markdown` sets several side by side). "max_epochs": the epochs a job trains unless it
 # stops early (the paper's 200). "num_examples": a cap on every variant's training and test sets (smoke runs; None:
-# each variant's own sizes).
+# each variant's own sizes). "autoencoder_linear_std": the compression autoencoder's linear kernels all N(0, std²)
+# (mad-lab's autoencoder: 0.02), None: as the language model's.
 PROTOCOL = {"dtype": "float32", "residual_dtype": None, "tie_embeddings": True, "embed_std": None,
             "decay_embedding": False, "linear_init_variance": 1.0, "cg_steps": 30, "cg_tol": None,
-            "selection": "final", "seed": 0, "max_epochs": 200, "num_examples": None}
+            "selection": "final", "seed": 0, "max_epochs": 200, "num_examples": None, "autoencoder_linear_std": None}
+# The settings that concern some tasks only: a record of another task holds any value of them.
+SETTING_TASKS = {"autoencoder_linear_std": {"compress"}}
+
+
+def applies(setting: str, tasks) -> bool:
+  """Whether `setting` (of `PROTOCOL`) concerns jobs of any of `tasks`."""
+  return setting not in SETTING_TASKS or bool(SETTING_TASKS[setting] & set(tasks))
 
 
 KEY_FIELDS = ("architecture", "task", "variant", "lr", "weight_decay")
@@ -56,7 +64,8 @@ def settings_by_architecture(records: list[dict]) -> dict:
   out = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
   for r in records:
     for key, default in PROTOCOL.items():
-      out[r["architecture"]][key][json.dumps(r.get(key, default))] += 1
+      if applies(key, [r["task"]]):
+        out[r["architecture"]][key][json.dumps(r.get(key, default))] += 1
   return out
 
 
@@ -165,11 +174,13 @@ def variant_markdown(scores: dict, expected: dict) -> str:
 
 def setting_differences(records: list[dict], other: list[dict]) -> dict:
   """{architecture: {setting: (value here, value there)}} for the `PROTOCOL` settings in which two results files'
-  jobs of an architecture both hold differ (`read` has made each file's value one per architecture)."""
+  jobs of an architecture both hold differ (`read` has made each file's value one per architecture; a setting of
+  some tasks only is compared where both files hold such jobs)."""
   here, there = settings_by_architecture(records), settings_by_architecture(other)
   out = {}
   for arch in sorted(here.keys() & there.keys()):
-    pairs = {k: (next(iter(here[arch][k])), next(iter(there[arch][k]))) for k in PROTOCOL}
+    pairs = {k: (next(iter(here[arch][k])), next(iter(there[arch][k]))) for k in PROTOCOL
+             if here[arch][k] and there[arch][k]}
     out[arch] = {k: v for k, v in pairs.items() if v[0] != v[1]}
   return out
 

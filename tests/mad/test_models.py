@@ -188,6 +188,44 @@ def test_cg_steps_default_to_the_head_size_which_gives_the_result_of_30():
   assert max_abs(sixteen, thirty) <= 1e-7 * scale(thirty)
 
 
+def test_madlab_autoencoder_init_draws_every_linear_kernel_at_its_std_and_nothing_else(tmp_path):
+  """mad-lab's AutoEncoder re-initialises every nn.Linear weight as N(0, 0.02²) (`_init_weights`): with linear_std
+  every nnx.Linear kernel (the mixers', MLPs', decoder's, read-out's) is drawn at that std, every other parameter is
+  as without it; the language model has no such setting. Recorded for compression records only."""
+  config = models.mad_config("hawk_mesa", 16)
+  ours = nnx.state(models.make_model(config, True, nnx.Rngs(params=0)), nnx.Param)
+  madlab = nnx.state(models.make_model(config, True, nnx.Rngs(params=0), models.MADLAB_AUTOENCODER_LINEAR_STD),
+                     nnx.Param)
+  kernels = 0
+  for (path, a), (_, b) in zip(nnx.to_flat_state(ours), nnx.to_flat_state(madlab)):
+    if path[-1] == "kernel" and a[...].ndim == 2 and "conv" not in str(path[-2]):
+      kernels += 1
+      # ≥ 1,024 draws a kernel (the [128, 8] gate projections): the sample std within 10 % of 0.02, ~4.5 of its
+      # standard errors (0.02 / √(2 · 1024), 2.2 %) at the smallest
+      assert np.std(np.asarray(b[...])) == pytest.approx(0.02, rel=0.1), path
+      assert abs(np.mean(np.asarray(b[...]))) < 0.003, path
+    else:
+      np.testing.assert_array_equal(np.asarray(b[...]), np.asarray(a[...]), path)
+  assert kernels >= 15, kernels  # hawk_mesa's Hawk gates are block-diagonal params, not nnx.Linear
+  # The setting concerns compression alone: a file may hold LM records of any value beside compression records.
+  default = grid.Settings(results=str(tmp_path / "results.jsonl"))
+  madlab_run = dataclasses.replace(default, autoencoder_linear_std=0.02)
+  record = lambda task, **settings: {"architecture": "gdn", "task": task, "variant": "baseline", "lr": 1e-3,
+                                     "weight_decay": 0.1, "accuracy": 0.5, **settings}
+  (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+      record("memorize", **grid.protocol_settings(default)), record("compress", **grid.protocol_settings(madlab_run)),
+      record("in_context_recall", **grid.protocol_settings(madlab_run))]))
+  assert len(table.read(str(tmp_path / "results.jsonl"))) == 3
+  assert len(grid.done_keys(madlab_run, ["gdn"])) == 3
+  with pytest.raises(ValueError, match="holds gdn jobs run with autoencoder_linear_std=0.02, this run has "
+                                       "autoencoder_linear_std=None"):
+    grid.done_keys(default, ["gdn"])
+  with open(tmp_path / "results.jsonl", "a") as f:
+    f.write(json.dumps(record("compress", **grid.protocol_settings(default))) + "\n")
+  with pytest.raises(ValueError, match="the gdn jobs mix autoencoder_linear_std"):
+    table.read(str(tmp_path / "results.jsonl"))
+
+
 @pytest.mark.slow
 def test_autoencoder_decodes_every_position_from_the_last_state():
   model = models.AutoEncoder(models.mad_config("transformer", 16), rngs=nnx.Rngs(0))

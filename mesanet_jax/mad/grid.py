@@ -257,8 +257,7 @@ def done_keys(settings: Settings, architectures) -> set:
   records = table.read(settings.results)
   ours = protocol_settings(settings)
   for r in records:
-    differs = [k for k, default in table.PROTOCOL.items()
-               if table.applies(k, [r["task"]]) and r.get(k, default) != ours[k]]
+    differs = table.settings_that_differ(r, ours, [r["task"]])
     if r["architecture"] in architectures and differs:
       k = differs[0]
       raise ValueError(f"{settings.results} holds {r['architecture']} jobs run with {k}={r.get(k, table.PROTOCOL[k])}"
@@ -297,23 +296,35 @@ def _pending_groups(settings: Settings, all_jobs: list[training.Job]) -> tuple[d
                                                                                 dict[tuple, tuple[list, str]]]:
   """The jobs not yet in settings.results by group, the groups to train in their order (`group_order`), and those
   held back: {group key: (its jobs, `_held_note`)}, the groups whose saved slots hold pending jobs `all_jobs` leaves
-  out. Training such a group would drop those slots and then overwrite or remove their save, so it waits for a run
-  that selects them."""
+  out or were trained under other recorded settings (a save from before they were saved with it counts as the
+  defaults', as its records do). Training such a group would drop those slots and then overwrite or remove their
+  save, so it waits for a run that selects them with their settings."""
   done = done_keys(settings, {j.architecture for j in all_jobs})
   groups: dict[tuple, list] = {}
   for job in capped(settings, all_jobs):
     if job.key not in done:
       groups.setdefault(group_key(job), []).append(job)
   known = done | {j.key for j in all_jobs}
+  ours = protocol_settings(settings)
   held = {}
   for key in list(groups):
     saved = slot_state.load(settings.state_dir, group_name(key)) if settings.state_dir else None
-    left_out = [tuple(k) for k in (saved["jobs"] if saved else []) if k and tuple(k) not in known]
+    if not saved:
+      continue
+    left_out = [tuple(k) for k in saved["jobs"] if k and tuple(k) not in known]
+    trained_under = saved["population"].get("protocol", ours)
+    differs = table.settings_that_differ(trained_under, ours, {j.variant.task for j in groups[key]})
     if left_out:
       variants_left_out = ", ".join(sorted({f"{task} {variant}" for _, task, variant, _, _ in left_out}))
-      jobs = groups.pop(key)
-      held[key] = (jobs, _held_note(settings, key, jobs, f"hold {len(left_out)} jobs this run does not select "
-                                                         f"({variants_left_out})", "select them too"))
+      why, remedy = f"hold {len(left_out)} jobs this run does not select ({variants_left_out})", "select them too"
+    elif differs:
+      k = differs[0]
+      why = f"were trained with {k}={trained_under.get(k, table.PROTOCOL[k])}, this run has {k}={ours[k]}"
+      remedy = "run with their settings"
+    else:
+      continue
+    jobs = groups.pop(key)
+    held[key] = (jobs, _held_note(settings, key, jobs, why, remedy))
   return groups, group_order(settings, groups, list(dict.fromkeys(j.architecture for j in all_jobs))), held
 
 
@@ -500,17 +511,6 @@ def _train_group(settings: Settings, key: tuple, jobs: list, futures: dict, prog
   slot_jobs: list = [None] * size
   num_examples = int(data["train_inputs"].shape[1])
   slots = population.init(num_examples, settings.seed)
-  # A save from before the settings were saved with it was made under the grid's defaults, as its records were.
-  trained_under = saved["population"].get("protocol", recorded) if saved else recorded
-  tasks = {j.variant.task for j in jobs}
-  if differs := [k for k in recorded
-                 if table.applies(k, tasks) and trained_under.get(k, table.PROTOCOL[k]) != recorded[k]]:
-    k = differs[0]
-    was = trained_under.get(k, table.PROTOCOL[k])
-    progress.note(_held_note(settings, key, jobs, f"were trained with {k}={was}, this run has {k}={recorded[k]}",
-                             "run with their settings"))
-    progress.advance(0, skipped=token_steps(jobs, protocol))
-    return 0
   if saved and not _fits(saved, slots):
     progress.note(_held_note(settings, key, jobs, "are of another population's shapes (a smaller vocabulary or "
                              "training set than a variant this run adds to the group needs, or other model settings)",

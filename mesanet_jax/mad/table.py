@@ -50,6 +50,12 @@ def applies(setting: str, tasks) -> bool:
   return setting not in SETTING_TASKS or bool(SETTING_TASKS[setting] & set(tasks))
 
 
+def settings_that_differ(recorded: dict, ours: dict, tasks) -> list[str]:
+  """The `PROTOCOL` settings concerning jobs of `tasks` in which `recorded` (a record, or a save's settings; one it
+  lacks had its default) differs from `ours`, in `PROTOCOL`'s order."""
+  return [k for k, default in PROTOCOL.items() if applies(k, tasks) and recorded.get(k, default) != ours[k]]
+
+
 KEY_FIELDS = ("architecture", "task", "variant", "lr", "weight_decay")
 
 
@@ -185,21 +191,33 @@ def setting_differences(records: list[dict], other: list[dict]) -> dict:
   return out
 
 
+def _points_all_hold(runs: list[list[dict]], metric: str) -> tuple[list[dict], dict]:
+  """Each run's {record key: metric in %}, and {(architecture, task, variant): [(lr, wd)]} of the points every run
+  holds."""
+  values = [{record_key(r): 100.0 * r[metric] for r in rs} for rs in runs]
+  variants = collections.defaultdict(list)
+  for key in set.intersection(*(set(v) for v in values)):
+    variants[key[:3]].append(key[3:])
+  return values, variants
+
+
+def _best_and_mean(values: dict, variant: tuple, points: list) -> tuple[tuple, float]:
+  """Over `points` of (architecture, task, variant) in one run's `values`: (best %, its lr, its wd) and the mean %."""
+  accuracies = [(values[(*variant, *p)], *p) for p in points]
+  return max(accuracies), sum(a[0] for a in accuracies) / len(accuracies)
+
+
 def comparison_markdown(records: list[dict], other: list[dict], metric: str = "accuracy") -> str:
   """Per (architecture, task, variant) that both files hold at the same (lr, wd) points: the best point here and
   there, and the mean over those points here and there (how much of the grid learns, not only its best corner)."""
-  here, there = ({record_key(r): 100.0 * r[metric] for r in rs} for rs in (records, other))
-  variants = collections.defaultdict(list)  # (arch, task, variant) -> [(lr, wd)] both hold
-  for key in here.keys() & there.keys():
-    variants[key[:3]].append(key[3:])
+  values, variants = _points_all_hold([records, other], metric)
   lines = ["| architecture | task | variant | points | best here (lr, wd) | best there (lr, wd) | "
            "Δ best (there − here) | mean here | mean there |", "|---" * 9 + "|"]
   for (arch, task, variant), points in sorted(variants.items()):
-    best = [max((values[(arch, task, variant, *p)], *p) for p in points) for values in (here, there)]
-    means = [sum(values[(arch, task, variant, *p)] for p in points) / len(points) for values in (here, there)]
-    lines.append(f"| {arch} | {task} | {variant} | {len(points)} | {best[0][0]:.1f} ({best[0][1]:g}, {best[0][2]:g}) "
-                 f"| {best[1][0]:.1f} ({best[1][1]:g}, {best[1][2]:g}) | {best[1][0] - best[0][0]:+.1f} | "
-                 f"{means[0]:.1f} | {means[1]:.1f} |")
+    (best, mean), (best_there, mean_there) = (_best_and_mean(v, (arch, task, variant), points) for v in values)
+    lines.append(f"| {arch} | {task} | {variant} | {len(points)} | {best[0]:.1f} ({best[1]:g}, {best[2]:g}) "
+                 f"| {best_there[0]:.1f} ({best_there[1]:g}, {best_there[2]:g}) | {best_there[0] - best[0]:+.1f} | "
+                 f"{mean:.1f} | {mean_there:.1f} |")
   return "\n".join(lines)
 
 
@@ -208,17 +226,13 @@ def replicate_markdown(runs: list[list[dict]], metric: str = "accuracy") -> str:
   (architecture, task, variant) that every run holds at the same (lr, wd) points, the best point's accuracy in each
   run (its lr, wd), their mean ± sample standard deviation, and the mean over the points in each: how much of a
   one-seed grid's best point is its seed."""
-  values = [{record_key(r): 100.0 * r[metric] for r in rs} for rs in runs]
+  values, variants = _points_all_hold(runs, metric)
   seeds = [json.dumps(r.get("seed", PROTOCOL["seed"])) for r in (rs[0] for rs in runs)]
-  variants = collections.defaultdict(list)  # (arch, task, variant) -> [(lr, wd)] every run holds
-  for key in set.intersection(*(set(v) for v in values)):
-    variants[key[:3]].append(key[3:])
   lines = [f"| architecture | task | variant | points | best per seed ({', '.join(seeds)}) | best: mean ± sd | "
            "mean over the points per seed |", "|---" * 7 + "|"]
   for (arch, task, variant), points in sorted(variants.items()):
-    best = [max((v[(arch, task, variant, *p)], *p) for p in points) for v in values]
+    best, means = zip(*(_best_and_mean(v, (arch, task, variant), points) for v in values))
     spread = statistics.stdev(b[0] for b in best) if len(best) > 1 else 0.0
-    means = [sum(v[(arch, task, variant, *p)] for p in points) / len(points) for v in values]
     lines.append(f"| {arch} | {task} | {variant} | {len(points)} | "
                  + ", ".join(f"{b[0]:.1f} ({b[1]:g}, {b[2]:g})" for b in best)
                  + f" | {statistics.fmean(b[0] for b in best):.1f} ± {spread:.1f} | "

@@ -465,6 +465,7 @@ def test_saved_slots_of_another_vocabulary_or_seed_are_held_back_not_started_ove
   assert not os.path.exists(settings.results) and sorted(os.listdir(settings.state_dir)) == saved_files
   assert grid.run(dataclasses.replace(settings, seed=1), jobs) == 0
   assert "its saved slots were trained with seed=0, this run has seed=1" in capsys.readouterr().out
+  assert grid.plan(dataclasses.replace(settings, seed=1), jobs) == []  # a dry run shows it held back too
   assert not os.path.exists(settings.results) and sorted(os.listdir(settings.state_dir)) == saved_files
   assert grid.run(settings, jobs) == 2 and not os.listdir(settings.state_dir)
   assert grid.run(settings, wider) == 1

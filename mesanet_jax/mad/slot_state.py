@@ -59,14 +59,17 @@ def _files(state_dir: str, group: str) -> list[tuple[str, re.Match]]:
   return [(path, match) for path, match in _all_files(state_dir) if match["group"] == group]
 
 
-def _complete_saves(state_dir: str, group: str) -> dict[int, list[str]]:
-  """{save id: its part paths in order} of the saves whose parts are all there."""
-  saves: dict[int, dict[int, tuple[str, int]]] = {}
-  for path, match in _files(state_dir, group):
+def _newest_saves(state_dir: str) -> dict[str, list[str]]:
+  """{group: the part paths of its newest save whose parts are all there, in order}, from one listing."""
+  saves: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
+  for path, match in _all_files(state_dir):
     if not match["tmp"]:
-      saves.setdefault(int(match["save"]), {})[int(match["part"])] = (path, int(match["parts"]))
-  return {save: [parts[k][0] for k in range(len(parts))] for save, parts in saves.items()
-          if set(parts) == set(range(len(parts))) and all(count == len(parts) for _, count in parts.values())}
+      saves.setdefault((match["group"], int(match["save"])), {})[int(match["part"])] = (path, int(match["parts"]))
+  newest: dict[str, list[str]] = {}
+  for (group, _), parts in sorted(saves.items()):  # a group's saves by id, so its newest complete one wins
+    if set(parts) == set(range(len(parts))) and all(count == len(parts) for _, count in parts.values()):
+      newest[group] = [parts[k][0] for k in range(len(parts))]
+  return newest
 
 
 def save(state_dir: str, group: str, slots, slot_jobs: list, population: dict | None = None, budget_bytes: int = 0,
@@ -107,27 +110,20 @@ def room(state_dir: str, group: str, budget_bytes: int) -> int | None:
   state_dir (None: no bound, budget_bytes 0)."""
   if not budget_bytes:
     return None
-  others = {match["group"] for _, match in _all_files(state_dir) if not match["tmp"]} - {group}
-  return max(budget_bytes - sum(os.path.getsize(path) for other in others
-                                for path in _newest_complete_save(state_dir, other)), 0)
-
-
-def _newest_complete_save(state_dir: str, group: str) -> list[str]:
-  """The part paths of the group's newest complete save, in order ([] if none)."""
-  saves = _complete_saves(state_dir, group)
-  return saves[max(saves)] if saves else []
+  others = [path for other, paths in _newest_saves(state_dir).items() if other != group for path in paths]
+  return max(budget_bytes - sum(os.path.getsize(path) for path in others), 0)
 
 
 def exists(state_dir: str, group: str) -> bool:
   """Whether the group has a complete save to load."""
-  return bool(_complete_saves(state_dir, group))
+  return group in _newest_saves(state_dir)
 
 
 def load(state_dir: str, group: str) -> dict | None:
   """The group's newest complete save: {"jobs": job keys, "leaves": arrays with the saved slots as leading axis,
   "population": `save`'s (empty for saves written before it was recorded)}, or None if there is none."""
   loaded = []
-  for path in _newest_complete_save(state_dir, group):
+  for path in _newest_saves(state_dir).get(group, []):
     with open(path, "rb") as f:
       loaded.append(pickle.load(f))
   if not loaded:

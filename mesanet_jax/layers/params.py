@@ -36,11 +36,23 @@ def linear(in_features: int, out_features: int, *, axes: tuple[str | None, str |
                     bias_metadata=logical(axes[1:]), rngs=rngs)
 
 
+def _linear_layers(module: nnx.Module):
+  """Every `nnx.Linear` inside `module`, in graph order."""
+  return (node for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Linear))
+
+
 def scale_linear_init(module: nnx.Module, variance: float) -> None:
   """Multiplies the initial variance of every `nnx.Linear` kernel inside `module` by `variance` (in place; kernels
   only: biases start at 0, other parameters keep their own inits). Used on a freshly built model."""
   if variance == 1.0:
     return
-  for _, node in nnx.iter_graph(module):
-    if isinstance(node, nnx.Linear):
-      node.kernel[...] = node.kernel[...] * jnp.asarray(variance ** 0.5, node.kernel[...].dtype)
+  for layer in _linear_layers(module):
+    layer.kernel[...] = layer.kernel[...] * jnp.asarray(variance ** 0.5, layer.kernel[...].dtype)
+
+
+def normal_linear_init(module: nnx.Module, std: float, rngs: nnx.Rngs) -> None:
+  """Redraws every `nnx.Linear` kernel inside `module` as N(0, std²) from `rngs.params()`, one key per kernel in
+  graph order (in place; biases and other parameters untouched). Used on a freshly built model."""
+  for layer in _linear_layers(module):
+    kernel = layer.kernel[...]
+    layer.kernel[...] = std * jax.random.normal(rngs.params(), kernel.shape, kernel.dtype)

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mesanet_jax.layers.norm import RMSNorm
-from mesanet_jax.layers.params import linear, scale_linear_init
+from mesanet_jax.layers.params import linear, normal_linear_init, scale_linear_init
 from mesanet_jax.models.config import LMConfig, preset
 from mesanet_jax.models.lm import LanguageModel, embed_tokens, embedding_table, make_blocks, train_blocks
 
@@ -120,11 +120,8 @@ class AutoEncoder(nnx.Module):
     self.readout = linear(d, config.vocab_size, axes=("embed", "vocab"), use_bias=True, **kw)
     if linear_std is None:
       scale_linear_init(self, config.linear_init_variance)
-      return
-    for _, node in nnx.iter_graph(self):
-      if isinstance(node, nnx.Linear):
-        kernel = node.kernel[...]
-        node.kernel[...] = linear_std * jax.random.normal(rngs.params(), kernel.shape, kernel.dtype)
+    else:
+      normal_linear_init(self, linear_std, rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     config = self.config
